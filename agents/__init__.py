@@ -1,0 +1,1 @@
+"""Search methods over pruning policies: SB3 learners and the seed papers' methods (see agents issue)."""

@@ -1,0 +1,1189 @@
+"""Dependency graph: which channels of a network must be pruned together.
+
+How it works (the *why* matters more than the how here):
+
+1. ``torch.fx`` traces the model; standard ``torch.nn`` layers are leaves.
+2. An interpreter runs the traced graph on the example inputs and, next to every real value, propagates a
+   *channel-id tensor*: an int64 tensor broadcastable to the value whose entries name "channel elements".
+   Layers that create channels (conv/linear outputs, parameters) allocate fresh elements; element 0 is
+   *poison* (model inputs and outputs, anything we cannot map).
+3. Elementwise ops (residual add, squeeze-excite multiply, norms) *union* the elements they pair up.
+   Data-movement ops (view, permute, flatten, cat, chunk, channel shuffle, ...) are executed on the id
+   tensors themselves, so their index mapping is exact rather than hand-written.
+4. Union-find over the elements gives *units*: sets of channels that must disappear together. Units born in
+   the same layer, or joined by a union, form a *group* (one pruning ratio), as in DepGraph; concat keeps its
+   producers in separate groups. A unit touching poison is never pruned.
+
+Ops whose behaviour depends on the channel count at run time are handled so that the pruned model's own
+code still computes the same thing: ``chunk`` and a ``view`` that splits the channel axis (channel shuffle)
+union corresponding positions, so every part keeps the same channels; a literal size that cannot adapt
+(``x[:, :64]``, ``view(n, 64, -1)``) poisons the channels it touches, with one warning naming the nodes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+import torchvision
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from prune_env.costs import CostModel, CostTerm
+from prune_env.errors import InvalidRatiosError, UntraceableModelError
+
+MemberKind = Literal["out", "in", "channel", "param"]
+
+# --------------------------------------------------------------------------------------------------------
+# Public values
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    """One dimension of one layer (or raw parameter) that a group's channels run along.
+
+    ``positions`` lists, unit by unit, the indices along ``dim`` that the group owns: unit ``u`` owns
+    ``positions[u * multiplicity:(u + 1) * multiplicity]`` (a flatten→linear member owns a block of
+    ``H*W`` features per channel, for instance).
+    """
+
+    layer: str
+    layer_type: str
+    kind: MemberKind
+    dim: int
+    positions: tuple[int, ...]
+    multiplicity: int
+    size: int
+
+    @property
+    def offset(self) -> int | None:
+        """First index when the member's positions are one contiguous run, else None."""
+        lo = min(self.positions)
+        contiguous = sorted(self.positions) == list(range(lo, lo + len(self.positions)))
+        return lo if contiguous else None
+
+    def unit_positions(self, unit: int) -> tuple[int, ...]:
+        m = self.multiplicity
+        return self.positions[unit * m : (unit + 1) * m]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels of the network that must be pruned together: the unit of importance and removal.
+
+    ``channels`` counts the independently removable units (for almost every group one unit is one
+    channel; channel shuffles and chunking bind several channels into one unit).
+    """
+
+    name: str
+    channels: int
+    members: tuple[Member, ...]
+    index: int = 0
+
+    @property
+    def producers(self) -> tuple[Member, ...]:
+        return tuple(m for m in self.members if m.kind == "out")
+
+    @property
+    def consumers(self) -> tuple[Member, ...]:
+        return tuple(m for m in self.members if m.kind == "in")
+
+    def details(self) -> str:
+        lines = [f"group {self.index} {self.name!r}: {self.channels} prunable units"]
+        for m in self.members:
+            where = f"offset {m.offset}" if m.offset is not None else "scattered"
+            per = f", {m.multiplicity} per unit" if m.multiplicity != 1 else ""
+            lines.append(
+                f"  {m.kind:<7} {m.layer} ({m.layer_type}) dim {m.dim}: "
+                f"{len(m.positions)} of {m.size} ({where}{per})"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tracing
+# --------------------------------------------------------------------------------------------------------
+
+
+class _PathTracer(torch.fx.Tracer):
+    """fx tracer that remembers which module it is inside, so a failure can name it."""
+
+    def __init__(self, leaf_modules: Sequence[type[nn.Module] | str] = ()) -> None:
+        super().__init__()
+        self.extra_leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        self.extra_leaf_names = {t for t in leaf_modules if isinstance(t, str)}
+        self.path: list[str] = []
+        self.failed_in: str | None = None  # innermost module being traced when tracing failed
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.extra_leaf_types) or module_qualified_name in self.extra_leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        self.path.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path[-1]
+            raise
+        finally:
+            self.path.pop()
+
+
+def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module] | str] = ()) -> torch.fx.GraphModule:
+    """Trace ``model`` with torch.fx; raise :class:`UntraceableModelError` naming the failing module."""
+    tracer = _PathTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        where = tracer.failed_in or ""
+        module = model.get_submodule(where) if where else model
+        label = f"module {where!r} ({type(module).__name__})" if where else f"model {type(model).__name__}"
+        raise UntraceableModelError(
+            f"torch.fx cannot trace {label}: {type(exc).__name__}: {exc}\n"
+            f"Mark it as a leaf so it is treated as a black box (its channels then stay unpruned): "
+            f"build_graph(model, example_inputs, leaf_modules=[{type(module).__name__}]) "
+            f"or leaf_modules=[{where!r}]."
+        ) from exc
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Channel-id propagation
+# --------------------------------------------------------------------------------------------------------
+
+POISON = 0
+_Ids = Any  # torch.Tensor | tuple | list | None — nested like the value it describes
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Threshold, nn.LogSigmoid,
+)  # fmt: skip
+_SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+)  # fmt: skip
+
+_BINARY = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide,
+    torch.maximum, torch.minimum, torch.where,
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "maximum", "minimum",
+}  # fmt: skip
+_UNARY = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid,
+    torch.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.selu, F.mish, F.softplus, F.hardtanh,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.clamp, torch.clip, torch.exp,
+    torch.abs, torch.neg, operator.neg, torch.square, torch.sqrt, torch.rsqrt, torch.erf,
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "clamp", "clamp_", "clip", "exp", "abs", "neg",
+    "float", "double", "half", "to", "type_as", "clone", "detach", "contiguous", "square", "sqrt", "pow",
+    "hardtanh_", "hardswish_",
+}  # fmt: skip
+_SPATIAL_FUNCTIONS = {
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d,
+    F.max_pool2d, F.max_pool3d, F.interpolate, F.upsample,
+}  # fmt: skip
+_UNARY.add(torchvision.ops.stochastic_depth)  # a per-sample mask: channels pass through unchanged
+_RESHAPE = {"view", "reshape", torch.reshape}
+_MOVE = {
+    "permute", torch.permute, "transpose", torch.transpose, "unsqueeze", torch.unsqueeze, "squeeze",
+    torch.squeeze, "flatten", torch.flatten, "movedim", torch.movedim, "expand", "t", "unflatten",
+}  # fmt: skip
+_REDUCE = {"mean", torch.mean, "sum", torch.sum, "amax", torch.amax, "amin", torch.amin}
+_SIZE = {"size", "dim", "numel", getattr, "ndimension", torch.numel}
+
+
+_NO_MACS_MODULES = (
+    *_CONV, nn.Linear, *_NORM_CHANNEL, nn.GroupNorm, nn.LayerNorm, nn.PReLU, nn.Flatten, nn.Unflatten,
+    nn.ChannelShuffle, nn.Softmax, nn.LogSoftmax, nn.Softmax2d, *_ELEMENTWISE_MODULES, *_SPATIAL_MODULES,
+)  # fmt: skip
+_NO_MACS_FUNCTIONS = (
+    _BINARY | _UNARY | _SPATIAL_FUNCTIONS | _RESHAPE | _MOVE | _REDUCE | _SIZE
+    | {torch.cat, torch.concat, torch.concatenate, torch.stack, "chunk", torch.chunk, "split", torch.split}
+    | {operator.getitem, F.softmax, F.log_softmax, torch.softmax, "softmax", "log_softmax", F.layer_norm}
+    | {F.batch_norm, F.pad, "pad"}
+)  # fmt: skip
+
+
+def _varying_axes(ids: torch.Tensor) -> list[int]:
+    return [a for a, s in enumerate(ids.shape) if s > 1]
+
+
+def _compress(ids: torch.Tensor) -> torch.Tensor:
+    """Shrink every axis along which the ids are constant to size 1 (keeps broadcasting valid)."""
+    for axis in range(ids.ndim):
+        if ids.shape[axis] > 1:
+            first = ids.narrow(axis, 0, 1)
+            if bool((ids == first).all()):
+                ids = first
+    return ids.contiguous()
+
+
+def _channel_vector(ids: torch.Tensor, axis: int) -> torch.Tensor | None:
+    """Ids along ``axis`` when the ids vary along no other axis (a "channel-pure" tensor), else None."""
+    axis = axis % ids.ndim
+    if any(s > 1 for a, s in enumerate(ids.shape) if a != axis):
+        return None
+    return ids.reshape(-1)
+
+
+def _along(vector: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return vector.reshape(shape)
+
+
+@dataclass
+class _Slot:
+    """A layer dimension whose indices map to channel elements (internal; becomes a Member)."""
+
+    layer: str
+    layer_type: str
+    kind: MemberKind
+    dim: int
+    ids: np.ndarray  # element id per index along ``dim`` (for raw params: per element, full shape)
+    param_shape: tuple[int, ...] | None = None  # raw parameters only
+
+
+@dataclass
+class _ParamUse:
+    """How one parameter's numel depends on slots: numel = coef * prod(kept(slot) for slot in slots)."""
+
+    name: str
+    coef: int
+    slots: tuple[int, ...]
+
+
+@dataclass
+class _State:
+    model: nn.Module
+    next_id: int = 1
+    # Allocations (start, length, space): a space is one producer's channels (conv/linear outputs); derived
+    # elements (grouped-conv outputs, raw parameters) have space -1 and join groups only through unions.
+    allocations: list[tuple[int, int, int]] = field(default_factory=lambda: [(0, 1, 0)])  # 0 = poison
+    n_spaces: int = 1
+    edges_a: list[np.ndarray] = field(default_factory=list)
+    edges_b: list[np.ndarray] = field(default_factory=list)
+    slots: list[_Slot] = field(default_factory=list)
+    slot_index: dict[tuple[str, str], int] = field(default_factory=dict)
+    macs_terms: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    param_uses: dict[str, _ParamUse] = field(default_factory=dict)
+    unmapped: dict[str, str] = field(default_factory=dict)  # node name -> reason
+    record_costs: bool = True
+
+    # -- elements -------------------------------------------------------------------------------------
+    def fresh(self, n: int, producer: bool = True) -> torch.Tensor:
+        start = self.next_id
+        self.next_id += n
+        space = -1
+        if producer:
+            space, self.n_spaces = self.n_spaces, self.n_spaces + 1
+        self.allocations.append((start, n, space))
+        return torch.arange(start, start + n, dtype=torch.int64)
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = torch.broadcast_tensors(a, b)
+        self.edges_a.append(a.reshape(-1).numpy().copy())
+        self.edges_b.append(b.reshape(-1).numpy().copy())
+
+    def poison(self, ids: _Ids, node: torch.fx.Node | None = None, reason: str = "") -> None:
+        for t in _tensors_in(ids):
+            if bool((t != POISON).any()):
+                self.union(t.reshape(-1), torch.zeros(1, dtype=torch.int64))
+                if node is not None and reason:
+                    self.unmapped.setdefault(node.name, reason)
+
+    # -- slots ----------------------------------------------------------------------------------------
+    def slot(self, layer: str, layer_type: str, kind: MemberKind, dim: int, ids: torch.Tensor) -> int:
+        """Register (or, for a module called twice, re-unify) the slot ``(layer, kind)``."""
+        key = (layer, kind)
+        if key in self.slot_index:
+            idx = self.slot_index[key]
+            self.union(torch.from_numpy(self.slots[idx].ids), ids.reshape(-1))
+            return idx
+        self.slot_index[key] = len(self.slots)
+        self.slots.append(_Slot(layer, layer_type, kind, dim, ids.reshape(-1).numpy().copy()))
+        return len(self.slots) - 1
+
+    def out_slot(
+        self, layer: str, layer_type: str, n: int, dim: int = 0, producer: bool = True
+    ) -> tuple[int, torch.Tensor]:
+        key = (layer, "out")
+        if key in self.slot_index:
+            idx = self.slot_index[key]
+            return idx, torch.from_numpy(self.slots[idx].ids)
+        ids = self.fresh(n, producer)
+        return self.slot(layer, layer_type, "out", dim, ids), ids
+
+    def use_param(self, name: str, tensor: torch.Tensor, slots: Mapping[int, int]) -> None:
+        """Record that parameter ``name`` has dim ``d`` pruned along slot ``slots[d]``."""
+        if name in self.param_uses:
+            return
+        coef = 1
+        for d, s in enumerate(tensor.shape):
+            if d not in slots:
+                coef *= s
+        self.param_uses[name] = _ParamUse(name, coef, tuple(slots[d] for d in sorted(slots)))
+
+
+def _tensors_in(ids: _Ids) -> Iterable[torch.Tensor]:
+    if isinstance(ids, torch.Tensor):
+        yield ids
+    elif isinstance(ids, (tuple, list)):
+        for x in ids:
+            yield from _tensors_in(x)
+    elif isinstance(ids, dict):
+        for x in ids.values():
+            yield from _tensors_in(x)
+
+
+def _poison_like(value: Any) -> _Ids:
+    if isinstance(value, torch.Tensor):
+        return torch.zeros([1] * value.ndim, dtype=torch.int64)
+    if isinstance(value, (tuple, list)):
+        return (
+            type(value)(_poison_like(v) for v in value)
+            if not hasattr(value, "_fields")
+            else tuple(_poison_like(v) for v in value)
+        )
+    if isinstance(value, dict):
+        return {k: _poison_like(v) for k, v in value.items()}
+    return None
+
+
+def _is_dynamic(arg: Any) -> bool:
+    """A size argument that adapts to a pruned tensor: computed in the graph, or -1."""
+    return isinstance(arg, torch.fx.Node) or arg == -1
+
+
+class _Propagator(torch.fx.Interpreter):
+    """Runs the traced graph for real values and, alongside, propagates channel ids."""
+
+    def __init__(self, gm: torch.fx.GraphModule, state: _State) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.state = state
+        self.ids: dict[torch.fx.Node, _Ids] = {}
+        self.flops = FlopCounterMode(display=False)
+
+    # The interpreter frees values it no longer needs; free ids alongside them.
+    def run_node(self, n: torch.fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if self.state.record_costs and self._may_hide_macs(n):
+            # Only ops we do not model are run under the FLOP counter: it routes every op through Python
+            # dispatch, which makes convolutions an order of magnitude slower.
+            self.flops.flop_counts.clear()
+            with self.flops:
+                value = getattr(self, n.op)(n.target, args, kwargs)
+            macs = self.flops.get_total_flops() // 2
+        else:
+            value = getattr(self, n.op)(n.target, args, kwargs)
+            macs = 0
+        id_args = torch.fx.node.map_arg(n.args, lambda a: self.ids.get(a))
+        id_kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: self.ids.get(a))
+        self.ids[n] = self.propagate(n, value, args, kwargs, id_args, id_kwargs, macs)
+        for dead in self.user_to_last_uses.get(n, ()):
+            self.ids.pop(dead, None)
+        return value
+
+    def _may_hide_macs(self, n: torch.fx.Node) -> bool:
+        if n.op == "call_module":
+            m = self.module.get_submodule(n.target)
+            return not isinstance(m, _NO_MACS_MODULES)
+        if n.op in ("call_function", "call_method"):
+            t = n.target
+            return not (t in _NO_MACS_FUNCTIONS or (isinstance(t, type) and issubclass(t, tuple)))
+        return False
+
+    # ---------------------------------------------------------------------------------------------
+    def propagate(
+        self,
+        n: torch.fx.Node,
+        value: Any,
+        args: tuple,
+        kwargs: dict,
+        id_args: tuple,
+        id_kwargs: dict,
+        macs: int,
+    ) -> _Ids:
+        st = self.state
+        if n.op == "placeholder":
+            return _poison_like(value)
+        if n.op == "output":
+            st.poison(id_args)
+            return None
+        if n.op == "get_attr":
+            key = (n.target, "param")
+            if key in st.slot_index:  # the same parameter fetched again
+                return torch.from_numpy(st.slots[st.slot_index[key]].ids)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 0:
+                ids = st.fresh(value.numel(), producer=False).reshape(value.shape)
+                slot = st.slot(n.target, "Parameter", "param", 0, ids)
+                st.slots[slot].param_shape = tuple(value.shape)
+                st.slots[slot].ids = ids.numpy().copy()  # keep the full shape for raw parameters
+                return ids
+            return _poison_like(value)
+
+        handled, out, modeled_macs = self._dispatch(n, value, args, kwargs, id_args, id_kwargs)
+        if not handled:
+            st.poison((id_args, id_kwargs), n, self._describe(n))
+            out = _poison_like(value)
+        if macs and not modeled_macs and st.record_costs:
+            # A multiply-accumulate op we do not model: its inputs are frozen, so its cost is constant.
+            st.poison((id_args, id_kwargs), n, f"{self._describe(n)} (unmodelled MACs)")
+            st.macs_terms.append((macs, ()))
+        elif modeled_macs and st.record_costs:
+            total, divisor, slots = modeled_macs
+            st.macs_terms.append((total // divisor, slots))
+        return out
+
+    def _describe(self, n: torch.fx.Node) -> str:
+        if n.op == "call_module":
+            return f"{type(self.module.get_submodule(n.target)).__name__} module {n.target!r}"
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        return f"{n.op} {name!r}"
+
+    # ---------------------------------------------------------------------------------------------
+    def _dispatch(self, n, value, args, kwargs, id_args, id_kwargs):
+        """Return (handled, output ids, modeled_macs) where modeled_macs = (divisor, slots) or None."""
+        st = self.state
+        if n.op == "call_module":
+            return self._module(n, value, args, id_args)
+        target = n.target
+        first = id_args[0] if id_args else None
+        if target in _SIZE or (target is operator.getitem and not isinstance(first, torch.Tensor)):
+            if target is operator.getitem and isinstance(first, (tuple, list)):
+                return True, first[args[1]], None
+            return True, None, None
+        if not isinstance(value, (torch.Tensor, tuple, list)):
+            return True, None, None  # python arithmetic on sizes etc.
+        if isinstance(target, type) and issubclass(target, tuple):
+            return True, tuple(id_args) + tuple(id_kwargs.values()), None  # namedtuple outputs
+        if target in _BINARY:
+            return True, self._binary(n, value, args, id_args), None
+        if target in _UNARY:
+            if not isinstance(first, torch.Tensor):
+                return False, None, None
+            return True, first, None
+        if target in _SPATIAL_FUNCTIONS:
+            return True, self._spatial(n, value, first), None
+        if target in (torch.cat, torch.concat, torch.concatenate):
+            return True, self._cat(n, value, args, kwargs, id_args), None
+        if target is torch.stack:
+            return True, self._stack(n, value, args, id_args), None
+        if target in ("chunk", torch.chunk, "split", torch.split):
+            return True, self._chunk(n, value, args, kwargs, id_args), None
+        if target is operator.getitem:
+            return True, self._getitem(n, value, args, first), None
+        if target in _RESHAPE or target in _MOVE:
+            return True, self._reshape(n, value, args, kwargs, first), None
+        if target in _REDUCE:
+            return True, self._reduce(n, value, args, kwargs, first), None
+        if target in (F.softmax, F.log_softmax, torch.softmax, "softmax", "log_softmax"):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if isinstance(first, torch.Tensor) and dim is not None and first.shape[dim] > 1:
+                st.poison(first, n, f"softmax over a channel axis ({self._describe(n)})")
+            return True, first if isinstance(first, torch.Tensor) else _poison_like(value), None
+        if target is F.layer_norm:
+            return True, self._functional_norm(n, value, args, kwargs, id_args, id_kwargs, axis=-1), None
+        if target is F.batch_norm:
+            return True, self._functional_norm(n, value, args, kwargs, id_args, id_kwargs, axis=1), None
+        if target in (F.pad, "pad"):
+            pad = args[1] if len(args) > 1 else kwargs["pad"]
+            touched = (
+                {first.ndim - 1 - i // 2 for i, p in enumerate(pad) if p} if first is not None else set()
+            )
+            if isinstance(first, torch.Tensor) and touched & set(_varying_axes(first)):
+                return False, None, None
+            return True, first, None
+        return False, None, None
+
+    # -- layers -------------------------------------------------------------------------------------
+    def _module(self, n, value, args, id_args):
+        st = self.state
+        name: str = n.target
+        m = self.module.get_submodule(name)
+        x = id_args[0] if id_args else None
+        tname = type(m).__name__
+        if isinstance(m, _ELEMENTWISE_MODULES):
+            return True, x, None
+        if isinstance(m, _SPATIAL_MODULES):
+            return True, self._spatial(n, value, x), None
+        if not isinstance(x, torch.Tensor):
+            return False, None, None
+        if isinstance(m, _CONV):
+            vin = _channel_vector(x, 1)
+            if vin is None:
+                st.poison(x, n, f"{tname} {name!r} reads a tensor whose channels are not on axis 1")
+                vin = torch.zeros(m.in_channels, dtype=torch.int64)
+            in_slot = st.slot(name, tname, "in", 1, vin.expand(m.in_channels))
+            g = m.groups
+            # A grouped conv's outputs are derived from its inputs (whole groups go together), so they
+            # belong to the input's producers' groups rather than founding one.
+            out_slot, vout = st.out_slot(name, tname, m.out_channels, 0, producer=g == 1)
+            if g > 1:
+                # Grouped/depthwise: remove whole groups, so a group's inputs and outputs are one unit.
+                vin_g = vin.expand(m.in_channels).reshape(g, -1)
+                vout_g = vout.reshape(g, -1)
+                st.union(vin_g, vout_g[:, :1])
+                st.union(vout_g, vout_g[:, :1])
+                st.use_param(f"{name}.weight", m.weight, {0: out_slot})
+                divisor, slots = m.out_channels, (out_slot,)
+            else:
+                st.use_param(f"{name}.weight", m.weight, {0: out_slot, 1: in_slot})
+                divisor, slots = m.out_channels * m.in_channels, (out_slot, in_slot)
+            # FlopCounterMode's convolution formula: batch × output pixels × weight numel (bias not counted).
+            total = value.shape[0] * m.weight.numel() * math.prod(value.shape[2:])
+            macs = (total, divisor, slots)
+            if m.bias is not None:
+                st.use_param(f"{name}.bias", m.bias, {0: out_slot})
+            return True, _along(vout, 1, value.ndim), macs
+        if isinstance(m, nn.Linear):
+            vin = _channel_vector(x, -1)
+            if vin is None:
+                st.poison(x, n, f"Linear {name!r} reads a tensor whose features vary along several axes")
+                vin = torch.zeros(m.in_features, dtype=torch.int64)
+            in_slot = st.slot(name, tname, "in", 1, vin.expand(m.in_features))
+            out_slot, vout = st.out_slot(name, tname, m.out_features, 0)
+            st.use_param(f"{name}.weight", m.weight, {0: out_slot, 1: in_slot})
+            if m.bias is not None:
+                st.use_param(f"{name}.bias", m.bias, {0: out_slot})
+            rows = math.prod(args[0].shape[:-1])
+            size = m.out_features * m.in_features
+            return True, _along(vout, -1, value.ndim), (rows * size, size, (out_slot, in_slot))
+        if isinstance(m, (*_NORM_CHANNEL, nn.GroupNorm, nn.LayerNorm, nn.PReLU)):
+            return self._norm_module(n, m, value, x)
+        if isinstance(m, (nn.Flatten, nn.Unflatten)):
+            return True, self._reshape(n, value, (args[0],), {}, x), None
+        if isinstance(m, nn.ChannelShuffle):
+            return True, self._shuffle(n, value, x, m.groups), None
+        if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)):
+            dim = getattr(m, "dim", 1 if value.ndim >= 3 else -1)
+            if dim is not None and x.shape[dim] > 1:
+                st.poison(x, n, f"softmax over a channel axis ({tname} {name!r})")
+            return True, x, None
+        return False, None, None
+
+    def _norm_module(self, n, m, value, x):
+        st = self.state
+        name, tname = n.target, type(m).__name__
+        if isinstance(m, nn.PReLU):
+            if m.num_parameters == 1:
+                return True, x, None
+            axis, size = 1, m.num_parameters
+        elif isinstance(m, nn.LayerNorm):
+            if len(m.normalized_shape) != 1:
+                st.poison(x, n, f"LayerNorm {name!r} normalises over several axes")
+                return True, x, None
+            axis, size = -1, m.normalized_shape[0]
+        elif isinstance(m, nn.GroupNorm):
+            axis, size = 1, m.num_channels
+        else:
+            axis, size = 1, m.num_features
+        v = _channel_vector(x, axis)
+        if v is None:
+            st.poison(x, n, f"{tname} {name!r} reads a tensor whose channels are not on one axis")
+            return True, x, None
+        v = v.expand(size)
+        if isinstance(m, nn.GroupNorm):
+            # Remove whole normalisation groups: channels of one group form one unit.
+            vg = v.reshape(m.num_groups, -1)
+            st.union(vg, vg[:, :1])
+        slot = st.slot(name, tname, "channel", 0, v)
+        for pname, p in m.named_parameters(recurse=False):
+            st.use_param(f"{name}.{pname}", p, {0: slot})
+        return True, x, None
+
+    def _functional_norm(self, n, value, args, kwargs, id_args, id_kwargs, axis: int):
+        st = self.state
+        x = id_args[0]
+        v = _channel_vector(x, axis) if isinstance(x, torch.Tensor) else None
+        params = [*id_args[1:], *id_kwargs.values()]
+        if v is None:
+            st.poison((x, params), n, f"{self._describe(n)} over several axes")
+            return x
+        if axis == -1 and len(args[1] if len(args) > 1 else kwargs["normalized_shape"]) != 1:
+            st.poison((x, params), n, f"{self._describe(n)} over several axes")
+            return x
+        for p in params:
+            if isinstance(p, torch.Tensor) and p.numel() == v.numel():
+                st.union(p.reshape(-1), v)
+        return x
+
+    # -- elementwise ---------------------------------------------------------------------------------
+    def _binary(self, n, value, args, id_args):
+        st = self.state
+        operands = [
+            (ids, a.shape) for ids, a in zip(id_args, args, strict=False) if isinstance(a, torch.Tensor)
+        ]
+        operands = [(ids, shape) for ids, shape in operands if isinstance(ids, torch.Tensor)]
+        if not isinstance(value, torch.Tensor):
+            return None
+        if not operands:
+            return _poison_like(value)
+        nd = value.ndim
+        aligned = [(ids.reshape([1] * (nd - ids.ndim) + list(ids.shape)), (1,) * (nd - len(s)) + tuple(s))
+                   for ids, s in operands]  # fmt: skip
+        if len(aligned) == 1:
+            return aligned[0][0]
+        (ia, sa), (ib, sb) = aligned[:2]
+        # An operand broadcast (extent 1) along an axis where the other's channels vary is a shared value
+        # (a scalar gain, a stochastic-depth row mask): it does not couple the other's channels. Anything
+        # else is paired position by position — including fully poisoned operands, whose ids are
+        # compressed to size 1 but whose values are not broadcast.
+        b_shared = any(sb[ax] == 1 for ax in _varying_axes(ia))
+        a_shared = any(sa[ax] == 1 for ax in _varying_axes(ib))
+        if b_shared and a_shared:
+            st.poison((ia, ib), n, f"{self._describe(n)} broadcasts channels against each other")
+            return _poison_like(value)
+        if b_shared:
+            return ia
+        if a_shared:
+            return ib
+        st.union(ia, ib)
+        return torch.broadcast_tensors(ia, ib)[0].contiguous()
+
+    def _spatial(self, n, value, x):
+        """Pooling, interpolation, padding: channels stay on axis 1, one output channel per input one."""
+        if not isinstance(x, torch.Tensor):
+            return _poison_like(value)
+        v = _channel_vector(x, 1)
+        if v is None:
+            self.state.poison(x, n, f"{self._describe(n)} on a tensor with channels off axis 1")
+            return _poison_like(value)
+        return _along(v, 1, value.ndim) if value.ndim > 1 else _poison_like(value)
+
+    # -- data movement -------------------------------------------------------------------------------
+    def _full(self, ids: torch.Tensor, value_shape: Sequence[int]) -> torch.Tensor:
+        return ids.expand(*value_shape).contiguous()
+
+    def _reshape(self, n, value, args, kwargs, x):
+        st = self.state
+        if not isinstance(x, torch.Tensor):
+            return _poison_like(value)
+        full = self._full(x, args[0].shape)
+        fn = n.target
+        if n.op == "call_module":
+            out = self.module.get_submodule(fn)(full)
+        elif isinstance(fn, str):
+            out = getattr(full, fn)(*args[1:], **kwargs)
+        else:
+            out = fn(full, *args[1:], **kwargs)
+        out = _compress(out)
+        if fn in _RESHAPE or fn == "unflatten":
+            varying = _varying_axes(out)
+            shape_args = self._shape_args(n)
+            if varying and shape_args is not None:
+                dynamic = [ax for ax in varying if ax < len(shape_args) and _is_dynamic(shape_args[ax])]
+                if len(dynamic) != 1:
+                    st.poison(x, n, f"{self._describe(n)} with a literal channel size")
+                    return _poison_like(value)
+                # The channel axis was split: only the dynamic axis may shrink, so the others'
+                # positions are pruned together (channel shuffle keeps its interleaving).
+                keep_ax = dynamic[0]
+                for ax in varying:
+                    if ax != keep_ax:
+                        st.union(out, out.narrow(ax, 0, 1))
+        return out
+
+    def _shape_args(self, n: torch.fx.Node) -> Sequence[Any] | None:
+        if n.op == "call_module":
+            return None
+        if n.target == "unflatten":
+            return None  # sizes of one axis only; unflatten of a channel axis is rare — be safe below
+        rest = list(n.args[1:])
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            rest = list(rest[0])
+        if "shape" in n.kwargs:
+            rest = list(n.kwargs["shape"])
+        return rest
+
+    def _shuffle(self, n, value, x, groups: int):
+        v = _channel_vector(x, 1)
+        if v is None:
+            self.state.poison(x, n, "ChannelShuffle on a tensor with channels off axis 1")
+            return _poison_like(value)
+        grid = v.expand(value.shape[1]).reshape(groups, -1)
+        self.state.union(grid, grid[:1])
+        return _along(grid.t().reshape(-1), 1, value.ndim)
+
+    def _cat(self, n, value, args, kwargs, id_args):
+        st = self.state
+        tensors = args[0]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        ids = list(id_args[0])
+        if any(not isinstance(i, torch.Tensor) for i in ids):
+            st.poison(ids, n, "cat of tensors without channel ids")
+            return _poison_like(value)
+        if all(i.shape[dim] == 1 for i in ids):
+            # Concatenation along a non-channel axis (tokens, batch): channels are paired elementwise.
+            for i in ids[1:]:
+                st.union(ids[0], i)
+            return ids[0]
+        full = torch.cat([self._full(i, t.shape) for i, t in zip(ids, tensors, strict=True)], dim=dim)
+        return _compress(full)
+
+    def _stack(self, n, value, args, id_args):
+        ids = [i for i in id_args[0] if isinstance(i, torch.Tensor)]
+        if len(ids) != len(id_args[0]):
+            self.state.poison(ids, n, "stack of tensors without channel ids")
+            return _poison_like(value)
+        for i in ids[1:]:
+            self.state.union(ids[0], i)
+        dim = args[1] if len(args) > 1 else 0
+        return ids[0].unsqueeze(dim)
+
+    def _chunk(self, n, value, args, kwargs, id_args):
+        st = self.state
+        x = id_args[0]
+        if not isinstance(x, torch.Tensor):
+            return _poison_like(value)
+        tensor = args[0]
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0) % tensor.ndim
+        full = self._full(x, tensor.shape)
+        parts = list(torch.split(full, [p.shape[dim] for p in value], dim=dim))
+        if dim in _varying_axes(x):
+            size_arg = n.args[1] if len(n.args) > 1 else n.kwargs.get("split_size_or_sections")
+            adaptive = n.target in ("chunk", torch.chunk) or isinstance(size_arg, torch.fx.Node)
+            equal = len({p.shape[dim] for p in parts}) == 1
+            if not (adaptive and equal):
+                st.poison(x, n, f"{self._describe(n)} with literal sizes on a channel axis")
+                return _poison_like(value)
+            # Every part must keep the same number of channels: prune corresponding positions together.
+            for p in parts[1:]:
+                st.union(parts[0], p)
+        return tuple(_compress(p) for p in parts)
+
+    def _getitem(self, n, value, args, x):
+        st = self.state
+        tensor, index = args[0], args[1]
+        full = self._full(x, tensor.shape)
+        index_t = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.Tensor) or i is None for i in index_t):
+            st.poison(x, n, f"{self._describe(n)} with advanced indexing")
+            return _poison_like(value)
+        # Which input axes does the index restrict?
+        axes: list[int] = []
+        pos = 0
+        for k, i in enumerate(index_t):
+            if i is Ellipsis:
+                pos = tensor.ndim - (len(index_t) - k - 1)
+                continue
+            if not (isinstance(i, slice) and i == slice(None)):
+                axes.append(pos)
+            pos += 1
+        if set(axes) & set(_varying_axes(x)):
+            st.poison(x, n, f"{self._describe(n)} slices a channel axis with literal bounds")
+            return _poison_like(value)
+        return _compress(full[index])
+
+    def _reduce(self, n, value, args, kwargs, x):
+        st = self.state
+        if not isinstance(x, torch.Tensor) or not isinstance(value, torch.Tensor):
+            return _poison_like(value)
+        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if dims is None:
+            st.poison(x, n, f"{self._describe(n)} over all axes")
+            return _poison_like(value)
+        dims = {d % x.ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+        if dims & set(_varying_axes(x)):
+            st.poison(x, n, f"{self._describe(n)} reduces a channel axis")
+            return _poison_like(value)
+        keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        if keepdim:
+            return x
+        return x.reshape([s for a, s in enumerate(x.shape) if a not in dims])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resolution: elements -> units -> groups
+# --------------------------------------------------------------------------------------------------------
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    return connected_components(adj, directed=False)[1]
+
+
+def units_to_keep(channels: int, ratio: float, round_to: int = 1) -> int:
+    """How many of a group's ``channels`` units survive pruning ``ratio`` of them (at least one).
+
+    The kept count is rounded to the nearest multiple of ``round_to`` (hardware-friendly widths), never
+    below one unit, never above the original.
+    """
+    kept = channels * (1.0 - ratio)
+    if round_to > 1:
+        kept = round(kept / round_to) * round_to
+    return int(min(channels, max(1, round(kept))))
+
+
+class DependencyGraph:
+    """Channel groups of a model and the exact cost of any pruning of them.
+
+    Build with :func:`build_graph`. ``groups`` holds the prunable groups in topological order;
+    ``frozen`` names the channels that can never be pruned and why.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: list[ChannelGroup],
+        frozen: dict[str, str],
+        costs: CostModel,
+        group_slots: list[list[tuple[int, np.ndarray]]],
+        slots: list[_Slot],
+    ) -> None:
+        self.model = model
+        self.groups = groups
+        self.frozen = frozen
+        self.costs = costs
+        self._group_slots = group_slots  # per group: (slot, unit index of each position) pairs
+        self._slots = slots
+        self.base_macs = costs.macs(costs.full_keep())
+        self.base_params = costs.params(costs.full_keep())
+        self._name_index = {g.name: i for i, g in enumerate(groups)}
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __repr__(self) -> str:
+        return (
+            f"DependencyGraph({type(self.model).__name__}: {len(self.groups)} prunable groups, "
+            f"{self.base_macs:,} MACs, {self.base_params:,} params)"
+        )
+
+    # -- ratios ---------------------------------------------------------------------------------------
+    def ratio_vector(self, ratios: float | Sequence[float] | Mapping[str, float] | np.ndarray) -> np.ndarray:
+        """Normalise float / sequence / mapping ratios to one float per group, validating them."""
+        n = len(self.groups)
+        if isinstance(ratios, Mapping):
+            unknown = sorted(set(ratios) - set(self._name_index))
+            if unknown:
+                raise InvalidRatiosError(
+                    f"unknown group name(s) {unknown[:5]}; valid names are graph.groups[i].name, e.g. "
+                    f"{[g.name for g in self.groups[:5]]}"
+                )
+            vec = np.zeros(n)
+            for k, r in ratios.items():
+                vec[self._name_index[k]] = r
+        elif isinstance(ratios, (int, float, np.floating, np.integer)):
+            vec = np.full(n, float(ratios))
+        else:
+            vec = np.asarray(ratios, dtype=np.float64).reshape(-1)
+            if vec.shape != (n,):
+                raise InvalidRatiosError(f"expected {n} ratios (one per group), got shape {np.shape(ratios)}")
+        if not np.all(np.isfinite(vec)):
+            raise InvalidRatiosError(f"ratios must be finite, got {vec[~np.isfinite(vec)][:5]}")
+        if np.any(vec < 0) or np.any(vec > 1):
+            raise InvalidRatiosError(f"ratios must lie in [0, 1], got min {vec.min():g}, max {vec.max():g}")
+        return vec
+
+    def keep_counts(self, ratios: Any, round_to: int = 1) -> np.ndarray:
+        """Units kept per group for ``ratios``; the same rule :func:`prune_env.prune` applies."""
+        vec = self.ratio_vector(ratios)
+        return np.array(
+            [units_to_keep(g.channels, r, round_to) for g, r in zip(self.groups, vec, strict=True)],
+            dtype=np.int64,
+        )
+
+    # -- costs ----------------------------------------------------------------------------------------
+    def macs(self, ratios: Any = 0.0, round_to: int = 1) -> int:
+        """Exact multiply-accumulates of the model pruned at ``ratios``, without a forward pass."""
+        return self.costs.macs(self.keep_counts(ratios, round_to))
+
+    def params(self, ratios: Any = 0.0, round_to: int = 1) -> int:
+        """Exact parameter count of the model pruned at ``ratios``, without a forward pass."""
+        return self.costs.params(self.keep_counts(ratios, round_to))
+
+    # -- helpers for surgery / importance ------------------------------------------------------------
+    def group(self, key: int | str) -> ChannelGroup:
+        return self.groups[self._name_index[key] if isinstance(key, str) else key]
+
+    def details(self) -> str:
+        return "\n".join(g.details() for g in self.groups)
+
+    def table(self) -> str:
+        """One line per group: name, units, number of members, producers."""
+        rows = [f"{'#':>3} {'group':<40} {'units':>6} {'members':>7}  producers"]
+        for g in self.groups:
+            prods = ", ".join(m.layer for m in g.producers[:3]) + (" …" if len(g.producers) > 3 else "")
+            rows.append(f"{g.index:>3} {g.name[:40]:<40} {g.channels:>6} {len(g.members):>7}  {prods}")
+        return "\n".join(rows)
+
+
+def build_graph(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+) -> DependencyGraph:
+    """Trace ``model`` and find its channel groups (see the module docstring for how).
+
+    ``example_inputs``: a tensor or a tuple of tensors the model accepts; a small spatial size keeps this
+    fast, and costs are exact for that input size. ``leaf_modules``: module types or qualified names to
+    treat as black boxes (for modules fx cannot trace); their channels are never pruned.
+    The model is not modified (it is run once in eval mode, and once more in train mode with BatchNorm
+    statistics frozen if some layers are only reached in training, as Inception's auxiliary heads are).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    state = _State(model=model)
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        gm = trace(model, leaf_modules)
+        _run(gm, state, inputs)
+        reached = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        unreached = [
+            name
+            for name, m in model.named_modules()
+            if name and any(True for _ in m.parameters(recurse=False)) and not _under(name, reached)
+        ]
+        if unreached:
+            # Layers only reached in training mode (auxiliary heads): trace again in train mode with
+            # normalisation layers kept in eval mode (no statistics update, batch size 1 works).
+            model.train()
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._NormBase):
+                    m.eval()
+            gm_train = trace(model, leaf_modules)
+            state.record_costs = False
+            try:
+                _run(gm_train, state, inputs)
+            except Exception as exc:
+                # The channels feeding training-only layers are unknown: the pruned model is then only
+                # guaranteed in eval mode. Say so rather than fail: eval-mode pruning is still exact.
+                warnings.warn(
+                    f"prune_env: layers reached only in training mode ({', '.join(unreached[:4])}) could not "
+                    f"be analysed with this example input ({type(exc).__name__}: {str(exc)[:120]}); the pruned "
+                    "model is valid in eval mode only. Pass a larger example input to prune them too.",
+                    stacklevel=2,
+                )
+    finally:
+        for m, flag in was_training.items():
+            m.training = flag
+    return _resolve(model, state)
+
+
+def _under(name: str, reached: set[str]) -> bool:
+    parts = name.split(".")
+    return any(".".join(parts[:k]) in reached for k in range(1, len(parts) + 1))
+
+
+def _run(gm: torch.fx.GraphModule, state: _State, inputs: tuple[torch.Tensor, ...]) -> None:
+    prop = _Propagator(gm, state)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        prop.run(*inputs)
+
+
+def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
+    n_el = st.next_id
+    a = np.concatenate(st.edges_a) if st.edges_a else np.zeros(0, dtype=np.int64)
+    b = np.concatenate(st.edges_b) if st.edges_b else np.zeros(0, dtype=np.int64)
+    space_of = np.full(n_el, -1, dtype=np.int64)
+    for start, length, space in st.allocations:
+        space_of[start : start + length] = space
+    is_producer = space_of >= 0
+    warn_extra: list[str] = []
+
+    for _ in range(3):  # a raw parameter that cannot be sliced poisons its channels: resolve again
+        unit = _components(n_el, a, b)
+        n_units = int(unit.max()) + 1
+        # Groups: components of the bipartite graph units — producer spaces. Concat keeps producers apart
+        # (no unit spans them); a residual add joins them (its units contain elements of both).
+        linked = _components(n_units + st.n_spaces, unit[is_producer], n_units + space_of[is_producer])
+        unit_group = linked[:n_units]
+        poisoned_groups = {int(unit_group[unit[POISON]])}
+        extra_a, extra_b = [], []
+        for slot in st.slots:
+            if slot.kind != "param":
+                continue
+            units = unit[slot.ids]
+            dim = _param_dim(units)
+            if dim is None and units.size and np.any(units != unit[POISON]):
+                extra_a.append(slot.ids.reshape(-1))
+                extra_b.append(np.zeros(slot.ids.size, dtype=np.int64))
+                warn_extra.append(f"parameter {slot.layer!r} cannot be sliced along one axis")
+            slot.dim = dim if dim is not None else -1
+        if not extra_a:
+            break
+        a = np.concatenate([a, *extra_a])
+        b = np.concatenate([b, *extra_b])
+    # Units with no producer element (a lone raw parameter) found no group: they stay as they are.
+    has_producer = np.zeros(n_units, dtype=bool)
+    has_producer[unit[is_producer]] = True
+
+    # Per slot: the unit of every index along its dim.
+    slot_units: list[np.ndarray] = []
+    for slot in st.slots:
+        if slot.kind == "param":
+            ids = slot.ids
+            if slot.dim >= 0:
+                idx = [0] * ids.ndim
+                idx[slot.dim] = slice(None)
+                ids = ids[tuple(idx)]
+            else:
+                ids = np.zeros(1, dtype=np.int64)
+        else:
+            ids = slot.ids
+        slot_units.append(unit[ids])
+
+    poison_unit = unit[POISON]
+    # Units are numbered within their group by first appearance in a producer ("out") slot, so unit i is
+    # the producer's channel i wherever possible.
+    out_units = [u for slot, u in zip(st.slots, slot_units, strict=True) if slot.kind == "out"]
+    seen_units = np.concatenate([*out_units, *slot_units]) if slot_units else np.zeros(0, dtype=np.int64)
+    _, first = np.unique(seen_units, return_index=True)
+    ordered_units = seen_units[np.sort(first)]
+    ordered_units = ordered_units[(ordered_units != poison_unit) & has_producer[ordered_units]]
+    rank_in_group = np.full(n_units, -1, dtype=np.int64)
+    group_units: dict[int, np.ndarray] = {}
+    for gl in np.unique(unit_group[ordered_units]):
+        members_of = ordered_units[unit_group[ordered_units] == gl]
+        rank_in_group[members_of] = np.arange(len(members_of))
+        group_units[int(gl)] = members_of
+
+    # Which (slot, group) pairs exist.
+    touching: dict[int, list[int]] = {}
+    for s, units in enumerate(slot_units):
+        for gl in np.unique(unit_group[units[(units != poison_unit) & has_producer[units]]]):
+            touching.setdefault(int(gl), []).append(s)
+
+    frozen: dict[str, str] = {}
+    groups: list[ChannelGroup] = []
+    group_slots: list[list[tuple[int, np.ndarray]]] = []
+    first_slot: list[int] = []
+    for gl, units_of_group in group_units.items():
+        n_g = len(units_of_group)
+        members: list[Member] = []
+        slots_for_group: list[tuple[int, np.ndarray]] = []
+        regular = True
+        for s in touching.get(gl, []):
+            units = slot_units[s]
+            positions = np.nonzero((unit_group[units] == gl) & (units != poison_unit) & has_producer[units])[0]
+            ranks = rank_in_group[units[positions]]
+            counts = np.bincount(ranks, minlength=n_g)
+            if counts.min() != counts.max():
+                regular = False
+                break
+            order = np.argsort(ranks, kind="stable")
+            positions, ranks = positions[order], ranks[order]
+            slot = st.slots[s]
+            size = len(units) if slot.kind != "param" else slot.param_shape[slot.dim]
+            members.append(
+                Member(
+                    layer=slot.layer,
+                    layer_type=slot.layer_type,
+                    kind=slot.kind,
+                    dim=slot.dim,
+                    positions=tuple(positions.tolist()),
+                    multiplicity=int(counts[0]),
+                    size=int(size),
+                )
+            )
+            slots_for_group.append((s, ranks))
+        producers = [m for m in members if m.kind == "out"]
+        name = producers[0].layer if producers else f"group{gl}"
+        if not regular:
+            frozen[name] = "channels are coupled irregularly (a unit appears a different number of times)"
+            continue
+        if gl in poisoned_groups or n_g < 2 or not producers:
+            continue
+        groups.append(ChannelGroup(name=name, channels=n_g, members=tuple(members)))
+        group_slots.append(slots_for_group)
+        first_slot.append(min(s for (s, _), m in zip(slots_for_group, members, strict=True) if m.kind == "out"))
+
+    # Slots are registered in execution order, so this is topological order of the groups' producers.
+    order = sorted(range(len(groups)), key=lambda i: first_slot[i])
+    groups = [groups[i] for i in order]
+    group_slots = [group_slots[i] for i in order]
+    groups = [
+        ChannelGroup(name=g.name, channels=g.channels, members=g.members, index=i)
+        for i, g in enumerate(groups)
+    ]
+
+    costs = _cost_model(model, st, slot_units, groups, group_slots)
+    if st.unmapped or warn_extra:
+        reasons = [f"{node}: {why}" for node, why in st.unmapped.items()] + warn_extra
+        warnings.warn(
+            "prune_env: some channels cannot be mapped and will not be pruned — "
+            + "; ".join(reasons[:12])
+            + (f"; and {len(reasons) - 12} more" if len(reasons) > 12 else ""),
+            stacklevel=3,
+        )
+    for node, why in st.unmapped.items():
+        frozen.setdefault(node, why)
+    return DependencyGraph(model, groups, frozen, costs, group_slots, st.slots)
+
+
+def _param_dim(units: np.ndarray) -> int | None:
+    """The single axis of a raw parameter along which its units vary (None if not exactly one)."""
+    if units.size == 0:
+        return None
+    candidates = []
+    for d in range(units.ndim):
+        rows = np.moveaxis(units, d, 0).reshape(units.shape[d], -1)
+        constant_within_slice = bool(np.all(rows == rows[:, :1]))
+        varies_along_d = bool(np.any(rows[:, 0] != rows[0, 0]))
+        if constant_within_slice and varies_along_d:
+            candidates.append(d)
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _cost_model(
+    model: nn.Module,
+    st: _State,
+    slot_units: list[np.ndarray],
+    groups: list[ChannelGroup],
+    group_slots: list[list[tuple[int, np.ndarray]]],
+) -> CostModel:
+    n_slots = len(st.slots)
+    mult = np.zeros((n_slots, len(groups)), dtype=np.int64)
+    fixed = np.array([len(u) for u in slot_units], dtype=np.int64)
+    for g, (group, pairs) in enumerate(zip(groups, group_slots, strict=True)):
+        for (s, _), member in zip(pairs, group.members, strict=True):
+            mult[s, g] = member.multiplicity
+            fixed[s] -= len(member.positions)
+    macs_terms = [CostTerm(coef, slots) for coef, slots in st.macs_terms]
+    params_terms = []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        use = st.param_uses.get(name)
+        raw = st.slot_index.get((name, "param"))
+        if use is not None:
+            params_terms.append(CostTerm(use.coef, use.slots))
+        elif raw is not None and st.slots[raw].dim >= 0:
+            shape = st.slots[raw].param_shape
+            coef = int(np.prod(shape)) // shape[st.slots[raw].dim]
+            params_terms.append(CostTerm(coef, (raw,)))
+        else:
+            params_terms.append(CostTerm(p.numel(), ()))
+    return CostModel(
+        mult=mult,
+        fixed=fixed,
+        macs_terms=macs_terms,
+        params_terms=params_terms,
+        full=[g.channels for g in groups],
+    )

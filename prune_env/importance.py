@@ -1,0 +1,103 @@
+"""Channel importance: one score per unit of a group, aggregated over every coupled layer.
+
+A group's units are scored together because they are removed together: a residual channel's importance
+is the sum over every convolution that writes or reads it, not the score of one layer (DepGraph's point).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from prune_env.errors import UnknownNameError
+from prune_env.graph import ChannelGroup, Member
+
+Importance = Callable[[ChannelGroup, nn.Module], np.ndarray]
+"""A callable ``(group, model) -> scores`` with one score per unit; lower scores are pruned first."""
+
+_NORM_TYPES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "GroupNorm", "LayerNorm"}
+
+
+def member_tensor(model: nn.Module, member: Member) -> tuple[torch.Tensor, int] | None:
+    """The weight tensor a member's channels index, and the axis they run along (None if weightless)."""
+    if member.kind == "param":
+        return model.get_parameter(member.layer).detach(), member.dim
+    module = model.get_submodule(member.layer)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if member.kind == "in":
+        if getattr(module, "groups", 1) > 1:
+            return None  # grouped: a group's inputs and outputs are one unit, scored by the outputs
+        return weight.detach(), 1
+    return weight.detach(), 0
+
+
+def _per_position(weight: torch.Tensor, axis: int, power: int) -> np.ndarray:
+    w = weight.transpose(0, axis).reshape(weight.shape[axis], -1).float()
+    return (w.abs() if power == 1 else w.pow(2)).sum(dim=1).cpu().numpy().astype(np.float64)
+
+
+def _norm_scores(group: ChannelGroup, model: nn.Module, power: int, norms_only: bool) -> np.ndarray:
+    scores = np.zeros(group.channels, dtype=np.float64)
+    for member in group.members:
+        if norms_only and member.layer_type not in _NORM_TYPES:
+            continue
+        found = member_tensor(model, member)
+        if found is None:
+            continue
+        per_pos = _per_position(*found, power)
+        pos = np.asarray(member.positions).reshape(group.channels, member.multiplicity)
+        scores += per_pos[pos].sum(axis=1)
+    return scores
+
+
+def l1_importance(group: ChannelGroup, model: nn.Module) -> np.ndarray:
+    """Sum of absolute weights of every coupled slice (conv filters and input columns, BN scales, ...)."""
+    return _norm_scores(group, model, power=1, norms_only=False)
+
+
+def l2_importance(group: ChannelGroup, model: nn.Module) -> np.ndarray:
+    """Sum of squared weights of every coupled slice."""
+    return _norm_scores(group, model, power=2, norms_only=False)
+
+
+def bn_scale_importance(group: ChannelGroup, model: nn.Module) -> np.ndarray:
+    """|γ| of the normalisation layers in the group (Network Slimming); groups without one fall back to L1."""
+    if not any(m.layer_type in _NORM_TYPES for m in group.members):
+        return l1_importance(group, model)
+    return _norm_scores(group, model, power=1, norms_only=True)
+
+
+class RandomImportance:
+    """Uniformly random scores from a seeded generator (a baseline)."""
+
+    def __init__(self, seed: int | np.random.Generator | None = None) -> None:
+        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+    def __call__(self, group: ChannelGroup, model: nn.Module) -> np.ndarray:
+        return self.rng.random(group.channels)
+
+
+IMPORTANCE: dict[str, Callable[[], Importance]] = {
+    "l1": lambda: l1_importance,
+    "l2": lambda: l2_importance,
+    "bn_scale": lambda: bn_scale_importance,
+    "random": RandomImportance,
+}
+
+
+def get_importance(importance: str | Importance, seed: int | np.random.Generator | None = None) -> Importance:
+    """Resolve a name ("l1", "l2", "bn_scale", "random") or pass a callable through."""
+    if callable(importance):
+        return importance
+    if importance == "random":
+        return RandomImportance(seed)
+    if importance not in IMPORTANCE:
+        raise UnknownNameError(
+            f"unknown importance {importance!r}; choose one of {sorted(IMPORTANCE)} or a callable"
+        )
+    return IMPORTANCE[importance]()

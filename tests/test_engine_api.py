@@ -1,0 +1,272 @@
+"""Behaviour of the engine's public API: ratios, importance, errors, costs, coupling on small models."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import prune_env
+from prune_env import InvalidRatiosError, UnknownNameError, UntraceableModelError
+
+
+class ConcatNet(nn.Module):
+    """Two producers concatenated, then a flatten→linear head: offsets and feature blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(12 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.fc(torch.flatten(self.pool(self.dw(y)), 1))
+
+
+class SharedConvNet(nn.Module):
+    """The same convolution applied twice: its input and output channels are one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 1)
+        self.shared = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shared(torch.relu(self.shared(self.stem(x)))))
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # fx cannot trace a branch on tensor values
+            return self.conv(x)
+        return x
+
+
+class WithDataDependentBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.block = DataDependent()
+        self.mid = nn.Conv2d(4, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(self.block(self.stem(x)))))
+
+
+class UnsupportedOpNet(nn.Module):
+    """A cumulative sum over channels cannot be mapped: those channels must stay, with a warning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cumsum(self.c1(x), dim=1)
+        return self.c3(torch.relu(self.c2(y)))
+
+
+class LiteralSliceNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.c3 = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c3(self.c2(self.c1(x)[:, :4]))  # a literal bound baked into the code
+
+
+X = torch.randn(1, 3, 8, 8)
+
+
+def test_ratio_zero_is_the_identity() -> None:
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = prune_env.build_graph(model, x[:1])
+    same = prune_env.prune(model, x[:1], 0.0, graph=graph)
+    assert same is not model
+    assert graph.macs(0.0) == graph.base_macs
+    with torch.no_grad():
+        assert torch.equal(same(x), model(x))
+    assert prune_env.count_params(same) == prune_env.count_params(model)
+
+
+def test_ratio_forms_and_validation() -> None:
+    model = ConcatNet().eval()
+    graph = prune_env.build_graph(model, X)
+    names = [g.name for g in graph.groups]
+    assert names == ["a", "b"]  # the depthwise conv joins the producers' groups; fc's output is the model's
+    by_name = prune_env.prune(model, X, {"a": 0.5}, graph=graph)
+    assert by_name.a.out_channels == 4 and by_name.b.out_channels == 4
+    by_seq = prune_env.prune(model, X, [0.5, 0.5], graph=graph)
+    assert (by_seq.a.out_channels, by_seq.b.out_channels, by_seq.dw.groups) == (4, 2, 6)
+    with pytest.raises(InvalidRatiosError, match="expected 2 ratios"):
+        graph.macs([0.1, 0.2, 0.3])
+    with pytest.raises(InvalidRatiosError, match="finite"):
+        graph.macs([float("nan"), 0.1])
+    with pytest.raises(InvalidRatiosError, match=r"\[0, 1\]"):
+        graph.macs(1.5)
+    with pytest.raises(InvalidRatiosError, match="unknown group name"):
+        graph.macs({"nope": 0.1})
+
+
+def test_ratio_one_keeps_one_channel_per_group() -> None:
+    model = torchvision.models.mobilenet_v2().eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = prune_env.build_graph(model, x)
+    assert list(graph.keep_counts(1.0)) == [1] * len(graph.groups)
+    tiny = prune_env.prune(model, x, 1.0, graph=graph)
+    with torch.no_grad():
+        assert tiny(x).shape == (1, 1000)
+    assert prune_env.count_macs(tiny, x) == graph.macs(1.0)
+
+
+def test_round_to_gives_multiples() -> None:
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = prune_env.build_graph(model, x)
+    keep = graph.keep_counts(0.37, round_to=8)
+    assert all(k % 8 == 0 for k in keep)
+    pruned = prune_env.prune(model, x, 0.37, graph=graph, round_to=8)
+    assert pruned.conv1.out_channels == keep[0]
+    assert prune_env.count_macs(pruned, x) == graph.macs(0.37, round_to=8)
+
+
+def test_concat_offsets_depthwise_and_flatten_blocks() -> None:
+    graph = prune_env.build_graph(ConcatNet(), X)
+    a, b = graph.groups
+    fc_a = next(m for m in a.members if m.layer == "fc")
+    fc_b = next(m for m in b.members if m.layer == "fc")
+    assert (fc_a.offset, fc_a.multiplicity, len(fc_a.positions)) == (0, 4, 32)  # 8 channels × 2×2 features
+    assert (fc_b.offset, fc_b.multiplicity) == (32, 4)
+    dw_b = [m for m in b.members if m.layer == "dw"]
+    assert {m.kind for m in dw_b} == {"in", "out"} and all(m.offset == 8 for m in dw_b)
+    assert "offset 8" in b.details() and "fc (Linear)" in b.details()
+
+
+def test_shared_module_prunes_consistently() -> None:
+    model = SharedConvNet().eval()
+    graph = prune_env.build_graph(model, X)
+    assert len(graph.groups) == 1  # stem out = shared in = shared out
+    pruned = prune_env.prune(model, X, 0.5, graph=graph)
+    assert pruned.shared.in_channels == pruned.shared.out_channels == 3
+    assert prune_env.count_macs(pruned, X) == graph.macs(0.5)
+
+
+def test_untraceable_module_names_the_module_and_the_fix() -> None:
+    model = WithDataDependentBlock().eval()
+    with pytest.raises(UntraceableModelError, match=r"(?s)'block' \(DataDependent\).*leaf_modules=\[DataDependent\]"):
+        prune_env.build_graph(model, X)
+    with pytest.warns(UserWarning, match="DataDependent module 'block'"):
+        graph = prune_env.build_graph(model, X, leaf_modules=[DataDependent])
+    assert [g.name for g in graph.groups] == ["mid"]  # the leaf's channels (stem → block) stay whole
+    pruned = prune_env.prune(model, X, 0.5, graph=graph)
+    assert pruned.stem.out_channels == 4 and pruned.mid.out_channels == 4
+    assert prune_env.count_macs(pruned, X) == graph.macs(0.5)
+
+
+def test_unsupported_op_freezes_channels_with_one_warning() -> None:
+    model = UnsupportedOpNet().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = prune_env.build_graph(model, X)
+    messages = [str(w.message) for w in caught if "prune_env" in str(w.message)]
+    assert len(messages) == 1 and "cumsum" in messages[0]
+    assert [g.name for g in graph.groups] == ["c2"]
+    pruned = prune_env.prune(model, X, 0.5, graph=graph)
+    assert pruned.c1.out_channels == 8
+    with torch.no_grad():
+        assert pruned(X).shape == model(X).shape
+
+
+def test_literal_channel_slice_is_never_pruned() -> None:
+    model = LiteralSliceNet().eval()
+    with pytest.warns(UserWarning, match="literal bounds"):
+        graph = prune_env.build_graph(model, X)
+    assert "c1" not in [g.name for g in graph.groups]
+    pruned = prune_env.prune(model, X, 0.5, graph=graph)
+    with torch.no_grad():
+        assert pruned(X).shape == (1, 2, 8, 8)
+
+
+def test_importance_choices() -> None:
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = prune_env.build_graph(model, x)
+    group = graph.group("layer1.0.conv1")  # conv1 → bn1 → conv2 (in)
+    # bn_scale keeps the channels with the largest |γ|.
+    model.layer1[0].bn1.weight.data = torch.arange(64, dtype=torch.float32)
+    pruned = prune_env.prune(model, x, {group.name: 0.25}, importance="bn_scale", graph=graph)
+    assert torch.equal(pruned.layer1[0].bn1.weight, torch.arange(16, 64, dtype=torch.float32))
+    # A callable is used exactly: keep the even channels.
+    calls = []
+
+    def even_first(g: prune_env.ChannelGroup, m: nn.Module) -> np.ndarray:
+        calls.append(g.name)
+        return (np.arange(g.channels) % 2 == 0).astype(float)
+
+    pruned = prune_env.prune(model, x, {group.name: 0.5}, importance=even_first, graph=graph)
+    assert calls == [group.name]
+    assert torch.equal(pruned.layer1[0].bn1.weight, torch.arange(0, 64, 2, dtype=torch.float32))
+    # Random importance is reproducible from a seed and differs between seeds.
+    r1 = prune_env.prune(model, x, 0.5, importance="random", seed=3, graph=graph)
+    r2 = prune_env.prune(model, x, 0.5, importance="random", seed=3, graph=graph)
+    r3 = prune_env.prune(model, x, 0.5, importance="random", seed=4, graph=graph)
+    assert torch.equal(r1.conv1.weight, r2.conv1.weight)
+    assert not torch.equal(r1.conv1.weight, r3.conv1.weight)
+    with pytest.raises(ValueError, match="expected 64 finite values"):
+        prune_env.prune(model, x, {group.name: 0.5}, importance=lambda g, m: np.zeros(3), graph=graph)
+    with pytest.raises(UnknownNameError, match="unknown importance 'taylor'"):
+        prune_env.prune(model, x, 0.5, importance="taylor", graph=graph)
+
+
+def test_count_macs_matches_a_hand_formula() -> None:
+    """nanoGPT's habit: check the counter against first principles on a model small enough to do by hand."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # 8×8 output, 8 filters of 3×3×3
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),  # depthwise, 4×4 output
+        nn.Flatten(),
+        nn.Linear(8 * 16, 10),
+    )
+    x = torch.randn(2, 3, 8, 8)
+    expected = 2 * (64 * 8 * 27 + 16 * 8 * 9 + 128 * 10)
+    assert prune_env.count_macs(model, x) == expected
+    assert prune_env.count_params(model) == (8 * 27 + 8) + (8 * 9 + 8) + (128 * 10 + 10)
+    graph = prune_env.build_graph(model, x)
+    assert graph.base_macs == expected and graph.base_params == prune_env.count_params(model)
+
+
+def test_count_macs_leaves_the_model_as_it_was() -> None:
+    model = torchvision.models.resnet18().train()
+    before = model.layer1[0].bn1.running_mean.clone()
+    prune_env.count_macs(model, torch.randn(2, 3, 32, 32))
+    assert model.training and torch.equal(before, model.layer1[0].bn1.running_mean)
+
+
+def test_graph_reports() -> None:
+    graph = prune_env.build_graph(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+    table = graph.table().splitlines()
+    assert len(table) == len(graph.groups) + 1 and "conv1" in table[1]
+    assert repr(graph).startswith("DependencyGraph(ResNet: 12 prunable groups")
+    assert math.isclose(graph.macs(0.5) / graph.base_macs, 0.25, rel_tol=0.1)  # MACs are ~quadratic in width
+
+
+def test_not_a_module_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        prune_env.build_graph(lambda x: x, X)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ union corresponding positions, so every part keeps the same channels; a literal 
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import warnings
@@ -275,7 +276,6 @@ class _ParamUse:
 
 @dataclass
 class _State:
-    model: nn.Module
     next_id: int = 1
     # Allocations (start, length, space): a space is one producer's channels (conv/linear outputs); derived
     # elements (grouped-conv outputs, raw parameters) have space -1 and join groups only through unions.
@@ -370,6 +370,21 @@ def _poison_like(value: Any) -> _Ids:
     return None
 
 
+def _to_meta(value: Any) -> Any:
+    """A data-less stand-in with the same shape and dtype (cheap: nothing is copied)."""
+    if isinstance(value, torch.Tensor) and value.device.type != "meta":
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_to_meta(v) for v in value)
+    return value
+
+
+def _zeros_like_meta(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        return torch.zeros(value.shape, dtype=value.dtype, device=device)
+    return value
+
+
 def _is_dynamic(arg: Any) -> bool:
     """A size argument that adapts to a pruned tensor: computed in the graph, or -1."""
     return isinstance(arg, torch.fx.Node) or arg == -1
@@ -378,11 +393,39 @@ def _is_dynamic(arg: Any) -> bool:
 class _Propagator(torch.fx.Interpreter):
     """Runs the traced graph for real values and, alongside, propagates channel ids."""
 
-    def __init__(self, gm: torch.fx.GraphModule, state: _State) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, state: _State, meta: bool) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.state = state
+        self.meta = meta
         self.ids: dict[torch.fx.Node, _Ids] = {}
         self.flops = FlopCounterMode(display=False)
+
+    # -- execution on meta tensors: shapes without data or arithmetic ----------------------------------
+    def placeholder(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().placeholder(target, args, kwargs)
+        return _to_meta(value) if self.meta else value
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return _to_meta(value) if self.meta else value
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if not self.meta:
+            return super().call_module(target, args, kwargs)
+        m = self.fetch_attr(target)
+        x = args[0] if args else None
+        if isinstance(m, _CONV):
+            return m._conv_forward(x, _to_meta(m.weight), _to_meta(m.bias))
+        if isinstance(m, nn.Linear):
+            return F.linear(x, _to_meta(m.weight), _to_meta(m.bias))
+        if isinstance(m, (*_NORM_CHANNEL, nn.GroupNorm, nn.LayerNorm, nn.PReLU)):
+            return torch.empty_like(x)  # normalisation and PReLU keep the shape
+        if next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None:
+            return m(*args, **kwargs)  # stateless: runs on meta tensors as it is
+        # An unknown layer with weights: run it for real on zeros (only its output shape is used).
+        device = next(iter(m.parameters()), next(iter(m.buffers()), None)).device
+        real = torch.utils._pytree.tree_map(lambda t: _zeros_like_meta(t, device), (args, kwargs))
+        return _to_meta(m(*real[0], **real[1]))
 
     # The interpreter frees values it no longer needs; free ids alongside them.
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -823,16 +866,19 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return connected_components(adj, directed=False)[1]
 
 
-def units_to_keep(channels: int, ratio: float, round_to: int = 1) -> int:
-    """How many of a group's ``channels`` units survive pruning ``ratio`` of them (at least one).
+def units_to_keep(channels: Any, ratios: Any, round_to: int = 1) -> np.ndarray:
+    """How many of each group's ``channels`` units survive pruning ``ratios`` of them (at least one).
 
-    The kept count is rounded to the nearest multiple of ``round_to`` (hardware-friendly widths), never
-    below one unit, never above the original.
+    Vectorised (rows of ratios allowed). The kept count is rounded to the nearest multiple of
+    ``round_to`` (hardware-friendly widths), never below one unit, never above the original. This is the one
+    rule every caller uses — :func:`prune_env.prune`, ``graph.macs`` and the budget projection — so
+    predicted and built models agree.
     """
-    kept = channels * (1.0 - ratio)
+    channels = np.asarray(channels, dtype=np.int64)
+    kept = channels * (1.0 - np.asarray(ratios, dtype=np.float64))
     if round_to > 1:
-        kept = round(kept / round_to) * round_to
-    return int(min(channels, max(1, round(kept))))
+        kept = np.round(kept / round_to) * round_to
+    return np.clip(np.round(kept), 1, channels).astype(np.int64)
 
 
 class DependencyGraph:
@@ -898,11 +944,7 @@ class DependencyGraph:
 
     def keep_counts(self, ratios: Any, round_to: int = 1) -> np.ndarray:
         """Units kept per group for ``ratios``; the same rule :func:`prune_env.prune` applies."""
-        vec = self.ratio_vector(ratios)
-        return np.array(
-            [units_to_keep(g.channels, r, round_to) for g, r in zip(self.groups, vec, strict=True)],
-            dtype=np.int64,
-        )
+        return units_to_keep([g.channels for g in self.groups], self.ratio_vector(ratios), round_to)
 
     # -- costs ----------------------------------------------------------------------------------------
     def macs(self, ratios: Any = 0.0, round_to: int = 1) -> int:
@@ -946,12 +988,12 @@ def build_graph(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    state = _State(model=model)
+    state = _State()
     was_training = {m: m.training for m in model.modules()}
     try:
         model.eval()
         gm = trace(model, leaf_modules)
-        _run(gm, state, inputs)
+        state = _run(gm, state, inputs)
         reached = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         unreached = [
             name
@@ -968,7 +1010,7 @@ def build_graph(
             gm_train = trace(model, leaf_modules)
             state.record_costs = False
             try:
-                _run(gm_train, state, inputs)
+                state = _run(gm_train, state, inputs)
             except Exception as exc:
                 # The channels feeding training-only layers are unknown: the pruned model is then only
                 # guaranteed in eval mode. Say so rather than fail: eval-mode pruning is still exact.
@@ -989,10 +1031,22 @@ def _under(name: str, reached: set[str]) -> bool:
     return any(".".join(parts[:k]) in reached for k in range(1, len(parts) + 1))
 
 
-def _run(gm: torch.fx.GraphModule, state: _State, inputs: tuple[torch.Tensor, ...]) -> None:
-    prop = _Propagator(gm, state)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        prop.run(*inputs)
+def _run(gm: torch.fx.GraphModule, state: _State, inputs: tuple[torch.Tensor, ...]) -> _State:
+    """Propagate ids through ``gm``: on meta tensors (shapes only, fast), or for real if that fails.
+
+    Returns the updated state; ``state`` itself is left as it was if the pass fails.
+    """
+    work = copy.deepcopy(state)
+    try:
+        with torch.no_grad():
+            _Propagator(gm, work, meta=True).run(*inputs)
+        return work
+    except Exception:
+        # Some op has no meta kernel or needs data (``.item()``): redo this pass with real tensors.
+        work = copy.deepcopy(state)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            _Propagator(gm, work, meta=False).run(*inputs)
+        return work
 
 
 def _resolve(model: nn.Module, st: _State) -> DependencyGraph:

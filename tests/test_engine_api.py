@@ -270,3 +270,25 @@ def test_graph_reports() -> None:
 def test_not_a_module_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="torch.nn.Module"):
         prune_env.build_graph(lambda x: x, X)  # type: ignore[arg-type]
+
+
+class NeedsData(nn.Module):
+    """``.item()`` needs real values: the meta-tensor pass must fall back to real execution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c1(x))
+        return self.c2(y) * x.abs().max().item()
+
+
+def test_ops_that_need_data_fall_back_to_real_execution() -> None:
+    model = NeedsData().eval()
+    graph = prune_env.build_graph(model, X)
+    assert [g.name for g in graph.groups] == ["c1"]
+    pruned = prune_env.prune(model, X, 0.5, graph=graph)
+    assert pruned.c1.out_channels == 4
+    assert prune_env.count_macs(pruned, X) == graph.macs(0.5)

@@ -64,12 +64,15 @@ def main() -> None:
             model(x)  # warm up kernels once so neither library pays first-call costs
         graph = prune_env.build_graph(model, x)
         ours = median_seconds(lambda m=model, x=x: prune_env.build_graph(m, x), args.repeats)
-        pruning = median_seconds(lambda m=model, x=x, g=graph: prune_env.prune(m, x, 0.5, graph=g), args.repeats)
+        pruning = median_seconds(
+            lambda m=model, x=x, g=graph: prune_env.prune(m, x, 0.5, graph=g), args.repeats
+        )
         line = f"{name:<22} {len(graph.groups):>6} {ours:>8.3f} {pruning:>8.3f}"
         if tp is not None:
             try:
                 theirs = median_seconds(
-                    lambda m=model, x=x: tp.DependencyGraph().build_dependency(m, example_inputs=x), args.repeats
+                    lambda m=model, x=x: tp.DependencyGraph().build_dependency(m, example_inputs=x),
+                    args.repeats,
                 )
                 ratios.append(ours / theirs)
                 line += f" {theirs:>10.3f} {ours / theirs:>6.2f}"
@@ -78,7 +81,9 @@ def main() -> None:
         print(line, flush=True)
     if ratios:
         geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-        print(f"\ngeometric mean ratio prune_env / Torch-Pruning build time: {geo:.2f}x over {len(ratios)} models")
+        print(
+            f"\ngeometric mean ratio prune_env / Torch-Pruning build time: {geo:.2f}x over {len(ratios)} models"
+        )
 
 
 if __name__ == "__main__":

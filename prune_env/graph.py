@@ -379,10 +379,8 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
-def _zeros_like_meta(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor) and value.device.type == "meta":
-        return torch.zeros(value.shape, dtype=value.dtype, device=device)
-    return value
+class _NeedsRealValues(Exception):
+    """Raised during the meta-tensor pass when a node needs real data."""
 
 
 def _is_dynamic(arg: Any) -> bool:
@@ -420,12 +418,11 @@ class _Propagator(torch.fx.Interpreter):
             return F.linear(x, _to_meta(m.weight), _to_meta(m.bias))
         if isinstance(m, (*_NORM_CHANNEL, nn.GroupNorm, nn.LayerNorm, nn.PReLU)):
             return torch.empty_like(x)  # normalisation and PReLU keep the shape
-        if next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None:
-            return m(*args, **kwargs)  # stateless: runs on meta tensors as it is
-        # An unknown layer with weights: run it for real on zeros (only its output shape is used).
-        device = next(iter(m.parameters()), next(iter(m.buffers()), None)).device
-        real = torch.utils._pytree.tree_map(lambda t: _zeros_like_meta(t, device), (args, kwargs))
-        return _to_meta(m(*real[0], **real[1]))
+        if isinstance(m, (*_ELEMENTWISE_MODULES, *_SPATIAL_MODULES, nn.Flatten, nn.Unflatten, nn.ChannelShuffle)):
+            return m(*args, **kwargs)  # stateless library layers run on meta tensors as they are
+        # A black-box leaf may branch on its input's values (and its MACs with it): only real data is
+        # faithful, so the whole pass is redone with real tensors.
+        raise _NeedsRealValues(target)
 
     # The interpreter frees values it no longer needs; free ids alongside them.
     def run_node(self, n: torch.fx.Node) -> Any:

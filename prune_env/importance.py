@@ -37,22 +37,54 @@ def member_tensor(model: nn.Module, member: Member) -> tuple[torch.Tensor, int] 
 
 
 def _per_position(weight: torch.Tensor, axis: int, power: int) -> np.ndarray:
-    w = weight.transpose(0, axis).reshape(weight.shape[axis], -1).float()
-    return (w.abs() if power == 1 else w.pow(2)).sum(dim=1).cpu().numpy().astype(np.float64)
+    other = [d for d in range(weight.ndim) if d != axis]
+    w = weight.float()
+    magnitude = w.abs() if power == 1 else w * w
+    return (magnitude.sum(dim=other) if other else magnitude).cpu().numpy().astype(np.float64)
 
 
-def _norm_scores(group: ChannelGroup, model: nn.Module, power: int, norms_only: bool) -> np.ndarray:
+def _norm_scores(
+    group: ChannelGroup,
+    model: nn.Module,
+    power: int,
+    norms_only: bool,
+    cache: dict[tuple[str, str, int], np.ndarray] | None = None,
+) -> np.ndarray:
     scores = np.zeros(group.channels, dtype=np.float64)
     for member in group.members:
         if norms_only and member.layer_type not in _NORM_TYPES:
             continue
-        found = member_tensor(model, member)
-        if found is None:
-            continue
-        per_pos = _per_position(*found, power)
+        key = (member.layer, member.kind, power)
+        per_pos = cache.get(key) if cache is not None else None
+        if per_pos is None:
+            found = member_tensor(model, member)
+            if found is None:
+                continue
+            per_pos = _per_position(*found, power)
+            if cache is not None:
+                cache[key] = per_pos
         pos = np.asarray(member.positions).reshape(group.channels, member.multiplicity)
         scores += per_pos[pos].sum(axis=1)
     return scores
+
+
+class MagnitudeImportance:
+    """Sum of |w| (``power=1``) or w² (``power=2``) over every coupled slice of a unit: conv filters and
+    input columns, linear rows and columns, normalisation scales. ``norms_only`` scores by BN/LN/GN scales
+    alone (Network Slimming); groups without a normalisation layer then fall back to all weights.
+
+    Per-layer scores are cached for the lifetime of the object, so a layer shared by many groups (a
+    DenseNet concat consumer) is scored once: create a fresh object for a changed model.
+    """
+
+    def __init__(self, power: int = 1, norms_only: bool = False) -> None:
+        self.power = power
+        self.norms_only = norms_only
+        self._cache: dict[tuple[str, str, int], np.ndarray] = {}
+
+    def __call__(self, group: ChannelGroup, model: nn.Module) -> np.ndarray:
+        norms_only = self.norms_only and any(m.layer_type in _NORM_TYPES for m in group.members)
+        return _norm_scores(group, model, self.power, norms_only, self._cache)
 
 
 def l1_importance(group: ChannelGroup, model: nn.Module) -> np.ndarray:
@@ -67,9 +99,7 @@ def l2_importance(group: ChannelGroup, model: nn.Module) -> np.ndarray:
 
 def bn_scale_importance(group: ChannelGroup, model: nn.Module) -> np.ndarray:
     """|γ| of the normalisation layers in the group (Network Slimming); groups without one fall back to L1."""
-    if not any(m.layer_type in _NORM_TYPES for m in group.members):
-        return l1_importance(group, model)
-    return _norm_scores(group, model, power=1, norms_only=True)
+    return MagnitudeImportance(power=1, norms_only=True)(group, model)
 
 
 class RandomImportance:
@@ -83,9 +113,9 @@ class RandomImportance:
 
 
 IMPORTANCE: dict[str, Callable[[], Importance]] = {
-    "l1": lambda: l1_importance,
-    "l2": lambda: l2_importance,
-    "bn_scale": lambda: bn_scale_importance,
+    "l1": lambda: MagnitudeImportance(power=1),
+    "l2": lambda: MagnitudeImportance(power=2),
+    "bn_scale": lambda: MagnitudeImportance(power=1, norms_only=True),
     "random": RandomImportance,
 }
 

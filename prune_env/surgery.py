@@ -68,19 +68,50 @@ def prune_channels(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> 
     ``keep``: per group (by index, by name, or as a sequence in ``graph.groups`` order) the unit indices to
     keep; groups not mentioned are kept whole.
     """
-    per_group = _normalise_keep(graph, keep)
-    new = copy.deepcopy(model)
-    masks = _slot_masks(graph, per_group)
+    masks = _slot_masks(graph, _normalise_keep(graph, keep))
     by_layer: dict[str, dict[str, tuple[int, np.ndarray]]] = {}
     for s, mask in masks.items():
         slot = graph._slots[s]
         by_layer.setdefault(slot.layer, {})[slot.kind] = (slot.dim, mask)
+    plan = _Plan()
     for layer, kinds in by_layer.items():
         if "param" in kinds:
-            _slice_raw_parameter(new, layer, *kinds["param"])
+            _plan_raw_parameter(plan, model, layer, *kinds["param"])
         else:
-            _slice_module(new.get_submodule(layer), layer, kinds)
+            _plan_module(plan, model.get_submodule(layer), layer, kinds)
+    # Sliced tensors enter the copy through deepcopy's memo, so every weight is copied exactly once.
+    new = copy.deepcopy(model, plan.memo())
+    for module_name, attr, value in plan.attributes:
+        setattr(new.get_submodule(module_name), attr, value)
     return new
+
+
+class _Plan:
+    """Slices computed from the original model (read only) and size attributes to set on the copy."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(original) -> (original, new)
+        self.attributes: list[tuple[str, str, Any]] = []
+
+    def slice(self, module: nn.Module, attr: str, dim: int, mask: np.ndarray) -> None:
+        t = getattr(module, attr, None)
+        if not isinstance(t, torch.Tensor):
+            return
+        current = self.tensors[id(t)][1] if id(t) in self.tensors else t.detach()
+        idx = torch.as_tensor(np.nonzero(mask)[0], device=t.device)
+        self.tensors[id(t)] = (t, current.index_select(dim, idx))
+
+    def set(self, module_name: str, attr: str, value: Any) -> None:
+        self.attributes.append((module_name, attr, value))
+
+    def memo(self) -> dict[int, Any]:
+        memo: dict[int, Any] = {}
+        for key, (original, new) in self.tensors.items():
+            if isinstance(original, nn.Parameter):
+                memo[key] = nn.Parameter(new, requires_grad=original.requires_grad)
+            else:
+                memo[key] = new
+        return memo
 
 
 def _normalise_keep(graph: DependencyGraph, keep: KeepSpec) -> list[np.ndarray]:
@@ -139,88 +170,69 @@ def _slot_masks(graph: DependencyGraph, keep: list[np.ndarray]) -> dict[int, np.
     return masks
 
 
-def _index(t: torch.Tensor, dim: int, mask: np.ndarray) -> torch.Tensor:
-    idx = torch.as_tensor(np.nonzero(mask)[0], device=t.device)
-    return t.detach().index_select(dim, idx).clone()
-
-
-def _set(module: nn.Module, name: str, dim: int, mask: np.ndarray) -> None:
-    t = getattr(module, name, None)
-    if t is None:
-        return
-    if isinstance(t, nn.Parameter):
-        setattr(module, name, nn.Parameter(_index(t, dim, mask), requires_grad=t.requires_grad))
-    else:
-        setattr(module, name, _index(t, dim, mask))
-
-
-def _slice_raw_parameter(model: nn.Module, qualname: str, dim: int, mask: np.ndarray) -> None:
+def _plan_raw_parameter(plan: _Plan, model: nn.Module, qualname: str, dim: int, mask: np.ndarray) -> None:
     owner_name, _, attr = qualname.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    _set(owner, attr, dim, mask)
+    plan.slice(owner, attr, dim, mask)
     # A norm layer traced through to its functional form (ConvNeXt's LayerNorm2d calls F.layer_norm with
     # self.normalized_shape): its size attributes must follow its parameters.
     kept = int(mask.sum())
     if isinstance(owner, nn.LayerNorm) and attr in ("weight", "bias"):
-        owner.normalized_shape = (kept,)
+        plan.set(owner_name, "normalized_shape", (kept,))
     elif isinstance(owner, nn.modules.batchnorm._NormBase):
-        owner.num_features = kept
+        plan.set(owner_name, "num_features", kept)
 
 
-def _slice_module(m: nn.Module, name: str, kinds: dict[str, tuple[int, np.ndarray]]) -> None:
+def _plan_module(plan: _Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int, np.ndarray]]) -> None:
     out = kinds.get("out", (0, None))[1]
     inp = kinds.get("in", (1, None))[1]
     ch = kinds.get("channel", (0, None))[1]
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if out is not None:
+            plan.slice(m, "weight", 0, out)
+            plan.slice(m, "bias", 0, out)
         if m.groups > 1:
             # Whole groups go: keep the per-group width, shrink the group count.
-            per_group_out = m.out_channels // m.groups
             kept_out = int(out.sum()) if out is not None else m.out_channels
-            new_groups = kept_out // per_group_out
-            if inp is not None and int(inp.sum()) != new_groups * (m.in_channels // m.groups):
+            new_groups = kept_out // (m.out_channels // m.groups)
+            in_per_group = m.in_channels // m.groups
+            if inp is not None and int(inp.sum()) != new_groups * in_per_group:
                 raise UnsupportedLayerError(f"grouped conv {name!r}: inconsistent group removal")
-            if out is not None:
-                _set(m, "weight", 0, out)
-                _set(m, "bias", 0, out)
-            m.in_channels = new_groups * (m.in_channels // m.groups)
-            m.out_channels = kept_out
-            m.groups = new_groups
+            plan.set(name, "in_channels", new_groups * in_per_group)
+            plan.set(name, "out_channels", kept_out)
+            plan.set(name, "groups", new_groups)
             return
         if out is not None:
-            _set(m, "weight", 0, out)
-            _set(m, "bias", 0, out)
-            m.out_channels = int(out.sum())
+            plan.set(name, "out_channels", int(out.sum()))
         if inp is not None:
-            _set(m, "weight", 1, inp)
-            m.in_channels = int(inp.sum())
+            plan.slice(m, "weight", 1, inp)
+            plan.set(name, "in_channels", int(inp.sum()))
         return
     if isinstance(m, nn.Linear):
         if out is not None:
-            _set(m, "weight", 0, out)
-            _set(m, "bias", 0, out)
-            m.out_features = int(out.sum())
+            plan.slice(m, "weight", 0, out)
+            plan.slice(m, "bias", 0, out)
+            plan.set(name, "out_features", int(out.sum()))
         if inp is not None:
-            _set(m, "weight", 1, inp)
-            m.in_features = int(inp.sum())
+            plan.slice(m, "weight", 1, inp)
+            plan.set(name, "in_features", int(inp.sum()))
         return
     if ch is None:
-        raise UnsupportedLayerError(
-            f"no surgery for {type(m).__name__} {name!r} with members {sorted(kinds)}"
-        )
+        raise UnsupportedLayerError(f"no surgery for {type(m).__name__} {name!r} with members {sorted(kinds)}")
     kept = int(ch.sum())
     if isinstance(m, nn.GroupNorm):
-        m.num_groups = m.num_groups * kept // m.num_channels
-        m.num_channels = kept
+        plan.set(name, "num_groups", m.num_groups * kept // m.num_channels)
+        plan.set(name, "num_channels", kept)
     elif isinstance(m, nn.LayerNorm):
-        m.normalized_shape = (kept,)
+        plan.set(name, "normalized_shape", (kept,))
     elif isinstance(m, nn.PReLU):
-        m.num_parameters = kept
+        plan.set(name, "num_parameters", kept)
     elif hasattr(m, "num_features"):
-        m.num_features = kept
+        plan.set(name, "num_features", kept)
     else:
         raise UnsupportedLayerError(f"no surgery for {type(m).__name__} {name!r}")
     for attr in ("weight", "bias", "running_mean", "running_var"):
-        _set(m, attr, 0, ch)
+        plan.slice(m, attr, 0, ch)
 
 
 def zero_units(model: nn.Module, graph: DependencyGraph, units: KeepSpec) -> None:

@@ -1,0 +1,127 @@
+"""MetaPruning's evolutionary search over per-group channel counts.
+
+MetaPruning (Liu et al., 2019, "MetaPruning: Meta Learning for Automatic Neural Network Channel
+Pruning") searches *pruned network encoding vectors* — the number of channels kept in each layer — with
+an evolutionary algorithm: a random initial population, top-k selection, mutation and crossover, and
+rejection of candidates that violate the FLOPs constraint; every candidate is scored by the PruningNet's
+weights (here: our proxy). Genomes already evaluated are not scored again.
+
+Here a genome is the kept-units vector of the groups. Every candidate is projected onto the cost target
+(so none exceeds it) and rejected if projection left it far *below* the target (cost < ``min_fill`` ×
+target: wasted budget, which MetaPruning's band constraint also rules out). A cache maps genomes to their
+reward: a cache hit costs no budget, and duplicates are never proposed for evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from agents.base import BudgetedEvaluator, register_agent
+from prune_env.problem import PruningProblem
+
+
+@dataclass(frozen=True)
+class EvolutionSettings:
+    """Hyper-parameters of :func:`evolution` (MetaPruning used population 50, top-k 10, 20 iterations)."""
+
+    population: int = 16  # capped at about a third of the budget, so several generations happen
+    top_k: int = 6
+    mutation_prob: float = 0.1  # per-gene probability
+    mutation_share: float = 0.5  # fraction of children made by mutation (the rest by crossover)
+    min_fill: float = 0.9  # reject candidates whose cost is below this fraction of the target
+    max_tries: int = 200  # attempts to draw a new, valid child before accepting any new one
+
+
+def _project(problem: PruningProblem, keep: np.ndarray) -> np.ndarray:
+    return problem.keep_for(problem.ratios_for(np.clip(keep, problem.projector.min_keep, problem.channels)))
+
+
+def _valid(problem: PruningProblem, keep: np.ndarray, min_fill: float) -> bool:
+    return problem.projector.cost_ratio(keep) >= min_fill * problem.target
+
+
+def _random_genome(problem: PruningProblem, rng: np.random.Generator) -> np.ndarray:
+    return problem.keep_for(rng.uniform(0.0, problem.max_ratio, problem.n_groups))
+
+
+def _mutate(
+    parents: list[np.ndarray], low: np.ndarray, high: np.ndarray, prob: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A random parent with each gene redrawn uniformly in [min_keep, channels] with probability ``prob``."""
+    child = parents[rng.integers(len(parents))].copy()
+    genes = rng.random(len(child)) < prob
+    if not genes.any():
+        genes[rng.integers(len(child))] = True  # always change something
+    child[genes] = rng.integers(low[genes], high[genes] + 1)
+    return child
+
+
+def _crossover(parents: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Uniform crossover of two distinct parents."""
+    i, j = rng.choice(len(parents), size=2, replace=False)
+    return np.where(rng.random(len(parents[i])) < 0.5, parents[i], parents[j])
+
+
+@register_agent("evolution")
+def evolution(
+    evaluator: BudgetedEvaluator,
+    rng: np.random.Generator,
+    *,
+    population: int = EvolutionSettings.population,
+    top_k: int = EvolutionSettings.top_k,
+    mutation_prob: float = EvolutionSettings.mutation_prob,
+    mutation_share: float = EvolutionSettings.mutation_share,
+    min_fill: float = EvolutionSettings.min_fill,
+    max_tries: int = EvolutionSettings.max_tries,
+) -> None:
+    """MetaPruning's evolution: population of kept-channel vectors, top-k, mutation, crossover, cache.
+
+    See :class:`EvolutionSettings` for the settings.
+    """
+    s = EvolutionSettings(population, top_k, mutation_prob, mutation_share, min_fill, max_tries)
+    problem = evaluator.problem
+    low, high = problem.projector.min_keep, problem.channels
+    cache: dict[tuple[int, ...], float] = {}
+    pop_size = max(2, min(s.population, evaluator.budget_evals // 3 or 1))
+
+    def propose(make: Callable[[], np.ndarray]) -> np.ndarray:
+        """A new, valid genome from ``make()``; after ``max_tries`` any new one (then any one)."""
+        fallback = None
+        for _ in range(s.max_tries):
+            child = _project(problem, make())
+            key = tuple(child.tolist())
+            if key in cache:
+                continue
+            if _valid(problem, child, s.min_fill):
+                return child
+            fallback = child if fallback is None else fallback
+        return fallback if fallback is not None else _random_genome(problem, rng)
+
+    def score(keep: np.ndarray) -> None:
+        key = tuple(keep.tolist())
+        if key not in cache:  # a cache hit costs no budget
+            cache[key] = evaluator.evaluate_keep(keep)[1]
+
+    # The uniform policy seeds the population: evolution then starts no worse than the baseline.
+    score(problem.uniform_keep())
+    for _ in range(pop_size * 4):
+        if len(cache) >= pop_size:
+            break
+        score(propose(lambda: _random_genome(problem, rng)))
+
+    while True:
+        before = len(cache)
+        ranked = sorted(cache.items(), key=lambda kv: -kv[1])[: max(2, s.top_k)]
+        parents = [np.array(k, dtype=np.int64) for k, _ in ranked]
+        n_mut = max(1, round(pop_size * s.mutation_share))
+
+        mutate = partial(_mutate, parents, low, high, s.mutation_prob, rng)
+        crossover = partial(_crossover, parents, rng)
+        for c in range(pop_size):
+            score(propose(mutate if c < n_mut else crossover))
+        if len(cache) == before:  # the reachable space is exhausted: stop rather than loop forever
+            return

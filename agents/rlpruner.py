@@ -1,0 +1,215 @@
+"""RL-Pruner's search: a learned pruning distribution, improved toward its best noisy samples.
+
+RL-Pruner (Wang et al., 2024, "RL-Pruner: Structured Pruning Using Reinforcement Learning for CNN
+Compression and Acceleration") keeps a *pruning distribution* — how much of each layer to remove — and
+improves it like a policy: each step it samples noisy variants of the distribution, prunes and scores
+them, and moves the distribution toward the best-rewarded sample with a learning rate (a greedy policy
+update, close to a cross-entropy method). The pruning itself is iterative: several rounds each prune a
+step toward the target and fine-tune the pruned model with knowledge distillation from its predecessor,
+which then becomes the base of the next round.
+
+Here the distribution is the vector of per-group ratios (its mean) and an exploration σ that decays; every
+sample is projected onto the round's cost target, so each evaluation is a valid policy. With ``rounds > 1``
+each round gets an equal share of the evaluation budget (shared through the one evaluator), its own
+:class:`~prune_env.problem.PruningProblem` on the distilled model, and a geometric intermediate target.
+Evaluations of later rounds are recorded in the original problem's terms (kept channels per group, MACs
+of the original model) so every history stays comparable; their accuracy, however, is that of the
+iteratively distilled model, which the one-shot proxy of other agents does not include.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.base import BudgetedEvaluator, BudgetExhausted, register_agent
+from prune_env.data import iterate_batches
+from prune_env.graph import units_to_keep
+from prune_env.problem import PruningProblem
+from prune_env.proxy import ProxyEvaluator
+from prune_env.rewards import Outcome
+from prune_env.train import kd_loss
+
+
+@dataclass(frozen=True)
+class RLPrunerSettings:
+    """Hyper-parameters of :func:`rlpruner` (defaults sized for budgets of tens of evaluations)."""
+
+    samples: int = 4  # noisy samples per policy update
+    sigma: float = 0.15  # initial exploration noise on ratios (absolute ratio units)
+    sigma_decay: float = 0.9  # σ ← σ·decay after each update
+    lr: float = 0.5  # step of the mean toward the best sample
+    rounds: int = 1  # iterative pruning rounds (KD fine-tune between rounds)
+    kd_steps: int = 50  # SGD steps of distillation between rounds
+    kd_lr: float = 0.01
+    kd_batch_size: int = 64
+
+
+def _distill(
+    student: nn.Module, teacher: nn.Module, problem: PruningProblem, s: RLPrunerSettings, seed: int
+) -> None:
+    """A few SGD steps of KD from ``teacher`` on the training split (never validation or test)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(student.parameters(), lr=s.kd_lr, momentum=0.9)
+    student.train()
+    teacher.eval()
+    step = 0
+    while step < s.kd_steps:
+        for x, y in iterate_batches(problem.splits.train, s.kd_batch_size, shuffle=True, generator=generator):
+            x, y = x.to(problem.device), y.to(problem.device)
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            loss = kd_loss(student(x), teacher_logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step >= s.kd_steps:
+                break
+    student.eval()
+
+
+def _round_problem(original: PruningProblem, model: nn.Module, target: float) -> PruningProblem:
+    """A problem on the distilled, pruned ``model`` with the original proxy settings."""
+    proxy = original.proxy
+    kwargs = {}
+    if isinstance(proxy, ProxyEvaluator):
+        kwargs = {
+            "eval_samples": proxy.eval_samples,
+            "bn_recalib_batches": proxy.bn_recalib_batches,
+            "finetune_steps": proxy.finetune_steps,
+        }
+    return PruningProblem(
+        model,
+        original.splits,
+        target_macs=target if original.metric == "macs" else None,
+        target_params=target if original.metric == "params" else None,
+        max_ratio=original.max_ratio,
+        round_to=original.round_to,
+        seed=original.seed,
+        device=original.device,
+        progress=False,
+        **kwargs,
+    )
+
+
+@register_agent("rlpruner")
+def rlpruner(
+    evaluator: BudgetedEvaluator,
+    rng: np.random.Generator,
+    *,
+    samples: int = RLPrunerSettings.samples,
+    sigma: float = RLPrunerSettings.sigma,
+    sigma_decay: float = RLPrunerSettings.sigma_decay,
+    lr: float = RLPrunerSettings.lr,
+    rounds: int = RLPrunerSettings.rounds,
+    kd_steps: int = RLPrunerSettings.kd_steps,
+    kd_lr: float = RLPrunerSettings.kd_lr,
+    kd_batch_size: int = RLPrunerSettings.kd_batch_size,
+) -> None:
+    """RL-Pruner: sample noisy pruning distributions, move the distribution toward the best one.
+
+    See :class:`RLPrunerSettings` for the settings. ``rounds > 1`` prunes iteratively with KD in between.
+    """
+    s = RLPrunerSettings(samples, sigma, sigma_decay, lr, rounds, kd_steps, kd_lr, kd_batch_size)
+    if s.rounds < 1 or s.samples < 1:
+        raise ValueError("rounds and samples must be >= 1")
+    original = evaluator.problem
+    # Each round removes the same fraction of the remaining cost: target_r = target^(r / rounds).
+    targets = [original.target ** ((r + 1) / s.rounds) for r in range(s.rounds)]
+    problem, reached = original, 1.0  # the round's problem; cost of its base model relative to the original
+    prev_keep = original.channels.copy()  # the round's base channels, in original units
+    for r in range(s.rounds):
+        last = r == s.rounds - 1
+        evals = evaluator.remaining if last else max(1, evaluator.remaining // (s.rounds - r))
+        local_target = min(1.0, targets[r] / reached)
+        best_keep = _search_round(evaluator, problem, original, prev_keep, local_target, evals, rng, s)
+        if last:
+            return
+        # Prune to the round's best, distil from the round's base, and continue from there.
+        teacher = problem.base_model
+        student = problem.build(best_keep)
+        _distill(student, teacher, problem, s, seed=int(rng.integers(2**31)))
+        prev_keep = best_keep.copy()
+        reached = _cost(original, best_keep)
+        # The next target, relative to the distilled model; never below what max_ratio can reach.
+        floor = (
+            _cost(original, units_to_keep(prev_keep, np.full(len(prev_keep), original.max_ratio))) / reached
+        )
+        next_local = min(1.0, max(targets[r + 1] / reached, floor * (1 + 1e-6)))
+        problem = _round_problem(original, student, next_local)
+        if problem.n_groups != original.n_groups:
+            raise RuntimeError("the pruned model's groups do not match the original's; use rounds=1")
+
+
+def _cost(problem: PruningProblem, keep: np.ndarray) -> float:
+    """The constrained cost of ``keep`` (original units) as a fraction of the original model's."""
+    return problem.projector.cost_ratio(np.asarray(keep, dtype=np.int64))
+
+
+def _search_round(
+    evaluator: BudgetedEvaluator,
+    problem: PruningProblem,
+    original: PruningProblem,
+    prev_keep: np.ndarray,
+    target: float,
+    evals: int,
+    rng: np.random.Generator,
+    s: RLPrunerSettings,
+) -> np.ndarray:
+    """One round of distribution search on ``problem``; returns the best kept counts (original units)."""
+    n = problem.n_groups
+    # Start from the uniform policy of this round: the baseline every sample must beat.
+    mean = problem.ratios_for(problem.uniform_keep(target))
+    sigma = s.sigma
+    best: tuple[float, np.ndarray] | None = None
+    spent = 0
+    while spent < evals:
+        batch: list[tuple[float, np.ndarray]] = []
+        for i in range(min(s.samples, evals - spent)):
+            # The first draw of the first batch is the mean itself, so the distribution is always scored.
+            noise = np.zeros(n) if (spent == 0 and i == 0) else rng.normal(0.0, sigma, n)
+            ratios = np.clip(mean + noise, 0.0, problem.max_ratio)
+            keep = problem.keep_for(ratios, target)
+            reward = _score(evaluator, problem, original, keep)
+            spent += 1
+            batch.append((reward, problem.ratios_for(keep)))
+            if best is None or reward > best[0]:
+                best = (reward, keep)
+        _, top_ratios = max(batch, key=lambda b: b[0])
+        mean = mean + s.lr * (top_ratios - mean)  # policy update toward the best sample
+        sigma *= s.sigma_decay
+    assert best is not None
+    return best[1]
+
+
+def _score(
+    evaluator: BudgetedEvaluator, problem: PruningProblem, original: PruningProblem, keep: np.ndarray
+) -> float:
+    """Evaluate ``keep`` on ``problem`` and count it with the evaluator in the original problem's terms."""
+    if problem is original:
+        return evaluator.evaluate_keep(keep)[1]
+    if evaluator.remaining <= 0:  # check before spending a proxy evaluation
+        raise BudgetExhausted(f"evaluation budget of {evaluator.budget_evals} spent")
+    local = problem.evaluate_keep(keep)
+    costs = original.graph.costs
+    outcome = Outcome(
+        accuracy=local.accuracy,
+        loss=local.loss,
+        base_accuracy=original.base_accuracy,
+        base_loss=original.base_loss,
+        macs=costs.macs(keep),
+        params=costs.params(keep),
+        base_macs=original.graph.base_macs,
+        base_params=original.graph.base_params,
+        target=original.target,
+        metric=original.metric,
+        ratios=original.ratios_for(keep),
+        keep=tuple(int(k) for k in keep),
+        eval_seconds=local.eval_seconds,
+        memo_hit=local.memo_hit,
+    )
+    return evaluator.record(outcome)

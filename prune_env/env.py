@@ -1,0 +1,284 @@
+"""Gymnasium environments for structured pruning (RL glue only: pruning logic lives elsewhere)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from prune_env.data import Splits
+from prune_env.importance import Importance
+from prune_env.observation import DYNAMIC_FEATURES, STATIC_FEATURES, sensitivity, static_features
+from prune_env.problem import ModelArg, PruningProblem
+from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES, DEFAULT_EVAL_SAMPLES
+from prune_env.rewards import Outcome, RewardFn, StepInfo, evaluate_reward, get_reward
+from prune_env.spaces import action_to_ratio
+
+
+class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
+    """Shared construction, budget sampling, rewards and rendering of the two environments."""
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
+
+    def __init__(
+        self,
+        model: ModelArg = "resnet20",
+        dataset: str | Splits = "digits",
+        *,
+        target_macs: float | None = None,
+        target_params: float | None = None,
+        reward: str | RewardFn = "acc",
+        eval_samples: int | None = DEFAULT_EVAL_SAMPLES,
+        bn_recalib_batches: int = DEFAULT_BN_RECALIB_BATCHES,
+        finetune_steps: int = 0,
+        importance: str | Importance = "l1",
+        max_ratio: float = 0.8,
+        round_to: int = 1,
+        budget_range: tuple[float, float] | None = None,
+        device: str | None = None,
+        seed: int = 0,
+        use_sensitivity: bool = False,
+        success_tolerance: float = 0.02,
+        train_kwargs: Mapping[str, Any] | None = None,
+        progress: bool = False,
+        problem: PruningProblem | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.render_mode = render_mode
+        self.reward_fn: RewardFn = get_reward(reward)
+        self.problem = problem or PruningProblem(
+            model,
+            dataset,
+            target_macs=target_macs,
+            target_params=target_params,
+            importance=importance,
+            max_ratio=max_ratio,
+            round_to=round_to,
+            eval_samples=eval_samples,
+            bn_recalib_batches=bn_recalib_batches,
+            finetune_steps=finetune_steps,
+            seed=seed,
+            device=device,
+            train_kwargs=train_kwargs,
+            progress=progress,
+        )
+        p = self.problem
+        if budget_range is not None:
+            lo, hi = (float(v) for v in budget_range)
+            if not lo <= hi:
+                raise ValueError(f"budget_range must be (low, high) with low <= high, got {budget_range}")
+            p.projector.check_target(lo)
+            p.projector.check_target(hi)
+        self.budget_range = budget_range
+        self.success_tolerance = success_tolerance
+        sens = sensitivity(p) if use_sensitivity else None
+        self._static = static_features(p, sens)
+        self.target = p.target
+        self.last_outcome: Outcome | None = None
+
+    # -- shared helpers -------------------------------------------------------------------------------
+    def _sample_target(self, options: dict[str, Any] | None) -> float:
+        if options and "target" in options:
+            target = float(options["target"])
+            self.problem.projector.check_target(target)
+            return target
+        if self.budget_range is None:
+            return self.problem.target
+        lo, hi = self.budget_range
+        return float(self.np_random.uniform(lo, hi))
+
+    def _finish(self, keep: np.ndarray) -> tuple[float, dict[str, Any]]:
+        outcome = self.problem.evaluate_keep(keep, self.target)
+        self.last_outcome = outcome
+        reward = evaluate_reward(self.reward_fn, outcome)
+        info = outcome.as_info()
+        info["is_success"] = bool(
+            outcome.cost_ratio <= self.target * (1 + 1e-9)
+            and outcome.accuracy >= outcome.base_accuracy - self.success_tolerance
+        )
+        return reward, info
+
+    def render(self) -> str | np.ndarray | None:
+        if self.render_mode == "rgb_array":
+            return self._render_bars()
+        if self.render_mode != "ansi":
+            return None
+        p = self.problem
+        keep = self._current_keep()
+        rows = [f"{'group':<36} {'units':>6} {'kept':>6} {'ratio':>6}"]
+        for g, k in zip(p.graph.groups, keep, strict=True):
+            rows.append(f"{g.name[:36]:<36} {g.channels:>6} {int(k):>6} {1 - k / g.channels:>6.2f}")
+        cost = p.projector.cost_ratio(keep)
+        rows.append(f"{p.metric} {cost:.3f} of base (target {self.target:.3f})")
+        if self.last_outcome is not None:
+            rows.append(f"proxy accuracy {self.last_outcome.accuracy:.4f} (base {p.base_accuracy:.4f})")
+        return "\n".join(rows) + "\n"
+
+    def _render_bars(self, height: int = 64, bar: int = 6) -> np.ndarray:
+        """One column per group: kept fraction in green over the pruned fraction in grey."""
+        kept = self._current_keep() / self.problem.channels
+        image = np.full((height, bar * len(kept), 3), 40, dtype=np.uint8)
+        for i, fraction in enumerate(kept):
+            top = height - round(float(fraction) * height)
+            image[:top, i * bar : (i + 1) * bar - 1] = (120, 120, 120)
+            image[top:, i * bar : (i + 1) * bar - 1] = (60, 180, 75)
+        return image
+
+    def _current_keep(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+class LayerPruneEnv(_PruneEnv):
+    """## Description
+
+    AMC-style layer-by-layer pruning: one step per prunable channel group, in topological order. The agent
+    chooses the fraction of the current group's channels to remove; the budget is enforced by an action
+    wall, so the final model never exceeds the target and a policy that prunes too little is pushed to
+    meet it. The pruned model is scored by the proxy at the end of the episode.
+
+    ## Action space
+
+    ``Box(-1, 1, (1,), float32)``: mapped affinely to a ratio in ``[0, max_ratio]``; values outside
+    ``[-1, 1]`` are clipped; NaN/inf or a wrong shape raise ``ValueError``.
+
+    ## Observation space
+
+    ``Box(0, 1, (18,), float32)``: the current group's static features (see
+    :data:`prune_env.observation.STATIC_FEATURES`: position, layer type, widths, kernel, stride, MACs and
+    params shares, weight and BN-scale statistics, optional sensitivity) followed by
+    :data:`prune_env.observation.DYNAMIC_FEATURES` (MACs removed so far, MACs still reducible, previous
+    ratio, budget target).
+
+    ## Rewards
+
+    ``reward(outcome)`` at the last step (default ``"acc"``: the proxy accuracy), 0 before — unless the
+    reward defines ``shape(step: StepInfo) -> float``, which is then paid at every intermediate step.
+
+    ## Episode end
+
+    Terminates after the last group. ``info`` then holds ``accuracy``, ``loss``, ``macs_ratio``,
+    ``params_ratio``, ``ratios``, ``target``, ``is_success`` and more (see ``Outcome.as_info``).
+
+    ## Arguments
+
+    See :class:`prune_env.problem.PruningProblem` for the model, data, budget and proxy arguments;
+    ``reward`` (preset name or callable), ``budget_range`` (sample a target per episode, shown in the
+    observation), ``use_sensitivity`` (precompute per-group sensitivity), ``problem`` (share one
+    pre-built problem), ``render_mode="ansi"``.
+    """
+
+    def __init__(self, model: ModelArg = "resnet20", dataset: str | Splits = "digits", **kwargs: Any) -> None:
+        super().__init__(model, dataset, **kwargs)
+        dim = len(STATIC_FEATURES) + len(DYNAMIC_FEATURES)
+        self.observation_space = spaces.Box(0.0, 1.0, (dim,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self._keep = self.problem.channels.copy()
+        self._t = 0
+        self._prev_ratio = 0.0
+
+    def _current_keep(self) -> np.ndarray:
+        return self._keep
+
+    def _observation(self) -> np.ndarray:
+        p = self.problem
+        t = min(self._t, p.n_groups - 1)
+        costs, base = p.graph.costs, p.graph.base_macs
+        rest_full = self._keep.copy()
+        rest_full[t:] = p.channels[t:]
+        rest_min = rest_full.copy()
+        rest_min[t:] = p.projector.min_keep[t:]
+        dynamic = np.array(
+            [
+                1.0 - costs.macs(rest_full) / base,
+                (costs.macs(rest_full) - costs.macs(rest_min)) / base,
+                self._prev_ratio / p.max_ratio,
+                self.target,
+            ]
+        )
+        obs = np.concatenate([self._static[t], np.clip(dynamic, 0.0, 1.0)])
+        return obs.astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.target = self._sample_target(options)
+        self._keep = self.problem.channels.copy()
+        self._t = 0
+        self._prev_ratio = 0.0
+        self.last_outcome = None
+        return self._observation(), {"target": self.target, "group": 0}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        p = self.problem
+        if self._t >= p.n_groups:
+            raise RuntimeError("episode is over: call reset() before step()")
+        ratio = float(action_to_ratio(action, p.max_ratio, (1,))[0])
+        self._keep[self._t] = p.projector.wall(self._keep, self._t, ratio, self.target)
+        applied = 1.0 - self._keep[self._t] / p.channels[self._t]
+        self._prev_ratio = applied
+        self._t += 1
+        if self._t < p.n_groups:
+            reward = 0.0
+            shape: Callable[[StepInfo], float] | None = getattr(self.reward_fn, "shape", None)
+            if shape is not None:
+                so_far = self._keep.copy()
+                reward = float(shape(StepInfo(self._t - 1, applied, p.projector.cost_ratio(so_far), self.target)))
+            return self._observation(), reward, False, False, {"group": self._t, "applied_ratio": applied}
+        reward, info = self._finish(self._keep)
+        info["applied_ratio"] = applied
+        return self._observation(), reward, True, False, info
+
+
+class OneShotPruneEnv(_PruneEnv):
+    """## Description
+
+    RL-Pruner-style one-shot pruning: a single step whose action is the whole *pruning distribution*, one
+    ratio per prunable channel group. The distribution is projected onto the budget (each ratio moves
+    toward ``max_ratio`` in proportion to its room until the target is met), the model is pruned and
+    scored by the proxy, and the episode ends.
+
+    ## Action space
+
+    ``Box(-1, 1, (groups,), float32)``, mapped affinely to ratios in ``[0, max_ratio]``.
+
+    ## Observation space
+
+    ``Box(0, 1, (groups × 14 + 1,), float32)``: every group's static features (flattened, see
+    :data:`prune_env.observation.STATIC_FEATURES`) followed by the budget target.
+
+    ## Rewards, episode end, arguments
+
+    As :class:`LayerPruneEnv`, with the reward paid at the single step.
+    """
+
+    def __init__(self, model: ModelArg = "resnet20", dataset: str | Splits = "digits", **kwargs: Any) -> None:
+        super().__init__(model, dataset, **kwargs)
+        n = self.problem.n_groups
+        self.observation_space = spaces.Box(0.0, 1.0, (n * len(STATIC_FEATURES) + 1,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (n,), np.float32)
+        self._flat = self._static.reshape(-1)
+        self._keep = self.problem.channels.copy()
+
+    def _current_keep(self) -> np.ndarray:
+        return self._keep
+
+    def _observation(self) -> np.ndarray:
+        return np.append(self._flat, np.float32(self.target)).astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.target = self._sample_target(options)
+        self._keep = self.problem.channels.copy()
+        self.last_outcome = None
+        return self._observation(), {"target": self.target}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        p = self.problem
+        ratios = action_to_ratio(action, p.max_ratio, (p.n_groups,))
+        self._keep = p.keep_for(ratios, self.target)
+        reward, info = self._finish(self._keep)
+        return self._observation(), reward, True, False, info

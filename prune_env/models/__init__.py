@@ -1,0 +1,96 @@
+"""Model zoo: CIFAR-style ResNets, VGG-BN, MobileNetV2, a tiny test CNN, and any torchvision model.
+
+``get_model`` accepts a registered name, ``"tv:NAME"`` for torchvision, an ``nn.Module`` (returned
+as is) or a zero-argument factory, so a user's own network works wherever a name does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from torch import nn
+
+from prune_env.errors import UnknownNameError
+from prune_env.models.cifar_resnet import CifarResNet, resnet
+from prune_env.models.mobilenetv2 import MobileNetV2, mobilenetv2
+from prune_env.models.tiny import TinyCNN
+from prune_env.models.torchvision_adapter import torchvision_model, torchvision_names
+from prune_env.models.vgg import VGG, vgg
+
+# name -> factory(num_classes, in_channels)
+ModelFactory = Callable[[int, int], nn.Module]
+ModelSpec = str | nn.Module | Callable[[], nn.Module]
+
+TORCHVISION_PREFIX = "tv:"
+
+_REGISTRY: dict[str, ModelFactory] = {
+    **{f"resnet{d}": partial(resnet, d) for d in (20, 32, 44, 56, 110)},
+    **{name: partial(vgg, name) for name in ("vgg11", "vgg16", "vgg19")},
+    "mobilenetv2": mobilenetv2,
+    "tiny": TinyCNN,
+}
+
+
+def register_model(name: str, factory: ModelFactory) -> None:
+    """Make ``get_model(name, num_classes, in_channels)`` call ``factory(num_classes, in_channels)``."""
+    if name.startswith(TORCHVISION_PREFIX):
+        raise ValueError(f"names starting with {TORCHVISION_PREFIX!r} are reserved for torchvision models")
+    _REGISTRY[name] = factory
+
+
+def available_models() -> list[str]:
+    """Registered names; any torchvision classifier is also available as ``"tv:NAME"``."""
+    return sorted(_REGISTRY)
+
+
+def get_model(model: ModelSpec, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """A freshly initialised model for ``num_classes`` classes and ``in_channels`` input channels.
+
+    An ``nn.Module`` is returned unchanged (not copied) and a zero-argument callable is called: the
+    user then owns the architecture and its input/output sizes.
+    """
+    if isinstance(model, nn.Module):
+        return model
+    if callable(model):
+        built = model()
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"model factory {model!r} returned {type(built).__name__}, not an nn.Module")
+        return built
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a name, an nn.Module or a factory, got {type(model).__name__}")
+    if model.startswith(TORCHVISION_PREFIX):
+        return torchvision_model(model[len(TORCHVISION_PREFIX) :], num_classes, in_channels)
+    try:
+        factory = _REGISTRY[model]
+    except KeyError:
+        raise UnknownNameError(
+            f"unknown model {model!r}; known models: {', '.join(available_models())}, "
+            f"or 'tv:NAME' for a torchvision model (e.g. 'tv:resnet18'), or pass your own nn.Module"
+        ) from None
+    return factory(num_classes, in_channels)
+
+
+def model_name(model: ModelSpec) -> str:
+    """A short human-readable tag (used in cache file names and reports)."""
+    if isinstance(model, str):
+        return model.replace(":", "-").replace("/", "-")
+    if isinstance(model, nn.Module):
+        return type(model).__name__
+    return getattr(model, "__name__", type(model).__name__)
+
+
+__all__ = [
+    "VGG",
+    "CifarResNet",
+    "MobileNetV2",
+    "ModelFactory",
+    "ModelSpec",
+    "TinyCNN",
+    "available_models",
+    "get_model",
+    "model_name",
+    "register_model",
+    "torchvision_model",
+    "torchvision_names",
+]

@@ -1,0 +1,59 @@
+"""Any torchvision classification model as ``"tv:NAME"``, randomly initialised, adapted to the data.
+
+``num_classes`` goes to the constructor (which resizes the classifier); when the data do not have three
+channels, the first convolution that reads the image is replaced by one with the same kernel, stride,
+padding, dilation, groups and bias but ``in_channels`` inputs. Pretrained weights are never fetched:
+this library runs offline, and a user who has weights can load them into the returned module.
+"""
+
+from __future__ import annotations
+
+import torchvision
+from torch import nn
+
+from prune_env.errors import UnknownNameError
+
+
+def torchvision_names() -> list[str]:
+    """Names of torchvision's image-classification constructors (``torchvision.models.list_models``)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _replace_stem(model: nn.Module, in_channels: int) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            new = nn.Conv2d(
+                in_channels,
+                module.out_channels,
+                module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=1 if module.groups == 1 else in_channels,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+            )
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, new)
+            return
+    raise ValueError(
+        f"{type(model).__name__}: no 3-channel input convolution found to adapt to {in_channels} channels"
+    )
+
+
+def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    names = torchvision_names()
+    if name not in names:
+        raise UnknownNameError(
+            f"unknown torchvision model {name!r}; use 'tv:NAME' with NAME one of: {', '.join(names)}"
+        )
+    kwargs: dict[str, object] = {"weights": None, "num_classes": num_classes}
+    if name.startswith(("googlenet", "inception")):
+        # Their auxiliary heads make forward() return a tuple in training mode; one output keeps every
+        # model in the library a plain image -> logits function. init_weights silences a warning.
+        kwargs.update(aux_logits=False, init_weights=True)
+    model = torchvision.models.get_model(name, **kwargs)
+    if in_channels != 3:
+        _replace_stem(model, in_channels)
+    return model

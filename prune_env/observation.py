@@ -1,0 +1,89 @@
+"""Observation features: per-group statistics of the network, normalised to [0, 1].
+
+Static features are computed once per problem (AMC's layer embedding plus weight statistics and an optional
+sensitivity); the dynamic ones of the layer-wise environment are cost-model arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from prune_env.importance import l1_importance
+from prune_env.problem import PruningProblem
+
+STATIC_FEATURES = (
+    "position", "is_linear", "grouped_conv", "in_channels", "units", "kernel_area", "stride",
+    "macs_share", "params_share", "l1_mean", "l1_spread", "bn_gamma_mean", "bn_gamma_spread", "sensitivity",
+)  # fmt: skip
+DYNAMIC_FEATURES = ("macs_removed", "macs_reducible_left", "previous_ratio", "target")
+
+
+def _spread(values: np.ndarray) -> float:
+    """Coefficient of variation squashed to [0, 1)."""
+    mean = float(np.mean(np.abs(values))) if values.size else 0.0
+    if mean == 0.0:
+        return 0.0
+    cv = float(np.std(values)) / mean
+    return cv / (1.0 + cv)
+
+
+def _normalise_columns(x: np.ndarray) -> np.ndarray:
+    peak = np.abs(x).max(axis=0)
+    return x / np.where(peak > 0, peak, 1.0)
+
+
+def static_features(problem: PruningProblem, sensitivity: np.ndarray | None = None) -> np.ndarray:
+    """A (groups × len(STATIC_FEATURES)) float32 matrix with entries in [0, 1]."""
+    graph, model = problem.graph, problem.base_model
+    n = problem.n_groups
+    raw = np.zeros((n, len(STATIC_FEATURES)), dtype=np.float64)
+    full = problem.channels
+    for i, group in enumerate(graph.groups):
+        producer = model.get_submodule(group.producers[0].layer)
+        raw[i, 0] = i / max(n - 1, 1)
+        raw[i, 1] = float(isinstance(producer, nn.Linear))
+        raw[i, 2] = float(
+            any(getattr(model.get_submodule(m.layer), "groups", 1) > 1 for m in group.members if m.kind != "param")
+        )
+        raw[i, 3] = getattr(producer, "in_channels", getattr(producer, "in_features", 0))
+        raw[i, 4] = group.channels
+        kernel = getattr(producer, "kernel_size", (1,))
+        raw[i, 5] = float(np.prod(kernel))
+        stride = getattr(producer, "stride", (1,))
+        raw[i, 6] = float(max(stride) > 1)
+        lone = full.copy()
+        lone[i] = 1
+        raw[i, 7] = 1.0 - graph.costs.macs(lone) / graph.base_macs
+        raw[i, 8] = 1.0 - graph.costs.params(lone) / graph.base_params
+        l1 = l1_importance(group, model) / max(sum(m.multiplicity for m in group.members), 1)
+        raw[i, 9] = float(np.mean(l1))
+        raw[i, 10] = _spread(l1)
+        gammas = [
+            np.abs(model.get_submodule(m.layer).weight.detach().cpu().numpy()[list(m.positions)])
+            for m in group.members
+            if m.kind == "channel" and getattr(model.get_submodule(m.layer), "weight", None) is not None
+        ]
+        if gammas:
+            g = np.concatenate(gammas)
+            raw[i, 11] = float(g.mean())
+            raw[i, 12] = _spread(g)
+        if sensitivity is not None:
+            raw[i, 13] = sensitivity[i]
+    for col in (3, 4, 5, 9, 11):
+        raw[:, col] = _normalise_columns(raw[:, col : col + 1])[:, 0]
+    return np.clip(raw, 0.0, 1.0).astype(np.float32)
+
+
+def sensitivity(problem: PruningProblem, ratio: float = 0.5) -> np.ndarray:
+    """Proxy accuracy drop (relative to the base) when one group alone loses ``ratio`` of its channels.
+
+    Costs one proxy evaluation per group; no budget projection (the point is the group's own effect).
+    """
+    drops = np.zeros(problem.n_groups)
+    for i in range(problem.n_groups):
+        keep = problem.channels.copy()
+        keep[i] = max(1, round(keep[i] * (1 - ratio)))
+        acc = problem.evaluate_keep(keep).accuracy
+        drops[i] = max(0.0, problem.base_accuracy - acc) / max(problem.base_accuracy, 1e-8)
+    return np.clip(drops, 0.0, 1.0)

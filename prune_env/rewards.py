@@ -1,0 +1,166 @@
+"""Rewards: any callable ``Outcome -> float``; presets by name.
+
+An :class:`Outcome` describes one evaluated pruning policy. A reward may also opt into per-step shaping in
+the layer-wise environment by defining ``shape(step: StepInfo) -> float``; the presets do not (AMC gives
+the whole reward at the end of the episode).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from prune_env.errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one pruning policy achieved, as measured by the proxy (validation data only)."""
+
+    accuracy: float
+    loss: float
+    base_accuracy: float
+    base_loss: float
+    macs: int
+    params: int
+    base_macs: int
+    base_params: int
+    target: float  # fraction of the base cost allowed
+    metric: str  # "macs" or "params": what ``target`` constrains
+    ratios: np.ndarray = field(repr=False)  # fraction of each group's channels removed
+    keep: tuple[int, ...] = field(repr=False, default=())
+    eval_seconds: float = 0.0
+    memo_hit: bool = False
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs / self.base_macs
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params / self.base_params
+
+    @property
+    def cost_ratio(self) -> float:
+        """The constrained cost as a fraction of the base model's."""
+        return self.macs_ratio if self.metric == "macs" else self.params_ratio
+
+    @property
+    def error(self) -> float:
+        return 1.0 - self.accuracy
+
+    def as_info(self) -> dict[str, Any]:
+        """Flat, mostly scalar keys for ``info`` (SB3's Monitor can log them).
+
+        Deterministic by design: no timings or cache state, so equal seeds and actions give equal infos.
+        """
+        return {
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "base_accuracy": self.base_accuracy,
+            "macs_ratio": self.macs_ratio,
+            "params_ratio": self.params_ratio,
+            "macs": self.macs,
+            "params": self.params,
+            "target": self.target,
+            "ratios": np.asarray(self.ratios, dtype=np.float64),
+        }
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the layer-wise environment knows after deciding one group (for reward shaping)."""
+
+    group: int
+    ratio: float
+    cost_ratio_so_far: float
+    target: float
+
+
+@runtime_checkable
+class Reward(Protocol):
+    def __call__(self, outcome: Outcome) -> float: ...
+
+
+RewardFn = Callable[[Outcome], float]
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """AMC's accuracy-guided reward: the proxy accuracy (the budget is enforced by the action wall)."""
+
+    def __call__(self, outcome: Outcome) -> float:
+        return float(outcome.accuracy)
+
+
+@dataclass(frozen=True)
+class AccuracyLogMacs:
+    """AMC's ``-error · log(MACs)``: rewards lower error and, weakly, fewer MACs."""
+
+    def __call__(self, outcome: Outcome) -> float:
+        return float(-outcome.error * math.log(max(outcome.macs, 1)))
+
+
+@dataclass(frozen=True)
+class Mnas:
+    """MnasNet's soft constraint: ``accuracy · (cost / target)^w`` with ``w < 0``."""
+
+    w: float = -0.07
+
+    def __call__(self, outcome: Outcome) -> float:
+        return float(outcome.accuracy * (outcome.cost_ratio / outcome.target) ** self.w)
+
+
+@dataclass(frozen=True)
+class Hard:
+    """Accuracy, minus ``penalty`` per unit of relative overshoot when the cost exceeds the target."""
+
+    penalty: float = 10.0
+
+    def __call__(self, outcome: Outcome) -> float:
+        over = max(0.0, outcome.cost_ratio - outcome.target) / outcome.target
+        return float(outcome.accuracy - self.penalty * over)
+
+
+@dataclass(frozen=True)
+class Lagrangian:
+    """``accuracy - λ · (cost_ratio - target)``: pays for every bit of budget used, rewards savings."""
+
+    lam: float = 1.0
+
+    def __call__(self, outcome: Outcome) -> float:
+        return float(outcome.accuracy - self.lam * (outcome.cost_ratio - outcome.target))
+
+
+PRESETS: dict[str, Callable[[], RewardFn]] = {
+    "acc": Accuracy,
+    "acc_log_macs": AccuracyLogMacs,
+    "mnas": Mnas,
+    "hard": Hard,
+    "lagrangian": Lagrangian,
+}
+
+
+def get_reward(reward: str | RewardFn) -> RewardFn:
+    """A preset by name, or the callable itself."""
+    if callable(reward):
+        return reward
+    if isinstance(reward, str) and reward in PRESETS:
+        return PRESETS[reward]()
+    raise UnknownNameError(f"unknown reward {reward!r}; presets: {', '.join(PRESETS)} (or pass a callable)")
+
+
+def evaluate_reward(reward: RewardFn, outcome: Outcome) -> float:
+    """Call ``reward`` and insist on a finite number, naming the reward when it is not."""
+    value = reward(outcome)
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"reward {reward!r} returned {type(value).__name__}, expected a number") from exc
+    if not math.isfinite(value):
+        raise ValueError(f"reward {reward!r} returned {value} for {outcome}")
+    return value

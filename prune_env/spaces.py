@@ -1,0 +1,131 @@
+"""Action mapping and budget projection (AMC's "action wall", generalised to dependency groups).
+
+Everything here is arithmetic on the graph's cost model — no forward passes — so it is cheap enough for
+every environment step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from prune_env.costs import CostModel
+from prune_env.errors import InvalidRatiosError
+from prune_env.graph import units_to_keep as keep_counts
+
+
+def action_to_ratio(action: np.ndarray, max_ratio: float, expected_shape: tuple[int, ...]) -> np.ndarray:
+    """Map actions in [-1, 1] affinely to ratios in [0, max_ratio]; values outside are clipped.
+
+    NaN/inf or a wrong shape raise ``ValueError`` naming the problem (never a silent wrong answer).
+    """
+    a = np.asarray(action, dtype=np.float64)
+    if a.shape != expected_shape and a.size == int(np.prod(expected_shape)) and a.ndim <= 1:
+        a = a.reshape(expected_shape)  # a scalar for a (1,) space, or a flat list
+    if a.shape != expected_shape:
+        raise ValueError(f"action has shape {a.shape}, expected {expected_shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"action contains non-finite values (NaN or inf): {a[~np.isfinite(a)][:4]}")
+    return (np.clip(a, -1.0, 1.0) + 1.0) / 2.0 * max_ratio
+
+
+def ratio_to_action(ratio: np.ndarray, max_ratio: float) -> np.ndarray:
+    """Inverse of :func:`action_to_ratio` (for scripted policies and tests)."""
+    return (np.asarray(ratio, dtype=np.float64) / max_ratio * 2.0 - 1.0).astype(np.float32)
+
+
+def keep_to_ratios(channels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The ratios that :func:`prune_env.graph.units_to_keep` maps back to exactly ``keep``."""
+    return 1.0 - np.asarray(keep, dtype=np.float64) / channels
+
+
+class BudgetProjector:
+    """Projects pruning decisions so the pruned model never exceeds the cost target.
+
+    ``metric`` is "macs" or "params"; ``target`` a fraction of the unpruned cost. Ratios are capped at
+    ``max_ratio``; construction fails if even pruning every group to ``max_ratio`` cannot meet the target.
+    """
+
+    def __init__(
+        self,
+        costs: CostModel,
+        channels: Sequence[int],
+        *,
+        metric: str = "macs",
+        max_ratio: float = 0.8,
+        round_to: int = 1,
+    ) -> None:
+        if metric not in ("macs", "params"):
+            raise ValueError(f"metric must be 'macs' or 'params', got {metric!r}")
+        if not 0.0 < max_ratio <= 1.0:
+            raise ValueError(f"max_ratio must lie in (0, 1], got {max_ratio}")
+        self.costs = costs
+        self.channels = np.asarray(channels, dtype=np.int64)
+        self.metric = metric
+        self.max_ratio = max_ratio
+        self.round_to = round_to
+        self._batch = costs.macs_batch if metric == "macs" else costs.params_batch
+        self._exact = costs.macs if metric == "macs" else costs.params
+        self.base_cost = self._exact(self.channels)
+        self.min_keep = keep_counts(self.channels, np.full(len(self.channels), max_ratio), round_to)
+        self.min_cost_ratio = self._exact(self.min_keep) / self.base_cost
+
+    def check_target(self, target: float) -> None:
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"target must be a fraction of the base {self.metric} in (0, 1], got {target}")
+        if target < self.min_cost_ratio:
+            raise ValueError(
+                f"target {self.metric} {target:.3f} is impossible: pruning every group by max_ratio="
+                f"{self.max_ratio} still leaves {self.min_cost_ratio:.3f}; raise max_ratio or the target"
+            )
+
+    def cost_ratio(self, keep: np.ndarray) -> float:
+        return self._exact(np.asarray(keep, dtype=np.int64)) / self.base_cost
+
+    def _fits(self, keep: np.ndarray, target: float) -> bool:
+        return self._exact(keep) <= target * self.base_cost
+
+    def project(self, ratios: np.ndarray, target: float) -> np.ndarray:
+        """Keep counts for ``ratios`` pushed (if needed) until the cost meets ``target``.
+
+        Each ratio moves toward ``max_ratio`` in proportion to its remaining room, ``r + α(max - r)``, with
+        the smallest α that fits: the agent's relative preferences survive, its budget violation does not.
+        """
+        r = np.clip(np.asarray(ratios, dtype=np.float64), 0.0, self.max_ratio)
+        keep = keep_counts(self.channels, r, self.round_to)
+        if self._fits(keep, target):
+            return keep
+        lo, hi = 0.0, 1.0
+        for _ in range(3):  # coarse-to-fine: each round evaluates a grid of α in one vectorised call
+            alphas = np.linspace(lo, hi, 33)
+            grid = keep_counts(self.channels, r + alphas[:, None] * (self.max_ratio - r), self.round_to)
+            ok = self._batch(grid) <= target * self.base_cost * (1 + 1e-12)
+            first = int(np.argmax(ok)) if ok.any() else len(alphas) - 1
+            lo, hi = alphas[max(first - 1, 0)], alphas[first]
+        for alpha in (hi, 1.0):
+            keep = keep_counts(self.channels, r + alpha * (self.max_ratio - r), self.round_to)
+            if self._fits(keep, target):
+                return keep
+        raise InvalidRatiosError(f"target {target} cannot be met (minimum {self.min_cost_ratio:.4f})")
+
+    def wall(self, decided: np.ndarray, index: int, ratio: float, target: float) -> int:
+        """AMC's action wall for group ``index``: the largest keep count <= the requested one such that,
+        with earlier groups as ``decided`` and every later group pruned to ``max_ratio``, the target is met.
+        """
+        keep = np.array(decided, dtype=np.int64)
+        keep[index + 1 :] = self.min_keep[index + 1 :]
+        wanted = int(keep_counts(self.channels[index : index + 1], np.array([ratio]), self.round_to)[0])
+        lowest = int(self.min_keep[index])
+        candidates = np.arange(wanted, lowest - 1, -1) if wanted >= lowest else np.array([lowest])
+        if self.round_to > 1:
+            on_grid = (candidates % self.round_to == 0) | (candidates == lowest)
+            candidates = candidates[on_grid] if on_grid.any() else candidates
+        grid = np.repeat(keep[None, :], len(candidates), axis=0)
+        grid[:, index] = candidates
+        ok = self._batch(grid) <= target * self.base_cost * (1 + 1e-12)
+        for k in candidates[ok] if ok.any() else [lowest]:
+            keep[index] = k
+            if self._fits(keep, target):
+                return int(k)
+        return lowest  # earlier decisions already used the budget; the final check stays exact

@@ -1,0 +1,487 @@
+"""Training the unpruned base model (cached on disk) and the final knowledge-distillation fine-tune.
+
+``train_base`` caches its result under ``$PRUNE_ENV_CACHE`` (default ``~/.cache/prune_env``) in a file
+named by a hash of everything that determines the weights: the architecture, its initial weights, the
+dataset and its split seed, and every hyper-parameter. Files are written atomically and carry a checksum;
+a file that is truncated, corrupt, or for another key is ignored with a warning and the model retrained.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from prune_env.data import Splits, as_splits, iterate_batches, take
+from prune_env.device import resolve_device
+from prune_env.models import ModelSpec, get_model, model_name
+
+CACHE_ENV = "PRUNE_ENV_CACHE"
+CACHE_FORMAT = 1
+# Inference batch size. benchmarks/eval_speed.py on 2 CPU cores: 128 was fastest or within noise of the
+# fastest for resnet20/56, full and pruned, at 8x8 and 32x32; 512 was slower at 32x32 (cache pressure)
+# and 32 at 8x8 (per-call overhead).
+EVAL_BATCH_SIZE = 128
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of ``train_base``: SGD with Nesterov momentum, one warm-up epoch, cosine decay."""
+
+    epochs: int = 30
+    lr: float = 0.1
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    label_smoothing: float = 0.0
+
+
+# Measured on 2 CPU cores (see the issue-3 note): digits + resnet20 reaches >= 95% test accuracy in
+# about 40 s, Fashion-MNIST + resnet20 >= 91% in 10 epochs.
+RECIPES: dict[str, TrainConfig] = {
+    "digits": TrainConfig(epochs=20, lr=0.1, batch_size=64),
+    "fashion-mnist": TrainConfig(epochs=10, lr=0.1, batch_size=128),
+    "cifar10": TrainConfig(epochs=160, lr=0.1, batch_size=128),
+    "cifar100": TrainConfig(epochs=160, lr=0.1, batch_size=128),
+    "fake": TrainConfig(epochs=2, lr=0.05, batch_size=64),
+}
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """``override``, else ``$PRUNE_ENV_CACHE``, else ``~/.cache/prune_env``."""
+    if override is not None:
+        return Path(override).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "prune_env"
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = EVAL_BATCH_SIZE,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``dataset`` (eval mode, no gradients)."""
+    dev = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for x, y in iterate_batches(dataset, batch_size):
+        x, y = x.to(dev), y.to(dev)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    model.train(was_training)
+    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "samples": float(n)}
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor | None,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+) -> torch.Tensor:
+    """Hinton et al.'s distillation loss: ``alpha * T² * KL(teacher/T || student/T) + (1 - alpha) * CE``.
+
+    The T² factor keeps the soft term's gradient scale independent of the temperature. ``targets=None``
+    (or ``alpha=1``) is pure distillation.
+    """
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (temperature**2)
+    if targets is None or alpha >= 1.0:
+        return soft
+    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, targets)
+
+
+def _warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _fit(
+    model: nn.Module,
+    train: Dataset,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    momentum: float,
+    seed: int,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    label_smoothing: float = 0.0,
+    warmup_epochs: int = 1,
+    progress: bool = True,
+    desc: str = "train",
+) -> float:
+    """Train ``model`` in place; returns the mean loss of the last epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(train)  # type: ignore[arg-type]
+    # Drop a ragged last batch only when it would be tiny: a batch of 1-2 makes BatchNorm statistics noisy.
+    drop_last = n % batch_size < max(2, batch_size // 4) and n > batch_size
+    steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    decay, no_decay = [], []
+    for p in model.parameters():
+        # No weight decay on BatchNorm affine parameters and biases (standard practice; it helps accuracy).
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=momentum,
+        nesterov=momentum > 0,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(total, min(total // 2, warmup_epochs * steps_per_epoch))
+    )
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    last_epoch_loss = float("nan")
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step") as bar:
+        for epoch in range(epochs):
+            loss_sum, count = 0.0, 0
+            for x, y in iterate_batches(
+                train, batch_size, shuffle=True, generator=generator, drop_last=drop_last
+            ):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits = model(x)
+                if teacher is None:
+                    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                    loss = kd_loss(logits, teacher_logits, y, temperature, alpha)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += float(loss.detach()) * len(y)
+                count += len(y)
+                bar.update(1)
+            last_epoch_loss = loss_sum / max(count, 1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{last_epoch_loss:.3f}")
+    model.eval()
+    return last_epoch_loss
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in key order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _dataset_fingerprint(splits: Splits) -> dict[str, Any]:
+    """What identifies the data: name, split seed, sizes, and a hash of a few validation samples."""
+    n_val = len(splits.val)  # type: ignore[arg-type]
+    x, y = take(splits.val, range(min(8, n_val)))
+    h = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
+    return {
+        "name": splits.name,
+        "seed": splits.seed,
+        "sizes": [len(splits.train), n_val, len(splits.test)],  # type: ignore[arg-type]
+        "input_shape": list(splits.input_shape),
+        "num_classes": splits.num_classes,
+        "val_sample_hash": h,
+    }
+
+
+def _cache_key(model: nn.Module, arch: str, splits: Splits, seed: int, config: TrainConfig) -> str:
+    payload = {
+        "format": CACHE_FORMAT,
+        "arch": arch,
+        "structure": repr(model),  # catches a changed architecture behind an unchanged name
+        "init_state": state_digest(model.state_dict()),
+        "data": _dataset_fingerprint(splits),
+        "seed": seed,
+        "config": asdict(config),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it is complete, intact and for ``key``; otherwise None (with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CACHE_FORMAT or ckpt.get("key") != key:
+            raise ValueError("not a checkpoint for this configuration")
+        if state_digest(ckpt["state_dict"]) != ckpt["checksum"]:
+            raise ValueError("checksum mismatch")
+        ckpt["metrics"] = dict(ckpt["metrics"])
+        return ckpt
+    except Exception as exc:  # any failure to read means "not usable": retrain rather than crash
+        warnings.warn(
+            f"ignoring unusable cached checkpoint {path} ({type(exc).__name__}: {exc}); retraining",
+            stacklevel=3,
+        )
+        return None
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same directory, then rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache file is as readable as any other file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_path(
+    model: ModelSpec,
+    dataset: str | Splits,
+    seed: int = 0,
+    *,
+    cache: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> Path:
+    """Where ``train_base`` with the same arguments stores (or would store) its checkpoint."""
+    splits = as_splits(dataset, seed)
+    net, arch = _initial_model(model, splits, seed)
+    config = _config_for(splits, overrides)
+    return _path_for(cache, arch, splits, _cache_key(net, arch, splits, seed, config))
+
+
+def _path_for(cache: str | os.PathLike | None, arch: str, splits: Splits, key: str) -> Path:
+    # Readable tags for people browsing the cache; the key alone makes the name unique.
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model_name(arch)}-{splits.name.split(':')[0]}").strip("-")
+    return cache_dir(cache) / "base" / f"{tag[:60]}-{key[:20]}.pt"
+
+
+def _initial_model(model: ModelSpec, splits: Splits, seed: int) -> tuple[nn.Module, str]:
+    """A model to train (never the caller's object) and its architecture tag for the cache key."""
+    if isinstance(model, nn.Module):
+        return copy.deepcopy(model), f"module:{type(model).__module__}.{type(model).__qualname__}"
+    # Initialise under the seed without disturbing the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = get_model(model, splits.num_classes, splits.in_channels)
+    arch = model if isinstance(model, str) else f"factory:{getattr(model, '__qualname__', repr(model))}"
+    return net, arch
+
+
+def _config_for(splits: Splits, overrides: dict[str, Any]) -> TrainConfig:
+    base = RECIPES.get(splits.name, TrainConfig())
+    unknown = set(overrides) - set(asdict(base))
+    if unknown:
+        raise TypeError(f"unknown training options {sorted(unknown)}; valid: {sorted(asdict(base))}")
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# ------------------------------------------------------------------------------------------------ public
+
+
+def train_base(
+    model: ModelSpec,
+    dataset: str | Splits,
+    seed: int = 0,
+    *,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    weight_decay: float | None = None,
+    momentum: float | None = None,
+    label_smoothing: float | None = None,
+    cache: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, dict[str, float]]:
+    """Train (or load from the cache) the unpruned model; returns ``(model, metrics)``.
+
+    ``model`` is a name for :func:`prune_env.models.get_model` (initialised from ``seed``), a zero-arg
+    factory, or an ``nn.Module`` (copied, never modified: the returned model is a trained copy).
+    ``dataset`` is a :class:`Splits` or a name for :func:`prune_env.data.load` (split with ``seed``).
+    Unset hyper-parameters come from ``RECIPES[dataset name]``. ``metrics`` holds ``test_accuracy``,
+    ``val_accuracy``, ``val_loss``, ``train_loss``, ``train_seconds`` and ``cached`` (1.0 on a cache hit).
+    The returned model is on ``device`` in eval mode.
+    """
+    splits = as_splits(dataset, seed)
+    dev = resolve_device(device)
+    net, arch = _initial_model(model, splits, seed)
+    config = _config_for(
+        splits,
+        {
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "label_smoothing": label_smoothing,
+        },
+    )
+    key = _cache_key(net, arch, splits, seed, config)
+    path = _path_for(cache, arch, splits, key)
+    if use_cache:
+        ckpt = _load_checkpoint(path, key)
+        if ckpt is not None:
+            try:
+                net.load_state_dict(ckpt["state_dict"])
+            except Exception as exc:  # the file verified but does not fit: treat like a corrupt file
+                warnings.warn(
+                    f"cached checkpoint {path} does not fit the model ({exc}); retraining", stacklevel=2
+                )
+            else:
+                return net.to(dev).eval(), {**ckpt["metrics"], "cached": 1.0}
+
+    net.to(dev)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)  # dropout and any other in-model randomness
+        train_loss = _fit(
+            net,
+            splits.train,
+            epochs=config.epochs,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+            label_smoothing=config.label_smoothing,
+            seed=seed,
+            device=dev,
+            progress=progress,
+            desc=f"train {model_name(arch)} on {splits.name}",
+        )
+    seconds = time.perf_counter() - start
+    val = evaluate(net, splits.val, device=dev)
+    test = evaluate(net, splits.test, device=dev)
+    metrics = {
+        "train_loss": train_loss,
+        "val_accuracy": val["accuracy"],
+        "val_loss": val["loss"],
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "train_seconds": seconds,
+        "epochs": float(config.epochs),
+    }
+    if use_cache:
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        meta = {
+            "arch": arch,
+            "dataset": splits.name,
+            "seed": seed,
+            **asdict(config),
+            "torch": str(torch.__version__),
+        }
+        _atomic_save(
+            {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "state_dict": state,
+                "checksum": state_digest(state),
+                "metrics": metrics,
+                "meta": {k: v for k, v in meta.items() if isinstance(v, (str, int, float))},
+            },
+            path,
+        )
+    return net.eval(), {**metrics, "cached": 0.0}
+
+
+def finetune(
+    pruned: nn.Module,
+    teacher: nn.Module | None,
+    splits: Splits,
+    epochs: int,
+    *,
+    lr: float = 0.01,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    batch_size: int | None = None,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, dict[str, float]]:
+    """The final fine-tune of a pruned model, distilling from ``teacher`` (the unpruned model).
+
+    Loss: ``alpha * T² * KL(teacher/T || student/T) + (1 - alpha) * CE``; ``teacher=None`` fine-tunes
+    with cross-entropy alone. Returns a fine-tuned copy (``pruned`` is not modified) and metrics with
+    ``val_accuracy`` and ``test_accuracy``: this final report is the only place ``test`` is evaluated.
+    """
+    dev = resolve_device(device)
+    student = copy.deepcopy(pruned).to(dev)
+    teacher_copy = None if teacher is None else copy.deepcopy(teacher).to(dev).eval()
+    bs = batch_size if batch_size is not None else RECIPES.get(splits.name, TrainConfig()).batch_size
+    start = time.perf_counter()
+    train_loss = float("nan")
+    if epochs > 0:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            train_loss = _fit(
+                student,
+                splits.train,
+                epochs=epochs,
+                lr=lr,
+                batch_size=bs,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                seed=seed,
+                device=dev,
+                teacher=teacher_copy,
+                temperature=temperature,
+                alpha=alpha,
+                warmup_epochs=0,
+                progress=progress,
+                desc="finetune",
+            )
+    seconds = time.perf_counter() - start
+    val = evaluate(student, splits.val, device=dev)
+    test = evaluate(student, splits.test, device=dev)
+    return student.eval(), {
+        "train_loss": train_loss,
+        "val_accuracy": val["accuracy"],
+        "val_loss": val["loss"],
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "finetune_seconds": seconds,
+    }

@@ -1,0 +1,48 @@
+"""Shared fixtures: the digits splits and one trained resnet20 per test session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from prune_env.data import Splits, load
+from prune_env.train import train_base
+
+# pytest runs with -n 2 on 2 cores: more than one intra-op thread per worker oversubscribes the CPU and
+# makes small convolutions tens of times slower (OpenMP threads spin waiting for each other).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits() -> Splits:
+    return load("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache directory shared by the xdist workers of this run (their base temp dirs share a parent)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "prune_env_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_base(digits: Splits, shared_cache: Path) -> Iterator[tuple[nn.Module, dict[str, float]]]:
+    """resnet20 trained on digits with the default recipe; trained once per run, then a cache hit."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: each worker may train its own copy, which is only slower
+        yield train_base("resnet20", digits, cache=shared_cache, progress=False)
+        return
+    with open(shared_cache / "train.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits, then loads the checkpoint
+        result = train_base("resnet20", digits, cache=shared_cache, progress=False)
+    yield result

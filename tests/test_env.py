@@ -1,0 +1,256 @@
+"""The Gymnasium environments: API conformance, determinism, budget, rewards, errors, vectorisation."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from torch import nn
+
+import prune_env  # registers the environment ids
+from prune_env import UnknownNameError
+from prune_env.env import LayerPruneEnv, OneShotPruneEnv
+from prune_env.problem import PruningProblem
+from prune_env.rewards import Outcome, StepInfo
+
+IDS = ["prune_env/LayerPrune-v0", "prune_env/OneShotPrune-v0"]
+FAST = {"eval_samples": 96, "bn_recalib_batches": 1}
+
+
+@pytest.fixture(scope="module")
+def base(digits_base: tuple[nn.Module, dict[str, float]]) -> nn.Module:
+    return digits_base[0]
+
+
+@pytest.fixture(scope="module")
+def problem(base: nn.Module, digits: Any) -> PruningProblem:
+    return PruningProblem(base, digits, target_macs=0.5, **FAST)
+
+
+def rollout(env: gym.Env, actions: list[np.ndarray], seed: int) -> list[tuple]:
+    obs, info = env.reset(seed=seed)
+    trace: list[tuple] = [(obs.copy(), info)]
+    for a in actions:
+        obs, reward, terminated, truncated, info = env.step(a)
+        trace.append((obs.copy(), reward, terminated, truncated, info))
+        if terminated or truncated:
+            obs, info = env.reset()
+    return trace
+
+
+def assert_same(a: Any, b: Any) -> None:
+    if isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_gymnasium_and_sb3_checkers_are_silent(env_id: str, base: nn.Module, digits: Any) -> None:
+    env = gym.make(env_id, model=base, dataset=digits, **FAST)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gym_check_env(env.unwrapped, skip_render_check=False)
+        sb3_check_env(env.unwrapped, warn=True)
+    assert [str(w.message) for w in caught] == []
+    assert env.spec is not None and env.spec.id == env_id
+
+
+@pytest.mark.parametrize("cls", [LayerPruneEnv, OneShotPruneEnv])
+def test_same_seed_same_actions_same_everything(cls: type, problem: PruningProblem) -> None:
+    rng = np.random.default_rng(0)
+    shape = (1,) if cls is LayerPruneEnv else (problem.n_groups,)
+    actions = [rng.uniform(-1.2, 1.2, shape).astype(np.float32) for _ in range(2 * problem.n_groups)]
+    kwargs = {"budget_range": (0.3, 0.7)}
+    # Separate problems: nothing shared between the two environments but the arguments.
+    a = cls(problem.base_model, problem.splits, problem=None, **FAST, **kwargs)
+    b = cls(problem.base_model, problem.splits, problem=None, **FAST, **kwargs)
+    assert_same(rollout(a, actions, seed=7), rollout(b, actions, seed=7))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_budget_holds_for_any_actions(data: st.DataObject, problem: PruningProblem) -> None:
+    """Random and extreme actions (beyond [-1, 1] too): the built model never exceeds the target."""
+    target = data.draw(st.floats(0.2, 1.0))
+    extreme = st.sampled_from([-1e6, -1.0, 1.0, 1e6])
+    value = st.one_of(st.floats(-3, 3), extreme)
+    ratios_action = np.array(data.draw(st.lists(value, min_size=problem.n_groups, max_size=problem.n_groups)))
+    oneshot = OneShotPruneEnv(problem=problem, **FAST)
+    oneshot.reset(seed=0, options={"target": target})
+    _, _, terminated, _, info = oneshot.step(ratios_action.astype(np.float32))
+    assert terminated and info["macs_ratio"] <= target * (1 + 1e-9)
+    model = problem.build(np.asarray(oneshot._keep))
+    measured = prune_env.count_macs(model, problem.example_inputs)
+    assert measured == info["macs"] <= target * problem.graph.base_macs
+
+    layer = LayerPruneEnv(problem=problem, **FAST)
+    layer.reset(seed=0, options={"target": target})
+    for a in ratios_action:
+        _, _, terminated, _, info = layer.step(np.array([a], dtype=np.float32))
+    assert terminated and info["macs_ratio"] <= target * (1 + 1e-9)
+
+
+def test_a_policy_that_prunes_too_little_is_pushed_to_the_target(problem: PruningProblem) -> None:
+    env = OneShotPruneEnv(problem=problem, **FAST)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(-np.ones(problem.n_groups, dtype=np.float32))  # "prune nothing"
+    assert 0.45 <= info["macs_ratio"] <= 0.5  # pushed all the way to (just under) the 0.5 target
+    layer = LayerPruneEnv(problem=problem, **FAST)
+    layer.reset(seed=0)
+    for _ in range(problem.n_groups):
+        _, _, done, _, info = layer.step(np.array([-1.0], dtype=np.float32))
+    assert done and 0.4 <= info["macs_ratio"] <= 0.5
+
+
+def test_params_target(base: nn.Module, digits: Any) -> None:
+    env = OneShotPruneEnv(base, digits, target_params=0.4, **FAST)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(-np.ones(env.problem.n_groups, dtype=np.float32))
+    assert info["params_ratio"] <= 0.4 and info["target"] == 0.4
+    assert prune_env.count_params(env.problem.build(env._keep)) == info["params"]
+
+
+def test_custom_reward_is_used_exactly(problem: PruningProblem) -> None:
+    seen: list[Outcome] = []
+
+    def reward(outcome: Outcome) -> float:
+        seen.append(outcome)
+        return 123.0 + outcome.accuracy
+
+    env = OneShotPruneEnv(problem=problem, reward=reward, **FAST)
+    env.reset(seed=0)
+    _, r, _, _, info = env.step(np.zeros(problem.n_groups, dtype=np.float32))
+    assert len(seen) == 1 and r == 123.0 + seen[0].accuracy == 123.0 + info["accuracy"]
+
+
+def test_reward_shaping_is_opt_in(problem: PruningProblem) -> None:
+    class Shaped:
+        def __call__(self, outcome: Outcome) -> float:
+            return outcome.accuracy
+
+        def shape(self, step: StepInfo) -> float:
+            return -step.ratio
+
+    plain = LayerPruneEnv(problem=problem, **FAST)
+    shaped = LayerPruneEnv(problem=problem, reward=Shaped(), **FAST)
+    for env, expect_zero in ((plain, True), (shaped, False)):
+        env.reset(seed=0)
+        _, r, _, _, info = env.step(np.array([0.5], dtype=np.float32))
+        assert (r == 0.0) is expect_zero
+        if not expect_zero:
+            assert r == pytest.approx(-info["applied_ratio"])
+
+
+@pytest.mark.parametrize("preset", ["acc", "acc_log_macs", "mnas", "hard", "lagrangian"])
+def test_reward_presets(preset: str, problem: PruningProblem) -> None:
+    env = OneShotPruneEnv(problem=problem, reward=preset, **FAST)
+    env.reset(seed=0)
+    _, r, _, _, info = env.step(np.zeros(problem.n_groups, dtype=np.float32))
+    assert isinstance(r, float) and np.isfinite(r)
+    if preset == "acc":
+        assert r == info["accuracy"]
+
+
+def test_bad_actions_raise_value_error(problem: PruningProblem) -> None:
+    env = OneShotPruneEnv(problem=problem, **FAST)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        env.step(np.full(problem.n_groups, np.nan, dtype=np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.zeros(problem.n_groups + 1, dtype=np.float32))
+    layer = LayerPruneEnv(problem=problem, **FAST)
+    layer.reset(seed=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.step(np.array([np.inf], dtype=np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        layer.step(np.zeros(3, dtype=np.float32))
+
+
+def test_wrong_kwargs_give_clear_errors(base: nn.Module, digits: Any, problem: PruningProblem) -> None:
+    with pytest.raises(TypeError, match="target_mac"):
+        gym.make("prune_env/OneShotPrune-v0", model=base, dataset=digits, target_mac=0.5)
+    with pytest.raises(ValueError, match="impossible"):
+        OneShotPruneEnv(base, digits, target_macs=0.001, **FAST)
+    with pytest.raises(ValueError, match="not both"):
+        OneShotPruneEnv(base, digits, target_macs=0.5, target_params=0.5)
+    with pytest.raises(UnknownNameError, match="unknown reward 'accuracy'"):
+        OneShotPruneEnv(problem=problem, reward="accuracy")
+    with pytest.raises(ValueError, match="budget_range"):
+        OneShotPruneEnv(problem=problem, budget_range=(0.8, 0.2))
+    with pytest.raises(UnknownNameError, match="unknown dataset"):
+        OneShotPruneEnv(base, "mnist-please")
+    with pytest.raises(ValueError, match="render_mode"):
+        OneShotPruneEnv(problem=problem, render_mode="human")
+    env = OneShotPruneEnv(problem=problem, render_mode="rgb_array")
+    env.reset(seed=0)
+    frame = env.render()
+    assert isinstance(frame, np.ndarray) and frame.shape == (64, 6 * problem.n_groups, 3)
+
+
+def test_budget_range_is_sampled_and_observed(problem: PruningProblem) -> None:
+    env = OneShotPruneEnv(problem=problem, budget_range=(0.3, 0.7), **FAST)
+    targets = {round(env.reset(seed=s)[1]["target"], 6) for s in range(6)}
+    assert len(targets) == 6 and all(0.3 <= t <= 0.7 for t in targets)
+    obs, info = env.reset(seed=1)
+    assert obs[-1] == np.float32(info["target"])
+
+
+def test_render_ansi(problem: PruningProblem) -> None:
+    env = LayerPruneEnv(problem=problem, render_mode="ansi", **FAST)
+    env.reset(seed=0)
+    for _ in range(problem.n_groups):
+        env.step(np.array([0.0], dtype=np.float32))
+    text = env.render()
+    assert text is not None and problem.group_names[0] in text and "proxy accuracy" in text
+
+
+def test_user_model_is_never_mutated(base: nn.Module, digits: Any) -> None:
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    env = OneShotPruneEnv(base, digits, finetune_steps=2, **FAST)
+    env.reset(seed=0)
+    env.step(np.zeros(env.problem.n_groups, dtype=np.float32))
+    assert env.problem.base_model is not base
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_subprocess_vector_env_and_ppo(base: nn.Module, digits: Any) -> None:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    vec = make_vec_env(
+        "prune_env/OneShotPrune-v0",
+        n_envs=2,
+        seed=0,
+        vec_env_cls=SubprocVecEnv,
+        env_kwargs={"model": base, "dataset": digits, **FAST},
+        monitor_kwargs={"info_keywords": ("accuracy", "macs_ratio")},
+    )
+    try:
+        model = PPO("MlpPolicy", vec, n_steps=32, batch_size=32, n_epochs=2, seed=0, device="cpu")
+        model.learn(total_timesteps=256)
+        assert model.num_timesteps >= 256
+        assert model._n_updates > 0  # PPO optimised its policy, not only collected data
+        episodes = list(model.ep_info_buffer)  # SB3 keeps the last 100 episodes
+        assert len(episodes) == 100
+        assert all(0.0 <= e["accuracy"] <= 1.0 for e in episodes)
+        assert all(e["macs_ratio"] <= 0.5 + 1e-9 for e in episodes)
+    finally:
+        vec.close()

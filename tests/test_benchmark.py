@@ -1,0 +1,215 @@
+"""The benchmark harness: tidy files, resume, the table and the plots, on a tiny grid."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from matplotlib.collections import PathCollection, PolyCollection
+from matplotlib.figure import Figure
+
+from prune_env import benchmark
+from prune_env.benchmark import EVAL_FIELDS, RUN_FIELDS, BenchmarkResults, incumbent_accuracy, pareto_front
+
+AGENTS = ("uniform", "random")
+SEEDS = (0, 1)
+EVALS = 3
+# The smallest proxy that still separates policies: keeps every evaluation a few tens of milliseconds.
+PROBLEM = {"eval_samples": 96, "bn_recalib_batches": 1}
+
+
+def _grid(out: Path, **overrides: Any) -> BenchmarkResults:
+    kwargs: dict[str, Any] = {
+        "agents": AGENTS,
+        "seeds": SEEDS,
+        "evals": EVALS,
+        "out": out,
+        "problem_kwargs": PROBLEM,
+        "progress": False,
+    }
+    return benchmark.run(**{**kwargs, **overrides})
+
+
+@pytest.fixture
+def cached_base(digits_base: Any, shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the cache at the session's trained resnet20, so the grid's "resnet20" is a cache hit."""
+    monkeypatch.setenv("PRUNE_ENV_CACHE", str(shared_cache))
+    return shared_cache
+
+
+@pytest.fixture(scope="module")
+def grid(
+    digits_base: Any, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[BenchmarkResults, Path]]:
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRUNE_ENV_CACHE", str(shared_cache))
+        yield _grid(out), out
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_files_are_tidy(grid: tuple[BenchmarkResults, Path]) -> None:
+    results, out = grid
+    runs, evals = _csv(out / "runs.csv"), _csv(out / "evaluations.csv")
+    assert len(runs) == len(AGENTS) * len(SEEDS)
+    assert list(runs[0]) == list(RUN_FIELDS)
+    assert list(evals[0]) == list(EVAL_FIELDS)
+    assert len(evals) == sum(int(r["evals_used"]) for r in runs)
+    assert {(r["agent"], int(r["seed"])) for r in runs} == {(a, s) for a in AGENTS for s in SEEDS}
+    by_agent = {r["agent"]: int(r["evals_used"]) for r in runs}
+    assert by_agent == {"uniform": 1, "random": EVALS}  # uniform is deterministic: one evaluation
+    for r in runs:
+        assert float(r["macs_ratio"]) <= float(r["target"]) + 1e-9
+        assert r["test_accuracy"] == ""  # no fine-tune asked: blank, not a made-up number
+    saved = json.loads((out / "runs.json").read_text())
+    assert len(saved["runs"]) == len(runs)
+    assert saved["settings"]["evals"] == EVALS
+    # What the results object holds is what the files hold.
+    assert len(results.runs) == len(runs)
+    assert len(results.evaluations) == len(evals)
+    loaded = BenchmarkResults.load(out)
+    assert [r["best_accuracy"] for r in loaded.runs] == pytest.approx(
+        [r["best_accuracy"] for r in results.runs]
+    )
+
+
+def test_best_is_the_best_evaluation(grid: tuple[BenchmarkResults, Path]) -> None:
+    results, _ = grid
+    for r in results.runs:
+        rewards = [
+            e["reward"] for e in results.evaluations if (e["agent"], e["seed"]) == (r["agent"], r["seed"])
+        ]
+        assert r["best_reward"] == pytest.approx(max(rewards))
+
+
+def test_seeds_reproduce(grid: tuple[BenchmarkResults, Path], tmp_path: Path, cached_base: Path) -> None:
+    results, _ = grid
+    again = _grid(tmp_path, agents=("random",), seeds=(1,))
+    first = next(r for r in results.runs if (r["agent"], r["seed"]) == ("random", 1))
+    assert again.runs[0]["keep"] == first["keep"]
+    assert again.runs[0]["best_accuracy"] == pytest.approx(first["best_accuracy"])
+
+
+def test_resume_skips_completed_runs(
+    grid: tuple[BenchmarkResults, Path], monkeypatch: pytest.MonkeyPatch, cached_base: Path
+) -> None:
+    results, out = grid
+    before = (out / "runs.csv").read_text(), (out / "evaluations.csv").read_text()
+
+    def no_runs(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a completed run was run again")
+
+    monkeypatch.setattr(benchmark, "_one_run", no_runs)
+    monkeypatch.setattr(benchmark, "_problem", no_runs)  # nothing to do: not even a problem is built
+    again = _grid(out)
+    assert ((out / "runs.csv").read_text(), (out / "evaluations.csv").read_text()) == before
+    assert len(again.runs) == len(results.runs)
+    assert len(again.evaluations) == len(results.evaluations)
+
+
+def test_interrupted_grid_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached_base: Path) -> None:
+    real = benchmark._one_run
+    calls: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a user stopping the notebook mid-grid
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "_one_run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _grid(tmp_path)
+    assert len(_csv(tmp_path / "runs.csv")) == 2
+    # Rows of a run killed between its evaluations and its run row must not survive into the results.
+    with (tmp_path / "evaluations.csv").open("a", newline="") as f:
+        csv.writer(f).writerow(
+            ["random", "resnet20", "digits", 0.5, 1, 0, 0.1, 0.1, 1.0, 0.3, 0.3, 0.0, "", ""]
+        )
+    calls.clear()
+    results = _grid(tmp_path)
+    assert len(calls) == len(AGENTS) * len(SEEDS) - 2  # only the missing runs
+    runs, evals = _csv(tmp_path / "runs.csv"), _csv(tmp_path / "evaluations.csv")
+    assert len(runs) == len(results.runs) == len(AGENTS) * len(SEEDS)
+    assert len(evals) == len(results.evaluations) == sum(int(r["evals_used"]) for r in runs)
+
+
+def test_settings_mismatch_is_refused(grid: tuple[BenchmarkResults, Path], cached_base: Path) -> None:
+    _, out = grid
+    with pytest.raises(ValueError, match="another `out`"):
+        _grid(out, evals=EVALS + 1)
+
+
+def test_table(grid: tuple[BenchmarkResults, Path]) -> None:
+    results, _ = grid
+    table = results.table()
+    for agent in AGENTS:
+        assert agent in table
+    assert "±" in table
+    summary = {s["agent"]: s for s in results.summary()}
+    assert summary["random"]["seeds"] == len(SEEDS)
+    assert summary["uniform"]["best_accuracy_std"] == pytest.approx(0.0)  # deterministic
+
+
+def test_plots(grid: tuple[BenchmarkResults, Path], tmp_path: Path) -> None:
+    results, _ = grid
+    pareto = results.plot_pareto(tmp_path / "pareto.png")
+    assert isinstance(pareto, Figure)
+    (ax,) = pareto.axes
+    labels = [line.get_label() for line in ax.lines]
+    assert "random" in labels  # its front
+    assert "uniform" in labels  # the reference line
+    assert sum(isinstance(c, PathCollection) for c in ax.collections) == 1  # random's evaluations
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+
+    curves = results.plot_curves(tmp_path / "curves.png")
+    assert isinstance(curves, Figure)
+    (ax,) = curves.axes
+    assert len(ax.lines) == len(AGENTS)
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == len(AGENTS)  # seed bands
+    assert len(ax.lines[1].get_xdata()) == EVALS
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_pareto_front() -> None:
+    cost = np.array([0.5, 0.2, 0.3, 0.3, 0.4])
+    acc = np.array([0.9, 0.5, 0.4, 0.7, 0.6])
+    np.testing.assert_allclose(pareto_front(cost, acc), [[0.2, 0.5], [0.3, 0.7], [0.5, 0.9]])
+
+
+def test_incumbent_accuracy_follows_reward() -> None:
+    history = [
+        {"reward": 0.1, "accuracy": 0.9},
+        {"reward": 0.3, "accuracy": 0.5},  # better reward, lower accuracy: the search's answer changes
+        {"reward": 0.2, "accuracy": 0.99},
+    ]
+    np.testing.assert_allclose(incumbent_accuracy(history), [0.9, 0.5, 0.5])
+
+
+def test_custom_agent_and_reward_are_labelled(tmp_path: Path, cached_base: Path) -> None:
+    def halves(evaluator: Any, rng: np.random.Generator) -> None:
+        evaluator.evaluate(np.full(evaluator.n_groups, 0.5))
+
+    def fewer_params(outcome: Any) -> float:
+        return outcome.accuracy - 2.0 * outcome.params_ratio
+
+    results = _grid(tmp_path, agents={"halves": halves}, seeds=(0,), reward=fewer_params)
+    (row,) = results.runs
+    assert (row["agent"], row["reward"], row["evals_used"]) == ("halves", "fewer_params", 1)
+    assert row["best_reward"] == pytest.approx(row["best_accuracy"] - 2.0 * row["params_ratio"])
+    assert "halves" in results.table()
+
+
+def test_other_proxy_settings_are_refused(grid: tuple[BenchmarkResults, Path], cached_base: Path) -> None:
+    _, out = grid
+    with pytest.raises(ValueError, match="problem_kwargs"):
+        _grid(out, problem_kwargs={**PROBLEM, "eval_samples": 128})

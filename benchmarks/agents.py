@@ -1,0 +1,158 @@
+"""All search agents at an equal number of proxy evaluations, then an identical KD fine-tune.
+
+For each dataset and MACs target, every agent searches the same :class:`PruningProblem` (same base model,
+ranking, projection and proxy on validation data) with the same evaluation budget and several seeds. The
+best policy found is built from the base model and fine-tuned with the same distillation recipe
+(:func:`prune_env.train.finetune`, teacher = the unpruned model); only then is the test split read.
+
+    python benchmarks/agents.py --datasets digits --targets 0.25 0.5 --seeds 0 1 2 --evals 40 \\
+        --finetune-epochs 3 --csv agents.csv
+
+Rows are appended to the CSV as they finish, so an interrupted run keeps its results. The problem memoises
+proxy results, and is shared by all agents of a (dataset, target): seconds are therefore lower for agents
+that revisit policies others already scored (the evaluation *count* is unaffected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+# Run as a script, this file's directory comes first on sys.path and its name would shadow the ``agents``
+# package: drop that entry before importing it.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from agents import AGENTS, search  # noqa: E402
+from prune_env.data import load  # noqa: E402
+from prune_env.problem import PruningProblem  # noqa: E402
+from prune_env.train import finetune, train_base  # noqa: E402
+
+FIELDS = [
+    "dataset",
+    "model",
+    "target",
+    "agent",
+    "seed",
+    "evals",
+    "proxy_accuracy",
+    "macs_ratio",
+    "finetuned_val_accuracy",
+    "finetuned_test_accuracy",
+    "search_seconds",
+    "finetune_seconds",
+    "best_ratios",
+]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["digits"])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.25, 0.5])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--evals", type=int, default=40, help="proxy evaluations per search")
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--agents", nargs="+", default=sorted(AGENTS), choices=sorted(AGENTS))
+    parser.add_argument("--eval-samples", type=int, default=1000, help="validation samples of the proxy")
+    parser.add_argument("--bn-recalib-batches", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--csv", type=Path, default=Path("agents_benchmark.csv"))
+    return parser.parse_args(argv)
+
+
+def summarise(rows: list[dict[str, object]]) -> str:
+    """Mean ± std over seeds per (dataset, target, agent), best fine-tuned agent per block marked."""
+    groups: dict[tuple[str, float, str], list[dict[str, object]]] = defaultdict(list)
+    for row in rows:
+        groups[(str(row["dataset"]), float(row["target"]), str(row["agent"]))].append(row)
+
+    def ms(values: list[float]) -> str:
+        return f"{100 * np.mean(values):5.1f} ± {100 * np.std(values):4.1f}"
+
+    lines = [
+        f"{'dataset':<14} {'MACs':>5} {'agent':<10} {'n':>2} {'proxy acc %':>13} {'fine-tuned test %':>17} "
+        f"{'MACs used':>9} {'search s':>8}"
+    ]
+    for (dataset, target, agent), rs in sorted(groups.items()):
+        lines.append(
+            f"{dataset:<14} {target:>5.2f} {agent:<10} {len(rs):>2} "
+            f"{ms([float(r['proxy_accuracy']) for r in rs]):>13} "
+            f"{ms([float(r['finetuned_test_accuracy']) for r in rs]):>17} "
+            f"{np.mean([float(r['macs_ratio']) for r in rs]):>9.3f} "
+            f"{np.mean([float(r['search_seconds']) for r in rs]):>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    new_file = not args.csv.exists()
+    rows: list[dict[str, object]] = []
+    with args.csv.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        if new_file:
+            writer.writeheader()
+        for dataset in args.datasets:
+            splits = load(dataset, seed=0)
+            base, metrics = train_base(args.model, splits, seed=0, progress=False)
+            print(f"{args.model} on {dataset}: base test accuracy {metrics['test_accuracy']:.4f}", flush=True)
+            for target in args.targets:
+                problem = PruningProblem(
+                    base,
+                    splits,
+                    target_macs=target,
+                    eval_samples=args.eval_samples,
+                    bn_recalib_batches=args.bn_recalib_batches,
+                    progress=False,
+                )
+                # Seeds outermost: an interrupted run still has every agent at the same number of seeds.
+                for seed in args.seeds:
+                    for agent in args.agents:
+                        result = search(agent, problem, args.evals, seed=seed)
+                        _, ft = finetune(
+                            problem.build(result.best_keep),
+                            problem.base_model,
+                            splits,
+                            args.finetune_epochs,
+                            seed=seed,
+                            progress=False,
+                        )
+                        row: dict[str, object] = {
+                            "dataset": dataset,
+                            "model": args.model,
+                            "target": target,
+                            "agent": agent,
+                            "seed": seed,
+                            "evals": len(result.history),
+                            "proxy_accuracy": result.best_outcome.accuracy,
+                            "macs_ratio": result.best_outcome.macs_ratio,
+                            "finetuned_val_accuracy": ft["val_accuracy"],
+                            "finetuned_test_accuracy": ft["test_accuracy"],
+                            "search_seconds": result.seconds,
+                            "finetune_seconds": ft["finetune_seconds"],
+                            "best_ratios": " ".join(f"{r:.3f}" for r in result.best_ratios),
+                        }
+                        writer.writerow(row)
+                        handle.flush()
+                        rows.append(row)
+                        print(
+                            f"[{time.strftime('%H:%M:%S')}] {dataset} {target} seed {seed} {agent:<10} "
+                            f"proxy {row['proxy_accuracy']:.4f} tuned {ft['test_accuracy']:.4f} "
+                            f"macs {row['macs_ratio']:.3f} ({result.seconds:.1f}s)",
+                            flush=True,
+                        )
+    print(summarise(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

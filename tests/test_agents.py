@@ -1,0 +1,124 @@
+"""The search agents: every one runs end to end, never exceeds its budget, and is reproducible."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from agents import AGENTS, BudgetedEvaluator, BudgetExhausted, run_agent, search
+from agents.predictor import TorchCost
+from agents.sb3 import TruncatedNormalNoise, make_env
+from prune_env import UnknownNameError
+from prune_env.problem import PruningProblem
+
+FAST = {"eval_samples": 96, "bn_recalib_batches": 1}
+BUDGET = 8
+SB3 = ("ppo", "a2c", "sac", "td3", "ddpg", "amc")
+BUDGET_FILLING = sorted(set(AGENTS) - {"uniform"})
+
+
+@pytest.fixture(scope="module")
+def problem(digits_base: tuple[nn.Module, dict[str, float]], digits: Any) -> PruningProblem:
+    return PruningProblem(digits_base[0], digits, target_macs=0.5, **FAST)
+
+
+def _trace(result: Any) -> list[tuple]:
+    return [(e.keep, round(e.reward, 12), round(e.macs_ratio, 12)) for e in result.history]
+
+
+@pytest.mark.parametrize("name", sorted(AGENTS))
+def test_agent_runs_within_budget(problem: PruningProblem, name: str) -> None:
+    result = search(name, problem, BUDGET, seed=0)
+    assert result.agent == name
+    assert 1 <= len(result.history) <= BUDGET
+    if name in BUDGET_FILLING:
+        assert len(result.history) == BUDGET
+    assert all(e.macs_ratio <= problem.target * (1 + 1e-9) for e in result.history)
+    assert result.best_reward == max(e.reward for e in result.history)
+    assert [e.index for e in result.history] == list(range(len(result.history)))
+
+
+@pytest.mark.parametrize("name", ["random", "rlpruner", "evolution", "predictor", "ppo", "amc"])
+def test_same_seed_same_history(problem: PruningProblem, name: str) -> None:
+    first, second = (search(name, problem, 6, seed=3) for _ in range(2))
+    assert _trace(first) == _trace(second)
+
+
+def test_different_seeds_differ(problem: PruningProblem) -> None:
+    assert _trace(search("random", problem, 4, seed=0)) != _trace(search("random", problem, 4, seed=1))
+
+
+def test_sb3_layer_env_and_oneshot_amc(problem: PruningProblem) -> None:
+    assert len(search("ppo", problem, 4, seed=0, env="layer").history) == 4
+    assert len(search("amc", problem, 4, seed=0, env="oneshot").history) == 4
+
+
+def test_rlpruner_rounds_share_the_budget(problem: PruningProblem) -> None:
+    result = search("rlpruner", problem, 6, seed=0, rounds=2, kd_steps=2, samples=2)
+    assert len(result.history) == 6
+    assert all(e.macs_ratio <= problem.target * (1 + 1e-9) for e in result.history)
+    # The second round prunes further than the first round's intermediate target sqrt(0.5).
+    assert result.history[-1].macs_ratio <= problem.target * (1 + 1e-9)
+
+
+def test_evaluator_refuses_one_more(problem: PruningProblem) -> None:
+    evaluator = BudgetedEvaluator(problem, 2)
+    for _ in range(2):
+        evaluator.evaluate(np.zeros(problem.n_groups))
+    with pytest.raises(BudgetExhausted):
+        evaluator.evaluate(np.zeros(problem.n_groups))
+    assert len(evaluator.history) == 2
+
+
+@pytest.mark.parametrize("kind", ["oneshot", "layer"])
+def test_env_wrapper_refuses_before_evaluating(problem: PruningProblem, kind: str) -> None:
+    evaluator = BudgetedEvaluator(problem, 1)
+    env = make_env(evaluator, kind)
+    env.reset(seed=0)
+    steps = 1 if kind == "oneshot" else problem.n_groups
+    for _ in range(steps):
+        *_, terminated, _, _ = env.step(env.action_space.sample())
+    assert terminated and evaluator.used == 1
+    env.reset()
+    evaluations = problem.evaluations
+    action = np.full(env.action_space.shape, 0.123, dtype=np.float32)  # a policy not evaluated before
+    for _ in range(steps - 1):  # layer-wise steps before the last one do not evaluate
+        env.step(action)
+    with pytest.raises(BudgetExhausted):
+        env.step(action)
+    assert problem.evaluations == evaluations  # the proxy was not called
+    assert evaluator.used == 1
+
+
+def test_unknown_agent(problem: PruningProblem) -> None:
+    with pytest.raises(UnknownNameError):
+        run_agent("no-such-agent", BudgetedEvaluator(problem, 1))
+
+
+def test_search_accepts_env_factory(problem: PruningProblem) -> None:
+    from prune_env.env import OneShotPruneEnv
+
+    result = search("random", lambda: OneShotPruneEnv(problem=problem), 2, seed=0)
+    assert len(result.history) == 2
+
+
+def test_torch_cost_matches_cost_model(problem: PruningProblem) -> None:
+    rng = np.random.default_rng(0)
+    keeps = np.array([problem.keep_for(rng.uniform(0, 0.8, problem.n_groups)) for _ in range(5)])
+    ratios = torch.tensor(np.array([problem.ratios_for(k) for k in keeps]))
+    expected = problem.graph.costs.macs_batch(keeps) / problem.projector.base_cost
+    np.testing.assert_allclose(TorchCost(problem)(ratios).numpy(), expected, rtol=1e-9)
+
+
+def test_truncated_noise_stays_in_bounds_and_decays() -> None:
+    noise = TruncatedNormalNoise(sigma=1.0, rng=np.random.default_rng(0))
+    samples = np.array([noise.perturb(np.array([0.95, -0.95])) for _ in range(200)])
+    assert samples.min() >= -1.0 and samples.max() <= 1.0
+    noise.decay()
+    assert noise.sigma == pytest.approx(0.95)
+    assert SB3  # every SB3 learner is registered
+    assert set(SB3) <= set(AGENTS)

@@ -58,7 +58,7 @@ class TorchCost(nn.Module):
         super().__init__()
         costs = problem.graph.costs
         # CostModel keeps its compiled terms private; they are exactly what a torch version needs.
-        coef, s1, s2 = costs._macs if problem.metric == "macs" else costs._params
+        coef, s1, s2 = costs.compiled_terms(problem.metric)
         self.register_buffer("mult", torch.tensor(costs.mult, dtype=torch.float64))
         self.register_buffer("fixed", torch.tensor(costs.fixed, dtype=torch.float64))
         self.register_buffer("channels", torch.tensor(problem.channels, dtype=torch.float64))

@@ -57,6 +57,13 @@ class CostModel:
         s2 = np.array([t.slots[1] if len(t.slots) > 1 else one for t in terms], dtype=np.int64)
         return coef, s1, s2
 
+    def compiled_terms(self, metric: str = "macs") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(coef, slot1, slot2)`` arrays of the ``"macs"`` or ``"params"`` terms; slot index
+        ``len(fixed)`` is the constant 1. For differentiable re-implementations (SeerNet's barrier)."""
+        if metric not in ("macs", "params"):
+            raise ValueError(f"metric must be 'macs' or 'params', got {metric!r}")
+        return self._macs if metric == "macs" else self._params
+
     def full_keep(self) -> np.ndarray:
         return self.full.copy()
 

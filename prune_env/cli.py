@@ -167,13 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-params", type=float, help="parameter budget as a fraction of the base model's"
     )
     search.add_argument(
-        "--agent", default=None, help="search method (default: ppo, or random if ppo is unavailable)"
+        "--agent", default=None, help="search method (default: evolution; see `prune-env list`)"
     )
-    search.add_argument("--evals", type=int, default=300, help="evaluation budget (default 300)")
+    search.add_argument("--evals", type=int, default=100, help="evaluation budget (default 100)")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
     search.add_argument("--reward", default="acc", help="reward preset (default acc)")
-    search.add_argument("--finetune-epochs", type=int, default=5, help="KD fine-tune epochs (default 5)")
+    search.add_argument("--finetune-epochs", type=int, default=3, help="KD fine-tune epochs (default 3)")
     search.add_argument(
         "--eval-samples", type=int, default=1000, help="validation samples per proxy evaluation"
     )

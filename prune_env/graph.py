@@ -872,9 +872,11 @@ def units_to_keep(channels: Any, ratios: Any, round_to: int = 1) -> np.ndarray:
     predicted and built models agree.
     """
     channels = np.asarray(channels, dtype=np.int64)
-    kept = channels * (1.0 - np.asarray(ratios, dtype=np.float64))
+    ratios = np.asarray(ratios, dtype=np.float64)
+    kept = channels * (1.0 - ratios)
     if round_to > 1:
         kept = np.round(kept / round_to) * round_to
+    kept = np.where(ratios <= 0.0, channels, kept)  # ratio 0 is the identity, whatever the rounding
     return np.clip(np.round(kept), 1, channels).astype(np.int64)
 
 
@@ -1054,7 +1056,7 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
     for start, length, space in st.allocations:
         space_of[start : start + length] = space
     is_producer = space_of >= 0
-    warn_extra: list[str] = []
+    warn_extra: list[tuple[str, str]] = []  # (parameter, reason)
 
     for _ in range(3):  # a raw parameter that cannot be sliced poisons its channels: resolve again
         unit = _components(n_el, a, b)
@@ -1064,16 +1066,20 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
         linked = _components(n_units + st.n_spaces, unit[is_producer], n_units + space_of[is_producer])
         unit_group = linked[:n_units]
         poisoned_groups = {int(unit_group[unit[POISON]])}
+        units_per_group = np.bincount(unit_group, minlength=int(unit_group.max()) + 1)
         extra_a, extra_b = [], []
         for slot in st.slots:
             if slot.kind != "param":
                 continue
             units = unit[slot.ids]
             dim = _param_dim(units)
-            if dim is None and units.size and np.any(units != unit[POISON]):
+            single = units.size > 0 and bool(np.all(units == units.flat[0]))
+            if single and units_per_group[unit_group[units.flat[0]]] < 2:
+                dim = None  # one unit in a group of one: never pruned, nothing to slice
+            elif dim is None and units.size and np.any(units != unit[POISON]):
                 extra_a.append(slot.ids.reshape(-1))
                 extra_b.append(np.zeros(slot.ids.size, dtype=np.int64))
-                warn_extra.append(f"parameter {slot.layer!r} cannot be sliced along one axis")
+                warn_extra.append((slot.layer, "a parameter whose channels cannot be sliced along one axis"))
             slot.dim = dim if dim is not None else -1
         if not extra_a:
             break
@@ -1123,45 +1129,62 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
     groups: list[ChannelGroup] = []
     group_slots: list[list[tuple[int, np.ndarray]]] = []
     first_slot: list[int] = []
+    taken_names: set[str] = set()
     for gl, units_of_group in group_units.items():
-        n_g = len(units_of_group)
-        members: list[Member] = []
-        slots_for_group: list[tuple[int, np.ndarray]] = []
-        regular = True
-        for s in touching.get(gl, []):
+        if gl in poisoned_groups:
+            continue
+        slots_of = touching.get(gl, [])
+        # How often each unit of the group occurs in each touching slot. Units with different rows sit in
+        # different layers (a concat's producers joined by a residual add): they become separate groups,
+        # so that every group is uniform in every layer and costs depend only on how many units it keeps.
+        counts = np.zeros((len(units_of_group), len(slots_of)), dtype=np.int64)
+        positions_of: list[np.ndarray] = []
+        for j, s in enumerate(slots_of):
             units = slot_units[s]
             positions = np.nonzero((unit_group[units] == gl) & (units != poison_unit) & has_producer[units])[0]
-            ranks = rank_in_group[units[positions]]
-            counts = np.bincount(ranks, minlength=n_g)
-            if counts.min() != counts.max():
-                regular = False
-                break
-            order = np.argsort(ranks, kind="stable")
-            positions, ranks = positions[order], ranks[order]
-            slot = st.slots[s]
-            size = len(units) if slot.kind != "param" else slot.param_shape[slot.dim]
-            members.append(
-                Member(
-                    layer=slot.layer,
-                    layer_type=slot.layer_type,
-                    kind=slot.kind,
-                    dim=slot.dim,
-                    positions=tuple(positions.tolist()),
-                    multiplicity=int(counts[0]),
-                    size=int(size),
+            positions_of.append(positions)
+            counts[:, j] = np.bincount(rank_in_group[units[positions]], minlength=len(units_of_group))
+        signatures, which = np.unique(counts, axis=0, return_inverse=True)
+        for k in range(len(signatures)):
+            sub_units = units_of_group[which.reshape(-1) == k]
+            if len(sub_units) < 2:
+                continue
+            sub_rank = np.full(n_units, -1, dtype=np.int64)
+            sub_rank[sub_units] = np.arange(len(sub_units))
+            members: list[Member] = []
+            slots_for_group: list[tuple[int, np.ndarray]] = []
+            for j, s in enumerate(slots_of):
+                if signatures[k, j] == 0:
+                    continue
+                positions = positions_of[j]
+                ranks = sub_rank[slot_units[s][positions]]
+                positions, ranks = positions[ranks >= 0], ranks[ranks >= 0]
+                order = np.argsort(ranks, kind="stable")
+                positions, ranks = positions[order], ranks[order]
+                slot = st.slots[s]
+                size = len(slot_units[s]) if slot.kind != "param" else slot.param_shape[slot.dim]
+                members.append(
+                    Member(
+                        layer=slot.layer,
+                        layer_type=slot.layer_type,
+                        kind=slot.kind,
+                        dim=slot.dim,
+                        positions=tuple(positions.tolist()),
+                        multiplicity=int(signatures[k, j]),
+                        size=int(size),
+                    )
                 )
-            )
-            slots_for_group.append((s, ranks))
-        producers = [m for m in members if m.kind == "out"]
-        name = producers[0].layer if producers else f"group{gl}"
-        if not regular:
-            frozen[name] = "channels are coupled irregularly (a unit appears a different number of times)"
-            continue
-        if gl in poisoned_groups or n_g < 2 or not producers:
-            continue
-        groups.append(ChannelGroup(name=name, channels=n_g, members=tuple(members)))
-        group_slots.append(slots_for_group)
-        first_slot.append(min(s for (s, _), m in zip(slots_for_group, members, strict=True) if m.kind == "out"))
+                slots_for_group.append((s, ranks))
+            producers = [m for m in members if m.kind == "out"]
+            if not producers:
+                continue
+            name = producers[0].layer
+            if name in taken_names:  # two sub-groups share their first producer: number them
+                name = f"{name}#{sum(n.split('#')[0] == name for n in taken_names)}"
+            taken_names.add(name)
+            groups.append(ChannelGroup(name=name, channels=len(sub_units), members=tuple(members)))
+            group_slots.append(slots_for_group)
+            first_slot.append(min(s for (s, _), m in zip(slots_for_group, members, strict=True) if m.kind == "out"))
 
     # Slots are registered in execution order, so this is topological order of the groups' producers.
     order = sorted(range(len(groups)), key=lambda i: first_slot[i])
@@ -1174,7 +1197,7 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
 
     costs = _cost_model(model, st, slot_units, groups, group_slots)
     if st.unmapped or warn_extra:
-        reasons = [f"{node}: {why}" for node, why in st.unmapped.items()] + warn_extra
+        reasons = [f"{node}: {why}" for node, why in [*st.unmapped.items(), *warn_extra]]
         warnings.warn(
             "prune_env: some channels cannot be mapped and will not be pruned — "
             + "; ".join(reasons[:12])
@@ -1183,6 +1206,8 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
         )
     for node, why in st.unmapped.items():
         frozen.setdefault(node, why)
+    for name, why in warn_extra:
+        frozen.setdefault(name, why)
     return DependencyGraph(model, groups, frozen, costs, group_slots, st.slots)
 
 

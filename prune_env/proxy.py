@@ -96,6 +96,9 @@ class ProxyEvaluator(Proxy):
         eval_samples: size of the fixed, seeded validation subset (``None``: all of ``val``).
         bn_recalib_batches: K training batches for BatchNorm recalibration (0 disables it).
         finetune_steps: SGD steps of distillation from ``base_model`` per evaluation (0 disables it).
+        recalibrate_after_finetune: recalibrate BatchNorm again after the distillation steps. During
+            those steps BN layers run in train mode and blend the recalibrated statistics with those of
+            weights that are still moving; re-estimating them on the final weights costs K forwards.
         seed: fixes the validation subset, the recalibration and fine-tune batches, and any dropout,
             so equal inputs give equal results.
 
@@ -118,6 +121,7 @@ class ProxyEvaluator(Proxy):
         finetune_lr: float = 0.01,
         temperature: float = 4.0,
         alpha: float = 0.9,
+        recalibrate_after_finetune: bool = False,
         device: str | torch.device | None = None,
     ) -> None:
         if bn_recalib_batches < 0 or finetune_steps < 0:
@@ -130,6 +134,7 @@ class ProxyEvaluator(Proxy):
         self.finetune_lr = finetune_lr
         self.temperature = temperature
         self.alpha = alpha
+        self.recalibrate_after_finetune = recalibrate_after_finetune
         self.device = resolve_device(device)
         self._memo: dict[Hashable, dict[str, float]] = {}
 
@@ -183,6 +188,8 @@ class ProxyEvaluator(Proxy):
             recalibrate_batchnorm(candidate, self._recalib_batches)
             if self._finetune_batches:
                 self._distill(candidate)
+                if self.recalibrate_after_finetune:
+                    recalibrate_batchnorm(candidate, self._recalib_batches)
         result = self._score(candidate)
         result["eval_seconds"] = time.perf_counter() - start
         result["memo_hit"] = 0.0

@@ -268,7 +268,7 @@ def test_graph_reports() -> None:
 
 
 def test_not_a_module_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         prune_env.build_graph(lambda x: x, X)  # type: ignore[arg-type]
 
 

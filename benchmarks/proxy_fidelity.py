@@ -1,0 +1,206 @@
+"""How well does each reward proxy rank pruning policies, and what does it cost?
+
+For N random pruning policies of resnet20 at one MACs budget, compare each proxy variant (plain
+evaluation, BatchNorm recalibration on K batches, recalibration + k knowledge-distillation steps) with
+the accuracy after a longer KD fine-tune, by Kendall's tau, and time each variant.
+
+    python benchmarks/proxy_fidelity.py --dataset digits --policies 30 --budget 0.5 --threads 1
+    python benchmarks/proxy_fidelity.py --dataset fashion-mnist --policies 30 --finetune-epochs 1 \\
+        --finetune-samples 12000 --threads 1
+    python benchmarks/proxy_fidelity.py --quick      # a smoke run: 6 policies, short fine-tune
+
+Random policies: a uniform ratio per channel group, all multiplied by one factor found by bisection so
+that the pruned model's MACs are within 1% of ``budget x`` the unpruned model's (ratios capped at 0.9).
+The ground truth is measured on ``test`` after the fine-tune; the proxies only ever see train and val.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau, spearmanr
+from torch.utils.data import Subset
+
+import prune_env
+from prune_env.data import Splits, load
+from prune_env.proxy import ProxyEvaluator
+from prune_env.train import finetune, train_base
+
+MAX_RATIO = 0.9
+
+
+def random_policy(
+    graph: prune_env.DependencyGraph, target_macs: float, rng: np.random.Generator
+) -> np.ndarray:
+    raw = rng.uniform(0.0, 1.0, len(graph.groups))
+    lo, hi = 0.0, 1.0 / max(raw.min(), 1e-3)  # at `hi` every ratio hits the cap
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if graph.macs(np.minimum(raw * mid, MAX_RATIO)) > target_macs:
+            lo = mid
+        else:
+            hi = mid
+    return np.minimum(raw * hi, MAX_RATIO)
+
+
+def parse_variants(spec: str) -> list[tuple[str, int, int, bool]]:
+    """'plain,bn8,bn8+kd25,bn8+kd25+re' -> [(label, recalibration batches, KD steps, recalibrate after KD)]."""
+    variants = []
+    for item in spec.split(","):
+        item = item.strip()
+        bn, kd, recal_after = 0, 0, False
+        for part in item.split("+"):
+            if part.startswith("bn"):
+                bn = int(part[2:])
+            elif part.startswith("kd"):
+                kd = int(part[2:])
+            elif part == "re":
+                recal_after = True
+            elif part != "plain":
+                raise ValueError(f"bad variant {item!r}: use plain, bnK, bnK+kdN or bnK+kdN+re")
+        variants.append((item, bn, kd, recal_after))
+    return variants
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--policies", type=int, default=30)
+    parser.add_argument(
+        "--budget", type=float, default=0.5, help="target MACs as a fraction of the base model's"
+    )
+    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument(
+        "--finetune-samples",
+        type=int,
+        default=None,
+        help="fine-tune on a fixed random subset of train this size",
+    )
+    parser.add_argument("--eval-samples", type=int, default=1000)
+    parser.add_argument("--variants", default="plain,bn1,bn2,bn4,bn8,bn16,bn8+kd10,bn8+kd25,bn8+kd50")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="fine-tune every policy a second time with another seed: tau between the two runs is the "
+        "noise ceiling no proxy can beat",
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None, help="write per-policy results as JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.policies, args.finetune_epochs = 6, 2
+
+    splits = load(args.dataset, seed=args.seed)
+    base, base_metrics = train_base(args.model, splits, seed=args.seed, progress=False)
+    print(
+        f"base {args.model} on {args.dataset}: test accuracy {base_metrics['test_accuracy']:.4f}", flush=True
+    )
+    tune_splits: Splits = splits
+    if args.finetune_samples:
+        idx = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(args.seed))
+        tune_splits = replace(splits, train=Subset(splits.train, idx[: args.finetune_samples].tolist()))
+
+    example = splits.example_inputs()
+    graph = prune_env.build_graph(base, example)
+    base_macs = graph.macs(0.0)
+    rng = np.random.default_rng(args.seed)
+    policies = [random_policy(graph, args.budget * base_macs, rng) for _ in range(args.policies)]
+
+    variants = parse_variants(args.variants)
+    evaluators = {
+        label: ProxyEvaluator(
+            base,
+            splits,
+            eval_samples=args.eval_samples,
+            bn_recalib_batches=bn,
+            finetune_steps=kd,
+            recalibrate_after_finetune=recal_after,
+            seed=args.seed,
+        )
+        for label, bn, kd, recal_after in variants
+    }
+    rows = []
+    for i, ratios in enumerate(policies):
+        pruned = prune_env.prune(base, example, ratios)
+        macs = prune_env.count_macs(pruned, example)
+        proxies = {label: ev.evaluate(pruned) for label, ev in evaluators.items()}
+        start = time.perf_counter()
+        _, truth = finetune(
+            pruned, base, tune_splits, epochs=args.finetune_epochs, seed=args.seed, progress=False
+        )
+        finetune_seconds = time.perf_counter() - start
+        repeat = None
+        if args.ceiling:
+            _, again = finetune(
+                pruned, base, tune_splits, epochs=args.finetune_epochs, seed=args.seed + 1, progress=False
+            )
+            repeat = again["test_accuracy"]
+        rows.append(
+            {
+                "finetuned_test_accuracy_seed2": repeat,
+                "ratios": [round(float(r), 4) for r in ratios],
+                "macs_fraction": macs / base_macs,
+                "finetuned_test_accuracy": truth["test_accuracy"],
+                "finetuned_val_accuracy": truth["val_accuracy"],
+                "finetuned_test_loss": truth["test_loss"],
+                "finetune_seconds": finetune_seconds,
+                "proxies": {
+                    k: {m: v[m] for m in ("accuracy", "loss", "eval_seconds")} for k, v in proxies.items()
+                },
+            }
+        )
+        summary = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in proxies.items())
+        print(
+            f"policy {i + 1:>3}/{len(policies)} macs={macs / base_macs:.3f} "
+            f"finetuned test acc={truth['test_accuracy']:.4f} | {summary}",
+            flush=True,
+        )
+
+    truth_acc = np.array([r["finetuned_test_accuracy"] for r in rows])
+    truth_loss = np.array([r["finetuned_test_loss"] for r in rows])
+    print()
+    print(
+        f"{args.model} on {args.dataset}: {len(rows)} random policies at {args.budget:.0%} MACs "
+        f"(achieved {min(r['macs_fraction'] for r in rows):.3f}-{max(r['macs_fraction'] for r in rows):.3f}); "
+        f"ground truth: test accuracy after {args.finetune_epochs} KD epochs"
+        + (f" on {args.finetune_samples} training samples" if args.finetune_samples else "")
+        + f" (range {truth_acc.min():.4f}-{truth_acc.max():.4f}, mean {np.mean([r['finetune_seconds'] for r in rows]):.1f} s)"
+    )
+    print()
+    print("| proxy | tau(acc, ft acc) | tau(-loss, ft acc) | tau(loss, ft loss) | spearman(acc) | s / eval |")
+    print("|---|---|---|---|---|---|")
+    for label, *_ in variants:
+        acc = np.array([r["proxies"][label]["accuracy"] for r in rows])
+        loss = np.array([r["proxies"][label]["loss"] for r in rows])
+        secs = np.mean([r["proxies"][label]["eval_seconds"] for r in rows])
+        tau_acc = kendalltau(acc, truth_acc).statistic
+        tau_loss = kendalltau(-loss, truth_acc).statistic
+        tau_ll = kendalltau(loss, truth_loss).statistic
+        rho = spearmanr(acc, truth_acc).statistic
+        print(f"| {label} | {tau_acc:.3f} | {tau_loss:.3f} | {tau_ll:.3f} | {rho:.3f} | {secs:.3f} |")
+    if args.ceiling:
+        again = np.array([r["finetuned_test_accuracy_seed2"] for r in rows])
+        print(
+            f"| noise ceiling: fine-tune seed {args.seed} vs {args.seed + 1} | "
+            f"{kendalltau(again, truth_acc).statistic:.3f} | | | {spearmanr(again, truth_acc).statistic:.3f} | |"
+        )
+    print(f"\ntorch threads: {torch.get_num_threads()}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""``prune-env``: the search job end to end, resume, Ctrl-C, reloading, export, listing and clear errors.
+
+Runs are tiny (random search, 2-4 evaluations, 96 validation samples, at most one fine-tune epoch) and the
+base model comes from the session's shared cache (the ``digits_base`` fixture trains it once).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prune_env
+from prune_env import cli, job
+from prune_env.checkpoint import read_spec
+from prune_env.data import Splits
+from prune_env.train import evaluate
+
+TINY = ["--agent", "random", "--eval-samples", "96", "--no-progress"]
+
+
+def _search(out: Path, *extra: str) -> int:
+    return cli.main(["search", *TINY, "--out", str(out), *extra])
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "evaluations.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture
+def cached(monkeypatch: pytest.MonkeyPatch, shared_cache: Path, digits_base: tuple[nn.Module, dict]) -> Path:
+    """Point the CLI's base-model cache at the session cache, where digits_base has trained resnet20."""
+    monkeypatch.setenv("PRUNE_ENV_CACHE", str(shared_cache))
+    return shared_cache
+
+
+@pytest.fixture(scope="module")
+def finished_run(
+    tmp_path_factory: pytest.TempPathFactory, shared_cache: Path, digits_base: tuple[nn.Module, dict]
+) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRUNE_ENV_CACHE", str(shared_cache))
+        assert _search(out, "--evals", "4", "--finetune-epochs", "1", "--target-macs", "0.5") == 0
+    return out
+
+
+def test_search_writes_consistent_results(finished_run: Path, digits_base: tuple[nn.Module, dict]) -> None:
+    results = json.loads((finished_run / "results.json").read_text())
+    assert results["status"] == "finished"
+    assert results["agent"] == "random"
+    assert results["evals_done"] == results["budget_evals"] == 4
+    assert len(_rows(finished_run)) == 4
+    assert results["macs_ratio"] <= 0.5 + 1e-9
+    assert results["macs"] <= 0.5 * results["base_macs"]
+    assert results["macs_ratio"] == pytest.approx(results["macs"] / results["base_macs"])
+    assert set(results["ratios"]) == set(results["keep"]) == set(results["channels"])
+    for name, k in results["keep"].items():
+        assert 1 <= k <= results["channels"][name]
+    best = max(_rows(finished_run), key=lambda r: float(r["reward"]))
+    assert results["proxy_accuracy"] == pytest.approx(float(best["accuracy"]))
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["base_test_accuracy"] == pytest.approx(digits_base[1]["test_accuracy"])
+    assert results["finetune_epochs"] == 1
+    assert set(results["timings"]) >= {"base_seconds", "search_seconds", "finetune_seconds", "total_seconds"}
+    assert {"python", "torch", "torchvision", "gymnasium"} <= set(results["versions"])
+    assert "--evals 4" in results["command"]
+    for name in ("search.png", "log.txt", "state.json", "model/model.json", "model/model.pt"):
+        assert (finished_run / name).is_file(), name
+    assert "search done" in (finished_run / "log.txt").read_text()
+
+
+def test_saved_model_is_the_finetuned_one(finished_run: Path, digits: Splits) -> None:
+    """load_pruned gives the model whose test accuracy results.json reports, at the reported cost."""
+    results = json.loads((finished_run / "results.json").read_text())
+    model = prune_env.load_pruned(finished_run / "model")
+    assert evaluate(model, digits.test)["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-12)
+    x = digits.test.tensors[0][:1]
+    assert prune_env.count_macs(model, x) == results["macs"]
+    assert prune_env.count_params(model) == results["params"]
+    # Reloading twice gives identical outputs (no randomness in rebuilding).
+    again = prune_env.load_pruned(finished_run / "model")
+    batch = digits.test.tensors[0][:32]
+    with torch.no_grad():
+        assert torch.equal(model(batch), again(batch))
+    assert read_spec(finished_run / "model")["meta"]["finetuned"] is True
+
+
+def test_eval_and_export(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = json.loads((finished_run / "results.json").read_text())
+    assert cli.main(["eval", str(finished_run / "model")]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy: {results['test_accuracy']:.4f}" in out
+    assert f"{results['macs']:,}" in out
+
+    onnx = pytest.importorskip("onnx")
+    target = tmp_path / "pruned.onnx"
+    assert cli.main(["export", str(finished_run / "model"), "--onnx", str(target)]) == 0
+    onnx.checker.check_model(onnx.load(str(target)))
+
+
+def test_existing_run_needs_resume(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _search(finished_run, "--evals", "4") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"prune-env: error: {finished_run} already holds a run; add --resume to continue it or "
+                   "choose another --out"]  # fmt: skip
+
+
+def test_resume_continues_where_it_stopped(
+    cached: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert _search(out, "--evals", "2", "--finetune-epochs", "0") == 0
+    first = _rows(out)
+    assert len(first) == 2
+    assert _search(out, "--evals", "4", "--finetune-epochs", "0", "--resume") == 0
+    rows = _rows(out)
+    assert len(rows) == 4
+    assert rows[:2] == first  # replayed, not re-run or rewritten
+    assert [int(r["index"]) for r in rows] == [0, 1, 2, 3]
+    assert rows[2]["keep"] != rows[0]["keep"]  # the restarted agent is seeded anew, not repeating itself
+    results = json.loads((out / "results.json").read_text())
+    assert results["evals_done"] == 4
+    assert results["best_reward"] == pytest.approx(max(float(r["reward"]) for r in rows))
+    assert "resumed: 2 evaluations replayed" in capsys.readouterr().err
+
+    # A resume must not silently change what is being searched.
+    assert _search(out, "--evals", "6", "--resume", "--target-macs", "0.3") == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_partial_results_and_resume_finishes(
+    cached: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    original = job.RunLog.record
+
+    def interrupt_after_two(self: job.RunLog, entry: object) -> None:
+        original(self, entry)
+        if self.state["evals_done"] == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived during the search
+
+    monkeypatch.setattr(job.RunLog, "record", interrupt_after_two)
+    assert _search(out, "--evals", "4", "--finetune-epochs", "0") == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err
+    assert "Traceback" not in err
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["status"] == "interrupted"
+    assert partial["evals_done"] == 2
+    assert partial["test_accuracy"] is None
+    assert len(_rows(out)) == 2
+    assert (out / "search.png").is_file()
+    assert read_spec(out / "model")["meta"]["finetuned"] is False  # the best policy so far, not fine-tuned
+
+    monkeypatch.setattr(job.RunLog, "record", original)
+    assert _search(out, "--evals", "4", "--finetune-epochs", "0", "--resume") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "finished"
+    assert results["evals_done"] == 4
+    assert len(_rows(out)) == 4
+
+
+def test_resume_drops_a_truncated_last_row(cached: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _search(out, "--evals", "2", "--finetune-epochs", "0") == 0
+    with (out / "evaluations.csv").open("a") as fh:
+        fh.write("2,0.5,0.5")  # what a hard kill mid-write leaves behind
+    assert _search(out, "--evals", "3", "--finetune-epochs", "0", "--resume") == 0
+    assert len(_rows(out)) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "resnet21"], "unknown model 'resnet21'"),
+        (["--agent", "nope"], "unknown agent 'nope'"),
+        (["--dataset", "mnist3"], "unknown dataset 'mnist3'"),
+        (["--target-macs", "0.001"], "is impossible"),
+        (["--target-params", "1.5"], "in (0, 1]"),
+        (["--evals", "0"], "--evals must be at least 1"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["search", *args, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("prune-env: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "run").exists()  # checked before anything is written or trained
+
+
+def test_bad_paths_fail_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["eval", str(tmp_path / "missing")]) == 2
+    assert cli.main(["search", "--resume", "--agent", "random", "--out", str(tmp_path / "none")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2
+    assert "no saved pruned model" in lines[0]
+    assert "nothing to resume" in lines[1]
+
+
+def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "prune_env.cli", "search", "--model", "nope", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("prune-env: error: unknown model 'nope'; known models:")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_list_names_everything(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("resnet20", "tv:NAME", "digits", "random", "uniform", "acc"):
+        assert name in out

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prune_env.serialize import json_default
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -145,9 +147,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _json_default(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    return str(v)
+    try:
+        return json_default(v)
+    except TypeError:
+        return str(v)  # settings may hold objects (a custom proxy): record their description
 
 
 def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from torch import nn
 
 from prune_env.errors import PruneEnvError
 from prune_env.graph import build_graph
+from prune_env.serialize import json_default
 from prune_env.surgery import prune_channels
 
 FORMAT = 1
@@ -53,17 +54,7 @@ def versions() -> dict[str, str]:
 
 def _jsonable(value: Any) -> Any:
     """Metadata as plain JSON (numpy scalars and arrays become numbers and lists)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    return json.loads(json.dumps(value, default=json_default))
 
 
 def save_pruned(

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from prune_env.errors import PruneEnvError, UnknownNameError
+from prune_env.serialize import json_default
 
 STATE_FORMAT = 1
 # The first one registered is the default: evolution spends its budget near the target at a fraction of
@@ -158,18 +159,8 @@ def preflight(s: SearchSettings) -> Any:
 
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
     os.replace(tmp, path)  # atomic: an interrupted write never leaves half a file
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _columns() -> list[str]:

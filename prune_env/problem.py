@@ -160,7 +160,7 @@ class PruningProblem:
         memo_hit = key in self._results
         if not memo_hit:
             # The pruned model is a function of the kept counts (rankings are fixed), so is its score.
-            self._results[key] = self.proxy.evaluate(self.build(keep))
+            self._results[key] = self.proxy.evaluate_owned(self.build(keep))
             self.evaluations += 1
         result = self._results[key]
         costs = self.graph.costs

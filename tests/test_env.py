@@ -254,3 +254,14 @@ def test_subprocess_vector_env_and_ppo(base: nn.Module, digits: Any) -> None:
         assert all(e["macs_ratio"] <= 0.5 + 1e-9 for e in episodes)
     finally:
         vec.close()
+
+
+def test_scoring_a_handed_over_model_equals_scoring_a_copy(problem: PruningProblem) -> None:
+    """The environment lets the proxy modify the pruned model it built (no copy); scores must not change."""
+    keep = problem.keep_for(np.full(problem.n_groups, 0.3))
+    model = problem.build(keep)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copied = problem.proxy.evaluate(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # evaluate copies
+    owned = problem.proxy.evaluate_owned(problem.build(keep))
+    assert (owned["accuracy"], owned["loss"]) == (copied["accuracy"], copied["loss"])

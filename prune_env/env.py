@@ -48,7 +48,9 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         render_mode: str | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}"
+            )
         self.render_mode = render_mode
         self.reward_fn: RewardFn = get_reward(reward)
         self.problem = problem or PruningProblem(
@@ -203,7 +205,9 @@ class LayerPruneEnv(_PruneEnv):
         obs = np.concatenate([self._static[t], np.clip(dynamic, 0.0, 1.0)])
         return obs.astype(np.float32)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self.target = self._sample_target(options)
         self._keep = self.problem.channels.copy()
@@ -226,7 +230,9 @@ class LayerPruneEnv(_PruneEnv):
             shape: Callable[[StepInfo], float] | None = getattr(self.reward_fn, "shape", None)
             if shape is not None:
                 so_far = self._keep.copy()
-                reward = float(shape(StepInfo(self._t - 1, applied, p.projector.cost_ratio(so_far), self.target)))
+                reward = float(
+                    shape(StepInfo(self._t - 1, applied, p.projector.cost_ratio(so_far), self.target))
+                )
             return self._observation(), reward, False, False, {"group": self._t, "applied_ratio": applied}
         reward, info = self._finish(self._keep)
         info["applied_ratio"] = applied
@@ -269,7 +275,9 @@ class OneShotPruneEnv(_PruneEnv):
     def _observation(self) -> np.ndarray:
         return np.append(self._flat, np.float32(self.target)).astype(np.float32)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self.target = self._sample_target(options)
         self._keep = self.problem.channels.copy()

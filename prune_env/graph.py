@@ -418,7 +418,9 @@ class _Propagator(torch.fx.Interpreter):
             return F.linear(x, _to_meta(m.weight), _to_meta(m.bias))
         if isinstance(m, (*_NORM_CHANNEL, nn.GroupNorm, nn.LayerNorm, nn.PReLU)):
             return torch.empty_like(x)  # normalisation and PReLU keep the shape
-        if isinstance(m, (*_ELEMENTWISE_MODULES, *_SPATIAL_MODULES, nn.Flatten, nn.Unflatten, nn.ChannelShuffle)):
+        if isinstance(
+            m, (*_ELEMENTWISE_MODULES, *_SPATIAL_MODULES, nn.Flatten, nn.Unflatten, nn.ChannelShuffle)
+        ):
             return m(*args, **kwargs)  # stateless library layers run on meta tensors as they are
         # A black-box leaf may branch on its input's values (and its MACs with it): only real data is
         # faithful, so the whole pass is redone with real tensors.
@@ -1141,7 +1143,9 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
         positions_of: list[np.ndarray] = []
         for j, s in enumerate(slots_of):
             units = slot_units[s]
-            positions = np.nonzero((unit_group[units] == gl) & (units != poison_unit) & has_producer[units])[0]
+            positions = np.nonzero((unit_group[units] == gl) & (units != poison_unit) & has_producer[units])[
+                0
+            ]
             positions_of.append(positions)
             counts[:, j] = np.bincount(rank_in_group[units[positions]], minlength=len(units_of_group))
         signatures, which = np.unique(counts, axis=0, return_inverse=True)
@@ -1184,7 +1188,9 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
             taken_names.add(name)
             groups.append(ChannelGroup(name=name, channels=len(sub_units), members=tuple(members)))
             group_slots.append(slots_for_group)
-            first_slot.append(min(s for (s, _), m in zip(slots_for_group, members, strict=True) if m.kind == "out"))
+            first_slot.append(
+                min(s for (s, _), m in zip(slots_for_group, members, strict=True) if m.kind == "out")
+            )
 
     # Slots are registered in execution order, so this is topological order of the groups' producers.
     order = sorted(range(len(groups)), key=lambda i: first_slot[i])

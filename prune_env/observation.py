@@ -44,7 +44,11 @@ def static_features(problem: PruningProblem, sensitivity: np.ndarray | None = No
         raw[i, 0] = i / max(n - 1, 1)
         raw[i, 1] = float(isinstance(producer, nn.Linear))
         raw[i, 2] = float(
-            any(getattr(model.get_submodule(m.layer), "groups", 1) > 1 for m in group.members if m.kind != "param")
+            any(
+                getattr(model.get_submodule(m.layer), "groups", 1) > 1
+                for m in group.members
+                if m.kind != "param"
+            )
         )
         raw[i, 3] = getattr(producer, "in_channels", getattr(producer, "in_features", 0))
         raw[i, 4] = group.channels

@@ -54,6 +54,11 @@ class Proxy(ABC):
         an implementation may memoise on it. ``None`` means "do not memoise".
         """
 
+    def evaluate_owned(self, model: nn.Module, key: Hashable | None = None) -> dict[str, float]:
+        """Like :meth:`evaluate` for a model the caller hands over and will not use again, so the proxy
+        may modify it instead of copying it first (a pruned model built only to be scored)."""
+        return self.evaluate(model, key)
+
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
@@ -179,10 +184,17 @@ class ProxyEvaluator(Proxy):
         return recalibrate_batchnorm(copy.deepcopy(model).to(self.device), self._recalib_batches)
 
     def evaluate(self, model: nn.Module, key: Hashable | None = None) -> dict[str, float]:
+        return self._evaluate(model, key, owned=False)
+
+    def evaluate_owned(self, model: nn.Module, key: Hashable | None = None) -> dict[str, float]:
+        return self._evaluate(model, key, owned=True)
+
+    def _evaluate(self, model: nn.Module, key: Hashable | None, owned: bool) -> dict[str, float]:
         if key is not None and key in self._memo:
             return {**self._memo[key], "memo_hit": 1.0}
         start = time.perf_counter()
-        candidate = copy.deepcopy(model).to(self.device)
+        # BN recalibration and fine-tuning modify the model: copy it unless the caller handed it over.
+        candidate = (model if owned else copy.deepcopy(model)).to(self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             recalibrate_batchnorm(candidate, self._recalib_batches)

@@ -218,7 +218,9 @@ def _plan_module(plan: _Plan, m: nn.Module, name: str, kinds: dict[str, tuple[in
             plan.set(name, "in_features", int(inp.sum()))
         return
     if ch is None:
-        raise UnsupportedLayerError(f"no surgery for {type(m).__name__} {name!r} with members {sorted(kinds)}")
+        raise UnsupportedLayerError(
+            f"no surgery for {type(m).__name__} {name!r} with members {sorted(kinds)}"
+        )
     kept = int(ch.sum())
     if isinstance(m, nn.GroupNorm):
         plan.set(name, "num_groups", m.num_groups * kept // m.num_channels)

@@ -171,7 +171,9 @@ def test_shared_module_prunes_consistently() -> None:
 
 def test_untraceable_module_names_the_module_and_the_fix() -> None:
     model = WithDataDependentBlock().eval()
-    with pytest.raises(UntraceableModelError, match=r"(?s)'block' \(DataDependent\).*leaf_modules=\[DataDependent\]"):
+    with pytest.raises(
+        UntraceableModelError, match=r"(?s)'block' \(DataDependent\).*leaf_modules=\[DataDependent\]"
+    ):
         prune_env.build_graph(model, X)
     with pytest.warns(UserWarning, match="DataDependent module 'block'"):
         graph = prune_env.build_graph(model, X, leaf_modules=[DataDependent])

@@ -27,7 +27,9 @@ FAST = [
     "convnext_tiny",
 ]
 SKIP_PREFIXES = ("vit_", "swin_", "maxvit_")
-ALL = [n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(SKIP_PREFIXES)]
+ALL = [
+    n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(SKIP_PREFIXES)
+]
 SLOW = sorted(set(ALL) - set(FAST))
 
 

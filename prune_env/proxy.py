@@ -35,11 +35,15 @@ from prune_env.train import EVAL_BATCH_SIZE, kd_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-# Chosen from benchmarks/proxy_fidelity.py (resnet20, 30+ random policies at 50% MACs, see the
-# issue-3 note): BN recalibration on 8 batches of 64 reaches Kendall tau >= 0.8 against accuracy after a
-# longer fine-tune, at a fraction of the cost of KD steps; plain evaluation does not.
+# Chosen from benchmarks/proxy_fidelity.py (resnet20 on Fashion-MNIST, 30 random policies at 50% MACs,
+# ground truth = test accuracy after a 50-step KD fine-tune; see the issue-3 note). Kendall tau:
+# plain 0.21, BN recalibration alone 0.33-0.38, recalibration + 10 KD steps + recalibration again 0.55
+# (the best, at ~3x the cost of recalibration alone), + 25 KD steps 0.46. Two fine-tunes of the same
+# policies with different seeds agree only to tau ~0.6, which bounds what any proxy can reach there.
+# On digits every variant is at the noise floor (tau 0.15-0.25, ceiling 0.32): 360 test images.
 DEFAULT_EVAL_SAMPLES = 1000
 DEFAULT_BN_RECALIB_BATCHES = 8
+DEFAULT_FINETUNE_STEPS = 10
 DEFAULT_RECALIB_BATCH_SIZE = 64
 
 
@@ -103,7 +107,8 @@ class ProxyEvaluator(Proxy):
         finetune_steps: SGD steps of distillation from ``base_model`` per evaluation (0 disables it).
         recalibrate_after_finetune: recalibrate BatchNorm again after the distillation steps. During
             those steps BN layers run in train mode and blend the recalibrated statistics with those of
-            weights that are still moving; re-estimating them on the final weights costs K forwards.
+            weights that are still moving; re-estimating them on the final weights costs K forwards and
+            raised mean proxy accuracy on Fashion-MNIST from 0.35 to 0.87 and tau from 0.18 to 0.55.
         seed: fixes the validation subset, the recalibration and fine-tune batches, and any dropout,
             so equal inputs give equal results.
 
@@ -117,7 +122,7 @@ class ProxyEvaluator(Proxy):
         splits: Splits,
         eval_samples: int | None = DEFAULT_EVAL_SAMPLES,
         bn_recalib_batches: int = DEFAULT_BN_RECALIB_BATCHES,
-        finetune_steps: int = 0,
+        finetune_steps: int = DEFAULT_FINETUNE_STEPS,
         seed: int = 0,
         *,
         batch_size: int = EVAL_BATCH_SIZE,
@@ -126,7 +131,7 @@ class ProxyEvaluator(Proxy):
         finetune_lr: float = 0.01,
         temperature: float = 4.0,
         alpha: float = 0.9,
-        recalibrate_after_finetune: bool = False,
+        recalibrate_after_finetune: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
         if bn_recalib_batches < 0 or finetune_steps < 0:

@@ -92,8 +92,8 @@ def test_recalibration_is_an_exact_average_over_the_batches() -> None:
 
 def test_recalibration_improves_a_pruned_model(digits: Splits, digits_base, pruned: nn.Module) -> None:
     base, _ = digits_base
-    plain = ProxyEvaluator(base, digits, bn_recalib_batches=0).evaluate(pruned)
-    recal = ProxyEvaluator(base, digits, bn_recalib_batches=8).evaluate(pruned)
+    plain = ProxyEvaluator(base, digits, bn_recalib_batches=0, finetune_steps=0).evaluate(pruned)
+    recal = ProxyEvaluator(base, digits, bn_recalib_batches=8, finetune_steps=0).evaluate(pruned)
     assert recal["accuracy"] > plain["accuracy"] + 0.05
     assert recal["loss"] < plain["loss"]
 
@@ -151,7 +151,9 @@ def test_eval_subset_is_fixed_size_and_base_metrics(digits: Splits, digits_base)
 def test_kd_steps_raise_proxy_accuracy(digits: Splits, digits_base) -> None:
     base, _ = digits_base
     heavily_pruned = prune_env.prune(base, digits.example_inputs(), 0.75)
-    recal = ProxyEvaluator(base, digits, eval_samples=None, bn_recalib_batches=8).evaluate(heavily_pruned)
+    recal = ProxyEvaluator(base, digits, eval_samples=None, bn_recalib_batches=8, finetune_steps=0).evaluate(
+        heavily_pruned
+    )
     kd = ProxyEvaluator(base, digits, eval_samples=None, bn_recalib_batches=8, finetune_steps=30).evaluate(
         heavily_pruned
     )
@@ -185,7 +187,7 @@ def test_recalibrating_after_kd_steps_uses_the_final_weights(
 ) -> None:
     base, _ = digits_base
     settings = {"eval_samples": None, "bn_recalib_batches": 4, "finetune_steps": 5}
-    blended = ProxyEvaluator(base, digits, **settings).evaluate(pruned)
+    blended = ProxyEvaluator(base, digits, recalibrate_after_finetune=False, **settings).evaluate(pruned)
     final = ProxyEvaluator(base, digits, recalibrate_after_finetune=True, **settings).evaluate(pruned)
     # Same weights after the same steps; only the BatchNorm statistics differ, so the results do too.
     assert final["loss"] != blended["loss"]

@@ -131,7 +131,24 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
             image[top:, i * bar : (i + 1) * bar - 1] = (60, 180, 75)
         return image
 
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.target = self._sample_target(options)
+        self._keep = self.problem.channels.copy()
+        self.last_outcome = None
+        info = {"target": self.target, **self._start_episode()}
+        return self._observation(), info
+
+    def _start_episode(self) -> dict[str, Any]:
+        """Per-environment episode state; returns extra ``info`` keys for ``reset``."""
+        return {}
+
     def _current_keep(self) -> np.ndarray:
+        return self._keep
+
+    def _observation(self) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -183,9 +200,6 @@ class LayerPruneEnv(_PruneEnv):
         self._t = 0
         self._prev_ratio = 0.0
 
-    def _current_keep(self) -> np.ndarray:
-        return self._keep
-
     def _observation(self) -> np.ndarray:
         p = self.problem
         t = min(self._t, p.n_groups - 1)
@@ -205,16 +219,10 @@ class LayerPruneEnv(_PruneEnv):
         obs = np.concatenate([self._static[t], np.clip(dynamic, 0.0, 1.0)])
         return obs.astype(np.float32)
 
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        self.target = self._sample_target(options)
-        self._keep = self.problem.channels.copy()
+    def _start_episode(self) -> dict[str, Any]:
         self._t = 0
         self._prev_ratio = 0.0
-        self.last_outcome = None
-        return self._observation(), {"target": self.target, "group": 0}
+        return {"group": 0}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         p = self.problem
@@ -269,20 +277,8 @@ class OneShotPruneEnv(_PruneEnv):
         self._flat = self._static.reshape(-1)
         self._keep = self.problem.channels.copy()
 
-    def _current_keep(self) -> np.ndarray:
-        return self._keep
-
     def _observation(self) -> np.ndarray:
         return np.append(self._flat, np.float32(self.target)).astype(np.float32)
-
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        self.target = self._sample_target(options)
-        self._keep = self.problem.channels.copy()
-        self.last_outcome = None
-        return self._observation(), {"target": self.target}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         p = self.problem

@@ -30,7 +30,6 @@ from prune_env.data import iterate_batches
 from prune_env.graph import units_to_keep
 from prune_env.problem import PruningProblem
 from prune_env.proxy import ProxyEvaluator
-from prune_env.rewards import Outcome
 from prune_env.train import kd_loss
 
 
@@ -195,20 +194,10 @@ def _score(
     if evaluator.remaining <= 0:  # check before spending a proxy evaluation
         raise BudgetExhausted(f"evaluation budget of {evaluator.budget_evals} spent")
     local = problem.evaluate_keep(keep)
-    costs = original.graph.costs
-    outcome = Outcome(
+    outcome = original.outcome(
+        keep,
         accuracy=local.accuracy,
         loss=local.loss,
-        base_accuracy=original.base_accuracy,
-        base_loss=original.base_loss,
-        macs=costs.macs(keep),
-        params=costs.params(keep),
-        base_macs=original.graph.base_macs,
-        base_params=original.graph.base_params,
-        target=original.target,
-        metric=original.metric,
-        ratios=original.ratios_for(keep),
-        keep=tuple(int(k) for k in keep),
         eval_seconds=local.eval_seconds,
         memo_hit=local.memo_hit,
     )

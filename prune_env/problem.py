@@ -163,10 +163,32 @@ class PruningProblem:
             self._results[key] = self.proxy.evaluate_owned(self.build(keep))
             self.evaluations += 1
         result = self._results[key]
-        costs = self.graph.costs
-        return Outcome(
+        return self.outcome(
+            keep,
             accuracy=float(result["accuracy"]),
             loss=float(result["loss"]),
+            target=target,
+            eval_seconds=time.perf_counter() - start,
+            memo_hit=memo_hit,
+        )
+
+    def outcome(
+        self,
+        keep: np.ndarray,
+        *,
+        accuracy: float,
+        loss: float,
+        target: float | None = None,
+        eval_seconds: float = 0.0,
+        memo_hit: bool = False,
+    ) -> Outcome:
+        """The :class:`Outcome` of kept units ``keep`` scored ``accuracy``/``loss``, in this problem's terms
+        (costs, base model, target) — also for scores obtained elsewhere (RL-Pruner's later rounds)."""
+        keep = np.asarray(keep, dtype=np.int64)
+        costs = self.graph.costs
+        return Outcome(
+            accuracy=accuracy,
+            loss=loss,
             base_accuracy=self.base_accuracy,
             base_loss=self.base_loss,
             macs=costs.macs(keep),
@@ -177,7 +199,7 @@ class PruningProblem:
             metric=self.metric,
             ratios=self.ratios_for(keep),
             keep=tuple(keep.tolist()),
-            eval_seconds=time.perf_counter() - start,
+            eval_seconds=eval_seconds,
             memo_hit=memo_hit,
         )
 

@@ -7,6 +7,8 @@ best policy found is built from the base model and fine-tuned with the same dist
 
     python benchmarks/agents.py --datasets digits --targets 0.25 0.5 --seeds 0 1 2 --evals 40 \\
         --finetune-epochs 3 --csv agents.csv
+    python benchmarks/agents.py --datasets fashion-mnist --targets 0.25 0.5 --seeds 0 1 2 --evals 30 \\
+        --finetune-epochs 1 --finetune-samples 8000 --csv agents_fashion.csv
 
 Rows are appended to the CSV as they finish, so an interrupted run keeps its results. The problem memoises
 proxy results, and is shared by all agents of a (dataset, target): seconds are therefore lower for agents
@@ -21,6 +23,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 # Run as a script, this file's directory comes first on sys.path and its name would shadow the ``agents``
@@ -29,6 +32,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
 
 from agents import AGENTS, search  # noqa: E402
 from prune_env.data import load  # noqa: E402
@@ -48,6 +52,8 @@ FIELDS = [
     "finetuned_test_accuracy",
     "search_seconds",
     "finetune_seconds",
+    "finetune_epochs",
+    "finetune_samples",
     "best_ratios",
 ]
 
@@ -60,6 +66,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--evals", type=int, default=40, help="proxy evaluations per search")
     parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument(
+        "--finetune-samples",
+        type=int,
+        default=None,
+        help="fine-tune on a fixed, seeded subset of train this size (the same subset for every agent)",
+    )
     parser.add_argument("--agents", nargs="+", default=sorted(AGENTS), choices=sorted(AGENTS))
     parser.add_argument("--eval-samples", type=int, default=1000, help="validation samples of the proxy")
     parser.add_argument("--bn-recalib-batches", type=int, default=8)
@@ -104,6 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dataset in args.datasets:
             splits = load(dataset, seed=0)
             base, metrics = train_base(args.model, splits, seed=0, progress=False)
+            tune_splits = splits
+            if args.finetune_samples:
+                idx = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))
+                tune_splits = replace(
+                    splits, train=Subset(splits.train, idx[: args.finetune_samples].tolist())
+                )
             print(f"{args.model} on {dataset}: base test accuracy {metrics['test_accuracy']:.4f}", flush=True)
             for target in args.targets:
                 problem = PruningProblem(
@@ -121,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         _, ft = finetune(
                             problem.build(result.best_keep),
                             problem.base_model,
-                            splits,
+                            tune_splits,
                             args.finetune_epochs,
                             seed=seed,
                             progress=False,
@@ -139,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "finetuned_test_accuracy": ft["test_accuracy"],
                             "search_seconds": result.seconds,
                             "finetune_seconds": ft["finetune_seconds"],
+                            "finetune_epochs": args.finetune_epochs,
+                            "finetune_samples": args.finetune_samples or len(splits.train),
                             "best_ratios": " ".join(f"{r:.3f}" for r in result.best_ratios),
                         }
                         writer.writerow(row)

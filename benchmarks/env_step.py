@@ -1,10 +1,11 @@
 """Environment step cost: episode wall time, the share spent outside the proxy's forward passes, and
 episodes/s with 1 and 2 subprocess environments.
 
-    python benchmarks/env_step.py [--models resnet20 resnet56] [--episodes 20] [--eval-samples 256]
+    python benchmarks/env_step.py [--models resnet20 resnet56] [--episodes 20] [--eval-samples 256] \
+        [--bn-recalib-batches 8] [--dataset digits]
 
 The proxy's own forward passes (BN recalibration + validation scoring) are timed with hooks on the pruned
-model's root module (they survive the proxy's deep copy); everything else in an episode — action mapping,
+model's root module; everything else in an episode — action mapping,
 budget projection, surgery, copies, bookkeeping — is the environment's overhead. Target: <= 5% at 256
 evaluation samples. Base models are trained once and cached (first run takes a few minutes per model).
 """
@@ -23,6 +24,7 @@ from torch import nn
 import prune_env
 from prune_env.env import LayerPruneEnv, OneShotPruneEnv
 from prune_env.problem import PruningProblem
+from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES
 
 
 class ForwardTimer:
@@ -31,10 +33,14 @@ class ForwardTimer:
     def __init__(self) -> None:
         self.seconds = 0.0
         self._start: list[float] = []
+        self._attached: dict[int, nn.Module] = {}
 
     def attach(self, model: nn.Module) -> nn.Module:
-        model.register_forward_pre_hook(lambda *_: self._start.append(time.perf_counter()))
-        model.register_forward_hook(lambda *_: self._stop())
+        """Time ``model``'s forward passes (once per module object: the hot path rebuilds into one)."""
+        if id(model) not in self._attached:
+            self._attached[id(model)] = model
+            model.register_forward_pre_hook(lambda *_: self._start.append(time.perf_counter()))
+            model.register_forward_hook(lambda *_: self._stop())
         return model
 
     def _stop(self) -> None:
@@ -83,16 +89,19 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--vector-steps", type=int, default=20)
+    parser.add_argument(
+        "--bn-recalib-batches", type=int, default=DEFAULT_BN_RECALIB_BATCHES, help="the proxy's (env default)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread per environment process, as in the vectorised runs
     rng = np.random.default_rng(0)
     print(f"{'model':<10} {'env':<8} {'episode s':>10} {'forward s':>10} {'overhead':>9}")
     for name in args.models:
-        kwargs = {"eval_samples": args.eval_samples, "bn_recalib_batches": 2}
+        kwargs = {"eval_samples": args.eval_samples, "bn_recalib_batches": args.bn_recalib_batches}
         problem = PruningProblem(name, args.dataset, progress=True, **kwargs)
         timer = ForwardTimer()
-        build = problem.build
-        problem.build = lambda keep, build=build, timer=timer: timer.attach(build(keep))  # pruned models only
+        build = problem.build_for_evaluation
+        problem.build_for_evaluation = lambda keep, build=build, timer=timer: timer.attach(build(keep))
         for cls in (OneShotPruneEnv, LayerPruneEnv):
             env = cls(problem=problem, **kwargs)
             rows = episode_costs(env, timer, args.episodes, rng)

@@ -49,22 +49,25 @@ def random_policy(
     return np.minimum(raw * hi, MAX_RATIO)
 
 
-def parse_variants(spec: str) -> list[tuple[str, int, int, bool]]:
-    """'plain,bn8,bn8+kd25,bn8+kd25+re' -> [(label, recalibration batches, KD steps, recalibrate after KD)]."""
+def parse_variants(spec: str, eval_samples: int) -> list[tuple[str, int, int, bool, int]]:
+    """'plain,bn8,bn8+kd25+re,bn8+n6000' -> [(label, recalibration batches, KD steps, recalibrate after KD,
+    validation samples)]."""
     variants = []
     for item in spec.split(","):
         item = item.strip()
-        bn, kd, recal_after = 0, 0, False
+        bn, kd, recal_after, n = 0, 0, False, eval_samples
         for part in item.split("+"):
             if part.startswith("bn"):
                 bn = int(part[2:])
             elif part.startswith("kd"):
                 kd = int(part[2:])
+            elif part.startswith("n"):
+                n = int(part[1:])
             elif part == "re":
                 recal_after = True
             elif part != "plain":
-                raise ValueError(f"bad variant {item!r}: use plain, bnK, bnK+kdN or bnK+kdN+re")
-        variants.append((item, bn, kd, recal_after))
+                raise ValueError(f"bad variant {item!r}: use plain, bnK, bnK+kdN, bnK+kdN+re, +nSAMPLES")
+        variants.append((item, bn, kd, recal_after, n))
     return variants
 
 
@@ -90,10 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
-        "--ceiling",
-        action="store_true",
-        help="fine-tune every policy a second time with another seed: tau between the two runs is the "
-        "noise ceiling no proxy can beat",
+        "--truth-seeds",
+        type=int,
+        default=1,
+        help="fine-tune every policy with this many seeds; the ground truth is their mean, and tau between "
+        "the first two is the fine-tune's own noise level",
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="write per-policy results as JSON here")
@@ -119,18 +123,18 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     policies = [random_policy(graph, args.budget * base_macs, rng) for _ in range(args.policies)]
 
-    variants = parse_variants(args.variants)
+    variants = parse_variants(args.variants, args.eval_samples)
     evaluators = {
         label: ProxyEvaluator(
             base,
             splits,
-            eval_samples=args.eval_samples,
+            eval_samples=n,
             bn_recalib_batches=bn,
             finetune_steps=kd,
             recalibrate_after_finetune=recal_after,
             seed=args.seed,
         )
-        for label, bn, kd, recal_after in variants
+        for label, bn, kd, recal_after, n in variants
     }
     rows = []
     for i, ratios in enumerate(policies):
@@ -138,22 +142,22 @@ def main(argv: list[str] | None = None) -> None:
         macs = prune_env.count_macs(pruned, example)
         proxies = {label: ev.evaluate(pruned) for label, ev in evaluators.items()}
         start = time.perf_counter()
-        _, truth = finetune(
-            pruned, base, tune_splits, epochs=args.finetune_epochs, seed=args.seed, progress=False
-        )
-        finetune_seconds = time.perf_counter() - start
-        repeat = None
-        if args.ceiling:
-            _, again = finetune(
-                pruned, base, tune_splits, epochs=args.finetune_epochs, seed=args.seed + 1, progress=False
-            )
-            repeat = again["test_accuracy"]
+        runs = [
+            finetune(
+                pruned, base, tune_splits, epochs=args.finetune_epochs, seed=args.seed + k, progress=False
+            )[1]
+            for k in range(args.truth_seeds)
+        ]
+        finetune_seconds = (time.perf_counter() - start) / args.truth_seeds
+        truth = {
+            m: float(np.mean([r[m] for r in runs])) for m in ("test_accuracy", "val_accuracy", "test_loss")
+        }
         rows.append(
             {
-                "finetuned_test_accuracy_seed2": repeat,
                 "ratios": [round(float(r), 4) for r in ratios],
                 "macs_fraction": macs / base_macs,
                 "finetuned_test_accuracy": truth["test_accuracy"],
+                "finetuned_test_accuracy_per_seed": [r["test_accuracy"] for r in runs],
                 "finetuned_val_accuracy": truth["val_accuracy"],
                 "finetuned_test_loss": truth["test_loss"],
                 "finetune_seconds": finetune_seconds,
@@ -162,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                 },
             }
         )
+        if args.out:  # after every policy, so an interrupted run keeps what it measured
+            Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
         summary = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in proxies.items())
         print(
             f"policy {i + 1:>3}/{len(policies)} macs={macs / base_macs:.3f} "
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.model} on {args.dataset}: {len(rows)} random policies at {args.budget:.0%} MACs "
         f"(achieved {min(r['macs_fraction'] for r in rows):.3f}-{max(r['macs_fraction'] for r in rows):.3f}); "
         f"ground truth: test accuracy after {args.finetune_epochs} KD epochs"
+        + (f", mean of {args.truth_seeds} seeds" if args.truth_seeds > 1 else "")
         + (f" on {args.finetune_samples} training samples" if args.finetune_samples else "")
         + f" (range {truth_acc.min():.4f}-{truth_acc.max():.4f}, mean {np.mean([r['finetune_seconds'] for r in rows]):.1f} s)"
     )
@@ -191,15 +198,13 @@ def main(argv: list[str] | None = None) -> None:
         tau_ll = kendalltau(loss, truth_loss).statistic
         rho = spearmanr(acc, truth_acc).statistic
         print(f"| {label} | {tau_acc:.3f} | {tau_loss:.3f} | {tau_ll:.3f} | {rho:.3f} | {secs:.3f} |")
-    if args.ceiling:
-        again = np.array([r["finetuned_test_accuracy_seed2"] for r in rows])
+    if args.truth_seeds > 1:
+        first, second = (np.array([r["finetuned_test_accuracy_per_seed"][k] for r in rows]) for k in (0, 1))
         print(
-            f"| noise ceiling: fine-tune seed {args.seed} vs {args.seed + 1} | "
-            f"{kendalltau(again, truth_acc).statistic:.3f} | | | {spearmanr(again, truth_acc).statistic:.3f} | |"
+            f"| fine-tune noise: seed {args.seed} vs {args.seed + 1} | "
+            f"{kendalltau(first, second).statistic:.3f} | | | {spearmanr(first, second).statistic:.3f} | |"
         )
     print(f"\ntorch threads: {torch.get_num_threads()}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

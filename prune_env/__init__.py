@@ -13,7 +13,7 @@ from prune_env.errors import (
     UntraceableModelError,
 )
 from prune_env.graph import ChannelGroup, DependencyGraph, Member, build_graph
-from prune_env.surgery import prune, prune_channels, zero_units
+from prune_env.surgery import ModelRebuilder, prune, prune_channels, zero_units
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "DependencyGraph",
     "InvalidRatiosError",
     "Member",
+    "ModelRebuilder",
     "PruneEnvError",
     "UnknownNameError",
     "UnsupportedLayerError",

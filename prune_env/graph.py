@@ -23,6 +23,7 @@ union corresponding positions, so every part keeps the same channels; a literal 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
 import warnings
@@ -910,6 +911,21 @@ class DependencyGraph:
 
     def __len__(self) -> int:
         return len(self.groups)
+
+    @functools.cached_property
+    def _unit_positions(self) -> list[list[tuple[int, int, np.ndarray, np.ndarray]]]:
+        """Per group, per member: (slot, slot size, positions along the slot, the unit owning each one).
+
+        Surgery's lookup table, built once: which indices of which layer dimension a dropped unit takes."""
+        table = []
+        for group, pairs in zip(self.groups, self._group_slots, strict=True):
+            rows = []
+            for (s, _), member in zip(pairs, group.members, strict=True):
+                positions = np.asarray(member.positions, dtype=np.int64).reshape(-1)
+                units = np.repeat(np.arange(group.channels), member.multiplicity)
+                rows.append((s, member.size, positions, units))
+            table.append(rows)
+        return table
 
     def __repr__(self) -> str:
         return (

@@ -22,7 +22,7 @@ from prune_env.importance import Importance, get_importance
 from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES, DEFAULT_EVAL_SAMPLES, Proxy, ProxyEvaluator
 from prune_env.rewards import Outcome
 from prune_env.spaces import BudgetProjector, keep_to_ratios
-from prune_env.surgery import prune_channels
+from prune_env.surgery import ModelRebuilder, prune_channels
 from prune_env.train import train_base
 
 ModelArg = str | nn.Module | Callable[[], nn.Module]
@@ -108,6 +108,7 @@ class PruningProblem:
         self.base_loss = float(full["loss"])
         self.evaluations = 0  # proxy evaluations that were not memo hits
         self._results: dict[tuple[int, ...], dict[str, float]] = {}
+        self._rebuilder: ModelRebuilder | None = None
 
     # -- construction -------------------------------------------------------------------------------
     def _base_model(
@@ -148,9 +149,25 @@ class PruningProblem:
 
     def build(self, keep: np.ndarray) -> nn.Module:
         """The physically pruned model keeping ``keep[g]`` top-ranked units of each group."""
+        return prune_channels(self.base_model, self.graph, self._units(keep))
+
+    def build_for_evaluation(self, keep: np.ndarray) -> nn.Module:
+        """The pruned model for one proxy evaluation, handed over to the proxy.
+
+        With a proxy that keeps no reference to the models it scores (``Proxy.keeps_models`` false, as
+        for :class:`ProxyEvaluator`), every call rebuilds into the same module objects
+        (:class:`~prune_env.surgery.ModelRebuilder`): the previous result is overwritten, and the hot path
+        pays no deep copy of the module tree. Otherwise it is :meth:`build`.
+        """
+        if self.proxy.keeps_models:
+            return self.build(keep)
+        if self._rebuilder is None:
+            self._rebuilder = ModelRebuilder(self.base_model, self.graph)
+        return self._rebuilder.rebuild(self._units(keep))
+
+    def _units(self, keep: np.ndarray) -> list[np.ndarray]:
         keep = np.asarray(keep, dtype=np.int64)
-        units = [np.sort(order[:k]) for order, k in zip(self.rankings, keep, strict=True)]
-        return prune_channels(self.base_model, self.graph, units)
+        return [np.sort(order[:k]) for order, k in zip(self.rankings, keep, strict=True)]
 
     def evaluate_keep(self, keep: np.ndarray, target: float | None = None) -> Outcome:
         """Score an already projected policy (kept units per group) with the proxy."""
@@ -160,7 +177,7 @@ class PruningProblem:
         memo_hit = key in self._results
         if not memo_hit:
             # The pruned model is a function of the kept counts (rankings are fixed), so is its score.
-            self._results[key] = self.proxy.evaluate_owned(self.build(keep))
+            self._results[key] = self.proxy.evaluate_owned(self.build_for_evaluation(keep))
             self.evaluations += 1
         result = self._results[key]
         return self.outcome(

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from prune_env.data import Splits, take
-from prune_env.device import resolve_device
+from prune_env.device import on_device, resolve_device, seed_generators
 from prune_env.train import EVAL_BATCH_SIZE, kd_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -48,7 +48,14 @@ DEFAULT_RECALIB_BATCH_SIZE = 64
 
 
 class Proxy(ABC):
-    """Scores a (pruned) model. Implementations must not modify the model they are given."""
+    """Scores a (pruned) model. Implementations must not modify the model they are given.
+
+    ``keeps_models``: set it to ``False`` in an implementation that holds no reference to a model
+    handed to :meth:`evaluate_owned` once the call returns; the caller may then build the next candidate
+    into the same module objects (see :meth:`prune_env.problem.PruningProblem.build_for_evaluation`).
+    """
+
+    keeps_models: bool = True
 
     @abstractmethod
     def evaluate(self, model: nn.Module, key: Hashable | None = None) -> dict[str, float]:
@@ -112,7 +119,8 @@ class ProxyEvaluator(Proxy):
         seed: fixes the validation subset, the recalibration and fine-tune batches, and any dropout,
             so equal inputs give equal results.
 
-    Results are memoised by ``key`` when one is given. ``evaluate`` returns ``accuracy``, ``loss``,
+    It keeps no model it scores (``keeps_models = False``). Results are memoised by ``key`` when one is
+    given. ``evaluate`` returns ``accuracy``, ``loss``,
     ``eval_seconds`` (the cost of this call), ``samples`` and ``memo_hit``.
     """
 
@@ -134,6 +142,7 @@ class ProxyEvaluator(Proxy):
         recalibrate_after_finetune: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
+        self.keeps_models = False
         if bn_recalib_batches < 0 or finetune_steps < 0:
             raise ValueError("bn_recalib_batches and finetune_steps must be >= 0")
         self.eval_samples = eval_samples
@@ -199,9 +208,11 @@ class ProxyEvaluator(Proxy):
             return {**self._memo[key], "memo_hit": 1.0}
         start = time.perf_counter()
         # BN recalibration and fine-tuning modify the model: copy it unless the caller handed it over.
-        candidate = (model if owned else copy.deepcopy(model)).to(self.device)
+        candidate = model if owned else copy.deepcopy(model)
+        if not on_device(candidate, self.device):
+            candidate = candidate.to(self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
+            seed_generators(self.seed, self.device)
             recalibrate_batchnorm(candidate, self._recalib_batches)
             if self._finetune_batches:
                 self._distill(candidate)

@@ -68,17 +68,7 @@ def prune_channels(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> 
     ``keep``: per group (by index, by name, or as a sequence in ``graph.groups`` order) the unit indices to
     keep; groups not mentioned are kept whole.
     """
-    masks = _slot_masks(graph, _normalise_keep(graph, keep))
-    by_layer: dict[str, dict[str, tuple[int, np.ndarray]]] = {}
-    for s, mask in masks.items():
-        slot = graph._slots[s]
-        by_layer.setdefault(slot.layer, {})[slot.kind] = (slot.dim, mask)
-    plan = _Plan()
-    for layer, kinds in by_layer.items():
-        if "param" in kinds:
-            _plan_raw_parameter(plan, model, layer, *kinds["param"])
-        else:
-            _plan_module(plan, model.get_submodule(layer), layer, kinds)
+    plan = _plan(model, graph, keep)
     # Sliced tensors enter the copy through deepcopy's memo, so every weight is copied exactly once.
     new = copy.deepcopy(model, plan.memo())
     for module_name, attr, value in plan.attributes:
@@ -86,32 +76,139 @@ def prune_channels(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> 
     return new
 
 
+class ModelRebuilder:
+    """Pruned models of one base model, each rebuilt into the same module objects: for hot loops.
+
+    :func:`prune_channels` deep-copies the module tree for every pruned model; for a small network
+    scored on a few hundred images that copy costs about as much as the scoring. A rebuilder copies the
+    tree once and, per :meth:`rebuild`, only swaps tensors (fresh slices, or fresh clones of the base
+    tensors, so whatever the previous user did to them — BN recalibration, SGD steps — is gone), size
+    attributes and training flags. The returned module is the same object every time: use it for a
+    throw-away evaluation and do not keep it across calls. The base model is only read.
+    """
+
+    def __init__(self, model: nn.Module, graph: DependencyGraph) -> None:
+        self.base = model
+        self.graph = graph
+        self.module = copy.deepcopy(model)
+        self._base_modules = dict(model.named_modules(remove_duplicate=False))
+        self._modules = dict(self.module.named_modules(remove_duplicate=False))
+        self._pairs = [(self._base_modules[name], module) for name, module in self._modules.items()]
+        # Every parameter and buffer slot of the copy with the base tensor that fills it.
+        self._slots = [
+            (getattr(module, registry), key, t, isinstance(t, nn.Parameter) and t.requires_grad)
+            for base_module, module in self._pairs
+            for registry in ("_parameters", "_buffers")
+            for key, t in getattr(base_module, registry).items()
+            if t is not None
+        ]
+        self._touched: set[tuple[str, str]] = set()  # attributes the last plan changed, to restore
+
+    def rebuild(self, keep: KeepSpec) -> nn.Module:
+        plan = _plan(self.base, self.graph, keep, self._base_modules)
+        memo = plan.memo()
+        for base_module, module in self._pairs:
+            module.__dict__["training"] = base_module.training  # what Module.train() sets, minus recursion
+        for registry, key, t, grad in self._slots:
+            if id(t) not in memo:  # one entry per base tensor, so tied weights stay tied
+                fresh = t.detach().clone()
+                memo[id(t)] = (
+                    nn.Parameter(fresh, requires_grad=grad) if isinstance(t, nn.Parameter) else fresh
+                )
+            registry[key] = memo[id(t)]
+        plain = plan.plain_tensor_attributes(self._base_modules)
+        changed = {(module_name, attr) for module_name, attr, _ in plan.attributes} | plain
+        for module_name, attr in self._touched - changed:
+            value = getattr(self._base_modules[module_name], attr)
+            _set(
+                self._modules[module_name],
+                attr,
+                value.detach().clone() if isinstance(value, torch.Tensor) else value,
+            )
+        for module_name, attr in plain:
+            _set(self._modules[module_name], attr, memo[id(getattr(self._base_modules[module_name], attr))])
+        for module_name, attr, value in plan.attributes:
+            _set(self._modules[module_name], attr, value)
+        self._touched = changed
+        return self.module
+
+
+def _set(module: nn.Module, attr: str, value: Any) -> None:
+    # Module.__setattr__ checks every registry on each call; plain attributes (sizes, group counts) can
+    # go straight into the instance dict, which is where it would put them.
+    if isinstance(value, (torch.Tensor, nn.Module)):
+        setattr(module, attr, value)
+    else:
+        module.__dict__[attr] = value
+
+
+def _fresh(original: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` as the same kind of tensor as ``original`` (a Parameter stays a Parameter)."""
+    if isinstance(original, nn.Parameter):
+        return nn.Parameter(value, requires_grad=original.requires_grad)
+    return value
+
+
+def _plan(
+    model: nn.Module, graph: DependencyGraph, keep: KeepSpec, modules: Mapping[str, nn.Module] | None = None
+) -> _Plan:
+    """Every slice and size attribute that keeping ``keep`` needs, computed from ``model`` (read only).
+
+    ``modules``: ``dict(model.named_modules())`` when the caller has it (saves the lookups)."""
+    modules = modules if modules is not None else dict(model.named_modules(remove_duplicate=False))
+    masks = _slot_masks(graph, _normalise_keep(graph, keep))
+    by_layer: dict[str, dict[str, tuple[int, torch.Tensor]]] = {}
+    for s, mask in masks.items():
+        slot = graph._slots[s]
+        by_layer.setdefault(slot.layer, {})[slot.kind] = (slot.dim, torch.from_numpy(np.flatnonzero(mask)))
+    plan = _Plan()
+    for layer, kinds in by_layer.items():
+        if "param" in kinds:
+            _plan_raw_parameter(plan, modules, layer, *kinds["param"])
+        else:
+            _plan_module(plan, modules[layer], layer, kinds)
+    return plan
+
+
 class _Plan:
     """Slices computed from the original model (read only) and size attributes to set on the copy."""
 
     def __init__(self) -> None:
         self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(original) -> (original, new)
+        self.locations: set[tuple[str, str]] = set()  # (module name, attribute) of every sliced tensor
         self.attributes: list[tuple[str, str, Any]] = []
 
-    def slice(self, module: nn.Module, attr: str, dim: int, mask: np.ndarray) -> None:
-        t = getattr(module, attr, None)
+    def slice(self, module: nn.Module, module_name: str, attr: str, dim: int, idx: torch.Tensor) -> None:
+        """Keep the indices ``idx`` of ``module.attr`` along ``dim`` (a no-op when there is no such tensor)."""
+        # The registries first: Module.__getattr__ is the slow path for parameters and buffers.
+        t = module._parameters.get(attr)
+        if t is None:
+            t = module._buffers.get(attr)
+        if t is None:
+            t = getattr(module, attr, None)
         if not isinstance(t, torch.Tensor):
             return
-        current = self.tensors[id(t)][1] if id(t) in self.tensors else t.detach()
-        idx = torch.as_tensor(np.nonzero(mask)[0], device=t.device)
+        entry = self.tensors.get(id(t))
+        current = entry[1] if entry is not None else t.detach()
+        if idx.device != t.device:
+            idx = idx.to(t.device)
         self.tensors[id(t)] = (t, current.index_select(dim, idx))
+        self.locations.add((module_name, attr))
 
     def set(self, module_name: str, attr: str, value: Any) -> None:
         self.attributes.append((module_name, attr, value))
 
     def memo(self) -> dict[int, Any]:
-        memo: dict[int, Any] = {}
-        for key, (original, new) in self.tensors.items():
-            if isinstance(original, nn.Parameter):
-                memo[key] = nn.Parameter(new, requires_grad=original.requires_grad)
-            else:
-                memo[key] = new
-        return memo
+        return {key: _fresh(original, new) for key, (original, new) in self.tensors.items()}
+
+    def plain_tensor_attributes(self, modules: Mapping[str, nn.Module]) -> set[tuple[str, str]]:
+        """Sliced tensors held as plain attributes (neither parameter nor buffer) of their module."""
+        found = set()
+        for module_name, attr in self.locations:
+            module = modules[module_name]
+            if attr not in module._parameters and attr not in module._buffers:
+                found.add((module_name, attr))
+        return found
 
 
 def _normalise_keep(graph: DependencyGraph, keep: KeepSpec) -> list[np.ndarray]:
@@ -157,71 +254,75 @@ def _select_units(graph: DependencyGraph, spec: KeepSpec) -> dict[int, np.ndarra
 
 
 def _slot_masks(graph: DependencyGraph, keep: list[np.ndarray]) -> dict[int, np.ndarray]:
+    """Per layer dimension (slot) touched by pruning: a boolean mask of the indices that stay."""
     masks: dict[int, np.ndarray] = {}
-    for group, kept, pairs in zip(graph.groups, keep, graph._group_slots, strict=True):
+    for group, kept, rows in zip(graph.groups, keep, graph._unit_positions, strict=True):
         if len(kept) == group.channels:
             continue
-        dropped = np.setdiff1d(np.arange(group.channels), kept)
-        for (s, _), member in zip(pairs, group.members, strict=True):
+        dropped = np.ones(group.channels, dtype=bool)
+        dropped[kept] = False
+        for s, size, positions, units in rows:
             if s not in masks:
-                masks[s] = np.ones(member.size, dtype=bool)
-            pos = np.asarray(member.positions).reshape(group.channels, member.multiplicity)
-            masks[s][pos[dropped].reshape(-1)] = False
+                masks[s] = np.ones(size, dtype=bool)
+            masks[s][positions[dropped[units]]] = False
     return masks
 
 
-def _plan_raw_parameter(plan: _Plan, model: nn.Module, qualname: str, dim: int, mask: np.ndarray) -> None:
+def _plan_raw_parameter(
+    plan: _Plan, modules: Mapping[str, nn.Module], qualname: str, dim: int, idx: torch.Tensor
+) -> None:
     owner_name, _, attr = qualname.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    plan.slice(owner, attr, dim, mask)
+    owner = modules[owner_name]
+    plan.slice(owner, owner_name, attr, dim, idx)
     # A norm layer traced through to its functional form (ConvNeXt's LayerNorm2d calls F.layer_norm with
     # self.normalized_shape): its size attributes must follow its parameters.
-    kept = int(mask.sum())
+    kept = len(idx)
     if isinstance(owner, nn.LayerNorm) and attr in ("weight", "bias"):
         plan.set(owner_name, "normalized_shape", (kept,))
     elif isinstance(owner, nn.modules.batchnorm._NormBase):
         plan.set(owner_name, "num_features", kept)
 
 
-def _plan_module(plan: _Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int, np.ndarray]]) -> None:
+def _plan_module(plan: _Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int, torch.Tensor]]) -> None:
+    # Index tensors of the kept positions along each of the layer's pruned dimensions (None: untouched).
     out = kinds.get("out", (0, None))[1]
     inp = kinds.get("in", (1, None))[1]
     ch = kinds.get("channel", (0, None))[1]
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if out is not None:
-            plan.slice(m, "weight", 0, out)
-            plan.slice(m, "bias", 0, out)
+            plan.slice(m, name, "weight", 0, out)
+            plan.slice(m, name, "bias", 0, out)
         if m.groups > 1:
             # Whole groups go: keep the per-group width, shrink the group count.
-            kept_out = int(out.sum()) if out is not None else m.out_channels
+            kept_out = len(out) if out is not None else m.out_channels
             new_groups = kept_out // (m.out_channels // m.groups)
             in_per_group = m.in_channels // m.groups
-            if inp is not None and int(inp.sum()) != new_groups * in_per_group:
+            if inp is not None and len(inp) != new_groups * in_per_group:
                 raise UnsupportedLayerError(f"grouped conv {name!r}: inconsistent group removal")
             plan.set(name, "in_channels", new_groups * in_per_group)
             plan.set(name, "out_channels", kept_out)
             plan.set(name, "groups", new_groups)
             return
         if out is not None:
-            plan.set(name, "out_channels", int(out.sum()))
+            plan.set(name, "out_channels", len(out))
         if inp is not None:
-            plan.slice(m, "weight", 1, inp)
-            plan.set(name, "in_channels", int(inp.sum()))
+            plan.slice(m, name, "weight", 1, inp)
+            plan.set(name, "in_channels", len(inp))
         return
     if isinstance(m, nn.Linear):
         if out is not None:
-            plan.slice(m, "weight", 0, out)
-            plan.slice(m, "bias", 0, out)
-            plan.set(name, "out_features", int(out.sum()))
+            plan.slice(m, name, "weight", 0, out)
+            plan.slice(m, name, "bias", 0, out)
+            plan.set(name, "out_features", len(out))
         if inp is not None:
-            plan.slice(m, "weight", 1, inp)
-            plan.set(name, "in_features", int(inp.sum()))
+            plan.slice(m, name, "weight", 1, inp)
+            plan.set(name, "in_features", len(inp))
         return
     if ch is None:
         raise UnsupportedLayerError(
             f"no surgery for {type(m).__name__} {name!r} with members {sorted(kinds)}"
         )
-    kept = int(ch.sum())
+    kept = len(ch)
     if isinstance(m, nn.GroupNorm):
         plan.set(name, "num_groups", m.num_groups * kept // m.num_channels)
         plan.set(name, "num_channels", kept)
@@ -234,7 +335,7 @@ def _plan_module(plan: _Plan, m: nn.Module, name: str, kinds: dict[str, tuple[in
     else:
         raise UnsupportedLayerError(f"no surgery for {type(m).__name__} {name!r}")
     for attr in ("weight", "bias", "running_mean", "running_var"):
-        plan.slice(m, attr, 0, ch)
+        plan.slice(m, name, attr, 0, ch)
 
 
 def zero_units(model: nn.Module, graph: DependencyGraph, units: KeepSpec) -> None:

@@ -265,3 +265,38 @@ def test_scoring_a_handed_over_model_equals_scoring_a_copy(problem: PruningProbl
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # evaluate copies
     owned = problem.proxy.evaluate_owned(problem.build(keep))
     assert (owned["accuracy"], owned["loss"]) == (copied["accuracy"], copied["loss"])
+
+
+def test_reused_module_tree_scores_like_fresh_models(base: nn.Module, digits: Any) -> None:
+    """The hot path rebuilds every candidate into one module tree; with KD steps mutating each candidate,
+    a sequence of evaluations must score exactly as fresh deep-copied models do, and revisits agree."""
+    problem = PruningProblem(base, digits, target_macs=0.5, finetune_steps=2, **FAST)
+    assert problem.proxy.keeps_models is False
+    rng = np.random.default_rng(0)
+    keeps = [problem.keep_for(rng.uniform(0, 0.8, problem.n_groups)) for _ in range(3)]
+    keeps.append(keeps[0])
+    first = problem.build_for_evaluation(keeps[0])
+    assert problem.build_for_evaluation(keeps[1]) is first  # one reused tree...
+    for keep in keeps:
+        rebuilt = problem.proxy.evaluate_owned(problem.build_for_evaluation(keep))
+        fresh = problem.proxy.evaluate_owned(problem.build(keep))  # ...scored like a fresh deep copy
+        assert (rebuilt["accuracy"], rebuilt["loss"]) == (fresh["accuracy"], fresh["loss"])
+    assert problem.build(keeps[0]) is not problem.build(keeps[0])  # build() still gives standalone models
+
+
+def test_a_proxy_that_keeps_models_gets_fresh_ones(base: nn.Module, digits: Any) -> None:
+    """A custom proxy that may hold on to what it scores is never handed a reused module tree."""
+
+    class Hoarder(prune_env.proxy.Proxy):
+        def __init__(self) -> None:
+            self.seen: list[nn.Module] = []
+
+        def evaluate(self, model: nn.Module, key: Any = None) -> dict[str, float]:
+            self.seen.append(model)
+            return {"accuracy": 0.5, "loss": 1.0}
+
+    proxy = Hoarder()
+    problem = PruningProblem(base, digits, target_macs=0.5, proxy=proxy, **FAST)
+    problem.evaluate(np.full(problem.n_groups, 0.2))
+    problem.evaluate(np.full(problem.n_groups, 0.6))
+    assert len({id(m) for m in proxy.seen}) == len(proxy.seen) == 3  # the base model + two fresh builds

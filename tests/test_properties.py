@@ -352,6 +352,39 @@ def test_zeroed_units_are_exactly_the_ones_pruned(spec: NetSpec, data: st.DataOb
         torch.testing.assert_close(pruned.train()(x2), zeroed.train()(x2), rtol=0, atol=1e-8)
 
 
+@_settings(default_examples=40)
+@given(spec=net_specs(), data=st.data())
+def test_rebuilding_into_one_module_tree_equals_fresh_surgery(spec: NetSpec, data: st.DataObject) -> None:
+    """ModelRebuilder (the proxy's hot path) gives exactly prune_channels' model, build after build, even
+    when the previous build was trained in place — and never writes through to the base model."""
+    model, _, graph = build(spec)
+    before = state_of(model)
+    rebuilder = prune_env.ModelRebuilder(model, graph)
+    x2 = example_input(spec, batch=2, seed=1)
+    for step in range(3):
+        ratios = data.draw(
+            st.lists(st.floats(0.0, 1.0), min_size=len(graph.groups), max_size=len(graph.groups))
+        )
+        keep = graph.keep_counts(ratios)
+        rng = np.random.default_rng(step)
+        units = [np.sort(rng.permutation(g.channels)[:k]) for g, k in zip(graph.groups, keep, strict=True)]
+        reference = prune_env.prune_channels(model, graph, units)
+        rebuilt = rebuilder.rebuild(units)
+        assert rebuilt is rebuilder.module
+        assert repr(rebuilt) == repr(reference)  # size attributes (channels, groups, features) included
+        assert_same_state(rebuilt, state_of(reference))
+        assert rebuilt.training == reference.training
+        assert {n: p.requires_grad for n, p in rebuilt.named_parameters()} == {
+            n: p.requires_grad for n, p in reference.named_parameters()
+        }
+        rebuilt.eval()
+        reference.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(x2), reference(x2), rtol=0, atol=0)
+        run_training_step(rebuilt, x2)  # what a KD proxy does to it; the next rebuild must not see it
+        assert_same_state(model, before)
+
+
 def test_generator_covers_every_block_kind() -> None:
     """Guard against a strategy that silently stops producing some block kinds or head."""
     seen: set[type] = set()

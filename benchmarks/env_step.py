@@ -61,19 +61,22 @@ def episode_costs(env: gym.Env, timer: ForwardTimer, episodes: int, rng: np.rand
     return rows
 
 
+def one_thread_env(**kwargs: object) -> gym.Env:
+    """The one-shot env in a worker process, on one torch thread (workers start with the default)."""
+    torch.set_num_threads(1)
+    return gym.make("prune_env/OneShotPrune-v0", **kwargs)
+
+
 def vector_throughput(problem_kwargs: dict, n_envs: int, steps: int) -> float:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
     vec = make_vec_env(
-        "prune_env/OneShotPrune-v0",
-        n_envs=n_envs,
-        seed=0,
-        vec_env_cls=SubprocVecEnv,
-        env_kwargs=problem_kwargs,
+        one_thread_env, n_envs=n_envs, seed=0, vec_env_cls=SubprocVecEnv, env_kwargs=problem_kwargs
     )
     try:
         vec.reset()
+        vec.step(np.stack([vec.action_space.sample() for _ in range(n_envs)]))  # warm-up
         start = time.perf_counter()
         for _ in range(steps):
             vec.step(np.stack([vec.action_space.sample() for _ in range(n_envs)]))

@@ -47,6 +47,13 @@ class CostModel:
         self.full = np.asarray(full, dtype=np.int64)  # units per group, unpruned
         self._macs = self._compile(macs_terms)
         self._params = self._compile(params_terms)
+        # int64 arithmetic is exact when no partial sum can exceed the largest possible total (all kept
+        # counts at most the unpruned ones): then evaluate vectorised, else term by term in Python ints.
+        self._kept_full = self.kept(self.full)
+        self._int64_exact = all(
+            self._python_sum(compiled, self._kept_full, absolute=True) < 2**62
+            for compiled in (self._macs, self._params)
+        )
 
     def _compile(self, terms: Sequence[CostTerm]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if any(len(t.slots) > 2 for t in terms):
@@ -73,10 +80,20 @@ class CostModel:
         return np.append(k, 1)
 
     def _eval(self, compiled: tuple[np.ndarray, np.ndarray, np.ndarray], keep: np.ndarray) -> int:
-        coef, s1, s2 = compiled
         k = self.kept(keep)
-        # Python ints: exact, and no int64 overflow for very large models.
-        return int(sum(int(c) * int(a) * int(b) for c, a, b in zip(coef, k[s1], k[s2], strict=True)))
+        if self._int64_exact and np.all((k >= 0) & (k <= self._kept_full)):
+            coef, s1, s2 = compiled
+            return int(coef @ (k[s1] * k[s2]))
+        return self._python_sum(compiled, k)
+
+    @staticmethod
+    def _python_sum(
+        compiled: tuple[np.ndarray, np.ndarray, np.ndarray], k: np.ndarray, absolute: bool = False
+    ) -> int:
+        """The cost in Python integers: exact, and no int64 overflow for very large models."""
+        coef, s1, s2 = compiled
+        f = abs if absolute else int
+        return int(sum(f(int(c)) * f(int(a)) * f(int(b)) for c, a, b in zip(coef, k[s1], k[s2], strict=True)))
 
     def macs(self, keep: np.ndarray) -> int:
         return self._eval(self._macs, keep)

@@ -208,10 +208,11 @@ class LayerPruneEnv(_PruneEnv):
         rest_full[t:] = p.channels[t:]
         rest_min = rest_full.copy()
         rest_min[t:] = p.projector.min_keep[t:]
+        macs_full = costs.macs(rest_full)
         dynamic = np.array(
             [
-                1.0 - costs.macs(rest_full) / base,
-                (costs.macs(rest_full) - costs.macs(rest_min)) / base,
+                1.0 - macs_full / base,
+                (macs_full - costs.macs(rest_min)) / base,
                 self._prev_ratio / p.max_ratio,
                 self.target,
             ]

@@ -254,6 +254,27 @@ def test_count_macs_matches_a_hand_formula() -> None:
     assert graph.base_macs == expected and graph.base_params == prune_env.count_params(model)
 
 
+def test_vectorised_costs_equal_the_exact_python_sum() -> None:
+    """Costs are evaluated in int64 when that cannot overflow, else in Python ints: both must agree,
+    and the float batch path must agree with them on models of this size."""
+    model = torchvision.models.resnet18(num_classes=10)
+    graph = prune_env.build_graph(model, torch.randn(1, 3, 32, 32))
+    costs = graph.costs
+    assert costs._int64_exact
+    rng = np.random.default_rng(0)
+    keeps = np.stack(
+        [np.maximum(1, (costs.full * rng.uniform(0, 1, costs.n_groups)).astype(np.int64)) for _ in range(20)]
+    )
+    fast = [(costs.macs(k), costs.params(k)) for k in keeps]
+    costs._int64_exact = False
+    try:
+        exact = [(costs.macs(k), costs.params(k)) for k in keeps]
+    finally:
+        costs._int64_exact = True
+    assert fast == exact and all(isinstance(m, int) for m, _ in fast)
+    np.testing.assert_array_equal(costs.macs_batch(keeps), [m for m, _ in exact])
+
+
 def test_count_macs_leaves_the_model_as_it_was() -> None:
     model = torchvision.models.resnet18().train()
     before = model.layer1[0].bn1.running_mean.clone()

@@ -29,6 +29,7 @@ import numpy as np
 from stable_baselines3 import A2C, DDPG, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise, NormalActionNoise
 
 from agents.base import BudgetedEvaluator, BudgetExhausted, register_agent
@@ -307,6 +308,9 @@ def run_sb3(
         tensorboard_log=tensorboard_log,
         **settings,
     )
+    if tensorboard_log is None and verbose == 0:
+        # Nothing to write: without a logger of our own, SB3 creates an empty /tmp/SB3-<date> per run.
+        model.set_logger(Logger(folder=None, output_formats=[]))
     # Enough timesteps to spend the whole budget; the callback (and the wrapper) stop it exactly there.
     total = (evaluator.remaining + 1) * _steps_per_episode(evaluator, env)
     model.learn(total_timesteps=total, callback=StopOnBudget(evaluator), tb_log_name=algo)

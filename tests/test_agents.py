@@ -122,3 +122,16 @@ def test_truncated_noise_stays_in_bounds_and_decays() -> None:
     assert noise.sigma == pytest.approx(0.95)
     assert SB3  # every SB3 learner is registered
     assert set(SB3) <= set(AGENTS)
+
+
+@pytest.mark.parametrize("name", ["ppo", "amc"])
+def test_sb3_agents_leave_no_stray_log_directories(
+    problem: PruningProblem, name: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a TensorBoard directory nothing is written (SB3's default logger makes /tmp/SB3-<date>)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
+    search(name, problem, 3, seed=0)
+    assert list(tmp_path.iterdir()) == []

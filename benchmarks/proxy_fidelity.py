@@ -71,6 +71,48 @@ def parse_variants(spec: str, eval_samples: int) -> list[tuple[str, int, int, bo
     return variants
 
 
+def report(paths: list[str]) -> None:
+    """The table of one run saved with --out, or of one run split over processes with --skip."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    by_policy: dict[int, dict] = {}
+    for run in runs:
+        for position, row in enumerate(run["rows"]):
+            by_policy.setdefault(row.get("policy", run["args"].get("skip", 0) + position), row)
+    table(runs[0]["args"], [by_policy[i] for i in sorted(by_policy)])
+
+
+def table(args: dict, rows: list[dict]) -> None:
+    truth_acc = np.array([r["finetuned_test_accuracy"] for r in rows])
+    truth_loss = np.array([r["finetuned_test_loss"] for r in rows])
+    print()
+    print(
+        f"{args['model']} on {args['dataset']}: {len(rows)} random policies at {args['budget']:.0%} MACs "
+        f"(achieved {min(r['macs_fraction'] for r in rows):.3f}-{max(r['macs_fraction'] for r in rows):.3f}); "
+        f"ground truth: test accuracy after {args['finetune_epochs']} KD epochs"
+        + (f", mean of {args['truth_seeds']} seeds" if args["truth_seeds"] > 1 else "")
+        + (f" on {args['finetune_samples']} training samples" if args["finetune_samples"] else "")
+        + f" (range {truth_acc.min():.4f}-{truth_acc.max():.4f}, mean {np.mean([r['finetune_seconds'] for r in rows]):.1f} s)"
+    )
+    print()
+    print("| proxy | tau(acc, ft acc) | tau(-loss, ft acc) | tau(loss, ft loss) | spearman(acc) | s / eval |")
+    print("|---|---|---|---|---|---|")
+    for label in rows[0]["proxies"]:
+        acc = np.array([r["proxies"][label]["accuracy"] for r in rows])
+        loss = np.array([r["proxies"][label]["loss"] for r in rows])
+        secs = np.mean([r["proxies"][label]["eval_seconds"] for r in rows])
+        tau_acc = kendalltau(acc, truth_acc).statistic
+        tau_loss = kendalltau(-loss, truth_acc).statistic
+        tau_ll = kendalltau(loss, truth_loss).statistic
+        rho = spearmanr(acc, truth_acc).statistic
+        print(f"| {label} | {tau_acc:.3f} | {tau_loss:.3f} | {tau_ll:.3f} | {rho:.3f} | {secs:.3f} |")
+    if args["truth_seeds"] > 1:
+        first, second = (np.array([r["finetuned_test_accuracy_per_seed"][k] for r in rows]) for k in (0, 1))
+        print(
+            f"| fine-tune noise: seed {args['seed']} vs {args['seed'] + 1} | "
+            f"{kendalltau(first, second).statistic:.3f} | | | {spearmanr(first, second).statistic:.3f} | |"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,6 +141,19 @@ def main(argv: list[str] | None = None) -> None:
         help="fine-tune every policy with this many seeds; the ground truth is their mean, and tau between "
         "the first two is the fine-tune's own noise level",
     )
+    parser.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="start at this policy (the same policies are drawn): split one run over several processes",
+    )
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print the table from --out files of earlier (possibly split) runs instead of measuring",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="write per-policy results as JSON here")
     args = parser.parse_args(argv)
@@ -106,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.policies, args.finetune_epochs = 6, 2
+    if args.report:
+        report(args.report)
+        return
 
     splits = load(args.dataset, seed=args.seed)
     base, base_metrics = train_base(args.model, splits, seed=args.seed, progress=False)
@@ -138,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     rows = []
     for i, ratios in enumerate(policies):
+        if i < args.skip:
+            continue
         pruned = prune_env.prune(base, example, ratios)
         macs = prune_env.count_macs(pruned, example)
         proxies = {label: ev.evaluate(pruned) for label, ev in evaluators.items()}
@@ -154,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         rows.append(
             {
+                "policy": i,
                 "ratios": [round(float(r), 4) for r in ratios],
                 "macs_fraction": macs / base_macs,
                 "finetuned_test_accuracy": truth["test_accuracy"],
@@ -175,35 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
 
-    truth_acc = np.array([r["finetuned_test_accuracy"] for r in rows])
-    truth_loss = np.array([r["finetuned_test_loss"] for r in rows])
-    print()
-    print(
-        f"{args.model} on {args.dataset}: {len(rows)} random policies at {args.budget:.0%} MACs "
-        f"(achieved {min(r['macs_fraction'] for r in rows):.3f}-{max(r['macs_fraction'] for r in rows):.3f}); "
-        f"ground truth: test accuracy after {args.finetune_epochs} KD epochs"
-        + (f", mean of {args.truth_seeds} seeds" if args.truth_seeds > 1 else "")
-        + (f" on {args.finetune_samples} training samples" if args.finetune_samples else "")
-        + f" (range {truth_acc.min():.4f}-{truth_acc.max():.4f}, mean {np.mean([r['finetune_seconds'] for r in rows]):.1f} s)"
-    )
-    print()
-    print("| proxy | tau(acc, ft acc) | tau(-loss, ft acc) | tau(loss, ft loss) | spearman(acc) | s / eval |")
-    print("|---|---|---|---|---|---|")
-    for label, *_ in variants:
-        acc = np.array([r["proxies"][label]["accuracy"] for r in rows])
-        loss = np.array([r["proxies"][label]["loss"] for r in rows])
-        secs = np.mean([r["proxies"][label]["eval_seconds"] for r in rows])
-        tau_acc = kendalltau(acc, truth_acc).statistic
-        tau_loss = kendalltau(-loss, truth_acc).statistic
-        tau_ll = kendalltau(loss, truth_loss).statistic
-        rho = spearmanr(acc, truth_acc).statistic
-        print(f"| {label} | {tau_acc:.3f} | {tau_loss:.3f} | {tau_ll:.3f} | {rho:.3f} | {secs:.3f} |")
-    if args.truth_seeds > 1:
-        first, second = (np.array([r["finetuned_test_accuracy_per_seed"][k] for r in rows]) for k in (0, 1))
-        print(
-            f"| fine-tune noise: seed {args.seed} vs {args.seed + 1} | "
-            f"{kendalltau(first, second).statistic:.3f} | | | {spearmanr(first, second).statistic:.3f} | |"
-        )
+    table(vars(args), rows)
     print(f"\ntorch threads: {torch.get_num_threads()}")
 
 

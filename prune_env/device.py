@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -29,5 +31,7 @@ def seed_generators(seed: int, device: torch.device) -> None:
 
 
 def on_device(model: torch.nn.Module, device: torch.device) -> bool:
-    """Whether every parameter and buffer of ``model`` already lives on ``device``."""
-    return all(t.device == device for t in (*model.parameters(), *model.buffers()))
+    """Whether ``model`` lives on ``device``, judged by its first parameter or buffer (a model with no
+    tensors is anywhere). Cheap enough for a hot path; a model split across devices is not supported."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first is None or first.device == device

@@ -99,7 +99,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> 
         model(x)
     for bn, momentum in zip(layers, momenta, strict=True):
         bn.momentum = momentum
-    model.train(was_training)
+        bn.training = False  # everything else is still in eval mode: no need to walk the whole tree
+    if was_training:
+        model.train()
     return model
 
 

@@ -65,6 +65,7 @@ def _search(args: argparse.Namespace) -> int:
         reward=args.reward,
         eval_samples=args.eval_samples,
         max_ratio=args.max_ratio,
+        fill_budget=args.fill_budget,
         finetune_epochs=args.finetune_epochs,
         resume=args.resume,
         progress=not args.no_progress,
@@ -178,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-samples", type=int, default=1000, help="validation samples per proxy evaluation"
     )
     search.add_argument("--max-ratio", type=float, default=0.8, help="largest fraction of a group removed")
+    search.add_argument(
+        "--fill-budget",
+        action="store_true",
+        help="spend the budget: scale back policies that prune more than the target needs",
+    )
     search.add_argument("--resume", action="store_true", help="continue the run in --out")
     search.add_argument("--no-progress", action="store_true", help="no progress bars")
     search.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")

@@ -37,6 +37,7 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         importance: str | Importance = "l1",
         max_ratio: float = 0.8,
         round_to: int = 1,
+        fill_budget: bool = False,
         budget_range: tuple[float, float] | None = None,
         device: str | None = None,
         seed: int = 0,
@@ -61,6 +62,7 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
             importance=importance,
             max_ratio=max_ratio,
             round_to=round_to,
+            fill_budget=fill_budget,
             eval_samples=eval_samples,
             bn_recalib_batches=bn_recalib_batches,
             finetune_steps=finetune_steps,
@@ -253,8 +255,9 @@ class OneShotPruneEnv(_PruneEnv):
 
     RL-Pruner-style one-shot pruning: a single step whose action is the whole *pruning distribution*, one
     ratio per prunable channel group. The distribution is projected onto the budget (each ratio moves
-    toward ``max_ratio`` in proportion to its room until the target is met), the model is pruned and
-    scored by the proxy, and the episode ends.
+    toward ``max_ratio`` in proportion to its room until the target is met; with ``fill_budget=True`` a
+    distribution that prunes more than the target needs is also scaled back until it just fits), the model
+    is pruned and scored by the proxy, and the episode ends.
 
     ## Action space
 

@@ -43,7 +43,9 @@ STATE_FORMAT = 1
 # an SB3 learner's overhead per evaluation, so the README's default run stays within minutes on 2 cores.
 DEFAULT_AGENTS = ("evolution", "ppo", "random")
 # Settings a resumed run must share with the run it continues (the budget and fine-tune may change).
-RESUME_KEYS = ("model", "dataset", "seed", "metric", "target", "reward", "eval_samples", "max_ratio", "agent")
+RESUME_KEYS = (
+    "model", "dataset", "seed", "metric", "target", "reward", "eval_samples", "max_ratio", "fill_budget", "agent"
+)  # fmt: skip
 
 log = logging.getLogger("prune_env.job")
 
@@ -63,6 +65,7 @@ class SearchSettings:
     reward: str = "acc"
     eval_samples: int = 1000
     max_ratio: float = 0.8
+    fill_budget: bool = False
     finetune_epochs: int = 3
     resume: bool = False
     progress: bool = True
@@ -449,6 +452,7 @@ def run_search(s: SearchSettings) -> int:
             target_macs=s.target if s.metric == "macs" else None,
             target_params=s.target if s.metric == "params" else None,
             max_ratio=s.max_ratio,
+            fill_budget=s.fill_budget,
             eval_samples=s.eval_samples,
             seed=s.seed,
             device=s.device,

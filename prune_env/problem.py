@@ -41,6 +41,9 @@ class PruningProblem:
             ranked once on the base model, so a pruned model depends only on the kept counts.
         max_ratio: the largest fraction of any group that may be removed; round_to: kept counts are
             rounded to multiples of this.
+        fill_budget: the target is a budget to spend, not only a ceiling: a policy that prunes more than
+            it needs is scaled back until it just fits (see :meth:`BudgetProjector.project`). Applies to
+            whole policies (the one-shot environment and the agents), not to the layer-wise env's steps.
         eval_samples, bn_recalib_batches, finetune_steps: proxy settings (see :class:`ProxyEvaluator`);
             or pass ``proxy`` to plug in another :class:`Proxy` (it then receives the pruned models).
         seed: seeds the data split, base training and the proxy's fixed batches.
@@ -56,6 +59,7 @@ class PruningProblem:
         importance: str | Importance = "l1",
         max_ratio: float = 0.8,
         round_to: int = 1,
+        fill_budget: bool = False,
         eval_samples: int | None = DEFAULT_EVAL_SAMPLES,
         bn_recalib_batches: int = DEFAULT_BN_RECALIB_BATCHES,
         finetune_steps: int = 0,
@@ -75,6 +79,7 @@ class PruningProblem:
         self.seed = seed
         self.max_ratio = max_ratio
         self.round_to = round_to
+        self.fill_budget = fill_budget
 
         self.splits = as_splits(dataset, seed=seed)
         self.base_model, self.base_metrics = self._base_model(model, train_kwargs or {}, progress)
@@ -138,7 +143,7 @@ class PruningProblem:
             raise ValueError(f"expected {self.n_groups} ratios (one per group), got shape {np.shape(ratios)}")
         if not np.all(np.isfinite(r)):
             raise ValueError("ratios contain NaN or inf")
-        return self.projector.project(r, self.target if target is None else target)
+        return self.projector.project(r, self.target if target is None else target, fill=self.fill_budget)
 
     def ratios_for(self, keep: np.ndarray) -> np.ndarray:
         return keep_to_ratios(self.channels, keep)

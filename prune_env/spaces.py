@@ -86,16 +86,18 @@ class BudgetProjector:
     def _fits(self, keep: np.ndarray, target: float) -> bool:
         return self._exact(keep) <= target * self.base_cost
 
-    def project(self, ratios: np.ndarray, target: float) -> np.ndarray:
+    def project(self, ratios: np.ndarray, target: float, *, fill: bool = False) -> np.ndarray:
         """Keep counts for ``ratios`` pushed (if needed) until the cost meets ``target``.
 
         Each ratio moves toward ``max_ratio`` in proportion to its remaining room, ``r + α(max - r)``, with
         the smallest α that fits: the agent's relative preferences survive, its budget violation does not.
+        ``fill``: also treat the target as the budget to spend — a policy under it is scaled back,
+        ``γ·r`` with the smallest γ ≤ 1 that still fits, so it ends just under the target too.
         """
         r = np.clip(np.asarray(ratios, dtype=np.float64), 0.0, self.max_ratio)
         keep = keep_counts(self.channels, r, self.round_to)
         if self._fits(keep, target):
-            return keep
+            return self._fill(r, keep, target) if fill else keep
         lo, hi = 0.0, 1.0
         for _ in range(3):  # coarse-to-fine: each round evaluates a grid of α in one vectorised call
             alphas = np.linspace(lo, hi, 33)
@@ -108,6 +110,18 @@ class BudgetProjector:
             if self._fits(keep, target):
                 return keep
         raise InvalidRatiosError(f"target {target} cannot be met (minimum {self.min_cost_ratio:.4f})")
+
+    def _fill(self, r: np.ndarray, keep: np.ndarray, target: float) -> np.ndarray:
+        """``keep`` (which fits) grown to ``γ·r`` with the smallest γ in [0, 1] that still fits."""
+        limit = target * self.base_cost * (1 + 1e-12)
+        lo, hi = 0.0, 1.0  # γ = 1 is ``keep`` and fits; cost only falls as γ grows
+        for _ in range(3):  # coarse-to-fine, as in project()
+            gammas = np.linspace(lo, hi, 33)
+            ok = self._batch(keep_counts(self.channels, gammas[:, None] * r, self.round_to)) <= limit
+            first = int(np.argmax(ok)) if ok.any() else len(gammas) - 1
+            lo, hi = gammas[max(first - 1, 0)], gammas[first]
+        filled = keep_counts(self.channels, hi * r, self.round_to)
+        return filled if self._fits(filled, target) else keep  # the exact check has the last word
 
     def wall(self, decided: np.ndarray, index: int, ratio: float, target: float) -> int:
         """AMC's action wall for group ``index``: the largest keep count <= the requested one such that,

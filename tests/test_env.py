@@ -107,6 +107,27 @@ def test_budget_holds_for_any_actions(data: st.DataObject, problem: PruningProbl
     assert terminated and info["macs_ratio"] <= target * (1 + 1e-9)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fill_budget_spends_the_budget_without_exceeding_it(
+    data: st.DataObject, problem: PruningProblem
+) -> None:
+    """fill=True: a policy under the target is scaled back to just under it (never over, never below the
+    plain projection); one over the target is projected exactly as without fill."""
+    projector = problem.projector
+    target = data.draw(st.floats(0.2, 0.95), label="target")
+    ratios = np.array(
+        data.draw(st.lists(st.floats(0.0, 0.8), min_size=problem.n_groups, max_size=problem.n_groups))
+    )
+    plain = projector.project(ratios, target)
+    filled = projector.project(ratios, target, fill=True)
+    assert projector.cost_ratio(plain) <= projector.cost_ratio(filled) <= target
+    if projector.cost_ratio(problem.keep_counts(ratios)) > target:
+        np.testing.assert_array_equal(filled, plain)
+    # Just under the budget: one step of γ can take a unit from several groups at once (~2% of MACs here).
+    assert projector.cost_ratio(filled) >= target - 0.025
+
+
 def test_a_policy_that_prunes_too_little_is_pushed_to_the_target(problem: PruningProblem) -> None:
     env = OneShotPruneEnv(problem=problem, **FAST)
     env.reset(seed=0)

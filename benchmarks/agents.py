@@ -46,6 +46,7 @@ FIELDS = [
     "agent",
     "seed",
     "evals",
+    "proxy_finetune_steps",
     "proxy_accuracy",
     "macs_ratio",
     "finetuned_val_accuracy",
@@ -75,6 +76,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--agents", nargs="+", default=sorted(AGENTS), choices=sorted(AGENTS))
     parser.add_argument("--eval-samples", type=int, default=1000, help="validation samples of the proxy")
     parser.add_argument("--bn-recalib-batches", type=int, default=8)
+    parser.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        help="KD steps inside the proxy (then BN is recalibrated again); 0: recalibration only",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--csv", type=Path, default=Path("agents_benchmark.csv"))
     return parser.parse_args(argv)
@@ -130,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     target_macs=target,
                     eval_samples=args.eval_samples,
                     bn_recalib_batches=args.bn_recalib_batches,
+                    finetune_steps=args.finetune_steps,
                     progress=False,
                 )
                 # Seeds outermost: an interrupted run still has every agent at the same number of seeds.
@@ -151,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "agent": agent,
                             "seed": seed,
                             "evals": len(result.history),
+                            "proxy_finetune_steps": args.finetune_steps,
                             "proxy_accuracy": result.best_outcome.accuracy,
                             "macs_ratio": result.best_outcome.macs_ratio,
                             "finetuned_val_accuracy": ft["val_accuracy"],

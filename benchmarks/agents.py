@@ -88,21 +88,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def summarise(rows: list[dict[str, object]]) -> str:
-    """Mean ± std over seeds per (dataset, target, agent), best fine-tuned agent per block marked."""
-    groups: dict[tuple[str, float, str], list[dict[str, object]]] = defaultdict(list)
+    """Mean ± std over seeds per (dataset, target, proxy KD steps, agent)."""
+    groups: dict[tuple[str, float, int, str], list[dict[str, object]]] = defaultdict(list)
     for row in rows:
-        groups[(str(row["dataset"]), float(row["target"]), str(row["agent"]))].append(row)
+        kd = int(row.get("proxy_finetune_steps") or 0)
+        groups[(str(row["dataset"]), float(row["target"]), kd, str(row["agent"]))].append(row)
 
     def ms(values: list[float]) -> str:
         return f"{100 * np.mean(values):5.1f} ± {100 * np.std(values):4.1f}"
 
     lines = [
-        f"{'dataset':<14} {'MACs':>5} {'agent':<10} {'n':>2} {'proxy acc %':>13} {'fine-tuned test %':>17} "
+        f"{'dataset':<14} {'MACs':>5} {'KD':>3} {'agent':<10} {'n':>2} {'proxy acc %':>13} {'fine-tuned test %':>17} "
         f"{'MACs used':>9} {'search s':>8}"
     ]
-    for (dataset, target, agent), rs in sorted(groups.items()):
+    for (dataset, target, kd, agent), rs in sorted(groups.items()):
         lines.append(
-            f"{dataset:<14} {target:>5.2f} {agent:<10} {len(rs):>2} "
+            f"{dataset:<14} {target:>5.2f} {kd:>3} {agent:<10} {len(rs):>2} "
             f"{ms([float(r['proxy_accuracy']) for r in rs]):>13} "
             f"{ms([float(r['finetuned_test_accuracy']) for r in rs]):>17} "
             f"{np.mean([float(r['macs_ratio']) for r in rs]):>9.3f} "

@@ -164,7 +164,7 @@ class PruningProblem:
         (:class:`~prune_env.surgery.ModelRebuilder`): the previous result is overwritten, and the hot path
         pays no deep copy of the module tree. Otherwise it is :meth:`build`.
         """
-        if self.proxy.keeps_models:
+        if getattr(self.proxy, "keeps_models", True):  # duck-typed proxies: assume they might
             return self.build(keep)
         if self._rebuilder is None:
             self._rebuilder = ModelRebuilder(self.base_model, self.graph)

@@ -96,7 +96,7 @@ class ModelRebuilder:
         self._pairs = [(self._base_modules[name], module) for name, module in self._modules.items()]
         # Every parameter and buffer slot of the copy with the base tensor that fills it.
         self._slots = [
-            (getattr(module, registry), key, t, isinstance(t, nn.Parameter) and t.requires_grad)
+            (getattr(module, registry), key, t)
             for base_module, module in self._pairs
             for registry in ("_parameters", "_buffers")
             for key, t in getattr(base_module, registry).items()
@@ -109,12 +109,9 @@ class ModelRebuilder:
         memo = plan.memo()
         for base_module, module in self._pairs:
             module.__dict__["training"] = base_module.training  # what Module.train() sets, minus recursion
-        for registry, key, t, grad in self._slots:
+        for registry, key, t in self._slots:
             if id(t) not in memo:  # one entry per base tensor, so tied weights stay tied
-                fresh = t.detach().clone()
-                memo[id(t)] = (
-                    nn.Parameter(fresh, requires_grad=grad) if isinstance(t, nn.Parameter) else fresh
-                )
+                memo[id(t)] = _fresh(t, t.detach().clone())
             registry[key] = memo[id(t)]
         plain = plan.plain_tensor_attributes(self._base_modules)
         changed = {(module_name, attr) for module_name, attr, _ in plan.attributes} | plain

@@ -84,6 +84,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--csv", type=Path, default=Path("agents_benchmark.csv"))
+    parser.add_argument(
+        "--report", nargs="+", type=Path, metavar="CSV", help="print the summary of earlier runs' CSV files"
+    )
     return parser.parse_args(argv)
 
 
@@ -114,6 +117,9 @@ def summarise(rows: list[dict[str, object]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        print(summarise([row for path in args.report for row in csv.DictReader(path.open())]))
+        return 0
     torch.set_num_threads(args.threads)
     new_file = not args.csv.exists()
     rows: list[dict[str, object]] = []

@@ -90,6 +90,16 @@ def test_recalibration_is_an_exact_average_over_the_batches() -> None:
     assert bn.momentum == 0.1  # restored
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_recalibration_restores_every_module_mode(training: bool) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4), nn.Dropout(0.5))
+    )
+    model.train(training)
+    recalibrate_batchnorm(model, [torch.randn(4, 3, 6, 6)])
+    assert [m.training for m in model.modules()] == [training] * len(list(model.modules()))
+
+
 def test_recalibration_improves_a_pruned_model(digits: Splits, digits_base, pruned: nn.Module) -> None:
     base, _ = digits_base
     plain = ProxyEvaluator(base, digits, bn_recalib_batches=0, finetune_steps=0).evaluate(pruned)

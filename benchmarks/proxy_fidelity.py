@@ -21,6 +21,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,36 +50,68 @@ def random_policy(
     return np.minimum(raw * hi, MAX_RATIO)
 
 
-def parse_variants(spec: str, eval_samples: int) -> list[tuple[str, int, int, bool, int]]:
-    """'plain,bn8,bn8+kd25+re,bn8+n6000' -> [(label, recalibration batches, KD steps, recalibrate after KD,
-    validation samples)]."""
-    variants = []
+def parse_variants(spec: str, eval_samples: int) -> dict[str, dict[str, Any]]:
+    """'plain,bn8,bn8+kd25+re,bn8+kd50+re+lr0.05+b128,bn8+n6000' -> {label: ProxyEvaluator keyword arguments}:
+    bnK recalibration batches, kdN distillation steps, re recalibrate after them, lrX their learning rate,
+    bB their batch size, nS validation samples."""
+    variants = {}
     for item in spec.split(","):
         item = item.strip()
-        bn, kd, recal_after, n = 0, 0, False, eval_samples
+        kwargs: dict[str, Any] = {
+            "bn_recalib_batches": 0,
+            "finetune_steps": 0,
+            "recalibrate_after_finetune": False,
+            "eval_samples": eval_samples,
+        }
         for part in item.split("+"):
             if part.startswith("bn"):
-                bn = int(part[2:])
+                kwargs["bn_recalib_batches"] = int(part[2:])
             elif part.startswith("kd"):
-                kd = int(part[2:])
+                kwargs["finetune_steps"] = int(part[2:])
+            elif part.startswith("lr"):
+                kwargs["finetune_lr"] = float(part[2:])
+            elif part.startswith("b"):
+                kwargs["finetune_batch_size"] = int(part[1:])
             elif part.startswith("n"):
-                n = int(part[1:])
+                kwargs["eval_samples"] = int(part[1:])
             elif part == "re":
-                recal_after = True
+                kwargs["recalibrate_after_finetune"] = True
             elif part != "plain":
-                raise ValueError(f"bad variant {item!r}: use plain, bnK, bnK+kdN, bnK+kdN+re, +nSAMPLES")
-        variants.append((item, bn, kd, recal_after, n))
+                raise ValueError(
+                    f"bad variant {item!r}: use plain, bnK, bnK+kdN, bnK+kdN+re, +lrX, +bBATCH, +nSAMPLES"
+                )
+        variants[item] = kwargs
     return variants
 
 
-def report(paths: list[str]) -> None:
-    """The table of one run saved with --out, or of one run split over processes with --skip."""
+def load_rows(paths: list[str]) -> tuple[dict, dict[int, dict]]:
+    """Rows of earlier --out files by policy number; the proxies of one policy measured in several runs
+    (for example new variants against a reused ground truth) are merged."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     by_policy: dict[int, dict] = {}
     for run in runs:
         for position, row in enumerate(run["rows"]):
-            by_policy.setdefault(row.get("policy", run["args"].get("skip", 0) + position), row)
-    table(runs[0]["args"], [by_policy[i] for i in sorted(by_policy)])
+            policy = row.get("policy", run["args"].get("skip", 0) + position)
+            if policy not in by_policy:
+                by_policy[policy] = {**row, "proxies": dict(row["proxies"])}
+                continue
+            if not np.allclose(by_policy[policy]["ratios"], row["ratios"], atol=1e-4):
+                raise ValueError(f"policy {policy} differs between the files: not the same run")
+            by_policy[policy]["proxies"].update(row["proxies"])
+    return runs[0]["args"], by_policy
+
+
+def report(paths: list[str]) -> None:
+    """The table of one run saved with --out, of one run split over processes with --skip, or of runs
+    that added variants with --truth-from. Variants measured on only some policies are left out."""
+    args, by_policy = load_rows(paths)
+    rows = [by_policy[i] for i in sorted(by_policy)]
+    labels = [k for k in rows[0]["proxies"] if all(k in r["proxies"] for r in rows)]
+    for k in {k for r in rows for k in r["proxies"]} - set(labels):
+        print(
+            f"(variant {k} left out: measured on {sum(k in r['proxies'] for r in rows)}/{len(rows)} policies)"
+        )
+    table(args, [{**r, "proxies": {k: r["proxies"][k] for k in labels}} for r in rows])
 
 
 def table(args: dict, rows: list[dict]) -> None:
@@ -94,8 +127,11 @@ def table(args: dict, rows: list[dict]) -> None:
         + f" (range {truth_acc.min():.4f}-{truth_acc.max():.4f}, mean {np.mean([r['finetune_seconds'] for r in rows]):.1f} s)"
     )
     print()
-    print("| proxy | tau(acc, ft acc) | tau(-loss, ft acc) | tau(loss, ft loss) | spearman(acc) | s / eval |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| proxy | tau(acc, ft acc) | tau(-loss, ft acc) | tau(-kl, ft acc) | tau(loss, ft loss) "
+        "| spearman(acc) | s / eval |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for label in rows[0]["proxies"]:
         acc = np.array([r["proxies"][label]["accuracy"] for r in rows])
         loss = np.array([r["proxies"][label]["loss"] for r in rows])
@@ -103,14 +139,38 @@ def table(args: dict, rows: list[dict]) -> None:
         tau_acc = kendalltau(acc, truth_acc).statistic
         tau_loss = kendalltau(-loss, truth_acc).statistic
         tau_ll = kendalltau(loss, truth_loss).statistic
+        kl = [r["proxies"][label].get("kl_to_teacher") for r in rows]
+        tau_kl = "" if None in kl else f"{kendalltau(-np.array(kl), truth_acc).statistic:.3f}"
         rho = spearmanr(acc, truth_acc).statistic
-        print(f"| {label} | {tau_acc:.3f} | {tau_loss:.3f} | {tau_ll:.3f} | {rho:.3f} | {secs:.3f} |")
+        print(
+            f"| {label} | {tau_acc:.3f} | {tau_loss:.3f} | {tau_kl} | {tau_ll:.3f} | {rho:.3f} | {secs:.3f} |"
+        )
     if args["truth_seeds"] > 1:
         first, second = (np.array([r["finetuned_test_accuracy_per_seed"][k] for r in rows]) for k in (0, 1))
         print(
             f"| fine-tune noise: seed {args['seed']} vs {args['seed'] + 1} | "
             f"{kendalltau(first, second).statistic:.3f} | | | {spearmanr(first, second).statistic:.3f} | |"
         )
+
+
+def fine_tuned_truth(
+    args: argparse.Namespace, pruned: torch.nn.Module, base: torch.nn.Module, tune_splits: Splits
+) -> dict[str, Any]:
+    """The ground truth of one policy: test metrics after the KD fine-tune, averaged over seeds."""
+    start = time.perf_counter()
+    runs = [
+        finetune(pruned, base, tune_splits, epochs=args.finetune_epochs, seed=args.seed + k, progress=False)[
+            1
+        ]
+        for k in range(args.truth_seeds)
+    ]
+    return {
+        "finetuned_test_accuracy": float(np.mean([r["test_accuracy"] for r in runs])),
+        "finetuned_test_accuracy_per_seed": [r["test_accuracy"] for r in runs],
+        "finetuned_val_accuracy": float(np.mean([r["val_accuracy"] for r in runs])),
+        "finetuned_test_loss": float(np.mean([r["test_loss"] for r in runs])),
+        "finetune_seconds": (time.perf_counter() - start) / args.truth_seeds,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,6 +214,14 @@ def main(argv: list[str] | None = None) -> None:
         metavar="JSON",
         help="print the table from --out files of earlier (possibly split) runs instead of measuring",
     )
+    parser.add_argument(
+        "--truth-from",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="reuse the ground truth of earlier --out files of the same policies (same --seed, --budget, "
+        "--policies) and measure only the proxies: new variants without repeating the fine-tunes",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="write per-policy results as JSON here")
     args = parser.parse_args(argv)
@@ -181,50 +249,44 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     policies = [random_policy(graph, args.budget * base_macs, rng) for _ in range(args.policies)]
 
-    variants = parse_variants(args.variants, args.eval_samples)
+    known: dict[int, dict] = {}
+    if args.truth_from:
+        saved_args, known = load_rows(args.truth_from)
+        for option in ("dataset", "model", "seed", "budget", "finetune_epochs", "finetune_samples"):
+            if saved_args.get(option) != getattr(args, option):
+                raise SystemExit(
+                    f"--truth-from was measured with --{option.replace('_', '-')} {saved_args.get(option)}"
+                )
+        args.truth_seeds = saved_args["truth_seeds"]
     evaluators = {
-        label: ProxyEvaluator(
-            base,
-            splits,
-            eval_samples=n,
-            bn_recalib_batches=bn,
-            finetune_steps=kd,
-            recalibrate_after_finetune=recal_after,
-            seed=args.seed,
-        )
-        for label, bn, kd, recal_after, n in variants
+        label: ProxyEvaluator(base, splits, seed=args.seed, **kwargs)
+        for label, kwargs in parse_variants(args.variants, args.eval_samples).items()
     }
     rows = []
     for i, ratios in enumerate(policies):
-        if i < args.skip:
+        if i < args.skip or (args.truth_from and i not in known):
             continue
         pruned = prune_env.prune(base, example, ratios)
         macs = prune_env.count_macs(pruned, example)
         proxies = {label: ev.evaluate(pruned) for label, ev in evaluators.items()}
-        start = time.perf_counter()
-        runs = [
-            finetune(
-                pruned, base, tune_splits, epochs=args.finetune_epochs, seed=args.seed + k, progress=False
-            )[1]
-            for k in range(args.truth_seeds)
-        ]
-        finetune_seconds = (time.perf_counter() - start) / args.truth_seeds
-        truth = {
-            m: float(np.mean([r[m] for r in runs])) for m in ("test_accuracy", "val_accuracy", "test_loss")
+        measured = {
+            "proxies": {
+                k: {m: v[m] for m in ("accuracy", "loss", "kl_to_teacher", "eval_seconds")}
+                for k, v in proxies.items()
+            }
         }
+        if args.truth_from:
+            if not np.allclose(known[i]["ratios"], ratios, atol=1e-4):
+                raise SystemExit(f"policy {i} differs from the one in --truth-from: not the same run")
+            row = {**known[i], **measured}
+        else:
+            row = {**fine_tuned_truth(args, pruned, base, tune_splits), **measured}
         rows.append(
             {
                 "policy": i,
                 "ratios": [round(float(r), 4) for r in ratios],
                 "macs_fraction": macs / base_macs,
-                "finetuned_test_accuracy": truth["test_accuracy"],
-                "finetuned_test_accuracy_per_seed": [r["test_accuracy"] for r in runs],
-                "finetuned_val_accuracy": truth["val_accuracy"],
-                "finetuned_test_loss": truth["test_loss"],
-                "finetune_seconds": finetune_seconds,
-                "proxies": {
-                    k: {m: v[m] for m in ("accuracy", "loss", "eval_seconds")} for k, v in proxies.items()
-                },
+                **row,
             }
         )
         if args.out:  # after every policy, so an interrupted run keeps what it measured
@@ -232,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in proxies.items())
         print(
             f"policy {i + 1:>3}/{len(policies)} macs={macs / base_macs:.3f} "
-            f"finetuned test acc={truth['test_accuracy']:.4f} | {summary}",
+            f"finetuned test acc={row['finetuned_test_accuracy']:.4f} | {summary}",
             flush=True,
         )
 

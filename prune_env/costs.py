@@ -45,6 +45,11 @@ class CostModel:
         self.fixed = fixed
         self.n_groups = mult.shape[1]
         self.full = np.asarray(full, dtype=np.int64)  # units per group, unpruned
+        # kept() as one affine map, with the constant-1 slot appended as a row of zeros + 1.
+        self._mult1 = np.vstack([mult.astype(np.int64), np.zeros((1, self.n_groups), dtype=np.int64)])
+        self._fixed1 = np.append(np.asarray(fixed, dtype=np.int64), 1)
+        self._mult1_t_float = self._mult1.T.astype(np.float64)  # for the float batch path
+        self._fixed1_float = self._fixed1.astype(np.float64)
         self._macs = self._compile(macs_terms)
         self._params = self._compile(params_terms)
         # int64 arithmetic is exact when no partial sum can exceed the largest possible total (all kept
@@ -76,12 +81,11 @@ class CostModel:
 
     def kept(self, keep: np.ndarray) -> np.ndarray:
         """Kept indices per slot (plus a trailing constant 1) for ``keep`` units per group."""
-        k = self.fixed + self.mult @ np.asarray(keep, dtype=np.int64)
-        return np.append(k, 1)
+        return self._fixed1 + self._mult1 @ np.asarray(keep, dtype=np.int64)
 
     def _eval(self, compiled: tuple[np.ndarray, np.ndarray, np.ndarray], keep: np.ndarray) -> int:
         k = self.kept(keep)
-        if self._int64_exact and np.all((k >= 0) & (k <= self._kept_full)):
+        if self._int64_exact and k.min() >= 0 and (k <= self._kept_full).all():
             coef, s1, s2 = compiled
             return int(coef @ (k[s1] * k[s2]))
         return self._python_sum(compiled, k)
@@ -94,6 +98,39 @@ class CostModel:
         coef, s1, s2 = compiled
         f = abs if absolute else int
         return int(sum(f(int(c)) * f(int(a)) * f(int(b)) for c, a, b in zip(coef, k[s1], k[s2], strict=True)))
+
+    def along_group(self, keep: np.ndarray, group: int, metric: str = "macs") -> tuple[int, int, int]:
+        """``(a, b, q)`` with cost = a + b·c + q·c² when ``group`` keeps ``c`` units and the others ``keep``.
+
+        Exact (Python ints): every term is bilinear in kept widths and each width is affine in ``c``, so
+        the cost is a quadratic polynomial in one group's count — AMC's action wall scans candidates
+        with it instead of evaluating the whole model for each."""
+        coef, s1, s2 = self.compiled_terms(metric)
+        at_zero = np.array(keep, dtype=np.int64)
+        at_zero[group] = 0
+        k0 = self.kept(at_zero)
+        m = self._mult1[:, group]
+        if self._int64_exact and k0.min() >= 0 and (k0 <= self._kept_full).all():
+            # Coefficients, widths and multiplicities are non-negative and bounded by the unpruned
+            # model's, so a, b/2 and q are each at most its cost (< 2**62): int64 is exact.
+            a = int(coef @ (k0[s1] * k0[s2]))
+            b = int(coef @ (k0[s1] * m[s2] + m[s1] * k0[s2]))
+            q = int(coef @ (m[s1] * m[s2]))
+        else:
+            terms = list(
+                zip(
+                    coef.tolist(),
+                    k0[s1].tolist(),
+                    k0[s2].tolist(),
+                    m[s1].tolist(),
+                    m[s2].tolist(),
+                    strict=True,
+                )
+            )
+            a = sum(c * x * y for c, x, y, _, _ in terms)
+            b = sum(c * (x * v + u * y) for c, x, y, u, v in terms)
+            q = sum(c * u * v for c, _, _, u, v in terms)
+        return a, b, q
 
     def macs(self, keep: np.ndarray) -> int:
         return self._eval(self._macs, keep)
@@ -113,8 +150,7 @@ class CostModel:
     ) -> np.ndarray:
         coef, s1, s2 = compiled
         keeps = np.atleast_2d(np.asarray(keeps, dtype=np.float64))
-        k = self.fixed[None, :] + keeps @ self.mult.T.astype(np.float64)
-        k = np.concatenate([k, np.ones((k.shape[0], 1))], axis=1)
+        k = keeps @ self._mult1_t_float + self._fixed1_float
         return (k[:, s1] * k[:, s2]) @ coef.astype(np.float64)
 
 

@@ -135,11 +135,13 @@ class BudgetProjector:
         if self.round_to > 1:
             on_grid = (candidates % self.round_to == 0) | (candidates == lowest)
             candidates = candidates[on_grid] if on_grid.any() else candidates
-        grid = np.repeat(keep[None, :], len(candidates), axis=0)
-        grid[:, index] = candidates
-        ok = self._batch(grid) <= target * self.base_cost * (1 + 1e-12)
-        for k in candidates[ok] if ok.any() else [lowest]:
-            keep[index] = k
-            if self._fits(keep, target):
-                return int(k)
+        # With every other group fixed the cost is an exact quadratic in this group's count: one cost-model
+        # evaluation prices every candidate, no grid of full evaluations.
+        a, b, q = self.costs.along_group(keep, index, self.metric)
+        limit = target * self.base_cost
+        for k in candidates.tolist():
+            if a + b * k + q * k * k <= limit:
+                keep[index] = k
+                if self._fits(keep, target):  # the full evaluation has the last word
+                    return int(k)
         return lowest  # earlier decisions already used the budget; the final check stays exact

@@ -8,7 +8,8 @@ code — including branches only taken in training mode.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,7 +86,16 @@ class ModelRebuilder:
     tensors, so whatever the previous user did to them — BN recalibration, SGD steps — is gone), size
     attributes and training flags. The returned module is the same object every time: use it for a
     throw-away evaluation and do not keep it across calls. The base model is only read.
+
+    The surgery plan is compiled once: which tensor of which module is sliced along which dimension by
+    which layer dimension (slot) of the graph, and each layer's size attributes as a function of its kept
+    widths. Kept index tensors are cached per slot and kept units, so a rebuild is one ``index_select``
+    (or ``clone``) per tensor plus dictionary lookups.
     """
+
+    # Cached index tensors / attribute sets beyond this many are dropped (a long search with arbitrary,
+    # non-ranked unit choices would otherwise grow the caches without bound).
+    CACHE_LIMIT = 200_000
 
     def __init__(self, model: nn.Module, graph: DependencyGraph) -> None:
         self.base = model
@@ -94,40 +104,170 @@ class ModelRebuilder:
         self._base_modules = dict(model.named_modules(remove_duplicate=False))
         self._modules = dict(self.module.named_modules(remove_duplicate=False))
         self._pairs = [(self._base_modules[name], module) for name, module in self._modules.items()]
-        # Every parameter and buffer slot of the copy with the base tensor that fills it.
-        self._slots = [
-            (getattr(module, registry), key, t)
-            for base_module, module in self._pairs
-            for registry in ("_parameters", "_buffers")
-            for key, t in getattr(base_module, registry).items()
-            if t is not None
-        ]
-        self._touched: set[tuple[str, str]] = set()  # attributes the last plan changed, to restore
+        self._compile()
+
+    def _compile(self) -> None:
+        graph = self.graph
+        # Slots each group touches, and the groups that touch each slot (concatenations: several).
+        self._group_rows = graph._unit_positions
+        slot_size: dict[int, int] = {}
+        slot_groups: dict[int, list[int]] = {}
+        for g, rows in enumerate(self._group_rows):
+            for s, size, _, _ in rows:
+                slot_size[s] = size
+                if g not in slot_groups.setdefault(s, []):
+                    slot_groups[s].append(g)
+        self._slot_groups = slot_groups
+        self._group_slots = [sorted({s for s, *_ in rows}) for rows in self._group_rows]
+        # Record the plan of the unpruned model with one full-width index tensor per slot: every slice
+        # it would make names the slot by its index tensor's identity.
+        probe = {s: torch.arange(size) for s, size in slot_size.items()}
+        slot_of_probe = {id(idx): s for s, idx in probe.items()}
+        by_layer: dict[str, dict[str, tuple[int, int]]] = {}
+        for s in slot_size:
+            slot = graph._slots[s]
+            by_layer.setdefault(slot.layer, {})[slot.kind] = (slot.dim, s)
+        recorder = _Plan(slicing=False)
+        self._layers: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = []
+        for layer, kinds in by_layer.items():
+            names = tuple(sorted(kinds))
+            self._layers.append((layer, names, tuple(kinds[k][1] for k in names)))
+            _plan_layer(
+                recorder, self._base_modules, layer, {k: (d, probe[s]) for k, (d, s) in kinds.items()}
+            )
+        self._layer_kinds = {layer: by_layer[layer] for layer, *_ in self._layers}
+        # One operation per distinct base tensor (tied weights are one tensor): its slices in plan order
+        # and every place of the copy that holds it.
+        ops: dict[int, list] = {}
+        for module_name, attr, dim, idx, t in recorder.slices:
+            op = ops.setdefault(id(t), [t, [], set()])
+            op[1].append((dim, slot_of_probe[id(idx)]))
+            op[2].add((module_name, attr))
+        for base_module, module in self._pairs:
+            for registry in ("_parameters", "_buffers"):
+                for key, t in getattr(base_module, registry).items():
+                    if t is not None:
+                        ops.setdefault(id(t), [t, [], set()])[2].add((self._name_of[id(module)], key))
+        self._ops = []
+        for t, slices, places in ops.values():
+            holders = []
+            for module_name, attr in sorted(places):
+                module = self._modules[module_name]
+                if attr in module._parameters:
+                    holders.append(module._parameters)
+                elif attr in module._buffers:
+                    holders.append(module._buffers)
+                else:  # a tensor kept as a plain attribute: it lives in the instance dict
+                    holders.append(module.__dict__)
+                holders[-1] = (holders[-1], attr)
+            param = isinstance(t, nn.Parameter)
+            self._ops.append((t.detach(), tuple(slices), tuple(holders), param, param and t.requires_grad))
+        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._dropped_cache: dict[tuple[int, bytes], dict[int, np.ndarray] | None] = {}
+        self._attribute_cache: dict[tuple, list[tuple[nn.Module, str, Any]]] = {}
+        self._layer_state: dict[str, tuple] = {}  # each layer's widths at the last rebuild
+        self._slot_size = slot_size
+
+    @functools.cached_property
+    def _name_of(self) -> dict[int, str]:
+        return {id(module): name for name, module in self._modules.items()}
 
     def rebuild(self, keep: KeepSpec) -> nn.Module:
-        plan = _plan(self.base, self.graph, keep, self._base_modules)
-        memo = plan.memo()
+        units = self._units(keep)
+        # Units dropped per group, as positions per slot (None: the group is whole), cached by kept units.
+        keys: list[bytes] = []
+        touched: set[int] = set()
+        for g, kept in enumerate(units):
+            key = kept.tobytes()
+            keys.append(key)
+            if (g, key) not in self._dropped_cache:
+                self._dropped_cache[(g, key)] = self._dropped_positions(g, kept)
+            if self._dropped_cache[(g, key)] is not None:
+                touched.update(self._group_slots[g])
+        index: dict[int, torch.Tensor] = {}
+        for s in touched:
+            groups = self._slot_groups[s]
+            cache_key = (s, *(keys[g] for g in groups))
+            idx = self._index_cache.get(cache_key)
+            if idx is None:
+                mask = np.ones(self._slot_size[s], dtype=bool)
+                for g in groups:
+                    dropped = self._dropped_cache[(g, keys[g])]
+                    if dropped is not None and s in dropped:
+                        mask[dropped[s]] = False
+                idx = torch.from_numpy(np.flatnonzero(mask))
+                self._remember(self._index_cache, cache_key, idx)
+            index[s] = idx
+        self._swap_tensors(index)
+        self._set_sizes(index)
         for base_module, module in self._pairs:
             module.__dict__["training"] = base_module.training  # what Module.train() sets, minus recursion
-        for registry, key, t in self._slots:
-            if id(t) not in memo:  # one entry per base tensor, so tied weights stay tied
-                memo[id(t)] = _fresh(t, t.detach().clone())
-            registry[key] = memo[id(t)]
-        plain = plan.plain_tensor_attributes(self._base_modules)
-        changed = {(module_name, attr) for module_name, attr, _ in plan.attributes} | plain
-        for module_name, attr in self._touched - changed:
-            value = getattr(self._base_modules[module_name], attr)
-            _set(
-                self._modules[module_name],
-                attr,
-                value.detach().clone() if isinstance(value, torch.Tensor) else value,
-            )
-        for module_name, attr in plain:
-            _set(self._modules[module_name], attr, memo[id(getattr(self._base_modules[module_name], attr))])
-        for module_name, attr, value in plan.attributes:
-            _set(self._modules[module_name], attr, value)
-        self._touched = changed
         return self.module
+
+    def _units(self, keep: KeepSpec) -> list[np.ndarray]:
+        n = len(self.graph.groups)
+        if not isinstance(keep, Mapping) and len(keep) == n:
+            # Validated (in range, non-empty) when first seen, by _dropped_positions.
+            return [np.asarray(u, dtype=np.int64).reshape(-1) for u in keep]
+        return _normalise_keep(self.graph, keep)
+
+    def _dropped_positions(self, g: int, kept: np.ndarray) -> dict[int, np.ndarray] | None:
+        group = self.graph.groups[g]
+        kept = _normalise_keep(self.graph, {g: kept})[g]  # validated, sorted and unique
+        if len(kept) == group.channels:
+            return None
+        dropped = np.ones(group.channels, dtype=bool)
+        dropped[kept] = False
+        positions: dict[int, list[np.ndarray]] = {}
+        for s, _, pos, owner in self._group_rows[g]:
+            positions.setdefault(s, []).append(pos[dropped[owner]])
+        return {s: np.concatenate(p) for s, p in positions.items()}
+
+    def _swap_tensors(self, index: Mapping[int, torch.Tensor]) -> None:
+        for base, slices, holders, param, requires_grad in self._ops:
+            t = base
+            for dim, s in slices:
+                idx = index.get(s)
+                if idx is not None:
+                    if idx.device != t.device:
+                        idx = idx.to(t.device)
+                    t = t.index_select(dim, idx)
+            if t is base:
+                t = base.clone()
+            if param:
+                t = nn.Parameter(t, requires_grad=requires_grad)
+            for holder, attr in holders:
+                holder[attr] = t
+
+    def _set_sizes(self, index: Mapping[int, torch.Tensor]) -> None:
+        for layer, kinds, slots in self._layers:
+            widths = tuple(len(index[s]) if s in index else -1 for s in slots)
+            if self._layer_state.get(layer) == widths:
+                continue  # the module already has these size attributes
+            cache_key = (layer, widths)
+            attributes = self._attribute_cache.get(cache_key)
+            if attributes is None:
+                plan = _Plan(slicing=False)
+                full = self._layer_kinds[layer]
+                _plan_layer(
+                    plan,
+                    self._base_modules,
+                    layer,
+                    {
+                        k: (full[k][0], range(w if w >= 0 else self._slot_size[full[k][1]]))
+                        for k, w in zip(kinds, widths, strict=True)
+                    },
+                )
+                attributes = [(self._modules[name], attr, value) for name, attr, value in plan.attributes]
+                self._remember(self._attribute_cache, cache_key, attributes)
+            for module, attr, value in attributes:
+                _set(module, attr, value)
+            self._layer_state[layer] = widths
+
+    def _remember(self, cache: dict, key: Hashable, value: Any) -> None:
+        if len(cache) >= self.CACHE_LIMIT:
+            cache.clear()
+        cache[key] = value
 
 
 def _set(module: nn.Module, attr: str, value: Any) -> None:
@@ -160,20 +300,32 @@ def _plan(
         by_layer.setdefault(slot.layer, {})[slot.kind] = (slot.dim, torch.from_numpy(np.flatnonzero(mask)))
     plan = _Plan()
     for layer, kinds in by_layer.items():
-        if "param" in kinds:
-            _plan_raw_parameter(plan, modules, layer, *kinds["param"])
-        else:
-            _plan_module(plan, modules[layer], layer, kinds)
+        _plan_layer(plan, modules, layer, kinds)
     return plan
 
 
-class _Plan:
-    """Slices computed from the original model (read only) and size attributes to set on the copy."""
+def _plan_layer(
+    plan: _Plan, modules: Mapping[str, nn.Module], layer: str, kinds: dict[str, tuple[int, Any]]
+) -> None:
+    """Plan one layer's slices and size attributes; ``kinds``: pruned dimension kind -> (dim, kept indices)."""
+    if "param" in kinds:
+        _plan_raw_parameter(plan, modules, layer, *kinds["param"])
+    else:
+        _plan_module(plan, modules[layer], layer, kinds)
 
-    def __init__(self) -> None:
+
+class _Plan:
+    """Slices computed from the original model (read only) and size attributes to set on the copy.
+
+    With ``slicing=False`` it only records what it would slice (``slices``) and which attributes it sets:
+    how :class:`ModelRebuilder` compiles a plan, with any sized object (a ``range``) as the indices."""
+
+    def __init__(self, slicing: bool = True) -> None:
+        self.slicing = slicing
         self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(original) -> (original, new)
-        self.locations: set[tuple[str, str]] = set()  # (module name, attribute) of every sliced tensor
         self.attributes: list[tuple[str, str, Any]] = []
+        # (module name, attribute, dim, indices, original tensor) of every slice, recorded when not slicing
+        self.slices: list[tuple[str, str, int, Any, torch.Tensor]] = []
 
     def slice(self, module: nn.Module, module_name: str, attr: str, dim: int, idx: torch.Tensor) -> None:
         """Keep the indices ``idx`` of ``module.attr`` along ``dim`` (a no-op when there is no such tensor)."""
@@ -185,27 +337,20 @@ class _Plan:
             t = getattr(module, attr, None)
         if not isinstance(t, torch.Tensor):
             return
+        if not self.slicing:
+            self.slices.append((module_name, attr, dim, idx, t))
+            return
         entry = self.tensors.get(id(t))
         current = entry[1] if entry is not None else t.detach()
         if idx.device != t.device:
             idx = idx.to(t.device)
         self.tensors[id(t)] = (t, current.index_select(dim, idx))
-        self.locations.add((module_name, attr))
 
     def set(self, module_name: str, attr: str, value: Any) -> None:
         self.attributes.append((module_name, attr, value))
 
     def memo(self) -> dict[int, Any]:
         return {key: _fresh(original, new) for key, (original, new) in self.tensors.items()}
-
-    def plain_tensor_attributes(self, modules: Mapping[str, nn.Module]) -> set[tuple[str, str]]:
-        """Sliced tensors held as plain attributes (neither parameter nor buffer) of their module."""
-        found = set()
-        for module_name, attr in self.locations:
-            module = modules[module_name]
-            if attr not in module._parameters and attr not in module._buffers:
-                found.add((module_name, attr))
-        return found
 
 
 def _normalise_keep(graph: DependencyGraph, keep: KeepSpec) -> list[np.ndarray]:
@@ -280,8 +425,9 @@ def _plan_raw_parameter(
         plan.set(owner_name, "num_features", kept)
 
 
-def _plan_module(plan: _Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int, torch.Tensor]]) -> None:
-    # Index tensors of the kept positions along each of the layer's pruned dimensions (None: untouched).
+def _plan_module(plan: _Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int, Any]]) -> None:
+    # Index tensors of the kept positions along each of the layer's pruned dimensions (None: untouched);
+    # only their lengths are read here, besides handing them to plan.slice.
     out = kinds.get("out", (0, None))[1]
     inp = kinds.get("in", (1, None))[1]
     ch = kinds.get("channel", (0, None))[1]

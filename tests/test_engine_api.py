@@ -273,6 +273,17 @@ def test_vectorised_costs_equal_the_exact_python_sum() -> None:
         costs._int64_exact = True
     assert fast == exact and all(isinstance(m, int) for m, _ in fast)
     np.testing.assert_array_equal(costs.macs_batch(keeps), [m for m, _ in exact])
+    # The action wall's per-group quadratic, in both paths.
+    quadratics = []
+    for flag in (True, False):
+        costs._int64_exact = flag
+        try:
+            quadratics.append(
+                [costs.along_group(k, g, m) for k in keeps[:5] for g in (0, 3) for m in ("macs", "params")]
+            )
+        finally:
+            costs._int64_exact = True
+    assert quadratics[0] == quadratics[1]
 
 
 def test_count_macs_leaves_the_model_as_it_was() -> None:
@@ -315,3 +326,39 @@ def test_ops_that_need_data_fall_back_to_real_execution() -> None:
     pruned = prune_env.prune(model, X, 0.5, graph=graph)
     assert pruned.c1.out_channels == 4
     assert prune_env.count_macs(pruned, X) == graph.macs(0.5)
+
+
+class _SameGroupInAndOut(nn.Module):
+    """A conv whose input and output channels are one group (a residual add): MACs ∝ kept²."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.body(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_cost_along_one_group_is_an_exact_quadratic() -> None:
+    """The action wall prices every candidate count of one group from ``along_group``'s (a, b, q); with a
+    conv inside a residual stream the quadratic term is not zero and must be right too."""
+    model = _SameGroupInAndOut()
+    graph = prune_env.build_graph(model, torch.randn(1, 3, 6, 6))
+    assert len(graph.groups) == 1
+    costs = graph.costs
+    for flag in (True, False):  # the int64 and the Python-int paths
+        costs._int64_exact = flag
+        try:
+            a, b, q = costs.along_group(costs.full_keep(), 0, "macs")
+            assert q == 36 * 9  # body: 6x6 outputs x 3x3 kernel x kept_in x kept_out
+            for c in range(1, 9):
+                assert a + b * c + q * c * c == costs.macs(np.array([c]))
+                assert sum(costs.along_group(costs.full_keep(), 0, "params") * np.array([1, c, c * c])) == (
+                    costs.params(np.array([c]))
+                )
+        finally:
+            costs._int64_exact = True

@@ -277,6 +277,17 @@ def test_random_ratios_give_a_valid_model_with_exact_costs(spec: NetSpec, data: 
     assert graph.params(0.0) == prune_env.count_params(model)
     assert graph.macs(ratios, round_to) == prune_env.count_macs(pruned, x)
     assert graph.params(ratios, round_to) == prune_env.count_params(pruned)
+    # The action wall's shortcut: with the other groups fixed, the cost is an exact quadratic in one
+    # group's count (checked against the full evaluation, in both the int64 and the Python-int paths).
+    g = data.draw(st.integers(0, max(len(graph.groups) - 1, 0)), label="wall group")
+    for metric, full_cost in (("macs", graph.costs.macs), ("params", graph.costs.params))[
+        : len(graph.groups) and 2
+    ]:
+        a, b, q = graph.costs.along_group(graph.keep_counts(ratios, round_to), g, metric)
+        for c in range(1, graph.groups[g].channels + 1):
+            moved = graph.keep_counts(ratios, round_to)
+            moved[g] = c
+            assert a + b * c + q * c * c == full_cost(moved), (metric, c)
 
     # 3. Every group keeps at least one unit, and the pruned layers have exactly the predicted widths.
     keep = graph.keep_counts(ratios, round_to)
@@ -356,18 +367,26 @@ def test_zeroed_units_are_exactly_the_ones_pruned(spec: NetSpec, data: st.DataOb
 @given(spec=net_specs(), data=st.data())
 def test_rebuilding_into_one_module_tree_equals_fresh_surgery(spec: NetSpec, data: st.DataObject) -> None:
     """ModelRebuilder (the proxy's hot path) gives exactly prune_channels' model, build after build, even
-    when the previous build was trained in place — and never writes through to the base model."""
+    when the previous build was trained in place, and on a revisit of an earlier policy — and never writes
+    through to the base model."""
     model, _, graph = build(spec)
     before = state_of(model)
     rebuilder = prune_env.ModelRebuilder(model, graph)
     x2 = example_input(spec, batch=2, seed=1)
-    for step in range(3):
-        ratios = data.draw(
-            st.lists(st.floats(0.0, 1.0), min_size=len(graph.groups), max_size=len(graph.groups))
-        )
-        keep = graph.keep_counts(ratios)
-        rng = np.random.default_rng(step)
-        units = [np.sort(rng.permutation(g.channels)[:k]) for g, k in zip(graph.groups, keep, strict=True)]
+    drawn = []
+    for step in range(4):
+        if step < 3:
+            ratios = data.draw(
+                st.lists(st.floats(0.0, 1.0), min_size=len(graph.groups), max_size=len(graph.groups))
+            )
+            keep = graph.keep_counts(ratios)
+            rng = np.random.default_rng(step)
+            units = [
+                np.sort(rng.permutation(g.channels)[:k]) for g, k in zip(graph.groups, keep, strict=True)
+            ]
+            drawn.append(units)
+        else:  # a revisit: served from the rebuilder's caches (index tensors, size attributes)
+            units = drawn[0]
         reference = prune_env.prune_channels(model, graph, units)
         rebuilt = rebuilder.rebuild(units)
         assert rebuilt is rebuilder.module

@@ -85,19 +85,33 @@ def parse_variants(spec: str, eval_samples: int) -> dict[str, dict[str, Any]]:
 
 
 def load_rows(paths: list[str]) -> tuple[dict, dict[int, dict]]:
-    """Rows of earlier --out files by policy number; the proxies of one policy measured in several runs
-    (for example new variants against a reused ground truth) are merged."""
+    """Rows of earlier --out files by policy number. A policy measured in several runs is merged: proxies
+    (new variants against a reused ground truth) by label, and fine-tunes with other seeds
+    (--truth-seed-start) into one ground truth averaged over every seed."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     by_policy: dict[int, dict] = {}
     for run in runs:
         for position, row in enumerate(run["rows"]):
             policy = row.get("policy", run["args"].get("skip", 0) + position)
+            row = {**row, "truth_seeds": row.get("truth_seeds", list(range(run["args"]["truth_seeds"])))}
             if policy not in by_policy:
                 by_policy[policy] = {**row, "proxies": dict(row["proxies"])}
                 continue
-            if not np.allclose(by_policy[policy]["ratios"], row["ratios"], atol=1e-4):
+            merged = by_policy[policy]
+            if not np.allclose(merged["ratios"], row["ratios"], atol=1e-4):
                 raise ValueError(f"policy {policy} differs between the files: not the same run")
-            by_policy[policy]["proxies"].update(row["proxies"])
+            merged["proxies"].update(row["proxies"])
+            new_seeds = [k for k in row["truth_seeds"] if k not in merged["truth_seeds"]]
+            if new_seeds:
+                if len(new_seeds) != len(row["truth_seeds"]):
+                    raise ValueError(f"policy {policy}: fine-tune seeds overlap partly between the files")
+                n_old, n_new = len(merged["truth_seeds"]), len(new_seeds)
+                for metric in ("finetuned_test_accuracy", "finetuned_val_accuracy", "finetuned_test_loss"):
+                    merged[metric] = (n_old * merged[metric] + n_new * row[metric]) / (n_old + n_new)
+                merged["finetuned_test_accuracy_per_seed"] = (
+                    merged["finetuned_test_accuracy_per_seed"] + row["finetuned_test_accuracy_per_seed"]
+                )
+                merged["truth_seeds"] = merged["truth_seeds"] + new_seeds
     return runs[0]["args"], by_policy
 
 
@@ -106,6 +120,7 @@ def report(paths: list[str]) -> None:
     that added variants with --truth-from. Variants measured on only some policies are left out."""
     args, by_policy = load_rows(paths)
     rows = [by_policy[i] for i in sorted(by_policy)]
+    args = {**args, "truth_seeds": min(len(r["truth_seeds"]) for r in rows)}
     labels = [k for k in rows[0]["proxies"] if all(k in r["proxies"] for r in rows)]
     for k in {k for r in rows for k in r["proxies"]} - set(labels):
         print(
@@ -145,12 +160,26 @@ def table(args: dict, rows: list[dict]) -> None:
         print(
             f"| {label} | {tau_acc:.3f} | {tau_loss:.3f} | {tau_kl} | {tau_ll:.3f} | {rho:.3f} | {secs:.3f} |"
         )
-    if args["truth_seeds"] > 1:
-        first, second = (np.array([r["finetuned_test_accuracy_per_seed"][k] for r in rows]) for k in (0, 1))
+    n_seeds = args["truth_seeds"]
+    if n_seeds > 1:
+        # The ground truth's own noise: fine-tunes of the same policies with different seeds. A proxy
+        # cannot be expected to rank better than one more fine-tune would.
+        per_seed = np.array([r["finetuned_test_accuracy_per_seed"][:n_seeds] for r in rows]).T
+        pairs = [(a, b) for a in range(n_seeds) for b in range(a + 1, n_seeds)]
+        tau_pairs = [kendalltau(per_seed[a], per_seed[b]).statistic for a, b in pairs]
+        rho_pairs = [spearmanr(per_seed[a], per_seed[b]).statistic for a, b in pairs]
         print(
-            f"| fine-tune noise: seed {args['seed']} vs {args['seed'] + 1} | "
-            f"{kendalltau(first, second).statistic:.3f} | | | {spearmanr(first, second).statistic:.3f} | |"
+            f"| fine-tune noise: one seed vs another (mean of {len(pairs)} pairs) | {np.mean(tau_pairs):.3f} "
+            f"| | | | {np.mean(rho_pairs):.3f} | |"
         )
+        if n_seeds > 2:
+            rest = [
+                kendalltau(per_seed[k], np.delete(per_seed, k, axis=0).mean(0)).statistic
+                for k in range(n_seeds)
+            ]
+            print(
+                f"| fine-tune noise: one seed vs the mean of the other {n_seeds - 1} | {np.mean(rest):.3f} | | | | | |"
+            )
 
 
 def fine_tuned_truth(
@@ -200,6 +229,13 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="fine-tune every policy with this many seeds; the ground truth is their mean, and tau between "
         "the first two is the fine-tune's own noise level",
+    )
+    parser.add_argument(
+        "--truth-seed-start",
+        type=int,
+        default=0,
+        help="fine-tune seeds start at --seed plus this: more seeds for an earlier run's ground truth "
+        "(--report merges them)",
     )
     parser.add_argument(
         "--skip",
@@ -260,7 +296,9 @@ def main(argv: list[str] | None = None) -> None:
         args.truth_seeds = saved_args["truth_seeds"]
     evaluators = {
         label: ProxyEvaluator(base, splits, seed=args.seed, **kwargs)
-        for label, kwargs in parse_variants(args.variants, args.eval_samples).items()
+        for label, kwargs in (
+            parse_variants(args.variants, args.eval_samples) if args.variants != "none" else {}
+        ).items()
     }
     rows = []
     for i, ratios in enumerate(policies):

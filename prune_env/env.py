@@ -199,6 +199,7 @@ class LayerPruneEnv(_PruneEnv):
         self.observation_space = spaces.Box(0.0, 1.0, (dim,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
         self._keep = self.problem.channels.copy()
+        self._rest = self.problem.channels.copy()  # scratch for the observation's cost evaluations
         self._t = 0
         self._prev_ratio = 0.0
 
@@ -206,21 +207,22 @@ class LayerPruneEnv(_PruneEnv):
         p = self.problem
         t = min(self._t, p.n_groups - 1)
         costs, base = p.graph.costs, p.graph.base_macs
-        rest_full = self._keep.copy()
-        rest_full[t:] = p.channels[t:]
-        rest_min = rest_full.copy()
-        rest_min[t:] = p.projector.min_keep[t:]
-        macs_full = costs.macs(rest_full)
-        dynamic = np.array(
-            [
-                1.0 - macs_full / base,
-                (macs_full - costs.macs(rest_min)) / base,
-                self._prev_ratio / p.max_ratio,
-                self.target,
-            ]
+        rest = self._rest  # decided groups as decided, the rest first whole, then at their minimum
+        rest[:t] = self._keep[:t]
+        rest[t:] = p.channels[t:]
+        macs_full = costs.macs(rest)
+        rest[t:] = p.projector.min_keep[t:]
+        dynamic = (
+            1.0 - macs_full / base,
+            (macs_full - costs.macs(rest)) / base,
+            self._prev_ratio / p.max_ratio,
+            self.target,
         )
-        obs = np.concatenate([self._static[t], np.clip(dynamic, 0.0, 1.0)])
-        return obs.astype(np.float32)
+        n_static = len(STATIC_FEATURES)
+        obs = np.empty(n_static + len(dynamic), dtype=np.float32)
+        obs[:n_static] = self._static[t]
+        obs[n_static:] = [min(max(v, 0.0), 1.0) for v in dynamic]
+        return obs
 
     def _start_episode(self) -> dict[str, Any]:
         self._t = 0

@@ -128,14 +128,20 @@ class ModelRebuilder:
             slot = graph._slots[s]
             by_layer.setdefault(slot.layer, {})[slot.kind] = (slot.dim, s)
         recorder = _Plan(slicing=False)
-        self._layers: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = []
+        self._layer_kinds = by_layer
+        self._slot_size = slot_size
+        # Size attributes are set per "sizing unit": a layer whose dimensions set disjoint attributes
+        # independently (a dense conv's in/out channels) gets one unit per dimension, so its cached
+        # attributes depend on one width, not on every combination; others (grouped convs) get one unit.
+        self._sizing: list[tuple[tuple[str, tuple[str, ...]], str, tuple[str, ...], tuple[int, ...]]] = []
         for layer, kinds in by_layer.items():
             names = tuple(sorted(kinds))
-            self._layers.append((layer, names, tuple(kinds[k][1] for k in names)))
             _plan_layer(
                 recorder, self._base_modules, layer, {k: (d, probe[s]) for k, (d, s) in kinds.items()}
             )
-        self._layer_kinds = {layer: by_layer[layer] for layer, *_ in self._layers}
+            units = [(k,) for k in names] if self._separable(layer, names) else [names]
+            for unit in units:
+                self._sizing.append(((layer, unit), layer, unit, tuple(kinds[k][1] for k in unit)))
         # One operation per distinct base tensor (tied weights are one tensor): its slices in plan order
         # and every place of the copy that holds it.
         ops: dict[int, list] = {}
@@ -162,11 +168,10 @@ class ModelRebuilder:
                 holders[-1] = (holders[-1], attr)
             param = isinstance(t, nn.Parameter)
             self._ops.append((t.detach(), tuple(slices), tuple(holders), param, param and t.requires_grad))
-        self._index_cache: dict[tuple, torch.Tensor] = {}
+        self._index_cache: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._dropped_cache: dict[tuple[int, bytes], dict[int, np.ndarray] | None] = {}
-        self._attribute_cache: dict[tuple, list[tuple[nn.Module, str, Any]]] = {}
-        self._layer_state: dict[str, tuple] = {}  # each layer's widths at the last rebuild
-        self._slot_size = slot_size
+        self._attribute_cache: dict[tuple, list[tuple[Any, str, Any, bool]]] = {}
+        self._layer_state: dict[tuple, tuple] = {}  # each sizing unit's widths at the last rebuild
 
     @functools.cached_property
     def _name_of(self) -> dict[int, str]:
@@ -185,21 +190,23 @@ class ModelRebuilder:
             if self._dropped_cache[(g, key)] is not None:
                 touched.update(self._group_slots[g])
         index: dict[int, torch.Tensor] = {}
+        width: dict[int, int] = {}  # len(index[s]), without torch's slower __len__
         for s in touched:
             groups = self._slot_groups[s]
             cache_key = (s, *(keys[g] for g in groups))
-            idx = self._index_cache.get(cache_key)
-            if idx is None:
+            cached = self._index_cache.get(cache_key)
+            if cached is None:
                 mask = np.ones(self._slot_size[s], dtype=bool)
                 for g in groups:
                     dropped = self._dropped_cache[(g, keys[g])]
                     if dropped is not None and s in dropped:
                         mask[dropped[s]] = False
-                idx = torch.from_numpy(np.flatnonzero(mask))
-                self._remember(self._index_cache, cache_key, idx)
-            index[s] = idx
+                kept_positions = np.flatnonzero(mask)
+                cached = (torch.from_numpy(kept_positions), len(kept_positions))
+                self._remember(self._index_cache, cache_key, cached)
+            index[s], width[s] = cached
         self._swap_tensors(index)
-        self._set_sizes(index)
+        self._set_sizes(width)
         for base_module, module in self._pairs:
             module.__dict__["training"] = base_module.training  # what Module.train() sets, minus recursion
         return self.module
@@ -239,30 +246,56 @@ class ModelRebuilder:
             for holder, attr in holders:
                 holder[attr] = t
 
-    def _set_sizes(self, index: Mapping[int, torch.Tensor]) -> None:
-        for layer, kinds, slots in self._layers:
-            widths = tuple(len(index[s]) if s in index else -1 for s in slots)
-            if self._layer_state.get(layer) == widths:
+    def _attributes(self, layer: str, widths: Mapping[str, int]) -> list[tuple[str, str, Any]]:
+        """(module name, attribute, value) the plan sets on ``layer`` for kept ``widths`` by dimension kind."""
+        plan = _Plan(slicing=False)
+        full = self._layer_kinds[layer]
+        _plan_layer(plan, self._base_modules, layer, {k: (full[k][0], range(w)) for k, w in widths.items()})
+        return plan.attributes
+
+    def _separable(self, layer: str, kinds: tuple[str, ...]) -> bool:
+        """Whether each dimension of ``layer`` alone sets its own attributes, which together are those of
+        the whole layer (checked at full widths; the rebuild==prune_channels property tests the rest)."""
+        if len(kinds) < 2:
+            return False
+        full = {k: self._slot_size[self._layer_kinds[layer][k][1]] for k in kinds}
+        try:
+            alone = [self._attributes(layer, {k: full[k]}) for k in kinds]
+        except UnsupportedLayerError:
+            return False
+        names = [{(m, a) for m, a, _ in attrs} for attrs in alone]
+        disjoint = sum(len(n) for n in names) == len(set().union(*names))
+        together = sorted((m, a, repr(v)) for m, a, v in self._attributes(layer, full))
+        return disjoint and together == sorted((m, a, repr(v)) for attrs in alone for m, a, v in attrs)
+
+    def _set_sizes(self, width: Mapping[int, int]) -> None:
+        for state_key, layer, kinds, slots in self._sizing:
+            widths = tuple([width.get(s, -1) for s in slots])
+            if self._layer_state.get(state_key) == widths:
                 continue  # the module already has these size attributes
-            cache_key = (layer, widths)
+            cache_key = (state_key, widths)
             attributes = self._attribute_cache.get(cache_key)
             if attributes is None:
-                plan = _Plan(slicing=False)
-                full = self._layer_kinds[layer]
-                _plan_layer(
-                    plan,
-                    self._base_modules,
+                attributes = []
+                planned = self._attributes(
                     layer,
                     {
-                        k: (full[k][0], range(w if w >= 0 else self._slot_size[full[k][1]]))
-                        for k, w in zip(kinds, widths, strict=True)
+                        k: w if w >= 0 else self._slot_size[s]
+                        for k, w, s in zip(kinds, widths, slots, strict=True)
                     },
                 )
-                attributes = [(self._modules[name], attr, value) for name, attr, value in plan.attributes]
+                for name, attr, value in planned:
+                    module = self._modules[name]
+                    # Plain values (sizes, group counts) go straight into the instance dict (see _set).
+                    plain = not isinstance(value, (torch.Tensor, nn.Module))
+                    attributes.append((module.__dict__ if plain else module, attr, value, plain))
                 self._remember(self._attribute_cache, cache_key, attributes)
-            for module, attr, value in attributes:
-                _set(module, attr, value)
-            self._layer_state[layer] = widths
+            for target, attr, value, plain in attributes:
+                if plain:
+                    target[attr] = value
+                else:
+                    setattr(target, attr, value)
+            self._layer_state[state_key] = widths
 
     def _remember(self, cache: dict, key: Hashable, value: Any) -> None:
         if len(cache) >= self.CACHE_LIMIT:

@@ -236,6 +236,34 @@ def test_budget_range_is_sampled_and_observed(problem: PruningProblem) -> None:
     assert obs[-1] == np.float32(info["target"])
 
 
+def test_layer_observation_reports_the_costs_of_the_decisions_so_far(problem: PruningProblem) -> None:
+    """Every step's observation: the current group's static features, then MACs removed so far (later
+    groups whole), MACs still removable (later groups down to their minimum), previous ratio, target —
+    recomputed here from the cost model, independently of the environment's bookkeeping."""
+    env = LayerPruneEnv(problem=problem, **FAST)
+    obs, _ = env.reset(seed=0)
+    rng = np.random.default_rng(3)
+    costs, base = problem.graph.costs, problem.graph.base_macs
+    decided: list[int] = []
+    previous = 0.0
+    n_static = len(env._static[0])
+    for t in range(problem.n_groups):
+        later_whole = np.concatenate([decided, problem.channels[t:]]).astype(np.int64)
+        later_min = np.concatenate([decided, problem.projector.min_keep[t:]]).astype(np.int64)
+        expected = [
+            1 - costs.macs(later_whole) / base,
+            (costs.macs(later_whole) - costs.macs(later_min)) / base,
+            previous / problem.max_ratio,
+            env.target,
+        ]
+        np.testing.assert_array_equal(obs[:n_static], env._static[t])
+        np.testing.assert_array_equal(obs[n_static:], np.clip(expected, 0, 1).astype(np.float32))
+        obs, _, terminated, _, info = env.step(rng.uniform(-1, 1, (1,)).astype(np.float32))
+        previous = info["applied_ratio"]
+        decided.append(int(env._keep[t]))
+    assert terminated
+
+
 def test_render_ansi(problem: PruningProblem) -> None:
     env = LayerPruneEnv(problem=problem, render_mode="ansi", **FAST)
     env.reset(seed=0)

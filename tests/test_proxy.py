@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 import prune_env
 from prune_env.data import Splits
-from prune_env.proxy import Proxy, ProxyEvaluator, recalibrate_batchnorm
+from prune_env.proxy import Proxy, ProxyEvaluator, recalibrate_batchnorm, set_eval
 
 
 class ForbiddenDataset(Dataset):
@@ -98,6 +98,32 @@ def test_recalibration_restores_every_module_mode(training: bool) -> None:
     model.train(training)
     recalibrate_batchnorm(model, [torch.randn(4, 3, 6, 6)])
     assert [m.training for m in model.modules()] == [training] * len(list(model.modules()))
+
+
+class _CountsTrainCalls(nn.Module):
+    """A module with its own ``train``: the fast eval switch must still go through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Dropout(0.5)
+        self.calls: list[bool] = []
+
+    def train(self, mode: bool = True) -> _CountsTrainCalls:
+        self.calls.append(mode)
+        return super().train(mode)
+
+
+def test_fast_eval_switch_equals_module_eval() -> None:
+    """set_eval (the proxy's hot-path model.eval()) leaves every flag as model.eval() does, and calls an
+    overridden train() rather than writing past it."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), _CountsTrainCalls(), nn.Dropout(0.1))
+    model.train()
+    custom = model[2]
+    custom.calls.clear()
+    set_eval(list(model.modules()))
+    assert [m.training for m in model.modules()] == [False] * len(list(model.modules()))
+    assert custom.calls == [False]
+    assert "training" in model[0].__dict__  # an instance attribute, as Module.__setattr__ stores it
 
 
 def test_recalibration_improves_a_pruned_model(digits: Splits, digits_base, pruned: nn.Module) -> None:

@@ -231,6 +231,13 @@ def main(argv: list[str] | None = None) -> None:
         "the first two is the fine-tune's own noise level",
     )
     parser.add_argument(
+        "--policy-seed",
+        type=int,
+        default=None,
+        help="draw the random policies from this seed (default: --seed); a fresh set validates a proxy "
+        "chosen on another",
+    )
+    parser.add_argument(
         "--truth-seed-start",
         type=int,
         default=0,
@@ -282,13 +289,23 @@ def main(argv: list[str] | None = None) -> None:
     example = splits.example_inputs()
     graph = prune_env.build_graph(base, example)
     base_macs = graph.macs(0.0)
-    rng = np.random.default_rng(args.seed)
+    # Policies come from their own seed, so a second set (held out from choosing a proxy) can be drawn
+    # over the same data split and base model.
+    rng = np.random.default_rng(args.seed if args.policy_seed is None else args.policy_seed)
     policies = [random_policy(graph, args.budget * base_macs, rng) for _ in range(args.policies)]
 
     known: dict[int, dict] = {}
     if args.truth_from:
         saved_args, known = load_rows(args.truth_from)
-        for option in ("dataset", "model", "seed", "budget", "finetune_epochs", "finetune_samples"):
+        for option in (
+            "dataset",
+            "model",
+            "seed",
+            "policy_seed",
+            "budget",
+            "finetune_epochs",
+            "finetune_samples",
+        ):
             if saved_args.get(option) != getattr(args, option):
                 raise SystemExit(
                     f"--truth-from was measured with --{option.replace('_', '-')} {saved_args.get(option)}"

@@ -883,6 +883,18 @@ def units_to_keep(channels: Any, ratios: Any, round_to: int = 1) -> np.ndarray:
     return np.clip(np.round(kept), 1, channels).astype(np.int64)
 
 
+def unit_count_to_keep(channels: int, ratio: float, round_to: int = 1) -> int:
+    """:func:`units_to_keep` for one group, in Python scalars (the layer-wise environment's per-step path).
+
+    The same arithmetic in the same order (IEEE doubles, round-half-even), so the two always agree."""
+    if ratio <= 0.0:
+        return channels
+    kept = channels * (1.0 - ratio)
+    if round_to > 1:
+        kept = round(kept / round_to) * round_to
+    return min(max(round(kept), 1), channels)
+
+
 class DependencyGraph:
     """Channel groups of a model and the exact cost of any pruning of them.
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from prune_env.costs import CostModel
 from prune_env.errors import InvalidRatiosError
+from prune_env.graph import unit_count_to_keep
 from prune_env.graph import units_to_keep as keep_counts
 
 
@@ -129,7 +130,7 @@ class BudgetProjector:
         """
         keep = np.array(decided, dtype=np.int64)
         keep[index + 1 :] = self.min_keep[index + 1 :]
-        wanted = int(keep_counts(self.channels[index : index + 1], np.array([ratio]), self.round_to)[0])
+        wanted = unit_count_to_keep(int(self.channels[index]), float(ratio), self.round_to)
         lowest = int(self.min_keep[index])
         candidates = np.arange(wanted, lowest - 1, -1) if wanted >= lowest else np.array([lowest])
         if self.round_to > 1:

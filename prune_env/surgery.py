@@ -156,18 +156,12 @@ class ModelRebuilder:
                         ops.setdefault(id(t), [t, [], set()])[2].add((self._name_of[id(module)], key))
         self._ops = []
         for t, slices, places in ops.values():
-            holders = []
-            for module_name, attr in sorted(places):
-                module = self._modules[module_name]
-                if attr in module._parameters:
-                    holders.append(module._parameters)
-                elif attr in module._buffers:
-                    holders.append(module._buffers)
-                else:  # a tensor kept as a plain attribute: it lives in the instance dict
-                    holders.append(module.__dict__)
-                holders[-1] = (holders[-1], attr)
-            param = isinstance(t, nn.Parameter)
-            self._ops.append((t.detach(), tuple(slices), tuple(holders), param, param and t.requires_grad))
+            holders = [(_container(self._modules[name], attr), attr) for name, attr in sorted(places)]
+            name, attr = min(places)
+            # Where the base tensor lives, read at every rebuild: Module.to / double replace buffers (and
+            # parameters' data), so a tensor captured now could be stale later.
+            source = (_container(self._base_modules[name], attr), attr)
+            self._ops.append((source, tuple(slices), tuple(holders), isinstance(t, nn.Parameter)))
         self._index_cache: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._dropped_cache: dict[tuple[int, bytes], dict[int, np.ndarray] | None] = {}
         self._attribute_cache: dict[tuple, list[tuple[Any, str, Any, bool]]] = {}
@@ -230,19 +224,20 @@ class ModelRebuilder:
             positions.setdefault(s, []).append(pos[dropped[owner]])
         return {s: np.concatenate(p) for s, p in positions.items()}
 
+    @torch.no_grad()  # fresh tensors without autograd history: no detach per tensor
     def _swap_tensors(self, index: Mapping[int, torch.Tensor]) -> None:
-        for base, slices, holders, param, requires_grad in self._ops:
-            t = base
+        for (container, key), slices, holders, param in self._ops:
+            base = t = container[key]
             for dim, s in slices:
                 idx = index.get(s)
                 if idx is not None:
-                    if idx.device != t.device:
+                    if not t.is_cpu:  # index tensors are made on the CPU
                         idx = idx.to(t.device)
                     t = t.index_select(dim, idx)
             if t is base:
                 t = base.clone()
             if param:
-                t = nn.Parameter(t, requires_grad=requires_grad)
+                t = nn.Parameter(t, requires_grad=base.requires_grad)
             for holder, attr in holders:
                 holder[attr] = t
 
@@ -301,6 +296,15 @@ class ModelRebuilder:
         if len(cache) >= self.CACHE_LIMIT:
             cache.clear()
         cache[key] = value
+
+
+def _container(module: nn.Module, attr: str) -> dict[str, Any]:
+    """The dictionary of ``module`` that holds tensor attribute ``attr``."""
+    if attr in module._parameters:
+        return module._parameters
+    if attr in module._buffers:
+        return module._buffers
+    return module.__dict__  # a tensor kept as a plain attribute
 
 
 def _set(module: nn.Module, attr: str, value: Any) -> None:

@@ -362,3 +362,23 @@ def test_cost_along_one_group_is_an_exact_quadratic() -> None:
                 )
         finally:
             costs._int64_exact = True
+
+
+def test_rebuilder_follows_the_base_model_when_it_is_converted_or_frozen() -> None:
+    """Module.to/double replace parameter data, not the parameters; requires_grad may be changed later:
+    a rebuild must reflect the base model as it is now, like prune_channels does."""
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = prune_env.build_graph(model, x)
+    rebuilder = prune_env.ModelRebuilder(model, graph)
+    units = [np.arange(0, g.channels, 2) for g in graph.groups]
+    rebuilder.rebuild(units)
+    model.double()
+    model.fc.weight.requires_grad_(False)
+    rebuilt = rebuilder.rebuild(units)
+    reference = prune_env.prune_channels(model, graph, units)
+    assert rebuilt.fc.weight.dtype == torch.float64 and not rebuilt.fc.weight.requires_grad
+    for (name, a), (_, b) in zip(rebuilt.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x.double()), reference(x.double()), rtol=0, atol=0)

@@ -28,6 +28,7 @@ from torch import nn
 
 import prune_env
 from prune_env import ChannelGroup, DependencyGraph, Member
+from prune_env.graph import unit_count_to_keep, units_to_keep
 
 WARNING_PREFIX = "prune_env: some channels cannot be mapped"
 # Statistics of these norms are taken over all of a group's channels, so zeroed channels still change
@@ -402,6 +403,21 @@ def test_rebuilding_into_one_module_tree_equals_fresh_surgery(spec: NetSpec, dat
             torch.testing.assert_close(rebuilt(x2), reference(x2), rtol=0, atol=0)
         run_training_step(rebuilt, x2)  # what a KD proxy does to it; the next rebuild must not see it
         assert_same_state(model, before)
+
+
+@_settings(default_examples=500)
+@given(
+    channels=st.integers(1, 4096),
+    ratio=st.one_of(
+        st.floats(-0.5, 1.5, allow_nan=False),
+        st.sampled_from([0.0, 0.5, 0.8, 1.0, 0.25, 0.125, 1 / 3, 2 / 3]),
+    ),
+    round_to=st.sampled_from([1, 2, 3, 4, 8, 16]),
+)
+def test_scalar_keep_count_equals_the_vectorised_rule(channels: int, ratio: float, round_to: int) -> None:
+    """The action wall's scalar twin of units_to_keep must agree with it everywhere (ties included)."""
+    expected = int(units_to_keep(np.array([channels]), np.array([ratio]), round_to)[0])
+    assert unit_count_to_keep(channels, ratio, round_to) == expected
 
 
 def test_generator_covers_every_block_kind() -> None:

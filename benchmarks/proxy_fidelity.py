@@ -5,9 +5,15 @@ evaluation, BatchNorm recalibration on K batches, recalibration + k knowledge-di
 the accuracy after a longer KD fine-tune, by Kendall's tau, and time each variant.
 
     python benchmarks/proxy_fidelity.py --dataset digits --policies 30 --budget 0.5 --threads 1
-    python benchmarks/proxy_fidelity.py --dataset fashion-mnist --policies 30 --finetune-epochs 1 \\
-        --finetune-samples 12000 --threads 1
+    python benchmarks/proxy_fidelity.py --dataset fashion-mnist --policies 30 --budget 0.25 \\
+        --finetune-epochs 1 --finetune-samples 20000 --truth-seeds 2 --threads 1 --out run.json
     python benchmarks/proxy_fidelity.py --quick      # a smoke run: 6 policies, short fine-tune
+
+Variants: ``plain``, ``bnK`` (K recalibration batches), ``+kdN`` (N distillation steps), ``+re``
+(recalibrate again after them), ``+lrX`` / ``+bB`` (their learning rate / batch size), ``+nS`` (S validation
+samples). The fine-tunes dominate the cost, so runs compose: ``--truth-from run.json`` measures new variants
+against a saved ground truth, ``--truth-seed-start 2 --variants none`` adds fine-tune seeds to it,
+``--policy-seed`` draws a held-out set of policies, and ``--report`` merges any of these files.
 
 Random policies: a uniform ratio per channel group, all multiplied by one factor found by bisection so
 that the pruned model's MACs are within 1% of ``budget x`` the unpruned model's (ratios capped at 0.9).
@@ -220,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         help="fine-tune on a fixed random subset of train this size",
     )
     parser.add_argument("--eval-samples", type=int, default=1000)
-    parser.add_argument("--variants", default="plain,bn1,bn2,bn4,bn8,bn16,bn8+kd10,bn8+kd25,bn8+kd50")
+    parser.add_argument(
+        "--variants", default="plain,bn2,bn8,bn8+kd10+re,bn8+kd25+re,bn8+kd50+re,bn8+kd100+re"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(

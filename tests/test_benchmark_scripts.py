@@ -1,0 +1,85 @@
+"""The result-merging logic of benchmarks/proxy_fidelity.py: the issue notes' tables rest on it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fidelity() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("proxy_fidelity", ROOT / "benchmarks" / "proxy_fidelity.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(policy: int, accs: list[float], proxies: dict, ratios: list[float] | None = None, **extra) -> dict:
+    return {
+        "policy": policy,
+        "ratios": ratios or [0.1 * policy, 0.2],
+        "macs_fraction": 0.25,
+        "finetuned_test_accuracy": sum(accs) / len(accs),
+        "finetuned_test_accuracy_per_seed": accs,
+        "finetuned_val_accuracy": sum(accs) / len(accs),
+        "finetuned_test_loss": 1.0 - sum(accs) / len(accs),
+        "finetune_seconds": 1.0,
+        "proxies": proxies,
+        **extra,
+    }
+
+
+def _write(path: Path, truth_seeds: int, rows: list[dict]) -> str:
+    path.write_text(json.dumps({"args": {"truth_seeds": truth_seeds, "skip": 0}, "rows": rows}))
+    return str(path)
+
+
+def test_runs_merge_variants_and_fine_tune_seeds(fidelity: ModuleType, tmp_path: Path) -> None:
+    proxy = {"accuracy": 0.5, "loss": 1.0, "eval_seconds": 1.0}
+    first = _write(
+        tmp_path / "a.json", 2, [_row(0, [0.8, 0.9], {"bn8": proxy}), _row(1, [0.6, 0.7], {"bn8": proxy})]
+    )
+    variants = _write(tmp_path / "b.json", 2, [_row(0, [0.8, 0.9], {"kd50": proxy})])
+    seed = _write(tmp_path / "c.json", 1, [_row(0, [0.4], {}, truth_seeds=[2])])
+
+    _, rows = fidelity.load_rows([first, variants, seed])
+    assert set(rows[0]["proxies"]) == {"bn8", "kd50"} and set(rows[1]["proxies"]) == {"bn8"}
+    assert rows[0]["truth_seeds"] == [0, 1, 2]
+    assert rows[0]["finetuned_test_accuracy_per_seed"] == [0.8, 0.9, 0.4]
+    assert rows[0]["finetuned_test_accuracy"] == pytest.approx(0.7)  # the mean over all three seeds
+    assert rows[0]["finetuned_test_loss"] == pytest.approx(0.3)
+    assert rows[1]["finetuned_test_accuracy"] == pytest.approx(0.65)  # untouched by the other files
+
+    # The same fine-tune seeds again add nothing; other policies under the same number are refused.
+    _, again = fidelity.load_rows([first, first])
+    assert again[0]["finetuned_test_accuracy_per_seed"] == [0.8, 0.9]
+    other = _write(tmp_path / "d.json", 2, [_row(0, [0.8, 0.9], {}, ratios=[0.5, 0.5])])
+    with pytest.raises(ValueError, match="not the same run"):
+        fidelity.load_rows([first, other])
+
+
+def test_variant_names_parse_into_evaluator_settings(fidelity: ModuleType) -> None:
+    parsed = fidelity.parse_variants("plain,bn8+kd50+re+lr0.02+b128+n3000", 1000)
+    assert parsed["plain"] == {
+        "bn_recalib_batches": 0,
+        "finetune_steps": 0,
+        "recalibrate_after_finetune": False,
+        "eval_samples": 1000,
+    }
+    assert parsed["bn8+kd50+re+lr0.02+b128+n3000"] == {
+        "bn_recalib_batches": 8,
+        "finetune_steps": 50,
+        "recalibrate_after_finetune": True,
+        "eval_samples": 3000,
+        "finetune_lr": 0.02,
+        "finetune_batch_size": 128,
+    }
+    with pytest.raises(ValueError, match="bad variant"):
+        fidelity.parse_variants("bn8+xyz", 1000)

@@ -112,7 +112,7 @@ def main() -> None:
             shares = [(t - f) / t for t, f in rows]
             fwd = [f for _, f in rows]
             print(
-                f"{name:<10} {cls.__name__[:-7]:<8} {statistics.median(totals):>10.4f} "
+                f"{name:<10} {cls.__name__.removesuffix('PruneEnv'):<8} {statistics.median(totals):>10.4f} "
                 f"{statistics.median(fwd):>10.4f} {statistics.median(shares):>8.1%}"
             )
         for n_envs in (1, 2):

@@ -193,13 +193,15 @@ def fine_tuned_truth(
 ) -> dict[str, Any]:
     """The ground truth of one policy: test metrics after the KD fine-tune, averaged over seeds."""
     start = time.perf_counter()
+    seeds = [args.truth_seed_start + k for k in range(args.truth_seeds)]
     runs = [
         finetune(pruned, base, tune_splits, epochs=args.finetune_epochs, seed=args.seed + k, progress=False)[
             1
         ]
-        for k in range(args.truth_seeds)
+        for k in seeds
     ]
     return {
+        "truth_seeds": seeds,
         "finetuned_test_accuracy": float(np.mean([r["test_accuracy"] for r in runs])),
         "finetuned_test_accuracy_per_seed": [r["test_accuracy"] for r in runs],
         "finetuned_val_accuracy": float(np.mean([r["val_accuracy"] for r in runs])),

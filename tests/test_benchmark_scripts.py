@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -83,3 +84,22 @@ def test_variant_names_parse_into_evaluator_settings(fidelity: ModuleType) -> No
     }
     with pytest.raises(ValueError, match="bad variant"):
         fidelity.parse_variants("bn8+xyz", 1000)
+
+
+def test_truth_seed_start_offsets_the_fine_tune_seeds(
+    fidelity: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--truth-seed-start adds fine-tunes with new seeds (a run that silently reused seed 0 happened)."""
+    seen: list[int] = []
+
+    def fake_finetune(
+        pruned: object, teacher: object, splits: object, *, epochs: int, seed: int, progress: bool
+    ) -> tuple[None, dict[str, float]]:
+        seen.append(seed)
+        return None, {"test_accuracy": seed / 10, "val_accuracy": 0.0, "test_loss": 0.0}
+
+    monkeypatch.setattr(fidelity, "finetune", fake_finetune)
+    args = argparse.Namespace(seed=5, truth_seed_start=2, truth_seeds=2, finetune_epochs=1)
+    row = fidelity.fine_tuned_truth(args, None, None, None)
+    assert seen == [7, 8]
+    assert row["truth_seeds"] == [2, 3] and row["finetuned_test_accuracy_per_seed"] == [0.7, 0.8]

@@ -175,13 +175,17 @@ class ModelRebuilder:
         units = self._units(keep)
         # Units dropped per group, as positions per slot (None: the group is whole), cached by kept units.
         keys: list[bytes] = []
+        dropped_of: list[dict[int, np.ndarray] | None] = []
         touched: set[int] = set()
         for g, kept in enumerate(units):
             key = kept.tobytes()
             keys.append(key)
-            if (g, key) not in self._dropped_cache:
-                self._dropped_cache[(g, key)] = self._dropped_positions(g, kept)
-            if self._dropped_cache[(g, key)] is not None:
+            dropped = self._dropped_cache.get((g, key), _MISSING)
+            if dropped is _MISSING:
+                dropped = self._dropped_positions(g, kept)
+                self._remember(self._dropped_cache, (g, key), dropped)
+            dropped_of.append(dropped)  # type: ignore[arg-type]
+            if dropped is not None:
                 touched.update(self._group_slots[g])
         index: dict[int, torch.Tensor] = {}
         width: dict[int, int] = {}  # len(index[s]), without torch's slower __len__
@@ -192,7 +196,7 @@ class ModelRebuilder:
             if cached is None:
                 mask = np.ones(self._slot_size[s], dtype=bool)
                 for g in groups:
-                    dropped = self._dropped_cache[(g, keys[g])]
+                    dropped = dropped_of[g]
                     if dropped is not None and s in dropped:
                         mask[dropped[s]] = False
                 kept_positions = np.flatnonzero(mask)
@@ -296,6 +300,9 @@ class ModelRebuilder:
         if len(cache) >= self.CACHE_LIMIT:
             cache.clear()
         cache[key] = value
+
+
+_MISSING = object()  # a cache miss, where None is a cached value
 
 
 def _container(module: nn.Module, attr: str) -> dict[str, Any]:

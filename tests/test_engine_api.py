@@ -382,3 +382,26 @@ def test_rebuilder_follows_the_base_model_when_it_is_converted_or_frozen() -> No
         assert a.dtype == b.dtype and torch.equal(a, b), name
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x.double()), reference(x.double()), rtol=0, atol=0)
+
+
+def test_rebuilder_stays_exact_when_its_caches_overflow() -> None:
+    """With tiny cache limits every rebuild clears caches part-way through; results must not change."""
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = prune_env.build_graph(model, x)
+    rebuilder = prune_env.ModelRebuilder(model, graph)
+    rebuilder.CACHE_LIMIT = 2
+    rng = np.random.default_rng(0)
+    policies = [
+        [np.sort(rng.permutation(g.channels)[: rng.integers(1, g.channels + 1)]) for g in graph.groups]
+        for _ in range(3)
+    ]
+    for units in [*policies, policies[0]]:
+        rebuilt = rebuilder.rebuild(units)
+        reference = prune_env.prune_channels(model, graph, units)
+        assert repr(rebuilt) == repr(reference)
+        for (name, a), (_, b) in zip(
+            rebuilt.state_dict().items(), reference.state_dict().items(), strict=True
+        ):
+            assert torch.equal(a, b), name
+    assert len(rebuilder._index_cache) <= 2 and len(rebuilder._dropped_cache) <= 2

@@ -13,7 +13,7 @@ from prune_env.data import Splits
 from prune_env.importance import Importance
 from prune_env.observation import DYNAMIC_FEATURES, STATIC_FEATURES, sensitivity, static_features
 from prune_env.problem import ModelArg, PruningProblem
-from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES, DEFAULT_EVAL_SAMPLES
+from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES, FAST_EVAL_SAMPLES
 from prune_env.rewards import Outcome, RewardFn, StepInfo, evaluate_reward, get_reward
 from prune_env.spaces import action_to_ratio
 
@@ -31,7 +31,7 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         target_macs: float | None = None,
         target_params: float | None = None,
         reward: str | RewardFn = "acc",
-        eval_samples: int | None = DEFAULT_EVAL_SAMPLES,
+        eval_samples: int | None = FAST_EVAL_SAMPLES,
         bn_recalib_batches: int = DEFAULT_BN_RECALIB_BATCHES,
         finetune_steps: int = 0,
         importance: str | Importance = "l1",

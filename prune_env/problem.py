@@ -19,7 +19,7 @@ from prune_env.data import Splits, as_splits
 from prune_env.device import resolve_device
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
 from prune_env.importance import Importance, get_importance
-from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES, DEFAULT_EVAL_SAMPLES, Proxy, ProxyEvaluator
+from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES, FAST_EVAL_SAMPLES, Proxy, ProxyEvaluator
 from prune_env.rewards import Outcome
 from prune_env.spaces import BudgetProjector, keep_to_ratios
 from prune_env.surgery import ModelRebuilder, prune_channels
@@ -60,7 +60,7 @@ class PruningProblem:
         max_ratio: float = 0.8,
         round_to: int = 1,
         fill_budget: bool = False,
-        eval_samples: int | None = DEFAULT_EVAL_SAMPLES,
+        eval_samples: int | None = FAST_EVAL_SAMPLES,
         bn_recalib_batches: int = DEFAULT_BN_RECALIB_BATCHES,
         finetune_steps: int = 0,
         proxy: Proxy | None = None,

@@ -79,8 +79,7 @@ class Proxy(ABC):
         return self.evaluate(model, key)
 
 
-def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+_MODULE_TRAIN = nn.Module.train
 
 
 def set_eval(modules: Iterable[nn.Module]) -> None:
@@ -94,9 +93,6 @@ def set_eval(modules: Iterable[nn.Module]) -> None:
             m.__dict__["training"] = False  # where Module.__setattr__ would put it
         else:
             m.train(False)
-
-
-_MODULE_TRAIN = nn.Module.train
 
 
 def _set_plain(module: nn.Module, name: str, value: object) -> None:
@@ -285,9 +281,6 @@ class ProxyEvaluator(Proxy):
             loss.backward()
             optimizer.step()
         student.eval()
-
-    def _score(self, model: nn.Module) -> dict[str, float]:
-        return self._metrics(self._logits(model))
 
     @torch.inference_mode()
     def _logits(self, model: nn.Module, modules: Sequence[nn.Module] | None = None) -> torch.Tensor:

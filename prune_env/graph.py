@@ -939,6 +939,11 @@ class DependencyGraph:
             table.append(rows)
         return table
 
+    @functools.cached_property
+    def _slot_sizes(self) -> dict[int, int]:
+        """Size of every slot some group touches (the indices along that layer dimension)."""
+        return {s: size for rows in self._unit_positions for s, size, _, _ in rows}
+
     def __repr__(self) -> str:
         return (
             f"DependencyGraph({type(self.model).__name__}: {len(self.groups)} prunable groups, "

@@ -8,7 +8,6 @@ code — including branches only taken in training mode.
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -109,16 +108,14 @@ class ModelRebuilder:
     def _compile(self) -> None:
         graph = self.graph
         # Slots each group touches, and the groups that touch each slot (concatenations: several).
-        self._group_rows = graph._unit_positions
-        slot_size: dict[int, int] = {}
+        slot_size = graph._slot_sizes
         slot_groups: dict[int, list[int]] = {}
-        for g, rows in enumerate(self._group_rows):
-            for s, size, _, _ in rows:
-                slot_size[s] = size
+        for g, rows in enumerate(graph._unit_positions):
+            for s, *_ in rows:
                 if g not in slot_groups.setdefault(s, []):
                     slot_groups[s].append(g)
         self._slot_groups = slot_groups
-        self._group_slots = [sorted({s for s, *_ in rows}) for rows in self._group_rows]
+        self._group_slots = [sorted({s for s, *_ in rows}) for rows in graph._unit_positions]
         # Record the plan of the unpruned model with one full-width index tensor per slot: every slice
         # it would make names the slot by its index tensor's identity.
         probe = {s: torch.arange(size) for s, size in slot_size.items()}
@@ -133,7 +130,7 @@ class ModelRebuilder:
         # Size attributes are set per "sizing unit": a layer whose dimensions set disjoint attributes
         # independently (a dense conv's in/out channels) gets one unit per dimension, so its cached
         # attributes depend on one width, not on every combination; others (grouped convs) get one unit.
-        self._sizing: list[tuple[tuple[str, tuple[str, ...]], str, tuple[str, ...], tuple[int, ...]]] = []
+        self._sizing: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = []  # layer, kinds, their slots
         for layer, kinds in by_layer.items():
             names = tuple(sorted(kinds))
             _plan_layer(
@@ -141,7 +138,7 @@ class ModelRebuilder:
             )
             units = [(k,) for k in names] if self._separable(layer, names) else [names]
             for unit in units:
-                self._sizing.append(((layer, unit), layer, unit, tuple(kinds[k][1] for k in unit)))
+                self._sizing.append((layer, unit, tuple(kinds[k][1] for k in unit)))
         # One operation per distinct base tensor (tied weights are one tensor): its slices in plan order
         # and every place of the copy that holds it.
         ops: dict[int, list] = {}
@@ -149,11 +146,11 @@ class ModelRebuilder:
             op = ops.setdefault(id(t), [t, [], set()])
             op[1].append((dim, slot_of_probe[id(idx)]))
             op[2].add((module_name, attr))
-        for base_module, module in self._pairs:
+        for name, base_module in self._base_modules.items():
             for registry in ("_parameters", "_buffers"):
                 for key, t in getattr(base_module, registry).items():
                     if t is not None:
-                        ops.setdefault(id(t), [t, [], set()])[2].add((self._name_of[id(module)], key))
+                        ops.setdefault(id(t), [t, [], set()])[2].add((name, key))
         self._ops = []
         for t, slices, places in ops.values():
             holders = [(_container(self._modules[name], attr), attr) for name, attr in sorted(places)]
@@ -167,10 +164,6 @@ class ModelRebuilder:
         self._attribute_cache: dict[tuple, list[tuple[Any, str, Any, bool]]] = {}
         self._layer_state: dict[tuple, tuple] = {}  # each sizing unit's widths at the last rebuild
 
-    @functools.cached_property
-    def _name_of(self) -> dict[int, str]:
-        return {id(module): name for name, module in self._modules.items()}
-
     def rebuild(self, keep: KeepSpec) -> nn.Module:
         units = self._units(keep)
         # Units dropped per group, as positions per slot (None: the group is whole), cached by kept units.
@@ -182,7 +175,8 @@ class ModelRebuilder:
             keys.append(key)
             dropped = self._dropped_cache.get((g, key), _MISSING)
             if dropped is _MISSING:
-                dropped = self._dropped_positions(g, kept)
+                # Validated (in range, non-empty), sorted and made unique on first sight.
+                dropped = _dropped_positions(self.graph, g, _normalise_keep(self.graph, {g: kept})[g])
                 self._remember(self._dropped_cache, (g, key), dropped)
             dropped_of.append(dropped)  # type: ignore[arg-type]
             if dropped is not None:
@@ -212,21 +206,9 @@ class ModelRebuilder:
     def _units(self, keep: KeepSpec) -> list[np.ndarray]:
         n = len(self.graph.groups)
         if not isinstance(keep, Mapping) and len(keep) == n:
-            # Validated (in range, non-empty) when first seen, by _dropped_positions.
+            # Validated (in range, non-empty) when first seen, in rebuild().
             return [np.asarray(u, dtype=np.int64).reshape(-1) for u in keep]
         return _normalise_keep(self.graph, keep)
-
-    def _dropped_positions(self, g: int, kept: np.ndarray) -> dict[int, np.ndarray] | None:
-        group = self.graph.groups[g]
-        kept = _normalise_keep(self.graph, {g: kept})[g]  # validated, sorted and unique
-        if len(kept) == group.channels:
-            return None
-        dropped = np.ones(group.channels, dtype=bool)
-        dropped[kept] = False
-        positions: dict[int, list[np.ndarray]] = {}
-        for s, _, pos, owner in self._group_rows[g]:
-            positions.setdefault(s, []).append(pos[dropped[owner]])
-        return {s: np.concatenate(p) for s, p in positions.items()}
 
     @torch.no_grad()  # fresh tensors without autograd history: no detach per tensor
     def _swap_tensors(self, index: Mapping[int, torch.Tensor]) -> None:
@@ -268,7 +250,8 @@ class ModelRebuilder:
         return disjoint and together == sorted((m, a, repr(v)) for attrs in alone for m, a, v in attrs)
 
     def _set_sizes(self, width: Mapping[int, int]) -> None:
-        for state_key, layer, kinds, slots in self._sizing:
+        for layer, kinds, slots in self._sizing:
+            state_key = (layer, kinds)
             widths = tuple([width.get(s, -1) for s in slots])
             if self._layer_state.get(state_key) == widths:
                 continue  # the module already has these size attributes
@@ -442,16 +425,26 @@ def _select_units(graph: DependencyGraph, spec: KeepSpec) -> dict[int, np.ndarra
 def _slot_masks(graph: DependencyGraph, keep: list[np.ndarray]) -> dict[int, np.ndarray]:
     """Per layer dimension (slot) touched by pruning: a boolean mask of the indices that stay."""
     masks: dict[int, np.ndarray] = {}
-    for group, kept, rows in zip(graph.groups, keep, graph._unit_positions, strict=True):
-        if len(kept) == group.channels:
-            continue
-        dropped = np.ones(group.channels, dtype=bool)
-        dropped[kept] = False
-        for s, size, positions, units in rows:
+    for g, kept in enumerate(keep):
+        for s, positions in (_dropped_positions(graph, g, kept) or {}).items():
             if s not in masks:
-                masks[s] = np.ones(size, dtype=bool)
-            masks[s][positions[dropped[units]]] = False
+                masks[s] = np.ones(graph._slot_sizes[s], dtype=bool)
+            masks[s][positions] = False
     return masks
+
+
+def _dropped_positions(graph: DependencyGraph, g: int, kept: np.ndarray) -> dict[int, np.ndarray] | None:
+    """The indices of each slot that group ``g`` loses when it keeps the (validated, sorted) units ``kept``;
+    ``None`` when it keeps them all."""
+    group = graph.groups[g]
+    if len(kept) == group.channels:
+        return None
+    dropped = np.ones(group.channels, dtype=bool)
+    dropped[kept] = False
+    positions: dict[int, list[np.ndarray]] = {}
+    for s, _, pos, owner in graph._unit_positions[g]:
+        positions.setdefault(s, []).append(pos[dropped[owner]])
+    return {s: np.concatenate(p) for s, p in positions.items()}
 
 
 def _plan_raw_parameter(

@@ -5,9 +5,15 @@ from __future__ import annotations
 from prune_env.checkpoint import load_pruned
 from prune_env.costs import count_macs, count_params
 from prune_env.errors import (
+    CheckpointError,
     DatasetNotFoundError,
+    InvalidActionError,
     InvalidRatiosError,
+    InvalidSettingError,
     PruneEnvError,
+    ResumeError,
+    RewardError,
+    RunDirectoryError,
     UnknownNameError,
     UnsupportedLayerError,
     UntraceableModelError,
@@ -33,12 +39,18 @@ _register_envs()
 
 __all__ = [
     "ChannelGroup",
+    "CheckpointError",
     "DatasetNotFoundError",
     "DependencyGraph",
+    "InvalidActionError",
     "InvalidRatiosError",
+    "InvalidSettingError",
     "Member",
     "ModelRebuilder",
     "PruneEnvError",
+    "ResumeError",
+    "RewardError",
+    "RunDirectoryError",
     "UnknownNameError",
     "UnsupportedLayerError",
     "UntraceableModelError",

@@ -28,3 +28,32 @@ class UnknownNameError(PruneEnvError, KeyError):
 
 class DatasetNotFoundError(PruneEnvError, FileNotFoundError):
     """The dataset's files are not where we looked; the message says how to get them."""
+
+
+class InvalidSettingError(PruneEnvError, ValueError):
+    """A setting (an argument of an environment, problem, agent, harness or CLI option) is out of range or
+    of the wrong type; the message names the setting, the value and what is accepted."""
+
+
+class CheckpointError(PruneEnvError):
+    """A saved model directory is missing, incomplete, tampered with or inconsistent with its description."""
+
+
+class RunDirectoryError(PruneEnvError):
+    """A run directory cannot be used: held by another process, holding another run, or not writable."""
+
+
+class ResumeError(PruneEnvError):
+    """A run cannot be resumed as asked: its files disagree with the settings or fail validation."""
+
+
+class RewardError(PruneEnvError, ValueError):
+    """A reward (or shaping) function returned something other than a finite real number."""
+
+
+class InvalidActionError(PruneEnvError, ValueError):
+    """An action of the wrong shape or type, or with NaN/inf, was given to an environment."""
+
+
+class DatasetError(PruneEnvError, ValueError):
+    """A dataset's files are there but damaged (truncated, wrong format); the message says which file."""

@@ -1,0 +1,171 @@
+"""One set of rules for every public setting, checked at the boundary before any expensive work.
+
+The environments, :class:`~prune_env.problem.PruningProblem`, the agents' :func:`agents.search`, the
+benchmark harness and the CLI all call :func:`check_settings` on the settings they receive, so a value is
+accepted or refused the same way everywhere, with an :class:`~prune_env.errors.InvalidSettingError` that
+names the setting, the value and what is accepted. The rules are keyed by the setting's name: a setting
+means the same thing wherever it is passed.
+
+Numbers are strict: a ``bool`` is not an integer or a fraction here (``ratios=True`` pruning every
+group to one channel was such a case), a float is not an integer (no silent truncation), complex values,
+strings and NaN/inf are refused rather than converted.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+import numpy as np
+
+from prune_env.errors import InvalidSettingError
+
+# numpy's and scikit-learn's seeds are unsigned 32-bit integers.
+MAX_SEED = 2**32 - 1
+
+
+def _label(name: str, option_style: bool) -> str:
+    return "--" + name.replace("_", "-") if option_style else name
+
+
+def _refuse(name: str, value: Any, accepted: str) -> NoReturn:
+    raise InvalidSettingError(f"{name} must be {accepted}, got {value!r}")
+
+
+def as_real(name: str, value: Any) -> float:
+    """A finite real number (Python or numpy, not a bool) as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        _refuse(name, value, "a real number")
+    result = float(value)
+    if not math.isfinite(result):
+        _refuse(name, value, "a finite number")
+    return result
+
+
+def as_int(name: str, value: Any) -> int:
+    """An integer (Python or numpy, not a bool and not a float) as an int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        _refuse(name, value, "an integer")
+    return int(value)
+
+
+def fraction(name: str, value: Any) -> float:
+    """A budget: a fraction of the base model's cost in (0, 1]."""
+    result = as_real(name, value)
+    if not 0.0 < result <= 1.0:
+        _refuse(name, value, "a fraction in (0, 1] of the base model's cost")
+    return result
+
+
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str, Any], int]:
+    def rule(name: str, value: Any) -> int:
+        result = as_int(name, value)
+        if result < low or (high is not None and result > high):
+            _refuse(name, value, f"an integer >= {low}" + ("" if high is None else f" and <= {high}"))
+        return result
+
+    return rule
+
+
+def _real_within(low: float, high: float) -> Callable[[str, Any], float]:
+    def rule(name: str, value: Any) -> float:
+        result = as_real(name, value)
+        if not low <= result <= high:
+            _refuse(name, value, f"a number in [{low:g}, {high:g}]")
+        return result
+
+    return rule
+
+
+def _optional(rule: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        return None if value is None else rule(name, value)
+
+    return check
+
+
+def flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        _refuse(name, value, "True or False")
+    return bool(value)
+
+
+def _choice(*options: str) -> Callable[[str, Any], str]:
+    def rule(name: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in options:
+            _refuse(name, value, "one of " + ", ".join(repr(o) for o in options))
+        return value
+
+    return rule
+
+
+def budget_range(name: str, value: Any) -> tuple[float, float]:
+    """``(low, high)``: two budgets with ``low <= high``."""
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__") or len(value) != 2:
+        _refuse(name, value, "a pair (low, high) of fractions in (0, 1]")
+    low, high = (fraction(name, v) for v in value)
+    if low > high:
+        _refuse(name, value, "a pair (low, high) with low <= high")
+    return low, high
+
+
+def max_ratio(name: str, value: Any) -> float:
+    """The largest fraction of a group that may be removed, in (0, 1] (one channel always stays)."""
+    result = as_real(name, value)
+    if not 0.0 < result <= 1.0:
+        _refuse(name, value, "a fraction in (0, 1] of a group's channels")
+    return result
+
+
+RULES: dict[str, Callable[[str, Any], Any]] = {
+    "target": fraction,
+    "target_macs": _optional(fraction),
+    "target_params": _optional(fraction),
+    "budget_range": _optional(budget_range),
+    "metric": _choice("macs", "params"),
+    "max_ratio": max_ratio,
+    "round_to": _int_at_least(1),
+    "fill_budget": flag,
+    "eval_samples": _optional(_int_at_least(1)),
+    "bn_recalib_batches": _int_at_least(0),
+    "finetune_steps": _int_at_least(0),
+    "finetune_epochs": _int_at_least(0),
+    "evals": _int_at_least(1),
+    "budget_evals": _int_at_least(1),
+    "seed": _int_at_least(0, MAX_SEED),
+    "success_tolerance": _real_within(0.0, 1.0),
+    "use_sensitivity": flag,
+    "progress": flag,
+    "resume": flag,
+}
+
+
+def check_settings(settings: Mapping[str, Any], *, option_style: bool = False) -> dict[str, Any]:
+    """Check every setting that has a rule (others pass through); returns the normalised values.
+
+    ``option_style``: name settings as command-line options (``--max-ratio``) in error messages.
+    """
+    checked = dict(settings)
+    for name, value in settings.items():
+        rule = RULES.get(name)
+        if rule is not None:
+            checked[name] = rule(_label(name, option_style), value)
+    if checked.get("target_macs") is not None and checked.get("target_params") is not None:
+        raise InvalidSettingError("give target_macs or target_params, not both")
+    return checked
+
+
+def check_sequence(name: str, values: Any, rule_name: str) -> list[Any]:
+    """Every item of a non-empty sequence under the rule of ``rule_name`` (a grid's targets, seeds)."""
+    if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
+        _refuse(name, values, "a non-empty sequence")
+    items = list(values)
+    if not items:
+        _refuse(name, values, "a non-empty sequence")
+    rule = RULES[rule_name]
+    return [rule(f"{name}[{i}]", v) for i, v in enumerate(items)]
+
+
+__all__ = ["MAX_SEED", "RULES", "as_int", "as_real", "check_sequence", "check_settings", "fraction"]

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from prune_env.costs import CostModel, CostTerm
-from prune_env.errors import InvalidRatiosError, UntraceableModelError
+from prune_env.errors import InvalidRatiosError, InvalidSettingError, PruneEnvError, UntraceableModelError
 
 MemberKind = Literal["out", "in", "channel", "param"]
 
@@ -276,6 +276,19 @@ class _ParamUse:
 
 
 @dataclass
+class _TensorUse:
+    """How one use of a tensor indexes it: a layer reading its weight, or traced code fetching it.
+
+    ``dims`` maps a dimension of the tensor to the slot whose indices run along it; a dimension not in
+    ``dims`` is used whole. A fetched parameter (``raw_slot``) learns its dimension only at resolution.
+    """
+
+    shape: tuple[int, ...]
+    dims: dict[int, int]
+    raw_slot: int | None = None
+
+
+@dataclass
 class _State:
     next_id: int = 1
     # Allocations (start, length, space): a space is one producer's channels (conv/linear outputs); derived
@@ -290,6 +303,10 @@ class _State:
     param_uses: dict[str, _ParamUse] = field(default_factory=dict)
     unmapped: dict[str, str] = field(default_factory=dict)  # node name -> reason
     record_costs: bool = True
+    # Tied tensors: one tensor may be read by several layers (``b.weight = a.weight``) or by a layer and
+    # traced code. Keyed by id(tensor), the first qualified name of each tensor and every use of it.
+    tensor_names: dict[int, str] = field(default_factory=dict)
+    tensor_uses: dict[int, dict[str, _TensorUse]] = field(default_factory=dict)
 
     # -- elements -------------------------------------------------------------------------------------
     def fresh(self, n: int, producer: bool = True) -> torch.Tensor:
@@ -335,8 +352,22 @@ class _State:
         ids = self.fresh(n, producer)
         return self.slot(layer, layer_type, "out", dim, ids), ids
 
+    def use_tensor(
+        self, site: str, tensor: torch.Tensor, dims: Mapping[int, int], raw_slot: int | None = None
+    ) -> None:
+        """Record that ``site`` indexes ``tensor``'s dim ``d`` by slot ``dims[d]`` (other dims whole).
+
+        A site (a layer's attribute, a fetched parameter) keeps its first record: a layer called twice
+        indexes its tensors the same way each time."""
+        uses = self.tensor_uses.setdefault(id(tensor), {})
+        if site not in uses:
+            uses[site] = _TensorUse(tuple(tensor.shape), dict(dims), raw_slot)
+
     def use_param(self, name: str, tensor: torch.Tensor, slots: Mapping[int, int]) -> None:
         """Record that parameter ``name`` has dim ``d`` pruned along slot ``slots[d]``."""
+        self.use_tensor(name, tensor, slots)
+        # A tied tensor is one parameter under its first name, whichever layer records it.
+        name = self.tensor_names.get(id(tensor), name)
         if name in self.param_uses:
             return
         coef = 1
@@ -482,6 +513,9 @@ class _Propagator(torch.fx.Interpreter):
                 slot = st.slot(n.target, "Parameter", "param", 0, ids)
                 st.slots[slot].param_shape = tuple(value.shape)
                 st.slots[slot].ids = ids.numpy().copy()  # keep the full shape for raw parameters
+                # The model's own tensor (``value`` is a stand-in on the meta pass), to tie it to the
+                # layers that also read it.
+                st.use_tensor(f"get_attr {n.target}", self.fetch_attr(n.target), {}, raw_slot=slot)
                 return ids
             return _poison_like(value)
 
@@ -489,6 +523,16 @@ class _Propagator(torch.fx.Interpreter):
         if not handled:
             st.poison((id_args, id_kwargs), n, self._describe(n))
             out = _poison_like(value)
+        if n.op == "call_module":
+            # Every tensor a layer holds that its handler did not index by channels is used whole: if the
+            # tensor is tied to another layer, that layer's channels along it must then stay whole too.
+            m = self.module.get_submodule(n.target)
+            # The registries directly: a library layer has no children, and this runs for every call.
+            for prefix, sub in m.named_modules(prefix=n.target) if m._modules else ((n.target, m),):
+                for registry in (sub._parameters, sub._buffers):
+                    for pname, t in registry.items():
+                        if t is not None:
+                            st.use_tensor(f"{prefix}.{pname}", t, {})
         if macs and not modeled_macs and st.record_costs:
             # A multiply-accumulate op we do not model: its inputs are frozen, so its cost is constant.
             st.poison((id_args, id_kwargs), n, f"{self._describe(n)} (unmodelled MACs)")
@@ -653,6 +697,10 @@ class _Propagator(torch.fx.Interpreter):
         slot = st.slot(name, tname, "channel", 0, v)
         for pname, p in m.named_parameters(recurse=False):
             st.use_param(f"{name}.{pname}", p, {0: slot})
+        for bname in ("running_mean", "running_var"):  # sliced by surgery along with the parameters
+            buffer = m._buffers.get(bname)
+            if buffer is not None:
+                st.use_tensor(f"{name}.{bname}", buffer, {0: slot})
         return True, x, None
 
     def _functional_norm(self, n, value, args, kwargs, id_args, id_kwargs, axis: int):
@@ -866,6 +914,75 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return connected_components(adj, directed=False)[1]
 
 
+_Signature = tuple[str, tuple[tuple[str, int], ...], tuple[tuple[str, tuple[int, ...], str], ...]]
+
+# Module attributes besides tensor shapes that decide how channels are grouped (a grouped conv's weight
+# has the same shape for other group counts).
+_STRUCTURAL_ATTRIBUTES = ("groups", "num_groups")
+
+
+def _model_signature(model: nn.Module) -> dict[str, _Signature]:
+    """Per module (by qualified name): type, structural attributes, and each tensor's shape and, if it is
+    tied, the qualified name it first appears under (ties decide how surgery slices). Dtypes, devices and
+    values are not part of it."""
+    first_name: dict[int, str] = {}
+    signature: dict[str, _Signature] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        tensors = []
+        for registry in (m._parameters, m._buffers):
+            for attr, t in registry.items():
+                if t is not None:
+                    qualified = f"{name}.{attr}" if name else attr
+                    first = first_name.setdefault(id(t), qualified)
+                    tensors.append((attr, tuple(t.shape), first if first != qualified else ""))
+        attributes = tuple(
+            (a, v) for a in _STRUCTURAL_ATTRIBUTES if isinstance(v := getattr(m, a, None), int)
+        )
+        signature[name] = (type(m).__name__, attributes, tuple(tensors))
+    return signature
+
+
+def _describe_signature(sig: _Signature) -> str:
+    kind, attributes, tensors = sig
+    parts = [f"{a}={v}" for a, v in attributes]
+    for attr, shape, tied_to in tensors:
+        parts.append(f"{attr} {shape}" + (f" tied to {tied_to}" if tied_to else ""))
+    return f"{kind}({', '.join(parts)})"
+
+
+def _real_ratios(value: Any, what: str) -> np.ndarray:
+    """``value`` as a float array, or :class:`InvalidRatiosError` when it is not real numbers.
+
+    numpy would turn ``True`` into 1.0 (prune everything), ``"0.5"`` into 0.5 and drop an imaginary part
+    with only a warning: each of those is a caller's mistake, so it is rejected instead."""
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in value):
+        raise InvalidRatiosError(f"{what} must be real numbers, not booleans; pass fractions in [0, 1]")
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRatiosError(
+            f"{what} must be real numbers in [0, 1], got {value!r:.80} ({exc})"
+        ) from None
+    if arr.dtype.kind not in "iuf":
+        kind = {"b": "booleans", "c": "complex numbers", "U": "strings", "S": "bytes"}.get(
+            arr.dtype.kind, f"{arr.dtype} values"
+        )
+        raise InvalidRatiosError(
+            f"{what} must be real numbers in [0, 1], got {kind} ({value!r:.80}); pass the fraction of each "
+            "group's channels to remove, e.g. 0.5"
+        )
+    return arr.astype(np.float64, copy=False)
+
+
+def check_round_to(round_to: Any) -> None:
+    """``round_to`` must be a positive integer (a width multiple), else :class:`InvalidSettingError`."""
+    if isinstance(round_to, (bool, np.bool_)) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        raise InvalidSettingError(
+            f"round_to must be a positive integer (kept widths are rounded to its multiples), got "
+            f"{round_to!r}; pass e.g. round_to=1 (no rounding) or round_to=8"
+        )
+
+
 def units_to_keep(channels: Any, ratios: Any, round_to: int = 1) -> np.ndarray:
     """How many of each group's ``channels`` units survive pruning ``ratios`` of them (at least one).
 
@@ -920,9 +1037,44 @@ class DependencyGraph:
         self.base_macs = costs.macs(costs.full_keep())
         self.base_params = costs.params(costs.full_keep())
         self._name_index = {g.name: i for i, g in enumerate(groups)}
+        self._signature = _model_signature(model)
 
     def __len__(self) -> int:
         return len(self.groups)
+
+    def check_model(self, model: Any, where: str = "this function") -> None:
+        """Raise :class:`InvalidSettingError` unless ``model`` has the architecture this graph describes.
+
+        The check is structural, not identity: every module's qualified name and type, the shapes of its
+        parameters and buffers, which of them are tied, and its group counts must equal those of the
+        model the graph was built from. A deep copy, a reloaded state dict, ``.double()`` or ``.to()``, or
+        another instance of the same architecture passes (that is how :class:`ModelRebuilder` and the
+        environments use one graph for several copies); a model whose layers differ is rejected before
+        anything is indexed with the graph's positions. Costs a walk over the modules, no forward pass.
+        """
+        check_module(model, where)
+        ours = _model_signature(model)
+        if ours == self._signature:
+            return
+        theirs = self._signature
+        problem = ""
+        for name in [*theirs, *(n for n in ours if n not in theirs)]:
+            label = f"module {name!r}" if name else "the root module"
+            if name not in ours:
+                problem = f"{label} ({theirs[name][0]}) of the graph's model is missing here"
+            elif name not in theirs:
+                problem = f"this model has {label} ({ours[name][0]}), which the graph's model does not"
+            elif ours[name] != theirs[name]:
+                problem = (
+                    f"{label} is {_describe_signature(ours[name])} here but "
+                    f"{_describe_signature(theirs[name])} in the graph's model"
+                )
+            if problem:
+                break
+        raise InvalidSettingError(
+            f"{where}: the graph was built from a different model ({type(self.model).__name__}): {problem}; "
+            "build the graph from this model: build_graph(model, x)"
+        )
 
     @functools.cached_property
     def _unit_positions(self) -> list[list[tuple[int, int, np.ndarray, np.ndarray]]]:
@@ -955,7 +1107,7 @@ class DependencyGraph:
         """Normalise float / sequence / mapping ratios to one float per group, validating them."""
         n = len(self.groups)
         if isinstance(ratios, Mapping):
-            unknown = sorted(set(ratios) - set(self._name_index))
+            unknown = sorted((k for k in ratios if k not in self._name_index), key=repr)
             if unknown:
                 raise InvalidRatiosError(
                     f"unknown group name(s) {unknown[:5]}; valid names are graph.groups[i].name, e.g. "
@@ -963,11 +1115,16 @@ class DependencyGraph:
                 )
             vec = np.zeros(n)
             for k, r in ratios.items():
-                vec[self._name_index[k]] = r
-        elif isinstance(ratios, (int, float, np.floating, np.integer)):
+                value = _real_ratios(r, f"the ratio of group {k!r}")
+                if value.ndim != 0:
+                    raise InvalidRatiosError(
+                        f"the ratio of group {k!r} must be one number, got shape {value.shape}"
+                    )
+                vec[self._name_index[k]] = float(value)
+        elif isinstance(ratios, (int, float, np.floating, np.integer)) and not isinstance(ratios, bool):
             vec = np.full(n, float(ratios))
         else:
-            vec = np.asarray(ratios, dtype=np.float64).reshape(-1)
+            vec = _real_ratios(ratios, "ratios").reshape(-1)
             if vec.shape != (n,):
                 raise InvalidRatiosError(f"expected {n} ratios (one per group), got shape {np.shape(ratios)}")
         if not np.all(np.isfinite(vec)):
@@ -978,6 +1135,7 @@ class DependencyGraph:
 
     def keep_counts(self, ratios: Any, round_to: int = 1) -> np.ndarray:
         """Units kept per group for ``ratios``; the same rule :func:`prune_env.prune` applies."""
+        check_round_to(round_to)
         return units_to_keep([g.channels for g in self.groups], self.ratio_vector(ratios), round_to)
 
     # -- costs ----------------------------------------------------------------------------------------
@@ -1019,15 +1177,24 @@ def build_graph(
     The model is not modified (it is run once in eval mode, and once more in train mode with BatchNorm
     statistics frozen if some layers are only reached in training, as Inception's auxiliary heads are).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    check_module(model, "build_graph")
+    inputs = _example_tuple(example_inputs)
+    leaf_modules = _leaf_list(leaf_modules)
     state = _State()
+    for name, t in (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ):
+        state.tensor_names.setdefault(id(t), name)
     was_training = {m: m.training for m in model.modules()}
     try:
         model.eval()
         gm = trace(model, leaf_modules)
-        state = _run(gm, state, inputs)
+        try:
+            state = _run(gm, state, inputs)
+        except Exception as exc:
+            _raise_if_model_rejects(model, inputs, exc)
+            raise
         reached = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         unreached = [
             name
@@ -1060,6 +1227,72 @@ def build_graph(
     return _resolve(model, state)
 
 
+def check_module(model: Any, where: str) -> None:
+    """``model`` must be an ``nn.Module``; a TypeError naming ``where`` and the fix otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{where}: model must be a torch.nn.Module, got {type(model).__name__}; pass the network itself "
+            "(a function or a state dict cannot be traced or pruned)"
+        )
+
+
+def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The example inputs as a non-empty tuple of tensors, or :class:`InvalidSettingError` saying why not."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise InvalidSettingError(
+            f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
+            f"{type(example_inputs).__name__}; pass an input batch the model accepts, e.g. "
+            "torch.randn(1, 3, 32, 32)"
+            + (
+                " (torch.from_numpy(x).float() converts an array)"
+                if isinstance(example_inputs, np.ndarray)
+                else ""
+            )
+        )
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise InvalidSettingError(
+                f"example_inputs[{i}] must be a tensor, got {type(x).__name__}; pass only tensors "
+                "(torch.as_tensor(x) converts numbers and arrays)"
+            )
+    return tuple(example_inputs)
+
+
+def _leaf_list(leaf_modules: Any) -> tuple[type[nn.Module] | str, ...]:
+    if isinstance(leaf_modules, (str, type)):
+        raise InvalidSettingError(
+            f"leaf_modules must be a list of module types or qualified names, got the single "
+            f"{leaf_modules!r}; wrap it in a list: leaf_modules=[{leaf_modules!r}]"
+        )
+    leaves = tuple(leaf_modules)
+    for leaf in leaves:
+        if not (isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
+            raise InvalidSettingError(
+                f"leaf_modules entries must be nn.Module subclasses or qualified module names, got "
+                f"{leaf!r}; pass e.g. leaf_modules=[MyBlock] or leaf_modules=['features.3']"
+            )
+    return leaves
+
+
+def _raise_if_model_rejects(model: nn.Module, inputs: tuple[torch.Tensor, ...], exc: Exception) -> None:
+    """Tell a bad example input apart from an engine failure: if the model itself cannot run on the
+    input, that is what the caller must fix (this only runs after the analysis has failed)."""
+    if isinstance(exc, PruneEnvError):
+        return
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as direct:
+        shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in inputs)
+        raise InvalidSettingError(
+            f"the model cannot run on the example input ({shapes}): {type(direct).__name__}: "
+            f"{str(direct)[:200]}; pass an input of the shape and dtype the model accepts, e.g. "
+            "torch.randn(1, 3, 32, 32) for an RGB image classifier"
+        ) from exc
+
+
 def _under(name: str, reached: set[str]) -> bool:
     parts = name.split(".")
     return any(".".join(parts[:k]) in reached for k in range(1, len(parts) + 1))
@@ -1083,7 +1316,59 @@ def _run(gm: torch.fx.GraphModule, state: _State, inputs: tuple[torch.Tensor, ..
         return work
 
 
+@dataclass
+class _Tie:
+    """A tensor with several uses: one element per index of each of its dimensions (``dim_ids``), joined
+    with every slot that runs along that dimension, so all uses of dim ``d`` are one channel space."""
+
+    name: str
+    dim_ids: list[np.ndarray]
+    mapped: set[int]  # dims some layer indexes by channels
+    whole: set[int]  # dims some layer reads whole
+
+
+def _tie_shared_tensors(st: _State) -> tuple[dict[int, _Tie], dict[str, str]]:
+    """Couple the channel spaces of every tensor used by more than one site (tied weights).
+
+    Layers reading the same tensor must keep the same indices of it, or surgery would have to slice one
+    tensor two ways: index ``i`` of dim ``d`` is joined across all uses, and a use that needs dim ``d``
+    whole (a grouped conv's input dim, a black-box module) poisons it for all. Returns, per fetched
+    (raw) parameter slot, its tie — such a use finds its dimension only at resolution — and the
+    conflicts to warn about, by tensor name."""
+    raw_ties: dict[int, _Tie] = {}
+    conflicts: dict[str, str] = {}
+    for key, uses in st.tensor_uses.items():
+        if len(uses) < 2:
+            continue
+        shape = next(iter(uses.values())).shape
+        name = st.tensor_names.get(key, next(iter(uses)))
+        layer_uses = [u for u in uses.values() if u.raw_slot is None]
+        mapped = {d for u in layer_uses for d in u.dims}
+        whole = {d for u in layer_uses for d in range(len(shape)) if d not in u.dims}
+        tie = _Tie(name, [st.fresh(size, producer=False).numpy() for size in shape], mapped, whole)
+        for u in uses.values():
+            if u.raw_slot is not None:
+                raw_ties[u.raw_slot] = tie
+        for u in layer_uses:
+            for d in range(len(shape)):
+                dim_ids = torch.from_numpy(tie.dim_ids[d])
+                s = u.dims.get(d)
+                if s is not None and st.slots[s].ids.size == shape[d]:
+                    st.union(dim_ids, torch.from_numpy(st.slots[s].ids))
+                else:
+                    # This use reads dim d whole, so no use of it may drop indices.
+                    st.poison(dim_ids)
+                    if s is not None:
+                        st.poison(torch.from_numpy(st.slots[s].ids))
+        if mapped & whole:
+            conflicts[name] = (
+                f"a tensor shared by several layers, some reading dim(s) {sorted(mapped & whole)} whole"
+            )
+    return raw_ties, conflicts
+
+
 def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
+    raw_ties, tie_conflicts = _tie_shared_tensors(st)
     n_el = st.next_id
     a = np.concatenate(st.edges_a) if st.edges_a else np.zeros(0, dtype=np.int64)
     b = np.concatenate(st.edges_b) if st.edges_b else np.zeros(0, dtype=np.int64)
@@ -1091,9 +1376,13 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
     for start, length, space in st.allocations:
         space_of[start : start + length] = space
     is_producer = space_of >= 0
-    warn_extra: list[tuple[str, str]] = []  # (parameter, reason)
+    warn_extra: dict[str, str] = dict(tie_conflicts)  # parameter -> reason
+    tied: set[tuple[int, int | None]] = set()  # (raw slot, its dim) already tied
 
-    for _ in range(3):  # a raw parameter that cannot be sliced poisons its channels: resolve again
+    # A raw parameter that cannot be sliced poisons its channels, and a tied one couples (or poisons) the
+    # other uses of its tensor: resolve again until nothing changes. A pass either poisons a raw parameter
+    # for the first time, ties a (slot, dim) pair for the first time, or stops: both are finite.
+    while True:
         unit = _components(n_el, a, b)
         n_units = int(unit.max()) + 1
         # Groups: components of the bipartite graph units — producer spaces. Concat keeps producers apart
@@ -1103,7 +1392,7 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
         poisoned_groups = {int(unit_group[unit[POISON]])}
         units_per_group = np.bincount(unit_group, minlength=int(unit_group.max()) + 1)
         extra_a, extra_b = [], []
-        for slot in st.slots:
+        for s, slot in enumerate(st.slots):
             if slot.kind != "param":
                 continue
             units = unit[slot.ids]
@@ -1114,7 +1403,27 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
             elif dim is None and units.size and np.any(units != unit[POISON]):
                 extra_a.append(slot.ids.reshape(-1))
                 extra_b.append(np.zeros(slot.ids.size, dtype=np.int64))
-                warn_extra.append((slot.layer, "a parameter whose channels cannot be sliced along one axis"))
+                warn_extra.setdefault(
+                    slot.layer, "a parameter whose channels cannot be sliced along one axis"
+                )
+            tie = raw_ties.get(s)
+            if tie is not None and (s, dim) not in tied:
+                tied.add((s, dim))
+                # The fetched parameter is sliced along ``dim`` only: its slices there are the tensor's
+                # indices along ``dim`` for every use, and every other dim stays whole for every use.
+                for d, dim_ids in enumerate(tie.dim_ids):
+                    if d == dim:
+                        extra_a.append(np.moveaxis(slot.ids, d, 0).reshape(dim_ids.size, -1)[:, 0])
+                        extra_b.append(dim_ids)
+                    else:
+                        extra_a.append(dim_ids)
+                        extra_b.append(np.zeros(dim_ids.size, dtype=np.int64))
+                if dim is None and tie.mapped:
+                    warn_extra.setdefault(tie.name, "a layer's tensor that traced code also reads whole")
+                elif dim is not None and (dim in tie.whole or tie.mapped - {dim}):
+                    warn_extra.setdefault(
+                        tie.name, f"a layer's tensor that traced code also slices along dim {dim} alone"
+                    )
             slot.dim = dim if dim is not None else -1
         if not extra_a:
             break
@@ -1236,7 +1545,7 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
 
     costs = _cost_model(model, st, slot_units, groups, group_slots)
     if st.unmapped or warn_extra:
-        reasons = [f"{node}: {why}" for node, why in [*st.unmapped.items(), *warn_extra]]
+        reasons = [f"{node}: {why}" for node, why in [*st.unmapped.items(), *warn_extra.items()]]
         warnings.warn(
             "prune_env: some channels cannot be mapped and will not be pruned — "
             + "; ".join(reasons[:12])
@@ -1245,7 +1554,7 @@ def _resolve(model: nn.Module, st: _State) -> DependencyGraph:
         )
     for node, why in st.unmapped.items():
         frozen.setdefault(node, why)
-    for name, why in warn_extra:
+    for name, why in warn_extra.items():
         frozen.setdefault(name, why)
     return DependencyGraph(model, groups, frozen, costs, group_slots, st.slots)
 

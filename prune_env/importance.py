@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prune_env.errors import UnknownNameError
+from prune_env.errors import InvalidSettingError, UnknownNameError
 from prune_env.graph import ChannelGroup, Member
 
 Importance = Callable[[ChannelGroup, nn.Module], np.ndarray]
@@ -22,10 +22,31 @@ _NORM_TYPES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "Gr
 
 
 def member_tensor(model: nn.Module, member: Member) -> tuple[torch.Tensor, int] | None:
-    """The weight tensor a member's channels index, and the axis they run along (None if weightless)."""
-    if member.kind == "param":
-        return model.get_parameter(member.layer).detach(), member.dim
-    module = model.get_submodule(member.layer)
+    """The weight tensor a member's channels index, and the axis they run along (None if weightless).
+
+    Raises :class:`InvalidSettingError` when ``model`` has no such layer or the tensor's extent along the
+    axis is not the member's: the group comes from a graph built on another model, whose positions would
+    index the wrong weights (or out of range)."""
+    found = _member_tensor(model, member)
+    if found is not None and found[0].shape[found[1]] != member.size:
+        raise InvalidSettingError(
+            f"group member {member.layer!r} ({member.kind}) has {member.size} indices along dim "
+            f"{found[1]} in the graph but {found[0].shape[found[1]]} in this model: the graph was built from "
+            "a different model; build the graph from this model: build_graph(model, x)"
+        )
+    return found
+
+
+def _member_tensor(model: nn.Module, member: Member) -> tuple[torch.Tensor, int] | None:
+    try:
+        if member.kind == "param":
+            return layer_tensor(model, member.layer).detach(), member.dim
+        module = model.get_submodule(member.layer)
+    except AttributeError:
+        raise InvalidSettingError(
+            f"this model has no {member.layer!r} ({member.layer_type}), which the graph's group names: the "
+            "graph was built from a different model; build the graph from this model: build_graph(model, x)"
+        ) from None
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
@@ -34,6 +55,16 @@ def member_tensor(model: nn.Module, member: Member) -> tuple[torch.Tensor, int] 
             return None  # grouped: a group's inputs and outputs are one unit, scored by the outputs
         return weight.detach(), 1
     return weight.detach(), 0
+
+
+def layer_tensor(model: nn.Module, qualified_name: str) -> torch.Tensor:
+    """The tensor a raw-parameter member names: a parameter, a buffer or a plain tensor attribute (traced
+    code may fetch any of them). AttributeError if there is none."""
+    owner_name, _, attr = qualified_name.rpartition(".")
+    tensor = getattr(model.get_submodule(owner_name), attr)
+    if not isinstance(tensor, torch.Tensor):
+        raise AttributeError(f"{qualified_name!r} is not a tensor")
+    return tensor
 
 
 def _per_position(weight: torch.Tensor, axis: int, power: int) -> np.ndarray:
@@ -124,6 +155,11 @@ def get_importance(importance: str | Importance, seed: int | np.random.Generator
     """Resolve a name ("l1", "l2", "bn_scale", "random") or pass a callable through."""
     if callable(importance):
         return importance
+    if not isinstance(importance, str):
+        raise InvalidSettingError(
+            f"importance must be a name ({', '.join(sorted(IMPORTANCE))}) or a callable (group, model) -> "
+            f"scores, got {type(importance).__name__}"
+        )
     if importance == "random":
         return RandomImportance(seed)
     if importance not in IMPORTANCE:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from prune_env.errors import InvalidRatiosError, UnsupportedLayerError
-from prune_env.graph import DependencyGraph, build_graph
-from prune_env.importance import Importance, get_importance
+from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
+from prune_env.graph import DependencyGraph, build_graph, check_module
+from prune_env.importance import Importance, get_importance, layer_tensor
 
 KeepSpec = Mapping[str, Sequence[int]] | Mapping[int, Sequence[int]] | Sequence[Sequence[int]]
 
@@ -41,33 +41,62 @@ def prune(
     ``(group, model) -> scores``; the lowest-scoring channels go first. ``graph``: a graph already built
     for this architecture (saves the trace). ``round_to``: kept counts are rounded to this multiple.
     """
+    check_module(model, "prune")
     if graph is None:
         graph = build_graph(model, example_inputs)
-    keep_counts = graph.keep_counts(ratios, round_to)
+    else:
+        _check_graph(model, graph, "prune")
     score = get_importance(importance, seed)
+    keep_counts = graph.keep_counts(ratios, round_to)
     keep: list[np.ndarray] = []
     for group, k in zip(graph.groups, keep_counts, strict=True):
         if k == group.channels:
             keep.append(np.arange(group.channels))
             continue
-        scores = np.asarray(score(group, model), dtype=np.float64).reshape(-1)
+        raw = score(group, model)
+        try:
+            scores = np.asarray(raw, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise InvalidSettingError(
+                f"importance returned scores for group {group.name!r} that are not real numbers ({exc}); "
+                f"return {group.channels} finite floats"
+            ) from exc
         if scores.shape != (group.channels,) or not np.all(np.isfinite(scores)):
-            raise ValueError(
+            raise InvalidSettingError(
                 f"importance returned {scores.shape} scores for group {group.name!r}; "
                 f"expected {group.channels} finite values"
             )
         # Stable sort: ties keep the lowest indices, so the result is deterministic.
         order = np.argsort(-scores, kind="stable")
         keep.append(np.sort(order[:k]))
-    return prune_channels(model, graph, keep)
+    return _prune_channels(model, graph, keep)
 
 
 def prune_channels(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> nn.Module:
     """Return a pruned copy of ``model`` keeping exactly the given units of each group.
 
     ``keep``: per group (by index, by name, or as a sequence in ``graph.groups`` order) the unit indices to
-    keep; groups not mentioned are kept whole.
+    keep; groups not mentioned are kept whole. Indices must be distinct integers in ``range(channels)``
+    and every mentioned group keeps at least one (:class:`InvalidRatiosError` otherwise). ``graph`` must
+    describe ``model``'s architecture (:meth:`DependencyGraph.check_model`).
     """
+    _check_graph(model, graph, "prune_channels")
+    return _prune_channels(model, graph, keep)
+
+
+def _check_graph(model: nn.Module, graph: Any, where: str) -> None:
+    """The boundary check of every function taking (model, graph): both of the right type, and the graph
+    built from this architecture — a foreign graph's positions would index the wrong weights."""
+    check_module(model, where)
+    if not isinstance(graph, DependencyGraph):
+        raise InvalidSettingError(
+            f"{where}: graph must be a DependencyGraph, got {type(graph).__name__}; "
+            "build it with build_graph(model, x)"
+        )
+    graph.check_model(model, where)
+
+
+def _prune_channels(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> nn.Module:
     plan = _plan(model, graph, keep)
     # Sliced tensors enter the copy through deepcopy's memo, so every weight is copied exactly once.
     new = copy.deepcopy(model, plan.memo())
@@ -97,6 +126,7 @@ class ModelRebuilder:
     CACHE_LIMIT = 200_000
 
     def __init__(self, model: nn.Module, graph: DependencyGraph) -> None:
+        _check_graph(model, graph, "ModelRebuilder")
         self.base = model
         self.graph = graph
         self.module = copy.deepcopy(model)
@@ -144,7 +174,10 @@ class ModelRebuilder:
         ops: dict[int, list] = {}
         for module_name, attr, dim, idx, t in recorder.slices:
             op = ops.setdefault(id(t), [t, [], set()])
-            op[1].append((dim, slot_of_probe[id(idx)]))
+            # A tied tensor is read by several layers along the same dim: the graph made their slots keep
+            # the same indices, so it is sliced once per dim (by the first of them).
+            if all(d != dim for d, _ in op[1]):
+                op[1].append((dim, slot_of_probe[id(idx)]))
             op[2].add((module_name, attr))
         for name, base_module in self._base_modules.items():
             for registry in ("_parameters", "_buffers"):
@@ -205,9 +238,16 @@ class ModelRebuilder:
 
     def _units(self, keep: KeepSpec) -> list[np.ndarray]:
         n = len(self.graph.groups)
-        if not isinstance(keep, Mapping) and len(keep) == n:
-            # Validated (in range, non-empty) when first seen, in rebuild().
-            return [np.asarray(u, dtype=np.int64).reshape(-1) for u in keep]
+        if isinstance(keep, (list, tuple)) and len(keep) == n:
+            units = []
+            for g, u in enumerate(keep):
+                if isinstance(u, np.ndarray) and u.dtype.kind in "iu" and u.ndim == 1:
+                    # The hot path (integer arrays): range, uniqueness and non-emptiness are validated
+                    # when these units are first seen, in rebuild().
+                    units.append(u.astype(np.int64, copy=False))
+                else:
+                    units.append(_unit_indices(self.graph, g, u))
+            return units
         return _normalise_keep(self.graph, keep)
 
     @torch.no_grad()  # fresh tensors without autograd history: no detach per tensor
@@ -349,7 +389,8 @@ class _Plan:
 
     def __init__(self, slicing: bool = True) -> None:
         self.slicing = slicing
-        self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(original) -> (original, new)
+        # id(original) -> (original, its slice so far, kept indices per dim sliced so far)
+        self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor, dict[int, Any]]] = {}
         self.attributes: list[tuple[str, str, Any]] = []
         # (module name, attribute, dim, indices, original tensor) of every slice, recorded when not slicing
         self.slices: list[tuple[str, str, int, Any, torch.Tensor]] = []
@@ -368,16 +409,27 @@ class _Plan:
             self.slices.append((module_name, attr, dim, idx, t))
             return
         entry = self.tensors.get(id(t))
-        current = entry[1] if entry is not None else t.detach()
+        current, sliced = (entry[1], entry[2]) if entry is not None else (t.detach(), {})
+        if dim in sliced:
+            # A tied tensor, reached again through another layer that reads it: the graph coupled their
+            # channels, so the kept indices agree and the tensor is sliced once.
+            if not torch.equal(sliced[dim].cpu(), torch.as_tensor(idx).cpu()):
+                raise UnsupportedLayerError(
+                    f"{module_name}.{attr}: a tensor shared with another layer would be sliced two ways "
+                    f"along dim {dim}; the graph does not describe this model's ties — build it from this "
+                    "model: build_graph(model, x)"
+                )
+            return
+        sliced = {**sliced, dim: idx}
         if idx.device != t.device:
             idx = idx.to(t.device)
-        self.tensors[id(t)] = (t, current.index_select(dim, idx))
+        self.tensors[id(t)] = (t, current.index_select(dim, idx), sliced)
 
     def set(self, module_name: str, attr: str, value: Any) -> None:
         self.attributes.append((module_name, attr, value))
 
     def memo(self) -> dict[int, Any]:
-        return {key: _fresh(original, new) for key, (original, new) in self.tensors.items()}
+        return {key: _fresh(original, new) for key, (original, new, _) in self.tensors.items()}
 
 
 def _normalise_keep(graph: DependencyGraph, keep: KeepSpec) -> list[np.ndarray]:
@@ -385,41 +437,109 @@ def _normalise_keep(graph: DependencyGraph, keep: KeepSpec) -> list[np.ndarray]:
     result = [np.arange(g.channels) for g in graph.groups]
     for g, arr in _select_units(graph, keep).items():
         if arr.size == 0:
-            raise InvalidRatiosError(f"group {graph.groups[g].name!r} must keep at least one channel")
+            raise InvalidRatiosError(
+                f"group {graph.groups[g].name!r} must keep at least one unit, got an empty list; keep one "
+                "or more of its units, or leave the group out to keep it whole"
+            )
         result[g] = arr
     return result
 
 
 def _select_units(graph: DependencyGraph, spec: KeepSpec) -> dict[int, np.ndarray]:
     """Validated, sorted unit indices per mentioned group (by index, by name, or one list per group)."""
+    n_groups = len(graph.groups)
     if isinstance(spec, Mapping):
         items: list[tuple[int, Any]] = []
         for key, idx in spec.items():
             if isinstance(key, str):
                 try:
                     items.append((graph.groups.index(graph.group(key)), idx))
-                except KeyError as exc:
-                    raise InvalidRatiosError(f"unknown group name {key!r}") from exc
-            else:
+                except KeyError:
+                    raise InvalidRatiosError(
+                        f"unknown group name {key!r}; valid names are graph.groups[i].name, e.g. "
+                        f"{[g.name for g in graph.groups[:5]]}"
+                    ) from None
+            elif isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
                 items.append((int(key), idx))
+            else:
+                raise InvalidRatiosError(
+                    f"groups are named by name (str) or index (int), got key {key!r}; use "
+                    "graph.groups[i].name or i"
+                )
+        seen: set[int] = set()
+        for g, _ in items:
+            if g in seen:
+                raise InvalidRatiosError(
+                    f"group {graph.groups[g].name!r} is given twice (by name and by index); give it once"
+                )
+            seen.add(g)
     else:
-        if len(spec) != len(graph.groups):
+        if isinstance(spec, (str, bytes)) or not hasattr(spec, "__len__"):
             raise InvalidRatiosError(
-                f"expected {len(graph.groups)} unit lists (one per group), got {len(spec)}"
+                f"units must be a mapping from group name or index to unit indices, or one list per group; "
+                f"got {type(spec).__name__}"
             )
+        if len(spec) != n_groups:
+            raise InvalidRatiosError(f"expected {n_groups} unit lists (one per group), got {len(spec)}")
         items = list(enumerate(spec))
     selected: dict[int, np.ndarray] = {}
     for g, idx in items:
-        if not 0 <= g < len(graph.groups):
+        if not 0 <= g < n_groups:
             raise InvalidRatiosError(
-                f"group index {g} out of range (the graph has {len(graph.groups)} groups)"
+                f"group index {g} out of range: the graph has {n_groups} groups (valid indices 0 to "
+                f"{n_groups - 1})"
             )
-        arr = np.unique(np.asarray(idx, dtype=np.int64).reshape(-1))
-        n = graph.groups[g].channels
-        if arr.size and (arr.min() < 0 or arr.max() >= n):
-            raise InvalidRatiosError(f"group {graph.groups[g].name!r} has {n} units; got index {arr.max()}")
-        selected[g] = arr
+        selected[g] = _unit_indices(graph, g, idx)
     return selected
+
+
+def _unit_indices(graph: DependencyGraph, g: int, idx: Any) -> np.ndarray:
+    """Group ``g``'s unit indices ``idx`` as a sorted int64 array, or :class:`InvalidRatiosError` naming the
+    group, the offending index and the valid range: integers only (numpy would truncate 1.7 to 1 and read
+    ``True`` as 1), each once, within ``range(channels)`` (numpy would read -1 as the last unit)."""
+    group = graph.groups[g]
+    n = group.channels
+    if isinstance(idx, (bool, np.bool_)) or (
+        isinstance(idx, (list, tuple)) and any(isinstance(i, (bool, np.bool_)) for i in idx)
+    ):
+        raise InvalidRatiosError(
+            f"unit indices of group {group.name!r} must be integers, got booleans; for a mask pass "
+            "np.flatnonzero(mask)"
+        )
+    try:
+        arr = np.asarray(idx)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRatiosError(f"unit indices of group {group.name!r} must be integers ({exc})") from None
+    if arr.ndim > 1:
+        raise InvalidRatiosError(
+            f"unit indices of group {group.name!r} must be a flat list of integers, got shape {arr.shape}"
+        )
+    arr = arr.reshape(-1)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)  # an empty list: what it means depends on the caller
+    if arr.dtype.kind not in "iu":
+        what = (
+            "booleans (for a mask pass np.flatnonzero(mask))"
+            if arr.dtype.kind == "b"
+            else (f"{arr.dtype} values such as {arr[:3].tolist()}")
+        )
+        raise InvalidRatiosError(
+            f"unit indices of group {group.name!r} must be integers, got {what}; pass int indices in 0 "
+            f"to {n - 1}"
+        )
+    arr = arr.astype(np.int64, copy=False)
+    bad = arr[(arr < 0) | (arr >= n)]
+    if bad.size:
+        raise InvalidRatiosError(
+            f"group {group.name!r} has {n} units (valid indices 0 to {n - 1}); got index {int(bad[0])}"
+        )
+    unique, counts = np.unique(arr, return_counts=True)
+    if unique.size != arr.size:
+        raise InvalidRatiosError(
+            f"group {group.name!r}: unit index {int(unique[counts > 1][0])} is given more than once; "
+            "give each unit once"
+        )
+    return unique
 
 
 def _slot_masks(graph: DependencyGraph, keep: list[np.ndarray]) -> dict[int, np.ndarray]:
@@ -526,6 +646,7 @@ def zero_units(model: nn.Module, graph: DependencyGraph, units: KeepSpec) -> Non
     those channels contribute nothing: pruning them afterwards leaves the outputs unchanged in eval mode
     (unless a LayerNorm/GroupNorm normalises over them), which is how the tests prove surgery correct.
     """
+    _check_graph(model, graph, "zero_units")
     with torch.no_grad():
         for g, chosen in _select_units(graph, units).items():
             group = graph.groups[g]
@@ -533,7 +654,7 @@ def zero_units(model: nn.Module, graph: DependencyGraph, units: KeepSpec) -> Non
                 pos = np.asarray(member.positions).reshape(group.channels, member.multiplicity)
                 idx = torch.as_tensor(pos[chosen].reshape(-1), dtype=torch.long)
                 if member.kind == "param":
-                    model.get_parameter(member.layer).index_fill_(member.dim, idx, 0.0)
+                    layer_tensor(model, member.layer).index_fill_(member.dim, idx, 0.0)
                     continue
                 module = model.get_submodule(member.layer)
                 if member.kind == "in":

@@ -6,15 +6,70 @@ import itertools
 
 import torch
 
+from prune_env.errors import InvalidSettingError
+
 
 def default_device() -> torch.device:
     """The device used when a caller does not name one: the first CUDA GPU if present, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def available_devices() -> list[str]:
+    """The devices this machine can run on, as ``--device`` accepts them: ``cpu``, then ``cuda`` and
+    ``cuda:0`` ... ``cuda:N-1`` for its GPUs, and ``mps`` on Apple silicon."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` means :func:`default_device`; anything else is passed to :class:`torch.device`."""
-    return default_device() if device is None else torch.device(device)
+    """The device to run on: ``None`` means :func:`default_device`; anything else must name a device this
+    machine has, else :class:`InvalidSettingError` saying which devices exist.
+
+    Every entry point (the CLI, the problem, the proxy, training) goes through here, so a bad device is
+    refused up front in one line instead of failing deep inside the first ``.to(device)`` -- or, for a GPU
+    index past the last one, on the first kernel launch.
+    """
+    if device is None:
+        return default_device()
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) and device.strip():
+        try:
+            dev = torch.device(device.strip())
+        except (RuntimeError, ValueError):  # torch's parser raises RuntimeError for an unknown type
+            raise InvalidSettingError(
+                f"unknown device {device!r}; available devices: {', '.join(available_devices())}"
+            ) from None
+    else:
+        raise InvalidSettingError(
+            f"device must be a name such as 'cpu' or 'cuda:0', got {device!r}; "
+            f"available devices: {', '.join(available_devices())}"
+        )
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidSettingError(
+                f"{device} requested but torch.cuda.is_available() is False (no usable GPU or a CPU-only "
+                "build of torch); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InvalidSettingError(
+                f"{device} requested but this machine has {count} GPU{'s' if count != 1 else ''} "
+                f"(cuda:0 to cuda:{count - 1}); available devices: {', '.join(available_devices())}"
+            )
+        return dev
+    if dev.type == "mps" and str(dev) in available_devices():
+        return dev
+    raise InvalidSettingError(
+        f"device {device!r} is not available here; available devices: {', '.join(available_devices())}"
+    )
 
 
 def seed_generators(seed: int, device: torch.device) -> None:

@@ -20,10 +20,13 @@ from agents.base import (
     Evaluation,
     SearchResult,
     register_agent,
+    resolve_agent,
     run_agent,
 )
+from prune_env.errors import InvalidSettingError
 from prune_env.problem import PruningProblem
-from prune_env.rewards import RewardFn
+from prune_env.rewards import RewardFn, get_reward
+from prune_env.validation import check_settings
 
 
 def search(
@@ -37,14 +40,25 @@ def search(
     """Run ``agent`` on a problem (or on the problem of an environment the factory builds) with a fresh
     :class:`BudgetedEvaluator` of ``budget_evals`` proxy evaluations; ``settings`` go to the agent.
     """
+    # Everything is checked before the environment factory builds (and maybe trains) anything.
+    check_settings({"budget_evals": budget_evals, "seed": seed})
+    reward_fn = get_reward(reward)
+    resolve_agent(agent)
     if isinstance(problem_or_env_factory, PruningProblem):
         problem = problem_or_env_factory
-    else:
+    elif callable(problem_or_env_factory):
         env = problem_or_env_factory()
         problem = getattr(env.unwrapped, "problem", None)
         if not isinstance(problem, PruningProblem):
-            raise TypeError("the environment factory must build a prune_env environment (with .problem)")
-    evaluator = BudgetedEvaluator(problem, budget_evals, reward=reward)
+            raise InvalidSettingError(
+                "the environment factory must build a prune_env environment (one with a .problem)"
+            )
+    else:
+        raise InvalidSettingError(
+            "pass a PruningProblem or a factory of prune_env environments, got "
+            f"{type(problem_or_env_factory).__name__}"
+        )
+    evaluator = BudgetedEvaluator(problem, budget_evals, reward=reward_fn)
     return run_agent(agent, evaluator, seed=seed, **settings)
 
 

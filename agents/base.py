@@ -9,19 +9,28 @@ it, and refuses to go over budget, so methods are compared at exactly equal eval
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from prune_env.errors import InvalidSettingError, ResumeError, UnknownNameError
 from prune_env.problem import PruningProblem
 from prune_env.rewards import Outcome, RewardFn, evaluate_reward, get_reward
+from prune_env.validation import check_settings
 
 
 class BudgetExhausted(Exception):
     """Raised by the evaluator when an agent asks for one evaluation more than its budget."""
+
+
+class ResumeDivergedWarning(RuntimeWarning):
+    """A resumed agent did not retrace its logged evaluations; the search goes on from where it left."""
 
 
 @dataclass(frozen=True)
@@ -86,19 +95,26 @@ class BudgetedEvaluator:
         reward: str | RewardFn = "acc",
         on_evaluation: Callable[[Evaluation], None] | None = None,
     ) -> None:
-        if budget_evals < 1:
-            raise ValueError(f"budget_evals must be >= 1, got {budget_evals}")
+        check_settings({"budget_evals": budget_evals})
+        if not isinstance(problem, PruningProblem):
+            raise InvalidSettingError(f"problem must be a PruningProblem, got {type(problem).__name__}")
         self.problem = problem
         self.budget_evals = budget_evals
         self.reward_fn = get_reward(reward)
         self.on_evaluation = on_evaluation
         self.history: list[Evaluation] = []
         self.best: tuple[float, Outcome] | None = None
+        self._pending: deque[Evaluation] = deque()  # logged evaluations still to be replayed
         self._start = time.perf_counter()
 
     @property
     def used(self) -> int:
         return len(self.history)
+
+    @property
+    def replaying(self) -> bool:
+        """Whether logged evaluations given to :meth:`replay` are still to be retraced."""
+        return bool(self._pending)
 
     @property
     def remaining(self) -> int:
@@ -111,42 +127,109 @@ class BudgetedEvaluator:
     def evaluate(self, ratios: np.ndarray) -> tuple[Outcome, float]:
         return self.evaluate_keep(self.problem.keep_for(ratios))
 
-    def preload(self, records: Iterable[Evaluation]) -> None:
-        """Replay evaluations logged by an earlier run of the same problem (``prune-env search --resume``).
-
-        They count against the budget and compete for ``best`` exactly as when they were scored, but are
-        not re-scored (their accuracy and loss are taken from the log) and ``on_evaluation`` is not called.
+    def check_log(self, records: Sequence[Evaluation], source: str) -> None:
+        """Refuse logged evaluations (``source``: where they were read, e.g. a file name) that this
+        problem could not have produced, naming the first bad row: indices must run 0, 1, 2...; kept counts
+        lie within 1..channels per group; the cost recomputed from them is within the target and equals the
+        logged cost ratios; accuracy, loss and reward are finite, and the reward is what this evaluator's
+        reward function gives; a policy logged twice has the same score both times (the proxy is
+        deterministic). A resumed run trusts nothing else of its log.
         """
-        costs = self.problem.graph.costs
+        problem = self.problem
+        seen: dict[tuple[int, ...], tuple[float, float]] = {}
+        for position, rec in enumerate(records):
+            where = f"{source}, evaluation {position}"
+            if rec.index != position:
+                raise ResumeError(f"{where}: index {rec.index} breaks the sequence 0, 1, 2, ...")
+            keep = np.asarray(rec.keep, dtype=np.int64)
+            if keep.shape != (self.n_groups,):
+                raise ResumeError(f"{where}: {keep.size} kept counts, the problem has {self.n_groups} groups")
+            bad = np.flatnonzero((keep < 1) | (keep > problem.channels))
+            if bad.size:
+                g = int(bad[0])
+                raise ResumeError(
+                    f"{where}: kept count {int(keep[g])} for group {problem.group_names[g]!r} is outside "
+                    f"1..{int(problem.channels[g])}"
+                )
+            values = (rec.reward, rec.accuracy, rec.loss, rec.macs_ratio, rec.params_ratio, rec.seconds)
+            if not all(math.isfinite(v) for v in values):
+                raise ResumeError(f"{where}: a non-finite value among reward, accuracy, loss, costs, seconds")
+            outcome = problem.outcome(keep, accuracy=rec.accuracy, loss=rec.loss)
+            if not outcome.cost_ratio <= problem.target * (1 + 1e-9):
+                raise ResumeError(
+                    f"{where}: its kept counts cost {outcome.cost_ratio:.4f} of the base {problem.metric}, "
+                    f"over the target {problem.target:g}"
+                )
+            if not (
+                math.isclose(rec.macs_ratio, outcome.macs_ratio, rel_tol=1e-9)
+                and math.isclose(rec.params_ratio, outcome.params_ratio, rel_tol=1e-9)
+            ):
+                raise ResumeError(f"{where}: the logged cost ratios do not match its kept counts")
+            if not math.isclose(rec.reward, evaluate_reward(self.reward_fn, outcome), rel_tol=1e-9):
+                raise ResumeError(f"{where}: the logged reward is not what the reward gives for this row")
+            score = seen.setdefault(rec.keep, (rec.accuracy, rec.loss))
+            if score != (rec.accuracy, rec.loss):
+                raise ResumeError(f"{where}: the same policy was logged earlier with another score")
+
+    def preload(self, records: Iterable[Evaluation]) -> None:
+        """Take logged evaluations of an earlier run of the same problem as spent (a resumed run whose
+        search was complete): they count against the budget and compete for ``best`` exactly as when they
+        were scored, without being re-scored and without ``on_evaluation``. Check them with
+        :meth:`check_log` first.
+        """
         for rec in records:
             if self.remaining <= 0:
                 raise BudgetExhausted(f"evaluation budget of {self.budget_evals} spent")
             keep = np.asarray(rec.keep, dtype=np.int64)
-            if keep.shape != (self.n_groups,):
-                raise ValueError(
-                    f"logged evaluation {rec.index} has {keep.size} groups, expected {self.n_groups}"
-                )
-            outcome = Outcome(
-                accuracy=float(rec.accuracy),
-                loss=float(rec.loss),
-                base_accuracy=self.problem.base_accuracy,
-                base_loss=self.problem.base_loss,
-                macs=costs.macs(keep),
-                params=costs.params(keep),
-                base_macs=self.problem.graph.base_macs,
-                base_params=self.problem.graph.base_params,
-                target=self.problem.target,
-                metric=self.problem.metric,
-                ratios=self.problem.ratios_for(keep),
-                keep=tuple(keep.tolist()),
+            self._append(
+                replace(rec, index=self.used),
+                self.problem.outcome(keep, accuracy=rec.accuracy, loss=rec.loss),
             )
-            entry = replace(rec, index=self.used)
-            self.history.append(entry)
-            if self.best is None or entry.reward > self.best[0]:
-                self.best = (entry.reward, outcome)
         if self.history:
             # Keep the logged wall-clock column continuous across the interruption.
             self._start = time.perf_counter() - self.history[-1].seconds
+
+    def replay(self, records: Sequence[Evaluation]) -> None:
+        """Resume an interrupted search so that it ends as the uninterrupted one would have.
+
+        The agent is started again from the beginning, with the same seed; its first proposals are
+        answered from the log (``records``, checked with :meth:`check_log`) instead of the proxy, and not
+        passed to ``on_evaluation`` again. Agents are deterministic given their seed and the scores they
+        see, so the replayed agent proposes exactly the logged policies and reaches the state it had when
+        it was interrupted; from there on it runs live. Should a proposal differ from the log (a changed
+        budget the agent sizes itself by, or non-deterministic kernels), the rest of the log is taken as
+        spent, a :class:`ResumeDivergedWarning` says so, and the search continues live from that point.
+        """
+        for rec in records:
+            self.problem.remember(rec.keep, rec.accuracy, rec.loss)
+        self._pending = deque(records)
+
+    def _replayed(self, outcome: Outcome) -> float | None:
+        """The logged reward when ``outcome`` is the next logged policy; ``None`` once the log is used up."""
+        if not self._pending:
+            return None
+        expected = self._pending[0]
+        if tuple(int(k) for k in outcome.keep) != expected.keep:
+            warnings.warn(
+                f"the resumed agent proposed another policy than logged evaluation {expected.index}; "
+                f"the {len(self._pending)} remaining logged evaluations count as spent and the search "
+                "continues from here",
+                ResumeDivergedWarning,
+                stacklevel=4,
+            )
+            pending, self._pending = list(self._pending), deque()
+            self.preload(pending)
+            return None
+        self._pending.popleft()
+        self._append(expected, outcome)
+        if not self._pending:
+            self._start = time.perf_counter() - expected.seconds
+        return expected.reward
+
+    def _append(self, entry: Evaluation, outcome: Outcome) -> None:
+        self.history.append(entry)
+        if self.best is None or entry.reward > self.best[0]:
+            self.best = (entry.reward, outcome)
 
     def evaluate_keep(self, keep: np.ndarray) -> tuple[Outcome, float]:
         if self.remaining <= 0:
@@ -161,6 +244,11 @@ class BudgetedEvaluator:
         """Count and log an outcome scored elsewhere (an environment episode); returns its reward."""
         if self.remaining <= 0:
             raise BudgetExhausted(f"evaluation budget of {self.budget_evals} spent")
+        replayed = self._replayed(outcome)
+        if replayed is not None:
+            return replayed
+        if self.remaining <= 0:  # the rest of a diverged log may have used the budget up
+            raise BudgetExhausted(f"evaluation budget of {self.budget_evals} spent")
         reward = evaluate_reward(self.reward_fn, outcome)
         entry = Evaluation(
             index=self.used,
@@ -173,9 +261,7 @@ class BudgetedEvaluator:
             ratios=tuple(float(r) for r in outcome.ratios),
             keep=tuple(int(k) for k in outcome.keep),
         )
-        self.history.append(entry)
-        if self.best is None or reward > self.best[0]:
-            self.best = (reward, outcome)
+        self._append(entry, outcome)
         if self.on_evaluation is not None:
             self.on_evaluation(entry)
         return reward
@@ -195,6 +281,19 @@ def register_agent(name: str) -> Callable[[AgentFn], AgentFn]:
     return decorate
 
 
+def resolve_agent(agent: str | AgentFn) -> tuple[str, AgentFn]:
+    """``(name, function)`` of a registered agent's name or of an agent function."""
+    if isinstance(agent, str):
+        if agent not in AGENTS:
+            raise UnknownNameError(f"unknown agent {agent!r}; available: {', '.join(sorted(AGENTS))}")
+        return agent, AGENTS[agent]
+    if not callable(agent):
+        raise InvalidSettingError(
+            f"agent must be a registered name or a function, got {type(agent).__name__}"
+        )
+    return getattr(agent, "__name__", "custom"), agent
+
+
 def run_agent(
     agent: str | AgentFn,
     evaluator: BudgetedEvaluator,
@@ -202,14 +301,8 @@ def run_agent(
     **settings: Any,
 ) -> SearchResult:
     """Run ``agent`` until its budget is spent (or it stops early) and collect the result."""
-    from prune_env.errors import UnknownNameError
-
-    if isinstance(agent, str):
-        if agent not in AGENTS:
-            raise UnknownNameError(f"unknown agent {agent!r}; available: {', '.join(sorted(AGENTS))}")
-        name, fn = agent, AGENTS[agent]
-    else:
-        name, fn = getattr(agent, "__name__", "custom"), agent
+    check_settings({"seed": seed})
+    name, fn = resolve_agent(agent)
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     with contextlib.suppress(BudgetExhausted):  # the normal way a search ends

@@ -27,6 +27,7 @@ from torch import nn
 
 from agents.base import BudgetedEvaluator, BudgetExhausted, register_agent
 from prune_env.data import iterate_batches
+from prune_env.errors import InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import units_to_keep
 from prune_env.problem import PruningProblem
 from prune_env.proxy import ProxyEvaluator
@@ -115,7 +116,7 @@ def rlpruner(
     """
     s = RLPrunerSettings(samples, sigma, sigma_decay, lr, rounds, kd_steps, kd_lr, kd_batch_size)
     if s.rounds < 1 or s.samples < 1:
-        raise ValueError("rounds and samples must be >= 1")
+        raise InvalidSettingError(f"rounds and samples must be >= 1, got {rounds} and {samples}")
     original = evaluator.problem
     # Each round removes the same fraction of the remaining cost: target_r = target^(r / rounds).
     targets = [original.target ** ((r + 1) / s.rounds) for r in range(s.rounds)]
@@ -141,7 +142,7 @@ def rlpruner(
         next_local = min(1.0, max(targets[r + 1] / reached, floor * (1 + 1e-6)))
         problem = _round_problem(original, student, next_local)
         if problem.n_groups != original.n_groups:
-            raise RuntimeError("the pruned model's groups do not match the original's; use rounds=1")
+            raise UnsupportedLayerError("the pruned model's groups do not match the original's; use rounds=1")
 
 
 def _cost(problem: PruningProblem, keep: np.ndarray) -> float:

@@ -34,6 +34,7 @@ from stable_baselines3.common.noise import ActionNoise, NormalActionNoise
 
 from agents.base import BudgetedEvaluator, BudgetExhausted, register_agent
 from prune_env.env import LayerPruneEnv, OneShotPruneEnv
+from prune_env.errors import InvalidSettingError
 
 ENVS = ("oneshot", "layer")
 
@@ -83,7 +84,7 @@ class StopOnBudget(BaseCallback):
 def make_env(evaluator: BudgetedEvaluator, env: str = "oneshot") -> BudgetWrapper:
     """An environment on the evaluator's problem and reward, wrapped to count evaluations."""
     if env not in ENVS:
-        raise ValueError(f"env must be one of {ENVS}, got {env!r}")
+        raise InvalidSettingError(f"env must be one of {ENVS}, got {env!r}")
     cls = OneShotPruneEnv if env == "oneshot" else LayerPruneEnv
     return BudgetWrapper(cls(problem=evaluator.problem, reward=evaluator.reward_fn), evaluator)
 
@@ -295,7 +296,7 @@ def run_sb3(
     The evaluator keeps the best policy seen; the learner's own final policy is not evaluated again.
     """
     if algo not in ALGOS:
-        raise ValueError(f"algo must be one of {sorted(ALGOS)}, got {algo!r}")
+        raise InvalidSettingError(f"algo must be one of {sorted(ALGOS)}, got {algo!r}")
     wrapped = make_env(evaluator, env)
     settings = {**_defaults(algo, evaluator, env, rng), **overrides}
     seed = int(rng.integers(2**31))

@@ -106,7 +106,7 @@ def main() -> None:
         build = problem.build_for_evaluation
         problem.build_for_evaluation = lambda keep, build=build, timer=timer: timer.attach(build(keep))
         for cls in (OneShotPruneEnv, LayerPruneEnv):
-            env = cls(problem=problem, **kwargs)
+            env = cls(problem=problem)
             rows = episode_costs(env, timer, args.episodes, rng)
             totals = [t for t, _ in rows]
             shares = [(t - f) / t for t, f in rows]

@@ -36,7 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prune_env.errors import InvalidSettingError
+from prune_env.problem import check_model_arg
+from prune_env.rewards import get_reward
+from prune_env.rundir import RunDirectory
 from prune_env.serialize import json_default
+from prune_env.validation import check_sequence, check_settings
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -130,8 +135,11 @@ def _append_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, A
 
 
 def _write_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
-    path.unlink(missing_ok=True)
-    _append_csv(path, fields, rows)
+    """Replace ``path`` atomically: a kill mid-write leaves the old file, never a half-written one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    _append_csv(tmp, fields, rows)
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -182,7 +190,9 @@ def _labelled(items: Sequence[Any] | Mapping[str, Any] | Any, what: str) -> list
     pairs = [(_label(x, what), x) for x in items]
     labels = [p[0] for p in pairs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"{what} labels must be unique, got {labels}; pass a dict {{label: {what}}}")
+        raise InvalidSettingError(
+            f"{what} labels must be unique, got {labels}; pass a dict {{label: {what}}}"
+        )
     return pairs
 
 
@@ -506,23 +516,88 @@ def run(
     Returns the results of the whole grid, including runs completed by earlier calls with the same
     ``out`` (which are skipped, not repeated). Results depend only on the arguments and seeds.
     """
-    from tqdm.auto import tqdm
-
-    if evals < 1:
-        raise ValueError(f"evals must be >= 1, got {evals}")
-    if metric not in ("macs", "params"):
-        raise ValueError(f"metric must be 'macs' or 'params', got {metric!r}")
+    # Every argument is checked before a base model is trained or a file written.
+    check_settings(
+        {"evals": evals, "finetune_epochs": finetune_epochs, "metric": metric, "progress": progress}
+    )
+    targets = check_sequence("targets", targets, "target")
+    seeds = check_sequence("seeds", seeds, "seed")
+    get_reward(reward)
+    check_problem_kwargs(problem_kwargs or {})
     registered = available_agents()  # also makes names of not-yet-imported agent modules resolvable
     agent_pairs = _labelled(registered if agents is None else agents, "agent")
+    from agents.base import resolve_agent
+
+    for _, agent in agent_pairs:
+        resolve_agent(agent)
     model_pairs = _labelled(models, "model")
+    for _, model in model_pairs:
+        check_model_arg(model)
     dataset_pairs = _labelled(datasets, "dataset")
-    targets = [float(t) for t in targets]
-    seeds = [int(s) for s in seeds]
     reward_label = _label(reward, "reward")
     settings = {str(k): dict(v) for k, v in (agent_settings or {}).items()}
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunDirectory(out, run_files=(), resume=True, option="out") as rundir:
+        return _run_grid(
+            rundir,
+            agent_pairs,
+            model_pairs,
+            dataset_pairs,
+            targets,
+            seeds,
+            evals,
+            reward,
+            reward_label,
+            finetune_epochs,
+            problem_kwargs,
+            settings,
+            metric,
+            progress,
+        )
+
+
+def check_problem_kwargs(problem_kwargs: Mapping[str, Any]) -> None:
+    """Keys must be :class:`PruningProblem` arguments the grid does not set itself; values obey the
+    shared rules. (The grid sets the model, the dataset and the target.)"""
+    import inspect
+
+    from prune_env.problem import PruningProblem
+
+    accepted = set(inspect.signature(PruningProblem.__init__).parameters) - {
+        "self",
+        "model",
+        "dataset",
+        "target_macs",
+        "target_params",
+    }
+    unknown = sorted(set(problem_kwargs) - accepted)
+    if unknown:
+        raise InvalidSettingError(
+            f"problem_kwargs has unknown keys {unknown}; accepted: {', '.join(sorted(accepted))}"
+        )
+    check_settings(problem_kwargs)
+
+
+def _run_grid(
+    rundir: RunDirectory,
+    agent_pairs: list[tuple[str, Any]],
+    model_pairs: list[tuple[str, Any]],
+    dataset_pairs: list[tuple[str, Any]],
+    targets: list[float],
+    seeds: list[int],
+    evals: int,
+    reward: Any,
+    reward_label: str,
+    finetune_epochs: int,
+    problem_kwargs: Mapping[str, Any] | None,
+    settings: dict[str, dict[str, Any]],
+    metric: str,
+    progress: bool,
+) -> BenchmarkResults:
+    """The grid of :func:`run` in a directory this process holds."""
+    from tqdm.auto import tqdm
+
+    out = rundir.path
     runs_csv, evals_csv = out / "runs.csv", out / "evaluations.csv"
     done = BenchmarkResults.load(out)
     for r in done.runs:
@@ -533,7 +608,7 @@ def run(
             metric,
             finetune_epochs,
         ):
-            raise ValueError(
+            raise InvalidSettingError(
                 f"{runs_csv} holds runs with evals={r['budget_evals']}, reward={r['reward']!r}, "
                 f"metric={r['metric']!r}, finetune_epochs={r['finetune_epochs']}; this grid asks for "
                 f"evals={evals}, reward={reward_label!r}, metric={metric!r}, finetune_epochs={finetune_epochs}. "
@@ -544,12 +619,14 @@ def run(
     if done.runs and saved.exists():
         before = json.loads(saved.read_text()).get("settings", {}).get("problem_kwargs", proxy_settings)
         if before != proxy_settings:  # another proxy or base model scores differently: not comparable
-            raise ValueError(
+            raise InvalidSettingError(
                 f"{saved} was made with problem_kwargs={before}, this grid asks for {proxy_settings}. "
                 "Use another `out` directory."
             )
     if len(done.evaluations) != len(_read_csv(evals_csv)):
         # Drop the rows of a run interrupted before its run row was written: its rerun writes them again.
+        # The file as it was is kept aside first.
+        rundir.keep_aside(evals_csv.name)
         _write_csv(evals_csv, EVAL_FIELDS, done.evaluations)
     completed = {_run_key(r) for r in done.runs}
 

@@ -22,7 +22,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from prune_env.errors import DatasetNotFoundError, UnknownNameError
+from prune_env.errors import DatasetError, DatasetNotFoundError, InvalidSettingError, UnknownNameError
 
 DATA_ENV = "PRUNE_ENV_DATA"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -160,13 +160,15 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:  # 0x08: unsigned byte
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        raise DatasetError(f"{path} is not an unsigned-byte IDX file; reinstall the dataset")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     offset = 4 + 4 * ndim
     array = np.frombuffer(data, dtype=np.uint8, offset=offset)
     if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
+        raise DatasetError(
+            f"{path} is truncated (reinstall the dataset): expected {int(np.prod(shape))} values, found {array.size}"
+        )
     return array.reshape(shape)
 
 
@@ -361,7 +363,9 @@ def load(
     dataset's system location; a missing dataset raises :class:`DatasetNotFoundError` saying how to get it.
     """
     if not isinstance(name, str):
-        raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
+        raise InvalidSettingError(
+            f"dataset must be a name or a prune_env.data.Splits, got {type(name).__name__}"
+        )
     key = name.strip().lower()
     if key == "digits":
         return _load_digits(seed, 0.15 if val_fraction is None else val_fraction)

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.error import ResetNeeded
 
 from prune_env.data import Splits
+from prune_env.errors import InvalidSettingError
 from prune_env.importance import Importance
 from prune_env.observation import DYNAMIC_FEATURES, STATIC_FEATURES, sensitivity, static_features
 from prune_env.problem import ModelArg, PruningProblem
 from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES, FAST_EVAL_SAMPLES
-from prune_env.rewards import Outcome, RewardFn, StepInfo, evaluate_reward, get_reward
+from prune_env.rewards import Outcome, RewardFn, StepInfo, checked_reward, evaluate_reward, get_reward
 from prune_env.spaces import action_to_ratio
+from prune_env.validation import check_settings, fraction
+
+
+def _refuse_ignored_settings(settings: Mapping[str, Any]) -> None:
+    """With ``problem=`` the problem's own settings hold: any other value given here would be ignored."""
+    defaults = inspect.signature(_PruneEnv.__init__).parameters
+    ignored = sorted(name for name, value in settings.items() if value != defaults[name].default)
+    if ignored:
+        raise InvalidSettingError(
+            f"{', '.join(ignored)} would be ignored: the environment uses the settings of the given "
+            "problem; pass them to PruningProblem instead (or omit problem=)"
+        )
 
 
 class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -49,46 +64,57 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         render_mode: str | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(
+            raise InvalidSettingError(
                 f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}"
             )
+        checked = check_settings(
+            {
+                "budget_range": budget_range,
+                "success_tolerance": success_tolerance,
+                "use_sensitivity": use_sensitivity,
+            }
+        )
         self.render_mode = render_mode
         self.reward_fn: RewardFn = get_reward(reward)
-        self.problem = problem or PruningProblem(
-            model,
-            dataset,
-            target_macs=target_macs,
-            target_params=target_params,
-            importance=importance,
-            max_ratio=max_ratio,
-            round_to=round_to,
-            fill_budget=fill_budget,
-            eval_samples=eval_samples,
-            bn_recalib_batches=bn_recalib_batches,
-            finetune_steps=finetune_steps,
-            seed=seed,
-            device=device,
-            train_kwargs=train_kwargs,
-            progress=progress,
-        )
-        p = self.problem
-        if budget_range is not None:
-            lo, hi = (float(v) for v in budget_range)
-            if not lo <= hi:
-                raise ValueError(f"budget_range must be (low, high) with low <= high, got {budget_range}")
-            p.projector.check_target(lo)
-            p.projector.check_target(hi)
-        self.budget_range = budget_range
+        problem_settings = {
+            "model": model,
+            "dataset": dataset,
+            "target_macs": target_macs,
+            "target_params": target_params,
+            "importance": importance,
+            "max_ratio": max_ratio,
+            "round_to": round_to,
+            "fill_budget": fill_budget,
+            "eval_samples": eval_samples,
+            "bn_recalib_batches": bn_recalib_batches,
+            "finetune_steps": finetune_steps,
+            "seed": seed,
+            "device": device,
+            "train_kwargs": train_kwargs,
+            "progress": progress,
+        }
+        if problem is None:
+            problem = PruningProblem(**problem_settings)
+        elif not isinstance(problem, PruningProblem):
+            raise InvalidSettingError(f"problem must be a PruningProblem, got {type(problem).__name__}")
+        else:
+            _refuse_ignored_settings(problem_settings)
+        self.problem = p = problem
+        self.budget_range = checked["budget_range"]
+        if self.budget_range is not None:
+            for bound in self.budget_range:
+                p.projector.check_target(bound)
         self.success_tolerance = success_tolerance
         sens = sensitivity(p) if use_sensitivity else None
         self._static = static_features(p, sens)
         self.target = p.target
         self.last_outcome: Outcome | None = None
+        self._episode_over = True
 
     # -- shared helpers -------------------------------------------------------------------------------
     def _sample_target(self, options: dict[str, Any] | None) -> float:
         if options and "target" in options:
-            target = float(options["target"])
+            target = fraction("options['target']", options["target"])
             self.problem.projector.check_target(target)
             return target
         if self.budget_range is None:
@@ -96,7 +122,13 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         lo, hi = self.budget_range
         return float(self.np_random.uniform(lo, hi))
 
+    def _begin_step(self) -> None:
+        """Both environments refuse a step outside an episode (before reset, or after it terminated)."""
+        if self._episode_over:
+            raise ResetNeeded("the episode is over (or never started): call reset() before step()")
+
     def _finish(self, keep: np.ndarray) -> tuple[float, dict[str, Any]]:
+        self._episode_over = True
         outcome = self.problem.evaluate_keep(keep, self.target)
         self.last_outcome = outcome
         reward = evaluate_reward(self.reward_fn, outcome)
@@ -127,8 +159,8 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         """One column per group: kept fraction in green over the pruned fraction in grey."""
         kept = self._current_keep() / self.problem.channels
         image = np.full((height, bar * len(kept), 3), 40, dtype=np.uint8)
-        for i, fraction in enumerate(kept):
-            top = height - round(float(fraction) * height)
+        for i, kept_fraction in enumerate(kept):
+            top = height - round(float(kept_fraction) * height)
             image[:top, i * bar : (i + 1) * bar - 1] = (120, 120, 120)
             image[top:, i * bar : (i + 1) * bar - 1] = (60, 180, 75)
         return image
@@ -140,6 +172,7 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         self.target = self._sample_target(options)
         self._keep = self.problem.channels.copy()
         self.last_outcome = None
+        self._episode_over = False
         info = {"target": self.target, **self._start_episode()}
         return self._observation(), info
 
@@ -165,7 +198,8 @@ class LayerPruneEnv(_PruneEnv):
     ## Action space
 
     ``Box(-1, 1, (1,), float32)``: mapped affinely to a ratio in ``[0, max_ratio]``; values outside
-    ``[-1, 1]`` are clipped; NaN/inf or a wrong shape raise ``ValueError``.
+    ``[-1, 1]`` are clipped; NaN/inf, a non-real dtype or a wrong shape raise
+    ``InvalidActionError``.
 
     ## Observation space
 
@@ -230,9 +264,8 @@ class LayerPruneEnv(_PruneEnv):
         return {"group": 0}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        self._begin_step()
         p = self.problem
-        if self._t >= p.n_groups:
-            raise RuntimeError("episode is over: call reset() before step()")
         ratio = float(action_to_ratio(action, p.max_ratio, (1,))[0])
         self._keep[self._t] = p.projector.wall(self._keep, self._t, ratio, self.target)
         applied = 1.0 - self._keep[self._t] / p.channels[self._t]
@@ -242,10 +275,8 @@ class LayerPruneEnv(_PruneEnv):
             reward = 0.0
             shape: Callable[[StepInfo], float] | None = getattr(self.reward_fn, "shape", None)
             if shape is not None:
-                so_far = self._keep.copy()
-                reward = float(
-                    shape(StepInfo(self._t - 1, applied, p.projector.cost_ratio(so_far), self.target))
-                )
+                step = StepInfo(self._t - 1, applied, p.projector.cost_ratio(self._keep), self.target)
+                reward = checked_reward(shape(step), shape)
             return self._observation(), reward, False, False, {"group": self._t, "applied_ratio": applied}
         reward, info = self._finish(self._keep)
         info["applied_ratio"] = applied
@@ -287,6 +318,7 @@ class OneShotPruneEnv(_PruneEnv):
         return np.append(self._flat, np.float32(self.target)).astype(np.float32)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        self._begin_step()
         p = self.problem
         ratios = action_to_ratio(action, p.max_ratio, (p.n_groups,))
         self._keep = p.keep_for(ratios, self.target)

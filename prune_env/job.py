@@ -8,11 +8,16 @@ A run directory holds:
 - ``model/``: the pruned (fine-tuned) model, reloadable with :func:`prune_env.load_pruned`;
 - ``search.png``: the search curve; ``log.txt``: the log; ``tensorboard/``: SB3 agents' logs.
 
-Resume: the logged evaluations are replayed into the evaluator (they count against ``--evals`` and compete
-for the best policy, without being re-scored), and the agent is started again for the remaining budget with
-seed ``seed + evaluations done``. The history and the budget carry over; an agent's internal state (a
-policy network, a population) does not — it restarts, seeded differently so it does not repeat the
-evaluations it already spent. A run whose search is complete resumes straight into the fine-tune.
+A run directory belongs to one process for the whole run (an OS lock, see :mod:`prune_env.rundir`); a
+directory holding any run file is refused unless the run is resumed.
+
+Resume: the run's settings must match the state file's, and every logged row is checked against the
+problem (kept counts, costs within the target, the reward the reward function gives). The agent then
+starts again from the beginning with the same seed while the evaluator answers its first proposals from
+the log instead of the proxy (:meth:`agents.base.BudgetedEvaluator.replay`): the agent retraces its own
+history, reaching the state (policy network, population, RNG) it had when interrupted, so a resumed search
+ends exactly as the uninterrupted one would. A run whose search is complete resumes straight into the
+fine-tune.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import importlib
 import inspect
 import json
 import logging
-import os
 import pkgutil
 import shlex
 import sys
@@ -30,15 +34,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from prune_env.errors import PruneEnvError, UnknownNameError
+from prune_env.device import resolve_device
+from prune_env.errors import PruneEnvError, ResumeError, RunDirectoryError, UnknownNameError
+from prune_env.rundir import RunDirectory, write_atomic
 from prune_env.serialize import json_default
+from prune_env.validation import check_settings, fraction
 
 STATE_FORMAT = 1
+STATE_FILE = "state.json"
+EVALUATIONS_FILE = "evaluations.csv"
+# Everything a run writes: a directory holding any of these is a run (resumable or not), never reused.
+RUN_FILES = (STATE_FILE, EVALUATIONS_FILE, "results.json", "model", "search.png", "log.txt", "tensorboard")
 # The first one registered is the default: evolution spends its budget near the target at a fraction of
 # an SB3 learner's overhead per evaluation, so the README's default run stays within minutes on 2 cores.
 DEFAULT_AGENTS = ("evolution", "ppo", "random")
@@ -48,6 +59,14 @@ RESUME_KEYS = (
 )  # fmt: skip
 
 log = logging.getLogger("prune_env.job")
+
+
+def out_path(text: str) -> Path:
+    """The ``--out`` option as a path; an empty one would become ``Path(".")``, a directory the user
+    did not name."""
+    if not text.strip():
+        raise RunDirectoryError("--out is empty; name the run directory, e.g. --out runs/my-run")
+    return Path(text)
 
 
 @dataclass
@@ -124,23 +143,23 @@ def preflight(s: SearchSettings) -> Any:
     from prune_env.rewards import get_reward
     from prune_env.spaces import BudgetProjector
 
-    if s.evals < 1:
-        raise PruneEnvError(f"--evals must be at least 1, got {s.evals}")
-    if s.finetune_epochs < 0:
-        raise PruneEnvError(f"--finetune-epochs must be >= 0, got {s.finetune_epochs}")
-    if s.eval_samples < 1:
-        raise PruneEnvError(f"--eval-samples must be at least 1, got {s.eval_samples}")
-    if not 0.0 < s.target <= 1.0:
-        raise PruneEnvError(
-            f"--target-{s.metric} must be a fraction of the base model's {s.metric} in (0, 1]"
-        )
-    if not 0.0 < s.max_ratio <= 1.0:
-        raise PruneEnvError(f"--max-ratio must lie in (0, 1], got {s.max_ratio}")
-    if s.device is not None:
-        try:
-            torch.device(s.device)
-        except RuntimeError:
-            raise PruneEnvError(f"unknown device {s.device!r}; use e.g. 'cpu' or 'cuda:0'") from None
+    check_settings(
+        {
+            "evals": s.evals,
+            "finetune_epochs": s.finetune_epochs,
+            "eval_samples": s.eval_samples,
+            "metric": s.metric,
+            "max_ratio": s.max_ratio,
+            "seed": s.seed,
+            "fill_budget": s.fill_budget,
+            "resume": s.resume,
+            "progress": s.progress,
+        },
+        option_style=True,
+    )
+    fraction(f"--target-{s.metric}", s.target)
+    run_directory(s).check()
+    resolve_device(s.device)
     get_reward(s.reward)
     splits = load(s.dataset, seed=s.seed)
     with torch.random.fork_rng(devices=[]):
@@ -161,9 +180,7 @@ def preflight(s: SearchSettings) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
-    os.replace(tmp, path)  # atomic: an interrupted write never leaves half a file
+    write_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def _columns() -> list[str]:
@@ -172,54 +189,96 @@ def _columns() -> list[str]:
     return [f.name for f in fields(Evaluation)]
 
 
-def read_evaluations(path: Path) -> list[Any]:
-    """Complete rows of ``evaluations.csv`` as :class:`~agents.base.Evaluation` records.
+def run_directory(s: SearchSettings) -> RunDirectory:
+    return RunDirectory(s.out, run_files=RUN_FILES, resume=s.resume, state_file=STATE_FILE, option="--out")
 
-    A row cut short by a hard kill is dropped (it is re-run), so the log never needs repairing by hand.
-    """
+
+def _parse_row(row: Sequence[str], columns: Sequence[str]) -> Any:
     from agents.base import Evaluation
 
+    if len(row) != len(columns):
+        raise ValueError(f"{len(row)} fields, expected {len(columns)}")
+    cell = dict(zip(columns, row, strict=True))
+    return Evaluation(
+        index=int(cell["index"]),
+        reward=float(cell["reward"]),
+        accuracy=float(cell["accuracy"]),
+        loss=float(cell["loss"]),
+        macs_ratio=float(cell["macs_ratio"]),
+        params_ratio=float(cell["params_ratio"]),
+        seconds=float(cell["seconds"]),
+        ratios=tuple(float(r) for r in cell["ratios"].split()),
+        keep=tuple(int(k) for k in cell["keep"].split()),
+    )
+
+
+class EvaluationLog(NamedTuple):
+    """``evaluations.csv`` as read: its rows, and its complete lines when a hard kill cut the last short."""
+
+    records: list[Any]
+    complete_text: str | None  # None: the file ends with a complete line (or does not exist)
+
+
+def read_evaluations(path: Path) -> EvaluationLog:
+    """The rows of ``evaluations.csv`` as :class:`~agents.base.Evaluation` records.
+
+    Every row is written with its line end in one call, so a hard kill can cut only the last line short:
+    a last line without a line end is left out (the caller keeps the file aside before rewriting it). Any
+    other line that does not parse raises :class:`ResumeError` naming the file and the line; the file is
+    left as it is.
+    """
     if not path.is_file():
-        return []
+        return EvaluationLog([], None)
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith(("\n", "\r"))]
+    if len(complete) < len(lines) - 1:
+        raise ResumeError(f"{path}: a line ends without a line break before the last line")
+    columns = _columns()
+    if not complete or next(csv.reader(complete[:1])) != columns:
+        raise ResumeError(
+            f"{path}: the first line is not the header {','.join(columns)}; restore the file or start a "
+            "new run with another --out"
+        )
     records = []
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                records.append(
-                    Evaluation(
-                        index=int(row["index"]),
-                        reward=float(row["reward"]),
-                        accuracy=float(row["accuracy"]),
-                        loss=float(row["loss"]),
-                        macs_ratio=float(row["macs_ratio"]),
-                        params_ratio=float(row["params_ratio"]),
-                        seconds=float(row["seconds"]),
-                        ratios=tuple(float(r) for r in row["ratios"].split()),
-                        keep=tuple(int(k) for k in row["keep"].split()),
-                    )
-                )
-            except (KeyError, TypeError, ValueError, AttributeError):
-                break  # a truncated last line
-    return records
+    for number, row in enumerate(csv.reader(complete[1:]), start=2):
+        try:
+            records.append(_parse_row(row, columns))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ResumeError(
+                f"{path}, line {number}: not an evaluation row ({exc}); the file is left as it is: restore "
+                "it or start a new run with another --out"
+            ) from None
+    return EvaluationLog(records, None if len(complete) == len(lines) else "".join(complete))
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ResumeError(f"{path} is not readable JSON ({exc}); restore it or start a new run") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ResumeError(f"{path} is not a prune-env run state of format {STATE_FORMAT}")
+    if not isinstance(state.get("settings"), dict) or not isinstance(state.get("evals_done"), int):
+        raise ResumeError(f"{path} lacks the run's settings or its evaluation count")
+    return state
 
 
 class RunLog:
     """The evaluator's ``on_evaluation`` callback: CSV row, state file and progress bar, per evaluation."""
 
-    def __init__(self, directory: Path, state: dict[str, Any], bar: Any) -> None:
+    def __init__(self, directory: Path, state: dict[str, Any], bar: Any = None) -> None:
         self.directory = directory
         self.state = state
-        self.bar = bar
-        self.csv_path = directory / "evaluations.csv"
+        self.bar = bar  # a tqdm bar, set once the search starts
+        self.csv_path = directory / EVALUATIONS_FILE
         self.best = -float("inf")
 
-    def rewrite(self, records: Sequence[Any]) -> None:
-        """Start the CSV afresh with ``records`` (drops a truncated tail left by a hard kill)."""
-        with self.csv_path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=_columns())
-            writer.writeheader()
-            for rec in records:
-                writer.writerow(rec.as_row())
+    def start(self, records: Sequence[Any]) -> None:
+        """Write the header of a new log; a resumed log already has it, and its rows stay as they are."""
+        if not self.csv_path.exists():
+            with self.csv_path.open("w", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=_columns()).writeheader()
         self.best = max((r.reward for r in records), default=-float("inf"))
 
     def record(self, entry: Any) -> None:
@@ -291,28 +350,44 @@ def _setup_logging(directory: Path) -> list[logging.Handler]:
     return [file_handler, console]
 
 
-def _open_run(s: SearchSettings) -> dict[str, Any]:
-    """The run's state: fresh, or the one being resumed (checked against the current settings)."""
-    state_path = s.out / "state.json"
-    if s.resume:
-        if not state_path.is_file():
-            raise PruneEnvError(f"nothing to resume: {s.out} holds no state.json")
-        state = json.loads(state_path.read_text())
-        saved = state.get("settings", {})
-        differ = [k for k in RESUME_KEYS if k in saved and saved[k] != s.identity()[k]]
-        if differ:
-            what = ", ".join(f"{k}={saved[k]!r} (now {s.identity()[k]!r})" for k in differ)
-            raise PruneEnvError(f"cannot resume {s.out}: it was run with {what}")
-        done = len(read_evaluations(s.out / "evaluations.csv"))
-        if s.evals < done:
-            raise PruneEnvError(f"--evals {s.evals} is less than the {done} evaluations already done")
-        state["budget_evals"] = s.evals
-        return state
-    if state_path.exists():
-        raise PruneEnvError(
-            f"{s.out} already holds a run; add --resume to continue it or choose another --out"
+def _open_run(s: SearchSettings, rundir: RunDirectory) -> tuple[dict[str, Any], list[Any]]:
+    """The run's state and its logged evaluations: fresh, or those of the run being resumed.
+
+    A resumed run must have been made with the same settings (every one of :data:`RESUME_KEYS`, none
+    missing), and its log must agree with its state file; a log whose last line a hard kill cut short is
+    kept aside and rewritten without that line.
+    """
+    if not s.resume:
+        state = {"format": STATE_FORMAT, "settings": s.identity(), "budget_evals": s.evals, "evals_done": 0}
+        return state, []
+    state_path = s.out / STATE_FILE
+    state = _read_state(state_path)
+    saved = state["settings"]
+    now = s.identity()
+    missing = [k for k in RESUME_KEYS if k not in saved]
+    if missing:
+        raise ResumeError(f"cannot resume {s.out}: {state_path} does not record {', '.join(missing)}")
+    differ = [k for k in RESUME_KEYS if saved[k] != now[k]]
+    if differ:
+        what = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in differ)
+        raise ResumeError(f"cannot resume {s.out}: it was run with {what}")
+    csv_path = s.out / EVALUATIONS_FILE
+    logged = read_evaluations(csv_path)
+    done, recorded = len(logged.records), state["evals_done"]
+    # Each row is appended before the state is updated, so the log holds the recorded count or one more.
+    if not recorded <= done <= recorded + 1:
+        raise ResumeError(
+            f"{csv_path} holds {done} evaluations but {state_path} records {recorded}; the files do not "
+            "belong together: restore them or start a new run with another --out"
         )
-    return {"format": STATE_FORMAT, "settings": s.identity(), "budget_evals": s.evals, "evals_done": 0}
+    if s.evals < done:
+        raise ResumeError(f"--evals {s.evals} is less than the {done} evaluations already done")
+    if logged.complete_text is not None:
+        aside = rundir.keep_aside(EVALUATIONS_FILE)
+        write_atomic(csv_path, logged.complete_text)
+        log.warning("the last line of %s was cut short (kept as %s); it is run again", csv_path, aside)
+    state["budget_evals"] = s.evals
+    return state, logged.records
 
 
 def _resume_hint(s: SearchSettings) -> str:
@@ -406,12 +481,13 @@ def _finish_partial(
 ) -> int:
     """Ctrl-C: keep what exists (log, best policy, its un-fine-tuned model, plot) and say how to resume."""
     timings["total_seconds"] = time.perf_counter() - started
-    if evaluator is not None and evaluator.best is not None:
+    # While a resumed agent still retraces its log, the files of the earlier interruption are the newer.
+    if evaluator is not None and evaluator.best is not None and not evaluator.replaying:
         results = _results(s, problem, evaluator, timings, "interrupted", None)
         _write_json(s.out / "results.json", results)
         plot_search(evaluator.history, s.out / "search.png", s.target, s.metric)
         keep = np.asarray(evaluator.best[1].keep, dtype=np.int64)
-        _save_model(s, problem, keep, problem.build(keep), {"finetuned": False})
+        _save_model(s, problem, keep, problem.scored_model(keep), {"finetuned": False})
     done = 0 if evaluator is None else evaluator.used
     log.warning(
         "interrupted during %s after %d/%d evaluations; what exists is saved in %s. Continue with:\n  %s",
@@ -426,6 +502,13 @@ def _finish_partial(
 
 def run_search(s: SearchSettings) -> int:
     """``prune-env search``; returns the exit status (0 done, 130 interrupted)."""
+    splits = preflight(s)
+    with run_directory(s) as rundir:
+        return _run_owned(s, splits, rundir)
+
+
+def _run_owned(s: SearchSettings, splits: Any, rundir: RunDirectory) -> int:
+    """The search job in a run directory this process holds."""
     from tqdm.auto import tqdm
 
     from agents.base import BudgetedEvaluator, run_agent
@@ -433,18 +516,14 @@ def run_search(s: SearchSettings) -> int:
     from prune_env.train import finetune
 
     started = time.perf_counter()
-    splits = preflight(s)
     _, agent_fn = resolve_agent(s.agent)
-    state = _open_run(s)
-    s.out.mkdir(parents=True, exist_ok=True)
     handlers = _setup_logging(s.out)
     timings: dict[str, float] = {}
     problem = evaluator = None
     bar = None
     stage = "base model"
     try:
-        log.info("prune-env search: %s on %s, %s target %g, agent %s, %d evaluations, seed %d", s.model,
-                 s.dataset, s.metric, s.target, s.agent, s.evals, s.seed)  # fmt: skip
+        state, previous = _open_run(s, rundir)
         t0 = time.perf_counter()
         problem = PruningProblem(
             s.model,
@@ -459,6 +538,12 @@ def run_search(s: SearchSettings) -> int:
             progress=s.progress,
         )
         timings["base_seconds"] = time.perf_counter() - t0
+        run_log = RunLog(s.out, state)
+        evaluator = BudgetedEvaluator(problem, s.evals, reward=s.reward, on_evaluation=run_log)
+        # A resumed log is checked against the problem before anything is said or written.
+        evaluator.check_log(previous, str(run_log.csv_path))
+        log.info("prune-env search: %s on %s, %s target %g, agent %s, %d evaluations, seed %d", s.model,
+                 s.dataset, s.metric, s.target, s.agent, s.evals, s.seed)  # fmt: skip
         log.info(
             "base model: %d groups, %s MACs, %s params, proxy accuracy %.4f, test accuracy %s",
             problem.n_groups,
@@ -469,23 +554,23 @@ def run_search(s: SearchSettings) -> int:
         )
 
         stage = "search"
-        bar = tqdm(
+        bar = run_log.bar = tqdm(
             total=s.evals, desc=f"search ({s.agent})", unit="eval", disable=not s.progress, leave=False
         )
-        run_log = RunLog(s.out, state, bar)
-        evaluator = BudgetedEvaluator(problem, s.evals, reward=s.reward, on_evaluation=run_log)
-        previous = read_evaluations(run_log.csv_path) if s.resume else []
-        run_log.rewrite(previous)
+        run_log.start(previous)
+        state["evals_done"] = len(previous)
+        _write_json(s.out / STATE_FILE, state)
+        if len(previous) == s.evals:
+            evaluator.preload(previous)  # the search was complete: straight to the fine-tune
+        elif previous:
+            evaluator.replay(previous)
         if previous:
-            evaluator.preload(previous)
             bar.update(len(previous))
             log.info("resumed: %d evaluations replayed from %s", len(previous), run_log.csv_path)
-        state["evals_done"] = evaluator.used
-        _write_json(s.out / "state.json", state)
         t0 = time.perf_counter()
         if evaluator.remaining > 0:
-            # A fresh seed per restart, so a resumed agent does not re-propose what it already spent.
-            run_agent(agent_fn, evaluator, seed=s.seed + evaluator.used, **_agent_settings(agent_fn, s))
+            # The same seed as the interrupted run: the agent retraces the logged evaluations, then goes on.
+            run_agent(agent_fn, evaluator, seed=s.seed, **_agent_settings(agent_fn, s))
         timings["search_seconds"] = time.perf_counter() - t0
         bar.close()
         if evaluator.best is None:
@@ -503,8 +588,10 @@ def run_search(s: SearchSettings) -> int:
         stage = "fine-tune"
         keep = np.asarray(outcome.keep, dtype=np.int64)
         t0 = time.perf_counter()
+        # Fine-tuning starts from the model as the proxy scored it (BatchNorm recalibrated): with zero
+        # epochs that is what is saved, never the pruned model with the base model's stale statistics.
         tuned, metrics = finetune(
-            problem.build(keep),
+            problem.scored_model(keep),
             problem.base_model,
             problem.splits,
             s.finetune_epochs,
@@ -515,7 +602,7 @@ def run_search(s: SearchSettings) -> int:
         timings["finetune_seconds"] = time.perf_counter() - t0
         timings["total_seconds"] = time.perf_counter() - started
         state["status"] = "finished"
-        _write_json(s.out / "state.json", state)
+        _write_json(s.out / STATE_FILE, state)
         results = _results(s, problem, evaluator, timings, "finished", metrics)
         _save_model(s, problem, keep, tuned, {"finetuned": True, "test_accuracy": metrics["test_accuracy"]})
         _write_json(s.out / "results.json", results)

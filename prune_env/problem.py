@@ -17,15 +17,60 @@ from torch import nn
 
 from prune_env.data import Splits, as_splits
 from prune_env.device import resolve_device
+from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
 from prune_env.importance import Importance, get_importance
 from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES, FAST_EVAL_SAMPLES, Proxy, ProxyEvaluator
 from prune_env.rewards import Outcome
 from prune_env.spaces import BudgetProjector, keep_to_ratios
 from prune_env.surgery import ModelRebuilder, prune_channels
-from prune_env.train import train_base
+from prune_env.train import check_train_options, train_base
+from prune_env.validation import check_settings
 
 ModelArg = str | nn.Module | Callable[[], nn.Module]
+# The budget when none is given: half the base model's MACs.
+DEFAULT_TARGET = 0.5
+
+
+def check_model_arg(model: Any) -> None:
+    """A zoo name, an ``nn.Module`` or a zero-argument factory (checked before anything is built)."""
+    if isinstance(model, str):
+        from prune_env.models import check_model_name
+
+        check_model_name(model)
+    elif not (isinstance(model, nn.Module) or callable(model)):
+        raise InvalidSettingError(
+            f"model must be a zoo name, an nn.Module or a factory returning one, got {type(model).__name__}"
+        )
+
+
+def check_classifier(model: nn.Module, example: torch.Tensor, num_classes: int) -> None:
+    """The base model must be a float32 classifier of this dataset: one logits tensor per sample.
+
+    Checked once on one example, so a model that returns a dict or tuple, has the wrong number of
+    classes or another floating-point type fails here with the fix, not deep inside a proxy or a loss.
+    """
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if dtypes - {torch.float32}:
+        found = ", ".join(sorted(str(d) for d in dtypes))
+        raise InvalidSettingError(
+            f"the model's floating-point tensors are {found}; prune_env trains and scores in float32: "
+            "pass model.float()"
+        )
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        was_training = model.training
+        out = model.eval()(example)
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise InvalidSettingError(
+            f"the model returns {type(out).__name__}; prune_env needs a classifier returning one logits "
+            "tensor (wrap the model so its forward returns the logits)"
+        )
+    if tuple(out.shape) != (example.shape[0], num_classes):
+        raise InvalidSettingError(
+            f"the model maps one input of shape {tuple(example.shape[1:])} to an output of shape "
+            f"{tuple(out.shape[1:])}; the dataset has {num_classes} classes, so it must be ({num_classes},)"
+        )
 
 
 class PruningProblem:
@@ -69,30 +114,64 @@ class PruningProblem:
         train_kwargs: Mapping[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
-        if target_macs is not None and target_params is not None:
-            raise ValueError("give target_macs or target_params, not both")
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+        # Everything is checked before the data is loaded or a model trained.
+        settings = check_settings(
+            {
+                "target_macs": target_macs,
+                "target_params": target_params,
+                "max_ratio": max_ratio,
+                "round_to": round_to,
+                "fill_budget": fill_budget,
+                "eval_samples": eval_samples,
+                "bn_recalib_batches": bn_recalib_batches,
+                "finetune_steps": finetune_steps,
+                "seed": seed,
+                "progress": progress,
+            }
+        )
+        check_model_arg(model)
+        if proxy is not None:
+            if not isinstance(proxy, Proxy):
+                raise InvalidSettingError(
+                    f"proxy must be a prune_env.proxy.Proxy, got {type(proxy).__name__}"
+                )
+            proxy_settings = {
+                "eval_samples": (eval_samples, FAST_EVAL_SAMPLES),
+                "bn_recalib_batches": (bn_recalib_batches, DEFAULT_BN_RECALIB_BATCHES),
+                "finetune_steps": (finetune_steps, 0),
+            }
+            ignored = sorted(name for name, (value, default) in proxy_settings.items() if value != default)
+            if ignored:
+                raise InvalidSettingError(
+                    f"{', '.join(ignored)} would be ignored: a given proxy scores with its own settings; "
+                    "set them on the proxy instead"
+                )
+        check_train_options(train_kwargs or {})
+        score = get_importance(importance, seed)
         self.metric = "params" if target_params is not None else "macs"
-        self.target = float(target_params if target_params is not None else (target_macs or 0.5))
+        given = settings["target_params"] if target_params is not None else settings["target_macs"]
+        self.target = DEFAULT_TARGET if given is None else given
         self.device = resolve_device(device)
         self.seed = seed
-        self.max_ratio = max_ratio
+        self.max_ratio = settings["max_ratio"]
         self.round_to = round_to
         self.fill_budget = fill_budget
 
         self.splits = as_splits(dataset, seed=seed)
         self.base_model, self.base_metrics = self._base_model(model, train_kwargs or {}, progress)
         self.example_inputs = self.splits.example_inputs(1).to(self.device)
+        check_classifier(self.base_model, self.example_inputs, self.splits.num_classes)
         self.graph: DependencyGraph = build_graph(self.base_model, self.example_inputs)
         if not self.graph.groups:
-            raise ValueError(f"{type(self.base_model).__name__} has no prunable channel group")
+            raise UnsupportedLayerError(
+                f"{type(self.base_model).__name__} has no prunable channel group (the engine found no "
+                "convolution or linear layer whose output channels it can remove)"
+            )
         self.channels = np.array([g.channels for g in self.graph.groups], dtype=np.int64)
         self.projector = BudgetProjector(
             self.graph.costs, self.channels, metric=self.metric, max_ratio=max_ratio, round_to=round_to
         )
         self.projector.check_target(self.target)
-        score = get_importance(importance, seed)
         # Rank every group's units once: a pruned model is then a function of the kept counts alone,
         # which makes evaluations memoisable and the hot path free of importance computation.
         self.rankings = [
@@ -138,11 +217,16 @@ class PruningProblem:
     # -- policies -----------------------------------------------------------------------------------
     def keep_for(self, ratios: Sequence[float] | np.ndarray, target: float | None = None) -> np.ndarray:
         """Kept units per group for ``ratios`` after budget projection (cost <= target, always)."""
-        r = np.asarray(ratios, dtype=np.float64).reshape(-1)
+        raw = np.asarray(ratios)
+        if raw.dtype.kind not in "fiu":
+            raise InvalidRatiosError(f"ratios must be real numbers, got dtype {raw.dtype}")
+        r = raw.astype(np.float64).reshape(-1)
         if r.shape != (self.n_groups,):
-            raise ValueError(f"expected {self.n_groups} ratios (one per group), got shape {np.shape(ratios)}")
+            raise InvalidRatiosError(
+                f"expected {self.n_groups} ratios (one per group), got shape {np.shape(ratios)}"
+            )
         if not np.all(np.isfinite(r)):
-            raise ValueError("ratios contain NaN or inf")
+            raise InvalidRatiosError("ratios contain NaN or inf")
         return self.projector.project(r, self.target if target is None else target, fill=self.fill_budget)
 
     def ratios_for(self, keep: np.ndarray) -> np.ndarray:
@@ -169,6 +253,16 @@ class PruningProblem:
         if self._rebuilder is None:
             self._rebuilder = ModelRebuilder(self.base_model, self.graph)
         return self._rebuilder.rebuild(self._units(keep))
+
+    def scored_model(self, keep: np.ndarray) -> nn.Module:
+        """The pruned model exactly as the proxy scored it (BatchNorm recalibrated, distilled if the
+        proxy distils): what a run saves when it is not fine-tuned, and where a fine-tune starts."""
+        return self.proxy.prepare(self.build(keep))
+
+    def remember(self, keep: Sequence[int] | np.ndarray, accuracy: float, loss: float) -> None:
+        """Record the proxy's result for ``keep`` obtained earlier (a resumed run's log), so scoring that
+        policy again costs no proxy evaluation. The proxy is deterministic, so the result is the same."""
+        self._results[tuple(int(k) for k in keep)] = {"accuracy": float(accuracy), "loss": float(loss)}
 
     def _units(self, keep: np.ndarray) -> list[np.ndarray]:
         keep = np.asarray(keep, dtype=np.int64)

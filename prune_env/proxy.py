@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from prune_env.data import Splits, take
 from prune_env.device import on_device, resolve_device, seed_generators
 from prune_env.train import EVAL_BATCH_SIZE, kd_loss
+from prune_env.validation import check_settings
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -77,6 +78,11 @@ class Proxy(ABC):
         """Like :meth:`evaluate` for a model the caller hands over and will not use again, so the proxy
         may modify it instead of copying it first (a pruned model built only to be scored)."""
         return self.evaluate(model, key)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` in the state this proxy scores it (after any recalibration or
+        distillation the proxy applies before measuring); ``model`` itself is not modified."""
+        return copy.deepcopy(model)
 
 
 _MODULE_TRAIN = nn.Module.train
@@ -186,8 +192,14 @@ class ProxyEvaluator(Proxy):
         device: str | torch.device | None = None,
     ) -> None:
         self.keeps_models = False
-        if bn_recalib_batches < 0 or finetune_steps < 0:
-            raise ValueError("bn_recalib_batches and finetune_steps must be >= 0")
+        check_settings(
+            {
+                "eval_samples": eval_samples,
+                "bn_recalib_batches": bn_recalib_batches,
+                "finetune_steps": finetune_steps,
+                "seed": seed,
+            }
+        )
         self.eval_samples = eval_samples
         self.bn_recalib_batches = bn_recalib_batches
         self.finetune_steps = finetune_steps
@@ -255,9 +267,25 @@ class ProxyEvaluator(Proxy):
         start = time.perf_counter()
         # BN recalibration and fine-tuning modify the model: copy it unless the caller handed it over.
         candidate = model if owned else copy.deepcopy(model)
+        modules = self._adapt(candidate)
+        result = self._metrics(self._logits(candidate, modules))
+        result["eval_seconds"] = time.perf_counter() - start
+        result["memo_hit"] = 0.0
+        if key is not None:
+            self._memo[key] = dict(result)
+        return result
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        candidate = copy.deepcopy(model)
+        self._adapt(candidate)
+        return candidate.eval()
+
+    def _adapt(self, candidate: nn.Module) -> list[nn.Module]:
+        """Recalibrate (and distil) ``candidate`` in place, seeded identically for every candidate;
+        returns its module list, walked once for all the steps of an evaluation."""
         if not on_device(candidate, self.device):
-            candidate = candidate.to(self.device)
-        modules = list(candidate.modules())  # one walk of the tree for all the steps below
+            candidate.to(self.device)
+        modules = list(candidate.modules())
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             seed_generators(self.seed, self.device)
             recalibrate_batchnorm(candidate, self._recalib_batches, modules)
@@ -265,12 +293,7 @@ class ProxyEvaluator(Proxy):
                 self._distill(candidate)
                 if self.recalibrate_after_finetune:
                     recalibrate_batchnorm(candidate, self._recalib_batches, modules)
-        result = self._metrics(self._logits(candidate, modules))
-        result["eval_seconds"] = time.perf_counter() - start
-        result["memo_hit"] = 0.0
-        if key is not None:
-            self._memo[key] = dict(result)
-        return result
+        return modules
 
     def _distill(self, student: nn.Module) -> None:
         optimizer = torch.optim.SGD(student.parameters(), lr=self.finetune_lr, momentum=0.9)

@@ -8,13 +8,14 @@ the whole reward at the end of the episode).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from prune_env.errors import UnknownNameError
+from prune_env.errors import RewardError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -154,13 +155,27 @@ def get_reward(reward: str | RewardFn) -> RewardFn:
     raise UnknownNameError(f"unknown reward {reward!r}; presets: {', '.join(PRESETS)} (or pass a callable)")
 
 
+def checked_reward(value: Any, source: Callable[..., Any]) -> float:
+    """``value`` as a float if it is a finite real number (Python, numpy or a one-element tensor).
+
+    A string, a bool, None, a complex number or NaN/inf from a user's reward or shaping function raises
+    :class:`RewardError` naming the function: never converted, never passed on to an agent.
+    """
+    if (isinstance(value, np.ndarray) and value.shape == ()) or (
+        hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1
+    ):
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise RewardError(
+            f"reward function {source!r} returned {value!r} ({type(value).__name__}); it must return a "
+            "finite real number"
+        )
+    result = float(value)
+    if not math.isfinite(result):
+        raise RewardError(f"reward function {source!r} returned {result}; it must return a finite number")
+    return result
+
+
 def evaluate_reward(reward: RewardFn, outcome: Outcome) -> float:
-    """Call ``reward`` and insist on a finite number, naming the reward when it is not."""
-    value = reward(outcome)
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"reward {reward!r} returned {type(value).__name__}, expected a number") from exc
-    if not math.isfinite(value):
-        raise ValueError(f"reward {reward!r} returned {value} for {outcome}")
-    return value
+    """Call ``reward`` and insist on a finite real number, naming the reward when it is not."""
+    return checked_reward(reward(outcome), reward)

@@ -11,23 +11,28 @@ from collections.abc import Sequence
 import numpy as np
 
 from prune_env.costs import CostModel
-from prune_env.errors import InvalidRatiosError
+from prune_env.errors import InvalidActionError, InvalidRatiosError, InvalidSettingError
 from prune_env.graph import unit_count_to_keep
 from prune_env.graph import units_to_keep as keep_counts
+from prune_env.validation import check_settings, fraction
 
 
 def action_to_ratio(action: np.ndarray, max_ratio: float, expected_shape: tuple[int, ...]) -> np.ndarray:
     """Map actions in [-1, 1] affinely to ratios in [0, max_ratio]; values outside are clipped.
 
-    NaN/inf or a wrong shape raise ``ValueError`` naming the problem (never a silent wrong answer).
+    NaN/inf, a wrong shape or a non-real dtype (complex, bool, strings, objects) raise
+    :class:`InvalidActionError` naming the problem (never a silent wrong answer).
     """
-    a = np.asarray(action, dtype=np.float64)
+    raw = np.asarray(action)
+    if raw.dtype.kind not in "fiu":  # complex would lose its imaginary part, bools and strings mean nothing
+        raise InvalidActionError(f"action must hold real numbers, got dtype {raw.dtype} ({action!r})")
+    a = raw.astype(np.float64)
     if a.shape != expected_shape and a.size == int(np.prod(expected_shape)) and a.ndim <= 1:
         a = a.reshape(expected_shape)  # a scalar for a (1,) space, or a flat list
     if a.shape != expected_shape:
-        raise ValueError(f"action has shape {a.shape}, expected {expected_shape}")
+        raise InvalidActionError(f"action has shape {a.shape}, expected {expected_shape}")
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"action contains non-finite values (NaN or inf): {a[~np.isfinite(a)][:4]}")
+        raise InvalidActionError(f"action contains non-finite values (NaN or inf): {a[~np.isfinite(a)][:4]}")
     return (np.clip(a, -1.0, 1.0) + 1.0) / 2.0 * max_ratio
 
 
@@ -57,10 +62,7 @@ class BudgetProjector:
         max_ratio: float = 0.8,
         round_to: int = 1,
     ) -> None:
-        if metric not in ("macs", "params"):
-            raise ValueError(f"metric must be 'macs' or 'params', got {metric!r}")
-        if not 0.0 < max_ratio <= 1.0:
-            raise ValueError(f"max_ratio must lie in (0, 1], got {max_ratio}")
+        check_settings({"metric": metric, "max_ratio": max_ratio, "round_to": round_to})
         self.costs = costs
         self.channels = np.asarray(channels, dtype=np.int64)
         self.metric = metric
@@ -73,10 +75,9 @@ class BudgetProjector:
         self.min_cost_ratio = self._exact(self.min_keep) / self.base_cost
 
     def check_target(self, target: float) -> None:
-        if not 0.0 < target <= 1.0:
-            raise ValueError(f"target must be a fraction of the base {self.metric} in (0, 1], got {target}")
+        fraction(f"target {self.metric}", target)
         if target < self.min_cost_ratio:
-            raise ValueError(
+            raise InvalidSettingError(
                 f"target {self.metric} {target:.3f} is impossible: pruning every group by max_ratio="
                 f"{self.max_ratio} still leaves {self.min_cost_ratio:.3f}; raise max_ratio or the target"
             )

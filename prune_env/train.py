@@ -17,7 +17,8 @@ import re
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from tqdm.auto import tqdm
 
 from prune_env.data import Splits, as_splits, iterate_batches, take
 from prune_env.device import resolve_device
+from prune_env.errors import InvalidSettingError
 from prune_env.models import ModelSpec, get_model, model_name
+from prune_env.validation import as_int, as_real
 
 CACHE_ENV = "PRUNE_ENV_CACHE"
 CACHE_FORMAT = 1
@@ -309,11 +312,31 @@ def _initial_model(model: ModelSpec, splits: Splits, seed: int) -> tuple[nn.Modu
     return net, arch
 
 
-def _config_for(splits: Splits, overrides: dict[str, Any]) -> TrainConfig:
-    base = RECIPES.get(splits.name, TrainConfig())
-    unknown = set(overrides) - set(asdict(base))
+# Options of train_base beyond TrainConfig's fields that PruningProblem's ``train_kwargs`` may set.
+_TRAIN_BASE_OPTIONS = ("cache", "use_cache")
+
+
+def check_train_options(options: Mapping[str, Any]) -> None:
+    """Refuse unknown keys and out-of-range values of ``train_base`` options before any training."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(options) - known - set(_TRAIN_BASE_OPTIONS)
     if unknown:
-        raise TypeError(f"unknown training options {sorted(unknown)}; valid: {sorted(asdict(base))}")
+        raise InvalidSettingError(
+            f"unknown training options {sorted(unknown)}; valid: {sorted(known | set(_TRAIN_BASE_OPTIONS))}"
+        )
+    for name in ("epochs", "batch_size"):
+        value = options.get(name)
+        if value is not None and as_int(name, value) < (0 if name == "epochs" else 1):
+            raise InvalidSettingError(f"{name} must be >= {0 if name == 'epochs' else 1}, got {value!r}")
+    for name in ("lr", "weight_decay", "momentum", "label_smoothing"):
+        value = options.get(name)
+        if value is not None and as_real(name, value) < 0:
+            raise InvalidSettingError(f"{name} must be >= 0, got {value!r}")
+
+
+def _config_for(splits: Splits, overrides: dict[str, Any]) -> TrainConfig:
+    check_train_options(overrides)
+    base = RECIPES.get(splits.name, TrainConfig())
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -110,8 +110,9 @@ def test_eval_and_export(finished_run: Path, tmp_path: Path, capsys: pytest.Capt
 def test_existing_run_needs_resume(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _search(finished_run, "--evals", "4") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"prune-env: error: {finished_run} already holds a run; add --resume to continue it or "
-                   "choose another --out"]  # fmt: skip
+    assert len(err) == 1
+    assert err[0].startswith(f"prune-env: error: {finished_run} already holds a run (state.json, ")
+    assert err[0].endswith("add --resume to continue it or choose another --out")
 
 
 def test_resume_continues_where_it_stopped(
@@ -126,7 +127,7 @@ def test_resume_continues_where_it_stopped(
     assert len(rows) == 4
     assert rows[:2] == first  # replayed, not re-run or rewritten
     assert [int(r["index"]) for r in rows] == [0, 1, 2, 3]
-    assert rows[2]["keep"] != rows[0]["keep"]  # the restarted agent is seeded anew, not repeating itself
+    assert rows[2]["keep"] != rows[0]["keep"]  # the resumed agent goes on, it does not repeat itself
     results = json.loads((out / "results.json").read_text())
     assert results["evals_done"] == 4
     assert results["best_reward"] == pytest.approx(max(float(r["reward"]) for r in rows))
@@ -171,13 +172,16 @@ def test_ctrl_c_saves_partial_results_and_resume_finishes(
     assert len(_rows(out)) == 4
 
 
-def test_resume_drops_a_truncated_last_row(cached: Path, tmp_path: Path) -> None:
+def test_resume_drops_a_truncated_last_row_and_keeps_the_file_aside(cached: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert _search(out, "--evals", "2", "--finetune-epochs", "0") == 0
     with (out / "evaluations.csv").open("a") as fh:
         fh.write("2,0.5,0.5")  # what a hard kill mid-write leaves behind
+    before = (out / "evaluations.csv").read_bytes()
     assert _search(out, "--evals", "3", "--finetune-epochs", "0", "--resume") == 0
-    assert len(_rows(out)) == 3
+    assert [int(r["index"]) for r in _rows(out)] == [0, 1, 2]
+    (aside,) = out.glob("evaluations.csv.*.orig")
+    assert aside.read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -188,7 +192,7 @@ def test_resume_drops_a_truncated_last_row(cached: Path, tmp_path: Path) -> None
         (["--dataset", "mnist3"], "unknown dataset 'mnist3'"),
         (["--target-macs", "0.001"], "is impossible"),
         (["--target-params", "1.5"], "in (0, 1]"),
-        (["--evals", "0"], "--evals must be at least 1"),
+        (["--evals", "0"], "--evals must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_arguments_fail_in_one_line(

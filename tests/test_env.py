@@ -92,7 +92,7 @@ def test_budget_holds_for_any_actions(data: st.DataObject, problem: PruningProbl
     extreme = st.sampled_from([-1e6, -1.0, 1.0, 1e6])
     value = st.one_of(st.floats(-3, 3), extreme)
     ratios_action = np.array(data.draw(st.lists(value, min_size=problem.n_groups, max_size=problem.n_groups)))
-    oneshot = OneShotPruneEnv(problem=problem, **FAST)
+    oneshot = OneShotPruneEnv(problem=problem)
     oneshot.reset(seed=0, options={"target": target})
     _, _, terminated, _, info = oneshot.step(ratios_action.astype(np.float32))
     assert terminated and info["macs_ratio"] <= target * (1 + 1e-9)
@@ -100,7 +100,7 @@ def test_budget_holds_for_any_actions(data: st.DataObject, problem: PruningProbl
     measured = prune_env.count_macs(model, problem.example_inputs)
     assert measured == info["macs"] <= target * problem.graph.base_macs
 
-    layer = LayerPruneEnv(problem=problem, **FAST)
+    layer = LayerPruneEnv(problem=problem)
     layer.reset(seed=0, options={"target": target})
     for a in ratios_action:
         _, _, terminated, _, info = layer.step(np.array([a], dtype=np.float32))
@@ -132,11 +132,11 @@ def test_fill_budget_spends_the_budget_without_exceeding_it(
 
 
 def test_a_policy_that_prunes_too_little_is_pushed_to_the_target(problem: PruningProblem) -> None:
-    env = OneShotPruneEnv(problem=problem, **FAST)
+    env = OneShotPruneEnv(problem=problem)
     env.reset(seed=0)
     _, _, _, _, info = env.step(-np.ones(problem.n_groups, dtype=np.float32))  # "prune nothing"
     assert 0.45 <= info["macs_ratio"] <= 0.5  # pushed all the way to (just under) the 0.5 target
-    layer = LayerPruneEnv(problem=problem, **FAST)
+    layer = LayerPruneEnv(problem=problem)
     layer.reset(seed=0)
     for _ in range(problem.n_groups):
         _, _, done, _, info = layer.step(np.array([-1.0], dtype=np.float32))
@@ -158,7 +158,7 @@ def test_custom_reward_is_used_exactly(problem: PruningProblem) -> None:
         seen.append(outcome)
         return 123.0 + outcome.accuracy
 
-    env = OneShotPruneEnv(problem=problem, reward=reward, **FAST)
+    env = OneShotPruneEnv(problem=problem, reward=reward)
     env.reset(seed=0)
     _, r, _, _, info = env.step(np.zeros(problem.n_groups, dtype=np.float32))
     assert len(seen) == 1 and r == 123.0 + seen[0].accuracy == 123.0 + info["accuracy"]
@@ -172,8 +172,8 @@ def test_reward_shaping_is_opt_in(problem: PruningProblem) -> None:
         def shape(self, step: StepInfo) -> float:
             return -step.ratio
 
-    plain = LayerPruneEnv(problem=problem, **FAST)
-    shaped = LayerPruneEnv(problem=problem, reward=Shaped(), **FAST)
+    plain = LayerPruneEnv(problem=problem)
+    shaped = LayerPruneEnv(problem=problem, reward=Shaped())
     for env, expect_zero in ((plain, True), (shaped, False)):
         env.reset(seed=0)
         _, r, _, _, info = env.step(np.array([0.5], dtype=np.float32))
@@ -184,7 +184,7 @@ def test_reward_shaping_is_opt_in(problem: PruningProblem) -> None:
 
 @pytest.mark.parametrize("preset", ["acc", "acc_log_macs", "mnas", "hard", "lagrangian"])
 def test_reward_presets(preset: str, problem: PruningProblem) -> None:
-    env = OneShotPruneEnv(problem=problem, reward=preset, **FAST)
+    env = OneShotPruneEnv(problem=problem, reward=preset)
     env.reset(seed=0)
     _, r, _, _, info = env.step(np.zeros(problem.n_groups, dtype=np.float32))
     assert isinstance(r, float) and np.isfinite(r)
@@ -193,13 +193,13 @@ def test_reward_presets(preset: str, problem: PruningProblem) -> None:
 
 
 def test_bad_actions_raise_value_error(problem: PruningProblem) -> None:
-    env = OneShotPruneEnv(problem=problem, **FAST)
+    env = OneShotPruneEnv(problem=problem)
     env.reset(seed=0)
     with pytest.raises(ValueError, match="non-finite"):
         env.step(np.full(problem.n_groups, np.nan, dtype=np.float32))
     with pytest.raises(ValueError, match="shape"):
         env.step(np.zeros(problem.n_groups + 1, dtype=np.float32))
-    layer = LayerPruneEnv(problem=problem, **FAST)
+    layer = LayerPruneEnv(problem=problem)
     layer.reset(seed=0)
     with pytest.raises(ValueError, match="non-finite"):
         layer.step(np.array([np.inf], dtype=np.float32))
@@ -229,7 +229,7 @@ def test_wrong_kwargs_give_clear_errors(base: nn.Module, digits: Any, problem: P
 
 
 def test_budget_range_is_sampled_and_observed(problem: PruningProblem) -> None:
-    env = OneShotPruneEnv(problem=problem, budget_range=(0.3, 0.7), **FAST)
+    env = OneShotPruneEnv(problem=problem, budget_range=(0.3, 0.7))
     targets = {round(env.reset(seed=s)[1]["target"], 6) for s in range(6)}
     assert len(targets) == 6 and all(0.3 <= t <= 0.7 for t in targets)
     obs, info = env.reset(seed=1)
@@ -240,7 +240,7 @@ def test_layer_observation_reports_the_costs_of_the_decisions_so_far(problem: Pr
     """Every step's observation: the current group's static features, then MACs removed so far (later
     groups whole), MACs still removable (later groups down to their minimum), previous ratio, target —
     recomputed here from the cost model, independently of the environment's bookkeeping."""
-    env = LayerPruneEnv(problem=problem, **FAST)
+    env = LayerPruneEnv(problem=problem)
     obs, _ = env.reset(seed=0)
     rng = np.random.default_rng(3)
     costs, base = problem.graph.costs, problem.graph.base_macs
@@ -265,7 +265,7 @@ def test_layer_observation_reports_the_costs_of_the_decisions_so_far(problem: Pr
 
 
 def test_render_ansi(problem: PruningProblem) -> None:
-    env = LayerPruneEnv(problem=problem, render_mode="ansi", **FAST)
+    env = LayerPruneEnv(problem=problem, render_mode="ansi")
     env.reset(seed=0)
     for _ in range(problem.n_groups):
         env.step(np.array([0.0], dtype=np.float32))
@@ -348,7 +348,7 @@ def test_a_proxy_that_keeps_models_gets_fresh_ones(base: nn.Module, digits: Any)
             return {"accuracy": 0.5, "loss": 1.0}
 
     proxy = Hoarder()
-    problem = PruningProblem(base, digits, target_macs=0.5, proxy=proxy, **FAST)
+    problem = PruningProblem(base, digits, target_macs=0.5, proxy=proxy)
     problem.evaluate(np.full(problem.n_groups, 0.2))
     problem.evaluate(np.full(problem.n_groups, 0.6))
     assert len({id(m) for m in proxy.seen}) == len(proxy.seen) == 3  # the base model + two fresh builds

@@ -6,7 +6,7 @@ import torch.fx
 from torch import nn
 
 import prune_env
-from prune_env.errors import PruneEnvError, UnknownNameError
+from prune_env.errors import InvalidSettingError, PruneEnvError, UnknownNameError
 from prune_env.models import available_models, get_model, register_model
 
 SMALL = ["tiny", "resnet20", "resnet32", "resnet44", "resnet56", "vgg11", "mobilenetv2"]
@@ -85,7 +85,7 @@ def test_get_model_accepts_modules_and_factories() -> None:
     assert get_model(module) is module
     built = get_model(lambda: nn.Linear(2, 2))
     assert isinstance(built, nn.Linear)
-    with pytest.raises(TypeError, match=r"not an nn\.Module"):
+    with pytest.raises(InvalidSettingError, match=r"not an nn\.Module"):
         get_model(lambda: 3)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import prune_env
 from prune_env.data import Splits
+from prune_env.errors import InvalidSettingError
 from prune_env.train import checkpoint_path, evaluate, finetune, train_base
 
 FAST = {"epochs": 1, "progress": False}  # a tiny model for one epoch: tests of caching, not of accuracy
@@ -97,7 +98,7 @@ def test_training_is_deterministic_for_a_seed(digits: Splits) -> None:
 
 
 def test_unknown_training_option(digits: Splits, tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="unknown training options"):
+    with pytest.raises(InvalidSettingError, match="unknown training options"):
         checkpoint_path("tiny", digits, cache=tmp_path, epoch=3)
 
 

@@ -11,7 +11,7 @@ from functools import partial
 
 from torch import nn
 
-from prune_env.errors import UnknownNameError
+from prune_env.errors import InvalidSettingError, UnknownNameError
 from prune_env.models.cifar_resnet import CifarResNet, resnet
 from prune_env.models.mobilenetv2 import MobileNetV2, mobilenetv2
 from prune_env.models.tiny import TinyCNN
@@ -35,7 +35,9 @@ _REGISTRY: dict[str, ModelFactory] = {
 def register_model(name: str, factory: ModelFactory) -> None:
     """Make ``get_model(name, num_classes, in_channels)`` call ``factory(num_classes, in_channels)``."""
     if name.startswith(TORCHVISION_PREFIX):
-        raise ValueError(f"names starting with {TORCHVISION_PREFIX!r} are reserved for torchvision models")
+        raise InvalidSettingError(
+            f"names starting with {TORCHVISION_PREFIX!r} are reserved for torchvision models"
+        )
     _REGISTRY[name] = factory
 
 
@@ -55,20 +57,34 @@ def get_model(model: ModelSpec, num_classes: int = 10, in_channels: int = 3) -> 
     if callable(model):
         built = model()
         if not isinstance(built, nn.Module):
-            raise TypeError(f"model factory {model!r} returned {type(built).__name__}, not an nn.Module")
+            raise InvalidSettingError(
+                f"model factory {model!r} returned {type(built).__name__}, not an nn.Module"
+            )
         return built
     if not isinstance(model, str):
-        raise TypeError(f"model must be a name, an nn.Module or a factory, got {type(model).__name__}")
+        raise InvalidSettingError(
+            f"model must be a name, an nn.Module or a factory, got {type(model).__name__}"
+        )
+    check_model_name(model)
     if model.startswith(TORCHVISION_PREFIX):
         return torchvision_model(model[len(TORCHVISION_PREFIX) :], num_classes, in_channels)
-    try:
-        factory = _REGISTRY[model]
-    except KeyError:
+    return _REGISTRY[model](num_classes, in_channels)
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`UnknownNameError` listing the known names unless ``name`` can be built."""
+    if name.startswith(TORCHVISION_PREFIX):
+        tv_name = name[len(TORCHVISION_PREFIX) :]
+        if tv_name not in torchvision_names():
+            raise UnknownNameError(
+                f"unknown torchvision model {tv_name!r}; use 'tv:NAME' with NAME one of: "
+                + ", ".join(torchvision_names())
+            )
+    elif name not in _REGISTRY:
         raise UnknownNameError(
-            f"unknown model {model!r}; known models: {', '.join(available_models())}, "
+            f"unknown model {name!r}; known models: {', '.join(available_models())}, "
             f"or 'tv:NAME' for a torchvision model (e.g. 'tv:resnet18'), or pass your own nn.Module"
-        ) from None
-    return factory(num_classes, in_channels)
+        )
 
 
 def model_name(model: ModelSpec) -> str:
@@ -88,6 +104,7 @@ __all__ = [
     "ModelSpec",
     "TinyCNN",
     "available_models",
+    "check_model_name",
     "get_model",
     "model_name",
     "register_model",

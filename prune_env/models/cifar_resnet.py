@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prune_env.errors import InvalidSettingError
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
@@ -47,7 +49,7 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
-            raise ValueError(
+            raise InvalidSettingError(
                 f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110), got {depth}"
             )
         n = (depth - 2) // 6

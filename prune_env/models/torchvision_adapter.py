@@ -11,7 +11,7 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
-from prune_env.errors import UnknownNameError
+from prune_env.errors import UnknownNameError, UnsupportedLayerError
 
 
 def torchvision_names() -> list[str]:
@@ -37,7 +37,7 @@ def _replace_stem(model: nn.Module, in_channels: int) -> None:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, new)
             return
-    raise ValueError(
+    raise UnsupportedLayerError(
         f"{type(model).__name__}: no 3-channel input convolution found to adapt to {in_channels} channels"
     )
 

@@ -20,7 +20,8 @@ from functools import partial
 
 import numpy as np
 
-from agents.base import BudgetedEvaluator, register_agent
+from agents.evaluator import BudgetedEvaluator
+from agents.registry import register_agent
 from prune_env.problem import PruningProblem
 
 
@@ -66,23 +67,12 @@ def _crossover(parents: list[np.ndarray], rng: np.random.Generator) -> np.ndarra
     return np.where(rng.random(len(parents[i])) < 0.5, parents[i], parents[j])
 
 
-@register_agent("evolution")
-def evolution(
-    evaluator: BudgetedEvaluator,
-    rng: np.random.Generator,
-    *,
-    population: int = EvolutionSettings.population,
-    top_k: int = EvolutionSettings.top_k,
-    mutation_prob: float = EvolutionSettings.mutation_prob,
-    mutation_share: float = EvolutionSettings.mutation_share,
-    min_fill: float = EvolutionSettings.min_fill,
-    max_tries: int = EvolutionSettings.max_tries,
-) -> None:
+@register_agent("evolution", EvolutionSettings)
+def evolution(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: EvolutionSettings) -> None:
     """MetaPruning's evolution: population of kept-channel vectors, top-k, mutation, crossover, cache.
 
     See :class:`EvolutionSettings` for the settings.
     """
-    s = EvolutionSettings(population, top_k, mutation_prob, mutation_share, min_fill, max_tries)
     problem = evaluator.problem
     low, high = problem.projector.min_keep, problem.channels
     cache: dict[tuple[int, ...], float] = {}

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.base import BudgetedEvaluator, register_agent
+from agents.evaluator import BudgetedEvaluator
+from agents.registry import register_agent
 from prune_env.problem import PruningProblem
 
 
@@ -121,32 +122,12 @@ def _fit(
         opt.step()
 
 
-@register_agent("predictor")
-def predictor(
-    evaluator: BudgetedEvaluator,
-    rng: np.random.Generator,
-    *,
-    init_fraction: float = PredictorSettings.init_fraction,
-    ensemble: int = PredictorSettings.ensemble,
-    kappa: float = PredictorSettings.kappa,
-    candidates: int = PredictorSettings.candidates,
-    generations: int = PredictorSettings.generations,
-    ascent_steps: int = PredictorSettings.ascent_steps,
-    barrier: float = PredictorSettings.barrier,
-) -> None:
+@register_agent("predictor", PredictorSettings)
+def predictor(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: PredictorSettings) -> None:
     """SeerNet: predictor-guided search (random init, UCB evolution, barrier gradient ascent at the end).
 
-    See :class:`PredictorSettings`; the most useful settings are exposed as keyword arguments.
+    See :class:`PredictorSettings` for the settings.
     """
-    s = PredictorSettings(
-        init_fraction=init_fraction,
-        ensemble=ensemble,
-        kappa=kappa,
-        candidates=candidates,
-        generations=generations,
-        ascent_steps=ascent_steps,
-        barrier=barrier,
-    )
     problem = evaluator.problem
     n, max_ratio = problem.n_groups, problem.max_ratio
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))

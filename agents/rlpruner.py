@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from agents.base import BudgetedEvaluator, BudgetExhausted, register_agent
+from agents.evaluator import BudgetedEvaluator, BudgetExhausted
+from agents.registry import register_agent
 from prune_env.data import iterate_batches
 from prune_env.errors import InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import units_to_keep
@@ -96,27 +97,14 @@ def _round_problem(original: PruningProblem, model: nn.Module, target: float) ->
     )
 
 
-@register_agent("rlpruner")
-def rlpruner(
-    evaluator: BudgetedEvaluator,
-    rng: np.random.Generator,
-    *,
-    samples: int = RLPrunerSettings.samples,
-    sigma: float = RLPrunerSettings.sigma,
-    sigma_decay: float = RLPrunerSettings.sigma_decay,
-    lr: float = RLPrunerSettings.lr,
-    rounds: int = RLPrunerSettings.rounds,
-    kd_steps: int = RLPrunerSettings.kd_steps,
-    kd_lr: float = RLPrunerSettings.kd_lr,
-    kd_batch_size: int = RLPrunerSettings.kd_batch_size,
-) -> None:
+@register_agent("rlpruner", RLPrunerSettings)
+def rlpruner(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: RLPrunerSettings) -> None:
     """RL-Pruner: sample noisy pruning distributions, move the distribution toward the best one.
 
     See :class:`RLPrunerSettings` for the settings. ``rounds > 1`` prunes iteratively with KD in between.
     """
-    s = RLPrunerSettings(samples, sigma, sigma_decay, lr, rounds, kd_steps, kd_lr, kd_batch_size)
     if s.rounds < 1 or s.samples < 1:
-        raise InvalidSettingError(f"rounds and samples must be >= 1, got {rounds} and {samples}")
+        raise InvalidSettingError(f"rounds and samples must be >= 1, got {s.rounds} and {s.samples}")
     original = evaluator.problem
     # Each round removes the same fraction of the remaining cost: target_r = target^(r / rounds).
     targets = [original.target ** ((r + 1) / s.rounds) for r in range(s.rounds)]

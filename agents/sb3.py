@@ -21,7 +21,8 @@ zero intermediate rewards). Actor and critic have two 300-unit hidden layers, le
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
@@ -32,7 +33,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise, NormalActionNoise
 
-from agents.base import BudgetedEvaluator, BudgetExhausted, register_agent
+from agents.evaluator import BudgetedEvaluator, BudgetExhausted
+from agents.registry import register_agent
 from prune_env.env import LayerPruneEnv, OneShotPruneEnv
 from prune_env.errors import InvalidSettingError
 
@@ -278,6 +280,22 @@ ALGOS: dict[str, type[BaseAlgorithm]] = {
 }
 
 
+@dataclass(frozen=True)
+class SB3Settings:
+    """Settings of the Stable-Baselines3 agents.
+
+    ``env``: "oneshot" or "layer" (``None``: the agent's own default, "layer" for AMC, "oneshot" for the
+    others); ``tensorboard_log``: a directory for SB3's TensorBoard logs; ``verbose``: SB3's verbosity;
+    ``learner_kwargs``: constructor arguments of the SB3 algorithm replacing this module's defaults (e.g.
+    ``{"learning_rate": 1e-3, "n_steps": 32}``).
+    """
+
+    env: str | None = None
+    tensorboard_log: str | None = None
+    verbose: int = 0
+    learner_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
 def run_sb3(
     evaluator: BudgetedEvaluator,
     rng: np.random.Generator,
@@ -319,16 +337,22 @@ def run_sb3(
 
 
 def _register(name: str, default_env: str) -> Callable[..., None]:
-    def agent(
-        evaluator: BudgetedEvaluator, rng: np.random.Generator, *, env: str = default_env, **settings: Any
-    ) -> None:
-        run_sb3(evaluator, rng, algo=name, env=env, **settings)
+    def agent(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: SB3Settings) -> None:
+        run_sb3(
+            evaluator,
+            rng,
+            algo=name,
+            env=s.env or default_env,
+            tensorboard_log=s.tensorboard_log,
+            verbose=s.verbose,
+            **dict(s.learner_kwargs),
+        )
 
     agent.__name__ = name
     agent.__doc__ = (
-        f"Stable-Baselines3 {name.upper()} on the {default_env!r} environment (see :func:`run_sb3`)."
+        f"Stable-Baselines3 {name.upper()} on the {default_env!r} environment (see :class:`SB3Settings`)."
     )
-    return register_agent(name)(agent)
+    return register_agent(name, SB3Settings)(agent)
 
 
 for _name in ("ppo", "a2c", "sac", "td3", "ddpg"):

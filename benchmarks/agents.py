@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
-from agents import AGENTS, search  # noqa: E402
+from agents import available, search  # noqa: E402
 from prune_env.data import load  # noqa: E402
 from prune_env.problem import PruningProblem  # noqa: E402
 from prune_env.train import finetune, train_base  # noqa: E402
@@ -73,7 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="fine-tune on a fixed, seeded subset of train this size (the same subset for every agent)",
     )
-    parser.add_argument("--agents", nargs="+", default=sorted(AGENTS), choices=sorted(AGENTS))
+    parser.add_argument("--agents", nargs="+", default=available(), choices=available())
     parser.add_argument("--eval-samples", type=int, default=1000, help="validation samples of the proxy")
     parser.add_argument("--bn-recalib-batches", type=int, default=8)
     parser.add_argument(

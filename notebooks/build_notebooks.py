@@ -235,14 +235,13 @@ import gymnasium as gym
 import matplotlib.pyplot as plt
 import numpy as np
 
-from agents.base import BudgetedEvaluator, run_agent
-from prune_env.benchmark import available_agents
+from agents import BudgetedEvaluator, available, run_agent
 from prune_env.problem import PruningProblem
 
 {SMOKE_LINE}
 EVALS = 4 if SMOKE else 150
 PROXY = dict(eval_samples=96, bn_recalib_batches=1) if SMOKE else {{}}
-AGENT = "evolution" if "evolution" in available_agents() else "random"
+AGENT = "evolution" if "evolution" in available() else "random"
 print("search:", AGENT)
 """
         ),
@@ -500,7 +499,7 @@ def benchmark_agents() -> list[nbformat.NotebookNode]:
             f"""
 # 4 · Benchmark search agents
 
-`prune_env.benchmark.run` runs every agent × seed on every (model, dataset, target), each with the same
+`prune_env.app.benchmark.run` runs every agent × seed on every (model, dataset, target), each with the same
 evaluation budget on one shared `PruningProblem` (same base model, same proxy), optionally fine-tunes
 each run's best pruned model identically and scores it on the test split, and saves tidy results:
 `runs.csv` (one row per run), `evaluations.csv` (one row per evaluation) and `runs.json`. Rows are
@@ -525,10 +524,11 @@ At full size expect tens of minutes on a laptop CPU, most of it in the RL agents
 import os
 from pathlib import Path
 
-from prune_env import benchmark
+import agents
+from prune_env.app import benchmark
 
 {SMOKE_LINE}
-AGENTS = benchmark.available_agents()
+AGENTS = agents.available()
 if SMOKE:
     AGENTS = [a for a in ("uniform", "random", "evolution") if a in AGENTS]
 TARGETS = (0.5,) if SMOKE else (0.3, 0.5)

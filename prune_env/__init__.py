@@ -1,27 +1,95 @@
-"""prune_env: structured pruning of neural networks as a Gymnasium reinforcement-learning problem."""
+"""prune_env: structured pruning of neural networks as a Gymnasium reinforcement-learning problem.
+
+The public names below are loaded on first use (PEP 562), so ``import prune_env`` costs little more than
+registering the environments, and a command's ``--help`` answers before torch is imported.
+"""
 
 from __future__ import annotations
 
-from prune_env.checkpoint import load_pruned
-from prune_env.costs import count_macs, count_params
-from prune_env.errors import (
-    CheckpointError,
-    DatasetNotFoundError,
-    InvalidActionError,
-    InvalidRatiosError,
-    InvalidSettingError,
-    PruneEnvError,
-    ResumeError,
-    RewardError,
-    RunDirectoryError,
-    UnknownNameError,
-    UnsupportedLayerError,
-    UntraceableModelError,
-)
-from prune_env.graph import ChannelGroup, DependencyGraph, Member, build_graph
-from prune_env.surgery import ModelRebuilder, prune, prune_channels, zero_units
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "ChannelGroup": "prune_env.graph",
+    "DependencyGraph": "prune_env.graph",
+    "Member": "prune_env.graph",
+    "build_graph": "prune_env.graph",
+    "prune": "prune_env.surgery",
+    "prune_channels": "prune_env.surgery",
+    "count_macs": "prune_env.costs",
+    "count_params": "prune_env.costs",
+    "load_pruned": "prune_env.checkpoint",
+    "save_pruned": "prune_env.checkpoint",
+    "ProblemSettings": "prune_env.settings",
+    "PruningProblem": "prune_env.problem",
+    "LayerPruneEnv": "prune_env.env",
+    "OneShotPruneEnv": "prune_env.env",
+    "Outcome": "prune_env.rewards",
+    "Proxy": "prune_env.proxy",
+    "ProxyEvaluator": "prune_env.proxy",
+    "Splits": "prune_env.data",
+    **{
+        name: "prune_env.errors"
+        for name in (
+            "CheckpointError",
+            "DatasetError",
+            "DatasetNotFoundError",
+            "InvalidActionError",
+            "InvalidRatiosError",
+            "InvalidSettingError",
+            "PruneEnvError",
+            "ResumeError",
+            "RewardError",
+            "RunDirectoryError",
+            "UnknownNameError",
+            "UnsupportedLayerError",
+            "UntraceableModelError",
+        )
+    },
+}
+
+if TYPE_CHECKING:
+    from prune_env.checkpoint import load_pruned, save_pruned
+    from prune_env.costs import count_macs, count_params
+    from prune_env.data import Splits
+    from prune_env.env import LayerPruneEnv, OneShotPruneEnv
+    from prune_env.errors import (
+        CheckpointError,
+        DatasetError,
+        DatasetNotFoundError,
+        InvalidActionError,
+        InvalidRatiosError,
+        InvalidSettingError,
+        PruneEnvError,
+        ResumeError,
+        RewardError,
+        RunDirectoryError,
+        UnknownNameError,
+        UnsupportedLayerError,
+        UntraceableModelError,
+    )
+    from prune_env.graph import ChannelGroup, DependencyGraph, Member, build_graph
+    from prune_env.problem import PruningProblem
+    from prune_env.proxy import Proxy, ProxyEvaluator
+    from prune_env.rewards import Outcome
+    from prune_env.settings import ProblemSettings
+    from prune_env.surgery import prune, prune_channels
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prune_env' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 def _register_envs() -> None:
@@ -40,17 +108,25 @@ _register_envs()
 __all__ = [
     "ChannelGroup",
     "CheckpointError",
+    "DatasetError",
     "DatasetNotFoundError",
     "DependencyGraph",
     "InvalidActionError",
     "InvalidRatiosError",
     "InvalidSettingError",
+    "LayerPruneEnv",
     "Member",
-    "ModelRebuilder",
+    "OneShotPruneEnv",
+    "Outcome",
+    "ProblemSettings",
+    "Proxy",
+    "ProxyEvaluator",
     "PruneEnvError",
+    "PruningProblem",
     "ResumeError",
     "RewardError",
     "RunDirectoryError",
+    "Splits",
     "UnknownNameError",
     "UnsupportedLayerError",
     "UntraceableModelError",
@@ -61,5 +137,5 @@ __all__ = [
     "load_pruned",
     "prune",
     "prune_channels",
-    "zero_units",
+    "save_pruned",
 ]

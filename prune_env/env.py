@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, SupportsFloat
 
@@ -13,24 +12,12 @@ from gymnasium.error import ResetNeeded
 
 from prune_env.data import Splits
 from prune_env.errors import InvalidSettingError
-from prune_env.importance import Importance
 from prune_env.observation import DYNAMIC_FEATURES, STATIC_FEATURES, sensitivity, static_features
 from prune_env.problem import ModelArg, PruningProblem
-from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES, FAST_EVAL_SAMPLES
 from prune_env.rewards import Outcome, RewardFn, StepInfo, checked_reward, evaluate_reward, get_reward
+from prune_env.settings import ProblemSettings
 from prune_env.spaces import action_to_ratio
 from prune_env.validation import check_settings, fraction
-
-
-def _refuse_ignored_settings(settings: Mapping[str, Any]) -> None:
-    """With ``problem=`` the problem's own settings hold: any other value given here would be ignored."""
-    defaults = inspect.signature(_PruneEnv.__init__).parameters
-    ignored = sorted(name for name, value in settings.items() if value != defaults[name].default)
-    if ignored:
-        raise InvalidSettingError(
-            f"{', '.join(ignored)} would be ignored: the environment uses the settings of the given "
-            "problem; pass them to PruningProblem instead (or omit problem=)"
-        )
 
 
 class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -43,25 +30,14 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         model: ModelArg = "resnet20",
         dataset: str | Splits = "digits",
         *,
-        target_macs: float | None = None,
-        target_params: float | None = None,
         reward: str | RewardFn = "acc",
-        eval_samples: int | None = FAST_EVAL_SAMPLES,
-        bn_recalib_batches: int = DEFAULT_BN_RECALIB_BATCHES,
-        finetune_steps: int = 0,
-        importance: str | Importance = "l1",
-        max_ratio: float = 0.8,
-        round_to: int = 1,
-        fill_budget: bool = False,
         budget_range: tuple[float, float] | None = None,
-        device: str | None = None,
-        seed: int = 0,
         use_sensitivity: bool = False,
         success_tolerance: float = 0.02,
-        train_kwargs: Mapping[str, Any] | None = None,
-        progress: bool = False,
         problem: PruningProblem | None = None,
+        train_kwargs: Mapping[str, Any] | None = None,
         render_mode: str | None = None,
+        **problem_settings: Any,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise InvalidSettingError(
@@ -76,29 +52,22 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         )
         self.render_mode = render_mode
         self.reward_fn: RewardFn = get_reward(reward)
-        problem_settings = {
-            "model": model,
-            "dataset": dataset,
-            "target_macs": target_macs,
-            "target_params": target_params,
-            "importance": importance,
-            "max_ratio": max_ratio,
-            "round_to": round_to,
-            "fill_budget": fill_budget,
-            "eval_samples": eval_samples,
-            "bn_recalib_batches": bn_recalib_batches,
-            "finetune_steps": finetune_steps,
-            "seed": seed,
-            "device": device,
-            "train_kwargs": train_kwargs,
-            "progress": progress,
-        }
         if problem is None:
-            problem = PruningProblem(**problem_settings)
+            # An environment shows no progress bars unless asked to.
+            settings = ProblemSettings.from_kwargs({"progress": False, **problem_settings})
+            problem = PruningProblem(model, dataset, settings, train_kwargs=train_kwargs)
         elif not isinstance(problem, PruningProblem):
             raise InvalidSettingError(f"problem must be a PruningProblem, got {type(problem).__name__}")
         else:
-            _refuse_ignored_settings(problem_settings)
+            given = sorted(problem_settings) + (["train_kwargs"] if train_kwargs is not None else [])
+            given += [
+                n for n, v, d in (("model", model, "resnet20"), ("dataset", dataset, "digits")) if v != d
+            ]
+            if given:
+                raise InvalidSettingError(
+                    f"{', '.join(given)} would be ignored: the environment uses the settings of the given "
+                    "problem; pass them to PruningProblem instead (or omit problem=)"
+                )
         self.problem = p = problem
         self.budget_range = checked["budget_range"]
         if self.budget_range is not None:
@@ -221,7 +190,9 @@ class LayerPruneEnv(_PruneEnv):
 
     ## Arguments
 
-    See :class:`prune_env.problem.PruningProblem` for the model, data, budget and proxy arguments;
+    ``model`` and ``dataset`` as for :class:`prune_env.problem.PruningProblem`; every field of
+    :class:`prune_env.settings.ProblemSettings` as a plain keyword (``target_macs``, ``eval_samples``,
+    ``importance``, ``max_ratio``...; unknown ones are refused), so ``gym.make`` specs stay picklable;
     ``reward`` (preset name or callable), ``budget_range`` (sample a target per episode, shown in the
     observation), ``use_sensitivity`` (precompute per-group sensitivity), ``problem`` (share one
     pre-built problem), ``render_mode="ansi"``.

@@ -19,17 +19,15 @@ from prune_env.data import Splits, as_splits
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
-from prune_env.importance import Importance, get_importance
-from prune_env.proxy import DEFAULT_BN_RECALIB_BATCHES, FAST_EVAL_SAMPLES, Proxy, ProxyEvaluator
+from prune_env.importance import get_importance
+from prune_env.proxy import Proxy, ProxyEvaluator
 from prune_env.rewards import Outcome
+from prune_env.settings import ProblemSettings
 from prune_env.spaces import BudgetProjector, keep_to_ratios
 from prune_env.surgery import ModelRebuilder, prune_channels
 from prune_env.train import check_train_options, train_base
-from prune_env.validation import check_settings
 
 ModelArg = str | nn.Module | Callable[[], nn.Module]
-# The budget when none is given: half the base model's MACs.
-DEFAULT_TARGET = 0.5
 
 
 def check_model_arg(model: Any) -> None:
@@ -80,85 +78,64 @@ class PruningProblem:
         model: a zoo name (trained once and cached), a zero-argument factory (trained likewise) or an
             ``nn.Module`` taken as already trained (it is copied, never modified).
         dataset: a name for :func:`prune_env.data.load` or a :class:`~prune_env.data.Splits`.
-        target_macs / target_params: the budget as a fraction of the base model's MACs (default 0.5) or
-            parameters; give at most one.
-        importance: which channels of a group go first ("l1", "l2", "bn_scale", "random" or a callable);
-            ranked once on the base model, so a pruned model depends only on the kept counts.
-        max_ratio: the largest fraction of any group that may be removed; round_to: kept counts are
-            rounded to multiples of this.
-        fill_budget: the target is a budget to spend, not only a ceiling: a policy that prunes more than
-            it needs is scaled back until it just fits (see :meth:`BudgetProjector.project`). Applies to
-            whole policies (the one-shot environment and the agents), not to the layer-wise env's steps.
-        eval_samples, bn_recalib_batches, finetune_steps: proxy settings (see :class:`ProxyEvaluator`);
-            or pass ``proxy`` to plug in another :class:`Proxy` (it then receives the pruned models).
-        seed: seeds the data split, base training and the proxy's fixed batches.
+        settings: a :class:`~prune_env.settings.ProblemSettings` (the budget, the projection's limits, the
+            channel ranking, the proxy, the seed); keyword arguments replace single fields of it
+            (``PruningProblem("resnet20", target_macs=0.3, eval_samples=500)``), unknown ones are refused.
+        proxy: another :class:`Proxy` to score pruned models with (it then receives the pruned models; the
+            settings' proxy fields must stay at their defaults, since they would be ignored).
+        train_kwargs: options of :func:`prune_env.train.train_base` for a model trained here.
+
+    The settings in brief: ``target_macs`` / ``target_params`` (default 0.5 of the MACs), ``importance``
+    (ranked once on the base model, so a pruned model depends only on the kept counts), ``max_ratio`` and
+    ``round_to`` (the projection's limits), ``fill_budget`` (a policy that prunes more than it needs is
+    scaled back until it just fits; whole policies only, not the layer-wise env's steps),
+    ``eval_samples``, ``bn_recalib_batches``, ``finetune_steps`` (see :class:`ProxyEvaluator`), ``seed``.
     """
 
     def __init__(
         self,
         model: ModelArg = "resnet20",
         dataset: str | Splits = "digits",
+        settings: ProblemSettings | None = None,
         *,
-        target_macs: float | None = None,
-        target_params: float | None = None,
-        importance: str | Importance = "l1",
-        max_ratio: float = 0.8,
-        round_to: int = 1,
-        fill_budget: bool = False,
-        eval_samples: int | None = FAST_EVAL_SAMPLES,
-        bn_recalib_batches: int = DEFAULT_BN_RECALIB_BATCHES,
-        finetune_steps: int = 0,
         proxy: Proxy | None = None,
-        seed: int = 0,
-        device: str | torch.device | None = None,
         train_kwargs: Mapping[str, Any] | None = None,
-        progress: bool = True,
+        **overrides: Any,
     ) -> None:
         # Everything is checked before the data is loaded or a model trained.
-        settings = check_settings(
-            {
-                "target_macs": target_macs,
-                "target_params": target_params,
-                "max_ratio": max_ratio,
-                "round_to": round_to,
-                "fill_budget": fill_budget,
-                "eval_samples": eval_samples,
-                "bn_recalib_batches": bn_recalib_batches,
-                "finetune_steps": finetune_steps,
-                "seed": seed,
-                "progress": progress,
-            }
-        )
+        if settings is not None and not isinstance(settings, ProblemSettings):
+            raise InvalidSettingError(f"settings must be a ProblemSettings, got {type(settings).__name__}")
+        s = ProblemSettings.from_kwargs(overrides, settings)
         check_model_arg(model)
         if proxy is not None:
             if not isinstance(proxy, Proxy):
                 raise InvalidSettingError(
                     f"proxy must be a prune_env.proxy.Proxy, got {type(proxy).__name__}"
                 )
-            proxy_settings = {
-                "eval_samples": (eval_samples, FAST_EVAL_SAMPLES),
-                "bn_recalib_batches": (bn_recalib_batches, DEFAULT_BN_RECALIB_BATCHES),
-                "finetune_steps": (finetune_steps, 0),
-            }
-            ignored = sorted(name for name, (value, default) in proxy_settings.items() if value != default)
+            default = ProblemSettings()
+            ignored = sorted(
+                name
+                for name in ("eval_samples", "bn_recalib_batches", "finetune_steps")
+                if getattr(s, name) != getattr(default, name)
+            )
             if ignored:
                 raise InvalidSettingError(
                     f"{', '.join(ignored)} would be ignored: a given proxy scores with its own settings; "
                     "set them on the proxy instead"
                 )
         check_train_options(train_kwargs or {})
-        score = get_importance(importance, seed)
-        self.metric = "params" if target_params is not None else "macs"
-        given = settings["target_params"] if target_params is not None else settings["target_macs"]
-        self.target = DEFAULT_TARGET if given is None else given
-        self.device = resolve_device(device)
-        self.seed = seed
-        self.max_ratio = settings["max_ratio"]
-        self.round_to = round_to
-        self.fill_budget = fill_budget
+        score = get_importance(s.importance, s.seed)
+        self.settings = s
+        self.metric = s.metric
+        self.target = s.target
+        self.device = resolve_device(s.device)
+        self.seed = s.seed
+        self.max_ratio = s.max_ratio
+        self.round_to = s.round_to
+        self.fill_budget = s.fill_budget
 
-        self.splits = as_splits(dataset, seed=seed)
-        self.base_model, self.base_metrics = self._base_model(model, train_kwargs or {}, progress)
+        self.splits = as_splits(dataset, seed=s.seed)
+        self.base_model, self.base_metrics = self._base_model(model, train_kwargs or {}, s.progress)
         self.example_inputs = self.splits.example_inputs(1).to(self.device)
         check_classifier(self.base_model, self.example_inputs, self.splits.num_classes)
         self.graph: DependencyGraph = build_graph(self.base_model, self.example_inputs)
@@ -169,7 +146,7 @@ class PruningProblem:
             )
         self.channels = np.array([g.channels for g in self.graph.groups], dtype=np.int64)
         self.projector = BudgetProjector(
-            self.graph.costs, self.channels, metric=self.metric, max_ratio=max_ratio, round_to=round_to
+            self.graph.costs, self.channels, metric=self.metric, max_ratio=s.max_ratio, round_to=s.round_to
         )
         self.projector.check_target(self.target)
         # Rank every group's units once: a pruned model is then a function of the kept counts alone,
@@ -181,10 +158,10 @@ class PruningProblem:
         self.proxy: Proxy = proxy or ProxyEvaluator(
             self.base_model,
             self.splits,
-            eval_samples=eval_samples,
-            bn_recalib_batches=bn_recalib_batches,
-            finetune_steps=finetune_steps,
-            seed=seed,
+            eval_samples=s.eval_samples,
+            bn_recalib_batches=s.bn_recalib_batches,
+            finetune_steps=s.finetune_steps,
+            seed=s.seed,
             device=self.device,
         )
         full = self.proxy.evaluate(self.base_model)

@@ -31,28 +31,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from prune_env.data import Splits, take
 from prune_env.device import on_device, resolve_device, seed_generators
+from prune_env.settings import (
+    DEFAULT_BN_RECALIB_BATCHES,
+    DEFAULT_EVAL_SAMPLES,
+    DEFAULT_FINETUNE_STEPS,
+)
 from prune_env.train import EVAL_BATCH_SIZE, kd_loss
 from prune_env.validation import check_settings
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-# Chosen from benchmarks/proxy_fidelity.py (resnet20, Fashion-MNIST, random policies at 25% MACs; raw data in
-# benchmarks/results, table in the issue-3 notes). Kendall tau of the proxy's accuracy against test accuracy
-# after a 1-epoch KD fine-tune on 20k images (mean of 3 seeds; seeds agree with each other to tau 0.84):
-#   plain -0.20, BN recalibration 0.45, + 10 KD steps + recalibration again 0.29, + 25 steps 0.53,
-#   + 50 steps 0.77, + 100 steps 0.79; with 3000 validation samples: 50 steps 0.80 (10 s per evaluation on
-#   one CPU thread, a tenth of one fine-tune), 100 steps 0.78 (14.5 s).
-# Default: the cheapest variant that reached 0.8, 8 BN batches + 50 KD steps + re-recalibration on 3000
-# samples. On 20 held-out policies (2-seed truth, seeds agreeing to only 0.75) it ranks at 0.65 and the
-# 100-step variant at 0.75: at this budget a proxy ranks about as well as another fine-tune would.
-# At 50% MACs fine-tuned random policies all land within 0.4 points (ranking there is noise); on digits
-# every variant is at the noise floor (360 test images).
-DEFAULT_EVAL_SAMPLES = 3000
-DEFAULT_BN_RECALIB_BATCHES = 8
-DEFAULT_FINETUNE_STEPS = 50
-# The environments' and PruningProblem's default: recalibration only (finetune_steps=0) on 1000 samples,
-# ~10x cheaper per evaluation, for searches that need many evaluations more than the last bit of fidelity.
-FAST_EVAL_SAMPLES = 1000
+# The defaults, and the measurements that chose them, live with the other settings.
 DEFAULT_RECALIB_BATCH_SIZE = 64
 
 

@@ -14,6 +14,7 @@ from prune_env.costs import CostModel
 from prune_env.errors import InvalidActionError, InvalidRatiosError, InvalidSettingError
 from prune_env.graph import unit_count_to_keep
 from prune_env.graph import units_to_keep as keep_counts
+from prune_env.settings import DEFAULT_MAX_RATIO
 from prune_env.validation import check_settings, fraction
 
 
@@ -59,7 +60,7 @@ class BudgetProjector:
         channels: Sequence[int],
         *,
         metric: str = "macs",
-        max_ratio: float = 0.8,
+        max_ratio: float = DEFAULT_MAX_RATIO,
         round_to: int = 1,
     ) -> None:
         check_settings({"metric": metric, "max_ratio": max_ratio, "round_to": round_to})

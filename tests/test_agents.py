@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from agents import AGENTS, BudgetedEvaluator, BudgetExhausted, run_agent, search
+from agents import BudgetedEvaluator, BudgetExhausted, available, run_agent, search
 from agents.predictor import TorchCost
 from agents.sb3 import TruncatedNormalNoise, make_env
 from prune_env import UnknownNameError
@@ -18,6 +18,7 @@ from prune_env.problem import PruningProblem
 FAST = {"eval_samples": 96, "bn_recalib_batches": 1}
 BUDGET = 8
 SB3 = ("ppo", "a2c", "sac", "td3", "ddpg", "amc")
+AGENTS = available()
 BUDGET_FILLING = sorted(set(AGENTS) - {"uniform"})
 
 

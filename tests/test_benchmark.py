@@ -13,8 +13,8 @@ import pytest
 from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.figure import Figure
 
-from prune_env import benchmark
-from prune_env.benchmark import EVAL_FIELDS, RUN_FIELDS, BenchmarkResults, incumbent_accuracy, pareto_front
+from prune_env.app import benchmark
+from prune_env.app.results import EVAL_FIELDS, RUN_FIELDS, BenchmarkResults, incumbent_accuracy, pareto_front
 
 AGENTS = ("uniform", "random")
 SEEDS = (0, 1)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from prune_env import cli
+from prune_env.app import cli
 from prune_env.checkpoint import (
     FORMAT,
     SPEC_FILE,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import prune_env
-from prune_env import cli, job
+from prune_env.app import cli, runfiles
 from prune_env.checkpoint import read_spec
 from prune_env.data import Splits
 from prune_env.train import evaluate
@@ -144,14 +144,14 @@ def test_ctrl_c_saves_partial_results_and_resume_finishes(
     cached: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "run"
-    original = job.RunLog.record
+    original = runfiles.RunLog.__call__
 
-    def interrupt_after_two(self: job.RunLog, entry: object) -> None:
+    def interrupt_after_two(self: runfiles.RunLog, entry: object) -> None:
         original(self, entry)
         if self.state["evals_done"] == 2:
             raise KeyboardInterrupt  # as if Ctrl-C arrived during the search
 
-    monkeypatch.setattr(job.RunLog, "record", interrupt_after_two)
+    monkeypatch.setattr(runfiles.RunLog, "__call__", interrupt_after_two)
     assert _search(out, "--evals", "4", "--finetune-epochs", "0") == 130
     err = capsys.readouterr().err
     assert "--resume" in err
@@ -164,7 +164,7 @@ def test_ctrl_c_saves_partial_results_and_resume_finishes(
     assert (out / "search.png").is_file()
     assert read_spec(out / "model")["meta"]["finetuned"] is False  # the best policy so far, not fine-tuned
 
-    monkeypatch.setattr(job.RunLog, "record", original)
+    monkeypatch.setattr(runfiles.RunLog, "__call__", original)
     assert _search(out, "--evals", "4", "--finetune-epochs", "0", "--resume") == 0
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "finished"
@@ -220,7 +220,7 @@ def test_bad_paths_fail_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "prune_env.cli", "search", "--model", "nope", "--out", str(tmp_path / "r")],
+        [sys.executable, "-m", "prune_env", "search", "--model", "nope", "--out", str(tmp_path / "r")],
         capture_output=True,
         text=True,
         env=env,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import prune_env.checkpoint
-from prune_env import cli
+from prune_env.app import cli
 from prune_env.checkpoint import SPEC_FILE, save_pruned
 from prune_env.device import available_devices, resolve_device
 from prune_env.errors import InvalidSettingError
@@ -386,7 +386,7 @@ def test_console_script_reports_a_tampered_model_in_one_line(saved: Path, tmp_pa
     spec["input_shape"] = [1, 512, 512]
     (model / SPEC_FILE).write_text(json.dumps(spec))
     proc = subprocess.run(
-        [sys.executable, "-m", "prune_env.cli", "eval", str(model)],
+        [sys.executable, "-m", "prune_env", "eval", str(model)],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -15,6 +15,7 @@ import torch
 import torchvision
 
 import prune_env
+import prune_env.surgery
 
 MODELS = [
     ("resnet18", 32),
@@ -59,7 +60,7 @@ def test_zeroed_units_are_pruned_first_and_outputs_do_not_change(name: str, res:
     for g in graph.groups:
         k = int(rng.integers(1, g.channels))  # at least one dead unit, at least one alive
         dead[g.index] = np.sort(rng.choice(g.channels, size=k, replace=False))
-    prune_env.zero_units(model, graph, dead)
+    prune_env.surgery.zero_units(model, graph, dead)
     with torch.no_grad():
         reference = model(x)
 

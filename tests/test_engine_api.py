@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 import prune_env
+import prune_env.surgery
 from prune_env import InvalidRatiosError, UnknownNameError, UntraceableModelError
 
 
@@ -370,7 +371,7 @@ def test_rebuilder_follows_the_base_model_when_it_is_converted_or_frozen() -> No
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
     graph = prune_env.build_graph(model, x)
-    rebuilder = prune_env.ModelRebuilder(model, graph)
+    rebuilder = prune_env.surgery.ModelRebuilder(model, graph)
     units = [np.arange(0, g.channels, 2) for g in graph.groups]
     rebuilder.rebuild(units)
     model.double()
@@ -389,7 +390,7 @@ def test_rebuilder_stays_exact_when_its_caches_overflow() -> None:
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
     graph = prune_env.build_graph(model, x)
-    rebuilder = prune_env.ModelRebuilder(model, graph)
+    rebuilder = prune_env.surgery.ModelRebuilder(model, graph)
     rebuilder.CACHE_LIMIT = 2
     rng = np.random.default_rng(0)
     policies = [

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import prune_env
+import prune_env.surgery
 from prune_env import InvalidRatiosError, PruneEnvError, UnknownNameError
 from prune_env.errors import InvalidSettingError
 from prune_env.importance import MagnitudeImportance, bn_scale_importance, l1_importance, l2_importance
@@ -57,8 +58,8 @@ FOREIGN = {
 PUBLIC: dict[str, Callable[[nn.Module, prune_env.DependencyGraph], Any]] = {
     "prune": lambda m, g: prune_env.prune(m, X, 0.5, graph=g),
     "prune_channels": lambda m, g: prune_env.prune_channels(m, g, {"a": [0, 1]}),
-    "zero_units": lambda m, g: prune_env.zero_units(m, g, {"a": [0]}),
-    "ModelRebuilder": lambda m, g: prune_env.ModelRebuilder(m, g).rebuild({"a": [0, 1]}),
+    "zero_units": lambda m, g: prune_env.surgery.zero_units(m, g, {"a": [0]}),
+    "ModelRebuilder": lambda m, g: prune_env.surgery.ModelRebuilder(m, g).rebuild({"a": [0, 1]}),
     "check_model": lambda m, g: g.check_model(m),
 }
 
@@ -96,7 +97,7 @@ def test_the_check_is_structural_so_copies_and_conversions_pass(
     twin = Net().eval()  # same architecture, other weights
     for candidate in (model, copy.deepcopy(model), twin, copy.deepcopy(model).double()):
         graph.check_model(candidate)
-        prune_env.ModelRebuilder(candidate, graph)
+        prune_env.surgery.ModelRebuilder(candidate, graph)
     pruned = prune_env.prune(twin, X, 0.5, graph=graph)
     assert prune_env.count_macs(pruned, X) == graph.macs(0.5)
     with pytest.raises(
@@ -117,7 +118,7 @@ def test_not_a_graph_or_not_a_module(setup: tuple[Net, prune_env.DependencyGraph
     with pytest.raises(InvalidSettingError, match="graph must be a DependencyGraph"):
         prune_env.prune_channels(model, model, {"a": [0]})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"zero_units: model must be a torch\.nn\.Module"):
-        prune_env.zero_units(model.state_dict(), graph, {"a": [0]})  # type: ignore[arg-type]
+        prune_env.surgery.zero_units(model.state_dict(), graph, {"a": [0]})  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -202,13 +203,13 @@ def test_bad_unit_indices_are_typed_errors(setup: tuple[Net, prune_env.Dependenc
     spec, message = {**BAD_UNITS, **KEEP_ONLY}[case]
     with pytest.raises(InvalidRatiosError, match=message):
         prune_env.prune_channels(model, graph, spec)
-    rebuilder = prune_env.ModelRebuilder(model, graph)
+    rebuilder = prune_env.surgery.ModelRebuilder(model, graph)
     with pytest.raises(InvalidRatiosError, match=message):
         rebuilder.rebuild(spec)
     if case in BAD_UNITS:  # zeroing no unit of a group is fine; the rest is as wrong there
         zeroed = copy.deepcopy(model)
         with pytest.raises(InvalidRatiosError, match=message):
-            prune_env.zero_units(zeroed, graph, spec)
+            prune_env.surgery.zero_units(zeroed, graph, spec)
 
 
 def test_integer_indices_of_any_integer_type_are_accepted(
@@ -223,7 +224,7 @@ def test_integer_indices_of_any_integer_type_are_accepted(
     ):
         pruned = prune_env.prune_channels(model, graph, spec)
         assert all(torch.equal(v, reference.state_dict()[k]) for k, v in pruned.state_dict().items())
-        rebuilt = prune_env.ModelRebuilder(model, graph).rebuild(spec)
+        rebuilt = prune_env.surgery.ModelRebuilder(model, graph).rebuild(spec)
         assert all(torch.equal(v, reference.state_dict()[k]) for k, v in rebuilt.state_dict().items())
 
 

@@ -16,7 +16,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from torch import nn
 
 import prune_env  # registers the environment ids
-from prune_env import UnknownNameError
+from prune_env import InvalidSettingError, UnknownNameError
 from prune_env.env import LayerPruneEnv, OneShotPruneEnv
 from prune_env.problem import PruningProblem
 from prune_env.rewards import Outcome, StepInfo
@@ -208,7 +208,7 @@ def test_bad_actions_raise_value_error(problem: PruningProblem) -> None:
 
 
 def test_wrong_kwargs_give_clear_errors(base: nn.Module, digits: Any, problem: PruningProblem) -> None:
-    with pytest.raises(TypeError, match="target_mac"):
+    with pytest.raises(InvalidSettingError, match="no setting target_mac; its settings are: .*target_macs"):
         gym.make("prune_env/OneShotPrune-v0", model=base, dataset=digits, target_mac=0.5)
     with pytest.raises(ValueError, match="impossible"):
         OneShotPruneEnv(base, digits, target_macs=0.001, **FAST)

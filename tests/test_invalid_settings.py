@@ -19,7 +19,7 @@ from torch import nn
 
 import agents
 import prune_env.problem
-from prune_env import benchmark, cli
+from prune_env.app import benchmark, cli
 from prune_env.env import LayerPruneEnv, OneShotPruneEnv
 from prune_env.errors import (
     InvalidActionError,
@@ -158,7 +158,8 @@ def test_agents_search_refuses_bad_settings(kwargs: dict[str, Any], error: type,
         ({"finetune_epochs": -1}, "finetune_epochs must be an integer >= 0"),
         ({"metric": "flops"}, "metric must be one of 'macs', 'params'"),
         ({"problem_kwargs": {"eval_samples": 0}}, "eval_samples must be an integer >= 1"),
-        ({"problem_kwargs": {"target_macs": 0.5}}, "problem_kwargs has unknown keys ['target_macs']"),
+        ({"problem_kwargs": {"target_macs": 0.5}}, "problem_kwargs sets target_macs"),
+        ({"problem_kwargs": {"eval_sample": 5}}, "PruningProblem has no setting eval_sample"),
         ({"agents": ["nope"]}, "unknown agent 'nope'"),
         ({"models": ["resnet21"]}, "unknown model 'resnet21'"),
         ({"reward": "nope"}, "unknown reward 'nope'"),

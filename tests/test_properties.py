@@ -27,6 +27,7 @@ from random_cnn import BLOCK_KINDS, NetSpec, build_model, example_input, net_spe
 from torch import nn
 
 import prune_env
+import prune_env.surgery
 from prune_env import ChannelGroup, DependencyGraph, Member
 from prune_env.graph import unit_count_to_keep, units_to_keep
 
@@ -372,7 +373,7 @@ def test_rebuilding_into_one_module_tree_equals_fresh_surgery(spec: NetSpec, dat
     through to the base model."""
     model, _, graph = build(spec)
     before = state_of(model)
-    rebuilder = prune_env.ModelRebuilder(model, graph)
+    rebuilder = prune_env.surgery.ModelRebuilder(model, graph)
     x2 = example_input(spec, batch=2, seed=1)
     drawn = []
     for step in range(4):

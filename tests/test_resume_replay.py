@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from agents import AGENTS, BudgetedEvaluator, Evaluation, run_agent, search
-from agents.base import ResumeDivergedWarning
+from agents import BudgetedEvaluator, Evaluation, ResumeDivergedWarning, available, run_agent, search
 from prune_env.errors import ResumeError
 from prune_env.problem import PruningProblem
 
@@ -55,7 +54,7 @@ def _resumed(problem: PruningProblem, name: str, seed: int, logged: list[Evaluat
         return run_agent(name, evaluator, seed=seed).history
 
 
-@pytest.mark.parametrize("name", sorted(set(AGENTS) - {"uniform"}))  # uniform's search is one evaluation
+@pytest.mark.parametrize("name", sorted(set(available()) - {"uniform"}))  # uniform's search is one evaluation
 def test_resumed_search_equals_uninterrupted(problem: PruningProblem, name: str) -> None:
     uninterrupted = search(name, problem, BUDGET, seed=3).history
     logged = _interrupted(problem, name, seed=3)

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from prune_env import cli, job
+from prune_env.app import cli, runfiles
 from prune_env.checkpoint import load_pruned
 from prune_env.data import Splits
 from prune_env.errors import RunDirectoryError
 from prune_env.proxy import ProxyEvaluator
-from prune_env.rundir import OWNER_FILE, RunDirectory
+from prune_env.app.rundir import OWNER_FILE, RunDirectory
 
 TINY = ["--agent", "random", "--eval-samples", "96", "--no-progress", "--finetune-epochs", "0"]
 
@@ -71,17 +71,17 @@ def two_evals(
 _HOLD = """
 import sys, time
 from pathlib import Path
-from prune_env import cli, job
+from prune_env.app import cli, runfiles
 
 flag = Path(sys.argv[1])
-record = job.RunLog.record
+record = runfiles.RunLog.__call__
 
 def record_then_hold(self, entry):
     record(self, entry)
     flag.write_text("evaluated")
     time.sleep(600)  # holds the run directory until the test kills it
 
-job.RunLog.record = record_then_hold
+runfiles.RunLog.__call__ = record_then_hold
 sys.exit(cli.main(sys.argv[2:]))
 """
 
@@ -98,7 +98,7 @@ def test_a_second_process_on_the_same_out_is_refused(cached: Path, tmp_path: Pat
             assert time.monotonic() < deadline, "the first run never evaluated"
             time.sleep(0.2)
         second = subprocess.run(
-            [sys.executable, "-m", "prune_env.cli", *args, "--seed", "1"],
+            [sys.executable, "-m", "prune_env", *args, "--seed", "1"],
             env=env,
             capture_output=True,
             text=True,
@@ -110,7 +110,7 @@ def test_a_second_process_on_the_same_out_is_refused(cached: Path, tmp_path: Pat
         assert f"is in use by process {first.pid} on " in lines[0]
         assert "Traceback" not in second.stderr
         resumed = subprocess.run(
-            [sys.executable, "-m", "prune_env.cli", *args, "--resume"],
+            [sys.executable, "-m", "prune_env", *args, "--resume"],
             env=env,
             capture_output=True,
             text=True,
@@ -233,7 +233,11 @@ def _garbage_in_the_middle(run: Path) -> None:
 FORGERIES: list[tuple[str, Callable[[Path], None], str]] = [
     ("over-budget row", _over_budget, "over the target"),
     ("emptied settings", lambda r: _edit_state(r, lambda s: s.update(settings={})), "does not record"),
-    ("foreign target", lambda r: _edit_state(r, lambda s: s["settings"].update(target=0.3)), "target=0.3"),
+    (
+        "foreign target",
+        lambda r: _edit_state(r, lambda s: s["settings"].update(target_macs=0.3)),
+        "target_macs=0.3",
+    ),
     ("NaN reward", lambda r: _edit_row(r, 1, reward="nan"), "non-finite"),
     ("zero kept count", _zero_kept, "kept count 0"),
     ("corrupt middle row", _garbage_in_the_middle, "line 3: not an evaluation row"),
@@ -272,14 +276,14 @@ def test_forged_resumes_are_refused_and_files_left_intact(
 
 
 def _interrupt_after(count: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = job.RunLog.record
+    original = runfiles.RunLog.__call__
 
-    def record(self: job.RunLog, entry: object) -> None:
+    def record(self: runfiles.RunLog, entry: object) -> None:
         original(self, entry)
         if self.state["evals_done"] == count:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(job.RunLog, "record", record)
+    monkeypatch.setattr(runfiles.RunLog, "__call__", record)
 
 
 def _search_trace(out: Path) -> list[tuple[str, ...]]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prune_env
+import prune_env.surgery
 
 
 class TiedBranches(nn.Module):
@@ -175,7 +176,7 @@ def test_tied_layers_prune_with_exact_costs_and_dead_channels_go_first(factory: 
     rng = np.random.default_rng(0)
     dead = {g.index: np.sort(rng.choice(g.channels, int(rng.integers(1, g.channels)), replace=False))
             for g in graph.groups}  # fmt: skip
-    prune_env.zero_units(model, graph, dead)
+    prune_env.surgery.zero_units(model, graph, dead)
     with torch.no_grad():
         reference = model(X)
 
@@ -193,7 +194,7 @@ def test_tied_layers_prune_with_exact_costs_and_dead_channels_go_first(factory: 
     if factory is AliasedModule:
         assert pruned.a is pruned.b
 
-    rebuilder = prune_env.ModelRebuilder(model, graph)
+    rebuilder = prune_env.surgery.ModelRebuilder(model, graph)
     for units in (kept, [np.arange(0, g.channels, 2) for g in graph.groups], kept):
         rebuilt = rebuilder.rebuild(units)
         _assert_same_model(rebuilt, prune_env.prune_channels(model, graph, units))
@@ -238,7 +239,7 @@ def test_a_tie_that_cannot_be_coupled_freezes_its_channels_with_one_warning(
     if factory is DenseAndGroupedTie:
         assert pruned.a.weight is pruned.g.weight
     units = [np.arange(0, g.channels, 2) for g in graph.groups]
-    _assert_same_model(prune_env.ModelRebuilder(model, graph).rebuild(units),
+    _assert_same_model(prune_env.surgery.ModelRebuilder(model, graph).rebuild(units),
                        prune_env.prune_channels(model, graph, units))  # fmt: skip
 
 

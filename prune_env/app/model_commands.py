@@ -1,35 +1,23 @@
-"""The ``prune-env`` command line: search, list, eval, export, demo.
-
-Errors the user can fix — an unknown name, an impossible target, a bad option, a missing or tampered saved
-model — are the library's typed errors (:class:`~prune_env.errors.PruneEnvError`) and argparse's own: each
-is reported in one line, ``prune-env: error: ...``, with exit status 2 and no traceback. Anything else is a
-bug in prune_env, not the user's mistake: it is shown as a crash (the traceback and a line asking to report
-it, exit status 1). Ctrl-C exits with 130.
-"""
+"""The commands that work on a model: ``eval`` (score a saved pruned model), ``export`` (write it as ONNX)
+and ``demo`` (prune a torchvision model and print its groups). Imported by the command line only when one
+of them runs, so its start-up does not load torch."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import secrets
 import shlex
-import sys
 import time
-import traceback
 import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
 from prune_env.errors import CheckpointError, InvalidSettingError, PruneEnvError, UnknownNameError
 from prune_env.validation import MAX_SEED
-
-# Largest --resolution of `demo`: beyond it one activation of a torchvision model no longer fits in memory.
-MAX_DEMO_RESOLUTION = 2048
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
@@ -43,7 +31,7 @@ def _output_shape(output: Any) -> str:
     return str(tuple(output.shape)) if isinstance(output, torch.Tensor) else type(output).__name__
 
 
-def _demo(args: argparse.Namespace) -> int:
+def run_demo(args: argparse.Namespace) -> int:
     """Prune a torchvision model and print its groups, predicted and measured costs."""
     import torchvision
 
@@ -81,51 +69,6 @@ def _demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         print(f"output shape {_output_shape(pruned(x))} (unpruned {_output_shape(reference)})")
     return 0 if measured == graph.macs(args.ratio) else 1
-
-
-def _search(args: argparse.Namespace) -> int:
-    """Train or load the base model, search, fine-tune the best policy with KD, save everything."""
-    from prune_env.job import SearchSettings, out_path, run_search
-
-    metric, target = (
-        ("params", args.target_params) if args.target_params is not None else ("macs", args.target_macs)
-    )
-    settings = SearchSettings(
-        out=out_path(args.out),
-        model=args.model,
-        dataset=args.dataset,
-        metric=metric,
-        target=0.5 if target is None else target,
-        agent=args.agent,
-        evals=args.evals,
-        seed=args.seed,
-        reward=args.reward,
-        eval_samples=args.eval_samples,
-        max_ratio=args.max_ratio,
-        fill_budget=args.fill_budget,
-        finetune_epochs=args.finetune_epochs,
-        resume=args.resume,
-        progress=not args.no_progress,
-        device=args.device,
-        argv=list(args.argv),
-    )
-    return run_search(settings)
-
-
-def _list(args: argparse.Namespace) -> int:
-    """Print the names every other subcommand accepts."""
-    from prune_env.data import DATASET_NAMES
-    from prune_env.job import DEFAULT_AGENTS, agent_registry
-    from prune_env.models import available_models
-    from prune_env.rewards import PRESETS
-
-    agents = sorted(agent_registry())
-    default = next((a for a in DEFAULT_AGENTS if a in agents), None)
-    print("models:   " + ", ".join(available_models()) + ", tv:NAME (any torchvision classifier)")
-    print("datasets: " + ", ".join(DATASET_NAMES))
-    print("agents:   " + ", ".join(a + (" (default)" if a == default else "") for a in agents))
-    print("rewards:  " + ", ".join(PRESETS))
-    return 0
 
 
 def _names_a_path(dataset: str) -> bool:
@@ -182,7 +125,7 @@ def _num_logits(model: torch.nn.Module, x: torch.Tensor, path: str) -> int:
     return int(output.shape[1])
 
 
-def _eval(args: argparse.Namespace) -> int:
+def run_eval(args: argparse.Namespace) -> int:
     """Score a saved pruned model on the test split of its dataset."""
     from prune_env import count_macs, count_params
     from prune_env.checkpoint import load_pruned_with_spec
@@ -265,7 +208,7 @@ def _claim_output(out: Path, option: str) -> Path:
     return tmp
 
 
-def _export(args: argparse.Namespace) -> int:
+def run_export(args: argparse.Namespace) -> int:
     """Write a saved pruned model as ONNX."""
     import importlib.util
 
@@ -299,152 +242,3 @@ def _export(args: argparse.Namespace) -> int:
             tmp.unlink()
     print(f"wrote {out}")
     return 0
-
-
-# ------------------------------------------------------------------------------------------------ parser
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with its errors in the command's one-line format (``--help`` is unchanged)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"prune-env: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
-
-
-def _number_in(
-    convert: Callable[[str], float], low: float, high: float, *, high_open: bool = False, what: str = ""
-) -> Callable[[str], Any]:
-    """An argparse ``type``: ``convert(text)`` within [low, high] (or [low, high) ), NaN refused."""
-    bracket = ")" if high_open else "]"
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            value = math.nan
-        if not (low <= value < high if high_open else low <= value <= high):  # NaN fails every comparison
-            raise argparse.ArgumentTypeError(f"must be {what}in [{low}, {high}{bracket}, got {text!r}")
-        return value
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="prune-env", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    search = sub.add_parser(
-        "search",
-        help="search a pruning policy, fine-tune the result, save model and results",
-        description="Train or load the base model, search pruning policies under a cost budget, fine-tune "
-        "the best policy's model with knowledge distillation and save everything under --out.",
-    )
-    search.add_argument("--model", default="resnet20", help="zoo name or tv:NAME (see `prune-env list`)")
-    search.add_argument("--dataset", default="digits", help="dataset name (see `prune-env list`)")
-    budget = search.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--target-macs", type=float, help="MACs budget as a fraction of the base model's (default 0.5)"
-    )
-    budget.add_argument(
-        "--target-params", type=float, help="parameter budget as a fraction of the base model's"
-    )
-    search.add_argument(
-        "--agent", default=None, help="search method (default: evolution; see `prune-env list`)"
-    )
-    search.add_argument("--evals", type=int, default=100, help="evaluation budget (default 100)")
-    search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
-    search.add_argument("--reward", default="acc", help="reward preset (default acc)")
-    search.add_argument("--finetune-epochs", type=int, default=3, help="KD fine-tune epochs (default 3)")
-    search.add_argument(
-        "--eval-samples", type=int, default=1000, help="validation samples per proxy evaluation"
-    )
-    search.add_argument("--max-ratio", type=float, default=0.8, help="largest fraction of a group removed")
-    search.add_argument(
-        "--fill-budget",
-        action="store_true",
-        help="spend the budget: scale back policies that prune more than the target needs",
-    )
-    search.add_argument("--resume", action="store_true", help="continue the run in --out")
-    search.add_argument("--no-progress", action="store_true", help="no progress bars")
-    search.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
-    search.set_defaults(func=_search)
-
-    lister = sub.add_parser("list", help="name the models, datasets, agents and reward presets")
-    lister.set_defaults(func=_list)
-
-    ev = sub.add_parser("eval", help="score a saved pruned model")
-    ev.add_argument("path", help="a saved model directory (e.g. runs/quickstart/model)")
-    ev.add_argument(
-        "--dataset",
-        default=None,
-        help="default: the dataset the model was pruned on (a path, e.g. imagefolder:DIR, only from here)",
-    )
-    ev.add_argument(
-        "--seed",
-        type=_number_in(int, 0, MAX_SEED, what="an integer "),
-        default=None,
-        help="dataset split seed (default: the run's seed)",
-    )
-    ev.add_argument("--split", choices=("test", "val"), default="test")
-    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
-    ev.set_defaults(func=_eval)
-
-    export = sub.add_parser("export", help="write a saved pruned model as ONNX (needs the onnx package)")
-    export.add_argument("path", help="a saved model directory")
-    export.add_argument("--onnx", required=True, help="output .onnx file (replaced if it exists)")
-    export.set_defaults(func=_export)
-
-    demo = sub.add_parser("demo", help="prune a torchvision model and print its dependency groups")
-    demo.add_argument("--model", default="resnet18")
-    demo.add_argument(
-        "--ratio",
-        type=_number_in(float, 0, 1, high_open=True, what="a fraction "),
-        default=0.5,
-        help="fraction of every group's channels removed, in [0, 1) (default 0.5)",
-    )
-    demo.add_argument(
-        "--resolution",
-        type=_number_in(int, 1, MAX_DEMO_RESOLUTION, what="an integer "),
-        default=64,
-        help="input height and width in pixels (default 64)",
-    )
-    demo.set_defaults(func=_demo)
-    return parser
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0), or an argparse error already printed in one line (2)
-        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-    args.argv = argv
-    try:
-        return int(args.func(args))
-    except PruneEnvError as exc:  # the library's own verdict on the user's input: not a bug
-        print(f"prune-env: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("prune-env: interrupted", file=sys.stderr)
-        return 130
-    except Exception:
-        # Anything else is a bug in prune_env (or in a library under it), not a mistake in the input:
-        # show it as the crash it is rather than as "bad input".
-        traceback.print_exc()
-        print(
-            "prune-env: internal error: this is a bug in prune_env, not a problem with your input; please "
-            f"report it with the traceback above and the command `prune-env {shlex.join(argv)}`",
-            file=sys.stderr,
-        )
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

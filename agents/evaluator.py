@@ -1,25 +1,23 @@
-"""The common search interface: every method gets the same problem, the same evaluation budget, one seed.
+"""The evaluation budget every search method spends: one problem, one proxy, an exact count.
 
-An agent is a function ``run(evaluator, rng, **settings)`` that proposes pruning policies to the
-:class:`BudgetedEvaluator` until it says the budget is spent. The evaluator scores every proposal through
-the same :class:`~prune_env.problem.PruningProblem` (budget projection, proxy on validation data), records
-it, and refuses to go over budget, so methods are compared at exactly equal evaluation counts.
+:class:`BudgetedEvaluator` scores every proposal through the same :class:`~prune_env.problem.PruningProblem`
+(budget projection, proxy on validation data), records it as an :class:`Evaluation`, and refuses to go over
+budget, so methods are compared at exactly equal evaluation counts. It also replays a resumed search's log.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
-from prune_env.errors import InvalidSettingError, ResumeError, UnknownNameError
+from prune_env.errors import InvalidSettingError, ResumeError
 from prune_env.problem import PruningProblem
 from prune_env.rewards import Outcome, RewardFn, evaluate_reward, get_reward
 from prune_env.validation import check_settings
@@ -48,10 +46,30 @@ class Evaluation:
     keep: tuple[int, ...]
 
     def as_row(self) -> dict[str, Any]:
+        """The record as CSV cells (``ratios`` and ``keep`` space-separated); :meth:`from_row` inverts it."""
         row = asdict(self)
         row["ratios"] = " ".join(f"{r:.4f}" for r in self.ratios)
         row["keep"] = " ".join(str(k) for k in self.keep)
         return row
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, str]) -> Evaluation:
+        """The record of CSV cells written by :meth:`as_row`; ``KeyError``/``ValueError`` if they are not."""
+        return cls(
+            index=int(row["index"]),
+            reward=float(row["reward"]),
+            accuracy=float(row["accuracy"]),
+            loss=float(row["loss"]),
+            macs_ratio=float(row["macs_ratio"]),
+            params_ratio=float(row["params_ratio"]),
+            seconds=float(row["seconds"]),
+            ratios=tuple(float(r) for r in row["ratios"].split()),
+            keep=tuple(int(k) for k in row["keep"].split()),
+        )
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
 
 
 @dataclass
@@ -265,74 +283,3 @@ class BudgetedEvaluator:
         if self.on_evaluation is not None:
             self.on_evaluation(entry)
         return reward
-
-
-AgentFn = Callable[..., None]
-"""``run(evaluator, rng, **settings)``: propose policies until :class:`BudgetExhausted`."""
-
-AGENTS: dict[str, AgentFn] = {}
-
-
-def register_agent(name: str) -> Callable[[AgentFn], AgentFn]:
-    def decorate(fn: AgentFn) -> AgentFn:
-        AGENTS[name] = fn
-        return fn
-
-    return decorate
-
-
-def resolve_agent(agent: str | AgentFn) -> tuple[str, AgentFn]:
-    """``(name, function)`` of a registered agent's name or of an agent function."""
-    if isinstance(agent, str):
-        if agent not in AGENTS:
-            raise UnknownNameError(f"unknown agent {agent!r}; available: {', '.join(sorted(AGENTS))}")
-        return agent, AGENTS[agent]
-    if not callable(agent):
-        raise InvalidSettingError(
-            f"agent must be a registered name or a function, got {type(agent).__name__}"
-        )
-    return getattr(agent, "__name__", "custom"), agent
-
-
-def run_agent(
-    agent: str | AgentFn,
-    evaluator: BudgetedEvaluator,
-    seed: int = 0,
-    **settings: Any,
-) -> SearchResult:
-    """Run ``agent`` until its budget is spent (or it stops early) and collect the result."""
-    check_settings({"seed": seed})
-    name, fn = resolve_agent(agent)
-    start = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    with contextlib.suppress(BudgetExhausted):  # the normal way a search ends
-        fn(evaluator, rng, **settings)
-    if evaluator.best is None:
-        raise RuntimeError(f"agent {name!r} finished without evaluating any policy")
-    best_reward, best_outcome = evaluator.best
-    return SearchResult(
-        agent=name,
-        seed=seed,
-        budget_evals=evaluator.budget_evals,
-        best_reward=best_reward,
-        best_outcome=best_outcome,
-        history=list(evaluator.history),
-        seconds=time.perf_counter() - start,
-    )
-
-
-@register_agent("uniform")
-def uniform(evaluator: BudgetedEvaluator, rng: np.random.Generator) -> None:
-    """The baseline every method must beat: one ratio for all groups, the smallest meeting the target.
-
-    Deterministic, so it spends one evaluation whatever its budget.
-    """
-    evaluator.evaluate(np.zeros(evaluator.n_groups))
-
-
-@register_agent("random")
-def random_search(evaluator: BudgetedEvaluator, rng: np.random.Generator) -> None:
-    """Random search: ratios drawn uniformly in [0, max_ratio] per group, projected onto the budget."""
-    max_ratio = evaluator.problem.max_ratio
-    while True:
-        evaluator.evaluate(rng.uniform(0.0, max_ratio, evaluator.n_groups))

@@ -1,0 +1,187 @@
+"""The registry of search methods: one place where agents are named, discovered and run.
+
+An agent is registered with :func:`register_agent` as ``run(evaluator, rng, settings)``: it proposes
+pruning policies to the :class:`~agents.evaluator.BudgetedEvaluator` until the budget is spent, with
+``settings`` an instance of the frozen dataclass it declares (built from keyword overrides, unknown keys
+refused). Agent modules register themselves when imported; :func:`discover` imports each module of this
+package once, so naming an agent never depends on what the caller happened to import, and a module that
+fails to import (a missing optional dependency) is reported with the agent's name instead of breaking the
+others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import pkgutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from agents.evaluator import BudgetedEvaluator, BudgetExhausted, SearchResult
+from prune_env.errors import InvalidSettingError, UnknownNameError
+from prune_env.problem import PruningProblem
+from prune_env.rewards import RewardFn, get_reward
+from prune_env.settings import replace_checked
+from prune_env.validation import check_settings
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of an agent that has none."""
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """A registered agent: its name, its function ``run(evaluator, rng, settings)`` and settings class."""
+
+    name: str
+    run: Callable[[BudgetedEvaluator, np.random.Generator, Any], None]
+    settings: type = NoSettings
+
+    def make_settings(self, overrides: Mapping[str, Any] | None = None) -> Any:
+        """The agent's default settings with ``overrides`` applied (``dataclasses.replace``)."""
+        return make_settings(self.settings, overrides or {}, f"agent {self.name!r}")
+
+    @property
+    def doc(self) -> str:
+        return (self.run.__doc__ or "").strip().splitlines()[0] if self.run.__doc__ else ""
+
+
+def make_settings(cls: type, overrides: Mapping[str, Any], owner: str) -> Any:
+    """``cls()`` with ``overrides``; unknown keys raise :class:`InvalidSettingError` listing the known."""
+    return replace_checked(cls(), overrides, owner)
+
+
+AGENTS: dict[str, AgentSpec] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
+_DISCOVERED = False
+
+
+def register_agent(
+    name: str, settings: type = NoSettings
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register ``run(evaluator, rng, settings)`` under ``name`` with its settings dataclass."""
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        AGENTS[name] = AgentSpec(name, fn, settings)
+        return fn
+
+    return decorate
+
+
+def discover() -> dict[str, AgentSpec]:
+    """Every registered agent, after importing each module of the ``agents`` package once."""
+    global _DISCOVERED
+    if not _DISCOVERED:
+        import agents
+
+        for info in pkgutil.iter_modules(agents.__path__):
+            try:
+                importlib.import_module(f"agents.{info.name}")
+            except Exception as exc:  # an agent with a missing optional dependency must not break the others
+                _IMPORT_ERRORS[info.name] = f"{type(exc).__name__}: {exc}"
+        _DISCOVERED = True
+    return AGENTS
+
+
+def available() -> list[str]:
+    """Names of every agent that can run here."""
+    return sorted(discover())
+
+
+def resolve_agent(agent: str | Callable[..., None]) -> AgentSpec:
+    """The :class:`AgentSpec` of a registered name; a plain function is wrapped as an agent without
+    settings of its own (it receives keyword overrides as keyword arguments)."""
+    if isinstance(agent, str):
+        registry = discover()
+        if agent not in registry:
+            hint = ""
+            if _IMPORT_ERRORS:
+                failed = "; ".join(f"agents.{m}: {e}" for m, e in sorted(_IMPORT_ERRORS.items()))
+                hint = f" (modules that failed to import: {failed})"
+            raise UnknownNameError(f"unknown agent {agent!r}; available: {', '.join(sorted(registry))}{hint}")
+        return registry[agent]
+    if not callable(agent):
+        raise InvalidSettingError(
+            f"agent must be a registered name or a function, got {type(agent).__name__}"
+        )
+    return AgentSpec(getattr(agent, "__name__", "custom"), agent, _KeywordSettings)
+
+
+@dataclass(frozen=True)
+class _KeywordSettings:
+    """A user's agent function takes its settings as keyword arguments, unchecked here."""
+
+
+def run_agent(
+    agent: str | Callable[..., None],
+    evaluator: BudgetedEvaluator,
+    seed: int = 0,
+    **settings: Any,
+) -> SearchResult:
+    """Run ``agent`` until its budget is spent (or it stops early) and collect the result.
+
+    ``settings``: overrides of the agent's settings dataclass (unknown keys are refused before the search
+    starts); a plain function receives them as keyword arguments.
+    """
+    check_settings({"seed": seed})
+    spec = resolve_agent(agent)
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    with contextlib.suppress(BudgetExhausted):  # the normal way a search ends
+        if spec.settings is _KeywordSettings:
+            spec.run(evaluator, rng, **settings)
+        else:
+            spec.run(evaluator, rng, spec.make_settings(settings))
+    if evaluator.best is None:
+        raise RuntimeError(f"agent {spec.name!r} finished without evaluating any policy")
+    best_reward, best_outcome = evaluator.best
+    return SearchResult(
+        agent=spec.name,
+        seed=seed,
+        budget_evals=evaluator.budget_evals,
+        best_reward=best_reward,
+        best_outcome=best_outcome,
+        history=list(evaluator.history),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def search(
+    agent: str | Callable[..., None],
+    problem_or_env_factory: PruningProblem | Callable[[], gym.Env],
+    budget_evals: int,
+    seed: int = 0,
+    reward: str | RewardFn = "acc",
+    **settings: Any,
+) -> SearchResult:
+    """Run ``agent`` on a problem (or on the problem of an environment the factory builds) with a fresh
+    :class:`BudgetedEvaluator` of ``budget_evals`` proxy evaluations; ``settings`` go to the agent.
+    """
+    # Everything is checked before the environment factory builds (and maybe trains) anything.
+    check_settings({"budget_evals": budget_evals, "seed": seed})
+    reward_fn = get_reward(reward)
+    spec = resolve_agent(agent)
+    if spec.settings is not _KeywordSettings:
+        spec.make_settings(settings)
+    if isinstance(problem_or_env_factory, PruningProblem):
+        problem = problem_or_env_factory
+    elif callable(problem_or_env_factory):
+        built = getattr(problem_or_env_factory().unwrapped, "problem", None)
+        if not isinstance(built, PruningProblem):
+            raise InvalidSettingError(
+                "the environment factory must build a prune_env environment (one with a .problem)"
+            )
+        problem = built
+    else:
+        raise InvalidSettingError(
+            "pass a PruningProblem or a factory of prune_env environments, got "
+            f"{type(problem_or_env_factory).__name__}"
+        )
+    evaluator = BudgetedEvaluator(problem, budget_evals, reward=reward_fn)
+    return run_agent(agent, evaluator, seed=seed, **settings)

@@ -1,0 +1,346 @@
+"""Benchmark harness: run a grid of agents × models × datasets × targets × seeds at equal evaluation budgets.
+
+::
+
+    from prune_env.app import benchmark
+
+    results = benchmark.run(["uniform", "random", "ppo"], targets=(0.3, 0.5), seeds=(0, 1, 2), evals=100)
+    print(results.table())
+    results.plot_pareto("pareto.png")
+    results.plot_curves("curves.png")
+
+For each (model, dataset, target) ONE :class:`~prune_env.problem.PruningProblem` is built and shared by
+every agent and seed, so all runs see the same base model, dependency graph, channel ranking and proxy;
+every agent then gets a fresh :class:`~agents.evaluator.BudgetedEvaluator` with the same budget. Optionally each
+run's best policy is fine-tuned identically (knowledge distillation from the base model) and scored on the
+test split — the only place the test split is read.
+
+Results are tidy files under ``out``: ``runs.csv`` (one row per run), ``evaluations.csv`` (one row per
+evaluation, keyed by the run's columns) and ``runs.json`` (the run rows plus the grid settings). A run's
+rows are written as soon as it finishes, so an interrupted grid loses at most the run in progress, and
+calling :func:`run` again with the same ``out`` skips every run already in ``runs.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agents.evaluator import BudgetedEvaluator
+from agents.registry import NoSettings, available, resolve_agent, run_agent
+from prune_env.app.results import (
+    EVAL_FIELDS,
+    RUN_FIELDS,
+    BenchmarkResults,
+    append_csv,
+    json_value,
+    jsonable,
+    read_csv,
+    run_key,
+    write_csv,
+    write_json,
+)
+from prune_env.app.rundir import RunDirectory
+from prune_env.errors import InvalidSettingError
+from prune_env.problem import PruningProblem, check_model_arg
+from prune_env.rewards import get_reward
+from prune_env.settings import ProblemSettings
+from prune_env.validation import check_sequence, check_settings
+
+if TYPE_CHECKING:
+    from prune_env.data import Splits
+    from prune_env.problem import ModelArg
+    from prune_env.rewards import RewardFn
+
+# ------------------------------------------------------------------------------------------------ labels
+
+
+def _label(obj: Any, what: str) -> str:
+    if isinstance(obj, str):
+        return obj
+    name = getattr(obj, "name", None)
+    if what == "dataset" and isinstance(name, str):  # a Splits knows its dataset's name
+        return name
+    name = getattr(obj, "__name__", None)  # functions and classes
+    if name:
+        return str(name)
+    # Instances: a reward's repr shows its parameters (``Lagrangian(lam=1.0)``); a module's would be huge.
+    return repr(obj) if what == "reward" else type(obj).__name__
+
+
+def _labelled(items: Sequence[Any] | Mapping[str, Any] | Any, what: str) -> list[tuple[str, Any]]:
+    """``[(label, item)]``: a mapping gives its own labels; strings, Splits and callables are named."""
+    if isinstance(items, Mapping):
+        return [(str(k), v) for k, v in items.items()]
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        items = [items]
+    pairs = [(_label(x, what), x) for x in items]
+    labels = [p[0] for p in pairs]
+    if len(set(labels)) != len(labels):
+        raise InvalidSettingError(
+            f"{what} labels must be unique, got {labels}; pass a dict {{label: {what}}}"
+        )
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def run(
+    agents: Sequence[str | Callable[..., None]] | Mapping[str, str | Callable[..., None]] | None = None,
+    models: Sequence[ModelArg] | Mapping[str, ModelArg] = ("resnet20",),
+    datasets: Sequence[str | Splits] | Mapping[str, str | Splits] = ("digits",),
+    targets: Sequence[float] = (0.5,),
+    seeds: Sequence[int] = (0,),
+    evals: int = 50,
+    out: str | os.PathLike = "runs/benchmark",
+    reward: str | RewardFn = "acc",
+    finetune_epochs: int = 0,
+    problem_kwargs: Mapping[str, Any] | None = None,
+    agent_settings: Mapping[str, Mapping[str, Any]] | None = None,
+    metric: str = "macs",
+    progress: bool = True,
+) -> BenchmarkResults:
+    """Run every agent × seed on every (model, dataset, target) and save tidy results under ``out``.
+
+    Args:
+        agents: registered agent names, agent functions, or a ``{label: agent}`` mapping; ``None`` runs
+            every agent in :func:`agents.available`.
+        models: zoo names, factories or trained ``nn.Module`` s (see :class:`PruningProblem`); use a
+            ``{label: model}`` mapping to name non-string models in the results.
+        datasets: names for :func:`prune_env.data.load` or :class:`~prune_env.data.Splits`.
+        targets: cost budgets as fractions of the base model's ``metric`` ("macs" or "params").
+        seeds: one run per agent per seed; the seed is the agent's RNG seed and the fine-tune seed.
+            The problem (base model, data split, proxy batches) uses ``problem_kwargs["seed"]`` (default 0)
+            for every run, so seeds vary the search, not the problem.
+        evals: the evaluation budget of every run.
+        reward: a preset name or callable ``Outcome -> float``, the same for every agent.
+        finetune_epochs: when > 0, each run's best pruned model is fine-tuned by distillation from the
+            base model for this many epochs and scored on the test split (the final report only).
+        problem_kwargs: extra :class:`PruningProblem` arguments (``eval_samples``, ``importance``, ...).
+        agent_settings: ``{agent label: {setting: value}}`` passed to that agent's function.
+        progress: tqdm bar over the grid (and base-model training, if a model is not cached).
+
+    Returns the results of the whole grid, including runs completed by earlier calls with the same
+    ``out`` (which are skipped, not repeated). Results depend only on the arguments and seeds.
+    """
+    # Every argument is checked before a base model is trained or a file written.
+    check_settings(
+        {"evals": evals, "finetune_epochs": finetune_epochs, "metric": metric, "progress": progress}
+    )
+    targets = check_sequence("targets", targets, "target")
+    seeds = check_sequence("seeds", seeds, "seed")
+    get_reward(reward)
+    check_problem_kwargs(problem_kwargs or {})
+    agent_pairs = _labelled(available() if agents is None else agents, "agent")
+    settings = {str(k): dict(v) for k, v in (agent_settings or {}).items()}
+    for label, agent in agent_pairs:
+        spec = resolve_agent(agent)
+        if spec.settings is not NoSettings or settings.get(label):
+            spec.make_settings(settings.get(label, {}))
+    model_pairs = _labelled(models, "model")
+    for _, model in model_pairs:
+        check_model_arg(model)
+    dataset_pairs = _labelled(datasets, "dataset")
+    reward_label = _label(reward, "reward")
+
+    with RunDirectory(out, run_files=(), resume=True, option="out") as rundir:
+        return _run_grid(
+            rundir,
+            agent_pairs,
+            model_pairs,
+            dataset_pairs,
+            targets,
+            seeds,
+            evals,
+            reward,
+            reward_label,
+            finetune_epochs,
+            problem_kwargs,
+            settings,
+            metric,
+            progress,
+        )
+
+
+def check_problem_kwargs(problem_kwargs: Mapping[str, Any]) -> None:
+    """Keys must be :class:`ProblemSettings` fields other than the budget (the grid sets the target);
+    values obey the shared rules."""
+    budget = sorted({"target_macs", "target_params"} & set(problem_kwargs))
+    if budget:
+        raise InvalidSettingError(
+            f"problem_kwargs sets {', '.join(budget)}; the grid's targets and metric set the budget"
+        )
+    ProblemSettings.from_kwargs(problem_kwargs)
+
+
+def _run_grid(
+    rundir: RunDirectory,
+    agent_pairs: list[tuple[str, Any]],
+    model_pairs: list[tuple[str, Any]],
+    dataset_pairs: list[tuple[str, Any]],
+    targets: list[float],
+    seeds: list[int],
+    evals: int,
+    reward: Any,
+    reward_label: str,
+    finetune_epochs: int,
+    problem_kwargs: Mapping[str, Any] | None,
+    settings: dict[str, dict[str, Any]],
+    metric: str,
+    progress: bool,
+) -> BenchmarkResults:
+    """The grid of :func:`run` in a directory this process holds."""
+    from tqdm.auto import tqdm
+
+    out = rundir.path
+    runs_csv, evals_csv = out / "runs.csv", out / "evaluations.csv"
+    done = BenchmarkResults.load(out)
+    for r in done.runs:
+        # Mixing budgets or rewards in one directory would make the comparison unequal without saying so.
+        if (r["budget_evals"], r["reward"], r["metric"], r["finetune_epochs"]) != (
+            evals,
+            reward_label,
+            metric,
+            finetune_epochs,
+        ):
+            raise InvalidSettingError(
+                f"{runs_csv} holds runs with evals={r['budget_evals']}, reward={r['reward']!r}, "
+                f"metric={r['metric']!r}, finetune_epochs={r['finetune_epochs']}; this grid asks for "
+                f"evals={evals}, reward={reward_label!r}, metric={metric!r}, finetune_epochs={finetune_epochs}. "
+                "Use another `out` directory."
+            )
+    proxy_settings = json.loads(json.dumps(dict(problem_kwargs or {}), default=json_value))
+    saved = out / "runs.json"
+    if done.runs and saved.exists():
+        before = json.loads(saved.read_text()).get("settings", {}).get("problem_kwargs", proxy_settings)
+        if before != proxy_settings:  # another proxy or base model scores differently: not comparable
+            raise InvalidSettingError(
+                f"{saved} was made with problem_kwargs={before}, this grid asks for {proxy_settings}. "
+                "Use another `out` directory."
+            )
+    if len(done.evaluations) != len(read_csv(evals_csv)):
+        # Drop the rows of a run interrupted before its run row was written: its rerun writes them again.
+        # The file as it was is kept aside first.
+        rundir.keep_aside(evals_csv.name)
+        write_csv(evals_csv, EVAL_FIELDS, done.evaluations)
+    completed = {run_key(r) for r in done.runs}
+
+    grid = [
+        (m, d, t, a, s)
+        for m in model_pairs
+        for d in dataset_pairs
+        for t in targets
+        for a in agent_pairs
+        for s in seeds
+    ]
+    todo = [g for g in grid if (g[3][0], g[0][0], g[1][0], g[2], g[4]) not in completed]
+    meta = {
+        "agents": [a for a, _ in agent_pairs],
+        "models": [m for m, _ in model_pairs],
+        "datasets": [d for d, _ in dataset_pairs],
+        "targets": targets,
+        "seeds": seeds,
+        "evals": evals,
+        "reward": reward_label,
+        "metric": metric,
+        "finetune_epochs": finetune_epochs,
+        "problem_kwargs": proxy_settings,
+        "agent_settings": settings,
+    }
+    results = done
+    results.out = out
+    problems: dict[tuple[str, str, float], PruningProblem] = {}
+    with tqdm(total=len(grid), initial=len(grid) - len(todo), desc="benchmark", disable=not progress) as bar:
+        for (m_label, model), (d_label, dataset), target, (a_label, agent), seed in todo:
+            bar.set_postfix_str(f"{a_label} {m_label}/{d_label} t={target:g} seed={seed}")
+            pkey = (m_label, d_label, target)
+            if pkey not in problems:
+                problems.clear()  # one problem alive at a time: they hold a model, data and a memo
+                problems[pkey] = _problem(model, dataset, target, metric, problem_kwargs, progress)
+            problem = problems[pkey]
+            run_row, eval_rows = _one_run(
+                problem, agent, seed, evals, reward, settings.get(a_label, {}), finetune_epochs
+            )
+            keys = {"agent": a_label, "model": m_label, "dataset": d_label, "target": target, "seed": seed}
+            run_row = {**keys, "metric": metric, "reward": reward_label, **run_row}
+            eval_rows = [{**keys, **e} for e in eval_rows]
+            # Evaluations first, then the run row: a run counts as done only once all its rows are on disk.
+            append_csv(evals_csv, EVAL_FIELDS, eval_rows)
+            append_csv(runs_csv, RUN_FIELDS, [run_row])
+            results.runs.append(run_row)
+            results.evaluations.extend(eval_rows)
+            write_json(out / "runs.json", {"settings": meta, "runs": [jsonable(r) for r in results.runs]})
+            bar.update(1)
+    if not todo and not (out / "runs.json").exists():
+        write_json(out / "runs.json", {"settings": meta, "runs": [jsonable(r) for r in results.runs]})
+    # Report the requested grid in grid order, even if the directory holds more (an earlier, larger grid).
+    wanted = {(a[0], m[0], d[0], t, s) for m, d, t, a, s in grid}
+    results.runs = [r for r in results.runs if run_key(r) in wanted]
+    results.evaluations = [e for e in results.evaluations if run_key(e) in wanted]
+    return results
+
+
+def _problem(
+    model: Any,
+    dataset: Any,
+    target: float,
+    metric: str,
+    problem_kwargs: Mapping[str, Any] | None,
+    progress: bool,
+) -> PruningProblem:
+    budget = {"target_params" if metric == "params" else "target_macs": target}
+    settings = ProblemSettings.from_kwargs({"progress": progress, **dict(problem_kwargs or {}), **budget})
+    return PruningProblem(model, dataset, settings)
+
+
+def _one_run(
+    problem: PruningProblem,
+    agent: Any,
+    seed: int,
+    evals: int,
+    reward: Any,
+    settings: Mapping[str, Any],
+    finetune_epochs: int,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    start = time.perf_counter()
+    result = run_agent(agent, BudgetedEvaluator(problem, evals, reward), seed, **settings)
+    best = result.best_outcome
+    val_acc = test_acc = math.nan
+    if finetune_epochs > 0:
+        from prune_env.train import finetune
+
+        # Identical recipe for every run (only the seed differs): differences come from the policies.
+        # It starts from the model as the proxy scored it (BatchNorm recalibrated).
+        _, metrics = finetune(
+            problem.scored_model(result.best_keep),
+            problem.base_model,
+            problem.splits,
+            finetune_epochs,
+            seed=seed,
+            progress=False,
+            device=problem.device,
+        )
+        val_acc, test_acc = float(metrics["val_accuracy"]), float(metrics["test_accuracy"])
+    row = {
+        "budget_evals": evals,
+        "evals_used": len(result.history),
+        "best_reward": float(result.best_reward),
+        "best_accuracy": float(best.accuracy),
+        "macs_ratio": float(best.macs_ratio),
+        "params_ratio": float(best.params_ratio),
+        "base_accuracy": float(problem.base_accuracy),
+        "finetune_epochs": finetune_epochs,
+        "val_accuracy": val_acc,
+        "test_accuracy": test_acc,
+        "seconds": time.perf_counter() - start,
+        "ratios": " ".join(f"{r:.4f}" for r in np.asarray(best.ratios).reshape(-1)),
+        "keep": " ".join(str(int(k)) for k in best.keep),
+    }
+    return row, [e.as_row() for e in result.history]

@@ -1,0 +1,190 @@
+"""The ``prune-env`` command line: search, list, eval, export, demo.
+
+Errors the user can fix — an unknown name, an impossible target, a bad option, a missing or tampered saved
+model — are the library's typed errors (:class:`~prune_env.errors.PruneEnvError`) and argparse's own: each
+is reported in one line, ``prune-env: error: ...``, with exit status 2 and no traceback. Anything else is a
+bug in prune_env, not the user's mistake: it is shown as a crash (the traceback and a line asking to report
+it, exit status 1). Ctrl-C exits with 130.
+
+The options of ``search`` are generated from the fields of its settings (:mod:`prune_env.app.settings`).
+Help and argument errors answer before torch is imported: each command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from prune_env.app.settings import add_options, from_options
+from prune_env.errors import PruneEnvError
+from prune_env.validation import MAX_SEED
+
+# Largest --resolution of `demo`: beyond it one activation of a torchvision model no longer fits in memory.
+MAX_DEMO_RESOLUTION = 2048
+
+
+def _search(args: argparse.Namespace) -> int:
+    """Train or load the base model, search, fine-tune the best policy with KD, save everything."""
+    from prune_env.app.job import run_search
+
+    return run_search(from_options(args, tuple(args.argv)))
+
+
+def _list(args: argparse.Namespace) -> int:
+    """Print the names every other subcommand accepts."""
+    from agents.registry import available
+    from prune_env.app.job import default_agent
+    from prune_env.data import DATASET_NAMES
+    from prune_env.models import available_models
+    from prune_env.rewards import PRESETS
+
+    default = default_agent()
+    print("models:   " + ", ".join(available_models()) + ", tv:NAME (any torchvision classifier)")
+    print("datasets: " + ", ".join(DATASET_NAMES))
+    print("agents:   " + ", ".join(a + (" (default)" if a == default else "") for a in available()))
+    print("rewards:  " + ", ".join(PRESETS))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from prune_env.app.model_commands import run_eval
+
+    return run_eval(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from prune_env.app.model_commands import run_export
+
+    return run_export(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from prune_env.app.model_commands import run_demo
+
+    return run_demo(args)
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the command's one-line format (``--help`` is unchanged)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"prune-env: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
+def _number_in(
+    convert: Callable[[str], float], low: float, high: float, *, high_open: bool = False, what: str = ""
+) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert(text)`` within [low, high] (or [low, high) ), NaN refused."""
+    bracket = ")" if high_open else "]"
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = math.nan
+        if not (low <= value < high if high_open else low <= value <= high):  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be {what}in [{low}, {high}{bracket}, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="prune-env", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    search = sub.add_parser(
+        "search",
+        help="search a pruning policy, fine-tune the result, save model and results",
+        description="Train or load the base model, search pruning policies under a cost budget, fine-tune "
+        "the best policy's model with knowledge distillation and save everything under --out.",
+    )
+    add_options(search)
+    search.set_defaults(func=_search)
+
+    lister = sub.add_parser("list", help="name the models, datasets, agents and reward presets")
+    lister.set_defaults(func=_list)
+
+    ev = sub.add_parser("eval", help="score a saved pruned model")
+    ev.add_argument("path", help="a saved model directory (e.g. runs/quickstart/model)")
+    ev.add_argument(
+        "--dataset",
+        default=None,
+        help="default: the dataset the model was pruned on (a path, e.g. imagefolder:DIR, only from here)",
+    )
+    ev.add_argument(
+        "--seed",
+        type=_number_in(int, 0, MAX_SEED, what="an integer "),
+        default=None,
+        help="dataset split seed (default: the run's seed)",
+    )
+    ev.add_argument("--split", choices=("test", "val"), default="test")
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
+    ev.set_defaults(func=_eval)
+
+    export = sub.add_parser("export", help="write a saved pruned model as ONNX (needs the onnx package)")
+    export.add_argument("path", help="a saved model directory")
+    export.add_argument("--onnx", required=True, help="output .onnx file (replaced if it exists)")
+    export.set_defaults(func=_export)
+
+    demo = sub.add_parser("demo", help="prune a torchvision model and print its dependency groups")
+    demo.add_argument("--model", default="resnet18")
+    demo.add_argument(
+        "--ratio",
+        type=_number_in(float, 0, 1, high_open=True, what="a fraction "),
+        default=0.5,
+        help="fraction of every group's channels removed, in [0, 1) (default 0.5)",
+    )
+    demo.add_argument(
+        "--resolution",
+        type=_number_in(int, 1, MAX_DEMO_RESOLUTION, what="an integer "),
+        default=64,
+        help="input height and width in pixels (default 64)",
+    )
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or an argparse error already printed in one line (2)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    args.argv = argv
+    try:
+        return int(args.func(args))
+    except PruneEnvError as exc:  # the library's own verdict on the user's input: not a bug
+        print(f"prune-env: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prune-env: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        # Anything else is a bug in prune_env (or in a library under it), not a mistake in the input:
+        # show it as the crash it is rather than as "bad input".
+        traceback.print_exc()
+        print(
+            "prune-env: internal error: this is a bug in prune_env, not a problem with your input; please "
+            f"report it with the traceback above and the command `prune-env {shlex.join(argv)}`",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""The main job behind ``prune-env search``: base model, search, KD fine-tune, and everything written to disk.
+
+A run directory (see :mod:`prune_env.app.runfiles` for its files) belongs to one process for the whole run
+(an OS lock, see :mod:`prune_env.app.rundir`); a directory holding any run file is refused unless the run
+is resumed.
+
+Resume: the run's settings must match the state file's, and every logged row is checked against the
+problem (kept counts, costs within the target, the reward the reward function gives). The agent then
+starts again from the beginning with the same seed while the evaluator answers its first proposals from
+the log instead of the proxy (:meth:`agents.evaluator.BudgetedEvaluator.replay`): the agent retraces its
+own history, reaching the state (policy network, population, RNG) it had when interrupted, so a resumed
+search ends exactly as the uninterrupted one would. A run whose search is complete resumes straight into
+the fine-tune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.evaluator import BudgetedEvaluator, Evaluation
+from agents.registry import AgentSpec, available, resolve_agent, run_agent
+from prune_env.app.rundir import RunDirectory, write_atomic
+from prune_env.app.runfiles import (
+    EVALUATIONS_FILE,
+    RUN_FILES,
+    STATE_FILE,
+    STATE_FORMAT,
+    RunLog,
+    plot_search,
+    read_evaluations,
+    read_state,
+    write_json,
+)
+from prune_env.app.settings import DEFAULT_AGENTS, SearchSettings
+from prune_env.data import Splits, load
+from prune_env.device import resolve_device
+from prune_env.errors import ResumeError, UnknownNameError, UnsupportedLayerError
+from prune_env.problem import PruningProblem
+from prune_env.rewards import get_reward
+
+log = logging.getLogger("prune_env.job")
+
+
+def default_agent() -> str:
+    """The first of :data:`DEFAULT_AGENTS` that can run here."""
+    names = available()
+    name = next((a for a in DEFAULT_AGENTS if a in names), None)
+    if name is None:
+        raise UnknownNameError(f"none of the default agents {DEFAULT_AGENTS} can run here; pass --agent")
+    return name
+
+
+def run_directory(s: SearchSettings) -> RunDirectory:
+    return RunDirectory(s.out, run_files=RUN_FILES, resume=s.resume, state_file=STATE_FILE, option="--out")
+
+
+def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
+    """Check everything before anything slow happens; returns the settings with the agent named, and the
+    loaded dataset splits.
+
+    Builds the untrained architecture's graph (a fraction of a second) so an impossible target is
+    reported before the base model is trained, not after.
+    """
+    from prune_env.graph import build_graph
+    from prune_env.models import get_model
+    from prune_env.spaces import BudgetProjector
+
+    p = s.problem
+    run_directory(s).check()
+    resolve_device(p.device)
+    get_reward(s.reward)
+    spec = resolve_agent(s.agent or default_agent())
+    spec.make_settings(s.agent_settings)
+    splits = load(s.dataset, seed=p.seed, image_size=s.image_size)
+    with torch.random.fork_rng(devices=[]):
+        net = get_model(s.model, splits.num_classes, splits.in_channels).eval()
+    graph = build_graph(net, splits.example_inputs(1))
+    if not graph.groups:
+        raise UnsupportedLayerError(f"{s.model} has no prunable channel group")
+    projector = BudgetProjector(
+        graph.costs, [g.channels for g in graph.groups], metric=p.metric, max_ratio=p.max_ratio
+    )
+    projector.check_target(p.target)
+    return dataclasses.replace(s, agent=spec.name), splits
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _setup_logging(directory: Path) -> list[logging.Handler]:
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    file_handler = logging.FileHandler(directory / "log.txt")
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    for h in (file_handler, console):
+        log.addHandler(h)
+    return [file_handler, console]
+
+
+def _open_run(s: SearchSettings, rundir: RunDirectory) -> tuple[dict[str, Any], list[Evaluation]]:
+    """The run's state and its logged evaluations: fresh, or those of the run being resumed.
+
+    A resumed run must have been made with the same settings (every key of
+    :meth:`SearchSettings.identity`, none missing), and its log must agree with its state file; a log
+    whose last line a hard kill cut short is kept aside and rewritten without that line.
+    """
+    identity = s.identity()
+    if not s.resume:
+        return {"format": STATE_FORMAT, "settings": identity, "budget_evals": s.evals, "evals_done": 0}, []
+    state_path = s.out / STATE_FILE
+    state = read_state(state_path)
+    saved = state["settings"]
+    missing = [k for k in identity if k not in saved]
+    if missing:
+        raise ResumeError(f"cannot resume {s.out}: {state_path} does not record {', '.join(missing)}")
+    differ = [k for k in identity if saved[k] != identity[k]]
+    if differ:
+        what = ", ".join(f"{k}={saved[k]!r} (now {identity[k]!r})" for k in differ)
+        raise ResumeError(f"cannot resume {s.out}: it was run with {what}")
+    csv_path = s.out / EVALUATIONS_FILE
+    logged = read_evaluations(csv_path)
+    done, recorded = len(logged.records), state["evals_done"]
+    # Each row is appended before the state is updated, so the log holds the recorded count or one more.
+    if not recorded <= done <= recorded + 1:
+        raise ResumeError(
+            f"{csv_path} holds {done} evaluations but {state_path} records {recorded}; the files do not "
+            "belong together: restore them or start a new run with another --out"
+        )
+    if s.evals < done:
+        raise ResumeError(f"--evals {s.evals} is less than the {done} evaluations already done")
+    if logged.complete_text is not None:
+        aside = rundir.keep_aside(EVALUATIONS_FILE)
+        write_atomic(csv_path, logged.complete_text)
+        log.warning("the last line of %s was cut short (kept as %s); it is run again", csv_path, aside)
+    state["budget_evals"] = s.evals
+    return state, logged.records
+
+
+def _resume_hint(s: SearchSettings) -> str:
+    argv = list(s.argv)
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(["prune-env", *argv])
+
+
+def _agent_settings(spec: AgentSpec, s: SearchSettings) -> dict[str, Any]:
+    """The user's agent settings, plus the run's defaults for those the agent has: a TensorBoard
+    directory inside the run, and no progress bar of its own (the job's bar counts evaluations)."""
+    names = {f.name for f in dataclasses.fields(spec.settings)}
+    settings = dict(s.agent_settings)
+    if "tensorboard_log" in names:
+        settings.setdefault("tensorboard_log", str(s.out / "tensorboard"))
+    if "progress" in names:
+        settings.setdefault("progress", False)
+    return settings
+
+
+def _results(
+    s: SearchSettings,
+    problem: PruningProblem,
+    evaluator: BudgetedEvaluator,
+    timings: dict[str, float],
+    status: str,
+    finetuned: dict[str, float] | None,
+) -> dict[str, Any]:
+    from prune_env.checkpoint import versions
+
+    reward, outcome = evaluator.best
+    names = problem.group_names
+    return {
+        "status": status,
+        "agent": s.agent,
+        "seed": s.problem.seed,
+        "model": s.model,
+        "dataset": s.dataset,
+        "metric": s.problem.metric,
+        "target": s.problem.target,
+        "reward_preset": s.reward,
+        "budget_evals": s.evals,
+        "evals_done": evaluator.used,
+        "best_evaluation": int(np.argmax([e.reward for e in evaluator.history])),
+        "best_reward": reward,
+        "ratios": dict(zip(names, (float(r) for r in outcome.ratios), strict=True)),
+        "keep": dict(zip(names, (int(k) for k in outcome.keep), strict=True)),
+        "channels": dict(zip(names, (int(c) for c in problem.channels), strict=True)),
+        "macs": int(outcome.macs),
+        "params": int(outcome.params),
+        "base_macs": int(outcome.base_macs),
+        "base_params": int(outcome.base_params),
+        "macs_ratio": outcome.macs_ratio,
+        "params_ratio": outcome.params_ratio,
+        "proxy_accuracy": outcome.accuracy,
+        "base_proxy_accuracy": problem.base_accuracy,
+        "base_test_accuracy": problem.base_metrics.get("test_accuracy"),
+        "finetune_epochs": s.finetune_epochs if finetuned is not None else None,
+        "finetuned_val_accuracy": None if finetuned is None else finetuned["val_accuracy"],
+        "test_accuracy": None if finetuned is None else finetuned["test_accuracy"],
+        "settings": s.identity(),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "versions": versions(),
+        "command": shlex.join(["prune-env", *s.argv]),
+    }
+
+
+def _save_model(
+    s: SearchSettings, problem: PruningProblem, keep: np.ndarray, model: nn.Module, meta: dict[str, Any]
+) -> Path:
+    from prune_env.checkpoint import kept_units, save_pruned
+
+    return save_pruned(
+        s.out / "model",
+        model,
+        keep=kept_units(problem.rankings, keep, problem.group_names),
+        input_shape=problem.splits.input_shape,
+        architecture=s.model,
+        num_classes=problem.splits.num_classes,
+        in_channels=problem.splits.in_channels,
+        meta={
+            "dataset": s.dataset,
+            "seed": s.problem.seed,
+            "metric": s.problem.metric,
+            "target": s.problem.target,
+            **meta,
+        },
+    )
+
+
+def _finish_partial(
+    s: SearchSettings,
+    problem: PruningProblem,
+    evaluator: BudgetedEvaluator,
+    timings: dict[str, float],
+    started: float,
+    where: str,
+) -> int:
+    """Ctrl-C: keep what exists (log, best policy, its un-fine-tuned model, plot) and say how to resume."""
+    timings["total_seconds"] = time.perf_counter() - started
+    # While a resumed agent still retraces its log, the files of the earlier interruption are the newer.
+    if evaluator is not None and evaluator.best is not None and not evaluator.replaying:
+        results = _results(s, problem, evaluator, timings, "interrupted", None)
+        write_json(s.out / "results.json", results)
+        plot_search(evaluator.history, s.out / "search.png", s.problem.target, s.problem.metric)
+        keep = np.asarray(evaluator.best[1].keep, dtype=np.int64)
+        _save_model(s, problem, keep, problem.scored_model(keep), {"finetuned": False})
+    done = 0 if evaluator is None else evaluator.used
+    log.warning(
+        "interrupted during %s after %d/%d evaluations; what exists is saved in %s. Continue with:\n  %s",
+        where,
+        done,
+        s.evals,
+        s.out,
+        _resume_hint(s),
+    )
+    return 130
+
+
+def run_search(s: SearchSettings) -> int:
+    """``prune-env search``; returns the exit status (0 done, 130 interrupted)."""
+    s, splits = preflight(s)
+    with run_directory(s) as rundir:
+        return _run_owned(s, splits, rundir)
+
+
+def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
+    """The search job in a run directory this process holds."""
+    from tqdm.auto import tqdm
+
+    from prune_env.train import finetune
+
+    started = time.perf_counter()
+    spec = resolve_agent(s.agent or default_agent())
+    handlers = _setup_logging(s.out)
+    timings: dict[str, float] = {}
+    problem = evaluator = None
+    bar = None
+    stage = "base model"
+    try:
+        state, previous = _open_run(s, rundir)
+        t0 = time.perf_counter()
+        problem = PruningProblem(s.model, splits, s.problem)
+        timings["base_seconds"] = time.perf_counter() - t0
+        run_log = RunLog(s.out, state)
+        evaluator = BudgetedEvaluator(problem, s.evals, reward=s.reward, on_evaluation=run_log)
+        # A resumed log is checked against the problem before anything is said or written.
+        evaluator.check_log(previous, str(run_log.csv_path))
+        log.info("prune-env search: %s on %s, %s target %g, agent %s, %d evaluations, seed %d", s.model,
+                 s.dataset, problem.metric, problem.target, spec.name, s.evals, problem.seed)  # fmt: skip
+        log.info(
+            "base model: %d groups, %s MACs, %s params, proxy accuracy %.4f, test accuracy %s",
+            problem.n_groups,
+            f"{problem.graph.base_macs:,}",
+            f"{problem.graph.base_params:,}",
+            problem.base_accuracy,
+            _fmt(problem.base_metrics.get("test_accuracy")),
+        )
+
+        stage = "search"
+        bar = run_log.bar = tqdm(
+            total=s.evals,
+            desc=f"search ({s.agent})",
+            unit="eval",
+            disable=not s.problem.progress,
+            leave=False,
+        )
+        run_log.start(previous)
+        state["evals_done"] = len(previous)
+        write_json(s.out / STATE_FILE, state)
+        if len(previous) == s.evals:
+            evaluator.preload(previous)  # the search was complete: straight to the fine-tune
+        elif previous:
+            evaluator.replay(previous)
+        if previous:
+            bar.update(len(previous))
+            log.info("resumed: %d evaluations replayed from %s", len(previous), run_log.csv_path)
+        t0 = time.perf_counter()
+        if evaluator.remaining > 0:
+            # The same seed as the interrupted run: the agent retraces the logged evaluations, then goes on.
+            run_agent(spec.name, evaluator, seed=problem.seed, **_agent_settings(spec, s))
+        timings["search_seconds"] = time.perf_counter() - t0
+        bar.close()
+        if evaluator.best is None:
+            raise RuntimeError(f"agent {spec.name!r} finished without evaluating any policy")
+        best_reward, outcome = evaluator.best
+        log.info(
+            "search done: %d evaluations, best reward %.4f, proxy accuracy %.4f at %s ratio %.3f",
+            evaluator.used,
+            best_reward,
+            outcome.accuracy,
+            problem.metric,
+            outcome.cost_ratio,
+        )
+
+        stage = "fine-tune"
+        keep = np.asarray(outcome.keep, dtype=np.int64)
+        t0 = time.perf_counter()
+        # Fine-tuning starts from the model as the proxy scored it (BatchNorm recalibrated): with zero
+        # epochs that is what is saved, never the pruned model with the base model's stale statistics.
+        tuned, metrics = finetune(
+            problem.scored_model(keep),
+            problem.base_model,
+            problem.splits,
+            s.finetune_epochs,
+            seed=problem.seed,
+            progress=s.problem.progress,
+            device=problem.device,
+        )
+        timings["finetune_seconds"] = time.perf_counter() - t0
+        timings["total_seconds"] = time.perf_counter() - started
+        state["status"] = "finished"
+        write_json(s.out / STATE_FILE, state)
+        results = _results(s, problem, evaluator, timings, "finished", metrics)
+        _save_model(s, problem, keep, tuned, {"finetuned": True, "test_accuracy": metrics["test_accuracy"]})
+        write_json(s.out / "results.json", results)
+        plot_search(evaluator.history, s.out / "search.png", problem.target, problem.metric)
+        log.info(
+            "fine-tuned %d epochs: test accuracy %.4f (base %s); %s ratio %.3f, params ratio %.3f; "
+            "saved to %s in %.0f s",
+            s.finetune_epochs,
+            metrics["test_accuracy"],
+            _fmt(problem.base_metrics.get("test_accuracy")),
+            problem.metric,
+            outcome.cost_ratio,
+            outcome.params_ratio,
+            s.out,
+            timings["total_seconds"],
+        )
+        return 0
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        if problem is None:
+            log.warning("interrupted while preparing the base model; nothing to save yet")
+            return 130
+        return _finish_partial(s, problem, evaluator, timings, started, stage)
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+
+
+__all__ = ["default_agent", "preflight", "run_search"]

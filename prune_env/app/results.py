@@ -1,0 +1,389 @@
+"""Benchmark results: the tidy files a grid writes (``runs.csv``, ``evaluations.csv``, ``runs.json``),
+read back as :class:`BenchmarkResults` with summary tables and plots (Pareto fronts, search curves)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from prune_env.serialize import json_default
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+RUN_KEYS = ("agent", "model", "dataset", "target", "seed")
+RUN_FIELDS = (
+    *RUN_KEYS,
+    "metric",
+    "reward",
+    "budget_evals",
+    "evals_used",
+    "best_reward",
+    "best_accuracy",  # proxy accuracy (validation subset) of the best-reward policy
+    "macs_ratio",
+    "params_ratio",
+    "base_accuracy",  # proxy accuracy of the unpruned model
+    "finetune_epochs",
+    "val_accuracy",  # after the final fine-tune; blank when finetune_epochs == 0
+    "test_accuracy",  # after the final fine-tune; blank when finetune_epochs == 0
+    "seconds",  # search plus fine-tune; memo hits on the shared problem make later runs faster
+    "ratios",  # of the best policy, one per group
+    "keep",  # kept units per group of the best policy
+)
+EVAL_FIELDS = (
+    *RUN_KEYS,
+    "index",
+    "reward",
+    "accuracy",
+    "loss",
+    "macs_ratio",
+    "params_ratio",
+    "seconds",
+    "ratios",
+    "keep",
+)
+_INT_FIELDS = {"seed", "budget_evals", "evals_used", "finetune_epochs", "index"}
+_STR_FIELDS = {"agent", "model", "dataset", "metric", "reward", "ratios", "keep"}
+UNIFORM = "uniform"  # the reference agent in plots
+
+RunKey = tuple[str, str, str, float, int]
+
+
+def run_key(row: Mapping[str, Any]) -> RunKey:
+    # Normalised types: rows read back from CSV carry strings, fresh rows carry numbers.
+    return (str(row["agent"]), str(row["model"]), str(row["dataset"]), float(row["target"]), int(row["seed"]))
+
+
+def parse_row(row: Mapping[str, str]) -> dict[str, Any]:
+    """A CSV row with its numbers restored (blank numeric cells become NaN)."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k in _STR_FIELDS:
+            out[k] = v
+        elif k in _INT_FIELDS:
+            out[k] = int(v) if v != "" else None
+        else:
+            try:
+                out[k] = float(v) if v != "" else math.nan
+            except ValueError:  # an unknown textual column (a user's extra field): keep it as text
+                out[k] = v
+    return out
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [parse_row(r) for r in csv.DictReader(f)]
+
+
+def _cell(v: Any) -> Any:
+    # Blank instead of "nan": the tidy convention for "not measured", and pandas reads it back as NaN.
+    return "" if isinstance(v, float) and math.isnan(v) else v
+
+
+def append_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _cell(r.get(k, "")) for k in fields})
+        f.flush()
+        os.fsync(f.fileno())  # the point of appending per run: survive a kill right after it
+
+
+def write_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Replace ``path`` atomically: a kill mid-write leaves the old file, never a half-written one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    append_csv(tmp, fields, rows)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic replace: a reader (or a resumed grid) never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=json_value, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_value(v: Any) -> Any:
+    try:
+        return json_default(v)
+    except TypeError:
+        return str(v)  # settings may hold objects (a custom proxy): record their description
+
+
+def jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class BenchmarkResults:
+    """The rows of a benchmark grid: ``runs`` (one dict per run) and ``evaluations`` (one per evaluation).
+
+    Columns are listed in :data:`RUN_FIELDS` and :data:`EVAL_FIELDS`. pandas is optional:
+    :meth:`dataframes` converts when it is installed.
+    """
+
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    out: Path | None = None
+
+    @classmethod
+    def load(cls, out: str | os.PathLike) -> BenchmarkResults:
+        """Read ``runs.csv`` and ``evaluations.csv`` from a benchmark directory."""
+        out = Path(out)
+        runs = read_csv(out / "runs.csv")
+        keys = {run_key(r) for r in runs}
+        # Evaluations of a run interrupted before its run row was written are not results: drop them.
+        evals = [e for e in read_csv(out / "evaluations.csv") if run_key(e) in keys]
+        return cls(runs, evals, out)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __repr__(self) -> str:
+        return f"BenchmarkResults({len(self.runs)} runs, {len(self.evaluations)} evaluations, out={self.out})\n{self.table()}"
+
+    def dataframes(self) -> tuple[Any, Any]:
+        """``(runs, evaluations)`` as pandas DataFrames (needs pandas, which prune_env does not require)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.runs, columns=list(RUN_FIELDS)), pd.DataFrame(
+            self.evaluations, columns=list(EVAL_FIELDS)
+        )
+
+    @property
+    def agents(self) -> list[str]:
+        return list(dict.fromkeys(r["agent"] for r in self.runs))
+
+    # -- table ------------------------------------------------------------------------------------
+    def summary(self) -> list[dict[str, Any]]:
+        """One dict per (model, dataset, target, agent): mean and std over seeds of the run metrics."""
+        groups: dict[tuple[str, str, float, str], list[dict[str, Any]]] = {}
+        for r in self.runs:
+            groups.setdefault((r["model"], r["dataset"], float(r["target"]), r["agent"]), []).append(r)
+        rows = []
+        for (model, dataset, target, agent), rs in groups.items():
+            row: dict[str, Any] = {"model": model, "dataset": dataset, "target": target, "agent": agent}
+            row["seeds"] = len(rs)
+            row["evals"] = float(np.mean([r["evals_used"] for r in rs]))
+            for col in ("best_accuracy", "macs_ratio", "params_ratio", "test_accuracy", "seconds"):
+                vals = np.array([_float(r.get(col)) for r in rs], dtype=np.float64)
+                vals = vals[np.isfinite(vals)]
+                row[col] = float(vals.mean()) if vals.size else math.nan
+                row[col + "_std"] = float(vals.std()) if vals.size else math.nan
+            rows.append(row)
+        return rows
+
+    def table(self) -> str:
+        """Plain-text table: per model, dataset, target and agent, mean ± std over seeds."""
+        if not self.runs:
+            return "(no runs)"
+        summary = self.summary()
+        multi = len({(s["model"], s["dataset"]) for s in summary}) > 1
+        head = ["model", "dataset"] if multi else []
+        header = [
+            *head,
+            "target",
+            "agent",
+            "seeds",
+            "evals",
+            "proxy acc",
+            "MACs",
+            "params",
+            "test acc (ft)",
+            "s/run",
+        ]
+        lines = []
+        for s in summary:
+            lines.append(
+                [
+                    *([s["model"], s["dataset"]] if multi else []),
+                    f"{s['target']:g}",
+                    s["agent"],
+                    str(s["seeds"]),
+                    f"{s['evals']:.0f}",
+                    _pm(s["best_accuracy"], s["best_accuracy_std"]),
+                    f"{s['macs_ratio']:.3f}",
+                    f"{s['params_ratio']:.3f}",
+                    _pm(s["test_accuracy"], s["test_accuracy_std"]),
+                    f"{s['seconds']:.1f}",
+                ]
+            )
+        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+        fmt = "  ".join(f"{{:<{w}}}" if i < len(head) + 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        out += [fmt.format(*line) for line in lines]
+        if not multi:
+            out.insert(0, f"{summary[0]['model']} on {summary[0]['dataset']}")
+        return "\n".join(out)
+
+    # -- plots ------------------------------------------------------------------------------------
+    def _panels(self, keys: Sequence[str]) -> list[tuple[Any, ...]]:
+        return list(dict.fromkeys(tuple(r[k] for k in keys) for r in self.runs))
+
+    def plot_pareto(self, path: str | os.PathLike | None = None) -> Figure:
+        """Proxy accuracy vs MACs ratio: every evaluation as a faint point per agent, each agent's Pareto
+        front (best accuracy at no more than a given cost) as a line, and the uniform policy as the
+        reference (a horizontal line for one target, a dashed line through its points for several).
+
+        One panel per (model, dataset). Saved to ``path`` when given.
+        """
+        panels = self._panels(("model", "dataset"))
+        fig, axes = _figure(len(panels))
+        for ax, (model, dataset) in zip(axes, panels, strict=True):
+            evals = [e for e in self.evaluations if e["model"] == model and e["dataset"] == dataset]
+            runs = [r for r in self.runs if r["model"] == model and r["dataset"] == dataset]
+            colors = _colors(self.agents)
+            for agent in self.agents:
+                pts = np.array([(e["macs_ratio"], e["accuracy"]) for e in evals if e["agent"] == agent])
+                if agent == UNIFORM or not len(pts):
+                    continue
+                color = colors[agent]
+                ax.scatter(pts[:, 0], pts[:, 1], s=10, alpha=0.35, color=color, linewidths=0)
+                front = pareto_front(pts[:, 0], pts[:, 1])
+                ax.plot(front[:, 0], front[:, 1], drawstyle="steps-post", color=color, lw=1.8, label=agent)
+            # Uniform is deterministic: one reference point per target (seeds only repeat it).
+            by_target: dict[float, list[tuple[float, float]]] = {}
+            for r in runs:
+                if r["agent"] == UNIFORM:
+                    by_target.setdefault(float(r["target"]), []).append((r["macs_ratio"], r["best_accuracy"]))
+            ref = np.array([np.mean(v, axis=0) for _, v in sorted(by_target.items())]).reshape(-1, 2)
+            if len(ref) == 1:
+                ax.axhline(ref[0, 1], color="k", ls="--", lw=1, label=UNIFORM)
+                ax.plot(ref[:, 0], ref[:, 1], "ko", ms=5)
+            elif len(ref):
+                ax.plot(ref[:, 0], ref[:, 1], "k--o", lw=1, ms=5, label=UNIFORM)
+            ax.set(xlabel="MACs / base MACs", ylabel="proxy accuracy", title=f"{model} on {dataset}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        return _finish(fig, path)
+
+    def plot_curves(self, path: str | os.PathLike | None = None) -> Figure:
+        """Learning curves: proxy accuracy of the best policy found so far vs evaluations spent.
+
+        One line per agent (mean over seeds) with a min–max band over seeds; one panel per (model,
+        dataset, target). A search that stopped early (uniform spends one evaluation) keeps its best to
+        the end of the panel's budget. Saved to ``path`` when given.
+        """
+        from matplotlib.ticker import MaxNLocator
+
+        panels = self._panels(("model", "dataset", "target"))
+        fig, axes = _figure(len(panels))
+        for ax, (model, dataset, target) in zip(axes, panels, strict=True):
+            curves: dict[str, list[np.ndarray]] = {}
+            for r in self.runs:
+                if (r["model"], r["dataset"], r["target"]) != (model, dataset, target):
+                    continue
+                key = run_key(r)
+                hist = sorted((e for e in self.evaluations if run_key(e) == key), key=lambda e: e["index"])
+                if hist:
+                    curves.setdefault(r["agent"], []).append(incumbent_accuracy(hist))
+            length = max((len(c) for cs in curves.values() for c in cs), default=1)
+            x = np.arange(1, length + 1)
+            colors = _colors(self.agents)
+            for agent in self.agents:
+                if agent not in curves:
+                    continue
+                # Pad with the last value: after a search stops, its best policy stays its answer.
+                ys = np.array([np.pad(c, (0, length - len(c)), mode="edge") for c in curves[agent]])
+                color = colors[agent]
+                ls = "--" if agent == UNIFORM else "-"
+                ax.plot(x, ys.mean(0), color=color, ls=ls, lw=1.8, label=f"{agent} (n={len(ys)})")
+                if len(ys) > 1:
+                    ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.15, linewidth=0)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set(
+                xlabel="evaluations spent",
+                ylabel="proxy accuracy of best so far",
+                title=f"{model} on {dataset}, target {target:g}",
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        return _finish(fig, path)
+
+
+def _colors(agents: Sequence[str]) -> dict[str, str]:
+    """The same colour for an agent in every plot; uniform, the reference, in black."""
+    others = [a for a in agents if a != UNIFORM]
+    return {UNIFORM: "k", **{a: f"C{i % 10}" for i, a in enumerate(others)}}
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _pm(mean: float, std: float) -> str:
+    return "—" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _figure(n: int) -> tuple[Figure, list[Axes]]:
+    # A bare Figure, not pyplot: nothing accumulates in pyplot's global state when plotting in loops or
+    # tests, and Jupyter still renders a returned Figure inline.
+    from matplotlib.figure import Figure
+
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(5.5 * cols, 4.0 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def pareto_front(cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """Points not dominated by a cheaper-or-equal, at-least-as-accurate point, sorted by cost: ``(n, 2)``."""
+    order = np.lexsort((-np.asarray(accuracy), np.asarray(cost)))  # by cost, best accuracy first on ties
+    front, best = [], -math.inf
+    for i in order:
+        if accuracy[i] > best:
+            front.append((cost[i], accuracy[i]))
+            best = accuracy[i]
+    return np.array(front, dtype=np.float64).reshape(-1, 2)
+
+
+def incumbent_accuracy(history: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """After each evaluation, the accuracy of the best-reward policy so far (the search's current answer).
+
+    With the accuracy reward this is the running maximum of accuracy; with another reward it is what the
+    search would report, which need not be the most accurate policy it saw.
+    """
+    out, best_reward, acc = [], -math.inf, math.nan
+    for e in history:
+        if e["reward"] > best_reward:
+            best_reward, acc = e["reward"], e["accuracy"]
+        out.append(acc)
+    return np.array(out, dtype=np.float64)

@@ -1,0 +1,174 @@
+"""The files of a search run and how they are read back: the evaluation log, the state, the plot.
+
+A run directory holds:
+
+- ``evaluations.csv``: one row per evaluation, appended and flushed as it happens (the source of truth
+  for ``--resume``);
+- ``state.json``: the run's settings and how many evaluations are done;
+- ``results.json``: the best policy, its costs, proxy and fine-tuned test accuracy, timings and versions;
+- ``model/``: the pruned (fine-tuned) model, reloadable with :func:`prune_env.load_pruned`;
+- ``search.png``: the search curve; ``log.txt``: the log; ``tensorboard/``: the agent's TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from agents.evaluator import Evaluation
+from prune_env.app.rundir import write_atomic
+from prune_env.errors import ResumeError
+from prune_env.serialize import json_default
+
+STATE_FORMAT = 2  # 2: the settings record every field of the problem's settings
+STATE_FILE = "state.json"
+EVALUATIONS_FILE = "evaluations.csv"
+# Everything a run writes: a directory holding any of these is a run (resumable or not), never reused.
+RUN_FILES = (STATE_FILE, EVALUATIONS_FILE, "results.json", "model", "search.png", "log.txt", "tensorboard")
+
+log = logging.getLogger("prune_env.job")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
+
+
+class EvaluationLog(NamedTuple):
+    """``evaluations.csv`` as read: its rows, and its complete lines when a hard kill cut the last short."""
+
+    records: list[Evaluation]
+    complete_text: str | None  # None: the file ends with a complete line (or does not exist)
+
+
+def read_evaluations(path: Path) -> EvaluationLog:
+    """The rows of ``evaluations.csv`` as :class:`~agents.evaluator.Evaluation` records.
+
+    Every row is written with its line end in one call, so a hard kill can cut only the last line short:
+    a last line without a line end is left out (the caller keeps the file aside before rewriting it). Any
+    other line that does not parse raises :class:`ResumeError` naming the file and the line; the file is
+    left as it is.
+    """
+    if not path.is_file():
+        return EvaluationLog([], None)
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith(("\n", "\r"))]
+    if len(complete) < len(lines) - 1:
+        raise ResumeError(f"{path}: a line ends without a line break before the last line")
+    columns = Evaluation.columns()
+    if not complete or next(csv.reader(complete[:1])) != columns:
+        raise ResumeError(
+            f"{path}: the first line is not the header {','.join(columns)}; restore the file or start a "
+            "new run with another --out"
+        )
+    records = []
+    for number, row in enumerate(csv.reader(complete[1:]), start=2):
+        try:
+            if len(row) != len(columns):
+                raise ValueError(f"{len(row)} fields, expected {len(columns)}")
+            records.append(Evaluation.from_row(dict(zip(columns, row, strict=True))))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ResumeError(
+                f"{path}, line {number}: not an evaluation row ({exc}); the file is left as it is: restore "
+                "it or start a new run with another --out"
+            ) from None
+    return EvaluationLog(records, None if len(complete) == len(lines) else "".join(complete))
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """``state.json``, checked for its format, its settings and its evaluation count."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ResumeError(f"{path} is not readable JSON ({exc}); restore it or start a new run") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ResumeError(
+            f"{path} is not a prune-env run state of format {STATE_FORMAT} (made by another version?); "
+            "start a new run with another --out"
+        )
+    if not isinstance(state.get("settings"), dict) or not isinstance(state.get("evals_done"), int):
+        raise ResumeError(f"{path} lacks the run's settings or its evaluation count")
+    return state
+
+
+class RunLog:
+    """The evaluator's ``on_evaluation`` callback: CSV row, state file and progress bar, per evaluation."""
+
+    def __init__(self, directory: Path, state: dict[str, Any], bar: Any = None) -> None:
+        self.directory = directory
+        self.state = state
+        self.bar = bar  # a tqdm bar, set once the search starts
+        self.csv_path = directory / EVALUATIONS_FILE
+        self.best = -float("inf")
+
+    def start(self, records: Sequence[Evaluation]) -> None:
+        """Write the header of a new log; a resumed log already has it, and its rows stay as they are."""
+        if not self.csv_path.exists():
+            with self.csv_path.open("w", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=Evaluation.columns()).writeheader()
+        self.best = max((r.reward for r in records), default=-float("inf"))
+
+    def __call__(self, entry: Evaluation) -> None:
+        with self.csv_path.open("a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=Evaluation.columns()).writerow(entry.as_row())
+            fh.flush()
+        self.state["evals_done"] = entry.index + 1
+        write_json(self.directory / STATE_FILE, self.state)
+        self.best = max(self.best, entry.reward)
+        log.debug(
+            "eval %d: reward %.4f acc %.4f macs %.3f params %.3f",
+            entry.index,
+            entry.reward,
+            entry.accuracy,
+            entry.macs_ratio,
+            entry.params_ratio,
+        )
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(best=f"{self.best:.4f}", acc=f"{entry.accuracy:.3f}", refresh=False)
+
+
+def plot_search(history: Sequence[Evaluation], path: Path, target: float, metric: str) -> None:
+    """Best-so-far reward and each evaluation's proxy accuracy; below, each evaluation's cost ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = np.arange(len(history))
+    reward = np.array([e.reward for e in history])
+    acc = np.array([e.accuracy for e in history])
+    cost = np.array([e.macs_ratio if metric == "macs" else e.params_ratio for e in history])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(idx, np.maximum.accumulate(reward) if len(reward) else reward, label="best reward so far")
+    top.scatter(idx, acc, s=8, alpha=0.5, color="tab:orange", label="proxy accuracy")
+    top.set_ylabel("reward / accuracy")
+    top.legend(loc="lower right")
+    bottom.scatter(idx, cost, s=8, alpha=0.6)
+    bottom.axhline(target, color="tab:red", linestyle="--", label=f"target {target:g}")
+    bottom.set_ylabel(f"{metric} ratio")
+    bottom.set_xlabel("evaluation")
+    bottom.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+__all__ = [
+    "EVALUATIONS_FILE",
+    "RUN_FILES",
+    "STATE_FILE",
+    "STATE_FORMAT",
+    "EvaluationLog",
+    "RunLog",
+    "plot_search",
+    "read_evaluations",
+    "read_state",
+    "write_json",
+]

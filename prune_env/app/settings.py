@@ -1,0 +1,171 @@
+"""What ``prune-env search`` is asked to do: one frozen dataclass, from which the CLI's options are made.
+
+:class:`SearchSettings` holds the run's own settings (where, which model and data, which agent, how many
+evaluations, the fine-tune) and, whole, the :class:`~prune_env.settings.ProblemSettings` of the problem it
+searches. :func:`add_options` turns every field of both into a command-line option with the same default
+and help, so the command line exposes every setting and never restates a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prune_env.errors import InvalidSettingError, RunDirectoryError
+from prune_env.settings import ProblemSettings
+from prune_env.validation import check_settings, fraction
+
+# The first one that can run is the default: evolution spends its budget near the target at a fraction of
+# an SB3 learner's overhead per evaluation, so the README's default run stays within minutes on 2 cores.
+DEFAULT_AGENTS = ("evolution", "ppo", "random")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything ``prune-env search`` was asked to do."""
+
+    out: Path = field(default=Path("runs/quickstart"), metadata=_help("run directory"))
+    model: str = field(default="resnet20", metadata=_help("zoo name or tv:NAME (see `prune-env list`)"))
+    dataset: str = field(default="digits", metadata=_help("dataset name (see `prune-env list`)"))
+    image_size: int = field(default=32, metadata=_help("image side in pixels for imagefolder:PATH datasets"))
+    agent: str | None = field(
+        default=None, metadata=_help(f"search method (default: the first available of {DEFAULT_AGENTS})")
+    )
+    agent_settings: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata=_help("the agent's settings, KEY=VALUE (VALUE as JSON, else a string); repeatable"),
+    )
+    evals: int = field(default=100, metadata=_help("evaluation budget"))
+    reward: str = field(default="acc", metadata=_help("reward preset (see `prune-env list`)"))
+    finetune_epochs: int = field(default=3, metadata=_help("KD fine-tune epochs of the best policy"))
+    resume: bool = field(default=False, metadata=_help("continue the run in --out"))
+    problem: ProblemSettings = field(default_factory=ProblemSettings)
+    argv: tuple[str, ...] = field(
+        default=(), metadata={"cli": False}
+    )  # the command line, for the resume hint
+
+    def __post_init__(self) -> None:
+        # An empty --out would become Path("."): the current directory, which the user did not name.
+        if not str(self.out).strip():
+            raise RunDirectoryError("--out is empty; name the run directory, e.g. --out runs/my-run")
+        object.__setattr__(self, "out", Path(self.out))
+        check_settings(
+            {"evals": self.evals, "finetune_epochs": self.finetune_epochs, "resume": self.resume},
+            option_style=True,
+        )
+        fraction(f"--target-{self.problem.metric}", self.problem.target)
+        if not isinstance(self.problem, ProblemSettings):
+            raise InvalidSettingError("problem must be a ProblemSettings")
+        if not isinstance(self.agent_settings, Mapping):
+            raise InvalidSettingError("agent_settings must be a mapping of setting names to values")
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues (the budget and fine-tune may change)."""
+        problem = {
+            f.name: getattr(self.problem, f.name)
+            for f in dataclasses.fields(self.problem)
+            if f.name not in ("device", "progress")
+        }
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "image_size": self.image_size,
+            "agent": self.agent,
+            "agent_settings": dict(self.agent_settings),
+            "reward": self.reward,
+            **problem,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scalar_type(annotation: Any) -> type:
+    """The non-None type of a field annotation such as ``float | None`` (``str`` when it is not simple)."""
+    hint = annotation
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next((a for a in args if a is not type(None)), str)
+    # A path stays text until the settings check it: Path("") would silently become ".".
+    return hint if hint in (int, float, str, bool) else str
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value  # a bare string
+    return key.strip(), parsed
+
+
+def _settings_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """The fields of a settings class that are options, with their resolved type annotations."""
+    hints = typing.get_type_hints(cls)
+    return [
+        (f, hints[f.name])
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("cli", True) and hints[f.name] is not ProblemSettings
+    ]
+
+
+def _add_field(parser: Any, f: dataclasses.Field[Any], annotation: Any, default: Any) -> None:
+    help_text = f.metadata.get("help", "")
+    if f.name == "agent_settings":
+        parser.add_argument(
+            "--agent-setting", dest=f.name, action="append", type=_key_value, default=None, help=help_text
+        )
+        return
+    kind = _scalar_type(annotation)
+    if kind is bool:
+        parser.add_argument(
+            _option(f.name),
+            dest=f.name,
+            action=argparse.BooleanOptionalAction,
+            default=default,
+            help=help_text,
+        )
+        return
+    shown = "" if default is None else f" (default {default})"
+    parser.add_argument(_option(f.name), dest=f.name, type=kind, default=default, help=help_text + shown)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """One option per field of :class:`SearchSettings` and of its :class:`ProblemSettings`, with the
+    fields' defaults and help."""
+    run_defaults, problem_defaults = SearchSettings(), ProblemSettings()
+    for f, annotation in _settings_fields(SearchSettings):
+        _add_field(parser, f, annotation, getattr(run_defaults, f.name))
+    group = parser.add_argument_group("problem settings")
+    for f, annotation in _settings_fields(ProblemSettings):
+        _add_field(group, f, annotation, getattr(problem_defaults, f.name))
+
+
+def from_options(args: argparse.Namespace, argv: tuple[str, ...] = ()) -> SearchSettings:
+    """The :class:`SearchSettings` of parsed options (see :func:`add_options`)."""
+    values = {f.name: getattr(args, f.name) for f, _ in _settings_fields(ProblemSettings)}
+    check_settings(values, option_style=True)  # the same rules, worded as options
+    problem = ProblemSettings(**values)
+    run = {f.name: getattr(args, f.name) for f, _ in _settings_fields(SearchSettings)}
+    run["agent_settings"] = dict(run["agent_settings"] or [])
+    return SearchSettings(**run, problem=problem, argv=argv)
+
+
+__all__ = ["DEFAULT_AGENTS", "SearchSettings", "add_options", "from_options"]

@@ -1,0 +1,136 @@
+"""The settings of a pruning problem: one frozen dataclass, its defaults in one place.
+
+:class:`ProblemSettings` says how a :class:`~prune_env.problem.PruningProblem` is built and scored: the
+budget, the rounding and limits of the budget projection, the channel ranking and the proxy. Values are
+plain (numbers, strings, ``None``), so the same object serves a Python caller, ``gym.make`` keyword
+arguments (picklable, recorded in the env spec), a run's state file and the command line, whose options
+are generated from these fields. Variations are made with :func:`dataclasses.replace`; every value is
+checked by :mod:`prune_env.validation` when the object is made.
+
+This module imports neither torch nor the rest of the library, so a command's ``--help`` can describe
+every setting without loading them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prune_env.errors import InvalidSettingError
+from prune_env.validation import check_settings
+
+# The budget when none is given: half the base model's MACs.
+DEFAULT_TARGET = 0.5
+# Never remove more than this fraction of any group: leaves every layer enough channels to recover.
+DEFAULT_MAX_RATIO = 0.8
+
+# Proxy defaults, chosen from benchmarks/proxy_fidelity.py (resnet20, Fashion-MNIST, random policies at 25%
+# MACs; raw data in benchmarks/results). Kendall tau of the proxy's accuracy against test accuracy after a
+# 1-epoch KD fine-tune on 20k images (mean of 3 seeds; seeds agree with each other to tau 0.84):
+#   plain -0.20, BN recalibration 0.45, + 10 KD steps + recalibration again 0.29, + 25 steps 0.53,
+#   + 50 steps 0.77, + 100 steps 0.79; with 3000 validation samples: 50 steps 0.80 (10 s per evaluation on
+#   one CPU thread, a tenth of one fine-tune), 100 steps 0.78 (14.5 s).
+# ProxyEvaluator's own default is the cheapest variant that reached 0.8: 8 BN batches + 50 KD steps +
+# re-recalibration on 3000 samples. On 20 held-out policies (2-seed truth, seeds agreeing to only 0.75) it
+# ranks at 0.65 and the 100-step variant at 0.75: at this budget a proxy ranks about as well as another
+# fine-tune would. At 50% MACs fine-tuned random policies all land within 0.4 points (ranking there is
+# noise); on digits every variant is at the noise floor (360 test images).
+DEFAULT_EVAL_SAMPLES = 3000
+DEFAULT_BN_RECALIB_BATCHES = 8
+DEFAULT_FINETUNE_STEPS = 50
+# A problem's and the environments' default: recalibration only (no KD steps) on 1000 samples, ~10x
+# cheaper per evaluation, for searches that need many evaluations more than the last bit of fidelity.
+FAST_EVAL_SAMPLES = 1000
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ProblemSettings:
+    """How a pruning problem is built and scored (see :class:`~prune_env.problem.PruningProblem`)."""
+
+    target_macs: float | None = field(
+        default=None,
+        metadata=_help(f"MACs budget as a fraction of the base model's (default {DEFAULT_TARGET})"),
+    )
+    target_params: float | None = field(
+        default=None, metadata=_help("parameter budget as a fraction of the base model's (instead of MACs)")
+    )
+    max_ratio: float = field(
+        default=DEFAULT_MAX_RATIO, metadata=_help("largest fraction of any group's channels removed")
+    )
+    round_to: int = field(default=1, metadata=_help("kept channel counts are multiples of this"))
+    fill_budget: bool = field(
+        default=False,
+        metadata=_help("spend the budget: scale back policies that prune more than the target needs"),
+    )
+    importance: str | Callable[..., Any] = field(
+        default="l1", metadata=_help("channel ranking: l1, l2, bn_scale or random")
+    )
+    eval_samples: int | None = field(
+        default=FAST_EVAL_SAMPLES, metadata=_help("validation samples per proxy evaluation")
+    )
+    bn_recalib_batches: int = field(
+        default=DEFAULT_BN_RECALIB_BATCHES, metadata=_help("training batches for BatchNorm recalibration")
+    )
+    finetune_steps: int = field(
+        default=0, metadata=_help("knowledge-distillation steps per proxy evaluation (0: none)")
+    )
+    seed: int = field(default=0, metadata=_help("seeds the data split, base training and the proxy"))
+    device: str | None = field(
+        default=None, metadata=_help("cpu, cuda, cuda:1... (default: cuda if available)")
+    )
+    progress: bool = field(default=True, metadata=_help("progress bars"))
+
+    def __post_init__(self) -> None:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        check_settings({k: v for k, v in values.items() if k not in ("importance", "device")})
+        if not (isinstance(self.importance, str) or callable(self.importance)):
+            raise InvalidSettingError(
+                f"importance must be a name or a callable (group, model) -> scores, got {self.importance!r}"
+            )
+        if self.device is not None and not isinstance(self.device, str):
+            object.__setattr__(self, "device", str(self.device))  # a torch.device, kept as its name
+
+    @property
+    def metric(self) -> str:
+        """What the budget constrains: ``"macs"`` or ``"params"``."""
+        return "params" if self.target_params is not None else "macs"
+
+    @property
+    def target(self) -> float:
+        """The budget as a fraction of the base model's cost in :attr:`metric`."""
+        given = self.target_params if self.target_params is not None else self.target_macs
+        return DEFAULT_TARGET if given is None else given
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any], base: ProblemSettings | None = None) -> ProblemSettings:
+        """``base`` (default: the defaults) with ``kwargs`` replaced; unknown keys are refused."""
+        return replace_checked(base or cls(), kwargs, "PruningProblem")
+
+
+def replace_checked(settings: Any, changes: Mapping[str, Any], owner: str) -> Any:
+    """:func:`dataclasses.replace` that names unknown keys and lists the known ones."""
+    known = {f.name for f in dataclasses.fields(settings)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise InvalidSettingError(
+            f"{owner} has no setting {', '.join(unknown)}; its settings are: {', '.join(sorted(known))}"
+        )
+    return dataclasses.replace(settings, **changes)
+
+
+__all__ = [
+    "DEFAULT_BN_RECALIB_BATCHES",
+    "DEFAULT_EVAL_SAMPLES",
+    "DEFAULT_FINETUNE_STEPS",
+    "DEFAULT_MAX_RATIO",
+    "DEFAULT_TARGET",
+    "FAST_EVAL_SAMPLES",
+    "ProblemSettings",
+    "replace_checked",
+]

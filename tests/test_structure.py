@@ -1,0 +1,149 @@
+"""The structure holds: layers import one way, settings have one default, the CLI exposes every setting.
+
+Import checks run in a fresh interpreter, so what this test process already imported cannot hide an import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prune_env.app import cli
+from prune_env.app.settings import SearchSettings, from_options
+from prune_env.settings import ProblemSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules_loaded_by(statement: str) -> set[str]:
+    code = f"{statement}\nimport sys\nprint('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    return set(out.stdout.split())
+
+
+def test_the_library_imports_neither_agents_nor_the_application() -> None:
+    loaded = _modules_loaded_by("import prune_env, prune_env.env, prune_env.problem, prune_env.checkpoint")
+    assert not {m for m in loaded if m == "agents" or m.startswith(("agents.", "prune_env.app"))}
+
+
+def test_agents_do_not_import_the_application_or_stable_baselines_until_asked() -> None:
+    loaded = _modules_loaded_by("import agents")
+    assert not {m for m in loaded if m.startswith("prune_env.app")}
+    assert "stable_baselines3" not in loaded  # SB3 loads when an SB3 agent is first named
+
+
+def test_help_answers_without_torch() -> None:
+    loaded = _modules_loaded_by("from prune_env.app import cli\ncli.build_parser()")
+    assert "torch" not in loaded
+    assert "agents" not in loaded
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (ROOT / "prune_env").rglob("*.py") if "app" not in p.relative_to(ROOT).parts),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_no_library_module_names_agents_or_the_application(path: Path) -> None:
+    """Not even a local import inside a function: the dependency points one way, written or not."""
+    if path.name == "__main__.py":
+        return  # `python -m prune_env` is the command line's door, not part of the library
+    bad = {n for n in _imports(path) if n == "agents" or n.startswith(("agents.", "prune_env.app"))}
+    assert not bad
+
+
+def test_agents_never_name_the_application() -> None:
+    for path in (ROOT / "agents").glob("*.py"):
+        assert not {n for n in _imports(path) if n.startswith("prune_env.app")}, path
+
+
+def test_no_module_is_over_about_500_lines() -> None:
+    # The dependency graph and surgery are still one module each while the engine work on them goes on.
+    waived = {"prune_env/graph.py", "prune_env/surgery.py"}
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in [*(ROOT / "prune_env").rglob("*.py"), *(ROOT / "agents").glob("*.py")]
+        if (n := len(p.read_text().splitlines())) > 550 and str(p.relative_to(ROOT)) not in waived
+    }
+    assert long == {}
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def _search_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices["search"]
+
+
+def _cli_fields(cls: type) -> list[dataclasses.Field]:
+    return [
+        f
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("cli", True) and f.name != "problem"  # the problem's fields are listed below
+    ]
+
+
+@pytest.mark.parametrize("cls", [SearchSettings, ProblemSettings])
+def test_every_settings_field_is_an_option_with_the_same_default(cls: type) -> None:
+    parser = _search_parser()
+    defaults = cls()
+    by_dest = {a.dest: a for a in parser._actions}
+    for f in _cli_fields(cls):
+        assert f.name in by_dest, f"{cls.__name__}.{f.name} is not a `prune-env search` option"
+        option_default = by_dest[f.name].default
+        expected = getattr(defaults, f.name)
+        if f.name == "agent_settings":
+            assert option_default is None and expected == {}
+        elif f.name == "out":
+            assert Path(option_default) == expected
+        else:
+            assert option_default == expected, f.name
+
+
+def test_parsed_defaults_are_the_settings_defaults() -> None:
+    args = _search_parser().parse_args([])
+    assert from_options(args) == SearchSettings()
+
+
+def test_options_reach_the_settings() -> None:
+    args = _search_parser().parse_args(
+        ["--target-params", "0.4", "--round-to", "4", "--importance", "l2", "--no-progress",
+         "--agent", "evolution", "--agent-setting", "population=8", "--agent-setting", "mutation_prob=0.2",
+         "--out", "runs/x"]
+    )  # fmt: skip
+    s = from_options(args)
+    assert s.problem == ProblemSettings(target_params=0.4, round_to=4, importance="l2", progress=False)
+    assert s.problem.metric == "params"
+    assert s.agent_settings == {"population": 8, "mutation_prob": 0.2}
+    assert s.out == Path("runs/x")
+
+
+def test_settings_are_frozen_and_refuse_unknown_keys() -> None:
+    from prune_env.errors import InvalidSettingError
+
+    s = ProblemSettings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.seed = 3  # type: ignore[misc]
+    with pytest.raises(InvalidSettingError, match="no setting eval_sample"):
+        ProblemSettings.from_kwargs({"eval_sample": 3})
+    assert dataclasses.replace(s, seed=3).seed == 3

@@ -18,18 +18,27 @@ Ops whose behaviour depends on the channel count at run time are handled so that
 code still computes the same thing: ``chunk`` and a ``view`` that splits the channel axis (channel shuffle)
 union corresponding positions, so every part keeps the same channels; a literal size that cannot adapt
 (``x[:, :64]``, ``view(n, 64, -1)``) poisons the channels it touches, with one warning naming the nodes.
+A size read from a tensor (``b, c, h, w = x.shape``) remembers the channels it counts: a reshape that uses it
+for another tensor's channels couples the two, so both keep the same number (a block that rebuilds its
+input's shape from the attention output's channels stays consistent).
+
+Layers the engine does not know are declared once with :func:`register_layer` (a :class:`LayerSpec`): a
+module that behaves like a torch layer but computes differently (timm's ``Conv2dSame``), a black box whose
+output channel ``c`` depends only on input channel ``c`` (anti-aliasing blur, ECA attention), or a traced
+module whose literal channel sizes are recomputed after surgery (selective-kernel input splits).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import math
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -42,7 +51,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from prune_env.costs import CostModel, CostTerm
-from prune_env.errors import InvalidRatiosError, InvalidSettingError, PruneEnvError, UntraceableModelError
+from prune_env.errors import (
+    InvalidRatiosError,
+    InvalidSettingError,
+    PruneEnvError,
+    UnsupportedLayerError,
+    UntraceableModelError,
+)
 
 MemberKind = Literal["out", "in", "channel", "param"]
 
@@ -114,6 +129,157 @@ class ChannelGroup:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Declared layers
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How the channels of a module type the engine does not know map, declared once per type.
+
+    Exactly one of three behaviours:
+
+    - ``like=nn.Conv2d`` (or ``nn.Linear``, a BatchNorm, ...): a black box whose channels follow that torch
+      base class exactly — same weight layout, same size attributes — though its forward computes
+      differently (input-size-dependent padding, weight standardisation). ``tensors`` names extra tensors
+      and the dim along which they follow the *output* channels (a per-filter gain: ``{"gain": 0}``).
+    - ``channelwise=True``: a black box whose output channel ``c`` is computed from input channel ``c``
+      alone (on ``channel_axis`` of input and output), which runs for any channel count. ``tensors`` maps
+      each tensor holding per-channel values (an attribute path such as ``"filt"`` or
+      ``"fc.weight"``) to the dim along which it follows the channels; ``sizes`` names the integer
+      attributes equal to the channel count (set to the kept count by surgery). The engine checks the
+      declaration when it builds the graph, by running a copy of the module shrunk by one channel, and
+      models its MACs exactly as ``a + b × channels`` from the measured costs.
+    - ``resize=fn``: the module is traced through as usual, but its forward uses literal channel sizes
+      taken from its own attributes (``torch.split(x, self.in_channels // 2, 1)``). Literal splits and
+      whole-axis slices inside it then adapt (an integer split size keeps every part the same width, a
+      list of sizes lets each part shrink on its own), and surgery calls ``fn(pruned, original)`` on each
+      pruned copy (children first) to recompute those attributes from the pruned sub-layers.
+
+    Register with :func:`register_layer`; the engine refuses a spec that declares none or several.
+    """
+
+    like: type[nn.Module] | None = None
+    channelwise: bool = False
+    tensors: Mapping[str, int] = field(default_factory=dict)
+    sizes: tuple[str, ...] = ()
+    channel_axis: int = 1
+    resize: Callable[[nn.Module, nn.Module], None] | None = None
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.like is not None or self.channelwise
+
+
+_LAYER_SPECS: dict[type[nn.Module], LayerSpec] = {}
+# Libraries whose layers prune_env declares itself, imported on first sight of one of their modules.
+_SPEC_PROVIDERS = {"timm": "prune_env.models.timm_adapter:register_timm_layers"}
+_LIKE_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def register_layer(layer_type: type[nn.Module], spec: LayerSpec) -> None:
+    """Declare how ``layer_type``'s channels map (see :class:`LayerSpec`); later registrations replace
+    earlier ones, and subclasses inherit the declaration unless they have their own."""
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise InvalidSettingError(f"register_layer needs an nn.Module subclass, got {layer_type!r}")
+    if not isinstance(spec, LayerSpec):
+        raise InvalidSettingError(f"register_layer needs a LayerSpec, got {type(spec).__name__}")
+    behaviours = [spec.like is not None, spec.channelwise, spec.resize is not None]
+    if sum(behaviours) != 1:
+        raise InvalidSettingError(
+            f"LayerSpec for {layer_type.__name__} must declare exactly one of like=, channelwise=True or "
+            "resize= (a black box like a torch layer, a channel-wise black box, or a traced module with "
+            "recomputed sizes)"
+        )
+    if spec.like is not None and not (
+        issubclass(layer_type, spec.like) and issubclass(spec.like, _LIKE_BASES)
+    ):
+        raise InvalidSettingError(
+            f"LayerSpec(like={getattr(spec.like, '__name__', spec.like)}) for {layer_type.__name__}: like= "
+            f"must be a base class of it among {', '.join(t.__name__ for t in _LIKE_BASES)}; declare other "
+            "layers channelwise=True or trace them"
+        )
+    _LAYER_SPECS[layer_type] = spec
+
+
+def layer_spec(layer_type: type) -> LayerSpec | None:
+    """The declaration that applies to ``layer_type`` (its own or its nearest declared base class)."""
+    for cls in layer_type.__mro__:
+        spec = _LAYER_SPECS.get(cls)
+        if spec is not None:
+            return spec
+    return None
+
+
+def _load_spec_providers(model: nn.Module) -> None:
+    """Import the declarations prune_env ships for a library when the model uses one of its layers."""
+    if not _SPEC_PROVIDERS:
+        return
+    for m in model.modules():
+        package = type(m).__module__.partition(".")[0]
+        provider = _SPEC_PROVIDERS.get(package)
+        if provider is not None:
+            module, _, function = provider.partition(":")
+            del _SPEC_PROVIDERS[package]  # once, even if it fails: a missing declaration only freezes
+            try:
+                getattr(importlib.import_module(module), function)()
+            except (ImportError, AttributeError) as exc:
+                warnings.warn(
+                    f"prune_env: cannot declare {package}'s layers ({type(exc).__name__}: {exc}); they are "
+                    "traced as plain code, or frozen where that fails",
+                    stacklevel=3,
+                )
+            if not _SPEC_PROVIDERS:
+                return
+
+
+def _attribute_owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    owner_path, _, attr = path.rpartition(".")
+    return (module.get_submodule(owner_path) if owner_path else module), attr
+
+
+def spec_tensors(module: nn.Module, spec: LayerSpec, size: int) -> list[tuple[str, torch.Tensor, int]]:
+    """(path, tensor, dim) of each declared tensor of ``module`` whose extent along its dim is ``size``
+    (a tensor declared per channel but built broadcast, such as an unsized blur filter, is left whole)."""
+    found = []
+    for path, dim in spec.tensors.items():
+        owner, attr = _attribute_owner(module, path)
+        t = getattr(owner, attr, None)
+        if isinstance(t, torch.Tensor) and t.ndim > dim and t.shape[dim] == size:
+            found.append((path, t, dim))
+    return found
+
+
+def spec_sizes(module: nn.Module, spec: LayerSpec, size: int) -> list[str]:
+    """Paths of the declared size attributes of ``module`` that currently hold ``size``."""
+    found = []
+    for path in spec.sizes:
+        owner, attr = _attribute_owner(module, path)
+        if getattr(owner, attr, None) == size:
+            found.append(path)
+    return found
+
+
+def shrink_channelwise(module: nn.Module, spec: LayerSpec, size: int, keep: torch.Tensor) -> None:
+    """Keep channels ``keep`` of a channel-wise declared ``module`` (``size`` channels), in place."""
+    for path, t, dim in spec_tensors(module, spec, size):
+        owner, attr = _attribute_owner(module, path)
+        new = t.detach().index_select(dim, keep.to(t.device))
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
+        setattr(owner, attr, new)
+    for path in spec_sizes(module, spec, size):
+        owner, attr = _attribute_owner(module, path)
+        setattr(owner, attr, len(keep))
+
+
+def _meta_call(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Run ``m`` on meta stand-ins of its tensors (shapes only)."""
+    state = {k: _to_meta(t) for k, t in (*m.named_parameters(), *m.named_buffers())}
+    return torch.func.functional_call(m, state, args, kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Tracing
 # --------------------------------------------------------------------------------------------------------
 
@@ -131,6 +297,9 @@ class _PathTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.extra_leaf_types) or module_qualified_name in self.extra_leaf_names:
             return True
+        spec = layer_spec(type(m))
+        if spec is not None:
+            return spec.is_leaf
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -145,22 +314,48 @@ class _PathTracer(torch.fx.Tracer):
             self.path.pop()
 
 
+_OPAQUE_TYPES: set[type[nn.Module]] = set()
+
+
+def register_opaque(layer_type: type[nn.Module]) -> None:
+    """Declare ``layer_type`` a module torch.fx may be unable to trace (its forward branches on sizes):
+    where tracing it fails, :func:`build_graph` treats it as a black box — its channels stay unpruned,
+    with a warning — instead of raising :class:`UntraceableModelError`. For library layers known not to
+    trace (timm's own list); a model's own modules are better marked with ``leaf_modules``."""
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise InvalidSettingError(f"register_opaque needs an nn.Module subclass, got {layer_type!r}")
+    _OPAQUE_TYPES.add(layer_type)
+
+
 def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module] | str] = ()) -> torch.fx.GraphModule:
-    """Trace ``model`` with torch.fx; raise :class:`UntraceableModelError` naming the failing module."""
-    tracer = _PathTracer(leaf_modules)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        where = tracer.failed_in or ""
-        module = model.get_submodule(where) if where else model
-        label = f"module {where!r} ({type(module).__name__})" if where else f"model {type(model).__name__}"
-        raise UntraceableModelError(
-            f"torch.fx cannot trace {label}: {type(exc).__name__}: {exc}\n"
-            f"Mark it as a leaf so it is treated as a black box (its channels then stay unpruned): "
-            f"build_graph(model, example_inputs, leaf_modules=[{type(module).__name__}]) "
-            f"or leaf_modules=[{where!r}]."
-        ) from exc
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    """Trace ``model`` with torch.fx; raise :class:`UntraceableModelError` naming the failing module.
+
+    A failing module of a type declared with :func:`register_opaque` becomes a black box instead."""
+    leaves = list(leaf_modules)
+    while True:
+        tracer = _PathTracer(leaves)
+        try:
+            graph = tracer.trace(model)
+            return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        except Exception as exc:
+            where = tracer.failed_in or ""
+            module = model.get_submodule(where) if where else model
+            if where and isinstance(module, tuple(_OPAQUE_TYPES)) and type(module) not in leaves:
+                # The library says this layer does not trace: a black box, as if passed in leaf_modules.
+                leaves.append(type(module))
+                continue
+            _raise_untraceable(model, where, exc)
+
+
+def _raise_untraceable(model: nn.Module, where: str, exc: Exception) -> NoReturn:
+    module = model.get_submodule(where) if where else model
+    label = f"module {where!r} ({type(module).__name__})" if where else f"model {type(model).__name__}"
+    raise UntraceableModelError(
+        f"torch.fx cannot trace {label}: {type(exc).__name__}: {exc}\n"
+        f"Mark it as a leaf so it is treated as a black box (its channels then stay unpruned): "
+        f"build_graph(model, example_inputs, leaf_modules=[{type(module).__name__}]) "
+        f"or leaf_modules=[{where!r}]."
+    ) from exc
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -411,13 +606,84 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
+def _calibrate_channelwise(
+    m: nn.Module, spec: LayerSpec, args: tuple, macs: int, size: int, axis: int
+) -> tuple[int, int]:
+    """``(a, b)`` with MACs ``a + b × channels`` for a channel-wise declared layer measured at ``macs`` with
+    ``size`` channels. Copies shrunk to ``size - 1`` and ``size // 2`` channels must run, keep the other
+    output dims and cost exactly that: a declaration that misses a per-channel tensor, or a layer whose
+    cost is not linear in its channels, is refused here rather than producing a wrong model."""
+    x = args[0]
+    measured = {size: macs}
+    expected_shape: list[int] | None = None
+    for width in sorted({size - 1, max(1, size // 2)}):
+        shrunk = copy.deepcopy(m)
+        shrink_channelwise(shrunk, spec, size, torch.arange(width))
+        shape = list(x.shape)
+        shape[axis] = width
+        small = torch.empty(shape, dtype=x.dtype, device="meta")
+        rest = tuple(_to_meta(a) for a in args[1:])
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                out = _meta_call(shrunk, (small, *rest), {})
+        except Exception as exc:
+            raise UnsupportedLayerError(
+                f"{type(m).__name__} is declared channel-wise but a copy with {width} of its {size} channels "
+                f"fails ({type(exc).__name__}: {str(exc)[:160]}); list every per-channel tensor in "
+                "LayerSpec.tensors and every channel-count attribute in LayerSpec.sizes"
+            ) from exc
+        out_shape = list(out.shape) if isinstance(out, torch.Tensor) else None
+        if expected_shape is None:
+            expected_shape = out_shape
+        if out_shape is None or out_shape[axis] != width:
+            raise UnsupportedLayerError(
+                f"{type(m).__name__} is declared channel-wise but a copy with {width} channels returns "
+                f"{out_shape}; declare it only if output channel c depends on input channel c alone"
+            )
+        measured[width] = counter.get_total_flops() // 2
+    b = measured[size] - measured[size - 1]
+    a = measured[size] - b * size
+    if any(a + b * w != cost for w, cost in measured.items()):
+        raise UnsupportedLayerError(
+            f"{type(m).__name__} is declared channel-wise but its MACs are not linear in its channels "
+            f"({measured}); trace it instead (no LayerSpec) or freeze it with leaf_modules=[...]"
+        )
+    return a, b
+
+
 class _NeedsRealValues(Exception):
     """Raised during the meta-tensor pass when a node needs real data."""
 
 
-def _is_dynamic(arg: Any) -> bool:
-    """A size argument that adapts to a pruned tensor: computed in the graph, or -1."""
-    return isinstance(arg, torch.fx.Node) or arg == -1
+def _axis_ids(ids: torch.Tensor, axis: int) -> list[np.ndarray]:
+    """The channel ids a size of ``axis`` counts: none when the ids are constant along it."""
+    if ids.shape[axis] == 1:
+        return []
+    return [ids.movedim(axis, 0).reshape(ids.shape[axis], -1)[:, 0].numpy().copy()]
+
+
+def _flat_sources(src: Any) -> list[np.ndarray]:
+    if src is None:
+        return []
+    if isinstance(src, tuple):
+        return [v for axis in src for v in axis]
+    return list(src)
+
+
+def _nodes_in(args: Any) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(args, found.append)
+    return found
+
+
+def _flat_channels(ids: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """One id per channel position of a tensor: its varying axes, flattened in memory order."""
+    varying = _varying_axes(ids)
+    if not varying:
+        return ids.reshape(-1)[:1]
+    index = [slice(None) if a in varying else slice(0, 1) for a in range(ids.ndim)]
+    full = ids.expand(*[shape[a] if a in varying else 1 for a in range(ids.ndim)])
+    return full[tuple(index)].reshape(-1)
 
 
 class _Propagator(torch.fx.Interpreter):
@@ -428,6 +694,10 @@ class _Propagator(torch.fx.Interpreter):
         self.state = state
         self.meta = meta
         self.ids: dict[torch.fx.Node, _Ids] = {}
+        # Sizes read from tensors: per integer node, the channel ids of every axis it counts (a torch.Size
+        # node: one such list per axis). An axis whose ids are constant counts nothing prunable.
+        self.size_src: dict[torch.fx.Node, Any] = {}
+        self.measured_macs = 0
         self.flops = FlopCounterMode(display=False)
 
     # -- execution on meta tensors: shapes without data or arithmetic ----------------------------------
@@ -444,6 +714,10 @@ class _Propagator(torch.fx.Interpreter):
             return super().call_module(target, args, kwargs)
         m = self.fetch_attr(target)
         x = args[0] if args else None
+        spec = layer_spec(type(m))
+        if spec is not None and spec.is_leaf:
+            # Declared: its channels follow the declaration whatever its values, so shapes suffice.
+            return _meta_call(m, args, kwargs)
         if isinstance(m, _CONV):
             return m._conv_forward(x, _to_meta(m.weight), _to_meta(m.bias))
         if isinstance(m, nn.Linear):
@@ -473,9 +747,11 @@ class _Propagator(torch.fx.Interpreter):
             macs = 0
         id_args = torch.fx.node.map_arg(n.args, lambda a: self.ids.get(a))
         id_kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: self.ids.get(a))
+        self.measured_macs = macs
         self.ids[n] = self.propagate(n, value, args, kwargs, id_args, id_kwargs, macs)
         for dead in self.user_to_last_uses.get(n, ()):
             self.ids.pop(dead, None)
+            self.size_src.pop(dead, None)
         return value
 
     def _may_hide_macs(self, n: torch.fx.Node) -> bool:
@@ -538,9 +814,51 @@ class _Propagator(torch.fx.Interpreter):
             st.poison((id_args, id_kwargs), n, f"{self._describe(n)} (unmodelled MACs)")
             st.macs_terms.append((macs, ()))
         elif modeled_macs and st.record_costs:
-            total, divisor, slots = modeled_macs
-            st.macs_terms.append((total // divisor, slots))
+            if isinstance(modeled_macs, list):  # terms (coef, slots) already
+                st.macs_terms.extend(modeled_macs)
+            else:
+                total, divisor, slots = modeled_macs
+                st.macs_terms.append((total // divisor, slots))
         return out
+
+    def _record_size(self, n: torch.fx.Node, args: tuple, first: Any) -> None:
+        """Remember which channels the integer(s) ``n`` computes count (see ``size_src``)."""
+        target = n.target
+        if target == "size" or (target is getattr and len(args) > 1 and args[1] == "shape"):
+            if not isinstance(first, torch.Tensor):
+                return
+            axes = [_axis_ids(first, k) for k in range(first.ndim)]
+            dim = args[1] if target == "size" and len(args) > 1 else n.kwargs.get("dim")
+            self.size_src[n] = axes[dim] if isinstance(dim, int) else tuple(axes)
+            return
+        if target is operator.getitem and n.args and n.args[0] in self.size_src:
+            whole = self.size_src[n.args[0]]
+            if isinstance(whole, tuple) and isinstance(args[1], int):
+                self.size_src[n] = whole[args[1]]
+            elif isinstance(whole, tuple):  # a slice of the shape: every axis it keeps
+                self.size_src[n] = [v for axis in whole[args[1]] for v in axis]
+            return
+        sources = [v for a in _nodes_in((n.args, n.kwargs)) for v in _flat_sources(self.size_src.get(a))]
+        if sources:
+            self.size_src[n] = sources
+
+    def _couple_sizes(self, n: torch.fx.Node, size_args: Iterable[Any], x: torch.Tensor, shape) -> bool:
+        """A size computed from channels (``C`` of ``b, c, h, w = y.shape``) shapes ``x``: after pruning it
+        counts the kept channels it was read from, so those and ``x``'s channels must keep the same number.
+        Couple them position by position; False (and poison) when their counts differ."""
+        channels = _flat_channels(x, shape)
+        ok = True
+        for arg in size_args:
+            for src in _flat_sources(self.size_src.get(arg)) if isinstance(arg, torch.fx.Node) else ():
+                src_t = torch.from_numpy(src)
+                if channels.numel() in (1, src_t.numel()):
+                    self.state.union(src_t, channels)
+                else:
+                    self.state.poison(
+                        (src_t, x), n, f"{self._describe(n)} sizes channels by another tensor's"
+                    )
+                    ok = False
+        return ok
 
     def _describe(self, n: torch.fx.Node) -> str:
         if n.op == "call_module":
@@ -550,8 +868,8 @@ class _Propagator(torch.fx.Interpreter):
 
     # ---------------------------------------------------------------------------------------------
     def _dispatch(self, n, value, args, kwargs, id_args, id_kwargs):
-        """Return (handled, output ids, modeled_macs) where modeled_macs = (divisor, slots) or None."""
-        st = self.state
+        """Return (handled, output ids, modeled_macs): modeled_macs is None, (total, divisor, slots) for
+        ``total // divisor × Π kept(slots)``, or a list of (coef, slots) terms."""
         if n.op == "call_module":
             return self._module(n, value, args, id_args)
         target = n.target
@@ -559,9 +877,11 @@ class _Propagator(torch.fx.Interpreter):
         if target in _SIZE or (target is operator.getitem and not isinstance(first, torch.Tensor)):
             if target is operator.getitem and isinstance(first, (tuple, list)):
                 return True, first[args[1]], None
+            self._record_size(n, args, first)
             return True, None, None
         if not isinstance(value, (torch.Tensor, tuple, list)):
-            return True, None, None  # python arithmetic on sizes etc.
+            self._record_size(n, args, first)  # python arithmetic on sizes: C // 2 counts C's channels
+            return True, None, None
         if isinstance(target, type) and issubclass(target, tuple):
             return True, tuple(id_args) + tuple(id_kwargs.values()), None  # namedtuple outputs
         if target in _BINARY:
@@ -586,8 +906,8 @@ class _Propagator(torch.fx.Interpreter):
             return True, self._reduce(n, value, args, kwargs, first), None
         if target in (F.softmax, F.log_softmax, torch.softmax, "softmax", "log_softmax"):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if isinstance(first, torch.Tensor) and dim is not None and first.shape[dim] > 1:
-                st.poison(first, n, f"softmax over a channel axis ({self._describe(n)})")
+            if isinstance(first, torch.Tensor) and dim is not None:
+                self._join_along(first, dim)
             return True, first if isinstance(first, torch.Tensor) else _poison_like(value), None
         if target is F.layer_norm:
             return True, self._functional_norm(n, value, args, kwargs, id_args, id_kwargs, axis=-1), None
@@ -616,6 +936,9 @@ class _Propagator(torch.fx.Interpreter):
             return True, self._spatial(n, value, x), None
         if not isinstance(x, torch.Tensor):
             return False, None, None
+        spec = layer_spec(type(m))
+        if spec is not None and spec.channelwise:
+            return self._channelwise_leaf(n, m, spec, value, args, x)
         if isinstance(m, _CONV):
             vin = _channel_vector(x, 1)
             if vin is None:
@@ -642,6 +965,7 @@ class _Propagator(torch.fx.Interpreter):
             macs = (total, divisor, slots)
             if m.bias is not None:
                 st.use_param(f"{name}.bias", m.bias, {0: out_slot})
+            self._declared_tensors(name, m, out_slot, m.out_channels)
             return True, _along(vout, 1, value.ndim), macs
         if isinstance(m, nn.Linear):
             vin = _channel_vector(x, -1)
@@ -653,6 +977,7 @@ class _Propagator(torch.fx.Interpreter):
             st.use_param(f"{name}.weight", m.weight, {0: out_slot, 1: in_slot})
             if m.bias is not None:
                 st.use_param(f"{name}.bias", m.bias, {0: out_slot})
+            self._declared_tensors(name, m, out_slot, m.out_features)
             rows = math.prod(args[0].shape[:-1])
             size = m.out_features * m.in_features
             return True, _along(vout, -1, value.ndim), (rows * size, size, (out_slot, in_slot))
@@ -664,10 +989,36 @@ class _Propagator(torch.fx.Interpreter):
             return True, self._shuffle(n, value, x, m.groups), None
         if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)):
             dim = getattr(m, "dim", 1 if value.ndim >= 3 else -1)
-            if dim is not None and x.shape[dim] > 1:
-                st.poison(x, n, f"softmax over a channel axis ({tname} {name!r})")
+            self._join_along(x, dim if dim is not None else 1)
             return True, x, None
         return False, None, None
+
+    def _declared_tensors(self, name: str, m: nn.Module, slot: int, size: int) -> None:
+        """Extra tensors a ``like=`` declaration says follow the layer's output channels (slot ``slot``)."""
+        spec = layer_spec(type(m))
+        if spec is not None and spec.like is not None:
+            for path, t, dim in spec_tensors(m, spec, size):
+                self.state.use_param(f"{name}.{path}", t, {dim: slot})
+
+    def _channelwise_leaf(self, n, m, spec: LayerSpec, value, args, x):
+        """A declared channel-wise black box: one slot for its channels, MACs ``a + b × channels``."""
+        st = self.state
+        name, tname = n.target, type(m).__name__
+        axis = spec.channel_axis
+        v = _channel_vector(x, axis)
+        if v is None or not isinstance(value, torch.Tensor) or value.ndim != args[0].ndim:
+            st.poison(x, n, f"{tname} {name!r} (declared channel-wise) reads channels off axis {axis}")
+            return True, _poison_like(value), None
+        size = args[0].shape[axis]
+        v = v.expand(size)
+        slot = st.slot(name, tname, "channel", 0, v)
+        for path, t, dim in spec_tensors(m, spec, size):
+            st.use_param(f"{name}.{path}", t, {dim: slot})
+        terms = None
+        if st.record_costs and size > 1:
+            a, b = _calibrate_channelwise(m, spec, args, self.measured_macs, size, axis)
+            terms = [(b, (slot,)), (a, ())]
+        return True, _along(v, axis, value.ndim), terms
 
     def _norm_module(self, n, m, value, x):
         st = self.state
@@ -752,6 +1103,20 @@ class _Propagator(torch.fx.Interpreter):
         st.union(ia, ib)
         return torch.broadcast_tensors(ia, ib)[0].contiguous()
 
+    def _join_along(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """Make every fibre of ``x`` along ``axis`` one unit, and return its first slice (keepdim).
+
+        A reduction or softmax along an axis stays exact when pruning removes whole fibres: the elements
+        a fibre combines then vanish together with the output they produce. Along a plain channel axis
+        this makes all channels one unit (never pruned); along an axis whose positions a reshape already
+        bound together (split-attention radix, selective-kernel paths) it changes nothing."""
+        axis = axis % x.ndim
+        if x.shape[axis] > 1:
+            first = x.narrow(axis, 0, 1)
+            self.state.union(x, first)
+            return first
+        return x
+
     def _spatial(self, n, value, x):
         """Pooling, interpolation, padding: channels stay on axis 1, one output channel per input one."""
         if not isinstance(x, torch.Tensor):
@@ -782,8 +1147,10 @@ class _Propagator(torch.fx.Interpreter):
         if fn in _RESHAPE or fn == "unflatten":
             varying = _varying_axes(out)
             shape_args = self._shape_args(n)
+            if shape_args is not None and not self._couple_sizes(n, shape_args, x, args[0].shape):
+                return _poison_like(value)
             if varying and shape_args is not None:
-                dynamic = [ax for ax in varying if ax < len(shape_args) and _is_dynamic(shape_args[ax])]
+                dynamic = [ax for ax in varying if ax < len(shape_args) and self._adapts(shape_args[ax])]
                 if len(dynamic) != 1:
                     st.poison(x, n, f"{self._describe(n)} with a literal channel size")
                     return _poison_like(value)
@@ -794,6 +1161,13 @@ class _Propagator(torch.fx.Interpreter):
                     if ax != keep_ax:
                         st.union(out, out.narrow(ax, 0, 1))
         return out
+
+    def _adapts(self, arg: Any) -> bool:
+        """A size argument that follows a pruned tensor: -1, or computed from channel counts (a size
+        computed only from batch or spatial extents is as literal as a number)."""
+        if isinstance(arg, torch.fx.Node):
+            return bool(_flat_sources(self.size_src.get(arg)))
+        return arg == -1
 
     def _shape_args(self, n: torch.fx.Node) -> Sequence[Any] | None:
         if n.op == "call_module":
@@ -853,7 +1227,14 @@ class _Propagator(torch.fx.Interpreter):
         parts = list(torch.split(full, [p.shape[dim] for p in value], dim=dim))
         if dim in _varying_axes(x):
             size_arg = n.args[1] if len(n.args) > 1 else n.kwargs.get("split_size_or_sections")
+            if isinstance(size_arg, torch.fx.Node) and not self._couple_sizes(n, [size_arg], x, tensor.shape):
+                return _poison_like(value)
             adaptive = n.target in ("chunk", torch.chunk) or isinstance(size_arg, torch.fx.Node)
+            if self._resized(n):
+                if isinstance(size_arg, (list, tuple)):
+                    # Sizes recomputed per part after surgery: each part keeps what its consumers keep.
+                    return tuple(_compress(p) for p in parts)
+                adaptive = True  # one size recomputed for every part: the parts stay equal below
             equal = len({p.shape[dim] for p in parts}) == 1
             if not (adaptive and equal):
                 st.poison(x, n, f"{self._describe(n)} with literal sizes on a channel axis")
@@ -881,10 +1262,20 @@ class _Propagator(torch.fx.Interpreter):
             if not (isinstance(i, slice) and i == slice(None)):
                 axes.append(pos)
             pos += 1
-        if set(axes) & set(_varying_axes(x)):
+        restricted = set(axes) & set(_varying_axes(x))
+        if restricted and not (self._resized(n) and _covers(index_t, tensor.shape, restricted)):
             st.poison(x, n, f"{self._describe(n)} slices a channel axis with literal bounds")
             return _poison_like(value)
         return _compress(full[index])
+
+    def _resized(self, n: torch.fx.Node) -> bool:
+        """Whether ``n`` runs directly in a module whose literal channel sizes surgery recomputes."""
+        stack = n.meta.get("nn_module_stack")
+        if not stack:
+            return False
+        owner = next(reversed(stack.values()))[1]
+        spec = layer_spec(owner) if isinstance(owner, type) else None
+        return spec is not None and spec.resize is not None
 
     def _reduce(self, n, value, args, kwargs, x):
         st = self.state
@@ -895,13 +1286,29 @@ class _Propagator(torch.fx.Interpreter):
             st.poison(x, n, f"{self._describe(n)} over all axes")
             return _poison_like(value)
         dims = {d % x.ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
-        if dims & set(_varying_axes(x)):
-            st.poison(x, n, f"{self._describe(n)} reduces a channel axis")
-            return _poison_like(value)
+        for d in dims:
+            x = self._join_along(x, d)
         keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
         if keepdim:
             return x
         return x.reshape([s for a, s in enumerate(x.shape) if a not in dims])
+
+
+def _covers(index: tuple, shape: Sequence[int], axes: set[int]) -> bool:
+    """Whether a basic index leaves every axis in ``axes`` whole (``x[:, :n]`` with ``n`` its extent)."""
+    pos = 0
+    for k, i in enumerate(index):
+        if i is Ellipsis:
+            pos = len(shape) - (len(index) - k - 1)
+            continue
+        if pos in axes:
+            if not isinstance(i, slice) or i.step not in (None, 1):
+                return False
+            start, stop, _ = i.indices(shape[pos])
+            if start != 0 or stop != shape[pos]:
+                return False
+        pos += 1
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1180,6 +1587,7 @@ def build_graph(
     check_module(model, "build_graph")
     inputs = _example_tuple(example_inputs)
     leaf_modules = _leaf_list(leaf_modules)
+    _load_spec_providers(model)
     state = _State()
     for name, t in (
         *model.named_parameters(remove_duplicate=False),

@@ -40,6 +40,8 @@ def member_tensor(model: nn.Module, member: Member) -> tuple[torch.Tensor, int] 
 def _member_tensor(model: nn.Module, member: Member) -> tuple[torch.Tensor, int] | None:
     try:
         if member.kind == "param":
+            if _is_buffer(model, member.layer):
+                return None  # running statistics (a traced norm-act layer's), not weights: not scored
             return layer_tensor(model, member.layer).detach(), member.dim
         module = model.get_submodule(member.layer)
     except AttributeError:
@@ -55,6 +57,11 @@ def _member_tensor(model: nn.Module, member: Member) -> tuple[torch.Tensor, int]
             return None  # grouped: a group's inputs and outputs are one unit, scored by the outputs
         return weight.detach(), 1
     return weight.detach(), 0
+
+
+def _is_buffer(model: nn.Module, qualified_name: str) -> bool:
+    owner_name, _, attr = qualified_name.rpartition(".")
+    return attr in model.get_submodule(owner_name)._buffers
 
 
 def layer_tensor(model: nn.Module, qualified_name: str) -> torch.Tensor:

@@ -8,7 +8,7 @@ code — including branches only taken in training mode.
 from __future__ import annotations
 
 import copy
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
-from prune_env.graph import DependencyGraph, build_graph, check_module
+from prune_env.graph import (
+    DependencyGraph,
+    build_graph,
+    check_module,
+    layer_spec,
+    spec_sizes,
+    spec_tensors,
+)
 from prune_env.importance import Importance, get_importance, layer_tensor
 
 KeepSpec = Mapping[str, Sequence[int]] | Mapping[int, Sequence[int]] | Sequence[Sequence[int]]
@@ -102,7 +109,24 @@ def _prune_channels(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) ->
     new = copy.deepcopy(model, plan.memo())
     for module_name, attr, value in plan.attributes:
         setattr(new.get_submodule(module_name), attr, value)
+    _resize(_resized_modules(zip(model.modules(), new.modules(), strict=True)))
     return new
+
+
+def _resized_modules(pairs: Iterable[tuple[nn.Module, nn.Module]]) -> list[tuple[nn.Module, nn.Module, Any]]:
+    """(pruned, original, resize) for every module whose declaration recomputes its literal sizes after
+    surgery (``LayerSpec.resize``), children first so a parent reads its children's final sizes."""
+    found = []
+    for original, pruned in reversed(list(pairs)):
+        spec = layer_spec(type(original))
+        if spec is not None and spec.resize is not None:
+            found.append((pruned, original, spec.resize))
+    return found
+
+
+def _resize(modules: Sequence[tuple[nn.Module, nn.Module, Any]]) -> None:
+    for pruned, original, resize in modules:
+        resize(pruned, original)
 
 
 class ModelRebuilder:
@@ -133,6 +157,7 @@ class ModelRebuilder:
         self._base_modules = dict(model.named_modules(remove_duplicate=False))
         self._modules = dict(self.module.named_modules(remove_duplicate=False))
         self._pairs = [(self._base_modules[name], module) for name, module in self._modules.items()]
+        self._resized = _resized_modules(self._pairs)
         self._compile()
 
     def _compile(self) -> None:
@@ -164,7 +189,11 @@ class ModelRebuilder:
         for layer, kinds in by_layer.items():
             names = tuple(sorted(kinds))
             _plan_layer(
-                recorder, self._base_modules, layer, {k: (d, probe[s]) for k, (d, s) in kinds.items()}
+                recorder,
+                self._base_modules,
+                layer,
+                {k: (d, probe[s]) for k, (d, s) in kinds.items()},
+                {k: slot_size[s] for k, (_, s) in kinds.items()},
             )
             units = [(k,) for k in names] if self._separable(layer, names) else [names]
             for unit in units:
@@ -232,6 +261,7 @@ class ModelRebuilder:
             index[s], width[s] = cached
         self._swap_tensors(index)
         self._set_sizes(width)
+        _resize(self._resized)
         for base_module, module in self._pairs:
             module.__dict__["training"] = base_module.training  # what Module.train() sets, minus recursion
         return self.module
@@ -271,7 +301,10 @@ class ModelRebuilder:
         """(module name, attribute, value) the plan sets on ``layer`` for kept ``widths`` by dimension kind."""
         plan = _Plan(slicing=False)
         full = self._layer_kinds[layer]
-        _plan_layer(plan, self._base_modules, layer, {k: (full[k][0], range(w)) for k, w in widths.items()})
+        sizes = {k: self._slot_size[full[k][1]] for k in widths}
+        _plan_layer(
+            plan, self._base_modules, layer, {k: (full[k][0], range(w)) for k, w in widths.items()}, sizes
+        )
         return plan.attributes
 
     def _separable(self, layer: str, kinds: tuple[str, ...]) -> bool:
@@ -362,23 +395,62 @@ def _plan(
     modules = modules if modules is not None else dict(model.named_modules(remove_duplicate=False))
     masks = _slot_masks(graph, _normalise_keep(graph, keep))
     by_layer: dict[str, dict[str, tuple[int, torch.Tensor]]] = {}
+    sizes: dict[str, dict[str, int]] = {}
     for s, mask in masks.items():
         slot = graph._slots[s]
         by_layer.setdefault(slot.layer, {})[slot.kind] = (slot.dim, torch.from_numpy(np.flatnonzero(mask)))
+        sizes.setdefault(slot.layer, {})[slot.kind] = len(mask)
     plan = _Plan()
     for layer, kinds in by_layer.items():
-        _plan_layer(plan, modules, layer, kinds)
+        _plan_layer(plan, modules, layer, kinds, sizes[layer])
     return plan
 
 
 def _plan_layer(
-    plan: _Plan, modules: Mapping[str, nn.Module], layer: str, kinds: dict[str, tuple[int, Any]]
+    plan: _Plan,
+    modules: Mapping[str, nn.Module],
+    layer: str,
+    kinds: dict[str, tuple[int, Any]],
+    sizes: Mapping[str, int],
 ) -> None:
-    """Plan one layer's slices and size attributes; ``kinds``: pruned dimension kind -> (dim, kept indices)."""
+    """Plan one layer's slices and size attributes; ``kinds``: pruned dimension kind -> (dim, kept indices),
+    ``sizes``: each pruned dimension's unpruned extent."""
     if "param" in kinds:
         _plan_raw_parameter(plan, modules, layer, *kinds["param"])
-    else:
-        _plan_module(plan, modules[layer], layer, kinds)
+        return
+    m = modules[layer]
+    spec = layer_spec(type(m))
+    if spec is not None and spec.channelwise:
+        _plan_channelwise(plan, m, layer, spec, kinds, sizes)
+        return
+    _plan_module(plan, m, layer, kinds)
+    if spec is not None and spec.like is not None and "out" in kinds:
+        # Extra per-output-channel tensors of a layer declared like a torch layer (a filter gain).
+        for path, _, dim in spec_tensors(m, spec, sizes["out"]):
+            owner_path, _, attr = path.rpartition(".")
+            owner_name = f"{layer}.{owner_path}" if owner_path else layer
+            plan.slice(modules[owner_name], owner_name, attr, dim, kinds["out"][1])
+
+
+def _plan_channelwise(
+    plan: _Plan,
+    m: nn.Module,
+    layer: str,
+    spec: Any,
+    kinds: dict[str, tuple[int, Any]],
+    sizes: Mapping[str, int],
+) -> None:
+    """A declared channel-wise layer: slice its per-channel tensors, set its channel-count attributes."""
+    if set(kinds) != {"channel"}:
+        raise UnsupportedLayerError(f"channel-wise layer {layer!r} with members {sorted(kinds)}")
+    idx, size = kinds["channel"][1], sizes["channel"]
+    for path, _, dim in spec_tensors(m, spec, size):
+        owner_path, _, attr = path.rpartition(".")
+        owner_name = f"{layer}.{owner_path}" if owner_path else layer
+        plan.slice(m.get_submodule(owner_path) if owner_path else m, owner_name, attr, dim, idx)
+    for path in spec_sizes(m, spec, size):
+        owner_path, _, attr = path.rpartition(".")
+        plan.set(f"{layer}.{owner_path}" if owner_path else layer, attr, len(idx))
 
 
 class _Plan:

@@ -14,6 +14,7 @@ from torch import nn
 from prune_env.errors import InvalidSettingError, UnknownNameError
 from prune_env.models.cifar_resnet import CifarResNet, resnet
 from prune_env.models.mobilenetv2 import MobileNetV2, mobilenetv2
+from prune_env.models.timm_adapter import check_timm_name, timm_model
 from prune_env.models.tiny import TinyCNN
 from prune_env.models.torchvision_adapter import torchvision_model, torchvision_names
 from prune_env.models.vgg import VGG, vgg
@@ -23,6 +24,7 @@ ModelFactory = Callable[[int, int], nn.Module]
 ModelSpec = str | nn.Module | Callable[[], nn.Module]
 
 TORCHVISION_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"  # any timm model (optional dependency)
 
 _REGISTRY: dict[str, ModelFactory] = {
     **{f"resnet{d}": partial(resnet, d) for d in (20, 32, 44, 56, 110)},
@@ -34,9 +36,10 @@ _REGISTRY: dict[str, ModelFactory] = {
 
 def register_model(name: str, factory: ModelFactory) -> None:
     """Make ``get_model(name, num_classes, in_channels)`` call ``factory(num_classes, in_channels)``."""
-    if name.startswith(TORCHVISION_PREFIX):
+    if name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
         raise InvalidSettingError(
-            f"names starting with {TORCHVISION_PREFIX!r} are reserved for torchvision models"
+            f"names starting with {TORCHVISION_PREFIX!r} or {TIMM_PREFIX!r} are reserved for torchvision "
+            "and timm models"
         )
     _REGISTRY[name] = factory
 
@@ -68,6 +71,8 @@ def get_model(model: ModelSpec, num_classes: int = 10, in_channels: int = 3) -> 
     check_model_name(model)
     if model.startswith(TORCHVISION_PREFIX):
         return torchvision_model(model[len(TORCHVISION_PREFIX) :], num_classes, in_channels)
+    if model.startswith(TIMM_PREFIX):
+        return timm_model(model[len(TIMM_PREFIX) :], num_classes, in_channels)
     return _REGISTRY[model](num_classes, in_channels)
 
 
@@ -80,6 +85,8 @@ def check_model_name(name: str) -> None:
                 f"unknown torchvision model {tv_name!r}; use 'tv:NAME' with NAME one of: "
                 + ", ".join(torchvision_names())
             )
+    elif name.startswith(TIMM_PREFIX):
+        check_timm_name(name[len(TIMM_PREFIX) :])
     elif name not in _REGISTRY:
         raise UnknownNameError(
             f"unknown model {name!r}; known models: {', '.join(available_models())}, "

@@ -1,0 +1,117 @@
+"""Any timm model as ``"timm:NAME"``, randomly initialised (timm is an optional dependency).
+
+``timm.create_model(NAME, pretrained=False, num_classes=..., in_chans=...)`` builds it: timm adapts its own
+stem and classifier, and pretrained weights are never fetched (this library runs offline).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from prune_env.errors import InvalidSettingError, UnknownNameError
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise InvalidSettingError(
+            "timm models need the optional dependency timm: pip install 'prune-env[timm]' (or pip install timm)"
+        ) from None
+    return timm
+
+
+def timm_names() -> list[str]:
+    """Names timm can build (``timm.list_models()``)."""
+    return sorted(_timm().list_models())
+
+
+def check_timm_name(name: str) -> None:
+    timm = _timm()
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:4]}*")[:10]
+        raise UnknownNameError(
+            f"unknown timm model {name!r}; use 'timm:NAME' with NAME one of timm.list_models()"
+            + (f", e.g. {', '.join(close)}" if close else "")
+        )
+
+
+def timm_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    check_timm_name(name)
+    return _timm().create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+# --------------------------------------------------------------------------------------------------------
+# How timm's own layers map channels, declared once (prune_env.graph.register_layer). Imported by the
+# engine the first time it sees a timm module, so a model built with timm directly is covered too.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _last_conv(module: nn.Module) -> nn.Conv2d:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
+
+
+def _resize_selective_kernel(pruned: nn.Module, original: nn.Module) -> None:
+    # forward splits its input into num_paths parts of in_channels // num_paths channels each.
+    conv = pruned.paths[0].conv
+    pruned.in_channels = conv.in_channels * (pruned.num_paths if pruned.split_input else 1)
+    pruned.out_channels = conv.out_channels
+
+
+def _resize_mixed_conv(pruned: nn.Module, original: nn.Module) -> None:
+    # forward splits its input by self.splits, one part per sub-convolution.
+    convs = list(pruned.values())
+    pruned.splits = [c.in_channels for c in convs]
+    pruned.in_channels = sum(pruned.splits)
+    pruned.out_channels = sum(c.out_channels for c in convs)
+
+
+def _ghost_width(module: nn.Module) -> int:
+    return _last_conv(module.primary_conv).out_channels + _last_conv(module.cheap_operation).out_channels
+
+
+def _resize_ghost(pruned: nn.Module, original: nn.Module) -> None:
+    # forward returns cat([primary, cheap])[:, :out_chs]: the engine prunes it only when that slice is the
+    # whole concatenation, which it must then stay; a partial slice froze the channels, so keep it as is.
+    if original.out_chs == _ghost_width(original):
+        pruned.out_chs = _ghost_width(pruned)
+
+
+def register_timm_layers() -> None:
+    """Declare timm's layers (called by the engine when a model contains one)."""
+    from timm.layers import (
+        BlurPool2d,
+        CecaModule,
+        Conv2dSame,
+        EcaModule,
+        MixedConv2d,
+        ScaledStdConv2d,
+        ScaledStdConv2dSame,
+        SelectiveKernel,
+        StdConv2d,
+        StdConv2dSame,
+    )
+    from timm.models.ghostnet import GhostModule, GhostModuleV2
+
+    from prune_env.graph import LayerSpec, register_layer, register_opaque
+
+    # Convolutions that pad from the input size or standardise their weights: channels as nn.Conv2d.
+    for conv in (Conv2dSame, StdConv2d, StdConv2dSame):
+        register_layer(conv, LayerSpec(like=nn.Conv2d))
+    for conv in (ScaledStdConv2d, ScaledStdConv2dSame):
+        register_layer(conv, LayerSpec(like=nn.Conv2d, tensors={"gain": 0}))
+    # Per-channel blur (a depthwise filter) and channel attention computed from the channels themselves.
+    register_layer(BlurPool2d, LayerSpec(channelwise=True, tensors={"filt": 0}, sizes=("channels",)))
+    for attention in (EcaModule, CecaModule):
+        register_layer(attention, LayerSpec(channelwise=True))
+    # Traced, with literal split sizes / slice bounds recomputed from the pruned sub-layers.
+    register_layer(SelectiveKernel, LayerSpec(resize=_resize_selective_kernel))
+    register_layer(MixedConv2d, LayerSpec(resize=_resize_mixed_conv))
+    for ghost in (GhostModule, GhostModuleV2):
+        register_layer(ghost, LayerSpec(resize=_resize_ghost))
+    # Layers timm itself marks as not traceable (sizes used in Python control flow): black boxes where fx
+    # fails on them, instead of refusing the model.
+    from timm.layers._fx import get_notrace_modules
+
+    for layer in get_notrace_modules():
+        register_opaque(layer)

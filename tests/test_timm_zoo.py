@@ -1,0 +1,169 @@
+"""timm CNNs prune into valid, smaller models of exactly predicted cost (timm is an optional dependency).
+
+The list covers timm's building blocks rather than every variant: fused norm + activation layers,
+"same" padding computed from the input size (TF ports), weight-standardised convs (NFNet, BiT),
+selective-kernel and split-attention blocks, anti-aliased downsampling (BlurPool), ECA and global-context
+attention, ghost modules, re-parameterisable blocks, and channel concatenations (DenseNet, VoVNet, DLA).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import prune_env
+from prune_env.models import get_model
+from prune_env.surgery import ModelRebuilder, zero_units
+
+timm = pytest.importorskip("timm")
+
+# A fast subset: fused norm-act + SE (efficientnet_lite / mobilenetv3), "same" padding (tf_), anti-aliasing
+# and ECA (a resnet with both), selective kernel (skresnet).
+FAST = ["mobilenetv3_small_050", "tf_efficientnet_lite0", "lcnet_050", "regnetx_002"]
+SLOW = [
+    # residual nets and their attention / anti-aliasing variants
+    "resnet18", "resnet26d", "resnetblur18", "resnetaa34d", "seresnext26d_32x4d", "ecaresnet26t",
+    "gcresnet33ts", "skresnet18", "skresnext50_32x4d", "resnest14d", "res2net50_14w_8s", "resnetv2_50",
+    "nf_resnet26", "dm_nfnet_f0",
+    # regnets, efficient/mobile nets, NAS families
+    "regnety_002", "regnetz_005", "efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_b0",
+    "tf_mixnet_s", "mixnet_s", "mnasnet_small", "semnasnet_050", "spnasnet_100", "mobilenetv2_050",
+    "mobilenetv3_large_100", "mobilenetv4_conv_small", "tinynet_e", "fbnetc_100", "hardcorenas_a",
+    "ghostnet_050", "ghostnetv2_100", "repghostnet_050", "rexnet_100", "lcnet_075",
+    # concatenations, cross-stage and re-parameterisable nets
+    "densenet121", "ese_vovnet19b_dw", "dla34", "dpn48b", "cspresnet50", "cspdarknet53", "darknet17",
+    "cs3darknet_s", "repvgg_a0", "mobileone_s0", "gernet_s", "hgnetv2_b0", "selecsls42b", "xception41",
+    "inception_v3", "inception_v4", "hrnet_w18_small", "convnext_atto", "edgenext_xx_small",
+    "mobilevit_xxs", "efficientvit_b0",
+]  # fmt: skip
+
+
+def resolution(name: str) -> int:
+    if name.startswith("inception"):
+        return 96  # its stem needs at least 75 px
+    return 64
+
+
+def flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def check_model(name: str, max_macs_kept: float = 0.6) -> float:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_model(f"timm:{name}", num_classes=10).eval()
+    res = resolution(name)
+    x = torch.randn(1, 3, res, res)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    graph = prune_env.build_graph(model, x)
+    assert graph.groups, f"{name}: no prunable group found"
+    assert graph.base_macs == flop_counter_macs(model, x)
+    pruned = prune_env.prune(model, x, 0.5, graph=graph).eval()
+
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+    measured = prune_env.count_macs(pruned, x)
+    assert graph.macs(0.5) == measured == flop_counter_macs(pruned, x)
+    assert graph.params(0.5) == prune_env.count_params(pruned) < prune_env.count_params(model)
+    kept = measured / graph.base_macs
+    assert kept <= max_macs_kept, f"{name}: {kept:.2f} of the MACs kept at a uniform 0.5"
+    pruned.train()
+    out = pruned(torch.randn(2, 3, res, res))
+    assert out.shape == (2, 10)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training
+    return kept
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_timm_fast_subset(name: str) -> None:
+    check_model(name)
+
+
+# Known gaps, kept in the sweep so a fix shows up (strict xfail): the radix conv of split attention is a
+# grouped conv, pruned by whole groups, which the radix reshape binds into one unit (pruning inside every
+# group alike would free it); MobileViT's block computes its patch grid with Python arithmetic on sizes,
+# so fx cannot trace it and it stays a black box.
+KNOWN_GAPS = {
+    "resnest14d": "grouped radix conv: whole-group pruning only",
+    "mobilevit_xxs": "MobileVitBlock untraceable: a frozen black box",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[n])) if n in KNOWN_GAPS else n
+        for n in SLOW
+    ],
+)
+def test_timm_sweep(name: str) -> None:
+    check_model(name)
+
+
+def test_zeroed_units_of_a_norm_act_model_are_pruned_without_changing_outputs() -> None:
+    """Dead-channel equivalence through timm's fused BatchNorm + activation layers (traced into
+    F.batch_norm, their running statistics sliced with the affine parameters), squeeze-excite and
+    depthwise convs: zeroed units rank last under L1 and pruning them leaves the outputs unchanged."""
+    gen = torch.Generator().manual_seed(1)
+    model = get_model("timm:mobilenetv3_small_050", num_classes=10)
+    norm_acts = [m for m in model.modules() if isinstance(m, timm.layers.BatchNormAct2d)]
+    assert norm_acts, "the model should use timm's fused norm-act layers"
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # BatchNormAct2d included
+            m.running_mean.normal_(0, 0.1, generator=gen)
+            m.running_var.uniform_(0.5, 1.5, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.normal_(0, 0.1, generator=gen)
+    model = model.double().eval()
+    x = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    graph = prune_env.build_graph(model, x[:1])
+    rng = np.random.default_rng(0)
+    dead = {
+        g.index: np.sort(rng.choice(g.channels, size=int(rng.integers(1, g.channels)), replace=False))
+        for g in graph.groups
+    }
+    zero_units(model, graph, dead)
+    with torch.no_grad():
+        reference = model(x)
+    ratios = [len(dead[g.index]) / g.channels for g in graph.groups]
+    pruned = prune_env.prune(model, x[:1], ratios, graph=graph)
+    explicit = prune_env.prune_channels(
+        model, graph, {g.index: np.setdiff1d(np.arange(g.channels), dead[g.index]) for g in graph.groups}
+    )
+    with torch.no_grad():
+        out, out_explicit = pruned(x), explicit(x)
+    assert torch.equal(out, out_explicit)
+    torch.testing.assert_close(out, reference, rtol=1e-9, atol=1e-9)
+    assert prune_env.count_macs(pruned, x[:1]) == graph.macs(ratios)
+    assert any(isinstance(m, timm.layers.BatchNormAct2d) for m in pruned.modules())
+
+
+def test_declared_layers_rebuild_like_prune_channels() -> None:
+    """ModelRebuilder recomputes declared sizes (selective-kernel splits, blur filters) as prune does."""
+    model = get_model("timm:skresnet18", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    graph = prune_env.build_graph(model, x)
+    keep = [np.arange(0, g.channels, 2) for g in graph.groups]
+    rebuilt = ModelRebuilder(model, graph).rebuild(keep).eval()
+    pruned = prune_env.prune_channels(model, graph, keep).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), pruned(x))
+    assert prune_env.count_macs(pruned, x) == graph.costs.macs(np.array([len(k) for k in keep]))
+
+
+def test_get_model_routes_timm_names() -> None:
+    model = get_model("timm:resnet18", num_classes=7, in_channels=1).eval()
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 7)
+    with pytest.raises(prune_env.UnknownNameError, match="timm"):
+        get_model("timm:no_such_net")

@@ -55,6 +55,11 @@ class TorchCost(nn.Module):
     ``channels · (1 - ratio)``, i.e. before rounding.
     """
 
+    mult: torch.Tensor
+    fixed: torch.Tensor
+    channels: torch.Tensor
+    coef: torch.Tensor
+
     def __init__(self, problem: PruningProblem) -> None:
         super().__init__()
         costs = problem.graph.costs
@@ -159,19 +164,18 @@ def predictor(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: Predict
     # 2. Uncertainty-driven evolution: evaluate the unevaluated candidate with the highest UCB.
     while evaluator.remaining > 1:
         train()
-        keep = _acquire(problem, model, seen, rng, s)
-        if keep is None:
+        candidate = _acquire(problem, model, seen, rng, s)
+        if candidate is None:
             break
-        evaluate(keep)
+        evaluate(candidate)
 
     # 3. Gradient ascent on predicted reward under a log-barrier on the cost, then evaluate that policy.
     train()
-    keep = _ascend(problem, model, seen, s)
-    if tuple(keep.tolist()) in seen:  # nothing new found: spend the last evaluation on the best UCB instead
-        keep = _acquire(problem, model, seen, rng, s)
-        if keep is None:
-            return
-    evaluate(keep)
+    final: np.ndarray | None = _ascend(problem, model, seen, s)
+    if final is not None and tuple(final.tolist()) in seen:
+        final = _acquire(problem, model, seen, rng, s)  # nothing new found: the best UCB instead
+    if final is not None:
+        evaluate(final)
 
 
 def _acquire(

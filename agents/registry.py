@@ -40,7 +40,7 @@ class AgentSpec:
     """A registered agent: its name, its function ``run(evaluator, rng, settings)`` and settings class."""
 
     name: str
-    run: Callable[[BudgetedEvaluator, np.random.Generator, Any], None]
+    run: Callable[..., None]  # (evaluator, rng, settings); a user's function takes keyword settings
     settings: type = NoSettings
 
     def make_settings(self, overrides: Mapping[str, Any] | None = None) -> Any:

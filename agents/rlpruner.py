@@ -19,7 +19,7 @@ iteratively distilled model, which the one-shot proxy of other agents does not i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -31,7 +31,6 @@ from prune_env.data import iterate_batches
 from prune_env.errors import InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import units_to_keep
 from prune_env.problem import PruningProblem
-from prune_env.proxy import ProxyEvaluator
 from prune_env.train import kd_loss
 
 
@@ -74,27 +73,15 @@ def _distill(
 
 
 def _round_problem(original: PruningProblem, model: nn.Module, target: float) -> PruningProblem:
-    """A problem on the distilled, pruned ``model`` with the original proxy settings."""
-    proxy = original.proxy
-    kwargs = {}
-    if isinstance(proxy, ProxyEvaluator):
-        kwargs = {
-            "eval_samples": proxy.eval_samples,
-            "bn_recalib_batches": proxy.bn_recalib_batches,
-            "finetune_steps": proxy.finetune_steps,
-        }
-    return PruningProblem(
-        model,
-        original.splits,
-        target_macs=target if original.metric == "macs" else None,
-        target_params=target if original.metric == "params" else None,
-        max_ratio=original.max_ratio,
-        round_to=original.round_to,
-        seed=original.seed,
-        device=original.device,
+    """A problem on the distilled, pruned ``model`` with the original settings and a new target."""
+    params = original.metric == "params"
+    settings = replace(
+        original.settings,
+        target_macs=None if params else target,
+        target_params=target if params else None,
         progress=False,
-        **kwargs,
     )
+    return PruningProblem(model, original.splits, settings)
 
 
 @register_agent("rlpruner", RLPrunerSettings)

@@ -58,7 +58,7 @@ class BudgetWrapper(gym.Wrapper):
     def _step_evaluates(self) -> bool:
         inner = self.env.unwrapped
         if isinstance(inner, LayerPruneEnv):
-            return inner._t >= inner.problem.n_groups - 1  # only the last group's step scores the model
+            return inner.current_group >= inner.problem.n_groups - 1  # only the last group's step scores
         return True  # one-shot: every step is a whole episode
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
@@ -66,7 +66,7 @@ class BudgetWrapper(gym.Wrapper):
             raise BudgetExhausted(f"evaluation budget of {self.evaluator.budget_evals} spent")
         obs, reward, terminated, truncated, info = self.env.step(action)
         if terminated or truncated:
-            outcome = self.env.unwrapped.last_outcome
+            outcome = getattr(self.env.unwrapped, "last_outcome", None)
             if outcome is not None:
                 self.evaluator.record(outcome)
         return obs, reward, terminated, truncated, info
@@ -199,7 +199,8 @@ class AMCDDPG(DDPG):
         infos: list[dict[str, Any]],
     ) -> None:
         capture = _Capture()
-        super()._store_transition(capture, buffer_action, new_obs, reward, dones, infos)
+        # Duck-typed: SB3 only calls the buffer's ``add``.
+        super()._store_transition(capture, buffer_action, new_obs, reward, dones, infos)  # type: ignore[arg-type]
         self._pending.extend(capture.calls)
         if not dones[0]:
             return

@@ -518,7 +518,7 @@ def load_pruned(
 
 
 def kept_units(
-    rankings: Sequence[np.ndarray], keep: Sequence[int], names: Sequence[str]
+    rankings: Sequence[np.ndarray], keep: Sequence[int] | np.ndarray, names: Sequence[str]
 ) -> dict[str, list[int]]:
     """Kept unit indices per group name for kept counts ``keep`` under a fixed ranking per group.
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from prune_env.errors import DatasetError, DatasetNotFoundError, InvalidSettingError, UnknownNameError
@@ -67,6 +66,8 @@ def _stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held_out) positions into ``labels``: ``fraction`` held out, class proportions preserved."""
     idx = np.arange(len(labels)) if indices is None else indices
+    from sklearn.model_selection import train_test_split  # scikit-learn loads in ~0.6 s: only when used
+
     kept, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels[idx])
     return np.sort(kept), np.sort(held)
 
@@ -317,7 +318,10 @@ def _load_imagefolder(path: str, seed: int, val_fraction: float, image_size: int
 
 
 def _load_fake(
-    seed: int, sizes: Sequence[int] = (256, 64, 64), image_shape=(3, 16, 16), num_classes: int = 10
+    seed: int,
+    sizes: Sequence[int] = (256, 64, 64),
+    image_shape: tuple[int, int, int] = (3, 16, 16),
+    num_classes: int = 10,
 ) -> Splits:
     """torchvision's FakeData (random images, random labels), materialised: for smoke tests only."""
     from torchvision import datasets, transforms
@@ -337,7 +341,7 @@ def _load_fake(
         test=materialise(n_test, base + n_train + n_val),
         num_classes=num_classes,
         in_channels=image_shape[0],
-        input_shape=tuple(image_shape),  # type: ignore[arg-type]
+        input_shape=image_shape,
         seed=seed,
     )
 

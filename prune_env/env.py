@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, SupportsFloat
+from typing import Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
@@ -23,7 +23,8 @@ from prune_env.validation import check_settings, fraction
 class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
     """Shared construction, budget sampling, rewards and rendering of the two environments."""
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
+    # Gymnasium declares ``metadata`` an instance attribute; a class default is how envs set it.
+    metadata: dict[str, Any] = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}  # noqa: RUF012
 
     def __init__(
         self,
@@ -149,6 +150,11 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         """Per-environment episode state; returns extra ``info`` keys for ``reset``."""
         return {}
 
+    @property
+    def kept(self) -> np.ndarray:
+        """Kept units per group in the current episode (a copy; groups not decided yet are whole)."""
+        return self._current_keep().copy()
+
     def _current_keep(self) -> np.ndarray:
         return self._keep
 
@@ -228,6 +234,11 @@ class LayerPruneEnv(_PruneEnv):
         obs[:n_static] = self._static[t]
         obs[n_static:] = [min(max(v, 0.0), 1.0) for v in dynamic]
         return obs
+
+    @property
+    def current_group(self) -> int:
+        """The index of the group the next step decides (``n_groups`` once the episode is over)."""
+        return self._t
 
     def _start_episode(self) -> dict[str, Any]:
         self._t = 0

@@ -7,6 +7,7 @@ sensitivity); the dynamic ones of the layer-wise environment are cost-model arit
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 
 from prune_env.importance import l1_importance
@@ -63,10 +64,11 @@ def static_features(problem: PruningProblem, sensitivity: np.ndarray | None = No
         l1 = l1_importance(group, model) / max(sum(m.multiplicity for m in group.members), 1)
         raw[i, 9] = float(np.mean(l1))
         raw[i, 10] = _spread(l1)
+        weights = [(m, getattr(model.get_submodule(m.layer), "weight", None)) for m in group.members]
         gammas = [
-            np.abs(model.get_submodule(m.layer).weight.detach().cpu().numpy()[list(m.positions)])
-            for m in group.members
-            if m.kind == "channel" and getattr(model.get_submodule(m.layer), "weight", None) is not None
+            np.abs(w.detach().cpu().numpy()[list(m.positions)])
+            for m, w in weights
+            if m.kind == "channel" and isinstance(w, torch.Tensor)
         ]
         if gammas:
             g = np.concatenate(gammas)

@@ -57,7 +57,7 @@ class BudgetProjector:
     def __init__(
         self,
         costs: CostModel,
-        channels: Sequence[int],
+        channels: Sequence[int] | np.ndarray,
         *,
         metric: str = "macs",
         max_ratio: float = DEFAULT_MAX_RATIO,

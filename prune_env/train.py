@@ -158,7 +158,8 @@ def _fit(
     drop_last = n % batch_size < max(2, batch_size // 4) and n > batch_size
     steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         # No weight decay on BatchNorm affine parameters and biases (standard practice; it helps accuracy).
         (no_decay if p.ndim <= 1 else decay).append(p)

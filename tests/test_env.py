@@ -96,7 +96,7 @@ def test_budget_holds_for_any_actions(data: st.DataObject, problem: PruningProbl
     oneshot.reset(seed=0, options={"target": target})
     _, _, terminated, _, info = oneshot.step(ratios_action.astype(np.float32))
     assert terminated and info["macs_ratio"] <= target * (1 + 1e-9)
-    model = problem.build(np.asarray(oneshot._keep))
+    model = problem.build(oneshot.kept)
     measured = prune_env.count_macs(model, problem.example_inputs)
     assert measured == info["macs"] <= target * problem.graph.base_macs
 
@@ -148,7 +148,7 @@ def test_params_target(base: nn.Module, digits: Any) -> None:
     env.reset(seed=0)
     _, _, _, _, info = env.step(-np.ones(env.problem.n_groups, dtype=np.float32))
     assert info["params_ratio"] <= 0.4 and info["target"] == 0.4
-    assert prune_env.count_params(env.problem.build(env._keep)) == info["params"]
+    assert prune_env.count_params(env.problem.build(env.kept)) == info["params"]
 
 
 def test_custom_reward_is_used_exactly(problem: PruningProblem) -> None:
@@ -208,7 +208,7 @@ def test_bad_actions_raise_value_error(problem: PruningProblem) -> None:
 
 
 def test_wrong_kwargs_give_clear_errors(base: nn.Module, digits: Any, problem: PruningProblem) -> None:
-    with pytest.raises(InvalidSettingError, match="no setting target_mac; its settings are: .*target_macs"):
+    with pytest.raises(InvalidSettingError, match=r"no setting target_mac; its settings are: .*target_macs"):
         gym.make("prune_env/OneShotPrune-v0", model=base, dataset=digits, target_mac=0.5)
     with pytest.raises(ValueError, match="impossible"):
         OneShotPruneEnv(base, digits, target_macs=0.001, **FAST)
@@ -260,7 +260,7 @@ def test_layer_observation_reports_the_costs_of_the_decisions_so_far(problem: Pr
         np.testing.assert_array_equal(obs[n_static:], np.clip(expected, 0, 1).astype(np.float32))
         obs, _, terminated, _, info = env.step(rng.uniform(-1, 1, (1,)).astype(np.float32))
         previous = info["applied_ratio"]
-        decided.append(int(env._keep[t]))
+        decided.append(int(env.kept[t]))
     assert terminated
 
 

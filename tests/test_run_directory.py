@@ -20,11 +20,11 @@ import pytest
 from torch import nn
 
 from prune_env.app import cli, runfiles
+from prune_env.app.rundir import OWNER_FILE, RunDirectory
 from prune_env.checkpoint import load_pruned
 from prune_env.data import Splits
 from prune_env.errors import RunDirectoryError
 from prune_env.proxy import ProxyEvaluator
-from prune_env.app.rundir import OWNER_FILE, RunDirectory
 
 TINY = ["--agent", "random", "--eval-samples", "96", "--no-progress", "--finetune-epochs", "0"]
 

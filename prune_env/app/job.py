@@ -180,6 +180,7 @@ def _results(
 ) -> dict[str, Any]:
     from prune_env.checkpoint import versions
 
+    assert evaluator.best is not None, "results are written only once a policy was evaluated"
     reward, outcome = evaluator.best
     names = problem.group_names
     return {
@@ -243,7 +244,7 @@ def _save_model(
 def _finish_partial(
     s: SearchSettings,
     problem: PruningProblem,
-    evaluator: BudgetedEvaluator,
+    evaluator: BudgetedEvaluator | None,
     timings: dict[str, float],
     started: float,
     where: str,

@@ -40,6 +40,10 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    layer1: nn.Sequential  # set by name in the loop below
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
     def __init__(
         self,
         depth: int,

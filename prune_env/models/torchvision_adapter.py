@@ -8,7 +8,8 @@ this library runs offline, and a user who has weights can load them into the ret
 
 from __future__ import annotations
 
-import torchvision
+from typing import cast
+
 from torch import nn
 
 from prune_env.errors import UnknownNameError, UnsupportedLayerError
@@ -16,19 +17,22 @@ from prune_env.errors import UnknownNameError, UnsupportedLayerError
 
 def torchvision_names() -> list[str]:
     """Names of torchvision's image-classification constructors (``torchvision.models.list_models``)."""
+    import torchvision  # ~1.5 s to import (it loads torch._dynamo): only when a torchvision model is named
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def _replace_stem(model: nn.Module, in_channels: int) -> None:
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            # A Conv2d's geometry is a pair of ints (typed as any-length tuples).
             new = nn.Conv2d(
                 in_channels,
                 module.out_channels,
-                module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
+                cast("tuple[int, int]", module.kernel_size),
+                stride=cast("tuple[int, int]", module.stride),
+                padding=cast("str | tuple[int, int]", module.padding),
+                dilation=cast("tuple[int, int]", module.dilation),
                 groups=1 if module.groups == 1 else in_channels,
                 bias=module.bias is not None,
                 padding_mode=module.padding_mode,
@@ -53,6 +57,8 @@ def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3) ->
         # Their auxiliary heads make forward() return a tuple in training mode; one output keeps every
         # model in the library a plain image -> logits function. init_weights silences a warning.
         kwargs.update(aux_logits=False, init_weights=True)
+    import torchvision
+
     model = torchvision.models.get_model(name, **kwargs)
     if in_channels != 3:
         _replace_stem(model, in_channels)

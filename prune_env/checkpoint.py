@@ -46,6 +46,7 @@ from torch import nn
 from prune_env.costs import count_macs, count_params
 from prune_env.device import resolve_device
 from prune_env.errors import CheckpointError, InvalidSettingError, PruneEnvError
+from prune_env.fileio import write_atomic, write_text_atomic
 from prune_env.graph import DependencyGraph, build_graph
 from prune_env.serialize import json_default
 from prune_env.surgery import prune_channels
@@ -404,12 +405,8 @@ def save_pruned(
     # older description goes first, so an interrupted re-save never pairs it with the new weights.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(directory / SPEC_FILE)
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / WEIGHTS_FILE)
-    tmp = directory / (SPEC_FILE + ".tmp")
-    tmp.write_text(json.dumps(spec, indent=2) + "\n")
-    os.replace(tmp, directory / SPEC_FILE)
+    write_atomic(directory / WEIGHTS_FILE, lambda f: torch.save(state, f), binary=True)
+    write_text_atomic(directory / SPEC_FILE, json.dumps(spec, indent=2) + "\n")
     return directory
 
 

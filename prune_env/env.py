@@ -10,13 +10,14 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
+from prune_env.actions import action_to_ratio
 from prune_env.data import Splits
 from prune_env.errors import InvalidSettingError
+from prune_env.models import ModelSpec
 from prune_env.observation import DYNAMIC_FEATURES, STATIC_FEATURES, sensitivity, static_features
-from prune_env.problem import ModelArg, PruningProblem
+from prune_env.problem import PruningProblem
 from prune_env.rewards import Outcome, RewardFn, StepInfo, checked_reward, evaluate_reward, get_reward
 from prune_env.settings import ProblemSettings
-from prune_env.spaces import action_to_ratio
 from prune_env.validation import check_settings, fraction
 
 
@@ -28,7 +29,7 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def __init__(
         self,
-        model: ModelArg = "resnet20",
+        model: ModelSpec = "resnet20",
         dataset: str | Splits = "digits",
         *,
         reward: str | RewardFn = "acc",
@@ -204,7 +205,9 @@ class LayerPruneEnv(_PruneEnv):
     pre-built problem), ``render_mode="ansi"``.
     """
 
-    def __init__(self, model: ModelArg = "resnet20", dataset: str | Splits = "digits", **kwargs: Any) -> None:
+    def __init__(
+        self, model: ModelSpec = "resnet20", dataset: str | Splits = "digits", **kwargs: Any
+    ) -> None:
         super().__init__(model, dataset, **kwargs)
         dim = len(STATIC_FEATURES) + len(DYNAMIC_FEATURES)
         self.observation_space = spaces.Box(0.0, 1.0, (dim,), np.float32)
@@ -288,7 +291,9 @@ class OneShotPruneEnv(_PruneEnv):
     As :class:`LayerPruneEnv`, with the reward paid at the single step.
     """
 
-    def __init__(self, model: ModelArg = "resnet20", dataset: str | Splits = "digits", **kwargs: Any) -> None:
+    def __init__(
+        self, model: ModelSpec = "resnet20", dataset: str | Splits = "digits", **kwargs: Any
+    ) -> None:
         super().__init__(model, dataset, **kwargs)
         n = self.problem.n_groups
         self.observation_space = spaces.Box(0.0, 1.0, (n * len(STATIC_FEATURES) + 1,), np.float32)

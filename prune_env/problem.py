@@ -8,26 +8,25 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from prune_env.budget import BudgetProjector, keep_to_ratios
 from prune_env.data import Splits, as_splits
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
 from prune_env.importance import get_importance
+from prune_env.models import ModelSpec
 from prune_env.proxy import Proxy, ProxyEvaluator
 from prune_env.rewards import Outcome
 from prune_env.settings import ProblemSettings
-from prune_env.spaces import BudgetProjector, keep_to_ratios
 from prune_env.surgery import ModelRebuilder, prune_channels
 from prune_env.train import check_train_options, train_base
-
-ModelArg = str | nn.Module | Callable[[], nn.Module]
 
 
 def check_model_arg(model: Any) -> None:
@@ -94,7 +93,7 @@ class PruningProblem:
 
     def __init__(
         self,
-        model: ModelArg = "resnet20",
+        model: ModelSpec = "resnet20",
         dataset: str | Splits = "digits",
         settings: ProblemSettings | None = None,
         *,
@@ -173,7 +172,7 @@ class PruningProblem:
 
     # -- construction -------------------------------------------------------------------------------
     def _base_model(
-        self, model: ModelArg, train_kwargs: Mapping[str, Any], progress: bool
+        self, model: ModelSpec, train_kwargs: Mapping[str, Any], progress: bool
     ) -> tuple[nn.Module, dict[str, float]]:
         if isinstance(model, nn.Module):
             return copy.deepcopy(model).to(self.device).eval(), {}
@@ -300,6 +299,6 @@ class PruningProblem:
         """Project ``ratios`` onto the budget, prune, and score with the proxy."""
         return self.evaluate_keep(self.keep_for(ratios, target), target)
 
-    def keep_counts(self, ratios: Sequence[float] | np.ndarray) -> np.ndarray:
+    def unprojected_keep(self, ratios: Sequence[float] | np.ndarray) -> np.ndarray:
         """Kept units for ``ratios`` without projection (the plain rounding rule)."""
         return units_to_keep(self.channels, ratios, self.round_to)

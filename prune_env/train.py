@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from prune_env.data import Splits, as_splits, iterate_batches, take
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidSettingError
+from prune_env.fileio import write_atomic
 from prune_env.models import ModelSpec, get_model, model_name
 from prune_env.validation import as_int, as_real
 
@@ -265,19 +265,8 @@ def _load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache file is as readable as any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def checkpoint_path(

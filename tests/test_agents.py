@@ -121,7 +121,6 @@ def test_truncated_noise_stays_in_bounds_and_decays() -> None:
     assert samples.min() >= -1.0 and samples.max() <= 1.0
     noise.decay()
     assert noise.sigma == pytest.approx(0.95)
-    assert SB3  # every SB3 learner is registered
     assert set(SB3) <= set(AGENTS)
 
 

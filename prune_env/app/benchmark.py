@@ -55,7 +55,7 @@ from prune_env.validation import check_sequence, check_settings
 
 if TYPE_CHECKING:
     from prune_env.data import Splits
-    from prune_env.problem import ModelArg
+    from prune_env.models import ModelSpec
     from prune_env.rewards import RewardFn
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -94,7 +94,7 @@ def _labelled(items: Sequence[Any] | Mapping[str, Any] | Any, what: str) -> list
 
 def run(
     agents: Sequence[str | Callable[..., None]] | Mapping[str, str | Callable[..., None]] | None = None,
-    models: Sequence[ModelArg] | Mapping[str, ModelArg] = ("resnet20",),
+    models: Sequence[ModelSpec] | Mapping[str, ModelSpec] = ("resnet20",),
     datasets: Sequence[str | Splits] | Mapping[str, str | Splits] = ("digits",),
     targets: Sequence[float] = (0.5,),
     seeds: Sequence[int] = (0,),

@@ -29,7 +29,7 @@ from torch import nn
 
 from agents.evaluator import BudgetedEvaluator, Evaluation
 from agents.registry import AgentSpec, available, resolve_agent, run_agent
-from prune_env.app.rundir import RunDirectory, write_atomic
+from prune_env.app.rundir import RunDirectory
 from prune_env.app.runfiles import (
     EVALUATIONS_FILE,
     RUN_FILES,
@@ -45,6 +45,7 @@ from prune_env.app.settings import DEFAULT_AGENTS, SearchSettings
 from prune_env.data import Splits, load
 from prune_env.device import resolve_device
 from prune_env.errors import ResumeError, UnknownNameError, UnsupportedLayerError
+from prune_env.fileio import write_text_atomic
 from prune_env.problem import PruningProblem
 from prune_env.rewards import get_reward
 
@@ -71,9 +72,9 @@ def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
     Builds the untrained architecture's graph (a fraction of a second) so an impossible target is
     reported before the base model is trained, not after.
     """
+    from prune_env.budget import BudgetProjector
     from prune_env.graph import build_graph
     from prune_env.models import get_model
-    from prune_env.spaces import BudgetProjector
 
     p = s.problem
     run_directory(s).check()
@@ -145,7 +146,7 @@ def _open_run(s: SearchSettings, rundir: RunDirectory) -> tuple[dict[str, Any], 
         raise ResumeError(f"--evals {s.evals} is less than the {done} evaluations already done")
     if logged.complete_text is not None:
         aside = rundir.keep_aside(EVALUATIONS_FILE)
-        write_atomic(csv_path, logged.complete_text)
+        write_text_atomic(csv_path, logged.complete_text)
         log.warning("the last line of %s was cut short (kept as %s); it is run again", csv_path, aside)
     state["budget_evals"] = s.evals
     return state, logged.records

@@ -7,7 +7,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prune_env.fileio import write_atomic
 from prune_env.serialize import json_default
 
 if TYPE_CHECKING:
@@ -107,22 +107,19 @@ def append_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, An
 
 def write_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
     """Replace ``path`` atomically: a kill mid-write leaves the old file, never a half-written one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    append_csv(tmp, fields, rows)
-    os.replace(tmp, path)
+
+    def write(f: Any) -> None:
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _cell(r.get(k, "")) for k in fields})
+
+    write_atomic(path, write)
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic replace: a reader (or a resumed grid) never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=json_value, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: json.dump(obj, f, indent=1, default=json_value, allow_nan=False))
 
 
 def json_value(v: Any) -> Any:

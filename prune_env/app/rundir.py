@@ -26,16 +26,10 @@ from types import TracebackType
 from filelock import FileLock, Timeout
 
 from prune_env.errors import ResumeError, RunDirectoryError
+from prune_env.fileio import write_text_atomic
 
 LOCK_FILE = ".prune-env.lock"
 OWNER_FILE = ".prune-env.owner.json"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` in one step: an interrupted write never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunDirectory:
@@ -136,7 +130,7 @@ class RunDirectory:
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "command": " ".join(sys.argv),
             }
-            write_atomic(self.path / OWNER_FILE, json.dumps(owner) + "\n")
+            write_text_atomic(self.path / OWNER_FILE, json.dumps(owner) + "\n")
         except BaseException:
             self.close()
             raise
@@ -184,4 +178,4 @@ class RunDirectory:
         return target
 
 
-__all__ = ["LOCK_FILE", "OWNER_FILE", "RunDirectory", "write_atomic"]
+__all__ = ["LOCK_FILE", "OWNER_FILE", "RunDirectory"]

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from agents.evaluator import Evaluation
-from prune_env.app.rundir import write_atomic
 from prune_env.errors import ResumeError
+from prune_env.fileio import write_text_atomic
 from prune_env.serialize import json_default
 
 STATE_FORMAT = 2  # 2: the settings record every field of the problem's settings
@@ -36,7 +36,7 @@ log = logging.getLogger("prune_env.job")
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 class EvaluationLog(NamedTuple):

@@ -1,4 +1,4 @@
-"""Action mapping and budget projection (AMC's "action wall", generalised to dependency groups).
+"""Budget projection: AMC's "action wall", generalised to dependency groups.
 
 Everything here is arithmetic on the graph's cost model — no forward passes — so it is cheap enough for
 every environment step.
@@ -11,35 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from prune_env.costs import CostModel
-from prune_env.errors import InvalidActionError, InvalidRatiosError, InvalidSettingError
-from prune_env.graph import unit_count_to_keep
-from prune_env.graph import units_to_keep as keep_counts
+from prune_env.errors import InvalidRatiosError, InvalidSettingError
+from prune_env.graph import unit_count_to_keep, units_to_keep
 from prune_env.settings import DEFAULT_MAX_RATIO
 from prune_env.validation import check_settings, fraction
-
-
-def action_to_ratio(action: np.ndarray, max_ratio: float, expected_shape: tuple[int, ...]) -> np.ndarray:
-    """Map actions in [-1, 1] affinely to ratios in [0, max_ratio]; values outside are clipped.
-
-    NaN/inf, a wrong shape or a non-real dtype (complex, bool, strings, objects) raise
-    :class:`InvalidActionError` naming the problem (never a silent wrong answer).
-    """
-    raw = np.asarray(action)
-    if raw.dtype.kind not in "fiu":  # complex would lose its imaginary part, bools and strings mean nothing
-        raise InvalidActionError(f"action must hold real numbers, got dtype {raw.dtype} ({action!r})")
-    a = raw.astype(np.float64)
-    if a.shape != expected_shape and a.size == int(np.prod(expected_shape)) and a.ndim <= 1:
-        a = a.reshape(expected_shape)  # a scalar for a (1,) space, or a flat list
-    if a.shape != expected_shape:
-        raise InvalidActionError(f"action has shape {a.shape}, expected {expected_shape}")
-    if not np.all(np.isfinite(a)):
-        raise InvalidActionError(f"action contains non-finite values (NaN or inf): {a[~np.isfinite(a)][:4]}")
-    return (np.clip(a, -1.0, 1.0) + 1.0) / 2.0 * max_ratio
-
-
-def ratio_to_action(ratio: np.ndarray, max_ratio: float) -> np.ndarray:
-    """Inverse of :func:`action_to_ratio` (for scripted policies and tests)."""
-    return (np.asarray(ratio, dtype=np.float64) / max_ratio * 2.0 - 1.0).astype(np.float32)
 
 
 def keep_to_ratios(channels: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -72,7 +47,7 @@ class BudgetProjector:
         self._batch = costs.macs_batch if metric == "macs" else costs.params_batch
         self._exact = costs.macs if metric == "macs" else costs.params
         self.base_cost = self._exact(self.channels)
-        self.min_keep = keep_counts(self.channels, np.full(len(self.channels), max_ratio), round_to)
+        self.min_keep = units_to_keep(self.channels, np.full(len(self.channels), max_ratio), round_to)
         self.min_cost_ratio = self._exact(self.min_keep) / self.base_cost
 
     def check_target(self, target: float) -> None:
@@ -98,18 +73,18 @@ class BudgetProjector:
         ``γ·r`` with the smallest γ ≤ 1 that still fits, so it ends just under the target too.
         """
         r = np.clip(np.asarray(ratios, dtype=np.float64), 0.0, self.max_ratio)
-        keep = keep_counts(self.channels, r, self.round_to)
+        keep = units_to_keep(self.channels, r, self.round_to)
         if self._fits(keep, target):
             return self._fill(r, keep, target) if fill else keep
         lo, hi = 0.0, 1.0
         for _ in range(3):  # coarse-to-fine: each round evaluates a grid of α in one vectorised call
             alphas = np.linspace(lo, hi, 33)
-            grid = keep_counts(self.channels, r + alphas[:, None] * (self.max_ratio - r), self.round_to)
+            grid = units_to_keep(self.channels, r + alphas[:, None] * (self.max_ratio - r), self.round_to)
             ok = self._batch(grid) <= target * self.base_cost * (1 + 1e-12)
             first = int(np.argmax(ok)) if ok.any() else len(alphas) - 1
             lo, hi = alphas[max(first - 1, 0)], alphas[first]
         for alpha in (hi, 1.0):
-            keep = keep_counts(self.channels, r + alpha * (self.max_ratio - r), self.round_to)
+            keep = units_to_keep(self.channels, r + alpha * (self.max_ratio - r), self.round_to)
             if self._fits(keep, target):
                 return keep
         raise InvalidRatiosError(f"target {target} cannot be met (minimum {self.min_cost_ratio:.4f})")
@@ -120,10 +95,10 @@ class BudgetProjector:
         lo, hi = 0.0, 1.0  # γ = 1 is ``keep`` and fits; cost only falls as γ grows
         for _ in range(3):  # coarse-to-fine, as in project()
             gammas = np.linspace(lo, hi, 33)
-            ok = self._batch(keep_counts(self.channels, gammas[:, None] * r, self.round_to)) <= limit
+            ok = self._batch(units_to_keep(self.channels, gammas[:, None] * r, self.round_to)) <= limit
             first = int(np.argmax(ok)) if ok.any() else len(gammas) - 1
             lo, hi = gammas[max(first - 1, 0)], gammas[first]
-        filled = keep_counts(self.channels, hi * r, self.round_to)
+        filled = units_to_keep(self.channels, hi * r, self.round_to)
         return filled if self._fits(filled, target) else keep  # the exact check has the last word
 
     def wall(self, decided: np.ndarray, index: int, ratio: float, target: float) -> int:

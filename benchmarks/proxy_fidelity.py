@@ -336,7 +336,13 @@ def main(argv: list[str] | None = None) -> None:
         proxies = {label: ev.evaluate(pruned) for label, ev in evaluators.items()}
         measured = {
             "proxies": {
-                k: {m: v[m] for m in ("accuracy", "loss", "kl_to_teacher", "eval_seconds")}
+                # The saved files keep their original keys (eval_seconds), so earlier results still merge.
+                k: {
+                    "accuracy": v.accuracy,
+                    "loss": v.loss,
+                    "kl_to_teacher": v.kl_to_teacher,
+                    "eval_seconds": v.seconds,
+                }
                 for k, v in proxies.items()
             }
         }

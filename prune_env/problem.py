@@ -22,7 +22,7 @@ from prune_env.errors import InvalidRatiosError, InvalidSettingError, Unsupporte
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
 from prune_env.importance import get_importance
 from prune_env.models import ModelSpec
-from prune_env.proxy import Proxy, ProxyEvaluator
+from prune_env.proxy import Proxy, ProxyEvaluator, ProxyResult
 from prune_env.rewards import Outcome
 from prune_env.settings import ProblemSettings
 from prune_env.surgery import ModelRebuilder, prune_channels
@@ -163,11 +163,11 @@ class PruningProblem:
             seed=s.seed,
             device=self.device,
         )
-        full = self.proxy.evaluate(self.base_model)
-        self.base_accuracy = float(full["accuracy"])
-        self.base_loss = float(full["loss"])
+        full = self._checked(self.proxy.evaluate(self.base_model))
+        self.base_accuracy = full.accuracy
+        self.base_loss = full.loss
         self.evaluations = 0  # proxy evaluations that were not memo hits
-        self._results: dict[tuple[int, ...], dict[str, float]] = {}
+        self._results: dict[tuple[int, ...], ProxyResult] = {}
         self._rebuilder: ModelRebuilder | None = None
 
     # -- construction -------------------------------------------------------------------------------
@@ -230,6 +230,14 @@ class PruningProblem:
             self._rebuilder = ModelRebuilder(self.base_model, self.graph)
         return self._rebuilder.rebuild(self._units(keep))
 
+    def _checked(self, result: object) -> ProxyResult:
+        if not isinstance(result, ProxyResult):
+            raise InvalidSettingError(
+                f"{type(self.proxy).__name__}.evaluate returned {type(result).__name__}; a proxy returns a "
+                "prune_env.proxy.ProxyResult(accuracy=..., loss=...)"
+            )
+        return result
+
     def scored_model(self, keep: np.ndarray) -> nn.Module:
         """The pruned model exactly as the proxy scored it (BatchNorm recalibrated, distilled if the
         proxy distils): what a run saves when it is not fine-tuned, and where a fine-tune starts."""
@@ -238,7 +246,7 @@ class PruningProblem:
     def remember(self, keep: Sequence[int] | np.ndarray, accuracy: float, loss: float) -> None:
         """Record the proxy's result for ``keep`` obtained earlier (a resumed run's log), so scoring that
         policy again costs no proxy evaluation. The proxy is deterministic, so the result is the same."""
-        self._results[tuple(int(k) for k in keep)] = {"accuracy": float(accuracy), "loss": float(loss)}
+        self._results[tuple(int(k) for k in keep)] = ProxyResult(accuracy=float(accuracy), loss=float(loss))
 
     def _units(self, keep: np.ndarray) -> list[np.ndarray]:
         keep = np.asarray(keep, dtype=np.int64)
@@ -252,13 +260,13 @@ class PruningProblem:
         memo_hit = key in self._results
         if not memo_hit:
             # The pruned model is a function of the kept counts (rankings are fixed), so is its score.
-            self._results[key] = self.proxy.evaluate_owned(self.build_for_evaluation(keep))
+            self._results[key] = self._checked(self.proxy.evaluate_owned(self.build_for_evaluation(keep)))
             self.evaluations += 1
         result = self._results[key]
         return self.outcome(
             keep,
-            accuracy=float(result["accuracy"]),
-            loss=float(result["loss"]),
+            accuracy=result.accuracy,
+            loss=result.loss,
             target=target,
             eval_seconds=time.perf_counter() - start,
             memo_hit=memo_hit,

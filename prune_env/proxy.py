@@ -20,9 +20,11 @@ Pruning) plugs in by subclassing :class:`Proxy` and implementing ``evaluate``.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from prune_env.data import Splits, take
 from prune_env.device import on_device, resolve_device, seed_generators
+from prune_env.errors import InvalidSettingError
 from prune_env.settings import (
     DEFAULT_BN_RECALIB_BATCHES,
     DEFAULT_EVAL_SAMPLES,
@@ -45,6 +48,28 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_RECALIB_BATCH_SIZE = 64
 
 
+@dataclass(frozen=True)
+class ProxyResult:
+    """What a proxy measured on one model (validation data only).
+
+    ``accuracy`` and ``loss`` (mean cross-entropy) are what rewards use; ``kl_to_teacher`` (mean
+    KL(unpruned || candidate) on the same samples) is ``None`` for a proxy without a teacher; ``samples``
+    is how many validation samples were scored and ``seconds`` what the measurement cost.
+    """
+
+    accuracy: float
+    loss: float
+    kl_to_teacher: float | None = None
+    samples: int = 0
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.accuracy) and 0.0 <= self.accuracy <= 1.0):
+            raise InvalidSettingError(f"a proxy's accuracy must lie in [0, 1], got {self.accuracy!r}")
+        if math.isnan(self.loss):
+            raise InvalidSettingError("a proxy's loss must be a number, got NaN")
+
+
 class Proxy(ABC):
     """Scores a (pruned) model. Implementations must not modify the model they are given.
 
@@ -56,17 +81,13 @@ class Proxy(ABC):
     keeps_models: bool = True
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, key: Hashable | None = None) -> dict[str, float]:
-        """Metrics of ``model``; at least ``"accuracy"`` and ``"loss"``.
+    def evaluate(self, model: nn.Module) -> ProxyResult:
+        """What ``model`` scores. (Results are memoised by the problem, per pruning policy.)"""
 
-        ``key`` identifies the pruning configuration (for example the tuple of kept channel counts);
-        an implementation may memoise on it. ``None`` means "do not memoise".
-        """
-
-    def evaluate_owned(self, model: nn.Module, key: Hashable | None = None) -> dict[str, float]:
+    def evaluate_owned(self, model: nn.Module) -> ProxyResult:
         """Like :meth:`evaluate` for a model the caller hands over and will not use again, so the proxy
         may modify it instead of copying it first (a pruned model built only to be scored)."""
-        return self.evaluate(model, key)
+        return self.evaluate(model)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` in the state this proxy scores it (after any recalibration or
@@ -156,10 +177,9 @@ class ProxyEvaluator(Proxy):
         seed: fixes the validation subset, the recalibration and fine-tune batches, and any dropout,
             so equal inputs give equal results.
 
-    It keeps no model it scores (``keeps_models = False``). Results are memoised by ``key`` when one is
-    given. ``evaluate`` returns ``accuracy``, ``loss``,
-    ``kl_to_teacher`` (mean KL divergence from the unpruned model's predictions on the same samples),
-    ``eval_seconds`` (the cost of this call), ``samples`` and ``memo_hit``.
+    It keeps no model it scores (``keeps_models = False``). ``evaluate`` returns a :class:`ProxyResult`
+    with ``kl_to_teacher`` the mean KL divergence from the unpruned model's predictions on the same
+    samples.
     """
 
     def __init__(
@@ -199,7 +219,6 @@ class ProxyEvaluator(Proxy):
         self.alpha = alpha
         self.recalibrate_after_finetune = recalibrate_after_finetune
         self.device = resolve_device(device)
-        self._memo: dict[Hashable, dict[str, float]] = {}
 
         generator = torch.Generator().manual_seed(seed)
         n_val = len(splits.val)  # type: ignore[arg-type]
@@ -233,36 +252,22 @@ class ProxyEvaluator(Proxy):
     def _draw(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randperm(n, generator=generator)[: min(size, n)]
 
-    @property
-    def memo_size(self) -> int:
-        return len(self._memo)
-
-    def clear_memo(self) -> None:
-        self._memo.clear()
-
     def recalibrate(self, model: nn.Module) -> nn.Module:
         """A copy of ``model`` with BatchNorm statistics re-estimated on this evaluator's fixed batches."""
         return recalibrate_batchnorm(copy.deepcopy(model).to(self.device), self._recalib_batches)
 
-    def evaluate(self, model: nn.Module, key: Hashable | None = None) -> dict[str, float]:
-        return self._evaluate(model, key, owned=False)
+    def evaluate(self, model: nn.Module) -> ProxyResult:
+        return self._evaluate(model, owned=False)
 
-    def evaluate_owned(self, model: nn.Module, key: Hashable | None = None) -> dict[str, float]:
-        return self._evaluate(model, key, owned=True)
+    def evaluate_owned(self, model: nn.Module) -> ProxyResult:
+        return self._evaluate(model, owned=True)
 
-    def _evaluate(self, model: nn.Module, key: Hashable | None, owned: bool) -> dict[str, float]:
-        if key is not None and key in self._memo:
-            return {**self._memo[key], "memo_hit": 1.0}
+    def _evaluate(self, model: nn.Module, owned: bool) -> ProxyResult:
         start = time.perf_counter()
         # BN recalibration and fine-tuning modify the model: copy it unless the caller handed it over.
         candidate = model if owned else copy.deepcopy(model)
         modules = self._adapt(candidate)
-        result = self._metrics(self._logits(candidate, modules))
-        result["eval_seconds"] = time.perf_counter() - start
-        result["memo_hit"] = 0.0
-        if key is not None:
-            self._memo[key] = dict(result)
-        return result
+        return self._metrics(self._logits(candidate, modules), time.perf_counter() - start)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         candidate = copy.deepcopy(model)
@@ -304,19 +309,18 @@ class ProxyEvaluator(Proxy):
         )
 
     @torch.inference_mode()
-    def _metrics(self, logits: torch.Tensor) -> dict[str, float]:
+    def _metrics(self, logits: torch.Tensor, seconds: float = 0.0) -> ProxyResult:
         n = len(self._val_y)
         if not n:
-            return {"accuracy": 0.0, "loss": 0.0, "kl_to_teacher": 0.0, "samples": 0.0}
+            return ProxyResult(accuracy=0.0, loss=0.0, kl_to_teacher=0.0, samples=0, seconds=seconds)
         log_probs = F.log_softmax(logits.float(), dim=1)
-        return {
-            "accuracy": int((logits.argmax(1) == self._val_y).sum()) / n,
-            "loss": float(F.nll_loss(log_probs, self._val_y, reduction="sum")) / n,
-            # KL(teacher || candidate), mean over samples: how far the candidate's predictions are from
-            # the unpruned model's, a smoother ranking signal than accuracy on few samples.
-            "kl_to_teacher": float(
-                F.kl_div(log_probs, self._teacher_log_probs, log_target=True, reduction="sum")
-            )
-            / n,
-            "samples": float(n),
-        }
+        # KL(teacher || candidate), mean over samples: how far the candidate's predictions are from the
+        # unpruned model's, a smoother ranking signal than accuracy on few samples.
+        kl = float(F.kl_div(log_probs, self._teacher_log_probs, log_target=True, reduction="sum")) / n
+        return ProxyResult(
+            accuracy=int((logits.argmax(1) == self._val_y).sum()) / n,
+            loss=float(F.nll_loss(log_probs, self._val_y, reduction="sum")) / n,
+            kl_to_teacher=kl,
+            samples=n,
+            seconds=seconds,
+        )

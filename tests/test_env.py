@@ -319,7 +319,7 @@ def test_scoring_a_handed_over_model_equals_scoring_a_copy(problem: PruningProbl
     copied = problem.proxy.evaluate(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # evaluate copies
     owned = problem.proxy.evaluate_owned(problem.build(keep))
-    assert (owned["accuracy"], owned["loss"]) == (copied["accuracy"], copied["loss"])
+    assert (owned.accuracy, owned.loss) == (copied.accuracy, copied.loss)
 
 
 def test_reused_module_tree_scores_like_fresh_models(base: nn.Module, digits: Any) -> None:
@@ -335,7 +335,7 @@ def test_reused_module_tree_scores_like_fresh_models(base: nn.Module, digits: An
     for keep in keeps:
         rebuilt = problem.proxy.evaluate_owned(problem.build_for_evaluation(keep))
         fresh = problem.proxy.evaluate_owned(problem.build(keep))  # ...scored like a fresh deep copy
-        assert (rebuilt["accuracy"], rebuilt["loss"]) == (fresh["accuracy"], fresh["loss"])
+        assert (rebuilt.accuracy, rebuilt.loss) == (fresh.accuracy, fresh.loss)
     assert problem.build(keeps[0]) is not problem.build(keeps[0])  # build() still gives standalone models
 
 
@@ -346,9 +346,9 @@ def test_a_proxy_that_keeps_models_gets_fresh_ones(base: nn.Module, digits: Any)
         def __init__(self) -> None:
             self.seen: list[nn.Module] = []
 
-        def evaluate(self, model: nn.Module, key: Any = None) -> dict[str, float]:
+        def evaluate(self, model: nn.Module) -> prune_env.proxy.ProxyResult:
             self.seen.append(model)
-            return {"accuracy": 0.5, "loss": 1.0}
+            return prune_env.proxy.ProxyResult(accuracy=0.5, loss=1.0)
 
     proxy = Hoarder()
     problem = PruningProblem(base, digits, target_macs=0.5, proxy=proxy)

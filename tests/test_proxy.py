@@ -10,7 +10,8 @@ from torch.utils.data import Dataset
 
 import prune_env
 from prune_env.data import Splits
-from prune_env.proxy import Proxy, ProxyEvaluator, recalibrate_batchnorm, set_eval
+from prune_env.errors import InvalidSettingError
+from prune_env.proxy import Proxy, ProxyEvaluator, ProxyResult, recalibrate_batchnorm, set_eval
 
 
 class ForbiddenDataset(Dataset):
@@ -55,8 +56,8 @@ def test_rewards_never_touch_test(digits: Splits, digits_base, pruned: nn.Module
     forbidden = ForbiddenDataset()
     splits = replace(digits, test=forbidden)
     proxy = ProxyEvaluator(base, splits, eval_samples=100, bn_recalib_batches=2, finetune_steps=2)
-    result = proxy.evaluate(pruned, key="a")
-    assert 0.0 <= result["accuracy"] <= 1.0
+    result = proxy.evaluate(pruned)
+    assert 0.0 <= result.accuracy <= 1.0
     # Structurally: the evaluator keeps no reference to the splits or to their test dataset.
     assert not _refers_to(proxy, forbidden)
     assert not _refers_to(proxy, splits)
@@ -130,8 +131,8 @@ def test_recalibration_improves_a_pruned_model(digits: Splits, digits_base, prun
     base, _ = digits_base
     plain = ProxyEvaluator(base, digits, bn_recalib_batches=0, finetune_steps=0).evaluate(pruned)
     recal = ProxyEvaluator(base, digits, bn_recalib_batches=8, finetune_steps=0).evaluate(pruned)
-    assert recal["accuracy"] > plain["accuracy"] + 0.05
-    assert recal["loss"] < plain["loss"]
+    assert recal.accuracy > plain.accuracy + 0.05
+    assert recal.loss < plain.loss
 
 
 def test_evaluate_does_not_modify_the_model(digits: Splits, digits_base, pruned: nn.Module) -> None:
@@ -152,36 +153,20 @@ def test_deterministic_for_a_seed(digits: Splits, digits_base, pruned: nn.Module
     b = ProxyEvaluator(base, digits, eval_samples=150, bn_recalib_batches=3, finetune_steps=4, seed=3)
     ra1, ra2, rb = a.evaluate(pruned), a.evaluate(pruned), b.evaluate(pruned)
     for r in (ra2, rb):
-        assert (r["accuracy"], r["loss"]) == (ra1["accuracy"], ra1["loss"])
+        assert (r.accuracy, r.loss) == (ra1.accuracy, ra1.loss)
     other = ProxyEvaluator(base, digits, eval_samples=150, bn_recalib_batches=3, finetune_steps=4, seed=4)
-    assert other.evaluate(pruned)["loss"] != ra1["loss"]
-
-
-def test_memo_by_key(digits: Splits, digits_base, pruned: nn.Module) -> None:
-    base, _ = digits_base
-    proxy = ProxyEvaluator(base, digits, bn_recalib_batches=2)
-    first = proxy.evaluate(pruned, key=(8, 8, 16))
-    second = proxy.evaluate(pruned, key=(8, 8, 16))
-    assert first["memo_hit"] == 0.0
-    assert second["memo_hit"] == 1.0
-    assert second["accuracy"] == first["accuracy"]
-    assert second["loss"] == first["loss"]
-    assert proxy.memo_size == 1
-    proxy.evaluate(pruned)  # no key: not memoised
-    assert proxy.memo_size == 1
-    proxy.clear_memo()
-    assert proxy.memo_size == 0
+    assert other.evaluate(pruned).loss != ra1.loss
 
 
 def test_eval_subset_is_fixed_size_and_base_metrics(digits: Splits, digits_base) -> None:
     base, metrics = digits_base
     proxy = ProxyEvaluator(base, digits, eval_samples=100)
     result = proxy.evaluate(base)
-    assert result["samples"] == 100
-    assert result["eval_seconds"] > 0
+    assert result.samples == 100
+    assert result.seconds > 0
     everything = ProxyEvaluator(base, digits, eval_samples=None, bn_recalib_batches=0)
-    assert everything.base_metrics["samples"] == len(digits.val)
-    assert everything.base_metrics["accuracy"] == pytest.approx(metrics["val_accuracy"])
+    assert everything.base_metrics.samples == len(digits.val)
+    assert everything.base_metrics.accuracy == pytest.approx(metrics["val_accuracy"])
 
 
 def test_kd_steps_raise_proxy_accuracy(digits: Splits, digits_base) -> None:
@@ -193,7 +178,7 @@ def test_kd_steps_raise_proxy_accuracy(digits: Splits, digits_base) -> None:
     kd = ProxyEvaluator(base, digits, eval_samples=None, bn_recalib_batches=8, finetune_steps=30).evaluate(
         heavily_pruned
     )
-    assert kd["accuracy"] > recal["accuracy"]
+    assert kd.accuracy > recal.accuracy
 
 
 def test_proxy_is_an_interface() -> None:
@@ -206,10 +191,12 @@ def test_proxy_is_an_interface() -> None:
         Incomplete()  # type: ignore[abstract]
 
     class Constant(Proxy):
-        def evaluate(self, model: nn.Module, key=None) -> dict[str, float]:
-            return {"accuracy": 0.5, "loss": 1.0}
+        def evaluate(self, model: nn.Module) -> ProxyResult:
+            return ProxyResult(accuracy=0.5, loss=1.0)
 
-    assert Constant().evaluate(nn.Identity())["accuracy"] == 0.5
+    assert Constant().evaluate(nn.Identity()).accuracy == 0.5
+    with pytest.raises(InvalidSettingError, match="accuracy must lie in"):
+        ProxyResult(accuracy=float("nan"), loss=1.0)
 
 
 def test_invalid_arguments(digits: Splits, digits_base) -> None:
@@ -226,4 +213,4 @@ def test_recalibrating_after_kd_steps_uses_the_final_weights(
     blended = ProxyEvaluator(base, digits, recalibrate_after_finetune=False, **settings).evaluate(pruned)
     final = ProxyEvaluator(base, digits, recalibrate_after_finetune=True, **settings).evaluate(pruned)
     # Same weights after the same steps; only the BatchNorm statistics differ, so the results do too.
-    assert final["loss"] != blended["loss"]
+    assert final.loss != blended.loss

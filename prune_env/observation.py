@@ -38,45 +38,47 @@ def static_features(problem: PruningProblem, sensitivity: np.ndarray | None = No
     """A (groups × len(STATIC_FEATURES)) float32 matrix with entries in [0, 1]."""
     graph, model = problem.graph, problem.base_model
     n = problem.n_groups
-    raw = np.zeros((n, len(STATIC_FEATURES)), dtype=np.float64)
     full = problem.channels
+    rows = []
     for i, group in enumerate(graph.groups):
         producer = model.get_submodule(group.producers[0].layer)
-        raw[i, 0] = i / max(n - 1, 1)
-        raw[i, 1] = float(isinstance(producer, nn.Linear))
-        raw[i, 2] = float(
-            any(
-                getattr(model.get_submodule(m.layer), "groups", 1) > 1
-                for m in group.members
-                if m.kind != "param"
-            )
-        )
-        raw[i, 3] = getattr(producer, "in_channels", getattr(producer, "in_features", 0))
-        raw[i, 4] = group.channels
-        kernel = getattr(producer, "kernel_size", (1,))
-        raw[i, 5] = float(np.prod(kernel))
-        stride = getattr(producer, "stride", (1,))
-        raw[i, 6] = float(max(stride) > 1)
         lone = full.copy()
         lone[i] = 1
-        raw[i, 7] = 1.0 - graph.costs.macs(lone) / graph.base_macs
-        raw[i, 8] = 1.0 - graph.costs.params(lone) / graph.base_params
         l1 = l1_importance(group, model) / max(sum(m.multiplicity for m in group.members), 1)
-        raw[i, 9] = float(np.mean(l1))
-        raw[i, 10] = _spread(l1)
         weights = [(m, getattr(model.get_submodule(m.layer), "weight", None)) for m in group.members]
         gammas = [
             np.abs(w.detach().cpu().numpy()[list(m.positions)])
             for m, w in weights
             if m.kind == "channel" and isinstance(w, torch.Tensor)
         ]
-        if gammas:
-            g = np.concatenate(gammas)
-            raw[i, 11] = float(g.mean())
-            raw[i, 12] = _spread(g)
-        if sensitivity is not None:
-            raw[i, 13] = sensitivity[i]
-    for col in (3, 4, 5, 9, 11):
+        g = np.concatenate(gammas) if gammas else np.zeros(0)
+        row = {
+            "position": i / max(n - 1, 1),
+            "is_linear": float(isinstance(producer, nn.Linear)),
+            "grouped_conv": float(
+                any(
+                    getattr(model.get_submodule(m.layer), "groups", 1) > 1
+                    for m in group.members
+                    if m.kind != "param"
+                )
+            ),
+            "in_channels": getattr(producer, "in_channels", getattr(producer, "in_features", 0)),
+            "units": group.channels,
+            "kernel_area": float(np.prod(getattr(producer, "kernel_size", (1,)))),
+            "stride": float(max(getattr(producer, "stride", (1,))) > 1),
+            "macs_share": 1.0 - graph.costs.macs(lone) / graph.base_macs,
+            "params_share": 1.0 - graph.costs.params(lone) / graph.base_params,
+            "l1_mean": float(np.mean(l1)),
+            "l1_spread": _spread(l1),
+            "bn_gamma_mean": float(g.mean()) if g.size else 0.0,
+            "bn_gamma_spread": _spread(g),
+            "sensitivity": 0.0 if sensitivity is None else sensitivity[i],
+        }
+        rows.append([row[name] for name in STATIC_FEATURES])
+    raw = np.array(rows, dtype=np.float64).reshape(n, len(STATIC_FEATURES))
+    # Unbounded magnitudes become fractions of the network's largest value.
+    for name in ("in_channels", "units", "kernel_area", "l1_mean", "bn_gamma_mean"):
+        col = STATIC_FEATURES.index(name)
         raw[:, col] = _normalise_columns(raw[:, col : col + 1])[:, 0]
     return np.clip(raw, 0.0, 1.0).astype(np.float32)
 

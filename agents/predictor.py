@@ -1,6 +1,6 @@
 """SeerNet's search: a learned accuracy predictor, uncertainty-driven sampling, then gradient ascent.
 
-SeerNet, as the issue describes the method (a learned performance predictor for pruning policies):
+SeerNet (Wang et al., 2023: a learned performance predictor for pruning policies):
 (1) train a small MLP that predicts a pruned network's accuracy from
 its per-layer ratios on the policies evaluated so far; (2) choose which policies to evaluate next with an
 evolutionary search over the predictor that favours *uncertain* predictions (the predictor learns most

@@ -54,7 +54,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
 
 
-# Measured with one thread on a shared 2-core CPU (see the issue-3 note): digits + resnet20 reaches
+# Measured with one thread on a shared 2-core CPU: digits + resnet20 reaches
 # 98.9% test accuracy in ~10 s, Fashion-MNIST + resnet20 93.0% in 10 epochs (73 min under load).
 RECIPES: dict[str, TrainConfig] = {
     "digits": TrainConfig(epochs=20, lr=0.1, batch_size=64),

@@ -1,4 +1,4 @@
-"""The result-merging logic of benchmarks/proxy_fidelity.py: the issue notes' tables rest on it."""
+"""The result-merging logic of benchmarks/proxy_fidelity.py: the published fidelity tables rest on it."""
 
 from __future__ import annotations
 

@@ -46,3 +46,13 @@ def digits_base(digits: Splits, shared_cache: Path) -> Iterator[tuple[nn.Module,
         fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits, then loads the checkpoint
         result = train_base("resnet20", digits, cache=shared_cache, progress=False)
     yield result
+
+
+@pytest.fixture
+def cached(
+    digits_base: tuple[nn.Module, dict[str, float]], shared_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Point the base-model cache at the session cache, where ``digits_base`` trained resnet20, so a
+    search or grid that names "resnet20" on digits loads it instead of training."""
+    monkeypatch.setenv("PRUNE_ENV_CACHE", str(shared_cache))
+    return shared_cache

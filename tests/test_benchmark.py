@@ -35,13 +35,6 @@ def _grid(out: Path, **overrides: Any) -> BenchmarkResults:
     return benchmark.run(**{**kwargs, **overrides})
 
 
-@pytest.fixture
-def cached_base(digits_base: Any, shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point the cache at the session's trained resnet20, so the grid's "resnet20" is a cache hit."""
-    monkeypatch.setenv("PRUNE_ENV_CACHE", str(shared_cache))
-    return shared_cache
-
-
 @pytest.fixture(scope="module")
 def grid(
     digits_base: Any, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
@@ -91,7 +84,7 @@ def test_best_is_the_best_evaluation(grid: tuple[BenchmarkResults, Path]) -> Non
         assert r["best_reward"] == pytest.approx(max(rewards))
 
 
-def test_seeds_reproduce(grid: tuple[BenchmarkResults, Path], tmp_path: Path, cached_base: Path) -> None:
+def test_seeds_reproduce(grid: tuple[BenchmarkResults, Path], tmp_path: Path, cached: Path) -> None:
     results, _ = grid
     again = _grid(tmp_path, agents=("random",), seeds=(1,))
     first = next(r for r in results.runs if (r["agent"], r["seed"]) == ("random", 1))
@@ -100,7 +93,7 @@ def test_seeds_reproduce(grid: tuple[BenchmarkResults, Path], tmp_path: Path, ca
 
 
 def test_resume_skips_completed_runs(
-    grid: tuple[BenchmarkResults, Path], monkeypatch: pytest.MonkeyPatch, cached_base: Path
+    grid: tuple[BenchmarkResults, Path], monkeypatch: pytest.MonkeyPatch, cached: Path
 ) -> None:
     results, out = grid
     before = (out / "runs.csv").read_text(), (out / "evaluations.csv").read_text()
@@ -116,7 +109,7 @@ def test_resume_skips_completed_runs(
     assert len(again.evaluations) == len(results.evaluations)
 
 
-def test_interrupted_grid_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached_base: Path) -> None:
+def test_interrupted_grid_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: Path) -> None:
     real = benchmark._one_run
     calls: list[int] = []
 
@@ -143,7 +136,7 @@ def test_interrupted_grid_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(evals) == len(results.evaluations) == sum(int(r["evals_used"]) for r in runs)
 
 
-def test_settings_mismatch_is_refused(grid: tuple[BenchmarkResults, Path], cached_base: Path) -> None:
+def test_settings_mismatch_is_refused(grid: tuple[BenchmarkResults, Path], cached: Path) -> None:
     _, out = grid
     with pytest.raises(ValueError, match="another `out`"):
         _grid(out, evals=EVALS + 1)
@@ -195,7 +188,7 @@ def test_incumbent_accuracy_follows_reward() -> None:
     np.testing.assert_allclose(incumbent_accuracy(history), [0.9, 0.5, 0.5])
 
 
-def test_custom_agent_and_reward_are_labelled(tmp_path: Path, cached_base: Path) -> None:
+def test_custom_agent_and_reward_are_labelled(tmp_path: Path, cached: Path) -> None:
     def halves(evaluator: Any, rng: np.random.Generator) -> None:
         evaluator.evaluate(np.full(evaluator.n_groups, 0.5))
 
@@ -209,7 +202,7 @@ def test_custom_agent_and_reward_are_labelled(tmp_path: Path, cached_base: Path)
     assert "halves" in results.table()
 
 
-def test_other_proxy_settings_are_refused(grid: tuple[BenchmarkResults, Path], cached_base: Path) -> None:
+def test_other_proxy_settings_are_refused(grid: tuple[BenchmarkResults, Path], cached: Path) -> None:
     _, out = grid
     with pytest.raises(ValueError, match="problem_kwargs"):
         _grid(out, problem_kwargs={**PROBLEM, "eval_samples": 128})

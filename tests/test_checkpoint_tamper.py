@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_output import one_error_line
 
 from prune_env.app import cli
 from prune_env.checkpoint import (
@@ -259,11 +260,7 @@ def test_tampered_directory_fails_eval_in_one_line(
     tamper(model_dir)
     assert cli.main(["eval", str(model_dir)]) == 2
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("prune-env: error: ")
-    assert message in lines[0]
-    assert "Traceback" not in captured.err
+    assert message in one_error_line(captured.err)
     assert captured.out == ""  # nothing was scored
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_output import one_error_line
 from torch import nn
 
 import prune_env
@@ -33,13 +34,6 @@ def _search(out: Path, *extra: str) -> int:
 def _rows(out: Path) -> list[dict[str, str]]:
     with (out / "evaluations.csv").open(newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-@pytest.fixture
-def cached(monkeypatch: pytest.MonkeyPatch, shared_cache: Path, digits_base: tuple[nn.Module, dict]) -> Path:
-    """Point the CLI's base-model cache at the session cache, where digits_base has trained resnet20."""
-    monkeypatch.setenv("PRUNE_ENV_CACHE", str(shared_cache))
-    return shared_cache
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +194,7 @@ def test_bad_arguments_fail_in_one_line(
 ) -> None:
     assert cli.main(["search", *args, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("prune-env: error: ")
-    assert message in lines[0]
-    assert "Traceback" not in captured.err
+    assert message in one_error_line(captured.err)
     assert not (tmp_path / "run").exists()  # checked before anything is written or trained
 
 

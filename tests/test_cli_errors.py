@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_output import one_error_line
 from torch import nn
 
 import prune_env.checkpoint
@@ -48,12 +49,7 @@ def saved_3_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("prune-env: error: "), lines[0]
-    assert "Traceback" not in captured.err
-    return lines[0]
+    return one_error_line(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------------------------------------ devices

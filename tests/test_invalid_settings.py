@@ -14,6 +14,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
+from cli_output import one_error_line
 from gymnasium.error import ResetNeeded
 from torch import nn
 
@@ -203,11 +204,7 @@ def test_cli_search_refuses_bad_options(
     out = tmp_path / "run"
     argv = ["search", "--agent", "random", "--no-progress", "--out", str(out), *args]
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0] == f"prune-env: error: {message}" or lines[0].startswith(f"prune-env: error: {message}")
-    assert "Traceback" not in err
+    assert one_error_line(capsys.readouterr().err).startswith(f"prune-env: error: {message}")
     assert not out.exists()
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cli_output import one_error_line
 from torch import nn
 
 from prune_env.app import cli, runfiles
@@ -39,18 +40,7 @@ def _rows(out: Path) -> list[dict[str, str]]:
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("prune-env: error: ")
-    assert "Traceback" not in err
-    return lines[0]
-
-
-@pytest.fixture
-def cached(monkeypatch: pytest.MonkeyPatch, shared_cache: Path, digits_base: tuple[nn.Module, dict]) -> Path:
-    monkeypatch.setenv("PRUNE_ENV_CACHE", str(shared_cache))
-    return shared_cache
+    return one_error_line(capsys.readouterr().err)
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +305,7 @@ def test_an_unfinetuned_model_is_the_one_the_proxy_scored(
     results = json.loads((out / "results.json").read_text())
     model = load_pruned(out / "model")
     plain = ProxyEvaluator(model, digits, eval_samples=96, bn_recalib_batches=0, finetune_steps=0, seed=0)
-    assert plain.evaluate(model)["accuracy"] == results["proxy_accuracy"]
+    assert plain.evaluate(model).accuracy == results["proxy_accuracy"]
 
 
 def test_an_interrupted_run_saves_the_scored_model(
@@ -327,4 +317,4 @@ def test_an_interrupted_run_saves_the_scored_model(
     results = json.loads((out / "results.json").read_text())
     model = load_pruned(out / "model")
     plain = ProxyEvaluator(model, digits, eval_samples=96, bn_recalib_batches=0, finetune_steps=0, seed=0)
-    assert plain.evaluate(model)["accuracy"] == results["proxy_accuracy"]
+    assert plain.evaluate(model).accuracy == results["proxy_accuracy"]

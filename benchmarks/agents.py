@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for agent in args.agents:
                         result = search(agent, problem, args.evals, seed=seed)
                         _, ft = finetune(
-                            problem.build(result.best_keep),
+                            problem.scored_model(result.best_keep),  # as the proxy scored it
                             problem.base_model,
                             tune_splits,
                             args.finetune_epochs,

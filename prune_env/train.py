@@ -32,6 +32,7 @@ from prune_env.device import resolve_device
 from prune_env.errors import InvalidSettingError
 from prune_env.fileio import write_atomic
 from prune_env.models import ModelSpec, get_model, model_name
+from prune_env.settings import replace_checked
 from prune_env.validation import as_int, as_real
 
 CACHE_ENV = "PRUNE_ENV_CACHE"
@@ -132,27 +133,30 @@ def _warmup_cosine(total_steps: int, warmup_steps: int) -> Any:
     return factor
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Knowledge distillation from ``teacher``: ``alpha * T² * KL(teacher/T || student/T) + (1 - alpha) * CE``."""
+
+    teacher: nn.Module
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+
 def _fit(
     model: nn.Module,
     train: Dataset,
+    recipe: TrainConfig,
     *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    weight_decay: float,
-    momentum: float,
     seed: int,
     device: torch.device,
-    teacher: nn.Module | None = None,
-    temperature: float = 4.0,
-    alpha: float = 0.9,
-    label_smoothing: float = 0.0,
+    distill: Distillation | None = None,
     warmup_epochs: int = 1,
     progress: bool = True,
     desc: str = "train",
 ) -> float:
     """Train ``model`` in place; returns the mean loss of the last epoch."""
     generator = torch.Generator().manual_seed(seed)
+    epochs, batch_size = recipe.epochs, recipe.batch_size
     n = len(train)  # type: ignore[arg-type]
     # Drop a ragged last batch only when it would be tiny: a batch of 1-2 makes BatchNorm statistics noisy.
     drop_last = n % batch_size < max(2, batch_size // 4) and n > batch_size
@@ -164,16 +168,16 @@ def _fit(
         # No weight decay on BatchNorm affine parameters and biases (standard practice; it helps accuracy).
         (no_decay if p.ndim <= 1 else decay).append(p)
     optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        momentum=momentum,
-        nesterov=momentum > 0,
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.momentum > 0,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(total, min(total // 2, warmup_epochs * steps_per_epoch))
     )
-    if teacher is not None:
-        teacher.eval()
+    if distill is not None:
+        distill.teacher.eval()
     model.train()
     last_epoch_loss = float("nan")
     with tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step") as bar:
@@ -184,12 +188,12 @@ def _fit(
             ):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
-                if teacher is None:
-                    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+                if distill is None:
+                    loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
                 else:
                     with torch.no_grad():
-                        teacher_logits = teacher(x)
-                    loss = kd_loss(logits, teacher_logits, y, temperature, alpha)
+                        teacher_logits = distill.teacher(x)
+                    loss = kd_loss(logits, teacher_logits, y, distill.temperature, distill.alpha)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -280,7 +284,7 @@ def checkpoint_path(
     """Where ``train_base`` with the same arguments stores (or would store) its checkpoint."""
     splits = as_splits(dataset, seed)
     net, arch = _initial_model(model, splits, seed)
-    config = _config_for(splits, overrides)
+    config = _config_for(splits, None, overrides)
     return _path_for(cache, arch, splits, _cache_key(net, arch, splits, seed, config))
 
 
@@ -324,9 +328,9 @@ def check_train_options(options: Mapping[str, Any]) -> None:
             raise InvalidSettingError(f"{name} must be >= 0, got {value!r}")
 
 
-def _config_for(splits: Splits, overrides: dict[str, Any]) -> TrainConfig:
+def _config_for(splits: Splits, config: TrainConfig | None, overrides: Mapping[str, Any]) -> TrainConfig:
     check_train_options(overrides)
-    base = RECIPES.get(splits.name, TrainConfig())
+    base = config if config is not None else RECIPES.get(splits.name, TrainConfig())
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -338,40 +342,27 @@ def train_base(
     dataset: str | Splits,
     seed: int = 0,
     *,
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    weight_decay: float | None = None,
-    momentum: float | None = None,
-    label_smoothing: float | None = None,
+    config: TrainConfig | None = None,
     cache: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: bool = True,
     device: str | torch.device | None = None,
+    **overrides: Any,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Train (or load from the cache) the unpruned model; returns ``(model, metrics)``.
 
     ``model`` is a name for :func:`prune_env.models.get_model` (initialised from ``seed``), a zero-arg
     factory, or an ``nn.Module`` (copied, never modified: the returned model is a trained copy).
     ``dataset`` is a :class:`Splits` or a name for :func:`prune_env.data.load` (split with ``seed``).
-    Unset hyper-parameters come from ``RECIPES[dataset name]``. ``metrics`` holds ``test_accuracy``,
+    The recipe is ``config`` (default ``RECIPES[dataset name]``) with ``overrides`` of its fields
+    (``epochs=5``; ``None`` keeps the recipe's value; unknown names are refused). ``metrics`` holds ``test_accuracy``,
     ``val_accuracy``, ``val_loss``, ``train_loss``, ``train_seconds`` and ``cached`` (1.0 on a cache hit).
     The returned model is on ``device`` in eval mode.
     """
     splits = as_splits(dataset, seed)
     dev = resolve_device(device)
     net, arch = _initial_model(model, splits, seed)
-    config = _config_for(
-        splits,
-        {
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "weight_decay": weight_decay,
-            "momentum": momentum,
-            "label_smoothing": label_smoothing,
-        },
-    )
+    config = _config_for(splits, config, overrides)
     key = _cache_key(net, arch, splits, seed, config)
     path = _path_for(cache, arch, splits, key)
     if use_cache:
@@ -393,12 +384,7 @@ def train_base(
         train_loss = _fit(
             net,
             splits.train,
-            epochs=config.epochs,
-            lr=config.lr,
-            batch_size=config.batch_size,
-            weight_decay=config.weight_decay,
-            momentum=config.momentum,
-            label_smoothing=config.label_smoothing,
+            config,
             seed=seed,
             device=dev,
             progress=progress,
@@ -439,32 +425,51 @@ def train_base(
     return net.eval(), {**metrics, "cached": 0.0}
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyper-parameters of :func:`finetune`: SGD from the pruned weights, no warm-up, cosine decay,
+    distillation from the unpruned model. ``batch_size=None`` uses the dataset's training recipe's."""
+
+    lr: float = 0.01
+    batch_size: int | None = None
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+
 def finetune(
     pruned: nn.Module,
     teacher: nn.Module | None,
     splits: Splits,
     epochs: int,
     *,
-    lr: float = 0.01,
-    temperature: float = 4.0,
-    alpha: float = 0.9,
-    batch_size: int | None = None,
-    weight_decay: float = 5e-4,
-    momentum: float = 0.9,
+    config: FinetuneConfig | None = None,
     seed: int = 0,
     progress: bool = True,
     device: str | torch.device | None = None,
+    **overrides: Any,
 ) -> tuple[nn.Module, dict[str, float]]:
     """The final fine-tune of a pruned model, distilling from ``teacher`` (the unpruned model).
 
-    Loss: ``alpha * T² * KL(teacher/T || student/T) + (1 - alpha) * CE``; ``teacher=None`` fine-tunes
-    with cross-entropy alone. Returns a fine-tuned copy (``pruned`` is not modified) and metrics with
-    ``val_accuracy`` and ``test_accuracy``: this final report is the only place ``test`` is evaluated.
+    ``config`` (default :class:`FinetuneConfig`) with ``overrides`` of its fields; ``teacher=None``
+    fine-tunes with cross-entropy alone. Returns a fine-tuned copy (``pruned`` is not modified) and
+    metrics with ``val_accuracy`` and ``test_accuracy``: this final report is the only place ``test`` is
+    evaluated.
     """
+    c = replace_checked(config or FinetuneConfig(), overrides, "finetune")
     dev = resolve_device(device)
     student = copy.deepcopy(pruned).to(dev)
-    teacher_copy = None if teacher is None else copy.deepcopy(teacher).to(dev).eval()
-    bs = batch_size if batch_size is not None else RECIPES.get(splits.name, TrainConfig()).batch_size
+    distill = None
+    if teacher is not None:
+        distill = Distillation(copy.deepcopy(teacher).to(dev).eval(), c.temperature, c.alpha)
+    recipe = TrainConfig(
+        epochs=epochs,
+        lr=c.lr,
+        batch_size=c.batch_size or RECIPES.get(splits.name, TrainConfig()).batch_size,
+        weight_decay=c.weight_decay,
+        momentum=c.momentum,
+    )
     start = time.perf_counter()
     train_loss = float("nan")
     if epochs > 0:
@@ -473,16 +478,10 @@ def finetune(
             train_loss = _fit(
                 student,
                 splits.train,
-                epochs=epochs,
-                lr=lr,
-                batch_size=bs,
-                weight_decay=weight_decay,
-                momentum=momentum,
+                recipe,
                 seed=seed,
                 device=dev,
-                teacher=teacher_copy,
-                temperature=temperature,
-                alpha=alpha,
+                distill=distill,
                 warmup_epochs=0,
                 progress=progress,
                 desc="finetune",

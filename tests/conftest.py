@@ -56,3 +56,14 @@ def cached(
     search or grid that names "resnet20" on digits loads it instead of training."""
     monkeypatch.setenv("PRUNE_ENV_CACHE", str(shared_cache))
     return shared_cache
+
+
+@pytest.fixture(scope="session")
+def untrained_resnet20(digits: Splits) -> nn.Module:
+    """A seeded, untrained resnet20 for digits: what tests of checkers, determinism, budgets and settings
+    need (shapes and costs, not accuracy), without waiting for the trained base model."""
+    from prune_env.models import get_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_model("resnet20", digits.num_classes, digits.in_channels).eval()

@@ -23,8 +23,8 @@ BUDGET_FILLING = sorted(set(AGENTS) - {"uniform"})
 
 
 @pytest.fixture(scope="module")
-def problem(digits_base: tuple[nn.Module, dict[str, float]], digits: Any) -> PruningProblem:
-    return PruningProblem(digits_base[0], digits, target_macs=0.5, **FAST)
+def problem(untrained_resnet20: nn.Module, digits: Any) -> PruningProblem:
+    return PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
 
 
 def _trace(result: Any) -> list[tuple]:

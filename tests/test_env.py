@@ -26,8 +26,9 @@ FAST = {"eval_samples": 96, "bn_recalib_batches": 1}
 
 
 @pytest.fixture(scope="module")
-def base(digits_base: tuple[nn.Module, dict[str, float]]) -> nn.Module:
-    return digits_base[0]
+def base(untrained_resnet20: nn.Module) -> nn.Module:
+    # The environment's mechanics (checkers, determinism, budgets, rewards) do not need a trained model.
+    return untrained_resnet20
 
 
 @pytest.fixture(scope="module")

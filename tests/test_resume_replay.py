@@ -24,8 +24,8 @@ STOP_AT = 3
 
 
 @pytest.fixture(scope="module")
-def problem(digits_base: tuple[nn.Module, dict[str, float]], digits: Any) -> PruningProblem:
-    return PruningProblem(digits_base[0], digits, target_macs=0.5, **FAST)
+def problem(untrained_resnet20: nn.Module, digits: Any) -> PruningProblem:
+    return PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
 
 
 def _trace(history: list[Evaluation]) -> list[tuple]:
@@ -62,13 +62,13 @@ def test_resumed_search_equals_uninterrupted(problem: PruningProblem, name: str)
     assert _trace(_resumed(problem, name, 3, logged)) == _trace(uninterrupted)
 
 
-def test_replayed_policies_are_not_scored_again(
-    digits_base: tuple[nn.Module, dict[str, float]], digits: Any
-) -> None:
-    fresh = PruningProblem(digits_base[0], digits, target_macs=0.5, **FAST)
+def test_replayed_policies_are_not_scored_again(untrained_resnet20: nn.Module, digits: Any) -> None:
+    fresh = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
     logged = _interrupted(fresh, "random", seed=0)
     scored = fresh.evaluations
-    again = PruningProblem(digits_base[0], digits, target_macs=0.5, **FAST)  # an empty memo, as a new process
+    again = PruningProblem(
+        untrained_resnet20, digits, target_macs=0.5, **FAST
+    )  # an empty memo, as a new process
     history = _resumed(again, "random", 0, logged)
     assert len(history) == BUDGET
     assert again.evaluations == len({e.keep for e in history[STOP_AT:]}) <= BUDGET - STOP_AT

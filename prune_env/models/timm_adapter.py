@@ -6,12 +6,15 @@ stem and classifier, and pretrained weights are never fetched (this library runs
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 from torch import nn
 
 from prune_env.errors import InvalidSettingError, UnknownNameError
 
 
-def _timm():
+def _timm() -> ModuleType:
     try:
         import timm
     except ImportError:
@@ -51,26 +54,28 @@ def _last_conv(module: nn.Module) -> nn.Conv2d:
     return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
 
 
-def _resize_selective_kernel(pruned: nn.Module, original: nn.Module) -> None:
+def _resize_selective_kernel(module: nn.Module, original: nn.Module) -> None:
     # forward splits its input into num_paths parts of in_channels // num_paths channels each.
+    pruned: Any = module  # a timm SelectiveKernel (its attributes are not typed on nn.Module)
     conv = pruned.paths[0].conv
     pruned.in_channels = conv.in_channels * (pruned.num_paths if pruned.split_input else 1)
     pruned.out_channels = conv.out_channels
 
 
-def _resize_mixed_conv(pruned: nn.Module, original: nn.Module) -> None:
+def _resize_mixed_conv(module: nn.Module, original: nn.Module) -> None:
     # forward splits its input by self.splits, one part per sub-convolution.
+    pruned: Any = module  # a timm MixedConv2d (an nn.ModuleDict)
     convs = list(pruned.values())
     pruned.splits = [c.in_channels for c in convs]
     pruned.in_channels = sum(pruned.splits)
     pruned.out_channels = sum(c.out_channels for c in convs)
 
 
-def _ghost_width(module: nn.Module) -> int:
-    return _last_conv(module.primary_conv).out_channels + _last_conv(module.cheap_operation).out_channels
+def _ghost_width(module: Any) -> int:
+    return int(_last_conv(module.primary_conv).out_channels + _last_conv(module.cheap_operation).out_channels)
 
 
-def _resize_ghost(pruned: nn.Module, original: nn.Module) -> None:
+def _resize_ghost(pruned: Any, original: Any) -> None:
     # forward returns cat([primary, cheap])[:, :out_chs]: the engine prunes it only when that slice is the
     # whole concatenation, which it must then stay; a partial slice froze the channels, so keep it as is.
     if original.out_chs == _ghost_width(original):
@@ -79,26 +84,22 @@ def _resize_ghost(pruned: nn.Module, original: nn.Module) -> None:
 
 def register_timm_layers() -> None:
     """Declare timm's layers (called by the engine when a model contains one)."""
-    from timm.layers import (
-        BlurPool2d,
-        CecaModule,
-        Conv2dSame,
-        EcaModule,
-        MixedConv2d,
-        ScaledStdConv2d,
-        ScaledStdConv2dSame,
-        SelectiveKernel,
-        StdConv2d,
-        StdConv2dSame,
-    )
+    from timm.layers.blur_pool import BlurPool2d
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.eca import CecaModule, EcaModule
+    from timm.layers.mixed_conv2d import MixedConv2d
+    from timm.layers.selective_kernel import SelectiveKernel
+    from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
     from timm.models.ghostnet import GhostModule, GhostModuleV2
 
     from prune_env.graph import LayerSpec, register_layer, register_opaque
 
     # Convolutions that pad from the input size or standardise their weights: channels as nn.Conv2d.
-    for conv in (Conv2dSame, StdConv2d, StdConv2dSame):
+    plain_convs: tuple[type[nn.Conv2d], ...] = (Conv2dSame, StdConv2d, StdConv2dSame)
+    for conv in plain_convs:
         register_layer(conv, LayerSpec(like=nn.Conv2d))
-    for conv in (ScaledStdConv2d, ScaledStdConv2dSame):
+    scaled_convs: tuple[type[nn.Conv2d], ...] = (ScaledStdConv2d, ScaledStdConv2dSame)
+    for conv in scaled_convs:
         register_layer(conv, LayerSpec(like=nn.Conv2d, tensors={"gain": 0}))
     # Per-channel blur (a depthwise filter) and channel attention computed from the channels themselves.
     register_layer(BlurPool2d, LayerSpec(channelwise=True, tensors={"filt": 0}, sizes=("channels",)))

@@ -1,0 +1,54 @@
+"""The exact cost model of a resolved graph: kept indices per slot as affine functions of the units each
+group keeps, MACs and parameter counts as sums of bilinear terms over slots (see ``prune_env.costs``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from torch import nn
+
+from prune_env.costs import CostModel, CostTerm
+from prune_env.graph.elements import State
+from prune_env.graph.values import ChannelGroup
+
+
+def cost_model(
+    model: nn.Module,
+    st: State,
+    slot_units: Sequence[np.ndarray],
+    groups: Sequence[ChannelGroup],
+    member_slots: Sequence[Sequence[int]],
+) -> CostModel:
+    """``slot_units``: the unit of every index of every slot; ``member_slots``: per group, each member's slot."""
+    mult = np.zeros((len(st.slots), len(groups)), dtype=np.int64)
+    fixed = np.array([len(u) for u in slot_units], dtype=np.int64)
+    for g, (group, slots) in enumerate(zip(groups, member_slots, strict=True)):
+        for s, member in zip(slots, group.members, strict=True):
+            mult[s, g] = member.multiplicity
+            fixed[s] -= len(member.positions)
+    macs_terms = [CostTerm(coef, slots) for coef, slots in st.macs_terms]
+    params_terms = []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        use = st.param_uses.get(name)
+        raw = st.slot_index.get((name, "param"))
+        if use is not None:
+            params_terms.append(CostTerm(use.coef, use.slots))
+        elif raw is not None and st.slots[raw].dim >= 0:
+            shape = st.slots[raw].param_shape
+            assert shape is not None  # raw parameter slots record their shape
+            coef = int(np.prod(shape)) // shape[st.slots[raw].dim]
+            params_terms.append(CostTerm(coef, (raw,)))
+        else:
+            params_terms.append(CostTerm(p.numel(), ()))
+    return CostModel(
+        mult=mult,
+        fixed=fixed,
+        macs_terms=macs_terms,
+        params_terms=params_terms,
+        full=[g.channels for g in groups],
+    )

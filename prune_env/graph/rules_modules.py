@@ -1,0 +1,235 @@
+"""Rules for layers (``call_module`` nodes): the dimensions each layer's weights run along, and its MACs.
+
+A layer registers its dimensions as slots (output channels found a new channel space; input channels and
+per-channel parameters follow their input's elements), records how each parameter's size depends on them,
+and models its MACs as ``coef × Π kept(slot)``. Layers declared channel-wise (:class:`LayerSpec`) are
+black boxes calibrated here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from prune_env.errors import UnsupportedLayerError
+from prune_env.graph.context import Call, Context, Mapped
+from prune_env.graph.elements import along, channel_vector, poison_like
+from prune_env.graph.layers import LayerSpec, layer_spec, shrink_channelwise, spec_tensors
+from prune_env.graph.meta import meta_call, to_meta
+from prune_env.graph.rules_functions import reshape_ids, spatial_ids
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def elementwise(ctx: Context, c: Call, m: nn.Module) -> Mapped:
+    return Mapped(c.first)
+
+
+def spatial(ctx: Context, c: Call, m: nn.Module) -> Mapped:
+    return Mapped(spatial_ids(ctx, c.node, c.value, c.first))
+
+
+def convolution(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    """Output channels found a channel space; a grouped conv removes whole groups."""
+    assert isinstance(m, CONVOLUTIONS)
+    st, n, x, value = ctx.state, c.node, c.first, c.value
+    if not isinstance(x, torch.Tensor):
+        return None
+    name: str = n.target  # type: ignore[assignment]
+    tname = type(m).__name__
+    vin = channel_vector(x, 1)
+    if vin is None:
+        st.poison(x, n, f"{tname} {name!r} reads a tensor whose channels are not on axis 1")
+        vin = torch.zeros(m.in_channels, dtype=torch.int64)
+    in_slot = st.slot(name, tname, "in", 1, vin.expand(m.in_channels))
+    g = m.groups
+    slots: tuple[int, ...]
+    # A grouped conv's outputs are derived from its inputs (whole groups go together), so they
+    # belong to the input's producers' groups rather than founding one.
+    out_slot, vout = st.out_slot(name, tname, m.out_channels, 0, producer=g == 1)
+    if g > 1:
+        # Grouped/depthwise: remove whole groups, so a group's inputs and outputs are one unit.
+        vin_g = vin.expand(m.in_channels).reshape(g, -1)
+        vout_g = vout.reshape(g, -1)
+        st.union(vin_g, vout_g[:, :1])
+        st.union(vout_g, vout_g[:, :1])
+        st.use_param(f"{name}.weight", m.weight, {0: out_slot})
+        divisor, slots = m.out_channels, (out_slot,)
+    else:
+        st.use_param(f"{name}.weight", m.weight, {0: out_slot, 1: in_slot})
+        divisor, slots = m.out_channels * m.in_channels, (out_slot, in_slot)
+    # FlopCounterMode's convolution formula: batch × output pixels × weight numel (bias not counted).
+    total = value.shape[0] * m.weight.numel() * math.prod(value.shape[2:])
+    if m.bias is not None:
+        st.use_param(f"{name}.bias", m.bias, {0: out_slot})
+    _declared_tensors(ctx, name, m, out_slot, m.out_channels)
+    return Mapped(along(vout, 1, value.ndim), [(total // divisor, slots)])
+
+
+def linear(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    assert isinstance(m, nn.Linear)
+    st, n, x, value = ctx.state, c.node, c.first, c.value
+    if not isinstance(x, torch.Tensor):
+        return None
+    name: str = n.target  # type: ignore[assignment]
+    tname = type(m).__name__
+    vin = channel_vector(x, -1)
+    if vin is None:
+        st.poison(x, n, f"Linear {name!r} reads a tensor whose features vary along several axes")
+        vin = torch.zeros(m.in_features, dtype=torch.int64)
+    in_slot = st.slot(name, tname, "in", 1, vin.expand(m.in_features))
+    out_slot, vout = st.out_slot(name, tname, m.out_features, 0)
+    st.use_param(f"{name}.weight", m.weight, {0: out_slot, 1: in_slot})
+    if m.bias is not None:
+        st.use_param(f"{name}.bias", m.bias, {0: out_slot})
+    _declared_tensors(ctx, name, m, out_slot, m.out_features)
+    rows = math.prod(c.args[0].shape[:-1])  # MACs: rows × out_features × in_features
+    return Mapped(along(vout, -1, value.ndim), [(rows, (out_slot, in_slot))])
+
+
+def _declared_tensors(ctx: Context, name: str, m: nn.Module, slot: int, size: int) -> None:
+    """Extra tensors a ``like=`` declaration says follow the layer's output channels (slot ``slot``)."""
+    spec = layer_spec(type(m))
+    if spec is not None and spec.like is not None:
+        for path, t, dim in spec_tensors(m, spec, size):
+            ctx.state.use_param(f"{name}.{path}", t, {dim: slot})
+
+
+def norm(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    """BatchNorm, InstanceNorm, GroupNorm (whole groups), LayerNorm over one axis, PReLU."""
+    st, n, x = ctx.state, c.node, c.first
+    if not isinstance(x, torch.Tensor):
+        return None
+    name, tname = n.target, type(m).__name__
+    if isinstance(m, nn.PReLU):
+        if m.num_parameters == 1:
+            return Mapped(x)
+        axis, size = 1, m.num_parameters
+    elif isinstance(m, nn.LayerNorm):
+        if len(m.normalized_shape) != 1:
+            st.poison(x, n, f"LayerNorm {name!r} normalises over several axes")
+            return Mapped(x)
+        axis, size = -1, m.normalized_shape[0]
+    elif isinstance(m, nn.GroupNorm):
+        axis, size = 1, m.num_channels
+    else:
+        axis, size = 1, m.num_features  # type: ignore[assignment]
+    v = channel_vector(x, axis)
+    if v is None:
+        st.poison(x, n, f"{tname} {name!r} reads a tensor whose channels are not on one axis")
+        return Mapped(x)
+    v = v.expand(size)
+    if isinstance(m, nn.GroupNorm):
+        # Remove whole normalisation groups: channels of one group form one unit.
+        vg = v.reshape(m.num_groups, -1)
+        st.union(vg, vg[:, :1])
+    slot = st.slot(str(name), tname, "channel", 0, v)
+    for pname, p in m.named_parameters(recurse=False):
+        st.use_param(f"{name}.{pname}", p, {0: slot})
+    for bname in ("running_mean", "running_var"):  # sliced by surgery along with the parameters
+        buffer = m._buffers.get(bname)
+        if buffer is not None:
+            st.use_tensor(f"{name}.{bname}", buffer, {0: slot})
+    return Mapped(x)
+
+
+def flatten(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    if not isinstance(c.first, torch.Tensor):
+        return None
+    return Mapped(reshape_ids(ctx, Call(c.node, c.value, (c.args[0],), {}, c.id_args, {}), c.first))
+
+
+def channel_shuffle(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    """Channel shuffle interleaves groups: position i of every group is one unit."""
+    assert isinstance(m, nn.ChannelShuffle)
+    x, value = c.first, c.value
+    if not isinstance(x, torch.Tensor):
+        return None
+    v = channel_vector(x, 1)
+    if v is None:
+        ctx.state.poison(x, c.node, "ChannelShuffle on a tensor with channels off axis 1")
+        return Mapped(poison_like(value))
+    grid = v.expand(value.shape[1]).reshape(m.groups, -1)
+    ctx.state.union(grid, grid[:1])
+    return Mapped(along(grid.t().reshape(-1), 1, value.ndim))
+
+
+def softmax(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    x = c.first
+    if not isinstance(x, torch.Tensor):
+        return None
+    dim = getattr(m, "dim", 1 if c.value.ndim >= 3 else -1)
+    ctx.join_along(x, dim if dim is not None else 1)
+    return Mapped(x)
+
+
+# -- declared channel-wise layers -------------------------------------------------------------------------
+
+
+def channelwise_leaf(ctx: Context, c: Call, m: nn.Module, spec: LayerSpec) -> Mapped | None:
+    """A declared channel-wise black box: one slot for its channels, MACs ``a + b × channels``."""
+    st, n, x, value, args = ctx.state, c.node, c.first, c.value, c.args
+    if not isinstance(x, torch.Tensor):
+        return None
+    name, tname = str(n.target), type(m).__name__
+    axis = spec.channel_axis
+    v = channel_vector(x, axis)
+    if v is None or not isinstance(value, torch.Tensor) or value.ndim != args[0].ndim:
+        st.poison(x, n, f"{tname} {name!r} (declared channel-wise) reads channels off axis {axis}")
+        return Mapped(poison_like(value))
+    size = args[0].shape[axis]
+    v = v.expand(size)
+    slot = st.slot(name, tname, "channel", 0, v)
+    for path, t, dim in spec_tensors(m, spec, size):
+        st.use_param(f"{name}.{path}", t, {dim: slot})
+    terms = None
+    if st.record_costs and size > 1:
+        a, b = calibrate_channelwise(m, spec, args, ctx.measured_macs, size, axis)
+        terms = [(b, (slot,)), (a, ())]
+    return Mapped(along(v, axis, value.ndim), terms)
+
+
+def calibrate_channelwise(
+    m: nn.Module, spec: LayerSpec, args: tuple, macs: int, size: int, axis: int
+) -> tuple[int, int]:
+    """``(a, b)`` with MACs ``a + b × channels`` for a channel-wise declared layer measured at ``macs`` with
+    ``size`` channels. Copies shrunk to ``size - 1`` and ``size // 2`` channels must run, keep the other
+    output dims and cost exactly that: a declaration that misses a per-channel tensor, or a layer whose
+    cost is not linear in its channels, is refused here rather than producing a wrong model."""
+    x = args[0]
+    measured = {size: macs}
+    for width in sorted({size - 1, max(1, size // 2)}):
+        shrunk = copy.deepcopy(m)
+        shrink_channelwise(shrunk, spec, size, torch.arange(width))
+        shape = list(x.shape)
+        shape[axis] = width
+        small = torch.empty(shape, dtype=x.dtype, device="meta")
+        rest = tuple(to_meta(a) for a in args[1:])
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                out = meta_call(shrunk, (small, *rest), {})
+        except Exception as exc:
+            raise UnsupportedLayerError(
+                f"{type(m).__name__} is declared channel-wise but a copy with {width} of its {size} channels "
+                f"fails ({type(exc).__name__}: {str(exc)[:160]}); list every per-channel tensor in "
+                "LayerSpec.tensors and every channel-count attribute in LayerSpec.sizes"
+            ) from exc
+        out_shape = list(out.shape) if isinstance(out, torch.Tensor) else None
+        if out_shape is None or out_shape[axis] != width:
+            raise UnsupportedLayerError(
+                f"{type(m).__name__} is declared channel-wise but a copy with {width} channels returns "
+                f"{out_shape}; declare it only if output channel c depends on input channel c alone"
+            )
+        measured[width] = counter.get_total_flops() // 2
+    b = measured[size] - measured[size - 1]
+    a = measured[size] - b * size
+    if any(a + b * w != cost for w, cost in measured.items()):
+        raise UnsupportedLayerError(
+            f"{type(m).__name__} is declared channel-wise but its MACs are not linear in its channels "
+            f"({measured}); trace it instead (no LayerSpec) or freeze it with leaf_modules=[...]"
+        )
+    return a, b

@@ -1,0 +1,137 @@
+"""Physical surgery: a new, smaller model with the chosen channels removed, and its masked twin.
+
+The user's model is deep-copied and the copy's layers are sliced in place (their classes, hooks and
+forward code are kept), so the result is a standalone ``nn.Module`` of the same type that runs the same
+code — including branches only taken in training mode.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prune_env.errors import InvalidSettingError
+from prune_env.graph import DependencyGraph, build_graph, check_module
+from prune_env.importance import Importance, get_importance, layer_tensor
+from prune_env.surgery.keep import KeepSpec, select_units
+from prune_env.surgery.plan import make_plan, resize, resized_modules
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    ratios: float | Sequence[float] | Mapping[str, float] | np.ndarray,
+    *,
+    importance: str | Importance = "l1",
+    graph: DependencyGraph | None = None,
+    round_to: int = 1,
+    seed: int | np.random.Generator | None = None,
+) -> nn.Module:
+    """Return a new, physically smaller copy of ``model`` with ``ratios`` of each group's channels removed.
+
+    ``ratios``: one float for every group, a sequence with one per ``graph.groups`` entry, or a mapping
+    from group name to ratio (missing groups are not pruned). A ratio is the fraction of the group's
+    channels removed; at least one channel always stays and ratio 0 keeps the group whole.
+    ``importance``: "l1", "l2", "bn_scale", "random" (seeded by ``seed``) or a callable
+    ``(group, model) -> scores``; the lowest-scoring channels go first. ``graph``: a graph already built
+    for this architecture (saves the trace). ``round_to``: kept counts are rounded to this multiple.
+    """
+    check_module(model, "prune")
+    if graph is None:
+        graph = build_graph(model, example_inputs)
+    else:
+        check_graph(model, graph, "prune")
+    score = get_importance(importance, seed)
+    keep_counts = graph.keep_counts(ratios, round_to)
+    keep: list[np.ndarray] = []
+    for group, k in zip(graph.groups, keep_counts, strict=True):
+        if k == group.channels:
+            keep.append(np.arange(group.channels))
+            continue
+        raw = score(group, model)
+        try:
+            scores = np.asarray(raw, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise InvalidSettingError(
+                f"importance returned scores for group {group.name!r} that are not real numbers ({exc}); "
+                f"return {group.channels} finite floats"
+            ) from exc
+        if scores.shape != (group.channels,) or not np.all(np.isfinite(scores)):
+            raise InvalidSettingError(
+                f"importance returned {scores.shape} scores for group {group.name!r}; "
+                f"expected {group.channels} finite values"
+            )
+        # Stable sort: ties keep the lowest indices, so the result is deterministic.
+        order = np.argsort(-scores, kind="stable")
+        keep.append(np.sort(order[:k]))
+    return _prune_channels(model, graph, keep)
+
+
+def prune_channels(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> nn.Module:
+    """Return a pruned copy of ``model`` keeping exactly the given units of each group.
+
+    ``keep``: per group (by index, by name, or as a sequence in ``graph.groups`` order) the unit indices to
+    keep; groups not mentioned are kept whole. Indices must be distinct integers in ``range(channels)``
+    and every mentioned group keeps at least one (:class:`InvalidRatiosError` otherwise). ``graph`` must
+    describe ``model``'s architecture (:meth:`DependencyGraph.check_model`).
+    """
+    check_graph(model, graph, "prune_channels")
+    return _prune_channels(model, graph, keep)
+
+
+def check_graph(model: nn.Module, graph: Any, where: str) -> None:
+    """The boundary check of every function taking (model, graph): both of the right type, and the graph
+    built from this architecture — a foreign graph's positions would index the wrong weights."""
+    check_module(model, where)
+    if not isinstance(graph, DependencyGraph):
+        raise InvalidSettingError(
+            f"{where}: graph must be a DependencyGraph, got {type(graph).__name__}; "
+            "build it with build_graph(model, x)"
+        )
+    graph.check_model(model, where)
+
+
+def _prune_channels(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> nn.Module:
+    plan = make_plan(model, graph, keep)
+    # Sliced tensors enter the copy through deepcopy's memo, so every weight is copied exactly once.
+    new = copy.deepcopy(model, plan.memo())
+    for module_name, attr, value in plan.attributes:
+        setattr(new.get_submodule(module_name), attr, value)
+    resize(resized_modules(zip(model.modules(), new.modules(), strict=True)))
+    return new
+
+
+def zero_units(model: nn.Module, graph: DependencyGraph, units: KeepSpec) -> None:
+    """Zero, in place, every weight slice of the given units (the masked twin of pruning them).
+
+    ``units``: per group (index, name, or one list per group) the unit indices to zero. Producers' filters
+    and biases, normalisation scales and shifts, raw parameters and consumers' input columns are zeroed, so
+    those channels contribute nothing: pruning them afterwards leaves the outputs unchanged in eval mode
+    (unless a LayerNorm/GroupNorm normalises over them), which is how the tests prove surgery correct.
+    """
+    check_graph(model, graph, "zero_units")
+    with torch.no_grad():
+        for g, chosen in select_units(graph, units).items():
+            group = graph.groups[g]
+            for member in group.members:
+                pos = np.asarray(member.positions).reshape(group.channels, member.multiplicity)
+                idx = torch.as_tensor(pos[chosen].reshape(-1), dtype=torch.long)
+                if member.kind == "param":
+                    layer_tensor(model, member.layer).index_fill_(member.dim, idx, 0.0)
+                    continue
+                module = model.get_submodule(member.layer)
+                if member.kind == "in":
+                    # Grouped/depthwise convs: a group's inputs and outputs are one unit, zeroed via "out".
+                    weight = getattr(module, "weight", None)
+                    if getattr(module, "groups", 1) == 1 and isinstance(weight, torch.Tensor):
+                        weight.index_fill_(1, idx, 0.0)
+                    continue
+                for attr in ("weight", "bias"):
+                    t = getattr(module, attr, None)
+                    if isinstance(t, torch.Tensor):
+                        t.index_fill_(0, idx, 0.0)

@@ -17,6 +17,9 @@ _EXPORTS = {
     "DependencyGraph": "prune_env.graph",
     "Member": "prune_env.graph",
     "build_graph": "prune_env.graph",
+    "LayerSpec": "prune_env.graph",
+    "register_layer": "prune_env.graph",
+    "register_opaque": "prune_env.graph",
     "prune": "prune_env.surgery",
     "prune_channels": "prune_env.surgery",
     "count_macs": "prune_env.costs",
@@ -71,7 +74,15 @@ if TYPE_CHECKING:
         UnsupportedLayerError,
         UntraceableModelError,
     )
-    from prune_env.graph import ChannelGroup, DependencyGraph, Member, build_graph
+    from prune_env.graph import (
+        ChannelGroup,
+        DependencyGraph,
+        LayerSpec,
+        Member,
+        build_graph,
+        register_layer,
+        register_opaque,
+    )
     from prune_env.problem import PruningProblem
     from prune_env.proxy import Proxy, ProxyEvaluator
     from prune_env.rewards import Outcome
@@ -115,6 +126,7 @@ __all__ = [
     "InvalidRatiosError",
     "InvalidSettingError",
     "LayerPruneEnv",
+    "LayerSpec",
     "Member",
     "OneShotPruneEnv",
     "Outcome",
@@ -137,5 +149,7 @@ __all__ = [
     "load_pruned",
     "prune",
     "prune_channels",
+    "register_layer",
+    "register_opaque",
     "save_pruned",
 ]

@@ -40,6 +40,13 @@ def test_agents_do_not_import_the_application_or_stable_baselines_until_asked() 
     assert "stable_baselines3" not in loaded  # SB3 loads when an SB3 agent is first named
 
 
+def test_every_public_name_resolves() -> None:
+    import prune_env
+
+    missing = [name for name in prune_env.__all__ if getattr(prune_env, name, None) is None]
+    assert missing == []
+
+
 def test_help_answers_without_torch() -> None:
     loaded = _modules_loaded_by("from prune_env.app import cli\ncli.build_parser()")
     assert "torch" not in loaded

@@ -148,7 +148,7 @@ class BudgetedEvaluator:
     def check_log(self, records: Sequence[Evaluation], source: str) -> None:
         """Refuse logged evaluations (``source``: where they were read, e.g. a file name) that this
         problem could not have produced, naming the first bad row: indices must run 0, 1, 2...; kept counts
-        lie within 1..channels per group; the cost recomputed from them is within the target and equals the
+        lie within 1..units per group; the cost recomputed from them is within the target and equals the
         logged cost ratios; accuracy, loss and reward are finite, and the reward is what this evaluator's
         reward function gives; a policy logged twice has the same score both times (the proxy is
         deterministic). A resumed run trusts nothing else of its log.
@@ -162,12 +162,12 @@ class BudgetedEvaluator:
             keep = np.asarray(rec.keep, dtype=np.int64)
             if keep.shape != (self.n_groups,):
                 raise ResumeError(f"{where}: {keep.size} kept counts, the problem has {self.n_groups} groups")
-            bad = np.flatnonzero((keep < 1) | (keep > problem.channels))
+            bad = np.flatnonzero((keep < 1) | (keep > problem.units))
             if bad.size:
                 g = int(bad[0])
                 raise ResumeError(
                     f"{where}: kept count {int(keep[g])} for group {problem.group_names[g]!r} is outside "
-                    f"1..{int(problem.channels[g])}"
+                    f"1..{int(problem.units[g])}"
                 )
             values = (rec.reward, rec.accuracy, rec.loss, rec.macs_ratio, rec.params_ratio, rec.seconds)
             if not all(math.isfinite(v) for v in values):

@@ -38,7 +38,7 @@ class EvolutionSettings:
 
 
 def _project(problem: PruningProblem, keep: np.ndarray) -> np.ndarray:
-    return problem.keep_for(problem.ratios_for(np.clip(keep, problem.projector.min_keep, problem.channels)))
+    return problem.keep_for(problem.ratios_for(np.clip(keep, problem.projector.min_keep, problem.units)))
 
 
 def _valid(problem: PruningProblem, keep: np.ndarray, min_fill: float) -> bool:
@@ -74,7 +74,7 @@ def evolution(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: Evoluti
     See :class:`EvolutionSettings` for the settings.
     """
     problem = evaluator.problem
-    low, high = problem.projector.min_keep, problem.channels
+    low, high = problem.projector.min_keep, problem.units
     cache: dict[tuple[int, ...], float] = {}
     pop_size = max(2, min(s.population, evaluator.budget_evals // 3 or 1))
 

@@ -67,7 +67,7 @@ class TorchCost(nn.Module):
         coef, s1, s2 = costs.compiled_terms(problem.metric)
         self.register_buffer("mult", torch.tensor(costs.mult, dtype=torch.float64))
         self.register_buffer("fixed", torch.tensor(costs.fixed, dtype=torch.float64))
-        self.register_buffer("channels", torch.tensor(problem.channels, dtype=torch.float64))
+        self.register_buffer("channels", torch.tensor(problem.units, dtype=torch.float64))
         self.register_buffer("coef", torch.tensor(coef, dtype=torch.float64))
         self.s1 = torch.as_tensor(s1, dtype=torch.long)
         self.s2 = torch.as_tensor(s2, dtype=torch.long)

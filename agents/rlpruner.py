@@ -96,7 +96,7 @@ def rlpruner(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: RLPruner
     # Each round removes the same fraction of the remaining cost: target_r = target^(r / rounds).
     targets = [original.target ** ((r + 1) / s.rounds) for r in range(s.rounds)]
     problem, reached = original, 1.0  # the round's problem; cost of its base model relative to the original
-    prev_keep = original.channels.copy()  # the round's base channels, in original units
+    prev_keep = original.units.copy()  # the round's base channels, in original units
     for r in range(s.rounds):
         last = r == s.rounds - 1
         evals = evaluator.remaining if last else max(1, evaluator.remaining // (s.rounds - r))

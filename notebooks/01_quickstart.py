@@ -149,7 +149,7 @@ print(pruned)
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 3))
-ax.bar(range(problem.n_groups), problem.channels, color="lightgray", label="base")
+ax.bar(range(problem.n_groups), problem.units, color="lightgray", label="base")
 ax.bar(range(problem.n_groups), best.keep, label="kept")
 ax.set(xlabel="channel group", ylabel="channels", title="Channels kept per group by the best policy")
 ax.legend()

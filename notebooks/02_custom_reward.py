@@ -108,7 +108,7 @@ for i, (label, r) in enumerate(ratios.items()):
 ax.set(
     xlabel="channel group (its channel count)", ylabel="fraction removed", title="Best policy of each search"
 )
-ax.set_xticks(range(problem.n_groups), [str(c) for c in problem.channels], fontsize=7)
+ax.set_xticks(range(problem.n_groups), [str(c) for c in problem.units], fontsize=7)
 ax.legend()
 plt.show()
 

@@ -32,7 +32,7 @@ class BudgetProjector:
     def __init__(
         self,
         costs: CostModel,
-        channels: Sequence[int] | np.ndarray,
+        units: Sequence[int] | np.ndarray,
         *,
         metric: str = "macs",
         max_ratio: float = DEFAULT_MAX_RATIO,
@@ -40,14 +40,14 @@ class BudgetProjector:
     ) -> None:
         check_settings({"metric": metric, "max_ratio": max_ratio, "round_to": round_to})
         self.costs = costs
-        self.channels = np.asarray(channels, dtype=np.int64)
+        self.units = np.asarray(units, dtype=np.int64)  # per group
         self.metric = metric
         self.max_ratio = max_ratio
         self.round_to = round_to
         self._batch = costs.macs_batch if metric == "macs" else costs.params_batch
         self._exact = costs.macs if metric == "macs" else costs.params
-        self.base_cost = self._exact(self.channels)
-        self.min_keep = units_to_keep(self.channels, np.full(len(self.channels), max_ratio), round_to)
+        self.base_cost = self._exact(self.units)
+        self.min_keep = units_to_keep(self.units, np.full(len(self.units), max_ratio), round_to)
         self.min_cost_ratio = self._exact(self.min_keep) / self.base_cost
 
     def check_target(self, target: float) -> None:
@@ -73,18 +73,18 @@ class BudgetProjector:
         ``γ·r`` with the smallest γ ≤ 1 that still fits, so it ends just under the target too.
         """
         r = np.clip(np.asarray(ratios, dtype=np.float64), 0.0, self.max_ratio)
-        keep = units_to_keep(self.channels, r, self.round_to)
+        keep = units_to_keep(self.units, r, self.round_to)
         if self._fits(keep, target):
             return self._fill(r, keep, target) if fill else keep
         lo, hi = 0.0, 1.0
         for _ in range(3):  # coarse-to-fine: each round evaluates a grid of α in one vectorised call
             alphas = np.linspace(lo, hi, 33)
-            grid = units_to_keep(self.channels, r + alphas[:, None] * (self.max_ratio - r), self.round_to)
+            grid = units_to_keep(self.units, r + alphas[:, None] * (self.max_ratio - r), self.round_to)
             ok = self._batch(grid) <= target * self.base_cost * (1 + 1e-12)
             first = int(np.argmax(ok)) if ok.any() else len(alphas) - 1
             lo, hi = alphas[max(first - 1, 0)], alphas[first]
         for alpha in (hi, 1.0):
-            keep = units_to_keep(self.channels, r + alpha * (self.max_ratio - r), self.round_to)
+            keep = units_to_keep(self.units, r + alpha * (self.max_ratio - r), self.round_to)
             if self._fits(keep, target):
                 return keep
         raise InvalidRatiosError(f"target {target} cannot be met (minimum {self.min_cost_ratio:.4f})")
@@ -95,10 +95,10 @@ class BudgetProjector:
         lo, hi = 0.0, 1.0  # γ = 1 is ``keep`` and fits; cost only falls as γ grows
         for _ in range(3):  # coarse-to-fine, as in project()
             gammas = np.linspace(lo, hi, 33)
-            ok = self._batch(units_to_keep(self.channels, gammas[:, None] * r, self.round_to)) <= limit
+            ok = self._batch(units_to_keep(self.units, gammas[:, None] * r, self.round_to)) <= limit
             first = int(np.argmax(ok)) if ok.any() else len(gammas) - 1
             lo, hi = gammas[max(first - 1, 0)], gammas[first]
-        filled = units_to_keep(self.channels, hi * r, self.round_to)
+        filled = units_to_keep(self.units, hi * r, self.round_to)
         return filled if self._fits(filled, target) else keep  # the exact check has the last word
 
     def wall(self, decided: np.ndarray, index: int, ratio: float, target: float) -> int:
@@ -107,7 +107,7 @@ class BudgetProjector:
         """
         keep = np.array(decided, dtype=np.int64)
         keep[index + 1 :] = self.min_keep[index + 1 :]
-        wanted = unit_count_to_keep(int(self.channels[index]), float(ratio), self.round_to)
+        wanted = unit_count_to_keep(int(self.units[index]), float(ratio), self.round_to)
         lowest = int(self.min_keep[index])
         candidates = np.arange(wanted, lowest - 1, -1) if wanted >= lowest else np.array([lowest])
         if self.round_to > 1:

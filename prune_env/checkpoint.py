@@ -435,7 +435,7 @@ def _base_architecture(spec: Mapping[str, Any], base_model: nn.Module | None, sp
 
 def _kept_units(spec: Mapping[str, Any], graph: DependencyGraph, spec_file: Path) -> dict[str, list[int]]:
     """The saved ``keep`` checked against the rebuilt graph: known groups, unit indices in range."""
-    channels = {g.name: g.channels for g in graph.groups}
+    channels = {g.name: g.units for g in graph.groups}
     unknown = sorted(set(spec["keep"]) - set(channels))
     if unknown:
         raise CheckpointError(
@@ -456,7 +456,7 @@ def _check_costs(
 ) -> None:
     """The rebuilt model's exact costs must be the ones recorded when it was saved (format >= 2)."""
     counts = np.array(
-        [len(keep[g.name]) if g.name in keep else g.channels for g in graph.groups], dtype=np.int64
+        [len(keep[g.name]) if g.name in keep else g.units for g in graph.groups], dtype=np.int64
     )
     macs, params = graph.costs.macs(counts), graph.costs.params(counts)
     if (macs, params) != (spec["macs"], spec["params"]):

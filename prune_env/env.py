@@ -119,7 +119,7 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         keep = self._current_keep()
         rows = [f"{'group':<36} {'units':>6} {'kept':>6} {'ratio':>6}"]
         for g, k in zip(p.graph.groups, keep, strict=True):
-            rows.append(f"{g.name[:36]:<36} {g.channels:>6} {int(k):>6} {1 - k / g.channels:>6.2f}")
+            rows.append(f"{g.name[:36]:<36} {g.units:>6} {int(k):>6} {1 - k / g.units:>6.2f}")
         cost = p.projector.cost_ratio(keep)
         rows.append(f"{p.metric} {cost:.3f} of base (target {self.target:.3f})")
         if self.last_outcome is not None:
@@ -128,7 +128,7 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def _render_bars(self, height: int = 64, bar: int = 6) -> np.ndarray:
         """One column per group: kept fraction in green over the pruned fraction in grey."""
-        kept = self._current_keep() / self.problem.channels
+        kept = self._current_keep() / self.problem.units
         image = np.full((height, bar * len(kept), 3), 40, dtype=np.uint8)
         for i, kept_fraction in enumerate(kept):
             top = height - round(float(kept_fraction) * height)
@@ -141,7 +141,7 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
     ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self.target = self._sample_target(options)
-        self._keep = self.problem.channels.copy()
+        self._keep = self.problem.units.copy()
         self.last_outcome = None
         self._episode_over = False
         info = {"target": self.target, **self._start_episode()}
@@ -212,8 +212,8 @@ class LayerPruneEnv(_PruneEnv):
         dim = len(STATIC_FEATURES) + len(DYNAMIC_FEATURES)
         self.observation_space = spaces.Box(0.0, 1.0, (dim,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
-        self._keep = self.problem.channels.copy()
-        self._rest = self.problem.channels.copy()  # scratch for the observation's cost evaluations
+        self._keep = self.problem.units.copy()
+        self._rest = self.problem.units.copy()  # scratch for the observation's cost evaluations
         self._t = 0
         self._prev_ratio = 0.0
 
@@ -223,7 +223,7 @@ class LayerPruneEnv(_PruneEnv):
         costs, base = p.graph.costs, p.graph.base_macs
         rest = self._rest  # decided groups as decided, the rest first whole, then at their minimum
         rest[:t] = self._keep[:t]
-        rest[t:] = p.channels[t:]
+        rest[t:] = p.units[t:]
         macs_full = costs.macs(rest)
         rest[t:] = p.projector.min_keep[t:]
         dynamic = (
@@ -253,7 +253,7 @@ class LayerPruneEnv(_PruneEnv):
         p = self.problem
         ratio = float(action_to_ratio(action, p.max_ratio, (1,))[0])
         self._keep[self._t] = p.projector.wall(self._keep, self._t, ratio, self.target)
-        applied = 1.0 - self._keep[self._t] / p.channels[self._t]
+        applied = 1.0 - self._keep[self._t] / p.units[self._t]
         self._prev_ratio = applied
         self._t += 1
         if self._t < p.n_groups:
@@ -299,7 +299,7 @@ class OneShotPruneEnv(_PruneEnv):
         self.observation_space = spaces.Box(0.0, 1.0, (n * len(STATIC_FEATURES) + 1,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (n,), np.float32)
         self._flat = self._static.reshape(-1)
-        self._keep = self.problem.channels.copy()
+        self._keep = self.problem.units.copy()
 
     def _observation(self) -> np.ndarray:
         return np.append(self._flat, np.float32(self.target)).astype(np.float32)

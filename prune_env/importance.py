@@ -88,7 +88,7 @@ def _norm_scores(
     norms_only: bool,
     cache: dict[tuple[str, str, int], np.ndarray] | None = None,
 ) -> np.ndarray:
-    scores = np.zeros(group.channels, dtype=np.float64)
+    scores = np.zeros(group.units, dtype=np.float64)
     for member in group.members:
         if norms_only and member.layer_type not in _NORM_TYPES:
             continue
@@ -101,7 +101,7 @@ def _norm_scores(
             per_pos = _per_position(*found, power)
             if cache is not None:
                 cache[key] = per_pos
-        pos = np.asarray(member.positions).reshape(group.channels, member.multiplicity)
+        pos = np.asarray(member.positions).reshape(group.units, member.multiplicity)
         scores += per_pos[pos].sum(axis=1)
     return scores
 
@@ -147,7 +147,7 @@ class RandomImportance:
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
     def __call__(self, group: ChannelGroup, model: nn.Module) -> np.ndarray:
-        return self.rng.random(group.channels)
+        return self.rng.random(group.units)
 
 
 IMPORTANCE: dict[str, Callable[[], Importance]] = {

@@ -38,7 +38,7 @@ def static_features(problem: PruningProblem, sensitivity: np.ndarray | None = No
     """A (groups × len(STATIC_FEATURES)) float32 matrix with entries in [0, 1]."""
     graph, model = problem.graph, problem.base_model
     n = problem.n_groups
-    full = problem.channels
+    full = problem.units
     rows = []
     for i, group in enumerate(graph.groups):
         producer = model.get_submodule(group.producers[0].layer)
@@ -63,7 +63,7 @@ def static_features(problem: PruningProblem, sensitivity: np.ndarray | None = No
                 )
             ),
             "in_channels": getattr(producer, "in_channels", getattr(producer, "in_features", 0)),
-            "units": group.channels,
+            "units": group.units,
             "kernel_area": float(np.prod(getattr(producer, "kernel_size", (1,)))),
             "stride": float(max(getattr(producer, "stride", (1,))) > 1),
             "macs_share": 1.0 - graph.costs.macs(lone) / graph.base_macs,
@@ -90,7 +90,7 @@ def sensitivity(problem: PruningProblem, ratio: float = 0.5) -> np.ndarray:
     """
     drops = np.zeros(problem.n_groups)
     for i in range(problem.n_groups):
-        keep = problem.channels.copy()
+        keep = problem.units.copy()
         keep[i] = max(1, round(keep[i] * (1 - ratio)))
         acc = problem.evaluate_keep(keep).accuracy
         drops[i] = max(0.0, problem.base_accuracy - acc) / max(problem.base_accuracy, 1e-8)

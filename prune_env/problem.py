@@ -143,9 +143,9 @@ class PruningProblem:
                 f"{type(self.base_model).__name__} has no prunable channel group (the engine found no "
                 "convolution or linear layer whose output channels it can remove)"
             )
-        self.channels = np.array([g.channels for g in self.graph.groups], dtype=np.int64)
+        self.units = np.array([g.units for g in self.graph.groups], dtype=np.int64)  # per group
         self.projector = BudgetProjector(
-            self.graph.costs, self.channels, metric=self.metric, max_ratio=s.max_ratio, round_to=s.round_to
+            self.graph.costs, self.units, metric=self.metric, max_ratio=s.max_ratio, round_to=s.round_to
         )
         self.projector.check_target(self.target)
         # Rank every group's units once: a pruned model is then a function of the kept counts alone,
@@ -184,7 +184,7 @@ class PruningProblem:
     # -- sizes --------------------------------------------------------------------------------------
     @property
     def n_groups(self) -> int:
-        return len(self.channels)
+        return len(self.units)
 
     @property
     def group_names(self) -> list[str]:
@@ -206,7 +206,7 @@ class PruningProblem:
         return self.projector.project(r, self.target if target is None else target, fill=self.fill_budget)
 
     def ratios_for(self, keep: np.ndarray) -> np.ndarray:
-        return keep_to_ratios(self.channels, keep)
+        return keep_to_ratios(self.units, keep)
 
     def uniform_keep(self, target: float | None = None) -> np.ndarray:
         """The uniform policy: the same ratio everywhere, the smallest that meets the target."""
@@ -309,4 +309,4 @@ class PruningProblem:
 
     def unprojected_keep(self, ratios: Sequence[float] | np.ndarray) -> np.ndarray:
         """Kept units for ``ratios`` without projection (the plain rounding rule)."""
-        return units_to_keep(self.channels, ratios, self.round_to)
+        return units_to_keep(self.units, ratios, self.round_to)

@@ -23,7 +23,7 @@ from prune_env.surgery import prune_channels
 def _random_keep(graph: prune_env.DependencyGraph, seed: int) -> dict[str, list[int]]:
     rng = np.random.default_rng(seed)
     return {
-        g.name: sorted(rng.choice(g.channels, max(1, g.channels // 2), replace=False).tolist())
+        g.name: sorted(rng.choice(g.units, max(1, g.units // 2), replace=False).tolist())
         for g in graph.groups
     }
 

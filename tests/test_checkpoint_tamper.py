@@ -40,7 +40,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     base = get_model("tiny", num_classes=10, in_channels=1).eval()
     graph = build_graph(base, torch.zeros(1, *SHAPE))
-    keep = {g.name: list(range(0, g.channels, 2)) for g in graph.groups}
+    keep = {g.name: list(range(0, g.units, 2)) for g in graph.groups}
     directory = tmp_path_factory.mktemp("saved") / "model"
     save_pruned(directory, prune_channels(base, graph, keep), keep=keep, input_shape=SHAPE,
                 architecture="tiny", num_classes=10, in_channels=1,

@@ -32,7 +32,7 @@ def _save_tiny(directory: Path, num_classes: int = 10, meta: dict[str, Any] | No
     torch.manual_seed(0)
     base = get_model("tiny", num_classes=num_classes, in_channels=1).eval()
     graph = build_graph(base, torch.zeros(1, 1, 8, 8))
-    keep = {g.name: list(range(0, g.channels, 2)) for g in graph.groups}
+    keep = {g.name: list(range(0, g.units, 2)) for g in graph.groups}
     return save_pruned(directory, prune_channels(base, graph, keep), keep=keep, input_shape=(1, 8, 8),
                        architecture="tiny", num_classes=num_classes, in_channels=1,
                        meta={"dataset": "digits", "seed": 0} if meta is None else meta)  # fmt: skip

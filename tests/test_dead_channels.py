@@ -58,17 +58,17 @@ def test_zeroed_units_are_pruned_first_and_outputs_do_not_change(name: str, res:
     rng = np.random.default_rng(0)
     dead: dict[int, np.ndarray] = {}
     for g in graph.groups:
-        k = int(rng.integers(1, g.channels))  # at least one dead unit, at least one alive
-        dead[g.index] = np.sort(rng.choice(g.channels, size=k, replace=False))
+        k = int(rng.integers(1, g.units))  # at least one dead unit, at least one alive
+        dead[g.index] = np.sort(rng.choice(g.units, size=k, replace=False))
     prune_env.surgery.zero_units(model, graph, dead)
     with torch.no_grad():
         reference = model(x)
 
-    ratios = [len(dead[g.index]) / g.channels for g in graph.groups]
-    assert list(graph.keep_counts(ratios)) == [g.channels - len(dead[g.index]) for g in graph.groups]
+    ratios = [len(dead[g.index]) / g.units for g in graph.groups]
+    assert list(graph.keep_counts(ratios)) == [g.units - len(dead[g.index]) for g in graph.groups]
     pruned = prune_env.prune(model, x[:1], ratios, graph=graph)
     explicit = prune_env.prune_channels(
-        model, graph, {g.index: np.setdiff1d(np.arange(g.channels), dead[g.index]) for g in graph.groups}
+        model, graph, {g.index: np.setdiff1d(np.arange(g.units), dead[g.index]) for g in graph.groups}
     )
     with torch.no_grad():
         out = pruned(x)

@@ -222,7 +222,7 @@ def test_importance_choices() -> None:
 
     def even_first(g: prune_env.ChannelGroup, m: nn.Module) -> np.ndarray:
         calls.append(g.name)
-        return (np.arange(g.channels) % 2 == 0).astype(float)
+        return (np.arange(g.units) % 2 == 0).astype(float)
 
     pruned = prune_env.prune(model, x, {group.name: 0.5}, importance=even_first, graph=graph)
     assert calls == [group.name]
@@ -372,7 +372,7 @@ def test_rebuilder_follows_the_base_model_when_it_is_converted_or_frozen() -> No
     x = torch.randn(1, 3, 32, 32)
     graph = prune_env.build_graph(model, x)
     rebuilder = prune_env.surgery.ModelRebuilder(model, graph)
-    units = [np.arange(0, g.channels, 2) for g in graph.groups]
+    units = [np.arange(0, g.units, 2) for g in graph.groups]
     rebuilder.rebuild(units)
     model.double()
     model.fc.weight.requires_grad_(False)
@@ -394,7 +394,7 @@ def test_rebuilder_stays_exact_when_its_caches_overflow() -> None:
     rebuilder.CACHE_LIMIT = 2
     rng = np.random.default_rng(0)
     policies = [
-        [np.sort(rng.permutation(g.channels)[: rng.integers(1, g.channels + 1)]) for g in graph.groups]
+        [np.sort(rng.permutation(g.units)[: rng.integers(1, g.units + 1)]) for g in graph.groups]
         for _ in range(3)
     ]
     for units in [*policies, policies[0]]:

@@ -41,7 +41,7 @@ X = torch.randn(1, 3, 8, 8)
 def setup() -> tuple[Net, prune_env.DependencyGraph]:
     model = Net().eval()
     graph = prune_env.build_graph(model, X)
-    assert [(g.name, g.channels) for g in graph.groups] == [("a", 8), ("b", 4)]
+    assert [(g.name, g.units) for g in graph.groups] == [("a", 8), ("b", 4)]
     return model, graph
 
 
@@ -252,7 +252,7 @@ def test_importance_must_be_a_known_name_or_a_callable(setup: tuple[Net, prune_e
     with pytest.raises(InvalidSettingError, match="importance must be a name"):
         prune_env.prune(model, X, 0.5, graph=graph, importance=3)  # type: ignore[arg-type]
     with pytest.raises(InvalidSettingError, match="not real numbers"):
-        prune_env.prune(model, X, 0.5, graph=graph, importance=lambda g, m: ["x"] * g.channels)
+        prune_env.prune(model, X, 0.5, graph=graph, importance=lambda g, m: ["x"] * g.units)
     with pytest.raises(InvalidSettingError, match="expected 8 finite values"):
         prune_env.prune(model, X, 0.5, graph=graph, importance=lambda g, m: np.zeros(3))
 

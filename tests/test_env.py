@@ -252,7 +252,7 @@ def test_layer_observation_reports_the_costs_of_the_decisions_so_far(problem: Pr
     previous = 0.0
     n_static = len(env._static[0])
     for t in range(problem.n_groups):
-        later_whole = np.concatenate([decided, problem.channels[t:]]).astype(np.int64)
+        later_whole = np.concatenate([decided, problem.units[t:]]).astype(np.int64)
         later_min = np.concatenate([decided, problem.projector.min_keep[t:]]).astype(np.int64)
         expected = [
             1 - costs.macs(later_whole) / base,

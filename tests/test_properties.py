@@ -197,7 +197,7 @@ def expected_sizes(graph: DependencyGraph, keep_counts: np.ndarray) -> dict[Key,
         for member in group.members:
             key = (member.layer, member.kind)
             first, size = sizes.get(key, (member, member.size))
-            sizes[key] = (first, size - (group.channels - int(kept)) * member.multiplicity)
+            sizes[key] = (first, size - (group.units - int(kept)) * member.multiplicity)
     return sizes
 
 
@@ -286,14 +286,14 @@ def test_random_ratios_give_a_valid_model_with_exact_costs(spec: NetSpec, data: 
         : len(graph.groups) and 2
     ]:
         a, b, q = graph.costs.along_group(graph.keep_counts(ratios, round_to), g, metric)
-        for c in range(1, graph.groups[g].channels + 1):
+        for c in range(1, graph.groups[g].units + 1):
             moved = graph.keep_counts(ratios, round_to)
             moved[g] = c
             assert a + b * c + q * c * c == full_cost(moved), (metric, c)
 
     # 3. Every group keeps at least one unit, and the pruned layers have exactly the predicted widths.
     keep = graph.keep_counts(ratios, round_to)
-    channels = np.array([g.channels for g in graph.groups], dtype=np.int64)
+    channels = np.array([g.units for g in graph.groups], dtype=np.int64)
     assert np.all(keep >= 1) and np.all(keep <= channels)
     # round_to: a multiple of it, unless capped at the whole group or floored at one unit.
     assert np.all((keep % round_to == 0) | (keep == channels) | (keep == 1))
@@ -336,19 +336,17 @@ def test_zeroed_units_are_exactly_the_ones_pruned(spec: NetSpec, data: st.DataOb
         if any(m.layer_type in CROSS_CHANNEL_NORMS for m in group.members):
             chosen.append([])
             continue
-        units = data.draw(
-            st.sets(st.integers(0, group.channels - 1), max_size=group.channels - 1), label=f"g{g}"
-        )
+        units = data.draw(st.sets(st.integers(0, group.units - 1), max_size=group.units - 1), label=f"g{g}")
         chosen.append(sorted(units))
     zeroed = copy.deepcopy(model)
     zero_units(zeroed, graph.groups, chosen)
-    ratios = [len(units) / group.channels for group, units in zip(graph.groups, chosen, strict=True)]
+    ratios = [len(units) / group.units for group, units in zip(graph.groups, chosen, strict=True)]
 
     pruned = prune_env.prune(zeroed, x, ratios, graph=graph, importance="l1")
 
     # l1 scores the zeroed units exactly 0 and every other unit > 0: exactly they must go.
     keep = graph.keep_counts(ratios)
-    assert keep.tolist() == [g.channels - len(u) for g, u in zip(graph.groups, chosen, strict=True)]
+    assert keep.tolist() == [g.units - len(u) for g, u in zip(graph.groups, chosen, strict=True)]
     expected = expected_state(zeroed, keep_masks(graph, chosen))
     actual = pruned.state_dict()
     assert actual.keys() == expected.keys()
@@ -383,9 +381,7 @@ def test_rebuilding_into_one_module_tree_equals_fresh_surgery(spec: NetSpec, dat
             )
             keep = graph.keep_counts(ratios)
             rng = np.random.default_rng(step)
-            units = [
-                np.sort(rng.permutation(g.channels)[:k]) for g, k in zip(graph.groups, keep, strict=True)
-            ]
+            units = [np.sort(rng.permutation(g.units)[:k]) for g, k in zip(graph.groups, keep, strict=True)]
             drawn.append(units)
         else:  # a revisit: served from the rebuilder's caches (index tensors, size attributes)
             units = drawn[0]
@@ -473,7 +469,7 @@ def test_zero_ratio_keeps_groups_whole_with_round_to() -> None:
     model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 2, 3))
     x = torch.randn(1, 3, 8, 8)
     graph = prune_env.build_graph(model, x)
-    assert [g.channels for g in graph.groups] == [5]
+    assert [g.units for g in graph.groups] == [5]
     assert graph.keep_counts(0.0, round_to=4).tolist() == [5]
     assert prune_env.prune(model, x, 0.0, graph=graph, round_to=4)[0].out_channels == 5
 

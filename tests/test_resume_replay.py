@@ -120,7 +120,7 @@ def _same_policy_other_score(problem: PruningProblem) -> dict[str, Any]:
         (lambda p: _forge(p, 1, macs_ratio=0.1), "cost ratios do not match"),
         (
             lambda p: _forge(
-                p, 2, keep=tuple(int(c) for c in p.channels), reward=1.0, accuracy=1.0, macs_ratio=1.0
+                p, 2, keep=tuple(int(c) for c in p.units), reward=1.0, accuracy=1.0, macs_ratio=1.0
             ),
             "over the target",
         ),

@@ -174,15 +174,15 @@ def test_tied_layers_prune_with_exact_costs_and_dead_channels_go_first(factory: 
     graph = _build(model)
     assert graph.groups, "a tie must not freeze channels it can couple"
     rng = np.random.default_rng(0)
-    dead = {g.index: np.sort(rng.choice(g.channels, int(rng.integers(1, g.channels)), replace=False))
+    dead = {g.index: np.sort(rng.choice(g.units, int(rng.integers(1, g.units)), replace=False))
             for g in graph.groups}  # fmt: skip
     prune_env.surgery.zero_units(model, graph, dead)
     with torch.no_grad():
         reference = model(X)
 
-    ratios = [len(dead[g.index]) / g.channels for g in graph.groups]
+    ratios = [len(dead[g.index]) / g.units for g in graph.groups]
     pruned = prune_env.prune(model, X[:1], ratios, graph=graph)
-    kept = [np.setdiff1d(np.arange(g.channels), dead[g.index]) for g in graph.groups]
+    kept = [np.setdiff1d(np.arange(g.units), dead[g.index]) for g in graph.groups]
     explicit = prune_env.prune_channels(model, graph, kept)
     _assert_same_model(pruned, explicit)  # L1 ranked exactly the zeroed units last
     with torch.no_grad():
@@ -195,7 +195,7 @@ def test_tied_layers_prune_with_exact_costs_and_dead_channels_go_first(factory: 
         assert pruned.a is pruned.b
 
     rebuilder = prune_env.surgery.ModelRebuilder(model, graph)
-    for units in (kept, [np.arange(0, g.channels, 2) for g in graph.groups], kept):
+    for units in (kept, [np.arange(0, g.units, 2) for g in graph.groups], kept):
         rebuilt = rebuilder.rebuild(units)
         _assert_same_model(rebuilt, prune_env.prune_channels(model, graph, units))
         for first, second, attr in ties:
@@ -238,7 +238,7 @@ def test_a_tie_that_cannot_be_coupled_freezes_its_channels_with_one_warning(
         assert pruned(X).shape == model(X).shape
     if factory is DenseAndGroupedTie:
         assert pruned.a.weight is pruned.g.weight
-    units = [np.arange(0, g.channels, 2) for g in graph.groups]
+    units = [np.arange(0, g.units, 2) for g in graph.groups]
     _assert_same_model(prune_env.surgery.ModelRebuilder(model, graph).rebuild(units),
                        prune_env.prune_channels(model, graph, units))  # fmt: skip
 

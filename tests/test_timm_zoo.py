@@ -130,16 +130,16 @@ def test_zeroed_units_of_a_norm_act_model_are_pruned_without_changing_outputs() 
     graph = prune_env.build_graph(model, x[:1])
     rng = np.random.default_rng(0)
     dead = {
-        g.index: np.sort(rng.choice(g.channels, size=int(rng.integers(1, g.channels)), replace=False))
+        g.index: np.sort(rng.choice(g.units, size=int(rng.integers(1, g.units)), replace=False))
         for g in graph.groups
     }
     zero_units(model, graph, dead)
     with torch.no_grad():
         reference = model(x)
-    ratios = [len(dead[g.index]) / g.channels for g in graph.groups]
+    ratios = [len(dead[g.index]) / g.units for g in graph.groups]
     pruned = prune_env.prune(model, x[:1], ratios, graph=graph)
     explicit = prune_env.prune_channels(
-        model, graph, {g.index: np.setdiff1d(np.arange(g.channels), dead[g.index]) for g in graph.groups}
+        model, graph, {g.index: np.setdiff1d(np.arange(g.units), dead[g.index]) for g in graph.groups}
     )
     with torch.no_grad():
         out, out_explicit = pruned(x), explicit(x)
@@ -154,7 +154,7 @@ def test_declared_layers_rebuild_like_prune_channels() -> None:
     model = get_model("timm:skresnet18", num_classes=10).eval()
     x = torch.randn(1, 3, 64, 64)
     graph = prune_env.build_graph(model, x)
-    keep = [np.arange(0, g.channels, 2) for g in graph.groups]
+    keep = [np.arange(0, g.units, 2) for g in graph.groups]
     rebuilt = ModelRebuilder(model, graph).rebuild(keep).eval()
     pruned = prune_env.prune_channels(model, graph, keep).eval()
     with torch.no_grad():

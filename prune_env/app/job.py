@@ -89,7 +89,7 @@ def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
     if not graph.groups:
         raise UnsupportedLayerError(f"{s.model} has no prunable channel group")
     projector = BudgetProjector(
-        graph.costs, [g.channels for g in graph.groups], metric=p.metric, max_ratio=p.max_ratio
+        graph.costs, [g.units for g in graph.groups], metric=p.metric, max_ratio=p.max_ratio
     )
     projector.check_target(p.target)
     return dataclasses.replace(s, agent=spec.name), splits
@@ -199,7 +199,7 @@ def _results(
         "best_reward": reward,
         "ratios": dict(zip(names, (float(r) for r in outcome.ratios), strict=True)),
         "keep": dict(zip(names, (int(k) for k in outcome.keep), strict=True)),
-        "channels": dict(zip(names, (int(c) for c in problem.channels), strict=True)),
+        "channels": dict(zip(names, (int(c) for c in problem.units), strict=True)),
         "macs": int(outcome.macs),
         "params": int(outcome.params),
         "base_macs": int(outcome.base_macs),

@@ -50,5 +50,5 @@ def cost_model(
         fixed=fixed,
         macs_terms=macs_terms,
         params_terms=params_terms,
-        full=[g.channels for g in groups],
+        full=[g.units for g in groups],
     )

@@ -198,7 +198,7 @@ class DependencyGraph:
             rows = []
             for s, member in zip(slots, group.members, strict=True):
                 positions = np.asarray(member.positions, dtype=np.int64).reshape(-1)
-                units = np.repeat(np.arange(group.channels), member.multiplicity)
+                units = np.repeat(np.arange(group.units), member.multiplicity)
                 rows.append(MemberPositions(s, positions, units))
             table.append(tuple(rows))
         return tuple(table)
@@ -243,7 +243,7 @@ class DependencyGraph:
     def keep_counts(self, ratios: Any, round_to: int = 1) -> np.ndarray:
         """Units kept per group for ``ratios``; the same rule :func:`prune_env.prune` applies."""
         check_round_to(round_to)
-        return units_to_keep([g.channels for g in self.groups], self.ratio_vector(ratios), round_to)
+        return units_to_keep([g.units for g in self.groups], self.ratio_vector(ratios), round_to)
 
     # -- costs ----------------------------------------------------------------------------------------
     def macs(self, ratios: Any = 0.0, round_to: int = 1) -> int:
@@ -266,5 +266,5 @@ class DependencyGraph:
         rows = [f"{'#':>3} {'group':<40} {'units':>6} {'members':>7}  producers"]
         for g in self.groups:
             prods = ", ".join(m.layer for m in g.producers[:3]) + (" …" if len(g.producers) > 3 else "")
-            rows.append(f"{g.index:>3} {g.name[:40]:<40} {g.channels:>6} {len(g.members):>7}  {prods}")
+            rows.append(f"{g.index:>3} {g.name[:40]:<40} {g.units:>6} {len(g.members):>7}  {prods}")
         return "\n".join(rows)

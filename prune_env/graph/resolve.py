@@ -334,13 +334,13 @@ def form_groups(
             if name in taken_names:  # two sub-groups share their first producer: number them
                 name = f"{name}#{sum(n.split('#')[0] == name for n in taken_names)}"
             taken_names.add(name)
-            groups.append(ChannelGroup(name=name, channels=len(sub_units), members=tuple(members)))
+            groups.append(ChannelGroup(name=name, units=len(sub_units), members=tuple(members)))
             member_slots.append(tuple(slots))
             first_slot.append(min(producers))
     # Slots are registered in execution order, so this is topological order of the groups' producers.
     order = sorted(range(len(groups)), key=lambda i: first_slot[i])
     groups = [
-        ChannelGroup(name=groups[i].name, channels=groups[i].channels, members=groups[i].members, index=k)
+        ChannelGroup(name=groups[i].name, units=groups[i].units, members=groups[i].members, index=k)
         for k, i in enumerate(order)
     ]
     return groups, [member_slots[i] for i in order]

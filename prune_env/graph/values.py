@@ -70,12 +70,12 @@ class Member:
 class ChannelGroup:
     """Channels of the network that must be pruned together: the unit of importance and removal.
 
-    ``channels`` counts the independently removable units (for almost every group one unit is one
+    ``units`` counts the independently removable units (for almost every group one unit is one
     channel; channel shuffles and chunking bind several channels into one unit).
     """
 
     name: str
-    channels: int
+    units: int
     members: tuple[Member, ...]
     index: int = 0
 
@@ -88,7 +88,7 @@ class ChannelGroup:
         return tuple(m for m in self.members if m.kind == "in")
 
     def details(self) -> str:
-        lines = [f"group {self.index} {self.name!r}: {self.channels} prunable units"]
+        lines = [f"group {self.index} {self.name!r}: {self.units} prunable units"]
         for m in self.members:
             where = f"offset {m.offset}" if m.offset is not None else "scattered"
             per = f", {m.multiplicity} per unit" if m.multiplicity != 1 else ""

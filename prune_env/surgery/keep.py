@@ -19,7 +19,7 @@ KeepSpec = Mapping[str, UnitIndices] | Mapping[int, UnitIndices] | Sequence[Unit
 
 def normalise_keep(graph: DependencyGraph, keep: KeepSpec) -> list[np.ndarray]:
     """Kept unit indices for every group (groups not mentioned keep all units)."""
-    result = [np.arange(g.channels) for g in graph.groups]
+    result = [np.arange(g.units) for g in graph.groups]
     for g, arr in select_units(graph, keep).items():
         if arr.size == 0:
             raise InvalidRatiosError(
@@ -83,7 +83,7 @@ def unit_indices(graph: DependencyGraph, g: int, idx: Any) -> np.ndarray:
     group, the offending index and the valid range: integers only (numpy would truncate 1.7 to 1 and read
     ``True`` as 1), each once, within ``range(channels)`` (numpy would read -1 as the last unit)."""
     group = graph.groups[g]
-    n = group.channels
+    n = group.units
     if isinstance(idx, (bool, np.bool_)) or (
         isinstance(idx, (list, tuple)) and any(isinstance(i, (bool, np.bool_)) for i in idx)
     ):
@@ -142,9 +142,9 @@ def dropped_positions(graph: DependencyGraph, g: int, kept: np.ndarray) -> dict[
     """The indices of each slot that group ``g`` loses when it keeps the (validated, sorted) units ``kept``;
     ``None`` when it keeps them all."""
     group = graph.groups[g]
-    if len(kept) == group.channels:
+    if len(kept) == group.units:
         return None
-    dropped = np.ones(group.channels, dtype=bool)
+    dropped = np.ones(group.units, dtype=bool)
     dropped[kept] = False
     positions: dict[int, list[np.ndarray]] = {}
     for member in graph.unit_positions[g]:

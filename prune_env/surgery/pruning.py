@@ -50,8 +50,8 @@ def prune(
     keep_counts = graph.keep_counts(ratios, round_to)
     keep: list[np.ndarray] = []
     for group, k in zip(graph.groups, keep_counts, strict=True):
-        if k == group.channels:
-            keep.append(np.arange(group.channels))
+        if k == group.units:
+            keep.append(np.arange(group.units))
             continue
         raw = score(group, model)
         try:
@@ -59,12 +59,12 @@ def prune(
         except (TypeError, ValueError) as exc:
             raise InvalidSettingError(
                 f"importance returned scores for group {group.name!r} that are not real numbers ({exc}); "
-                f"return {group.channels} finite floats"
+                f"return {group.units} finite floats"
             ) from exc
-        if scores.shape != (group.channels,) or not np.all(np.isfinite(scores)):
+        if scores.shape != (group.units,) or not np.all(np.isfinite(scores)):
             raise InvalidSettingError(
                 f"importance returned {scores.shape} scores for group {group.name!r}; "
-                f"expected {group.channels} finite values"
+                f"expected {group.units} finite values"
             )
         # Stable sort: ties keep the lowest indices, so the result is deterministic.
         order = np.argsort(-scores, kind="stable")
@@ -119,7 +119,7 @@ def zero_units(model: nn.Module, graph: DependencyGraph, units: KeepSpec) -> Non
         for g, chosen in select_units(graph, units).items():
             group = graph.groups[g]
             for member in group.members:
-                pos = np.asarray(member.positions).reshape(group.channels, member.multiplicity)
+                pos = np.asarray(member.positions).reshape(group.units, member.multiplicity)
                 idx = torch.as_tensor(pos[chosen].reshape(-1), dtype=torch.long)
                 if member.kind == "param":
                     layer_tensor(model, member.layer).index_fill_(member.dim, idx, 0.0)

@@ -289,6 +289,7 @@ def test_user_model_is_never_mutated(base: nn.Module, digits: Any) -> None:
 def test_subprocess_vector_env_and_ppo(base: nn.Module, digits: Any) -> None:
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.logger import Logger
     from stable_baselines3.common.vec_env import SubprocVecEnv
 
     vec = make_vec_env(
@@ -301,6 +302,7 @@ def test_subprocess_vector_env_and_ppo(base: nn.Module, digits: Any) -> None:
     )
     try:
         model = PPO("MlpPolicy", vec, n_steps=32, batch_size=32, n_epochs=2, seed=0, device="cpu")
+        model.set_logger(Logger(folder=None, output_formats=[]))  # no stray /tmp/SB3-<date> directory
         model.learn(total_timesteps=128)  # two rollouts of 2 x 32 one-step episodes
         assert model.num_timesteps >= 128
         assert model._n_updates > 0  # PPO optimised its policy, not only collected data

@@ -152,3 +152,24 @@ def test_settings_are_frozen_and_refuse_unknown_keys() -> None:
     with pytest.raises(InvalidSettingError, match="no setting eval_sample"):
         ProblemSettings.from_kwargs({"eval_sample": 3})
     assert dataclasses.replace(s, seed=3).seed == 3
+
+
+def test_an_agent_module_that_cannot_import_is_named_and_does_not_break_the_others() -> None:
+    """Without Stable-Baselines3 (an import that fails), the other agents still run and asking for an SB3
+    agent names the module and the reason."""
+    code = (
+        "import sys\n"
+        "sys.modules['stable_baselines3'] = None  # as if it were not installed\n"
+        "import agents\n"
+        "from prune_env.errors import UnknownNameError\n"
+        "names = agents.available()\n"
+        "assert 'evolution' in names and 'random' in names and 'ppo' not in names, names\n"
+        "try:\n"
+        "    agents.resolve_agent('ppo')\n"
+        "except UnknownNameError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "unknown agent 'ppo'" in out.stdout
+    assert "agents.sb3: ModuleNotFoundError" in out.stdout

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from zoo_checks import check_pruned_model
 
 import prune_env
 from prune_env.models import get_model
@@ -48,39 +48,13 @@ def resolution(name: str) -> int:
     return 64
 
 
-def flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() // 2
-
-
 def check_model(name: str, max_macs_kept: float = 0.6) -> float:
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_model(f"timm:{name}", num_classes=10).eval()
-    res = resolution(name)
-    x = torch.randn(1, 3, res, res)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-
-    graph = prune_env.build_graph(model, x)
-    assert graph.groups, f"{name}: no prunable group found"
-    assert graph.base_macs == flop_counter_macs(model, x)
-    pruned = prune_env.prune(model, x, 0.5, graph=graph).eval()
-
-    with torch.no_grad():
-        assert pruned(x).shape == model(x).shape
-    measured = prune_env.count_macs(pruned, x)
-    assert graph.macs(0.5) == measured == flop_counter_macs(pruned, x)
-    assert graph.params(0.5) == prune_env.count_params(pruned) < prune_env.count_params(model)
-    kept = measured / graph.base_macs
+    kept = check_pruned_model(name, model, resolution(name))
     assert kept <= max_macs_kept, f"{name}: {kept:.2f} of the MACs kept at a uniform 0.5"
-    pruned.train()
-    out = pruned(torch.randn(2, 3, res, res))
-    assert out.shape == (2, 10)
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not model.training
     return kept
 
 

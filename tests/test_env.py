@@ -106,6 +106,8 @@ def test_budget_holds_for_any_actions(data: st.DataObject, problem: PruningProbl
     for a in ratios_action:
         _, _, terminated, _, info = layer.step(np.array([a], dtype=np.float32))
     assert terminated and info["macs_ratio"] <= target * (1 + 1e-9)
+    measured = prune_env.count_macs(problem.build(layer.kept), problem.example_inputs)
+    assert measured == info["macs"] <= target * problem.graph.base_macs  # the layer-wise env's model too
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

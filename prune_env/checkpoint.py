@@ -101,7 +101,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def validate_spec(spec: Any, source: str | os.PathLike) -> dict[str, Any]:
+def validate_spec(spec: Any, source: str | os.PathLike[str]) -> dict[str, Any]:
     """Check a saved model's description (the parsed ``model.json``) and return it normalised.
 
     The one schema every description passes through, when loading and (via :func:`save_pruned`) when
@@ -240,7 +240,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def read_spec(path: str | os.PathLike) -> dict[str, Any]:
+def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated ``model.json`` description of a saved model (``path``: its directory or the json file).
 
     Raises :class:`CheckpointError` when there is no description, it is not a regular file, not JSON, or
@@ -349,7 +349,7 @@ def _first_device(model: nn.Module) -> torch.device:
 
 
 def save_pruned(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     model: nn.Module,
     *,
     keep: Mapping[str, Sequence[int]],
@@ -468,7 +468,7 @@ def _check_costs(
 
 
 def load_pruned_with_spec(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     base_model: nn.Module | None = None,
     *,
     map_location: str | torch.device = "cpu",
@@ -500,7 +500,7 @@ def load_pruned_with_spec(
 
 
 def load_pruned(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     base_model: nn.Module | None = None,
     *,
     map_location: str | torch.device = "cpu",

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,9 +46,9 @@ class Splits:
     """
 
     name: str
-    train: Dataset
-    val: Dataset
-    test: Dataset
+    train: Dataset[Any]
+    val: Dataset[Any]
+    test: Dataset[Any]
     num_classes: int
     in_channels: int
     input_shape: tuple[int, int, int]
@@ -96,7 +97,7 @@ def _tensor_splits(
     )
 
 
-def _candidate_roots(root: str | os.PathLike | None) -> list[Path]:
+def _candidate_roots(root: str | os.PathLike[str] | None) -> list[Path]:
     roots = []
     if root is not None:
         roots.append(Path(root).expanduser())
@@ -105,7 +106,7 @@ def _candidate_roots(root: str | os.PathLike | None) -> list[Path]:
     return roots
 
 
-def _download_root(root: str | os.PathLike | None) -> Path:
+def _download_root(root: str | os.PathLike[str] | None) -> Path:
     roots = _candidate_roots(root)
     return roots[0] if roots else Path.home() / ".cache" / "prune_env" / "data"
 
@@ -145,7 +146,7 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _fashion_dir(root: str | os.PathLike | None) -> Path | None:
+def _fashion_dir(root: str | os.PathLike[str] | None) -> Path | None:
     """The first directory holding all four IDX files, in plain or torchvision layout, gzipped or not."""
     bases = [*_candidate_roots(root), FASHION_SYSTEM_DIR]
     for base in bases:
@@ -173,7 +174,7 @@ def read_idx(path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
-def _fashion_missing_message(root: str | os.PathLike | None) -> str:
+def _fashion_missing_message(root: str | os.PathLike[str] | None) -> str:
     looked = [str(p) for p in [*_candidate_roots(root), FASHION_SYSTEM_DIR]]
     return (
         "Fashion-MNIST files not found (looked in: " + ", ".join(looked) + "). Get them with one of:\n"
@@ -184,7 +185,9 @@ def _fashion_missing_message(root: str | os.PathLike | None) -> str:
     )
 
 
-def _load_fashion(root: str | os.PathLike | None, seed: int, val_fraction: float, download: bool) -> Splits:
+def _load_fashion(
+    root: str | os.PathLike[str] | None, seed: int, val_fraction: float, download: bool
+) -> Splits:
     directory = _fashion_dir(root)
     if directory is None and download:
         from torchvision.datasets import FashionMNIST
@@ -216,7 +219,7 @@ def _load_fashion(root: str | os.PathLike | None, seed: int, val_fraction: float
 
 
 def _load_cifar(
-    name: str, root: str | os.PathLike | None, seed: int, val_fraction: float, download: bool
+    name: str, root: str | os.PathLike[str] | None, seed: int, val_fraction: float, download: bool
 ) -> Splits:
     from torchvision import datasets, transforms
 
@@ -291,7 +294,7 @@ def _load_imagefolder(path: str, seed: int, val_fraction: float, image_size: int
     if (base / "train").is_dir() and test_dir is not None:
         train_aug = datasets.ImageFolder(str(base / "train"), transform=augment)
         train_plain = datasets.ImageFolder(str(base / "train"), transform=plain)
-        test: Dataset = datasets.ImageFolder(str(test_dir), transform=plain)
+        test: Dataset[Any] = datasets.ImageFolder(str(test_dir), transform=plain)
         labels = np.asarray(train_plain.targets)
         train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
     else:
@@ -351,7 +354,7 @@ def _load_fake(
 
 def load(
     name: str,
-    root: str | os.PathLike | None = None,
+    root: str | os.PathLike[str] | None = None,
     seed: int = 0,
     *,
     download: bool = False,
@@ -393,7 +396,7 @@ def as_splits(dataset: str | Splits, seed: int = 0) -> Splits:
 # ------------------------------------------------------------------------------------------------ batching
 
 
-def _as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _as_tensors(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(inputs, labels) when ``dataset`` is an in-memory TensorDataset (or a Subset of one), else None."""
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         return dataset.tensors[0], dataset.tensors[1]
@@ -406,7 +409,7 @@ def _as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def iterate_batches(
-    dataset: Dataset,
+    dataset: Dataset[Any],
     batch_size: int,
     *,
     shuffle: bool = False,
@@ -430,7 +433,7 @@ def iterate_batches(
         yield x[idx], y[idx]
 
 
-def take(dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def take(dataset: Dataset[Any], indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The samples at ``indices`` stacked into (inputs, labels) tensors."""
     idx = torch.as_tensor(indices, dtype=torch.long)
     tensors = _as_tensors(dataset)

@@ -138,7 +138,7 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[np.ndarray, dict]:
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         self.target = self._sample_target(options)
         self._keep = self.problem.units.copy()

@@ -66,7 +66,7 @@ RECIPES: dict[str, TrainConfig] = {
 }
 
 
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
+def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """``override``, else ``$PRUNE_ENV_CACHE``, else ``~/.cache/prune_env``."""
     if override is not None:
         return Path(override).expanduser()
@@ -80,7 +80,7 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Dataset[Any],
     *,
     batch_size: int = EVAL_BATCH_SIZE,
     device: str | torch.device | None = None,
@@ -144,7 +144,7 @@ class Distillation:
 
 def _fit(
     model: nn.Module,
-    train: Dataset,
+    train: Dataset[Any],
     recipe: TrainConfig,
     *,
     seed: int,
@@ -278,7 +278,7 @@ def checkpoint_path(
     dataset: str | Splits,
     seed: int = 0,
     *,
-    cache: str | os.PathLike | None = None,
+    cache: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> Path:
     """Where ``train_base`` with the same arguments stores (or would store) its checkpoint."""
@@ -288,7 +288,7 @@ def checkpoint_path(
     return _path_for(cache, arch, splits, _cache_key(net, arch, splits, seed, config))
 
 
-def _path_for(cache: str | os.PathLike | None, arch: str, splits: Splits, key: str) -> Path:
+def _path_for(cache: str | os.PathLike[str] | None, arch: str, splits: Splits, key: str) -> Path:
     # Readable tags for people browsing the cache; the key alone makes the name unique.
     tag = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model_name(arch)}-{splits.name.split(':')[0]}").strip("-")
     return cache_dir(cache) / "base" / f"{tag[:60]}-{key[:20]}.pt"
@@ -343,7 +343,7 @@ def train_base(
     seed: int = 0,
     *,
     config: TrainConfig | None = None,
-    cache: str | os.PathLike | None = None,
+    cache: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     progress: bool = True,
     device: str | torch.device | None = None,

@@ -99,7 +99,7 @@ def run(
     targets: Sequence[float] = (0.5,),
     seeds: Sequence[int] = (0,),
     evals: int = 50,
-    out: str | os.PathLike = "runs/benchmark",
+    out: str | os.PathLike[str] = "runs/benchmark",
     reward: str | RewardFn = "acc",
     finetune_epochs: int = 0,
     problem_kwargs: Mapping[str, Any] | None = None,

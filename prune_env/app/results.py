@@ -149,7 +149,7 @@ class BenchmarkResults:
     out: Path | None = None
 
     @classmethod
-    def load(cls, out: str | os.PathLike) -> BenchmarkResults:
+    def load(cls, out: str | os.PathLike[str]) -> BenchmarkResults:
         """Read ``runs.csv`` and ``evaluations.csv`` from a benchmark directory."""
         out = Path(out)
         runs = read_csv(out / "runs.csv")
@@ -242,7 +242,7 @@ class BenchmarkResults:
     def _panels(self, keys: Sequence[str]) -> list[tuple[Any, ...]]:
         return list(dict.fromkeys(tuple(r[k] for k in keys) for r in self.runs))
 
-    def plot_pareto(self, path: str | os.PathLike | None = None) -> Figure:
+    def plot_pareto(self, path: str | os.PathLike[str] | None = None) -> Figure:
         """Proxy accuracy vs MACs ratio: every evaluation as a faint point per agent, each agent's Pareto
         front (best accuracy at no more than a given cost) as a line, and the uniform policy as the
         reference (a horizontal line for one target, a dashed line through its points for several).
@@ -279,7 +279,7 @@ class BenchmarkResults:
             ax.legend(fontsize="small")
         return _finish(fig, path)
 
-    def plot_curves(self, path: str | os.PathLike | None = None) -> Figure:
+    def plot_curves(self, path: str | os.PathLike[str] | None = None) -> Figure:
         """Learning curves: proxy accuracy of the best policy found so far vs evaluations spent.
 
         One line per agent (mean over seeds) with a min–max band over seeds; one panel per (model,
@@ -354,7 +354,7 @@ def _figure(n: int) -> tuple[Figure, list[Axes]]:
     return fig, list(axes[:n])
 
 
-def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
+def _finish(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)

@@ -47,7 +47,7 @@ class RunDirectory:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         *,
         run_files: Sequence[str],
         resume: bool,

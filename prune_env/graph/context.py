@@ -38,10 +38,10 @@ class Call:
 
     node: torch.fx.Node
     value: Any
-    args: tuple
-    kwargs: dict
-    id_args: tuple
-    id_kwargs: dict
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    id_args: tuple[Any, ...]
+    id_kwargs: dict[str, Any]
 
     @property
     def first(self) -> Ids:
@@ -77,7 +77,7 @@ class Context:
         return f"{n.op} {name!r}"
 
     # -- sizes read from tensors ----------------------------------------------------------------------
-    def record_size(self, n: torch.fx.Node, args: tuple, first: Any) -> None:
+    def record_size(self, n: torch.fx.Node, args: tuple[Any, ...], first: Any) -> None:
         """Remember which channels the integer(s) ``n`` computes count (see ``size_src``)."""
         target = n.target
         if target == "size" or (target is getattr and len(args) > 1 and args[1] == "shape"):

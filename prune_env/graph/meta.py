@@ -17,7 +17,7 @@ from torch import nn
 
 # An output computed by a shape rule, or NOT_COVERED when the rule does not apply to these operands.
 NOT_COVERED: Any = object()
-MetaShape = Callable[[tuple, dict], Any]
+MetaShape = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 
 
 def to_meta(value: Any) -> Any:
@@ -29,7 +29,7 @@ def to_meta(value: Any) -> Any:
     return value
 
 
-def meta_call(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+def meta_call(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run ``m`` on meta stand-ins of its tensors (shapes only)."""
     state = {k: to_meta(t) for k, t in (*m.named_parameters(), *m.named_buffers())}
     return torch.func.functional_call(m, state, args, kwargs)
@@ -39,7 +39,7 @@ def _empty(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=like.dtype, device="meta")
 
 
-def same_as_input(args: tuple, kwargs: dict) -> Any:
+def same_as_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Elementwise on one tensor, normalisation: the output has the input's shape and dtype. The input
     stand-in itself is returned (a meta tensor has no data that an in-place op could change)."""
     x = args[0] if args else kwargs.get("input")
@@ -69,7 +69,7 @@ def _floating_operands(operands: Sequence[Any]) -> torch.Tensor | None:
     return tensors[0]
 
 
-def broadcast_binary(args: tuple, kwargs: dict) -> Any:
+def broadcast_binary(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``a op b`` (add, mul, maximum, ...): the broadcast shape of the operands."""
     if len(args) != 2:
         return NOT_COVERED
@@ -80,7 +80,7 @@ def broadcast_binary(args: tuple, kwargs: dict) -> Any:
     return NOT_COVERED if shape is None else _empty(shape, like)
 
 
-def broadcast_where(args: tuple, kwargs: dict) -> Any:
+def broadcast_where(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``torch.where(condition, a, b)``: the broadcast shape of all three, the dtype of ``a`` and ``b``."""
     if len(args) != 3 or kwargs or not isinstance(args[0], torch.Tensor):
         return NOT_COVERED
@@ -91,7 +91,7 @@ def broadcast_where(args: tuple, kwargs: dict) -> Any:
     return NOT_COVERED if shape is None else _empty(shape, like)
 
 
-def reduced(args: tuple, kwargs: dict) -> Any:
+def reduced(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``x.mean(dims, keepdim)`` and the like over explicit dims of a floating-point tensor."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or set(kwargs) - {"dim", "keepdim"}:
@@ -114,7 +114,7 @@ def reduced(args: tuple, kwargs: dict) -> Any:
 def adaptive_pool(spatial_dims: int) -> MetaShape:
     """``adaptive_{avg,max}_pool{spatial_dims}d(x, output_size)``: leading axes, then the requested sizes."""
 
-    def shape(args: tuple, kwargs: dict) -> Any:
+    def shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0] if args else None
         size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
         if not isinstance(x, torch.Tensor) or len(args) > 2 or set(kwargs) - {"output_size"}:
@@ -124,7 +124,7 @@ def adaptive_pool(spatial_dims: int) -> MetaShape:
     return shape
 
 
-def adaptive_pool_module(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+def adaptive_pool_module(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if getattr(m, "return_indices", False):
         return NOT_COVERED
     x = args[0] if args else None
@@ -145,7 +145,7 @@ def _adaptive_shape(x: torch.Tensor, size: Any, spatial_dims: int) -> Any:
     return _empty([*x.shape[: x.ndim - spatial_dims], *out], x)
 
 
-def module_same_as_input(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+def module_same_as_input(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A module whose output has its input's shape and dtype (activations, dropout, norms)."""
     return same_as_input(args, kwargs) if len(args) == 1 and not kwargs else NOT_COVERED
 
@@ -155,7 +155,7 @@ def _per_axis(value: Any, n: int) -> tuple[int, ...] | None:
     return values if len(values) == n and all(isinstance(v, int) for v in values) else None
 
 
-def convolution_module(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+def convolution_module(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``nn.Conv{1,2,3}d`` on a batched input with its channels: the standard output-size formula (the meta
     kernel computes it in Python, slower than the formula itself)."""
     assert isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
@@ -186,7 +186,7 @@ _POOLS = {
 }  # fmt: skip
 
 
-def pool_module(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+def pool_module(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Max and average pooling layers: PyTorch's pooling output-size formula, ceil mode included."""
     n = _POOLS.get(type(m))
     x = args[0] if len(args) == 1 and not kwargs else None
@@ -214,7 +214,7 @@ def pool_module(m: nn.Module, args: tuple, kwargs: dict) -> Any:
     return _empty([*x.shape[: x.ndim - n], *out], x)
 
 
-def concatenated(args: tuple, kwargs: dict) -> Any:
+def concatenated(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``torch.cat(tensors, dim)`` of floating-point tensors of one dtype and matching other extents."""
     tensors = args[0] if args else kwargs.get("tensors")
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)

@@ -28,7 +28,7 @@ from prune_env.graph import rules_functions as fn
 from prune_env.graph import rules_modules as mod
 from prune_env.graph.context import ModuleRule, Rule
 
-ModuleMetaShape = Callable[[nn.Module, tuple, dict], Any]
+ModuleMetaShape = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ModuleOp:
     on_meta: ModuleMetaShape | None = None
 
 
-def _unary_on_meta(args: tuple, kwargs: dict) -> Any:
+def _unary_on_meta(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Elementwise on one tensor: the input's shape, unless another argument is a tensor (broadcast)."""
     others = [*args[1:], *kwargs.values()]
     return (
@@ -64,7 +64,7 @@ def _unary_on_meta(args: tuple, kwargs: dict) -> Any:
     )
 
 
-def _convolution_on_meta(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+def _convolution_on_meta(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     assert isinstance(m, mod.CONVOLUTIONS)
     value = meta.convolution_module(m, args, kwargs)
     if value is meta.NOT_COVERED:
@@ -72,7 +72,7 @@ def _convolution_on_meta(m: nn.Module, args: tuple, kwargs: dict) -> Any:
     return value
 
 
-def _linear_on_meta(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+def _linear_on_meta(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     assert isinstance(m, nn.Linear)
     x = args[0]
     if (

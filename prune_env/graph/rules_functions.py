@@ -317,7 +317,7 @@ def _index_tensor(ctx: Context, c: Call, x: torch.Tensor) -> Mapped:
     return Mapped(compress(full(x, tensor.shape)[index]))
 
 
-def _covers(index: tuple, shape: Sequence[int], axes: set[int]) -> bool:
+def _covers(index: tuple[Any, ...], shape: Sequence[int], axes: set[int]) -> bool:
     """Whether a basic index leaves every axis in ``axes`` whole (``x[:, :n]`` with ``n`` its extent)."""
     pos = 0
     for k, i in enumerate(index):

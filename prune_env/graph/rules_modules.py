@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -194,7 +195,7 @@ def channelwise_leaf(ctx: Context, c: Call, m: nn.Module, spec: LayerSpec) -> Ma
 
 
 def calibrate_channelwise(
-    m: nn.Module, spec: LayerSpec, args: tuple, macs: int, size: int, axis: int
+    m: nn.Module, spec: LayerSpec, args: tuple[Any, ...], macs: int, size: int, axis: int
 ) -> tuple[int, int]:
     """``(a, b)`` with MACs ``a + b × channels`` for a channel-wise declared layer measured at ``macs`` with
     ``size`` channels. Copies shrunk to ``size - 1`` and ``size // 2`` channels must run, keep the other

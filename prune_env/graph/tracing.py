@@ -16,7 +16,7 @@ from prune_env.errors import UntraceableModelError
 from prune_env.graph.layers import OPAQUE_TYPES, layer_spec
 
 
-class _ModuleStack(collections.OrderedDict):
+class _ModuleStack(collections.OrderedDict[str, Any]):
     """fx's stack of the modules being traced, copied into every node's ``nn_module_stack``: a C-level copy
     instead of ``copy.copy``'s generic reduce protocol, which costs a tenth of the whole trace."""
 

@@ -88,7 +88,7 @@ class ModelRebuilder:
                 self._sizing.append((layer, unit, tuple(kinds[k][1] for k in unit)))
         # One operation per distinct base tensor (tied weights are one tensor): its slices in plan order
         # and every place of the copy that holds it.
-        ops: dict[int, list] = {}
+        ops: dict[int, list[Any]] = {}
         for module_name, attr, dim, idx, t in recorder.slices:
             op = ops.setdefault(id(t), [t, [], set()])
             # A tied tensor is read by several layers along the same dim: the graph made their slots keep
@@ -109,10 +109,12 @@ class ModelRebuilder:
             # parameters' data), so a tensor captured now could be stale later.
             source = (_container(self._base_modules[name], attr), attr)
             self._ops.append((source, tuple(slices), tuple(holders), isinstance(t, nn.Parameter)))
-        self._index_cache: dict[tuple, tuple[torch.Tensor, int]] = {}
+        self._index_cache: dict[tuple[Any, ...], tuple[torch.Tensor, int]] = {}
         self._dropped_cache: dict[tuple[int, bytes], dict[int, np.ndarray] | None] = {}
-        self._attribute_cache: dict[tuple, list[tuple[Any, str, Any, bool]]] = {}
-        self._layer_state: dict[tuple, tuple] = {}  # each sizing unit's widths at the last rebuild
+        self._attribute_cache: dict[tuple[Any, ...], list[tuple[Any, str, Any, bool]]] = {}
+        self._layer_state: dict[
+            tuple[Any, ...], tuple[Any, ...]
+        ] = {}  # each sizing unit's widths at the last rebuild
 
     def rebuild(self, keep: KeepSpec) -> nn.Module:
         units = self._units(keep)
@@ -241,7 +243,7 @@ class ModelRebuilder:
                     setattr(target, attr, value)
             self._layer_state[state_key] = widths
 
-    def _remember(self, cache: dict, key: Hashable, value: Any) -> None:
+    def _remember(self, cache: dict[Any, Any], key: Hashable, value: Any) -> None:
         if len(cache) >= self.CACHE_LIMIT:
             cache.clear()
         cache[key] = value

@@ -153,7 +153,8 @@ def check_settings(settings: Mapping[str, Any], *, option_style: bool = False) -
         if rule is not None:
             checked[name] = rule(_label(name, option_style), value)
     if checked.get("target_macs") is not None and checked.get("target_params") is not None:
-        raise InvalidSettingError("give target_macs or target_params, not both")
+        both = " or ".join(_label(n, option_style) for n in ("target_macs", "target_params"))
+        raise InvalidSettingError(f"give {both}, not both")
     return checked
 
 

@@ -196,6 +196,10 @@ def test_budgeted_evaluator_refuses_bad_budgets() -> None:
         (["--finetune-epochs", "-1"], "--finetune-epochs must be an integer >= 0"),
         (["--reward", "nope"], "unknown reward 'nope'"),
         (["--out", ""], "--out is empty"),
+        (
+            ["--target-macs", "0.5", "--target-params", "0.5"],
+            "give --target-macs or --target-params, not both",
+        ),
     ],
 )
 def test_cli_search_refuses_bad_options(

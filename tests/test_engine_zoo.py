@@ -60,3 +60,13 @@ def test_torchvision_full_sweep(name: str) -> None:
 
 def test_fast_subset_is_part_of_the_zoo() -> None:
     assert set(FAST) <= set(ALL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "maxvit_t"])
+def test_torchvision_transformers_prune_exactly(name: str) -> None:
+    """Transformers prune exactly (today their MLP hidden widths; attention heads and the embedding width
+    are not groups yet), attention matmuls included in the MACs."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    check_pruned_model(name, model, 224)

@@ -47,10 +47,6 @@ class AgentSpec:
         """The agent's default settings with ``overrides`` applied (``dataclasses.replace``)."""
         return make_settings(self.settings, overrides or {}, f"agent {self.name!r}")
 
-    @property
-    def doc(self) -> str:
-        return (self.run.__doc__ or "").strip().splitlines()[0] if self.run.__doc__ else ""
-
 
 def make_settings(cls: type, overrides: Mapping[str, Any], owner: str) -> Any:
     """``cls()`` with ``overrides``; unknown keys raise :class:`InvalidSettingError` listing the known."""

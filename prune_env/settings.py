@@ -45,7 +45,8 @@ DEFAULT_FINETUNE_STEPS = 50
 FAST_EVAL_SAMPLES = 1000
 
 
-def _help(text: str) -> dict[str, str]:
+def option_help(text: str) -> dict[str, str]:
+    """Field metadata holding an option's help text (the command line is generated from the fields)."""
     return {"help": text}
 
 
@@ -55,36 +56,38 @@ class ProblemSettings:
 
     target_macs: float | None = field(
         default=None,
-        metadata=_help(f"MACs budget as a fraction of the base model's (default {DEFAULT_TARGET})"),
+        metadata=option_help(f"MACs budget as a fraction of the base model's (default {DEFAULT_TARGET})"),
     )
     target_params: float | None = field(
-        default=None, metadata=_help("parameter budget as a fraction of the base model's (instead of MACs)")
+        default=None,
+        metadata=option_help("parameter budget as a fraction of the base model's (instead of MACs)"),
     )
     max_ratio: float = field(
-        default=DEFAULT_MAX_RATIO, metadata=_help("largest fraction of any group's channels removed")
+        default=DEFAULT_MAX_RATIO, metadata=option_help("largest fraction of any group's channels removed")
     )
-    round_to: int = field(default=1, metadata=_help("kept channel counts are multiples of this"))
+    round_to: int = field(default=1, metadata=option_help("kept channel counts are multiples of this"))
     fill_budget: bool = field(
         default=False,
-        metadata=_help("spend the budget: scale back policies that prune more than the target needs"),
+        metadata=option_help("spend the budget: scale back policies that prune more than the target needs"),
     )
     importance: str | Callable[..., Any] = field(
-        default="l1", metadata=_help("channel ranking: l1, l2, bn_scale or random")
+        default="l1", metadata=option_help("channel ranking: l1, l2, bn_scale or random")
     )
     eval_samples: int | None = field(
-        default=FAST_EVAL_SAMPLES, metadata=_help("validation samples per proxy evaluation")
+        default=FAST_EVAL_SAMPLES, metadata=option_help("validation samples per proxy evaluation")
     )
     bn_recalib_batches: int = field(
-        default=DEFAULT_BN_RECALIB_BATCHES, metadata=_help("training batches for BatchNorm recalibration")
+        default=DEFAULT_BN_RECALIB_BATCHES,
+        metadata=option_help("training batches for BatchNorm recalibration"),
     )
     finetune_steps: int = field(
-        default=0, metadata=_help("knowledge-distillation steps per proxy evaluation (0: none)")
+        default=0, metadata=option_help("knowledge-distillation steps per proxy evaluation (0: none)")
     )
-    seed: int = field(default=0, metadata=_help("seeds the data split, base training and the proxy"))
+    seed: int = field(default=0, metadata=option_help("seeds the data split, base training and the proxy"))
     device: str | None = field(
-        default=None, metadata=_help("cpu, cuda, cuda:1... (default: cuda if available)")
+        default=None, metadata=option_help("cpu, cuda, cuda:1... (default: cuda if available)")
     )
-    progress: bool = field(default=True, metadata=_help("progress bars"))
+    progress: bool = field(default=True, metadata=option_help("progress bars"))
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -132,5 +135,6 @@ __all__ = [
     "DEFAULT_TARGET",
     "FAST_EVAL_SAMPLES",
     "ProblemSettings",
+    "option_help",
     "replace_checked",
 ]

@@ -93,14 +93,18 @@ def _cell(v: Any) -> Any:
     return "" if isinstance(v, float) and math.isnan(v) else v
 
 
+def _write_rows(f: Any, fields: Sequence[str], rows: Iterable[Mapping[str, Any]], *, header: bool) -> None:
+    writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+    if header:
+        writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _cell(r.get(k, "")) for k in fields})
+
+
 def append_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for r in rows:
-            writer.writerow({k: _cell(r.get(k, "")) for k in fields})
+        _write_rows(f, fields, rows, header=new)
         f.flush()
         os.fsync(f.fileno())  # the point of appending per run: survive a kill right after it
 
@@ -108,13 +112,7 @@ def append_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, An
 def write_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
     """Replace ``path`` atomically: a kill mid-write leaves the old file, never a half-written one."""
 
-    def write(f: Any) -> None:
-        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: _cell(r.get(k, "")) for k in fields})
-
-    write_atomic(path, write)
+    write_atomic(path, lambda f: _write_rows(f, fields, rows, header=True))
 
 
 def write_json(path: Path, obj: Any) -> None:

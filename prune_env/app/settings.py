@@ -19,37 +19,36 @@ from pathlib import Path
 from typing import Any
 
 from prune_env.errors import InvalidSettingError, RunDirectoryError
-from prune_env.settings import ProblemSettings
-from prune_env.validation import check_settings, fraction
+from prune_env.settings import ProblemSettings, option_help
+from prune_env.validation import check_settings
 
 # The first one that can run is the default: evolution spends its budget near the target at a fraction of
 # an SB3 learner's overhead per evaluation, so the README's default run stays within minutes on 2 cores.
 DEFAULT_AGENTS = ("evolution", "ppo", "random")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class SearchSettings:
     """Everything ``prune-env search`` was asked to do."""
 
-    out: Path = field(default=Path("runs/quickstart"), metadata=_help("run directory"))
-    model: str = field(default="resnet20", metadata=_help("zoo name or tv:NAME (see `prune-env list`)"))
-    dataset: str = field(default="digits", metadata=_help("dataset name (see `prune-env list`)"))
-    image_size: int = field(default=32, metadata=_help("image side in pixels for imagefolder:PATH datasets"))
+    out: Path = field(default=Path("runs/quickstart"), metadata=option_help("run directory"))
+    model: str = field(default="resnet20", metadata=option_help("zoo name or tv:NAME (see `prune-env list`)"))
+    dataset: str = field(default="digits", metadata=option_help("dataset name (see `prune-env list`)"))
+    image_size: int = field(
+        default=32, metadata=option_help("image side in pixels for imagefolder:PATH datasets")
+    )
     agent: str | None = field(
-        default=None, metadata=_help(f"search method (default: the first available of {DEFAULT_AGENTS})")
+        default=None,
+        metadata=option_help(f"search method (default: the first available of {DEFAULT_AGENTS})"),
     )
     agent_settings: Mapping[str, Any] = field(
         default_factory=dict,
-        metadata=_help("the agent's settings, KEY=VALUE (VALUE as JSON, else a string); repeatable"),
+        metadata=option_help("the agent's settings, KEY=VALUE (VALUE as JSON, else a string); repeatable"),
     )
-    evals: int = field(default=100, metadata=_help("evaluation budget"))
-    reward: str = field(default="acc", metadata=_help("reward preset (see `prune-env list`)"))
-    finetune_epochs: int = field(default=3, metadata=_help("KD fine-tune epochs of the best policy"))
-    resume: bool = field(default=False, metadata=_help("continue the run in --out"))
+    evals: int = field(default=100, metadata=option_help("evaluation budget"))
+    reward: str = field(default="acc", metadata=option_help("reward preset (see `prune-env list`)"))
+    finetune_epochs: int = field(default=3, metadata=option_help("KD fine-tune epochs of the best policy"))
+    resume: bool = field(default=False, metadata=option_help("continue the run in --out"))
     problem: ProblemSettings = field(default_factory=ProblemSettings)
     argv: tuple[str, ...] = field(
         default=(), metadata={"cli": False}
@@ -64,7 +63,7 @@ class SearchSettings:
             {"evals": self.evals, "finetune_epochs": self.finetune_epochs, "resume": self.resume},
             option_style=True,
         )
-        fraction(f"--target-{self.problem.metric}", self.problem.target)
+        # The budget is checked by ProblemSettings itself (from_options words it as options).
         if not isinstance(self.problem, ProblemSettings):
             raise InvalidSettingError("problem must be a ProblemSettings")
         if not isinstance(self.agent_settings, Mapping):

@@ -9,8 +9,6 @@ a file that is truncated, corrupt, or for another key is ignored with a warning 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import re
@@ -27,15 +25,14 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from prune_env.data import Splits, as_splits, iterate_batches, take
+from prune_env.cache import cache_dir, cache_key, dataset_fingerprint, load_entry, save_entry, state_digest
+from prune_env.data import Splits, as_splits, iterate_batches
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidSettingError
-from prune_env.fileio import write_atomic
 from prune_env.models import ModelSpec, get_model, model_name
 from prune_env.settings import replace_checked
 from prune_env.validation import as_int, as_real
 
-CACHE_ENV = "PRUNE_ENV_CACHE"
 CACHE_FORMAT = 1
 # Inference batch size. benchmarks/eval_speed.py on 2 CPU cores: 128 was fastest or within noise of the
 # fastest for resnet20/56, full and pruned, at 8x8 and 32x32; 512 was slower at 32x32 (cache pressure)
@@ -64,14 +61,6 @@ RECIPES: dict[str, TrainConfig] = {
     "cifar100": TrainConfig(epochs=160, lr=0.1, batch_size=128),
     "fake": TrainConfig(epochs=2, lr=0.05, batch_size=64),
 }
-
-
-def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
-    """``override``, else ``$PRUNE_ENV_CACHE``, else ``~/.cache/prune_env``."""
-    if override is not None:
-        return Path(override).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "prune_env"
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -210,67 +199,17 @@ def _fit(
 # ------------------------------------------------------------------------------------------------ cache
 
 
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in key order."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _dataset_fingerprint(splits: Splits) -> dict[str, Any]:
-    """What identifies the data: name, split seed, sizes, and a hash of a few validation samples."""
-    n_val = len(splits.val)  # type: ignore[arg-type]
-    x, y = take(splits.val, range(min(8, n_val)))
-    h = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
-    return {
-        "name": splits.name,
-        "seed": splits.seed,
-        "sizes": [len(splits.train), n_val, len(splits.test)],  # type: ignore[arg-type]
-        "input_shape": list(splits.input_shape),
-        "num_classes": splits.num_classes,
-        "val_sample_hash": h,
-    }
-
-
 def _cache_key(model: nn.Module, arch: str, splits: Splits, seed: int, config: TrainConfig) -> str:
     payload = {
         "format": CACHE_FORMAT,
         "arch": arch,
         "structure": repr(model),  # catches a changed architecture behind an unchanged name
         "init_state": state_digest(model.state_dict()),
-        "data": _dataset_fingerprint(splits),
+        "data": dataset_fingerprint(splits),
         "seed": seed,
         "config": asdict(config),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it is complete, intact and for ``key``; otherwise None (with a warning)."""
-    if not path.exists():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CACHE_FORMAT or ckpt.get("key") != key:
-            raise ValueError("not a checkpoint for this configuration")
-        if state_digest(ckpt["state_dict"]) != ckpt["checksum"]:
-            raise ValueError("checksum mismatch")
-        ckpt["metrics"] = dict(ckpt["metrics"])
-        return ckpt
-    except Exception as exc:  # any failure to read means "not usable": retrain rather than crash
-        warnings.warn(
-            f"ignoring unusable cached checkpoint {path} ({type(exc).__name__}: {exc}); retraining",
-            stacklevel=3,
-        )
-        return None
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: torch.save(obj, f), binary=True)
+    return cache_key(payload)
 
 
 def checkpoint_path(
@@ -366,7 +305,7 @@ def train_base(
     key = _cache_key(net, arch, splits, seed, config)
     path = _path_for(cache, arch, splits, key)
     if use_cache:
-        ckpt = _load_checkpoint(path, key)
+        ckpt = load_entry(path, key, CACHE_FORMAT)
         if ckpt is not None:
             try:
                 net.load_state_dict(ckpt["state_dict"])
@@ -411,16 +350,13 @@ def train_base(
             **asdict(config),
             "torch": str(torch.__version__),
         }
-        _atomic_save(
-            {
-                "format": CACHE_FORMAT,
-                "key": key,
-                "state_dict": state,
-                "checksum": state_digest(state),
-                "metrics": metrics,
-                "meta": {k: v for k, v in meta.items() if isinstance(v, (str, int, float))},
-            },
+        save_entry(
             path,
+            key,
+            CACHE_FORMAT,
+            state,
+            metrics=metrics,
+            meta={k: v for k, v in meta.items() if isinstance(v, (str, int, float))},
         )
     return net.eval(), {**metrics, "cached": 0.0}
 

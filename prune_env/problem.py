@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,8 @@ from prune_env.errors import InvalidRatiosError, InvalidSettingError, Unsupporte
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
 from prune_env.importance import get_importance
 from prune_env.models import ModelSpec
-from prune_env.proxy import Proxy, ProxyEvaluator, ProxyResult
+from prune_env.proxies import make_proxy
+from prune_env.proxy import Proxy, ProxyContext, ProxyResult
 from prune_env.rewards import Outcome
 from prune_env.settings import ProblemSettings
 from prune_env.surgery import ModelRebuilder, prune_channels
@@ -80,8 +81,12 @@ class PruningProblem:
         settings: a :class:`~prune_env.settings.ProblemSettings` (the budget, the projection's limits, the
             channel ranking, the proxy, the seed); keyword arguments replace single fields of it
             (``PruningProblem("resnet20", target_macs=0.3, eval_samples=500)``), unknown ones are refused.
-        proxy: another :class:`Proxy` to score pruned models with (it then receives the pruned models; the
-            settings' proxy fields must stay at their defaults, since they would be ignored).
+        proxy: a proxy's name (the ``proxy`` setting: ``"recalibration"``, ``"distillation"``,
+            ``"supernet"``, ``"pruningnet"``), another :class:`Proxy` to score pruned models with, or a callable that builds one from the
+            problem's :class:`~prune_env.proxy.ProxyContext` (``functools.partial(SupernetProxy,
+            config=SupernetConfig(steps=3000))``); the settings' proxy fields must then stay at their
+            defaults, since they would be ignored. By default the proxy ``settings.proxy`` names is built
+            (:func:`prune_env.proxies.make_proxy`).
         train_kwargs: options of :func:`prune_env.train.train_base` for a model trained here.
 
     The settings in brief: ``target_macs`` / ``target_params`` (default 0.5 of the MACs), ``importance``
@@ -97,24 +102,31 @@ class PruningProblem:
         dataset: str | Splits = "digits",
         settings: ProblemSettings | None = None,
         *,
-        proxy: Proxy | None = None,
+        proxy: str | Proxy | Callable[[ProxyContext], Proxy] | None = None,
         train_kwargs: Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> None:
         # Everything is checked before the data is loaded or a model trained.
         if settings is not None and not isinstance(settings, ProblemSettings):
             raise InvalidSettingError(f"settings must be a ProblemSettings, got {type(settings).__name__}")
+        if isinstance(proxy, str):  # a proxy by name is the setting of that name
+            overrides = {**overrides, "proxy": proxy}
+            proxy = None
         s = ProblemSettings.from_kwargs(overrides, settings)
         check_model_arg(model)
         if proxy is not None:
-            if not isinstance(proxy, Proxy):
+            if not (isinstance(proxy, Proxy) or callable(proxy)):
                 raise InvalidSettingError(
-                    f"proxy must be a prune_env.proxy.Proxy, got {type(proxy).__name__}"
+                    "proxy must be a prune_env.proxy.Proxy or a callable building one from a ProxyContext, "
+                    f"got {type(proxy).__name__}"
                 )
             default = ProblemSettings()
+            # A proxy object scores with its own settings; a factory receives these settings, and only the
+            # choice of proxy by name is then moot.
+            names = ("eval_samples", "bn_recalib_batches", "finetune_steps", "proxy", "proxy_steps")
             ignored = sorted(
                 name
-                for name in ("eval_samples", "bn_recalib_batches", "finetune_steps")
+                for name in (names if isinstance(proxy, Proxy) else ("proxy",))
                 if getattr(s, name) != getattr(default, name)
             )
             if ignored:
@@ -154,16 +166,29 @@ class PruningProblem:
             np.argsort(-np.asarray(score(g, self.base_model), dtype=np.float64), kind="stable")
             for g in self.graph.groups
         ]
-        self.proxy: Proxy = proxy or ProxyEvaluator(
-            self.base_model,
-            self.splits,
-            eval_samples=s.eval_samples,
-            bn_recalib_batches=s.bn_recalib_batches,
-            finetune_steps=s.finetune_steps,
-            seed=s.seed,
+        context = ProxyContext(
+            base_model=self.base_model,
+            graph=self.graph,
+            rankings=tuple(self.rankings),
+            splits=self.splits,
+            example_inputs=self.example_inputs,
+            settings=s,
             device=self.device,
         )
-        full = self._checked(self.proxy.evaluate(self.base_model))
+        if proxy is None:
+            self.proxy: Proxy = make_proxy(context)
+        elif isinstance(proxy, Proxy):
+            self.proxy = proxy
+        else:
+            built = proxy(context)
+            if not isinstance(built, Proxy):
+                raise InvalidSettingError(
+                    f"the proxy factory returned {type(built).__name__}, not a prune_env.proxy.Proxy"
+                )
+            self.proxy = built
+        full = self._checked(
+            self.proxy.evaluate_policy(self.units.copy(), lambda: copy.deepcopy(self.base_model))
+        )
         self.base_accuracy = full.accuracy
         self.base_loss = full.loss
         self.evaluations = 0  # proxy evaluations that were not memo hits
@@ -241,7 +266,8 @@ class PruningProblem:
     def scored_model(self, keep: np.ndarray) -> nn.Module:
         """The pruned model exactly as the proxy scored it (BatchNorm recalibrated, distilled if the
         proxy distils): what a run saves when it is not fine-tuned, and where a fine-tune starts."""
-        return self.proxy.prepare(self.build(keep))
+        keep = np.asarray(keep, dtype=np.int64)
+        return self.proxy.prepare_policy(keep, lambda: self.build(keep))
 
     def remember(self, keep: Sequence[int] | np.ndarray, accuracy: float, loss: float) -> None:
         """Record the proxy's result for ``keep`` obtained earlier (a resumed run's log), so scoring that
@@ -260,7 +286,9 @@ class PruningProblem:
         memo_hit = key in self._results
         if not memo_hit:
             # The pruned model is a function of the kept counts (rankings are fixed), so is its score.
-            self._results[key] = self._checked(self.proxy.evaluate_owned(self.build_for_evaluation(keep)))
+            self._results[key] = self._checked(
+                self.proxy.evaluate_policy(keep, lambda: self.build_for_evaluation(keep))
+            )
             self.evaluations += 1
         result = self._results[key]
         return self.outcome(

@@ -13,8 +13,9 @@ way EagleEye (adaptive BatchNorm) and RL-Pruner (a few knowledge-distillation st
 The test split is structurally out of reach: the constructor copies out the few training batches and
 validation samples it needs and keeps no reference to the :class:`~prune_env.data.Splits`.
 
-Another proxy (for example a weight-sharing supernet scored by its sub-networks, as in Stage-wise
-Pruning) plugs in by subclassing :class:`Proxy` and implementing ``evaluate``.
+Another proxy plugs in by subclassing :class:`Proxy` and implementing ``evaluate`` (and
+``evaluate_policy`` when it scores kept counts rather than a pruned model, as the weight-sharing supernets
+of :mod:`prune_env.supernet` do).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import copy
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,10 +36,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from prune_env.data import Splits, take
 from prune_env.device import on_device, resolve_device, seed_generators
 from prune_env.errors import InvalidSettingError
+from prune_env.graph import DependencyGraph
 from prune_env.settings import (
     DEFAULT_BN_RECALIB_BATCHES,
     DEFAULT_EVAL_SAMPLES,
     DEFAULT_FINETUNE_STEPS,
+    ProblemSettings,
 )
 from prune_env.train import EVAL_BATCH_SIZE, kd_loss
 from prune_env.validation import check_settings
@@ -70,6 +74,23 @@ class ProxyResult:
             raise InvalidSettingError("a proxy's loss must be a number, got NaN")
 
 
+@dataclass(frozen=True, eq=False)
+class ProxyContext:
+    """What a proxy built for a :class:`~prune_env.problem.PruningProblem` may use: its base model (read
+    only), dependency graph, fixed channel rankings (a policy keeps a prefix of each), data and settings.
+
+    A proxy that needs the whole problem to be built (a weight-sharing supernet) is a callable taking this
+    context; :func:`prune_env.proxies.make_proxy` builds the named ones."""
+
+    base_model: nn.Module
+    graph: DependencyGraph
+    rankings: tuple[np.ndarray, ...]
+    splits: Splits
+    example_inputs: torch.Tensor
+    settings: ProblemSettings
+    device: torch.device
+
+
 class Proxy(ABC):
     """Scores a (pruned) model. Implementations must not modify the model they are given.
 
@@ -93,6 +114,18 @@ class Proxy(ABC):
         """A copy of ``model`` in the state this proxy scores it (after any recalibration or
         distillation the proxy applies before measuring); ``model`` itself is not modified."""
         return copy.deepcopy(model)
+
+    def evaluate_policy(self, keep: np.ndarray, build: Callable[[], nn.Module]) -> ProxyResult:
+        """What the pruned model keeping ``keep[g]`` top-ranked units of each group scores.
+
+        ``build()`` makes that model (handed over, as for :meth:`evaluate_owned`). A proxy that scores a
+        policy without the physically pruned model, such as a weight-sharing supernet that slices its own
+        weights, overrides this and never calls ``build``."""
+        return self.evaluate_owned(build())
+
+    def prepare_policy(self, keep: np.ndarray, build: Callable[[], nn.Module]) -> nn.Module:
+        """The standalone pruned model for ``keep`` exactly as :meth:`evaluate_policy` scores it."""
+        return self.prepare(build())
 
 
 _MODULE_TRAIN = nn.Module.train

@@ -43,6 +43,8 @@ DEFAULT_FINETUNE_STEPS = 50
 # A problem's and the environments' default: recalibration only (no KD steps) on 1000 samples, ~10x
 # cheaper per evaluation, for searches that need many evaluations more than the last bit of fidelity.
 FAST_EVAL_SAMPLES = 1000
+# Proxies trained once per problem (prune_env.supernet), besides the evaluator's recalibration/distillation.
+TRAINED_PROXIES = ("supernet", "pruningnet")
 
 
 def option_help(text: str) -> dict[str, str]:
@@ -83,6 +85,20 @@ class ProblemSettings:
     finetune_steps: int = field(
         default=0, metadata=option_help("knowledge-distillation steps per proxy evaluation (0: none)")
     )
+    proxy: str = field(
+        default="recalibration",
+        metadata=option_help(
+            "how pruned models are scored: recalibration (BatchNorm recalibration; with finetune_steps "
+            f"> 0 also that many distillation steps), distillation (recalibration + finetune_steps, "
+            f"default {DEFAULT_FINETUNE_STEPS}, distillation steps), supernet (Stage-wise Pruning's "
+            "weight-sharing supernet) or pruningnet (MetaPruning's weight-generating network); the last "
+            "two are trained once per problem and cached"
+        ),
+    )
+    proxy_steps: int | None = field(
+        default=None,
+        metadata=option_help("training steps of a supernet or pruningnet proxy (default: 1000)"),
+    )
     seed: int = field(default=0, metadata=option_help("seeds the data split, base training and the proxy"))
     device: str | None = field(
         default=None, metadata=option_help("cpu, cuda, cuda:1... (default: cuda if available)")
@@ -92,6 +108,16 @@ class ProblemSettings:
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         check_settings({k: v for k, v in values.items() if k not in ("importance", "device")})
+        if self.proxy_steps is not None and self.proxy not in TRAINED_PROXIES:
+            raise InvalidSettingError(
+                f"proxy_steps={self.proxy_steps} trains a proxy, but proxy={self.proxy!r} is not trained; "
+                f"use proxy='supernet' or 'pruningnet', or leave proxy_steps unset"
+            )
+        if self.proxy in TRAINED_PROXIES and self.finetune_steps:
+            raise InvalidSettingError(
+                f"finetune_steps={self.finetune_steps} would be ignored: the {self.proxy} proxy scores "
+                "sub-networks with its trained weights after BatchNorm recalibration; set finetune_steps=0"
+            )
         if not (isinstance(self.importance, str) or callable(self.importance)):
             raise InvalidSettingError(
                 f"importance must be a name or a callable (group, model) -> scores, got {self.importance!r}"
@@ -134,6 +160,7 @@ __all__ = [
     "DEFAULT_MAX_RATIO",
     "DEFAULT_TARGET",
     "FAST_EVAL_SAMPLES",
+    "TRAINED_PROXIES",
     "ProblemSettings",
     "option_help",
     "replace_checked",

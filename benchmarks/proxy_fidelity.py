@@ -11,7 +11,11 @@ the accuracy after a longer KD fine-tune, by Kendall's tau, and time each varian
 
 Variants: ``plain``, ``bnK`` (K recalibration batches), ``+kdN`` (N distillation steps), ``+re``
 (recalibrate again after them), ``+lrX`` / ``+bB`` (their learning rate / batch size), ``+nS`` (S validation
-samples). The fine-tunes dominate the cost, so runs compose: ``--truth-from run.json`` measures new variants
+samples). Trained proxies: ``supernet`` (Stage-wise Pruning) and ``pruningnet`` (MetaPruning), with
+``+sN`` (N training steps), ``+lrX``, ``+bnK``, ``+nS``, ``+mLO-HI`` (random sub-networks drawn in this
+MACs band), ``+nostages`` (supernet without stages); a
+supernet also reports ``supernet...[stage loss]``, whose loss column is the summed stage-wise distillation
+loss. Their one-off training time is printed under the table (trained proxies are cached on disk). The fine-tunes dominate the cost, so runs compose: ``--truth-from run.json`` measures new variants
 against a saved ground truth, ``--truth-seed-start 2 --variants none`` adds fine-tune seeds to it,
 ``--policy-seed`` draws a held-out set of policies, and ``--report`` merges any of these files.
 
@@ -36,10 +40,14 @@ from torch.utils.data import Subset
 
 import prune_env
 from prune_env.data import Splits, load
-from prune_env.proxy import ProxyEvaluator
+from prune_env.importance import get_importance
+from prune_env.proxy import ProxyContext, ProxyEvaluator
+from prune_env.settings import ProblemSettings
+from prune_env.supernet import PruningNetProxy, SupernetConfig, SupernetProxy, TrainedProxy
 from prune_env.train import finetune, train_base
 
 MAX_RATIO = 0.9
+l1 = get_importance("l1")
 
 
 def random_policy(
@@ -69,6 +77,9 @@ def parse_variants(spec: str, eval_samples: int) -> dict[str, dict[str, Any]]:
             "recalibrate_after_finetune": False,
             "eval_samples": eval_samples,
         }
+        if item.split("+")[0] in ("supernet", "pruningnet"):
+            variants[item] = parse_trained(item, eval_samples)
+            continue
         for part in item.split("+"):
             if part.startswith("bn"):
                 kwargs["bn_recalib_batches"] = int(part[2:])
@@ -88,6 +99,51 @@ def parse_variants(spec: str, eval_samples: int) -> dict[str, dict[str, Any]]:
                 )
         variants[item] = kwargs
     return variants
+
+
+def parse_trained(item: str, eval_samples: int) -> dict[str, Any]:
+    """'supernet+s2000+lr0.02+bn8+n1000' -> the proxy kind, its SupernetConfig fields and its scoring."""
+    kind, *parts = item.split("+")
+    spec: dict[str, Any] = {"kind": kind, "config": {}, "bn_recalib_batches": 8, "eval_samples": eval_samples}
+    for part in parts:
+        if part.startswith("s") and part[1:].isdigit():
+            spec["config"]["steps"] = int(part[1:])
+        elif part.startswith("lr"):
+            spec["config"]["lr"] = float(part[2:])
+        elif part.startswith("bn"):
+            spec["bn_recalib_batches"] = int(part[2:])
+        elif part.startswith("n"):
+            spec["eval_samples"] = int(part[1:])
+        elif part.startswith("m") and "-" in part:  # m0.2-0.3: random sub-networks in this MACs band
+            spec["config"]["macs_band"] = tuple(float(v) for v in part[1:].split("-"))
+        elif part == "nostages":
+            spec["config"]["stages"] = ()
+        else:
+            raise ValueError(
+                f"bad variant {item!r}: use {kind}[+sSTEPS][+lrX][+bnK][+nSAMPLES][+mLO-HI][+nostages]"
+            )
+    return spec
+
+
+def trained_proxy(
+    spec: dict[str, Any], base: torch.nn.Module, graph: prune_env.DependencyGraph, splits: Splits, seed: int
+) -> TrainedProxy:
+    """A supernet or PruningNet for the benchmark's policies: the base model's L1 rankings (what
+    ``prune_env.prune`` keeps), random sub-networks up to the policies' cap of MAX_RATIO."""
+    rankings = tuple(
+        np.argsort(-np.asarray(l1(g, base), dtype=np.float64), kind="stable") for g in graph.groups
+    )
+    settings = ProblemSettings(
+        max_ratio=MAX_RATIO,
+        eval_samples=spec["eval_samples"],
+        bn_recalib_batches=spec["bn_recalib_batches"],
+        seed=seed,
+    )
+    context = ProxyContext(
+        base, graph, rankings, splits, splits.example_inputs(), settings, torch.device("cpu")
+    )
+    cls = SupernetProxy if spec["kind"] == "supernet" else PruningNetProxy
+    return cls(context, SupernetConfig(**spec["config"]))
 
 
 def load_rows(paths: list[str]) -> tuple[dict, dict[int, dict]]:
@@ -125,6 +181,9 @@ def report(paths: list[str]) -> None:
     """The table of one run saved with --out, of one run split over processes with --skip, or of runs
     that added variants with --truth-from. Variants measured on only some policies are left out."""
     args, by_policy = load_rows(paths)
+    trained: dict[str, float] = {}
+    for p in paths:
+        trained.update(json.loads(Path(p).read_text()).get("trained", {}))
     rows = [by_policy[i] for i in sorted(by_policy)]
     args = {**args, "truth_seeds": min(len(r["truth_seeds"]) for r in rows)}
     labels = [k for k in rows[0]["proxies"] if all(k in r["proxies"] for r in rows)]
@@ -132,10 +191,10 @@ def report(paths: list[str]) -> None:
         print(
             f"(variant {k} left out: measured on {sum(k in r['proxies'] for r in rows)}/{len(rows)} policies)"
         )
-    table(args, [{**r, "proxies": {k: r["proxies"][k] for k in labels}} for r in rows])
+    table(args, [{**r, "proxies": {k: r["proxies"][k] for k in labels}} for r in rows], trained)
 
 
-def table(args: dict, rows: list[dict]) -> None:
+def table(args: dict, rows: list[dict], trained: dict[str, float] | None = None) -> None:
     truth_acc = np.array([r["finetuned_test_accuracy"] for r in rows])
     truth_loss = np.array([r["finetuned_test_loss"] for r in rows])
     print()
@@ -166,6 +225,9 @@ def table(args: dict, rows: list[dict]) -> None:
         print(
             f"| {label} | {tau_acc:.3f} | {tau_loss:.3f} | {tau_kl} | {tau_ll:.3f} | {rho:.3f} | {secs:.3f} |"
         )
+    for label, seconds in (trained or {}).items():
+        if label in rows[0]["proxies"]:
+            print(f"| {label}: one-off training | {seconds:.0f} s | | | | | |")
     n_seeds = args["truth_seeds"]
     if n_seeds > 1:
         # The ground truth's own noise: fine-tunes of the same policies with different seeds. A proxy
@@ -321,12 +383,16 @@ def main(argv: list[str] | None = None) -> None:
                     f"--truth-from was measured with --{option.replace('_', '-')} {saved_args.get(option)}"
                 )
         args.truth_seeds = saved_args["truth_seeds"]
-    evaluators = {
-        label: ProxyEvaluator(base, splits, seed=args.seed, **kwargs)
-        for label, kwargs in (
-            parse_variants(args.variants, args.eval_samples) if args.variants != "none" else {}
-        ).items()
-    }
+    evaluators: dict[str, ProxyEvaluator] = {}
+    supernets: dict[str, TrainedProxy] = {}
+    for label, kwargs in (
+        parse_variants(args.variants, args.eval_samples) if args.variants != "none" else {}
+    ).items():
+        if "kind" in kwargs:
+            supernets[label] = trained_proxy(kwargs, base, graph, splits, args.seed)
+        else:
+            evaluators[label] = ProxyEvaluator(base, splits, seed=args.seed, **kwargs)
+    trained = {label: proxy.train_seconds for label, proxy in supernets.items()}
     rows = []
     for i, ratios in enumerate(policies):
         if i < args.skip or (args.truth_from and i not in known):
@@ -334,9 +400,9 @@ def main(argv: list[str] | None = None) -> None:
         pruned = prune_env.prune(base, example, ratios)
         macs = prune_env.count_macs(pruned, example)
         proxies = {label: ev.evaluate(pruned) for label, ev in evaluators.items()}
-        measured = {
+        # The saved files keep their original keys (eval_seconds), so earlier results still merge.
+        measured: dict[str, Any] = {
             "proxies": {
-                # The saved files keep their original keys (eval_seconds), so earlier results still merge.
                 k: {
                     "accuracy": v.accuracy,
                     "loss": v.loss,
@@ -346,6 +412,27 @@ def main(argv: list[str] | None = None) -> None:
                 for k, v in proxies.items()
             }
         }
+        keep = graph.keep_counts(ratios)
+        for label, proxy in supernets.items():
+            start = time.perf_counter()  # wall time: the sub-network's rebuild is part of the cost
+            result = proxy.evaluate_policy(keep, lambda pruned=pruned: pruned)
+            seconds = time.perf_counter() - start
+            proxies[label] = result
+            measured["proxies"][label] = {
+                "accuracy": result.accuracy,
+                "loss": result.loss,
+                "kl_to_teacher": result.kl_to_teacher,
+                "eval_seconds": seconds,
+            }
+            if isinstance(proxy, SupernetProxy):
+                start = time.perf_counter()
+                stage = proxy.stage_loss(keep)
+                measured["proxies"][f"{label}[stage loss]"] = {
+                    "accuracy": result.accuracy,
+                    "loss": stage,
+                    "kl_to_teacher": None,
+                    "eval_seconds": time.perf_counter() - start,
+                }
         if args.truth_from:
             if not np.allclose(known[i]["ratios"], ratios, atol=1e-4):
                 raise SystemExit(f"policy {i} differs from the one in --truth-from: not the same run")
@@ -361,15 +448,17 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         if args.out:  # after every policy, so an interrupted run keeps what it measured
-            Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-        summary = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in proxies.items())
+            Path(args.out).write_text(
+                json.dumps({"args": vars(args), "trained": trained, "rows": rows}, indent=1)
+            )
+        summary = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in measured["proxies"].items())
         print(
             f"policy {i + 1:>3}/{len(policies)} macs={macs / base_macs:.3f} "
             f"finetuned test acc={row['finetuned_test_accuracy']:.4f} | {summary}",
             flush=True,
         )
 
-    table(vars(args), rows)
+    table(vars(args), rows, trained)
     print(f"\ntorch threads: {torch.get_num_threads()}")
 
 

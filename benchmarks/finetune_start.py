@@ -1,0 +1,95 @@
+"""Where should the final fine-tune of a supernet-scored policy start: the supernet's weights or the base model's?
+
+Stage-wise Pruning fine-tunes the chosen sub-network from the supernet's shared weights; the rest of
+prune_env fine-tunes the pruned base model. For the first N policies of a saved
+``benchmarks/proxy_fidelity.py`` ground truth (whose fine-tunes started from the pruned base model), fine-tune
+the same policies from the trained proxy's sub-network with the same recipe and seeds, and compare paired:
+
+    python benchmarks/finetune_start.py --truth-from benchmarks/results/proxy_fidelity_fashion_25_part1.json \\
+        --policies 10 --proxy supernet --threads 1 --out run.json
+
+The proxy is the one proxy_fidelity.py trains for these policies (same variant name, loaded from the cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from proxy_fidelity import load_rows, parse_trained, random_policy, trained_proxy
+from scipy.stats import ttest_rel
+from torch.utils.data import Subset
+
+import prune_env
+from prune_env.data import Splits, load
+from prune_env.train import finetune, train_base
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--truth-from", nargs="+", required=True, metavar="JSON")
+    parser.add_argument("--policies", type=int, default=10, help="the first N policies of the ground truth")
+    parser.add_argument("--proxy", default="supernet", help="a trained variant of proxy_fidelity.py")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    saved, known = load_rows(args.truth_from)
+    splits = load(saved["dataset"], seed=saved["seed"])
+    base, _ = train_base(saved["model"], splits, seed=saved["seed"], progress=False)
+    tune_splits: Splits = splits
+    if saved["finetune_samples"]:
+        idx = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(saved["seed"]))
+        tune_splits = replace(splits, train=Subset(splits.train, idx[: saved["finetune_samples"]].tolist()))
+    graph = prune_env.build_graph(base, splits.example_inputs())
+    rng = np.random.default_rng(saved["seed"] if saved.get("policy_seed") is None else saved["policy_seed"])
+    policies = [random_policy(graph, saved["budget"] * graph.macs(0.0), rng) for _ in range(max(known) + 1)]
+    proxy = trained_proxy(
+        parse_trained(args.proxy, saved["eval_samples"]), base, graph, splits, saved["seed"]
+    )
+    seeds = known[0]["truth_seeds"]
+    rows = []
+    for i in sorted(known)[: args.policies]:
+        if not np.allclose(known[i]["ratios"], policies[i], atol=1e-4):
+            raise SystemExit(f"policy {i} differs from the saved one: not the same base model or policies")
+        keep = graph.keep_counts(policies[i])
+        accuracies = []
+        for k in seeds:
+            start = proxy.prepare_policy(keep, lambda: None)
+            _, metrics = finetune(
+                start,
+                base,
+                tune_splits,
+                epochs=saved["finetune_epochs"],
+                seed=saved["seed"] + k,
+                progress=False,
+            )
+            accuracies.append(metrics["test_accuracy"])
+        from_base = known[i]["finetuned_test_accuracy_per_seed"][: len(seeds)]
+        rows.append({"policy": i, "from_proxy": accuracies, "from_base": from_base})
+        print(
+            f"policy {i}: from {args.proxy} {np.mean(accuracies):.4f}, from base {np.mean(from_base):.4f}",
+            flush=True,
+        )
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    a = np.array([np.mean(r["from_proxy"]) for r in rows])
+    b = np.array([np.mean(r["from_base"]) for r in rows])
+    diff = a - b
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    print(
+        f"\n{len(rows)} policies, {len(seeds)} seed(s): from {args.proxy} {a.mean():.4f}, from base {b.mean():.4f}; "
+        f"paired difference {diff.mean():+.4f} +- {half:.4f} (95% CI), p={ttest_rel(a, b).pvalue:.3f}; "
+        f"{args.proxy} start better on {(diff > 0).sum()}/{len(diff)}"
+    )
+
+
+if __name__ == "__main__":
+    main()

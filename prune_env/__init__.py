@@ -33,6 +33,10 @@ _EXPORTS = {
     "Outcome": "prune_env.rewards",
     "Proxy": "prune_env.proxy",
     "ProxyEvaluator": "prune_env.proxy",
+    "ProxyContext": "prune_env.proxy",
+    "SupernetProxy": "prune_env.supernet",
+    "PruningNetProxy": "prune_env.supernet",
+    "SupernetConfig": "prune_env.supernet",
     "Splits": "prune_env.data",
     **{
         name: "prune_env.errors"
@@ -84,9 +88,10 @@ if TYPE_CHECKING:
         register_opaque,
     )
     from prune_env.problem import PruningProblem
-    from prune_env.proxy import Proxy, ProxyEvaluator
+    from prune_env.proxy import Proxy, ProxyContext, ProxyEvaluator
     from prune_env.rewards import Outcome
     from prune_env.settings import ProblemSettings
+    from prune_env.supernet import PruningNetProxy, SupernetConfig, SupernetProxy
     from prune_env.surgery import prune, prune_channels
 
 
@@ -132,13 +137,17 @@ __all__ = [
     "Outcome",
     "ProblemSettings",
     "Proxy",
+    "ProxyContext",
     "ProxyEvaluator",
     "PruneEnvError",
+    "PruningNetProxy",
     "PruningProblem",
     "ResumeError",
     "RewardError",
     "RunDirectoryError",
     "Splits",
+    "SupernetConfig",
+    "SupernetProxy",
     "UnknownNameError",
     "UnsupportedLayerError",
     "UntraceableModelError",

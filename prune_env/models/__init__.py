@@ -29,6 +29,7 @@ TIMM_PREFIX = "timm:"  # any timm model (optional dependency)
 _REGISTRY: dict[str, ModelFactory] = {
     **{f"resnet{d}": partial(resnet, d) for d in (20, 32, 44, 56, 110)},
     **{name: partial(vgg, name) for name in ("vgg11", "vgg16", "vgg19")},
+    "vgg11_quarter": partial(vgg, "vgg11", width=0.25),
     "mobilenetv2": mobilenetv2,
     "tiny": TinyCNN,
 }

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from proxy_fidelity import load_rows, parse_trained, random_policy, trained_proxy
-from scipy.stats import ttest_rel
+from scipy.stats import kendalltau, ttest_rel
 from torch.utils.data import Subset
 
 import prune_env
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--truth-from", nargs="+", required=True, metavar="JSON")
     parser.add_argument("--policies", type=int, default=10, help="the first N policies of the ground truth")
     parser.add_argument("--proxy", default="supernet", help="a trained variant of proxy_fidelity.py")
+    parser.add_argument("--seeds", type=int, default=None, help="the first N fine-tune seeds of the truth")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     proxy = trained_proxy(
         parse_trained(args.proxy, saved["eval_samples"]), base, graph, splits, saved["seed"]
     )
-    seeds = known[0]["truth_seeds"]
+    seeds = known[0]["truth_seeds"][: args.seeds]
     rows = []
     for i in sorted(known)[: args.policies]:
         if not np.allclose(known[i]["ratios"], policies[i], atol=1e-4):
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             accuracies.append(metrics["test_accuracy"])
         from_base = known[i]["finetuned_test_accuracy_per_seed"][: len(seeds)]
-        rows.append({"policy": i, "from_proxy": accuracies, "from_base": from_base})
+        score = proxy.evaluate_policy(keep, lambda: None).accuracy
+        rows.append({"policy": i, "from_proxy": accuracies, "from_base": from_base, "proxy_accuracy": score})
         print(
             f"policy {i}: from {args.proxy} {np.mean(accuracies):.4f}, from base {np.mean(from_base):.4f}",
             flush=True,
@@ -88,6 +90,13 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{len(rows)} policies, {len(seeds)} seed(s): from {args.proxy} {a.mean():.4f}, from base {b.mean():.4f}; "
         f"paired difference {diff.mean():+.4f} +- {half:.4f} (95% CI), p={ttest_rel(a, b).pvalue:.3f}; "
         f"{args.proxy} start better on {(diff > 0).sum()}/{len(diff)}"
+    )
+    # Which truth does the proxy rank: the fine-tune a run with this proxy makes (from its weights), or
+    # the one from the base model's?
+    score = np.array([r["proxy_accuracy"] for r in rows])
+    print(
+        f"Kendall tau of the {args.proxy} proxy's accuracy: against fine-tunes from its weights "
+        f"{kendalltau(score, a).statistic:.3f}, from the base model's {kendalltau(score, b).statistic:.3f}"
     )
 
 

@@ -12,7 +12,8 @@ the accuracy after a longer KD fine-tune, by Kendall's tau, and time each varian
 Variants: ``plain``, ``bnK`` (K recalibration batches), ``+kdN`` (N distillation steps), ``+re``
 (recalibrate again after them), ``+lrX`` / ``+bB`` (their learning rate / batch size), ``+nS`` (S validation
 samples). Trained proxies: ``supernet`` (Stage-wise Pruning) and ``pruningnet`` (MetaPruning), with
-``+sN`` (N training steps), ``+lrX``, ``+bnK``, ``+nS``, ``+mLO-HI`` (random sub-networks drawn in this
+``+sN`` (N training steps), ``+lrX``, ``+bnK``, ``+kdN`` (N distillation steps on the scored
+sub-network), ``+nS``, ``+mLO-HI`` (random sub-networks drawn in this
 MACs band), ``+nostages`` (supernet without stages); a
 supernet also reports ``supernet...[stage loss]``, whose loss column is the summed stage-wise distillation
 loss. Their one-off training time is printed under the table (trained proxies are cached on disk). The fine-tunes dominate the cost, so runs compose: ``--truth-from run.json`` measures new variants
@@ -112,6 +113,8 @@ def parse_trained(item: str, eval_samples: int) -> dict[str, Any]:
             spec["config"]["lr"] = float(part[2:])
         elif part.startswith("bn"):
             spec["bn_recalib_batches"] = int(part[2:])
+        elif part.startswith("kd"):
+            spec["finetune_steps"] = int(part[2:])
         elif part.startswith("n"):
             spec["eval_samples"] = int(part[1:])
         elif part.startswith("m") and "-" in part:  # m0.2-0.3: random sub-networks in this MACs band
@@ -120,7 +123,7 @@ def parse_trained(item: str, eval_samples: int) -> dict[str, Any]:
             spec["config"]["stages"] = ()
         else:
             raise ValueError(
-                f"bad variant {item!r}: use {kind}[+sSTEPS][+lrX][+bnK][+nSAMPLES][+mLO-HI][+nostages]"
+                f"bad variant {item!r}: use {kind}[+sSTEPS][+lrX][+bnK][+kdN][+nSAMPLES][+mLO-HI][+nostages]"
             )
     return spec
 
@@ -137,6 +140,7 @@ def trained_proxy(
         max_ratio=MAX_RATIO,
         eval_samples=spec["eval_samples"],
         bn_recalib_batches=spec["bn_recalib_batches"],
+        finetune_steps=spec.get("finetune_steps", 0),
         seed=seed,
     )
     context = ProxyContext(

@@ -14,8 +14,8 @@ def make_proxy(context: ProxyContext) -> Proxy:
     s = context.settings
     if s.proxy in ("recalibration", "distillation"):
         steps = s.finetune_steps
-        if s.proxy == "distillation" and not steps:
-            steps = DEFAULT_FINETUNE_STEPS
+        if steps is None:
+            steps = DEFAULT_FINETUNE_STEPS if s.proxy == "distillation" else 0
         return ProxyEvaluator(
             context.base_model,
             context.splits,

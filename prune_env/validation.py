@@ -130,7 +130,7 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "fill_budget": flag,
     "eval_samples": _optional(_int_at_least(1)),
     "bn_recalib_batches": _int_at_least(0),
-    "finetune_steps": _int_at_least(0),
+    "finetune_steps": _optional(_int_at_least(0)),
     "finetune_epochs": _int_at_least(0),
     "proxy": _choice("recalibration", "distillation", "supernet", "pruningnet"),
     "proxy_steps": _optional(_int_at_least(0)),

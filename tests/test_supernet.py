@@ -200,8 +200,6 @@ def test_proxy_by_name_and_its_settings_are_checked(digits: Splits, digits_base,
         ProblemSettings(proxy="supernets")
     with pytest.raises(InvalidSettingError, match="proxy_steps"):
         ProblemSettings(proxy_steps=10)
-    with pytest.raises(InvalidSettingError, match="finetune_steps=5 would be ignored"):
-        ProblemSettings(proxy="pruningnet", finetune_steps=5)
     with pytest.raises(InvalidSettingError, match="steps must be an integer >= 0"):
         SupernetConfig(steps=-1)
     with pytest.raises(InvalidSettingError, match="macs_band"):

@@ -41,6 +41,7 @@ from prune_env.cache import (
 from prune_env.data import iterate_batches
 from prune_env.device import seed_generators
 from prune_env.proxy import Proxy, ProxyContext, ProxyEvaluator, ProxyResult
+from prune_env.settings import DEFAULT_SUPERNET_FINETUNE_STEPS
 from prune_env.supernet.config import SupernetConfig
 from prune_env.supernet.subnets import SharedWeights, SubnetSampler
 
@@ -97,7 +98,9 @@ class TrainedProxy(Proxy):
             context.splits,
             eval_samples=s.eval_samples,
             bn_recalib_batches=s.bn_recalib_batches,
-            finetune_steps=0,
+            finetune_steps=(
+                DEFAULT_SUPERNET_FINETUNE_STEPS if s.finetune_steps is None else s.finetune_steps
+            ),
             seed=s.seed,
             device=self.device,
         )

@@ -297,3 +297,18 @@ def test_search_and_benchmark_take_the_supernet_by_name(
         progress=False,
     )
     assert len(results.runs) == 1
+
+
+def test_distillation_steps_default_per_proxy_and_an_explicit_value_wins(
+    digits: Splits, digits_base, cached: Path
+) -> None:
+    from prune_env.settings import DEFAULT_SUPERNET_FINETUNE_STEPS
+
+    base, _ = digits_base
+    quick = {"proxy_steps": 1, "eval_samples": 50, "progress": False}
+    recalibration = PruningProblem(base, digits, eval_samples=50, progress=False).proxy
+    supernet = PruningProblem(base, digits, proxy="supernet", **quick).proxy
+    explicit = PruningProblem(base, digits, proxy="supernet", finetune_steps=0, **quick).proxy
+    assert recalibration.finetune_steps == 0  # type: ignore[attr-defined]
+    assert supernet.scorer.finetune_steps == DEFAULT_SUPERNET_FINETUNE_STEPS  # type: ignore[attr-defined]
+    assert explicit.scorer.finetune_steps == 0  # type: ignore[attr-defined]

@@ -312,3 +312,19 @@ def test_distillation_steps_default_per_proxy_and_an_explicit_value_wins(
     assert recalibration.finetune_steps == 0  # type: ignore[attr-defined]
     assert supernet.scorer.finetune_steps == DEFAULT_SUPERNET_FINETUNE_STEPS  # type: ignore[attr-defined]
     assert explicit.scorer.finetune_steps == 0  # type: ignore[attr-defined]
+
+
+def test_a_training_forward_never_updates_the_shared_buffers(
+    digits: Splits, digits_base, tmp_path: Path
+) -> None:
+    base, _ = digits_base
+    proxy = _problem(base, digits, SupernetProxy, tmp_path).proxy
+    assert isinstance(proxy, SupernetProxy)
+    shared = proxy.shared
+    before = {k: v.clone() for k, v in shared.weights.named_buffers()}
+    x = torch.randn(8, *digits.input_shape, generator=torch.Generator().manual_seed(2))
+    for keep in (proxy.sampler.units, proxy.sampler.tiniest):  # unsliced and sliced statistics
+        shared.select(keep).train()
+        shared.forward(x).sum().backward()
+    after = dict(shared.weights.named_buffers())
+    assert all(torch.equal(before[k], after[k]) for k in before)

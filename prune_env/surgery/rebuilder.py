@@ -188,14 +188,14 @@ class ModelRebuilder:
             t = sources.get(names[0])
             if t is None:
                 t = container[key]
-            if not param:
-                t = t.detach()
+            sliced = False
             for dim, s in slices:
                 idx = self._index.get(s)
                 if idx is not None:
                     t = t.index_select(dim, idx.to(t.device) if not t.is_cpu else idx)
-            if not param and t is container[key]:
-                t = t.clone()
+                    sliced = True
+            if not param:
+                t = t.detach() if sliced else t.detach().clone()  # never the base model's own storage
             for name in names:
                 out[name] = t
         return out

@@ -46,11 +46,9 @@ class SupernetProxy(TrainedProxy):
     kind: ClassVar[str] = "supernet"
 
     def setup(self, context: ProxyContext) -> None:
+        # Found on the proxy's own copy (the teacher), which a shape probe may put in eval mode.
         self.boundaries: list[StageBoundary] = find_boundaries(
-            context.base_model,
-            context.graph,
-            context.splits.example_inputs(2).to(self.device),
-            modules=self.config.stages,
+            self.teacher, context.graph, context.example_inputs, modules=self.config.stages
         )
         self.taps = StageTaps(self.teacher, self.shared, self.boundaries)
         n_val = len(context.splits.val)  # type: ignore[arg-type]

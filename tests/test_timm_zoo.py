@@ -1,4 +1,4 @@
-"""timm CNNs prune into valid, smaller models of exactly predicted cost (timm is an optional dependency).
+"""timm models prune into valid, smaller models of exactly predicted cost (timm is an optional dependency).
 
 The list covers timm's building blocks rather than every variant: fused norm + activation layers,
 "same" padding computed from the input size (TF ports), weight-standardised convs (NFNet, BiT),
@@ -39,12 +39,17 @@ SLOW = [
     "cs3darknet_s", "repvgg_a0", "mobileone_s0", "gernet_s", "hgnetv2_b0", "selecsls42b", "xception41",
     "inception_v3", "inception_v4", "hrnet_w18_small", "convnext_atto", "edgenext_xx_small",
     "mobilevit_xxs", "efficientvit_b0",
+    # transformers: attention heads, MLP widths and the embedding width
+    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
 ]  # fmt: skip
+TRANSFORMERS = ("vit_", "deit_", "swin_")
 
 
 def resolution(name: str) -> int:
     if name.startswith("inception"):
         return 96  # its stem needs at least 75 px
+    if name.startswith(TRANSFORMERS):
+        return 224  # built for that image size (position embeddings, windows)
     return 64
 
 
@@ -156,3 +161,43 @@ def test_vision_transformer_macs_are_exact(name: str) -> None:
         assert graph.base_macs == prune_env.count_macs(model, x) == flop_counter_macs(model, x)
         pruned = prune_env.prune(model, x, 0.5, graph=graph)
         assert graph.macs(0.5) == prune_env.count_macs(pruned, x)
+
+
+@pytest.mark.parametrize(
+    ("name", "fused"),
+    [("vit_tiny_patch16_224", True), ("vit_tiny_patch16_224", False), ("swin_tiny_patch4_window7_224", False),
+     ("swin_tiny_patch4_window7_224", True)],
+)  # fmt: skip
+def test_zeroed_heads_and_hidden_features_are_pruned_without_changing_outputs(name: str, fused: bool) -> None:
+    """Dead-channel equivalence through attention, fused or written out, with Swin's shifted-window masks:
+    a head whose q, k and v rows are zero adds nothing (its values are zero), so removing it — q, k, v, the relative-position bias column and the projection's
+    inputs at once — leaves the outputs unchanged, as does removing zeroed MLP hidden features. (Zeroed
+    embedding channels would not: LayerNorm averages over them.)"""
+    torch.manual_seed(0)
+    size = 64 if name.startswith("vit") else 224
+    kwargs = {"img_size": 64} if name.startswith("vit") else {}
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).double().eval()
+    for m in model.modules():  # the fused kernel (F.scaled_dot_product_attention) or explicit matmuls
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    graph = prune_env.build_graph(model, x[:1])
+    heads = [g for g in graph.groups if g.name.endswith("attn.qkv")]
+    hidden = [g for g in graph.groups if g.name.endswith("mlp.fc1")]
+    assert len(heads) == len(hidden) == sum(1 for m in model.modules() if type(m).__name__.endswith("Block"))
+    rng = np.random.default_rng(0)
+    dead = {
+        g.index: np.sort(rng.choice(g.units, size=int(rng.integers(1, g.units)), replace=False))
+        for g in [*heads, *hidden]
+    }
+    zero_units(model, graph, dead)
+    with torch.no_grad():
+        reference = model(x)
+    keep = {g: np.setdiff1d(np.arange(graph.groups[g].units), d) for g, d in dead.items()}
+    pruned = prune_env.prune_channels(model, graph, keep).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), reference, rtol=1e-9, atol=1e-9)
+    attention = [m for m in pruned.modules() if hasattr(m, "num_heads") and hasattr(m, "qkv")]
+    assert [m.num_heads for m in attention] == [len(keep[g.index]) for g in heads]
+    counts = np.array([len(keep.get(g.index, range(g.units))) for g in graph.groups])
+    assert prune_env.count_macs(pruned, x[:1]) == graph.costs.macs(counts)

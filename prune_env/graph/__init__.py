@@ -27,6 +27,13 @@ A size read from a tensor (``b, c, h, w = x.shape``) remembers the channels it c
 for another tensor's channels couples the two, so both keep the same number (a block that rebuilds its
 input's shape from the attention output's channels stays consistent).
 
+Attention is mapped from its ops (``rules_attention``): a matrix product unites the positions it contracts
+and makes the positions each output fibre sums over one unit, so ``q @ kᵀ`` and ``attn @ v`` (or the fused
+``scaled_dot_product_attention``) prune whole heads; their MACs are counted on *operation slots* (kind
+``"op"``), which cost terms use but which are never group members. A head count used as a literal size
+(``reshape(B, N, 3, self.num_heads, self.head_dim)``) is declared with ``LayerSpec(resize=fn,
+split_axis=-2)``.
+
 Layers the engine does not know are declared once with :func:`register_layer` (a :class:`LayerSpec`): a
 module that behaves like a torch layer but computes differently (timm's ``Conv2dSame``), a black box whose
 output channel ``c`` depends only on input channel ``c`` (anti-aliasing blur, ECA attention), or a traced

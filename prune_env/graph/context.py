@@ -18,7 +18,7 @@ import torch.fx
 from torch import nn
 
 from prune_env.graph.elements import Ids, State, axis_ids, flat_channels, flat_sources
-from prune_env.graph.layers import layer_spec
+from prune_env.graph.layers import LayerSpec, layer_spec
 
 # Modelled MACs of one op: terms (coef, slots) meaning coef × Π kept(slot), or None when it has none.
 Macs = list[tuple[int, tuple[int, ...]]] | None
@@ -143,12 +143,16 @@ class Context:
 
     def resized(self, n: torch.fx.Node) -> bool:
         """Whether ``n`` runs directly in a module whose literal channel sizes surgery recomputes."""
+        spec = self.resize_spec(n)
+        return spec is not None and spec.resize is not None
+
+    def resize_spec(self, n: torch.fx.Node) -> LayerSpec | None:
+        """The declaration of the module ``n`` runs directly in, when it has one."""
         stack = n.meta.get("nn_module_stack")
         if not stack:
-            return False
+            return None
         owner = next(reversed(stack.values()))[1]
-        spec = layer_spec(owner) if isinstance(owner, type) else None
-        return spec is not None and spec.resize is not None
+        return layer_spec(owner) if isinstance(owner, type) else None
 
 
 Rule = Callable[[Context, Call], Mapped | None]

@@ -4,6 +4,7 @@ group keeps, MACs and parameter counts as sums of bilinear terms over slots (see
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
@@ -13,20 +14,35 @@ from prune_env.graph.elements import State
 from prune_env.graph.values import ChannelGroup
 
 
+@dataclass(frozen=True)
+class OpCount:
+    """A group's share of an operation slot: ``positions`` indices, ``multiplicity`` per unit it keeps."""
+
+    slot: int
+    multiplicity: int
+    positions: int
+
+
 def cost_model(
     model: nn.Module,
     st: State,
     slot_units: Sequence[np.ndarray],
     groups: Sequence[ChannelGroup],
     member_slots: Sequence[Sequence[int]],
+    op_counts: Sequence[Sequence[OpCount]] = (),
 ) -> CostModel:
-    """``slot_units``: the unit of every index of every slot; ``member_slots``: per group, each member's slot."""
+    """``slot_units``: the unit of every index of every slot; ``member_slots``: per group, each member's slot;
+    ``op_counts``: per group, its positions in operation slots (see :class:`OpCount`)."""
     mult = np.zeros((len(st.slots), len(groups)), dtype=np.int64)
     fixed = np.array([len(u) for u in slot_units], dtype=np.int64)
     for g, (group, slots) in enumerate(zip(groups, member_slots, strict=True)):
         for s, member in zip(slots, group.members, strict=True):
             mult[s, g] = member.multiplicity
             fixed[s] -= len(member.positions)
+    for g, counts in enumerate(op_counts):
+        for count in counts:
+            mult[count.slot, g] = count.multiplicity
+            fixed[count.slot] -= count.positions
     macs_terms = [CostTerm(coef, slots) for coef, slots in st.macs_terms]
     params_terms = []
     seen: set[int] = set()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from prune_env.graph.values import MemberKind
+from prune_env.graph.values import SlotKind
 
 POISON = 0  # the element of model inputs and outputs and of anything unmapped: never pruned
 Ids = Any  # torch.Tensor | tuple | list | dict | None, nested like the value it describes
@@ -58,7 +58,7 @@ class SlotRecord:
 
     layer: str
     layer_type: str
-    kind: MemberKind
+    kind: SlotKind
     dim: int
     ids: np.ndarray  # element id per index along ``dim`` (for raw params: per element, full shape)
     param_shape: tuple[int, ...] | None = None  # raw parameters only
@@ -150,7 +150,7 @@ class State:
                     self.unmapped.setdefault(node.name, reason)
 
     # -- slots ----------------------------------------------------------------------------------------
-    def slot(self, layer: str, layer_type: str, kind: MemberKind, dim: int, ids: torch.Tensor) -> int:
+    def slot(self, layer: str, layer_type: str, kind: SlotKind, dim: int, ids: torch.Tensor) -> int:
         """Register (or, for a module called twice, re-unify) the slot ``(layer, kind)``."""
         key = (layer, kind)
         if key in self.slot_index:

@@ -40,6 +40,13 @@ class LayerSpec:
       list of sizes lets each part shrink on its own), and surgery calls ``fn(pruned, original)`` on each
       pruned copy (children first) to recompute those attributes from the pruned sub-layers.
 
+      ``split_axis`` (with ``resize`` only) says the module's literal sizes on channel axes are *all*
+      recomputed by ``fn`` — attention's heads: a reshape of a channel axis to one literal size adapts, a
+      reshape that splits it into several literal sizes shrinks the split axis at position ``split_axis``
+      among them (``-2``: the heads of ``(3, heads, head_dim)`` or ``(heads, head_dim)``, whose other axes'
+      positions then go together), and ``expand`` of a channel-free tensor to a literal size makes that axis
+      follow whatever channels it is later paired with (a mask expanded to ``num_heads``).
+
     Register with :func:`register_layer`; the engine refuses a spec that declares none or several.
     """
 
@@ -49,6 +56,7 @@ class LayerSpec:
     sizes: tuple[str, ...] = ()
     channel_axis: int = 1
     resize: Callable[[nn.Module, nn.Module], None] | None = None
+    split_axis: int | None = None
 
     @property
     def is_leaf(self) -> bool:
@@ -74,6 +82,11 @@ def register_layer(layer_type: type[nn.Module], spec: LayerSpec) -> None:
             f"LayerSpec for {layer_type.__name__} must declare exactly one of like=, channelwise=True or "
             "resize= (a black box like a torch layer, a channel-wise black box, or a traced module with "
             "recomputed sizes)"
+        )
+    if spec.split_axis is not None and (spec.resize is None or not isinstance(spec.split_axis, int)):
+        raise InvalidSettingError(
+            f"LayerSpec for {layer_type.__name__}: split_axis must be an int and needs resize= (the function "
+            "that recomputes the split sizes after surgery)"
         )
     if spec.like is not None and not (
         issubclass(layer_type, spec.like) and issubclass(spec.like, _LIKE_BASES)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune_env.graph import meta
+from prune_env.graph import rules_attention as attention
 from prune_env.graph import rules_functions as fn
 from prune_env.graph import rules_modules as mod
 from prune_env.graph.context import ModuleRule, Rule
@@ -133,6 +134,10 @@ FUNCTION_OPS: dict[Any, FunctionOp] = {
     **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), CAT),
     torch.stack: FunctionOp(fn.stack),
     **dict.fromkeys(("chunk", torch.chunk, "split", torch.split), CHUNK),
+    **dict.fromkeys((operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm"), FunctionOp(attention.matmul)),
+    F.scaled_dot_product_attention: FunctionOp(attention.scaled_dot_product_attention),
+    **dict.fromkeys(("unbind", torch.unbind), FunctionOp(attention.unbind)),
+    **dict.fromkeys(("roll", torch.roll), FunctionOp(attention.roll)),
     F.layer_norm: FunctionOp(fn.layer_norm, meta.same_as_input),
     F.batch_norm: FunctionOp(fn.batch_norm, meta.same_as_input),
     **dict.fromkeys((F.pad, "pad"), FunctionOp(fn.pad)),
@@ -190,3 +195,10 @@ def register_library_ops() -> None:
     stochastic_depth = getattr(tv_ops, "stochastic_depth", None)
     if stochastic_depth is not None and stochastic_depth not in FUNCTION_OPS:
         FUNCTION_OPS[stochastic_depth] = UNARY  # a per-sample mask: channels pass through unchanged
+    # timm's attention helpers, which it keeps out of traces: adding an optional mask to the scores, and
+    # building that mask from sizes and the caller's mask (no channels of its own).
+    timm_attention = sys.modules.get("timm.layers.attention")
+    add_mask = getattr(timm_attention, "maybe_add_mask", None)
+    if timm_attention is not None and add_mask is not None and add_mask not in FUNCTION_OPS:
+        FUNCTION_OPS[add_mask] = FunctionOp(fn.binary, any_value=True)
+        FUNCTION_OPS[timm_attention.resolve_self_attn_mask] = FunctionOp(fn.no_channels, any_value=True)

@@ -22,6 +22,7 @@ from prune_env.graph.meta import NOT_COVERED, meta_call, to_meta
 from prune_env.graph.ops import FUNCTION_OPS, module_op
 from prune_env.graph.rules_functions import pack
 from prune_env.graph.rules_modules import channelwise_leaf
+from prune_env.graph.tracing import TENSOR_CONSTANT
 
 
 class NeedsRealValues(Exception):
@@ -59,10 +60,14 @@ class Propagator(torch.fx.Interpreter):
         self.meta = meta
         self.ids: dict[torch.fx.Node, Ids] = {}
         self.flops = FlopCounterMode(display=False)
+        # Tensors traced code uses that the model does not hold as parameters or buffers.
+        self.constants = {n.target: n.meta[TENSOR_CONSTANT] for n in graph.nodes if TENSOR_CONSTANT in n.meta}
 
     def fetch_attr(self, target: str) -> Any:
         # The owner by name instead of fx's walk along the path: traced-through norm layers fetch their
         # parameters one node each, hundreds per model.
+        if target in self.constants:
+            return self.constants[target]
         owner, _, attr = target.rpartition(".")
         module = self.submodules.get(owner) if owner else self.module
         if module is None or not hasattr(module, attr):
@@ -194,6 +199,8 @@ class Propagator(torch.fx.Interpreter):
         key = (str(n.target), "param")
         if key in st.slot_index:  # the same parameter fetched again
             return torch.from_numpy(st.slots[st.slot_index[key]].ids)
+        if TENSOR_CONSTANT in n.meta:
+            return poison_like(value)  # not the model's: nothing surgery could slice
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 0:
             ids = st.fresh(value.numel(), producer=False).reshape(value.shape)
             slot = st.slot(str(n.target), "Parameter", "param", 0, ids)

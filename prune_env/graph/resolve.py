@@ -21,7 +21,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import nn
 
-from prune_env.graph.cost_terms import cost_model
+from prune_env.graph.cost_terms import OpCount, cost_model
 from prune_env.graph.dependency_graph import DependencyGraph
 from prune_env.graph.elements import POISON, State
 from prune_env.graph.values import ChannelGroup, Member, Slot
@@ -116,6 +116,8 @@ def find_units(st: State, raw_ties: dict[int, Tie], warn: dict[str, str]) -> Uni
         linked = _components(n_units + st.n_spaces, unit[is_producer], n_units + space_of[is_producer])
         unit_group = linked[:n_units]
         units_per_group = np.bincount(unit_group, minlength=int(unit_group.max()) + 1)
+        producer_unit = np.zeros(n_units, dtype=bool)
+        producer_unit[unit[is_producer]] = True
         extra_a, extra_b = [], []
         for s, slot in enumerate(st.slots):
             if slot.kind != "param":
@@ -124,8 +126,12 @@ def find_units(st: State, raw_ties: dict[int, Tie], warn: dict[str, str]) -> Uni
             single = units.size > 0 and bool((units == units.flat[0]).all())
             # Most fetched tensors are vectors (norm scales and shifts), whose axis needs no search.
             dim = (0 if units.size and not single else None) if units.ndim == 1 else param_dim(units)
-            if single and units_per_group[unit_group[units.flat[0]]] < 2:
-                dim = None  # one unit in a group of one: never pruned, nothing to slice
+            if (single and units_per_group[unit_group[units.flat[0]]] < 2) or not bool(
+                producer_unit[units].any()
+            ):
+                # One unit in a group of one, or units no channel reaches (a constant mask paired with
+                # nothing prunable): never pruned, nothing to slice.
+                dim = None
             elif dim is None and units.size and np.any(units != unit[POISON]):
                 extra_a.append(slot.ids.reshape(-1))
                 extra_b.append(np.zeros(slot.ids.size, dtype=np.int64))
@@ -264,12 +270,14 @@ def form_groups(
     slot_units: list[np.ndarray],
     rank: np.ndarray,
     group_units: dict[int, np.ndarray],
-) -> tuple[list[ChannelGroup], list[tuple[int, ...]]]:
-    """The channel groups in topological order, and the slot of each of their members."""
+) -> tuple[list[ChannelGroup], list[tuple[int, ...]], list[tuple[OpCount, ...]]]:
+    """The channel groups in topological order, the slot of each of their members, and the positions each
+    group holds in operation slots (counted for costs, never members)."""
     has_producer = units.has_producer
     positions_by_group = _positions_by_group(units, slot_units)
     groups: list[ChannelGroup] = []
     member_slots: list[tuple[int, ...]] = []
+    op_counts: list[tuple[OpCount, ...]] = []
     first_slot: list[int] = []
     taken_names: set[str] = set()
     for gl, units_of_group in group_units.items():
@@ -312,9 +320,15 @@ def form_groups(
             bounds = np.cumsum(np.bincount(member, minlength=len(columns))).tolist()
             members: list[Member] = []
             slots: list[int] = []
+            counted: list[OpCount] = []
             for c, j in enumerate(columns):
                 s = slots_of[j]
                 slot = st.slots[s]
+                if slot.kind == "op":  # costs only: nothing to slice
+                    counted.append(
+                        OpCount(s, int(signatures[k, j]), int(bounds[c] - (bounds[c - 1] if c else 0)))
+                    )
+                    continue
                 members.append(
                     Member(
                         layer=slot.layer,
@@ -336,6 +350,7 @@ def form_groups(
             taken_names.add(name)
             groups.append(ChannelGroup(name=name, units=len(sub_units), members=tuple(members)))
             member_slots.append(tuple(slots))
+            op_counts.append(tuple(counted))
             first_slot.append(min(producers))
     # Slots are registered in execution order, so this is topological order of the groups' producers.
     order = sorted(range(len(groups)), key=lambda i: first_slot[i])
@@ -343,7 +358,7 @@ def form_groups(
         ChannelGroup(name=groups[i].name, units=groups[i].units, members=groups[i].members, index=k)
         for k, i in enumerate(order)
     ]
-    return groups, [member_slots[i] for i in order]
+    return groups, [member_slots[i] for i in order], [op_counts[i] for i in order]
 
 
 def resolve(model: nn.Module, st: State) -> DependencyGraph:
@@ -352,8 +367,8 @@ def resolve(model: nn.Module, st: State) -> DependencyGraph:
     units = find_units(st, raw_ties, warn)
     slot_units = label_slots(st, units)
     rank, group_units = number_units(st, units, slot_units)
-    groups, member_slots = form_groups(st, units, slot_units, rank, group_units)
-    costs = cost_model(model, st, slot_units, groups, member_slots)
+    groups, member_slots, op_counts = form_groups(st, units, slot_units, rank, group_units)
+    costs = cost_model(model, st, slot_units, groups, member_slots, op_counts)
     if st.unmapped or warn:
         reasons = [f"{node}: {why}" for node, why in [*st.unmapped.items(), *warn.items()]]
         warnings.warn(

@@ -16,6 +16,7 @@ import torch.fx
 
 from prune_env.graph.context import Call, Context, Mapped
 from prune_env.graph.elements import along, channel_vector, compress, poison_like, varying_axes
+from prune_env.graph.rules_attention import gather_rows
 
 RESHAPES = {"view", "reshape", torch.reshape}
 
@@ -43,6 +44,11 @@ def getitem(ctx: Context, c: Call) -> Mapped | None:
     if isinstance(first, (tuple, list)):
         return Mapped(first[c.args[1]])
     return size(ctx, c)
+
+
+def no_channels(ctx: Context, c: Call) -> Mapped:
+    """A value computed from sizes and channel-free inputs (a causal mask): it carries no channels."""
+    return Mapped(poison_like(c.value))
 
 
 def pack(ctx: Context, c: Call) -> Mapped:
@@ -91,7 +97,10 @@ def binary(ctx: Context, c: Call) -> Mapped:
     if a_shared:
         return Mapped(ib)
     st.union(ia, ib)
-    return Mapped(torch.broadcast_tensors(ia, ib)[0].contiguous())
+    # The pairing made both sides one element per position, so either side's ids name the result; the
+    # broadcast copy is compressed again (a token-wise position embedding added to a channel vector leaves
+    # channels that vary along the channel axis only).
+    return Mapped(compress(torch.broadcast_tensors(ia, ib)[0]))
 
 
 def spatial_ids(ctx: Context, n: torch.fx.Node, value: Any, x: Any) -> Any:
@@ -182,8 +191,18 @@ def reshape_ids(ctx: Context, c: Call, x: Any) -> Any:
     st, n, value, args = ctx.state, c.node, c.value, c.args
     if not isinstance(x, torch.Tensor):
         return poison_like(value)
-    ids = full(x, args[0].shape)
     fn = n.target
+    spec = ctx.resize_spec(n)
+    split = spec.split_axis if spec is not None else None
+    if fn == "expand" and split is not None:
+        grown = _expanded_literal_axis(n, args[0], value)
+        if grown is not None:
+            # A tensor (a mask) expanded to a literal size the module recomputes (its head count): the new
+            # axis follows whatever channels it is paired with (fresh elements that only unions place);
+            # the tensor itself is taken whole, shared by every position of that axis.
+            st.poison(x)
+            return along(st.fresh(value.shape[grown], producer=False), grown, value.ndim)
+    ids = full(x, args[0].shape)
     if n.op == "call_module":
         out = ctx.submodule(fn)(ids)
     elif isinstance(fn, str):
@@ -198,6 +217,9 @@ def reshape_ids(ctx: Context, c: Call, x: Any) -> Any:
             return poison_like(value)
         if varying and shape_args is not None:
             dynamic = [ax for ax in varying if ax < len(shape_args) and ctx.adapts(shape_args[ax])]
+            if split is not None and (len(varying) == 1 or -len(varying) <= split < len(varying)):
+                # Declared: every literal size here is recomputed, and a split shrinks the declared axis.
+                dynamic = [varying[split] if len(varying) > 1 else varying[0]]
             if len(dynamic) != 1:
                 st.poison(x, n, f"{ctx.describe(n)} with a literal channel size")
                 return poison_like(value)
@@ -212,6 +234,19 @@ def reshape_ids(ctx: Context, c: Call, x: Any) -> Any:
 
 def reshape(ctx: Context, c: Call) -> Mapped:
     return Mapped(reshape_ids(ctx, c, c.first))
+
+
+def _expanded_literal_axis(n: torch.fx.Node, tensor: Any, value: Any) -> int | None:
+    """The one axis ``tensor.expand(...)`` grows from 1 to a literal size, if exactly one."""
+    if not (isinstance(tensor, torch.Tensor) and isinstance(value, torch.Tensor)):
+        return None
+    before = (1,) * (value.ndim - tensor.ndim) + tuple(tensor.shape)
+    grown = [
+        ax
+        for ax, arg in enumerate(_shape_args(n) or [])
+        if isinstance(arg, int) and arg != -1 and ax < value.ndim and before[ax] == 1 and value.shape[ax] > 1
+    ]
+    return grown[0] if len(grown) == 1 else None
 
 
 def _shape_args(n: torch.fx.Node) -> Sequence[Any] | None:
@@ -297,6 +332,10 @@ def _index_tensor(ctx: Context, c: Call, x: torch.Tensor) -> Mapped:
     st, n, value = ctx.state, c.node, c.value
     tensor, index = c.args[0], c.args[1]
     index_t = index if isinstance(index, tuple) else (index,)
+    if isinstance(index, torch.Tensor):
+        gathered = gather_rows(ctx, c, x)
+        if gathered is not None:
+            return gathered
     if any(isinstance(i, torch.Tensor) or i is None for i in index_t):
         st.poison(x, n, f"{ctx.describe(n)} with advanced indexing")
         return Mapped(poison_like(value))

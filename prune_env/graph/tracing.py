@@ -15,6 +15,8 @@ from torch.fx.proxy import ParameterProxy
 from prune_env.errors import UntraceableModelError
 from prune_env.graph.layers import OPAQUE_TYPES, layer_spec
 
+TENSOR_CONSTANT = "prune_env_tensor_constant"  # node.meta key: the tensor a constant get_attr node fetches
+
 
 class _ModuleStack(collections.OrderedDict[str, Any]):
     """fx's stack of the modules being traced, copied into every node's ``nn_module_stack``: a C-level copy
@@ -35,6 +37,7 @@ class _PathTracer(torch.fx.Tracer):
         self.path: list[str] = []
         self.failed_in: str | None = None  # innermost module being traced when tracing failed
         self._tensor_names: dict[str, dict[int, str]] = {}  # "parameters"/"buffers": id -> first name
+        self.constant_count = 0
 
     # torch.fx names a tensor that traced code fetches (``self.weight`` in a layer it traces through) by
     # walking all the model's parameters or buffers, for every fetch: quadratic in the model's size, and
@@ -76,6 +79,13 @@ class _PathTracer(torch.fx.Tracer):
             name = self._names("buffers").get(id(a))
             if name is not None:
                 return self.create_node("get_attr", name, (), {})
+            # A tensor that is neither a parameter nor a buffer (a mask kept as a plain attribute, a
+            # tensor built at trace time). torch.fx would store it on the traced model as a new attribute
+            # — on the user's model, since no GraphModule is built here — so the node carries it instead.
+            node = self.create_node("get_attr", f"_tensor_constant{self.constant_count}", (), {})
+            self.constant_count += 1
+            node.meta[TENSOR_CONSTANT] = a
+            return node
         return super().create_arg(a)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

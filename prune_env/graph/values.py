@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 
 MemberKind = Literal["out", "in", "channel", "param"]
+SlotKind = Literal["out", "in", "channel", "param", "op"]
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,16 @@ class Slot:
     of a per-channel layer such as a norm (``"channel"``), or dim ``dim`` of the tensor named ``layer``
     itself (``"param"``, a parameter fetched by traced code). ``size`` counts its indices in the unpruned
     model; a raw parameter that is never sliced has ``dim == -1`` and ``size == 1``.
+
+    Kind ``"op"`` is a traced operation whose MACs depend on channels it holds no weights for (the
+    matmuls of attention count the kept heads): ``layer`` names the traced node and the slot counts the
+    channel positions the op multiplies over. It is never a group member — there is nothing to slice —
+    and exists so that the cost model counts the op's MACs exactly.
     """
 
     layer: str
     layer_type: str
-    kind: MemberKind
+    kind: SlotKind
     dim: int
     size: int
 

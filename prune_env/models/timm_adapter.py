@@ -82,8 +82,18 @@ def _resize_ghost(pruned: Any, original: Any) -> None:
         pruned.out_chs = _ghost_width(pruned)
 
 
+def _resize_heads(pruned: Any, original: Any) -> None:
+    # forward reshapes qkv to (3, self.num_heads, head_dim) and the heads' outputs back to num_heads ×
+    # head_dim features: the engine prunes whole heads, so head_dim stays and the head count follows proj.
+    head_dim = original.proj.in_features // original.num_heads
+    pruned.num_heads = pruned.proj.in_features // head_dim
+    if hasattr(pruned, "attn_dim"):
+        pruned.attn_dim = pruned.proj.in_features
+
+
 def register_timm_layers() -> None:
     """Declare timm's layers (called by the engine when a model contains one)."""
+    from timm.layers.attention import Attention
     from timm.layers.blur_pool import BlurPool2d
     from timm.layers.conv2d_same import Conv2dSame
     from timm.layers.eca import CecaModule, EcaModule
@@ -91,6 +101,7 @@ def register_timm_layers() -> None:
     from timm.layers.selective_kernel import SelectiveKernel
     from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
     from timm.models.ghostnet import GhostModule, GhostModuleV2
+    from timm.models.swin_transformer import WindowAttention
 
     from prune_env.graph import LayerSpec, register_layer, register_opaque
 
@@ -110,6 +121,10 @@ def register_timm_layers() -> None:
     register_layer(MixedConv2d, LayerSpec(resize=_resize_mixed_conv))
     for ghost in (GhostModule, GhostModuleV2):
         register_layer(ghost, LayerSpec(resize=_resize_ghost))
+    # Multi-head attention (ViT, DeiT, Swin): traced, pruned by whole heads, the head count recomputed.
+    heads: tuple[type[nn.Module], ...] = (Attention, WindowAttention)
+    for layer in heads:
+        register_layer(layer, LayerSpec(resize=_resize_heads, split_axis=-2))
     # Layers timm itself marks as not traceable (sizes used in Python control flow): black boxes where fx
     # fails on them, instead of refusing the model.
     from timm.layers._fx import get_notrace_modules

@@ -37,7 +37,9 @@ TIMM_MODELS = [
     "efficientnet_b0", "tf_efficientnet_b0", "mixnet_s", "mobilenetv3_large_100", "mobilenetv4_conv_small",
     "ghostnet_100", "densenet121", "ese_vovnet19b_dw", "cspdarknet53", "repvgg_a0", "dm_nfnet_f0",
     "inception_v3", "convnext_atto", "edgenext_xx_small", "efficientvit_b0",
+    "vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
 ]  # fmt: skip
+TRANSFORMERS = ("vit_", "deit_", "swin_")  # built for 224 px (position embeddings, windows)
 
 
 def build_model(zoo: str, name: str) -> torch.nn.Module:
@@ -79,6 +81,7 @@ def main() -> None:
     for name in models:
         model = build_model(args.zoo, name)
         res = (299 if args.zoo == "torchvision" else 96) if name.startswith("inception") else args.resolution
+        res = 224 if args.zoo == "timm" and name.startswith(TRANSFORMERS) else res
         x = torch.randn(1, 3, res, res)
         with torch.no_grad():
             model(x)  # warm up kernels once so neither library pays first-call costs

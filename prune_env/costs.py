@@ -9,7 +9,8 @@ numel ``coef × kept(dim0) × kept(dim1)``. Kept counts are linear in the units 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,21 +163,33 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.T
     """Measured MACs of one forward pass: half the FLOPs PyTorch's ``FlopCounterMode`` counts.
 
     Runs the model in eval mode under ``torch.no_grad`` (so nothing is updated) and restores its modes.
-    Attention runs on PyTorch's reference ("math") kernel while counting: the fused CPU kernel of
-    ``scaled_dot_product_attention`` is invisible to ``FlopCounterMode``, which would drop the attention
-    matmuls (a ViT-Tiny's 179 M of 1.25 G MACs) from the count.
+    Attention runs on PyTorch's reference kernels while counting (:func:`reference_attention`).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), reference_attention(), FlopCounterMode(display=False) as counter:
             model(*_as_tuple(example_inputs))
     finally:
         for m, flag in modes.items():
             m.training = flag
     return counter.get_total_flops() // 2
+
+
+@contextlib.contextmanager
+def reference_attention() -> Iterator[None]:
+    """Attention on PyTorch's reference kernels, whose matmuls ``FlopCounterMode`` sees: the fused CPU
+    kernel of ``scaled_dot_product_attention`` is invisible to it (a ViT-Tiny's 179 M of 1.25 G MACs would
+    be dropped), and so is ``nn.MultiheadAttention``'s inference fast path (all of its MACs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def count_params(model: nn.Module) -> int:

@@ -11,9 +11,15 @@ import prune_env
 
 def flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Half of PyTorch's own FLOP count: the reference the predicted MACs must equal (attention on the
-    reference kernel, whose matmuls FlopCounterMode sees; the fused CPU kernel it does not)."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x)
+    reference kernels, whose matmuls FlopCounterMode sees; the fused CPU kernel and nn.MultiheadAttention's
+    inference fast path it does not)."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     return counter.get_total_flops() // 2
 
 

@@ -149,9 +149,8 @@ class Context:
     def resize_spec(self, n: torch.fx.Node) -> LayerSpec | None:
         """The declaration of the module ``n`` runs directly in, when it has one."""
         stack = n.meta.get("nn_module_stack")
-        if not stack:
-            return None
-        owner = next(reversed(stack.values()))[1]
+        # A node of the model's own forward has no module stack: its owner is the model.
+        owner = next(reversed(stack.values()))[1] if stack else type(self.model)
         return layer_spec(owner) if isinstance(owner, type) else None
 
 

@@ -65,7 +65,10 @@ class LayerSpec:
 
 _LAYER_SPECS: dict[type[nn.Module], LayerSpec] = {}
 # Libraries whose layers prune_env declares itself, imported on first sight of one of their modules.
-_SPEC_PROVIDERS = {"timm": "prune_env.models.timm_adapter:register_timm_layers"}
+_SPEC_PROVIDERS = {
+    "timm": "prune_env.models.timm_adapter:register_timm_layers",
+    "torchvision": "prune_env.models.torchvision_adapter:register_torchvision_layers",
+}
 _LIKE_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 

@@ -87,6 +87,15 @@ def _linear_on_meta(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     return F.linear(x, meta.to_meta(m.weight), meta.to_meta(m.bias))
 
 
+def _multihead_attention_on_meta(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    assert isinstance(m, nn.MultiheadAttention)
+    query = args[0]
+    need_weights = kwargs.get("need_weights", args[4] if len(args) > 4 else True)
+    if not isinstance(query, torch.Tensor) or query.ndim != 3 or need_weights:
+        return meta.NOT_COVERED  # attention weights requested: run it (on real tensors if it must)
+    return torch.empty_like(query, device="meta"), None
+
+
 SIZE = FunctionOp(fn.size, any_value=True)
 UNARY = FunctionOp(fn.unary, _unary_on_meta)
 CAST = FunctionOp(fn.unary)  # dtype or device may change: run it
@@ -152,6 +161,7 @@ NORM = ModuleOp(mod.norm, meta.module_same_as_input)
 MODULE_OPS: dict[type[nn.Module], ModuleOp] = {
     **dict.fromkeys(mod.CONVOLUTIONS, ModuleOp(mod.convolution, _convolution_on_meta)),
     nn.Linear: ModuleOp(mod.linear, _linear_on_meta),
+    nn.MultiheadAttention: ModuleOp(mod.multihead_attention, _multihead_attention_on_meta),
     **dict.fromkeys((
         nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm,
         nn.PReLU,

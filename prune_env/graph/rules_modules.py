@@ -138,6 +138,66 @@ def norm(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
     return Mapped(x)
 
 
+def multihead_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    """``nn.MultiheadAttention`` as self-attention (query, key and value one tensor), pruned by whole heads.
+
+    Its forward sizes each head from the *query's* width (``head_dim = embed_dim // num_heads``), so the
+    attention's inner width is its input width: inner position ``j`` of q, k, v and of the output
+    projection's inputs goes with input channel ``j``, and a head's positions are one unit. Pruning a head
+    removes it and its ``head_dim`` channels of the embedding it reads."""
+    assert isinstance(m, nn.MultiheadAttention)
+    st, n, value = ctx.state, c.node, c.value
+    names = ("query", "key", "value")
+    nodes = [n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(names)]
+    x = c.first
+    if (
+        not isinstance(x, torch.Tensor)
+        or not (nodes[0] is nodes[1] is nodes[2])
+        or not m._qkv_same_embed_dim
+        or m.bias_k is not None
+        or m.add_zero_attn
+        or m.in_proj_weight is None
+    ):
+        return None  # cross-attention or extra key/value biases: frozen (with a warning)
+    name, tname = str(n.target), type(m).__name__
+    heads, width = m.num_heads, m.embed_dim
+    head_dim = width // heads
+    vin = channel_vector(x, -1)
+    if vin is None:
+        st.poison(x, n, f"{tname} {name!r} reads a tensor whose features vary along several axes")
+        return None
+    vin = vin.expand(width)
+    in_slot = st.slot(name, tname, "in", 1, vin)
+    rows_slot, rows = st.out_slot(name, tname, 3 * width, 0, producer=False)
+    grid = rows.reshape(3, heads, head_dim)
+    st.union(grid, vin.reshape(1, heads, head_dim))
+    st.union(grid, grid[:, :, :1])
+    proj = f"{name}.out_proj"
+    proj_in = st.slot(proj, "Linear", "in", 1, vin)
+    proj_out, vout = st.out_slot(proj, "Linear", width, 0)
+    st.use_param(f"{name}.in_proj_weight", m.in_proj_weight, {0: rows_slot, 1: in_slot})
+    if m.in_proj_bias is not None:
+        st.use_param(f"{name}.in_proj_bias", m.in_proj_bias, {0: rows_slot})
+    st.use_param(f"{proj}.weight", m.out_proj.weight, {0: proj_out, 1: proj_in})
+    if m.out_proj.bias is not None:
+        st.use_param(f"{proj}.bias", m.out_proj.bias, {0: proj_out})
+    query, key = c.args[0], c.args[1]
+    batch_axis = 0 if m.batch_first else 1
+    tokens = query.shape[1 - batch_axis] if query.ndim == 3 else query.shape[0]
+    sources = key.shape[1 - batch_axis] if key.ndim == 3 else key.shape[0]
+    batch = query.shape[batch_axis] if query.ndim == 3 else 1
+    rows_count = batch * tokens
+    # in_proj (rows × 3E × E), q kᵀ and attn v (2 × batch × tokens × sources × E), out_proj (rows × E × E).
+    macs = [
+        (rows_count, (rows_slot, in_slot)),
+        (2 * batch * tokens * sources, (in_slot,)),
+        (rows_count, (proj_out, proj_in)),
+    ]
+    out = along(vout, -1, query.ndim)
+    weights = value[1] if isinstance(value, tuple) and len(value) > 1 else None
+    return Mapped((out, poison_like(weights)), macs)
+
+
 def flatten(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
     if not isinstance(c.first, torch.Tensor):
         return None

@@ -8,7 +8,7 @@ this library runs offline, and a user who has weights can load them into the ret
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 from torch import nn
 
@@ -63,3 +63,23 @@ def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3) ->
     if in_channels != 3:
         _replace_stem(model, in_channels)
     return model
+
+
+# --------------------------------------------------------------------------------------------------------
+# How torchvision's own modules map channels, declared once (prune_env.graph.register_layer). Imported by
+# the engine the first time it sees a torchvision module.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _resize_vision_transformer(pruned: Any, original: Any) -> None:
+    # _process_input reshapes the patch embedding to (n, self.hidden_dim, tokens): the embedding width.
+    pruned.hidden_dim = pruned.conv_proj.out_channels
+
+
+def register_torchvision_layers() -> None:
+    """Declare torchvision's modules that use channel counts as literal sizes."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from prune_env.graph import LayerSpec, register_layer
+
+    register_layer(VisionTransformer, LayerSpec(resize=_resize_vision_transformer, split_axis=-2))

@@ -177,6 +177,18 @@ def _plan_module(plan: Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int
     out = kinds.get("out", (0, None))[1]
     inp = kinds.get("in", (1, None))[1]
     ch = kinds.get("channel", (0, None))[1]
+    if isinstance(m, nn.MultiheadAttention):
+        # Whole heads go (the graph unites a head's positions): head_dim stays, the head count and the
+        # embedding width follow the kept rows and input channels.
+        if out is not None:
+            plan.slice(m, name, "in_proj_weight", 0, out)
+            plan.slice(m, name, "in_proj_bias", 0, out)
+            plan.set(name, "num_heads", len(out) // (3 * m.head_dim))
+        if inp is not None:
+            plan.slice(m, name, "in_proj_weight", 1, inp)
+            for attr in ("embed_dim", "kdim", "vdim"):
+                plan.set(name, attr, len(inp))
+        return
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if out is not None:
             plan.slice(m, name, "weight", 0, out)

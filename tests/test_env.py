@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -360,3 +363,45 @@ def test_a_proxy_that_keeps_models_gets_fresh_ones(base: nn.Module, digits: Any)
     problem.evaluate(np.full(problem.n_groups, 0.2))
     problem.evaluate(np.full(problem.n_groups, 0.6))
     assert len({id(m) for m in proxy.seen}) == len(proxy.seen) == 3  # the base model + two fresh builds
+
+
+FRESH_INTERPRETER_VECTOR_ENVS = '''
+import sys
+
+import gymnasium as gym
+import numpy as np
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import SubprocVecEnv
+
+if __name__ == "__main__":
+    kwargs = {"progress": False, "eval_samples": 60, "bn_recalib_batches": 1}
+    vec = make_vec_env("prune_env:prune_env/OneShotPrune-v0", n_envs=2, vec_env_cls=SubprocVecEnv,
+                       env_kwargs=kwargs)
+    vec.reset()
+    _, rewards, dones, infos = vec.step(np.stack([vec.action_space.sample() for _ in range(2)]))
+    vec.close()
+    assert dones.all() and all(i["macs_ratio"] <= 0.5 + 1e-9 for i in infos)
+    assert "prune_env" not in sys.modules, "the workers imported prune_env, this process never did"
+    for env_id in ("prune_env:prune_env/OneShotPrune-v0", "prune_env:prune_env/LayerPrune-v0"):
+        for mode, options in (("sync", {}), ("async", {"context": "forkserver"})):
+            envs = gym.make_vec(env_id, num_envs=2, vectorization_mode=mode, vector_kwargs=options, **kwargs)
+            obs, _ = envs.reset(seed=0)
+            assert obs.shape[0] == 2 and envs.observation_space.contains(obs)
+            envs.step(envs.action_space.sample())
+            envs.close()
+    print("ok")
+'''
+
+
+def test_vector_envs_in_a_fresh_interpreter(tmp_path: Path, cached: Path) -> None:
+    """``"prune_env:ID"`` makes the environments in any process — SB3's SubprocVecEnv workers and
+    Gymnasium's vector API — from an interpreter that never imports prune_env itself (Gymnasium 1.x has no
+    plugin entry point: the module prefix is how an unimported package's ids are found). The workers load
+    the session's cached base model (``cached`` points PRUNE_ENV_CACHE at it)."""
+    script = tmp_path / "vector_envs.py"
+    script.write_text(FRESH_INTERPRETER_VECTOR_ENVS)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_output import one_error_line
@@ -67,8 +68,20 @@ def test_search_writes_consistent_results(finished_run: Path, digits_base: tuple
     assert set(results["timings"]) >= {"base_seconds", "search_seconds", "finetune_seconds", "total_seconds"}
     assert {"python", "torch", "torchvision", "gymnasium"} <= set(results["versions"])
     assert "--evals 4" in results["command"]
-    for name in ("search.png", "log.txt", "state.json", "model/model.json", "model/model.pt"):
+    for name in (
+        "search.png",
+        "allocation.png",
+        "log.txt",
+        "state.json",
+        "model/model.json",
+        "model/model.pt",
+    ):
         assert (finished_run / name).is_file(), name
+    # Uniform pruning to the same target, the reference the allocation plot shows the best policy against.
+    assert set(results["uniform_keep"]) == set(results["keep"])
+    assert (
+        len(set(np.round([k / results["channels"][n] for n, k in results["uniform_keep"].items()], 1))) <= 2
+    )
     assert "search done" in (finished_run / "log.txt").read_text()
 
 
@@ -155,7 +168,7 @@ def test_ctrl_c_saves_partial_results_and_resume_finishes(
     assert partial["evals_done"] == 2
     assert partial["test_accuracy"] is None
     assert len(_rows(out)) == 2
-    assert (out / "search.png").is_file()
+    assert (out / "search.png").is_file() and (out / "allocation.png").is_file()
     assert read_spec(out / "model")["meta"]["finetuned"] is False  # the best policy so far, not fine-tuned
 
     monkeypatch.setattr(runfiles.RunLog, "__call__", original)

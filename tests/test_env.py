@@ -365,7 +365,7 @@ def test_a_proxy_that_keeps_models_gets_fresh_ones(base: nn.Module, digits: Any)
     assert len({id(m) for m in proxy.seen}) == len(proxy.seen) == 3  # the base model + two fresh builds
 
 
-FRESH_INTERPRETER_VECTOR_ENVS = '''
+FRESH_INTERPRETER_VECTOR_ENVS = """
 import sys
 
 import gymnasium as gym
@@ -390,7 +390,7 @@ if __name__ == "__main__":
             envs.step(envs.action_space.sample())
             envs.close()
     print("ok")
-'''
+"""
 
 
 def test_vector_envs_in_a_fresh_interpreter(tmp_path: Path, cached: Path) -> None:

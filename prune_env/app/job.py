@@ -36,6 +36,7 @@ from prune_env.app.runfiles import (
     STATE_FILE,
     STATE_FORMAT,
     RunLog,
+    plot_allocation,
     plot_search,
     read_evaluations,
     read_state,
@@ -199,6 +200,7 @@ def _results(
         "best_reward": reward,
         "ratios": dict(zip(names, (float(r) for r in outcome.ratios), strict=True)),
         "keep": dict(zip(names, (int(k) for k in outcome.keep), strict=True)),
+        "uniform_keep": dict(zip(names, (int(k) for k in problem.uniform_keep()), strict=True)),
         "channels": dict(zip(names, (int(c) for c in problem.units), strict=True)),
         "macs": int(outcome.macs),
         "params": int(outcome.params),
@@ -242,6 +244,12 @@ def _save_model(
     )
 
 
+def _plot_allocation(s: SearchSettings, problem: PruningProblem, keep: np.ndarray) -> None:
+    plot_allocation(
+        problem.group_names, problem.units, keep, problem.uniform_keep(), s.out / "allocation.png"
+    )
+
+
 def _finish_partial(
     s: SearchSettings,
     problem: PruningProblem,
@@ -258,6 +266,7 @@ def _finish_partial(
         write_json(s.out / "results.json", results)
         plot_search(evaluator.history, s.out / "search.png", s.problem.target, s.problem.metric)
         keep = np.asarray(evaluator.best[1].keep, dtype=np.int64)
+        _plot_allocation(s, problem, keep)
         _save_model(s, problem, keep, problem.scored_model(keep), {"finetuned": False})
     done = 0 if evaluator is None else evaluator.used
     log.warning(
@@ -369,6 +378,7 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
         _save_model(s, problem, keep, tuned, {"finetuned": True, "test_accuracy": metrics["test_accuracy"]})
         write_json(s.out / "results.json", results)
         plot_search(evaluator.history, s.out / "search.png", problem.target, problem.metric)
+        _plot_allocation(s, problem, keep)
         log.info(
             "fine-tuned %d epochs: test accuracy %.4f (base %s); %s ratio %.3f, params ratio %.3f; "
             "saved to %s in %.0f s",

@@ -7,7 +7,8 @@ A run directory holds:
 - ``state.json``: the run's settings and how many evaluations are done;
 - ``results.json``: the best policy, its costs, proxy and fine-tuned test accuracy, timings and versions;
 - ``model/``: the pruned (fine-tuned) model, reloadable with :func:`prune_env.load_pruned`;
-- ``search.png``: the search curve; ``log.txt``: the log; ``tensorboard/``: the agent's TensorBoard logs.
+- ``search.png``: the search curve; ``allocation.png``: the best policy's kept fraction per group beside
+  uniform pruning's; ``log.txt``: the log; ``tensorboard/``: the agent's TensorBoard logs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ STATE_FORMAT = 2  # 2: the settings record every field of the problem's settings
 STATE_FILE = "state.json"
 EVALUATIONS_FILE = "evaluations.csv"
 # Everything a run writes: a directory holding any of these is a run (resumable or not), never reused.
-RUN_FILES = (STATE_FILE, EVALUATIONS_FILE, "results.json", "model", "search.png", "log.txt", "tensorboard")
+RUN_FILES = (
+    STATE_FILE,
+    EVALUATIONS_FILE,
+    "results.json",
+    "model",
+    "search.png",
+    "allocation.png",
+    "log.txt",
+    "tensorboard",
+)
 
 log = logging.getLogger("prune_env.job")
 
@@ -160,6 +170,33 @@ def plot_search(history: Sequence[Evaluation], path: Path, target: float, metric
     plt.close(fig)
 
 
+def plot_allocation(
+    names: Sequence[str], units: Sequence[int], keep: Sequence[int], uniform: Sequence[int], path: Path
+) -> None:
+    """The picture pruning papers show: per group, in network order, the fraction of channels the best
+    policy keeps beside what uniform pruning to the same target keeps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = np.asarray(units, dtype=np.float64)
+    found = np.asarray(keep, dtype=np.float64) / total
+    even = np.asarray(uniform, dtype=np.float64) / total
+    x = np.arange(len(names))
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4))
+    ax.bar(x - width / 2, found, width, label="best policy")
+    ax.bar(x + width / 2, even, width, color="tab:gray", alpha=0.6, label="uniform, same target")
+    ax.set_xticks(x, [n if len(n) <= 28 else "…" + n[-27:] for n in names], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction of channels kept")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 __all__ = [
     "EVALUATIONS_FILE",
     "RUN_FILES",
@@ -167,6 +204,7 @@ __all__ = [
     "STATE_FORMAT",
     "EvaluationLog",
     "RunLog",
+    "plot_allocation",
     "plot_search",
     "read_evaluations",
     "read_state",

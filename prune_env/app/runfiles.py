@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from agents.evaluator import Evaluation
 from prune_env.errors import ResumeError
@@ -171,7 +172,7 @@ def plot_search(history: Sequence[Evaluation], path: Path, target: float, metric
 
 
 def plot_allocation(
-    names: Sequence[str], units: Sequence[int], keep: Sequence[int], uniform: Sequence[int], path: Path
+    names: Sequence[str], units: ArrayLike, keep: ArrayLike, uniform: ArrayLike, path: Path
 ) -> None:
     """The picture pruning papers show: per group, in network order, the fraction of channels the best
     policy keeps beside what uniform pruning to the same target keeps."""

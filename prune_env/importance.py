@@ -6,7 +6,10 @@ is the sum over every convolution that writes or reads it, not the score of one 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import inspect
+import itertools
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -17,6 +20,13 @@ from prune_env.graph import ChannelGroup, Member
 
 Importance = Callable[[ChannelGroup, nn.Module], np.ndarray]
 """A callable ``(group, model) -> scores`` with one score per unit; lower scores are pruned first."""
+
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+"""A batch source: called with no arguments, it yields ``(inputs, labels)`` training batches (the same ones
+every call). Data-driven criteria read a few of them; a user's importance callable with a ``batches``
+parameter receives one."""
+
+DATA_DRIVEN = ("taylor", "hrank")  # the named criteria that read training batches
 
 _NORM_TYPES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "GroupNorm", "LayerNorm"}
 
@@ -150,27 +160,189 @@ class RandomImportance:
         return self.rng.random(group.units)
 
 
+class FPGMImportance:
+    """Filter Pruning via Geometric Median (He et al., 2019): a producer's filter close to the geometric
+    median of its layer's filters is the one the others can best replace. A unit's score is the sum of
+    Euclidean distances from its filter to every other filter of the same layer, summed over the group's
+    producers (conv and linear output rows); the most central units go first."""
+
+    def __call__(self, group: ChannelGroup, model: nn.Module) -> np.ndarray:
+        scores = np.zeros(group.units, dtype=np.float64)
+        for member in group.producers:
+            found = member_tensor(model, member)
+            if found is None:
+                continue
+            weight, axis = found
+            rows = weight.movedim(axis, 0).reshape(weight.shape[axis], -1).double()
+            per_pos = torch.cdist(rows, rows).sum(dim=1).cpu().numpy()
+            pos = np.asarray(member.positions).reshape(group.units, member.multiplicity)
+            scores += per_pos[pos].sum(axis=1)
+        return scores
+
+
+def _first_batches(batches: Batches, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    taken = list(itertools.islice(iter(batches()), count))
+    if not taken:
+        raise InvalidSettingError("the batch source yielded no batch; give it at least one (inputs, labels)")
+    return taken
+
+
+class TaylorImportance:
+    """First-order Taylor importance (Molchanov et al., 2019): the loss change from removing a unit,
+    estimated as ``(Σ w·∂L/∂w)²`` over every weight the unit's channels index (filters, input columns, norm
+    scales), with gradients of the cross-entropy accumulated over ``max_batches`` training batches. Computed
+    on a copy of the model in eval mode, once per model object."""
+
+    def __init__(self, batches: Batches, max_batches: int = 4) -> None:
+        self.batches = batches
+        self.max_batches = max_batches
+        self._model_id: int | None = None
+        self._products: dict[str, torch.Tensor] = {}
+
+    def _fit(self, model: nn.Module) -> None:
+        if self._model_id == id(model):
+            return
+        twin = copy.deepcopy(model).eval()
+        twin.zero_grad(set_to_none=True)
+        device = next((p.device for p in twin.parameters()), torch.device("cpu"))
+        for x, y in _first_batches(self.batches, self.max_batches):
+            loss = nn.functional.cross_entropy(twin(x.to(device)), y.to(device))
+            loss.backward()
+        self._products = {
+            name: (p.detach() * p.grad).double() for name, p in twin.named_parameters() if p.grad is not None
+        }
+        self._model_id = id(model)
+
+    def __call__(self, group: ChannelGroup, model: nn.Module) -> np.ndarray:
+        self._fit(model)
+        sums = np.zeros(group.units, dtype=np.float64)
+        for member in group.members:
+            found = member_tensor(model, member)
+            if found is None:
+                continue
+            axis = found[1]
+            name = member.layer if member.kind == "param" else f"{member.layer}.weight"
+            product = self._products.get(name)
+            if product is None:
+                continue
+            other = [d for d in range(product.ndim) if d != axis]
+            per_pos = (product.sum(dim=other) if other else product).cpu().numpy()
+            pos = np.asarray(member.positions).reshape(group.units, member.multiplicity)
+            sums += per_pos[pos].sum(axis=1)
+        return sums**2
+
+
+class HRankImportance:
+    """HRank (Lin et al., 2020): a channel whose feature maps have low rank carries little information.
+    A unit's score is the average matrix rank of its producers' output maps (conv outputs, one ``H × W``
+    map per sample) over ``max_batches`` training batches; units without a spatial map score by nothing
+    else here, so groups of linear producers rank their units equally."""
+
+    def __init__(self, batches: Batches, max_batches: int = 2) -> None:
+        self.batches = batches
+        self.max_batches = max_batches
+        self._model_id: int | None = None
+        self._ranks: dict[str, np.ndarray] = {}
+
+    def _fit(self, model: nn.Module) -> None:
+        if self._model_id == id(model):
+            return
+        twin = copy.deepcopy(model).eval()
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def hook(name: str) -> Callable[..., None]:
+            def record(_module: nn.Module, _args: object, out: object) -> None:
+                if isinstance(out, torch.Tensor) and out.ndim == 4:
+                    ranks = torch.linalg.matrix_rank(out.detach().double()).sum(dim=0)
+                    sums[name] = sums[name] + ranks if name in sums else ranks
+                    counts[name] = counts.get(name, 0) + out.shape[0]
+
+            return record
+
+        handles = [
+            m.register_forward_hook(hook(n)) for n, m in twin.named_modules() if isinstance(m, nn.Conv2d)
+        ]
+        device = next((p.device for p in twin.parameters()), torch.device("cpu"))
+        try:
+            with torch.no_grad():
+                for x, _ in _first_batches(self.batches, self.max_batches):
+                    twin(x.to(device))
+        finally:
+            for h in handles:
+                h.remove()
+        self._ranks = {n: (sums[n].double() / counts[n]).cpu().numpy() for n in sums}
+        self._model_id = id(model)
+
+    def __call__(self, group: ChannelGroup, model: nn.Module) -> np.ndarray:
+        self._fit(model)
+        scores = np.zeros(group.units, dtype=np.float64)
+        for member in group.producers:
+            ranks = self._ranks.get(member.layer)
+            if ranks is None or len(ranks) != member.size:
+                continue
+            pos = np.asarray(member.positions).reshape(group.units, member.multiplicity)
+            scores += ranks[pos].sum(axis=1)
+        return scores
+
+
 IMPORTANCE: dict[str, Callable[[], Importance]] = {
     "l1": lambda: MagnitudeImportance(power=1),
     "l2": lambda: MagnitudeImportance(power=2),
     "bn_scale": lambda: MagnitudeImportance(power=1, norms_only=True),
     "random": RandomImportance,
+    "fpgm": FPGMImportance,
 }
 
 
-def get_importance(importance: str | Importance, seed: int | np.random.Generator | None = None) -> Importance:
-    """Resolve a name ("l1", "l2", "bn_scale", "random") or pass a callable through."""
+def get_importance(
+    importance: str | Importance,
+    seed: int | np.random.Generator | None = None,
+    batches: Batches | None = None,
+) -> Importance:
+    """Resolve a name or pass a callable through.
+
+    Names: "l1", "l2", "bn_scale", "fpgm", "random" (seeded by ``seed``), and the data-driven "taylor" and
+    "hrank", which need ``batches`` (a :data:`Batches` source of training data). A callable with a
+    ``batches`` parameter is given the source as a keyword argument.
+    """
     if callable(importance):
+        if _asks_for_batches(importance):
+            if batches is None:
+                raise InvalidSettingError(
+                    "the importance callable asks for batches, but no batch source was given: pass batches= "
+                    "(a PruningProblem passes its training batches)"
+                )
+            source = batches
+            return lambda group, model: importance(group, model, batches=source)  # type: ignore[call-arg]
         return importance
     if not isinstance(importance, str):
         raise InvalidSettingError(
-            f"importance must be a name ({', '.join(sorted(IMPORTANCE))}) or a callable (group, model) -> "
+            f"importance must be a name ({', '.join(importance_names())}) or a callable (group, model) -> "
             f"scores, got {type(importance).__name__}"
         )
     if importance == "random":
         return RandomImportance(seed)
+    if importance in DATA_DRIVEN:
+        if batches is None:
+            raise InvalidSettingError(
+                f"importance {importance!r} is computed from training data: pass batches= (a callable "
+                "yielding (inputs, labels) batches); a PruningProblem passes its training batches"
+            )
+        return TaylorImportance(batches) if importance == "taylor" else HRankImportance(batches)
     if importance not in IMPORTANCE:
         raise UnknownNameError(
-            f"unknown importance {importance!r}; choose one of {sorted(IMPORTANCE)} or a callable"
+            f"unknown importance {importance!r}; choose one of {importance_names()} or a callable"
         )
     return IMPORTANCE[importance]()
+
+
+def importance_names() -> list[str]:
+    return sorted([*IMPORTANCE, *DATA_DRIVEN])
+
+
+def _asks_for_batches(fn: Callable[..., object]) -> bool:
+    try:
+        return "batches" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from prune_env.budget import BudgetProjector, keep_to_ratios
-from prune_env.data import Splits, as_splits
+from prune_env.data import Splits, as_splits, iterate_batches
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
@@ -28,6 +28,8 @@ from prune_env.rewards import Outcome
 from prune_env.settings import ProblemSettings
 from prune_env.surgery import ModelRebuilder, prune_channels
 from prune_env.train import check_train_options, train_base
+
+IMPORTANCE_BATCH_SIZE = 64  # training batches that data-driven importance criteria read
 
 
 def check_model_arg(model: Any) -> None:
@@ -137,7 +139,9 @@ class PruningProblem:
                     "set them on the proxy instead"
                 )
         check_train_options(train_kwargs or {})
-        score = get_importance(s.importance, s.seed)
+        # Data-driven criteria read a few seeded training batches (the splits load below; only then is
+        # the source called).
+        score = get_importance(s.importance, s.seed, batches=self._importance_batches)
         self.settings = s
         self.metric = s.metric
         self.target = s.target
@@ -264,6 +268,11 @@ class PruningProblem:
                 "prune_env.proxy.ProxyResult(accuracy=..., loss=...)"
             )
         return result
+
+    def _importance_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches for data-driven importance: the same shuffled ones every call, never val/test."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return iterate_batches(self.splits.train, IMPORTANCE_BATCH_SIZE, shuffle=True, generator=generator)
 
     def scored_model(self, keep: np.ndarray) -> nn.Module:
         """The pruned model exactly as the proxy scored it (BatchNorm recalibrated, distilled if the

@@ -79,7 +79,10 @@ class ProblemSettings:
         metadata=option_help("spend the budget: scale back policies that prune more than the target needs"),
     )
     importance: str | Callable[..., Any] = field(
-        default="l1", metadata=option_help("channel ranking: l1, l2, bn_scale or random")
+        default="l1",
+        metadata=option_help(
+            "channel ranking: l1, l2, bn_scale, fpgm, random, or from training data taylor, hrank"
+        ),
     )
     eval_samples: int | None = field(
         default=FAST_EVAL_SAMPLES, metadata=option_help("validation samples per proxy evaluation")

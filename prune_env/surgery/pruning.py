@@ -17,7 +17,7 @@ from torch import nn
 
 from prune_env.errors import InvalidSettingError
 from prune_env.graph import DependencyGraph, build_graph, check_module
-from prune_env.importance import Importance, get_importance, layer_tensor
+from prune_env.importance import Batches, Importance, get_importance, layer_tensor
 from prune_env.surgery.keep import KeepSpec, select_units
 from prune_env.surgery.plan import make_plan, resize, resized_modules
 
@@ -31,14 +31,16 @@ def prune(
     graph: DependencyGraph | None = None,
     round_to: int = 1,
     seed: int | np.random.Generator | None = None,
+    batches: Batches | None = None,
 ) -> nn.Module:
     """Return a new, physically smaller copy of ``model`` with ``ratios`` of each group's channels removed.
 
     ``ratios``: one float for every group, a sequence with one per ``graph.groups`` entry, or a mapping
     from group name to ratio (missing groups are not pruned). A ratio is the fraction of the group's
     channels removed; at least one channel always stays and ratio 0 keeps the group whole.
-    ``importance``: "l1", "l2", "bn_scale", "random" (seeded by ``seed``) or a callable
-    ``(group, model) -> scores``; the lowest-scoring channels go first. ``graph``: a graph already built
+    ``importance``: "l1", "l2", "bn_scale", "fpgm", "random" (seeded by ``seed``), the data-driven
+    "taylor" and "hrank" (which read a few of ``batches``: a callable yielding ``(inputs, labels)``
+    training batches), or a callable ``(group, model) -> scores``; the lowest-scoring channels go first. ``graph``: a graph already built
     for this architecture (saves the trace). ``round_to``: kept counts are rounded to this multiple.
     """
     check_module(model, "prune")
@@ -46,7 +48,7 @@ def prune(
         graph = build_graph(model, example_inputs)
     else:
         check_graph(model, graph, "prune")
-    score = get_importance(importance, seed)
+    score = get_importance(importance, seed, batches)
     keep_counts = graph.keep_counts(ratios, round_to)
     keep: list[np.ndarray] = []
     for group, k in zip(graph.groups, keep_counts, strict=True):

@@ -101,7 +101,10 @@ def test_saved_model_is_the_finetuned_one(finished_run: Path, digits: Splits) ->
     assert read_spec(finished_run / "model")["meta"]["finetuned"] is True
 
 
-def test_eval_and_export(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_eval_and_export(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], digits: Splits
+) -> None:
     results = json.loads((finished_run / "results.json").read_text())
     assert cli.main(["eval", str(finished_run / "model")]) == 0
     out = capsys.readouterr().out
@@ -109,9 +112,36 @@ def test_eval_and_export(finished_run: Path, tmp_path: Path, capsys: pytest.Capt
     assert f"{results['macs']:,}" in out
 
     onnx = pytest.importorskip("onnx")
-    target = tmp_path / "pruned.onnx"
-    assert cli.main(["export", str(finished_run / "model"), "--onnx", str(target)]) == 0
+    onnxruntime = pytest.importorskip("onnxruntime")
+    target, script = tmp_path / "pruned.onnx", tmp_path / "pruned.pt"
+    saved = str(finished_run / "model")
+    assert cli.main(["export", saved, "--onnx", str(target), "--torchscript", str(script)]) == 0
+    assert "max |difference| from PyTorch" in capsys.readouterr().out
     onnx.checker.check_model(onnx.load(str(target)))
+    # Both run on the embedded data as PyTorch does, at any batch size.
+    model = prune_env.load_pruned(finished_run / "model").eval()
+    x = digits.test.tensors[0][:5]
+    with torch.no_grad():
+        expected = model(x).numpy()
+        scripted = torch.jit.load(str(script))(x).numpy()
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {"input": x.numpy()})[0]
+    assert np.abs(scripted - expected).max() <= 1e-5
+    assert np.abs(exported - expected).max() <= 1e-5
+    assert cli.main(["export", saved]) == 2
+    assert "--onnx FILE, --torchscript FILE" in capsys.readouterr().err
+
+
+def test_an_export_that_disagrees_with_pytorch_is_not_written(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from prune_env.app import model_commands
+
+    target = tmp_path / "pruned.pt"
+    monkeypatch.setattr(model_commands, "EXPORT_TOLERANCE", -1.0)  # no export can pass
+    assert cli.main(["export", str(finished_run / "model"), "--torchscript", str(target)]) == 2
+    assert "differs from PyTorch" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_run_needs_resume(finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -235,8 +235,8 @@ def test_importance_choices() -> None:
     assert not torch.equal(r1.conv1.weight, r3.conv1.weight)
     with pytest.raises(ValueError, match="expected 64 finite values"):
         prune_env.prune(model, x, {group.name: 0.5}, importance=lambda g, m: np.zeros(3), graph=graph)
-    with pytest.raises(UnknownNameError, match="unknown importance 'taylor'"):
-        prune_env.prune(model, x, 0.5, importance="taylor", graph=graph)
+    with pytest.raises(UnknownNameError, match="unknown importance 'snip'"):
+        prune_env.prune(model, x, 0.5, importance="snip", graph=graph)
 
 
 def test_count_macs_matches_a_hand_formula() -> None:

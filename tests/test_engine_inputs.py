@@ -247,7 +247,9 @@ def test_round_to_must_be_a_positive_integer(
 
 def test_importance_must_be_a_known_name_or_a_callable(setup: tuple[Net, prune_env.DependencyGraph]) -> None:
     model, graph = setup
-    with pytest.raises(UnknownNameError, match="unknown importance 'taylor'"):
+    with pytest.raises(UnknownNameError, match="unknown importance 'taylr'"):
+        prune_env.prune(model, X, 0.5, graph=graph, importance="taylr")
+    with pytest.raises(InvalidSettingError, match="computed from training data: pass batches="):
         prune_env.prune(model, X, 0.5, graph=graph, importance="taylor")
     with pytest.raises(InvalidSettingError, match="importance must be a name"):
         prune_env.prune(model, X, 0.5, graph=graph, importance=3)  # type: ignore[arg-type]

@@ -130,9 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     ev.set_defaults(func=_eval)
 
-    export = sub.add_parser("export", help="write a saved pruned model as ONNX (needs the onnx package)")
+    export = sub.add_parser(
+        "export",
+        help="write a saved pruned model as ONNX (needs onnx, onnxruntime) and/or TorchScript, each checked "
+        "against PyTorch's outputs",
+    )
     export.add_argument("path", help="a saved model directory")
-    export.add_argument("--onnx", required=True, help="output .onnx file (replaced if it exists)")
+    export.add_argument("--onnx", default=None, help="output .onnx file (replaced if it exists)")
+    export.add_argument(
+        "--torchscript", default=None, help="output TorchScript .pt file (replaced if it exists)"
+    )
     export.set_defaults(func=_export)
 
     demo = sub.add_parser("demo", help="prune a torchvision model and print its dependency groups")

@@ -208,37 +208,87 @@ def _claim_output(out: Path, option: str) -> Path:
     return tmp
 
 
+EXPORT_TOLERANCE = 1e-5  # largest absolute difference from PyTorch's logits an exported model may show
+
+
 def run_export(args: argparse.Namespace) -> int:
-    """Write a saved pruned model as ONNX."""
+    """Write a saved pruned model as ONNX and/or TorchScript, each checked against PyTorch's outputs."""
     import importlib.util
 
     from prune_env.checkpoint import load_pruned_with_spec
 
-    if importlib.util.find_spec("onnx") is None:
-        raise PruneEnvError("ONNX export needs the onnx package: pip install onnx")
-    out = Path(args.onnx)
-    tmp = _claim_output(out, "--onnx")
-    try:
-        model, spec = load_pruned_with_spec(args.path)
-        x = torch.zeros(1, *spec["input_shape"])
-        # The torch.export-based exporter needs onnxscript; the TorchScript one needs only onnx.
-        dynamo = importlib.util.find_spec("onnxscript") is not None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                model,
-                (x,),
-                str(tmp),
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                dynamo=dynamo,
+    if args.onnx is None and args.torchscript is None:
+        raise InvalidSettingError("say what to write: --onnx FILE, --torchscript FILE, or both")
+    if args.onnx is not None:
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise PruneEnvError(
+                f"ONNX export needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+                "(onnxruntime runs the exported model to check it against PyTorch)"
             )
-        # Written under a temporary name and renamed: a reader never sees half a file, and a failed
-        # export leaves any earlier file at --onnx as it was.
-        os.replace(tmp, out)
+    targets = [
+        (Path(p), option) for p, option in ((args.onnx, "--onnx"), (args.torchscript, "--torchscript")) if p
+    ]
+    claimed: list[tuple[Path, Path]] = []
+    try:
+        for out, option in targets:
+            claimed.append((out, _claim_output(out, option)))
+        model, spec = load_pruned_with_spec(args.path)
+        model.eval()
+        # Two samples, so the batch dimension is exported as what it is (dynamic), and a fixed check input.
+        x = torch.randn(2, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            reference = model(x).numpy()
+        for (out, tmp), (_, option) in zip(claimed, targets, strict=True):
+            write = _write_onnx if option == "--onnx" else _write_torchscript
+            produced = write(model, x, tmp)
+            error = float(abs(produced - reference).max())
+            if not error <= EXPORT_TOLERANCE:
+                raise PruneEnvError(
+                    f"the {option[2:]} export differs from PyTorch by up to {error:.2e} (tolerance "
+                    f"{EXPORT_TOLERANCE:g}); {out} was not written"
+                )
+            # Written under a temporary name and renamed: a reader never sees half a file, and a failed
+            # export leaves any earlier file at the output path as it was.
+            os.replace(tmp, out)
+            print(f"wrote {out} (max |difference| from PyTorch {error:.1e})")
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    print(f"wrote {out}")
+        for _, tmp in claimed:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     return 0
+
+
+def _write_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Any:
+    """Export to ONNX at ``path`` and return what onnxruntime computes for ``x``."""
+    import importlib.util
+
+    import onnxruntime
+
+    # The torch.export-based exporter needs onnxscript; the TorchScript one needs only onnx.
+    dynamo = importlib.util.find_spec("onnxscript") is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=dynamo,
+        )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def _write_torchscript(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Any:
+    """Trace to TorchScript at ``path``, reload it and return what it computes for ``x``."""
+    # PyTorch marks TorchScript deprecated in favour of torch.export, but it is what C++ and mobile
+    # runtimes load today: asked for by name, it is written without the warning.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, (x,))
+        traced.save(str(path))
+        loaded = torch.jit.load(str(path))
+        return loaded(x).numpy()

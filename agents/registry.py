@@ -16,13 +16,15 @@ import importlib
 import pkgutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
 from agents.evaluator import BudgetedEvaluator, BudgetExhausted, SearchResult
+from agents.tensorboard import EvaluationWriter
 from prune_env.errors import InvalidSettingError, UnknownNameError
 from prune_env.problem import PruningProblem
 from prune_env.rewards import RewardFn, get_reward
@@ -154,13 +156,22 @@ def search(
     budget_evals: int,
     seed: int = 0,
     reward: str | RewardFn = "acc",
+    tensorboard_log: str | None = None,
     **settings: Any,
 ) -> SearchResult:
     """Run ``agent`` on a problem (or on the problem of an environment the factory builds) with a fresh
     :class:`BudgetedEvaluator` of ``budget_evals`` proxy evaluations; ``settings`` go to the agent.
+
+    ``tensorboard_log``: a directory for TensorBoard scalars of every evaluation, whatever the agent
+    (:class:`~agents.tensorboard.EvaluationWriter`); an agent with TensorBoard logs of its own (the SB3
+    learners) writes them there too unless its settings name another directory.
     """
     # Everything is checked before the environment factory builds (and maybe trains) anything.
     check_settings({"budget_evals": budget_evals, "seed": seed})
+    if tensorboard_log is not None and not isinstance(tensorboard_log, str | Path):
+        raise InvalidSettingError(
+            f"tensorboard_log must be a directory path, got {type(tensorboard_log).__name__}"
+        )
     reward_fn = get_reward(reward)
     spec = resolve_agent(agent)
     if spec.settings is not _KeywordSettings:
@@ -179,5 +190,15 @@ def search(
             "pass a PruningProblem or a factory of prune_env environments, got "
             f"{type(problem_or_env_factory).__name__}"
         )
-    evaluator = BudgetedEvaluator(problem, budget_evals, reward=reward_fn)
-    return run_agent(agent, evaluator, seed=seed, **settings)
+    if tensorboard_log is None:
+        return run_agent(
+            agent, BudgetedEvaluator(problem, budget_evals, reward=reward_fn), seed=seed, **settings
+        )
+    if spec.settings is not _KeywordSettings and "tensorboard_log" in {f.name for f in fields(spec.settings)}:
+        settings.setdefault("tensorboard_log", str(tensorboard_log))
+    writer = EvaluationWriter(tensorboard_log)
+    try:
+        evaluator = BudgetedEvaluator(problem, budget_evals, reward=reward_fn, on_evaluation=writer)
+        return run_agent(agent, evaluator, seed=seed, **settings)
+    finally:
+        writer.close()

@@ -135,3 +135,25 @@ def test_sb3_agents_leave_no_stray_log_directories(
     monkeypatch.delenv("SB3_LOGDIR", raising=False)
     search(name, problem, 3, seed=0)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["evolution", "random", "rlpruner", "ppo"])
+def test_every_agent_writes_tensorboard_scalars(problem: PruningProblem, name: str, tmp_path: Any) -> None:
+    """search(tensorboard_log=...) gives every agent, not only the SB3 learners, one TensorBoard point per
+    evaluation of each search/ scalar; SB3 learners add their own logs in the same directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = search(name, problem, 4, seed=0, tensorboard_log=str(tmp_path))
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        f"search/{s}" for s in ("reward", "accuracy", "loss", "macs_ratio", "params_ratio", "best_reward")
+    }
+    assert expected <= tags
+    rewards = [e.value for e in events.Scalars("search/reward")]
+    assert rewards == pytest.approx([e.reward for e in result.history], rel=1e-6)
+    best = [e.value for e in events.Scalars("search/best_reward")]
+    assert best == pytest.approx(list(np.maximum.accumulate(rewards)), rel=1e-6)
+    if name == "ppo":
+        assert any(p.is_dir() for p in tmp_path.iterdir())  # SB3's own run directory beside ours

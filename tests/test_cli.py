@@ -83,6 +83,8 @@ def test_search_writes_consistent_results(finished_run: Path, digits_base: tuple
         len(set(np.round([k / results["channels"][n] for n, k in results["uniform_keep"].items()], 1))) <= 2
     )
     assert "search done" in (finished_run / "log.txt").read_text()
+    # The default agent (evolution) logs every evaluation to TensorBoard too.
+    assert list((finished_run / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_saved_model_is_the_finetuned_one(finished_run: Path, digits: Splits) -> None:

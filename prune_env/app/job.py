@@ -298,6 +298,7 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
     handlers = _setup_logging(s.out)
     timings: dict[str, float] = {}
     problem = evaluator = None
+    run_log: RunLog | None = None
     bar = None
     stage = "base model"
     try:
@@ -400,6 +401,8 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             return 130
         return _finish_partial(s, problem, evaluator, timings, started, stage)
     finally:
+        if run_log is not None:
+            run_log.close()
         for h in handlers:
             log.removeHandler(h)
             h.close()

@@ -7,8 +7,10 @@ A run directory holds:
 - ``state.json``: the run's settings and how many evaluations are done;
 - ``results.json``: the best policy, its costs, proxy and fine-tuned test accuracy, timings and versions;
 - ``model/``: the pruned (fine-tuned) model, reloadable with :func:`prune_env.load_pruned`;
+- ``tensorboard/``: every evaluation's reward, proxy accuracy, loss, cost ratios and best reward so far
+  (``search/...`` scalars, any agent), beside the SB3 learners' own logs;
 - ``search.png``: the search curve; ``allocation.png``: the best policy's kept fraction per group beside
-  uniform pruning's; ``log.txt``: the log; ``tensorboard/``: the agent's TensorBoard logs.
+  uniform pruning's; ``log.txt``: the log.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from agents.evaluator import Evaluation
+from agents.tensorboard import EvaluationWriter
 from prune_env.errors import ResumeError
 from prune_env.fileio import write_text_atomic
 from prune_env.serialize import json_default
@@ -117,6 +120,7 @@ class RunLog:
         self.bar = bar  # a tqdm bar, set once the search starts
         self.csv_path = directory / EVALUATIONS_FILE
         self.best = -float("inf")
+        self.tensorboard: EvaluationWriter | None = None  # opened by start()
 
     def start(self, records: Sequence[Evaluation]) -> None:
         """Write the header of a new log; a resumed log already has it, and its rows stay as they are."""
@@ -124,6 +128,14 @@ class RunLog:
             with self.csv_path.open("w", newline="") as fh:
                 csv.DictWriter(fh, fieldnames=Evaluation.columns()).writeheader()
         self.best = max((r.reward for r in records), default=-float("inf"))
+        # Every agent's evaluations as TensorBoard scalars (a resumed run adds an event file beside the
+        # earlier one, which holds the evaluations before the interruption).
+        self.tensorboard = EvaluationWriter(self.directory / "tensorboard", best=self.best)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     def __call__(self, entry: Evaluation) -> None:
         with self.csv_path.open("a", newline="") as fh:
@@ -132,6 +144,8 @@ class RunLog:
         self.state["evals_done"] = entry.index + 1
         write_json(self.directory / STATE_FILE, self.state)
         self.best = max(self.best, entry.reward)
+        if self.tensorboard is not None:
+            self.tensorboard(entry)
         log.debug(
             "eval %d: reward %.4f acc %.4f macs %.3f params %.3f",
             entry.index,

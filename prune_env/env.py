@@ -11,7 +11,7 @@ from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
 from prune_env.actions import action_to_ratio
-from prune_env.data import Splits
+from prune_env.data import DataSource
 from prune_env.errors import InvalidSettingError
 from prune_env.models import ModelSpec
 from prune_env.observation import DYNAMIC_FEATURES, STATIC_FEATURES, sensitivity, static_features
@@ -30,7 +30,7 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
     def __init__(
         self,
         model: ModelSpec = "resnet20",
-        dataset: str | Splits = "digits",
+        dataset: DataSource = "digits",
         *,
         reward: str | RewardFn = "acc",
         budget_range: tuple[float, float] | None = None,
@@ -205,9 +205,7 @@ class LayerPruneEnv(_PruneEnv):
     pre-built problem), ``render_mode="ansi"``.
     """
 
-    def __init__(
-        self, model: ModelSpec = "resnet20", dataset: str | Splits = "digits", **kwargs: Any
-    ) -> None:
+    def __init__(self, model: ModelSpec = "resnet20", dataset: DataSource = "digits", **kwargs: Any) -> None:
         super().__init__(model, dataset, **kwargs)
         dim = len(STATIC_FEATURES) + len(DYNAMIC_FEATURES)
         self.observation_space = spaces.Box(0.0, 1.0, (dim,), np.float32)
@@ -291,9 +289,7 @@ class OneShotPruneEnv(_PruneEnv):
     As :class:`LayerPruneEnv`, with the reward paid at the single step.
     """
 
-    def __init__(
-        self, model: ModelSpec = "resnet20", dataset: str | Splits = "digits", **kwargs: Any
-    ) -> None:
+    def __init__(self, model: ModelSpec = "resnet20", dataset: DataSource = "digits", **kwargs: Any) -> None:
         super().__init__(model, dataset, **kwargs)
         n = self.problem.n_groups
         self.observation_space = spaces.Box(0.0, 1.0, (n * len(STATIC_FEATURES) + 1,), np.float32)

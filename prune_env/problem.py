@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from prune_env.budget import BudgetProjector, keep_to_ratios
-from prune_env.data import Splits, as_splits, iterate_batches
+from prune_env.data import DataSource, as_splits, iterate_batches
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
@@ -103,7 +103,7 @@ class PruningProblem:
     def __init__(
         self,
         model: ModelSpec = "resnet20",
-        dataset: str | Splits = "digits",
+        dataset: DataSource = "digits",
         settings: ProblemSettings | None = None,
         *,
         proxy: str | Proxy | Callable[[ProxyContext], Proxy] | None = None,

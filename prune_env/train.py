@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from prune_env.cache import cache_dir, cache_key, dataset_fingerprint, load_entry, save_entry, state_digest
-from prune_env.data import Splits, as_splits, iterate_batches
+from prune_env.data import DataSource, Splits, as_splits, iterate_batches
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidSettingError
 from prune_env.models import ModelSpec, get_model, model_name
@@ -214,7 +214,7 @@ def _cache_key(model: nn.Module, arch: str, splits: Splits, seed: int, config: T
 
 def checkpoint_path(
     model: ModelSpec,
-    dataset: str | Splits,
+    dataset: DataSource,
     seed: int = 0,
     *,
     cache: str | os.PathLike[str] | None = None,
@@ -278,7 +278,7 @@ def _config_for(splits: Splits, config: TrainConfig | None, overrides: Mapping[s
 
 def train_base(
     model: ModelSpec,
-    dataset: str | Splits,
+    dataset: DataSource,
     seed: int = 0,
     *,
     config: TrainConfig | None = None,

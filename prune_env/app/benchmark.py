@@ -54,7 +54,7 @@ from prune_env.settings import ProblemSettings
 from prune_env.validation import check_sequence, check_settings
 
 if TYPE_CHECKING:
-    from prune_env.data import Splits
+    from prune_env.data import DataSource
     from prune_env.models import ModelSpec
     from prune_env.rewards import RewardFn
 
@@ -95,7 +95,7 @@ def _labelled(items: Sequence[Any] | Mapping[str, Any] | Any, what: str) -> list
 def run(
     agents: Sequence[str | Callable[..., None]] | Mapping[str, str | Callable[..., None]] | None = None,
     models: Sequence[ModelSpec] | Mapping[str, ModelSpec] = ("resnet20",),
-    datasets: Sequence[str | Splits] | Mapping[str, str | Splits] = ("digits",),
+    datasets: Sequence[DataSource] | Mapping[str, DataSource] = ("digits",),
     targets: Sequence[float] = (0.5,),
     seeds: Sequence[int] = (0,),
     evals: int = 50,

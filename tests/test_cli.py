@@ -67,6 +67,9 @@ def test_search_writes_consistent_results(finished_run: Path, digits_base: tuple
     assert results["finetune_epochs"] == 1
     assert set(results["timings"]) >= {"base_seconds", "search_seconds", "finetune_seconds", "total_seconds"}
     assert {"python", "torch", "torchvision", "gymnasium"} <= set(results["versions"])
+    assert results["hardware"]["cpu_count"] >= 1 and results["hardware"]["torch_threads"] >= 1
+    revision = results["git_revision"]  # this checkout's commit (None only for an installed package)
+    assert revision is None or len(revision.removesuffix("+dirty")) == 40
     assert "--evals 4" in results["command"]
     for name in (
         "search.png",

@@ -180,6 +180,7 @@ def _results(
     status: str,
     finetuned: dict[str, float] | None,
 ) -> dict[str, Any]:
+    from prune_env.app.provenance import git_revision, hardware
     from prune_env.checkpoint import versions
 
     assert evaluator.best is not None, "results are written only once a policy was evaluated"
@@ -217,6 +218,8 @@ def _results(
         "settings": s.identity(),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "versions": versions(),
+        "git_revision": git_revision(),
+        "hardware": hardware(),
         "command": shlex.join(["prune-env", *s.argv]),
     }
 

@@ -275,3 +275,33 @@ def test_list_names_everything(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in ("resnet20", "tv:NAME", "digits", "random", "uniform", "acc"):
         assert name in out
+
+
+def test_search_from_given_weights_trains_nothing(
+    digits_base: tuple[torch.nn.Module, dict[str, float]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """--weights PATH: the base model is the given trained one (no training, nothing cached), reported with
+    its own test accuracy; a file that does not fit the model or is not a state_dict is refused in one line."""
+    from prune_env import train
+
+    weights = tmp_path / "resnet20.pt"
+    torch.save(digits_base[0].state_dict(), weights)
+    monkeypatch.setenv("PRUNE_ENV_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(train, "_fit", lambda *a, **k: pytest.fail("--weights must not train"))
+    out = tmp_path / "run"
+    assert _search(out, "--weights", str(weights), "--evals", "2", "--finetune-epochs", "0") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["base_test_accuracy"] == pytest.approx(digits_base[1]["test_accuracy"])
+    assert results["settings"]["weights"] == str(weights)
+    assert not (tmp_path / "empty-cache").exists()
+    capsys.readouterr()
+
+    wrong = tmp_path / "vgg.pt"
+    torch.save(prune_env.models.get_model("tiny", 10, 1).state_dict(), wrong)
+    (tmp_path / "text.pt").write_text("not weights")
+    for path, message in ((wrong, "does not fit"), (tmp_path / "text.pt", "not a loadable state_dict"),
+                          (tmp_path / "none.pt", "no such file")):  # fmt: skip
+        assert _search(tmp_path / "other", "--weights", str(path), "--evals", "2") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

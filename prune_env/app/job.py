@@ -45,7 +45,7 @@ from prune_env.app.runfiles import (
 from prune_env.app.settings import DEFAULT_AGENTS, SearchSettings
 from prune_env.data import Splits, load
 from prune_env.device import resolve_device
-from prune_env.errors import ResumeError, UnknownNameError, UnsupportedLayerError
+from prune_env.errors import InvalidSettingError, ResumeError, UnknownNameError, UnsupportedLayerError
 from prune_env.fileio import write_text_atomic
 from prune_env.problem import PruningProblem
 from prune_env.rewards import get_reward
@@ -60,6 +60,41 @@ def default_agent() -> str:
     if name is None:
         raise UnknownNameError(f"none of the default agents {DEFAULT_AGENTS} can run here; pass --agent")
     return name
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load a state_dict file into ``model`` (in place), or refuse it naming the problem and the fix."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise InvalidSettingError(
+            f"--weights {path} is not a loadable state_dict ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            "save one with torch.save(model.state_dict(), PATH)"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidSettingError(
+            f"--weights {path} holds a {type(state).__name__}, not a state_dict of tensors"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1 if len(str(exc).splitlines()) > 1 else 0].strip()
+        raise InvalidSettingError(
+            f"--weights {path} does not fit {type(model).__name__} built for this dataset's classes and "
+            f"channels ({first[:160]}); pass the weights of --model trained on --dataset"
+        ) from None
+    return model
+
+
+def _base_model(s: SearchSettings, splits: Splits) -> str | nn.Module:
+    """The model the problem starts from: the zoo name (trained and cached), or it with --weights loaded."""
+    if s.weights is None:
+        return s.model
+    from prune_env.models import get_model
+
+    return load_weights(get_model(s.model, splits.num_classes, splits.in_channels), s.weights).eval()
 
 
 def run_directory(s: SearchSettings) -> RunDirectory:
@@ -86,6 +121,8 @@ def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
     splits = load(s.dataset, seed=p.seed, image_size=s.image_size)
     with torch.random.fork_rng(devices=[]):
         net = get_model(s.model, splits.num_classes, splits.in_channels).eval()
+    if s.weights is not None:
+        load_weights(net, s.weights)  # a file that does not fit is refused before any work
     graph = build_graph(net, splits.example_inputs(1))
     if not graph.groups:
         raise UnsupportedLayerError(f"{s.model} has no prunable channel group")
@@ -114,6 +151,9 @@ def _setup_logging(directory: Path) -> list[logging.Handler]:
     return [file_handler, console]
 
 
+ADDED_SETTINGS: dict[str, Any] = {"weights": None}
+
+
 def _open_run(s: SearchSettings, rundir: RunDirectory) -> tuple[dict[str, Any], list[Evaluation]]:
     """The run's state and its logged evaluations: fresh, or those of the run being resumed.
 
@@ -126,7 +166,8 @@ def _open_run(s: SearchSettings, rundir: RunDirectory) -> tuple[dict[str, Any], 
         return {"format": STATE_FORMAT, "settings": identity, "budget_evals": s.evals, "evals_done": 0}, []
     state_path = s.out / STATE_FILE
     state = read_state(state_path)
-    saved = state["settings"]
+    # Settings added later, recorded by newer runs only: an older run was made with their default.
+    saved = {**ADDED_SETTINGS, **state["settings"]}
     missing = [k for k in identity if k not in saved]
     if missing:
         raise ResumeError(f"cannot resume {s.out}: {state_path} does not record {', '.join(missing)}")
@@ -307,7 +348,13 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
     try:
         state, previous = _open_run(s, rundir)
         t0 = time.perf_counter()
-        problem = PruningProblem(s.model, splits, s.problem)
+        problem = PruningProblem(_base_model(s, splits), splits, s.problem)
+        if s.weights is not None:  # trained elsewhere: its test accuracy, for the report only
+            from prune_env.train import evaluate
+
+            problem.base_metrics["test_accuracy"] = evaluate(
+                problem.base_model, splits.test, device=problem.device
+            )["accuracy"]
         timings["base_seconds"] = time.perf_counter() - t0
         run_log = RunLog(s.out, state)
         evaluator = BudgetedEvaluator(problem, s.evals, reward=s.reward, on_evaluation=run_log)

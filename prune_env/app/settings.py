@@ -45,6 +45,13 @@ class SearchSettings:
         default_factory=dict,
         metadata=option_help("the agent's settings, KEY=VALUE (VALUE as JSON, else a string); repeatable"),
     )
+    weights: Path | None = field(
+        default=None,
+        metadata=option_help(
+            "trained weights of --model for this dataset (a state_dict file, torch.save(model.state_dict(), "
+            "PATH)): the base model is taken as trained instead of trained here"
+        ),
+    )
     evals: int = field(default=100, metadata=option_help("evaluation budget"))
     reward: str = field(default="acc", metadata=option_help("reward preset (see `prune-env list`)"))
     finetune_epochs: int = field(default=3, metadata=option_help("KD fine-tune epochs of the best policy"))
@@ -59,6 +66,16 @@ class SearchSettings:
         if not str(self.out).strip():
             raise RunDirectoryError("--out is empty; name the run directory, e.g. --out runs/my-run")
         object.__setattr__(self, "out", Path(self.out))
+        if self.weights is not None:
+            if not str(self.weights).strip():
+                raise InvalidSettingError("--weights is empty; pass the path of a state_dict file")
+            weights = Path(self.weights).expanduser()
+            if not weights.is_file():
+                raise InvalidSettingError(
+                    f"--weights {weights}: no such file; pass a state_dict saved with "
+                    "torch.save(model.state_dict(), PATH)"
+                )
+            object.__setattr__(self, "weights", weights)
         check_settings(
             {"evals": self.evals, "finetune_epochs": self.finetune_epochs, "resume": self.resume},
             option_style=True,
@@ -80,6 +97,7 @@ class SearchSettings:
             "model": self.model,
             "dataset": self.dataset,
             "image_size": self.image_size,
+            "weights": None if self.weights is None else str(self.weights),
             "agent": self.agent,
             "agent_settings": dict(self.agent_settings),
             "reward": self.reward,

@@ -38,6 +38,7 @@ _EXPORTS = {
     "PruningNetProxy": "prune_env.supernet",
     "SupernetConfig": "prune_env.supernet",
     "Splits": "prune_env.data",
+    "from_datasets": "prune_env.user_data",
     **{
         name: "prune_env.errors"
         for name in (
@@ -93,6 +94,7 @@ if TYPE_CHECKING:
     from prune_env.settings import ProblemSettings
     from prune_env.supernet import PruningNetProxy, SupernetConfig, SupernetProxy
     from prune_env.surgery import prune, prune_channels
+    from prune_env.user_data import from_datasets
 
 
 def __getattr__(name: str) -> Any:
@@ -155,6 +157,7 @@ __all__ = [
     "build_graph",
     "count_macs",
     "count_params",
+    "from_datasets",
     "load_pruned",
     "prune",
     "prune_channels",

@@ -62,7 +62,7 @@ class Splits:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _stratified_split(
+def stratified_split(
     labels: np.ndarray, fraction: float, seed: int, indices: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held_out) positions into ``labels``: ``fraction`` held out, class proportions preserved."""
@@ -83,7 +83,7 @@ def _tensor_splits(
     val_fraction: float,
     seed: int,
 ) -> Splits:
-    train_idx, val_idx = _stratified_split(y_trainval.numpy(), val_fraction, seed)
+    train_idx, val_idx = stratified_split(y_trainval.numpy(), val_fraction, seed)
     tr, va = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     return Splits(
         name=name,
@@ -120,7 +120,7 @@ def _load_digits(seed: int, val_fraction: float, test_fraction: float = 0.2) -> 
     bunch = load_digits()
     x = bunch.images.astype(np.float32)  # (1797, 8, 8), integer values 0..16
     y = bunch.target.astype(np.int64)
-    trainval_idx, test_idx = _stratified_split(y, test_fraction, seed)
+    trainval_idx, test_idx = stratified_split(y, test_fraction, seed)
     # Normalise with the statistics of the non-test part only, so nothing about `test` leaks in.
     mean, std = x[trainval_idx].mean(), x[trainval_idx].std()
     x = torch.from_numpy((x - mean) / std).unsqueeze(1)
@@ -258,7 +258,7 @@ def _load_cifar(
     train_plain = cls(str(found), train=True, transform=plain, download=False)
     test = cls(str(found), train=False, transform=plain, download=False)
     labels = np.asarray(train_plain.targets)
-    train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
+    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     # Training images are augmented; validation images come from a second, unaugmented view of the same
     # files so that rewards are deterministic.
     return Splits(
@@ -296,14 +296,14 @@ def _load_imagefolder(path: str, seed: int, val_fraction: float, image_size: int
         train_plain = datasets.ImageFolder(str(base / "train"), transform=plain)
         test: Dataset[Any] = datasets.ImageFolder(str(test_dir), transform=plain)
         labels = np.asarray(train_plain.targets)
-        train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
+        train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     else:
         # One folder of classes: carve test out first (20%), then val from the rest, both seeded.
         train_aug = datasets.ImageFolder(str(base), transform=augment)
         train_plain = datasets.ImageFolder(str(base), transform=plain)
         labels = np.asarray(train_plain.targets)
-        trainval_idx, test_idx = _stratified_split(labels, 0.2, seed)
-        train_idx, val_idx = _stratified_split(labels, val_fraction, seed, indices=trainval_idx)
+        trainval_idx, test_idx = stratified_split(labels, 0.2, seed)
+        train_idx, val_idx = stratified_split(labels, val_fraction, seed, indices=trainval_idx)
         test = Subset(train_plain, test_idx.tolist())
     return Splits(
         name=f"imagefolder:{base.resolve()}",
@@ -395,16 +395,18 @@ DataSource = Any
 
 def as_splits(dataset: DataSource, seed: int = 0) -> Splits:
     """A :class:`Splits` passes through; a name is loaded with ``seed``; datasets and data loaders (one,
-    ``(train, test)`` or ``(train, val, test)``) become splits with :func:`from_datasets`."""
+    ``(train, test)`` or ``(train, val, test)``) become splits with :func:`prune_env.user_data.from_datasets`."""
     if isinstance(dataset, Splits):
         return dataset
     if isinstance(dataset, str):
         return load(dataset, seed=seed)
-    if isinstance(dataset, tuple) and len(dataset) in (2, 3) and all(_is_data(d) for d in dataset):
+    from prune_env.user_data import from_datasets, is_data  # builds on this module's helpers
+
+    if isinstance(dataset, tuple) and len(dataset) in (2, 3) and all(is_data(d) for d in dataset):
         if len(dataset) == 2:
             return from_datasets(dataset[0], dataset[1], seed=seed)
         return from_datasets(dataset[0], dataset[2], val=dataset[1], seed=seed)
-    if _is_data(dataset):
+    if is_data(dataset):
         return from_datasets(dataset, None, seed=seed)
     raise InvalidSettingError(
         f"dataset must be a name, a prune_env.data.Splits, a torch Dataset or DataLoader, or a tuple (train, "
@@ -412,104 +414,15 @@ def as_splits(dataset: DataSource, seed: int = 0) -> Splits:
     )
 
 
-def _is_data(obj: Any) -> bool:
-    return isinstance(obj, (Dataset, DataLoader))
-
-
-def _dataset_of(data: Dataset[Any] | DataLoader[Any], role: str) -> Dataset[Any]:
-    dataset = data.dataset if isinstance(data, DataLoader) else data
-    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
-        raise InvalidSettingError(f"the {role} data must be a torch Dataset with a length (map-style)")
-    if len(dataset) == 0:
-        raise InvalidSettingError(f"the {role} data is empty")
-    return dataset
-
-
-def dataset_labels(dataset: Dataset[Any]) -> np.ndarray:
-    """Every sample's integer label (in-memory tensors and ``.targets`` are read directly)."""
-    tensors = _as_tensors(dataset)
-    if tensors is not None:
-        return tensors[1].numpy().astype(np.int64)
-    if isinstance(dataset, Subset) and hasattr(dataset.dataset, "targets"):
-        return np.asarray(dataset.dataset.targets, dtype=np.int64)[np.asarray(dataset.indices)]
-    if hasattr(dataset, "targets"):
-        return np.asarray(dataset.targets, dtype=np.int64)
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]
-
-
-def from_datasets(
-    train: Dataset[Any] | DataLoader[Any],
-    test: Dataset[Any] | DataLoader[Any] | None,
-    *,
-    val: Dataset[Any] | DataLoader[Any] | None = None,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    num_classes: int | None = None,
-    name: str | None = None,
-) -> Splits:
-    """:class:`Splits` from your own data: map-style ``Dataset`` objects (or ``DataLoader`` objects, whose
-    datasets are used — batching is the library's) of ``(input tensor, integer label)`` samples.
-
-    Without ``val``, a stratified, seeded ``val_fraction`` of ``train`` is held out as the validation split
-    (the only data a search scores policies on); without ``test`` either, a stratified ``test_fraction`` of
-    the data is held out first. ``num_classes`` defaults to the largest label + 1; ``name`` (default
-    ``"custom:<type of the training dataset>"``) labels the data — the base-model cache also keys on a hash
-    of validation samples, so different data never share a cached model.
-    """
-    for fraction, label in ((val_fraction, "val_fraction"), (test_fraction, "test_fraction")):
-        if not (isinstance(fraction, float | int) and 0 < fraction < 1):
-            raise InvalidSettingError(f"{label} must be a fraction in (0, 1), got {fraction!r}")
-    full = _dataset_of(train, "training")
-    labels = dataset_labels(full)
-    if test is None:
-        keep, held = _stratified_split(labels, test_fraction, seed)
-        test_set: Dataset[Any] = Subset(full, held.tolist())
-        train_idx: np.ndarray | None = keep
-    else:
-        test_set = _dataset_of(test, "test")
-        train_idx = None
-    if val is None:
-        kept, held_val = _stratified_split(labels, val_fraction, seed, indices=train_idx)
-        train_set: Dataset[Any] = Subset(full, kept.tolist())
-        val_set: Dataset[Any] = Subset(full, held_val.tolist())
-    else:
-        train_set = full if train_idx is None else Subset(full, train_idx.tolist())
-        val_set = _dataset_of(val, "validation")
-    sample = full[0][0]
-    if not isinstance(sample, torch.Tensor):
-        raise InvalidSettingError(
-            f"samples must be (input tensor, label) pairs; the first input is a {type(sample).__name__} (add a "
-            "transform such as torchvision.transforms.ToTensor())"
-        )
-    classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
-    if classes < 2 or labels.min() < 0 or labels.max() >= classes:
-        raise InvalidSettingError(
-            f"labels must be integers in 0..num_classes-1 with at least two classes; got {labels.min()}.."
-            f"{labels.max()} for num_classes={classes}"
-        )
-    shape = tuple(int(d) for d in sample.shape)
-    return Splits(
-        name=name or f"custom:{type(full).__name__}",
-        train=train_set,
-        val=val_set,
-        test=test_set,
-        num_classes=classes,
-        in_channels=shape[0],
-        input_shape=shape,  # type: ignore[arg-type]
-        seed=seed,
-    )
-
-
 # ------------------------------------------------------------------------------------------------ batching
 
 
-def _as_tensors(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+def in_memory_tensors(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(inputs, labels) when ``dataset`` is an in-memory TensorDataset (or a Subset of one), else None."""
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         return dataset.tensors[0], dataset.tensors[1]
     if isinstance(dataset, Subset):
-        inner = _as_tensors(dataset.dataset)
+        inner = in_memory_tensors(dataset.dataset)
         if inner is not None:
             idx = torch.as_tensor(dataset.indices, dtype=torch.long)
             return inner[0][idx], inner[1][idx]
@@ -525,7 +438,7 @@ def iterate_batches(
     drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, labels) batches; in-memory tensors are sliced directly (much faster than a DataLoader)."""
-    tensors = _as_tensors(dataset)
+    tensors = in_memory_tensors(dataset)
     if tensors is None:
         loader = DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
@@ -544,7 +457,7 @@ def iterate_batches(
 def take(dataset: Dataset[Any], indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The samples at ``indices`` stacked into (inputs, labels) tensors."""
     idx = torch.as_tensor(indices, dtype=torch.long)
-    tensors = _as_tensors(dataset)
+    tensors = in_memory_tensors(dataset)
     if tensors is not None:
         return tensors[0][idx], tensors[1][idx]
     xs, ys = zip(*(dataset[int(i)] for i in idx), strict=True)

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 import prune_env
 from agents import search
 from prune_env.app import benchmark
-from prune_env.data import Splits, as_splits, dataset_labels, from_datasets
+from prune_env.data import Splits, as_splits
+from prune_env.user_data import dataset_labels, from_datasets
 
 FAST = {"eval_samples": 60, "bn_recalib_batches": 1, "progress": False}
 

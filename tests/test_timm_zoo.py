@@ -9,6 +9,7 @@ attention, ghost modules, re-parameterisable blocks, and channel concatenations 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,3 +202,26 @@ def test_zeroed_heads_and_hidden_features_are_pruned_without_changing_outputs(na
     assert [m.num_heads for m in attention] == [len(keep[g.index]) for g in heads]
     counts = np.array([len(keep.get(g.index, range(g.units))) for g in graph.groups])
     assert prune_env.count_macs(pruned, x[:1]) == graph.costs.macs(counts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050", "regnetx_002"])
+def test_timm_models_train_and_search_end_to_end(name: str, tmp_path: Path) -> None:
+    """A timm model by name, trained on the embedded digits (one-channel 8x8 images: timm adapts the
+    stem and classifier), searched, and the best policy built into a smaller model that still runs."""
+    from agents import search
+
+    problem = prune_env.PruningProblem(
+        f"timm:{name}",
+        "digits",
+        eval_samples=120,
+        progress=False,
+        train_kwargs={"epochs": 3, "cache": str(tmp_path)},
+    )
+    assert problem.base_metrics["test_accuracy"] > 0.5  # it learned (10 classes: chance is 0.1)
+    result = search("evolution", problem, 6, seed=0)
+    assert len(result.history) == 6 and result.best_outcome.macs_ratio <= 0.5 + 1e-9
+    pruned = problem.scored_model(result.best_keep)
+    x = problem.example_inputs
+    assert prune_env.count_macs(pruned, x) == result.best_outcome.macs
+    assert pruned(x).shape == (1, 10)

@@ -115,3 +115,23 @@ def test_problem_ranks_with_training_batches(
     l1 = prune_env.PruningProblem(model, digits, importance="l1", **common)
     assert all(np.array_equal(a, b) for a, b in zip(taylor.rankings, again.rankings, strict=True))
     assert any(not np.array_equal(a, b) for a, b in zip(taylor.rankings, l1.rankings, strict=True))
+
+
+def test_global_ranking_removes_the_weakest_units_of_the_whole_network() -> None:
+    """One ratio over all units: a group whose units are weak relative to its own mean loses more."""
+    model = small_net()
+    with torch.no_grad():
+        model[0].weight[:4] *= 1e-3  # half of the first group's filters are nearly dead
+    x = torch.randn(1, 3, 10, 10)
+    graph = prune_env.build_graph(model, x)
+    assert [g.units for g in graph.groups] == [8, 6]
+    pruned = prune_env.prune(model, x, 0.3, graph=graph, global_ranking=True)
+    kept = [pruned[0].out_channels, pruned[3].out_channels]
+    assert sum(kept) == 14 - int(0.3 * 14)  # 4 of 14 units removed overall
+    assert kept[0] == 4  # all of them the near-dead filters of the first group
+    assert bool(pruned[0].weight.flatten(1).norm(dim=1).min() > 1e-2)  # the strong filters stayed
+    assert prune_env.count_macs(pruned, x) < graph.base_macs
+    every = prune_env.prune(model, x, 0.99, graph=graph, global_ranking=True, round_to=2)
+    assert [every[0].out_channels, every[3].out_channels] == [2, 2]  # never below round_to
+    with pytest.raises(prune_env.InvalidSettingError, match="global_ranking takes one ratio"):
+        prune_env.prune(model, x, [0.3, 0.3], graph=graph, global_ranking=True)

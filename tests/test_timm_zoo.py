@@ -216,7 +216,7 @@ def test_timm_models_train_and_search_end_to_end(name: str, tmp_path: Path) -> N
         "digits",
         eval_samples=120,
         progress=False,
-        train_kwargs={"epochs": 3, "cache": str(tmp_path)},
+        train_kwargs={"epochs": 10, "cache": str(tmp_path)},
     )
     assert problem.base_metrics["test_accuracy"] > 0.5  # it learned (10 classes: chance is 0.1)
     result = search("evolution", problem, 6, seed=0)

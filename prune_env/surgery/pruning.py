@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from prune_env.errors import InvalidSettingError
-from prune_env.graph import DependencyGraph, build_graph, check_module
+from prune_env.graph import ChannelGroup, DependencyGraph, build_graph, check_module
 from prune_env.importance import Batches, Importance, get_importance, layer_tensor
 from prune_env.surgery.keep import KeepSpec, select_units
 from prune_env.surgery.plan import make_plan, resize, resized_modules
@@ -32,6 +32,7 @@ def prune(
     round_to: int = 1,
     seed: int | np.random.Generator | None = None,
     batches: Batches | None = None,
+    global_ranking: bool = False,
 ) -> nn.Module:
     """Return a new, physically smaller copy of ``model`` with ``ratios`` of each group's channels removed.
 
@@ -40,38 +41,76 @@ def prune(
     channels removed; at least one channel always stays and ratio 0 keeps the group whole.
     ``importance``: "l1", "l2", "bn_scale", "fpgm", "random" (seeded by ``seed``), the data-driven
     "taylor" and "hrank" (which read a few of ``batches``: a callable yielding ``(inputs, labels)``
-    training batches), or a callable ``(group, model) -> scores``; the lowest-scoring channels go first. ``graph``: a graph already built
-    for this architecture (saves the trace). ``round_to``: kept counts are rounded to this multiple.
+    training batches), or a callable ``(group, model) -> scores``; the lowest-scoring channels go first.
+    ``graph``: a graph already built for this architecture (saves the trace). ``round_to``: kept counts are
+    rounded to this multiple. ``global_ranking``: ``ratios`` (one float) is the fraction of *all* units
+    removed, chosen across groups by their scores divided by their group's mean score (so groups of
+    different scales compare), each group keeping at least ``round_to`` units.
     """
     check_module(model, "prune")
+    if global_ranking and not isinstance(ratios, float | int):
+        raise InvalidSettingError(
+            f"global_ranking takes one ratio (the fraction of all units removed), got {type(ratios).__name__}"
+        )
     if graph is None:
         graph = build_graph(model, example_inputs)
     else:
         check_graph(model, graph, "prune")
     score = get_importance(importance, seed, batches)
     keep_counts = graph.keep_counts(ratios, round_to)
+    if global_ranking:
+        assert isinstance(ratios, float | int)  # checked above
+        scores = [_checked_scores(score, group, model) for group in graph.groups]
+        keep_counts = _global_keep_counts(graph, scores, float(ratios), round_to)
+        orders = [np.argsort(-s, kind="stable") for s in scores]
+        return _prune_channels(
+            model, graph, [np.sort(o[:k]) for o, k in zip(orders, keep_counts, strict=True)]
+        )
     keep: list[np.ndarray] = []
     for group, k in zip(graph.groups, keep_counts, strict=True):
         if k == group.units:
             keep.append(np.arange(group.units))
             continue
-        raw = score(group, model)
-        try:
-            scores = np.asarray(raw, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError) as exc:
-            raise InvalidSettingError(
-                f"importance returned scores for group {group.name!r} that are not real numbers ({exc}); "
-                f"return {group.units} finite floats"
-            ) from exc
-        if scores.shape != (group.units,) or not np.all(np.isfinite(scores)):
-            raise InvalidSettingError(
-                f"importance returned {scores.shape} scores for group {group.name!r}; "
-                f"expected {group.units} finite values"
-            )
         # Stable sort: ties keep the lowest indices, so the result is deterministic.
-        order = np.argsort(-scores, kind="stable")
+        order = np.argsort(-_checked_scores(score, group, model), kind="stable")
         keep.append(np.sort(order[:k]))
     return _prune_channels(model, graph, keep)
+
+
+def _checked_scores(score: Importance, group: ChannelGroup, model: nn.Module) -> np.ndarray:
+    raw = score(group, model)
+    try:
+        scores = np.asarray(raw, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSettingError(
+            f"importance returned scores for group {group.name!r} that are not real numbers ({exc}); "
+            f"return {group.units} finite floats"
+        ) from exc
+    if scores.shape != (group.units,) or not np.all(np.isfinite(scores)):
+        raise InvalidSettingError(
+            f"importance returned {scores.shape} scores for group {group.name!r}; "
+            f"expected {group.units} finite values"
+        )
+    return scores
+
+
+def _global_keep_counts(
+    graph: DependencyGraph, scores: list[np.ndarray], ratio: float, round_to: int
+) -> np.ndarray:
+    """Kept units per group when the ``ratio`` lowest-scoring units of the whole network go (scores
+    relative to their group's mean), every group keeping at least ``round_to`` units (or all it has)."""
+    units = np.array([g.units for g in graph.groups], dtype=np.int64)
+    floor = np.minimum(units, round_to)
+    relative = [s / (np.abs(s).mean() or 1.0) for s in scores]
+    # Candidates for removal: each group's units beyond its floor, weakest first within the group.
+    candidates = [(value, g) for g, r in enumerate(relative) for value in np.sort(r)[: units[g] - floor[g]]]
+    candidates.sort(key=lambda c: c[0])
+    removed = np.zeros(len(units), dtype=np.int64)
+    for _, g in candidates[: int(np.floor(ratio * units.sum()))]:
+        removed[g] += 1
+    kept = units - removed
+    # Rounded up to multiples of round_to, within each group's size.
+    return np.minimum(units, -(-kept // round_to) * round_to)
 
 
 def prune_channels(model: nn.Module, graph: DependencyGraph, keep: KeepSpec) -> nn.Module:

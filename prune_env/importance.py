@@ -187,31 +187,44 @@ def _first_batches(batches: Batches, count: int) -> list[tuple[torch.Tensor, tor
     return taken
 
 
-class TaylorImportance:
-    """First-order Taylor importance (Molchanov et al., 2019): the loss change from removing a unit,
-    estimated as ``(Σ w·∂L/∂w)²`` over every weight the unit's channels index (filters, input columns, norm
-    scales), with gradients of the cross-entropy accumulated over ``max_batches`` training batches. Computed
-    on a copy of the model in eval mode, once per model object."""
+class _FromData:
+    """An importance measured on a copy of the model (eval mode) over its first ``max_batches`` training
+    batches, once per model object."""
 
-    def __init__(self, batches: Batches, max_batches: int = 4) -> None:
+    def __init__(self, batches: Batches, max_batches: int) -> None:
         self.batches = batches
         self.max_batches = max_batches
         self._model_id: int | None = None
-        self._products: dict[str, torch.Tensor] = {}
 
     def _fit(self, model: nn.Module) -> None:
         if self._model_id == id(model):
             return
         twin = copy.deepcopy(model).eval()
-        twin.zero_grad(set_to_none=True)
         device = next((p.device for p in twin.parameters()), torch.device("cpu"))
-        for x, y in _first_batches(self.batches, self.max_batches):
-            loss = nn.functional.cross_entropy(twin(x.to(device)), y.to(device))
-            loss.backward()
+        batches = [(x.to(device), y.to(device)) for x, y in _first_batches(self.batches, self.max_batches)]
+        self._measure(twin, batches)
+        self._model_id = id(model)
+
+    def _measure(self, twin: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+
+class TaylorImportance(_FromData):
+    """First-order Taylor importance (Molchanov et al., 2019): the loss change from removing a unit,
+    estimated as ``(Σ w·∂L/∂w)²`` over every weight the unit's channels index (filters, input columns, norm
+    scales), with gradients of the cross-entropy accumulated over ``max_batches`` training batches."""
+
+    def __init__(self, batches: Batches, max_batches: int = 4) -> None:
+        super().__init__(batches, max_batches)
+        self._products: dict[str, torch.Tensor] = {}
+
+    def _measure(self, twin: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        twin.zero_grad(set_to_none=True)
+        for x, y in batches:
+            nn.functional.cross_entropy(twin(x), y).backward()
         self._products = {
             name: (p.detach() * p.grad).double() for name, p in twin.named_parameters() if p.grad is not None
         }
-        self._model_id = id(model)
 
     def __call__(self, group: ChannelGroup, model: nn.Module) -> np.ndarray:
         self._fit(model)
@@ -232,22 +245,17 @@ class TaylorImportance:
         return sums**2
 
 
-class HRankImportance:
+class HRankImportance(_FromData):
     """HRank (Lin et al., 2020): a channel whose feature maps have low rank carries little information.
     A unit's score is the average matrix rank of its producers' output maps (conv outputs, one ``H × W``
     map per sample) over ``max_batches`` training batches; units without a spatial map score by nothing
     else here, so groups of linear producers rank their units equally."""
 
     def __init__(self, batches: Batches, max_batches: int = 2) -> None:
-        self.batches = batches
-        self.max_batches = max_batches
-        self._model_id: int | None = None
+        super().__init__(batches, max_batches)
         self._ranks: dict[str, np.ndarray] = {}
 
-    def _fit(self, model: nn.Module) -> None:
-        if self._model_id == id(model):
-            return
-        twin = copy.deepcopy(model).eval()
+    def _measure(self, twin: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
 
@@ -260,19 +268,16 @@ class HRankImportance:
 
             return record
 
-        handles = [
-            m.register_forward_hook(hook(n)) for n, m in twin.named_modules() if isinstance(m, nn.Conv2d)
-        ]
-        device = next((p.device for p in twin.parameters()), torch.device("cpu"))
+        convs = [(n, m) for n, m in twin.named_modules() if isinstance(m, nn.Conv2d)]
+        handles = [m.register_forward_hook(hook(n)) for n, m in convs]
         try:
             with torch.no_grad():
-                for x, _ in _first_batches(self.batches, self.max_batches):
-                    twin(x.to(device))
+                for x, _ in batches:
+                    twin(x)
         finally:
             for h in handles:
                 h.remove()
         self._ranks = {n: (sums[n].double() / counts[n]).cpu().numpy() for n in sums}
-        self._model_id = id(model)
 
     def __call__(self, group: ChannelGroup, model: nn.Module) -> np.ndarray:
         self._fit(model)

@@ -271,8 +271,8 @@ class OneShotPruneEnv(_PruneEnv):
 
     RL-Pruner-style one-shot pruning: a single step whose action is the whole *pruning distribution*, one
     ratio per prunable channel group. The distribution is projected onto the budget (each ratio moves
-    toward ``max_ratio`` in proportion to its room until the target is met; with ``fill_budget=True`` a
-    distribution that prunes more than the target needs is also scaled back until it just fits), the model
+    toward ``max_ratio`` in proportion to its room until the target is met; with ``fill_budget=True``, the
+    default, a distribution that prunes more than the target needs is also scaled back until it just fits), the model
     is pruned and scored by the proxy, and the episode ends.
 
     ## Action space

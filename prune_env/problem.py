@@ -93,8 +93,8 @@ class PruningProblem:
 
     The settings in brief: ``target_macs`` / ``target_params`` (default 0.5 of the MACs), ``importance``
     (ranked once on the base model, so a pruned model depends only on the kept counts), ``max_ratio`` and
-    ``round_to`` (the projection's limits), ``fill_budget`` (a policy that prunes more than it needs is
-    scaled back until it just fits; whole policies only, not the layer-wise env's steps),
+    ``round_to`` (the projection's limits), ``fill_budget`` (default on: a policy that prunes more than it needs
+    is scaled back until it just fits; whole policies only, not the layer-wise env's steps),
     ``eval_samples``, ``bn_recalib_batches``, ``finetune_steps`` (see :class:`ProxyEvaluator`), ``proxy``
     and ``proxy_steps`` (a proxy by name; ``"supernet"`` and ``"pruningnet"`` are trained here once and
     cached, see :mod:`prune_env.supernet`), ``seed``.

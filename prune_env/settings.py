@@ -75,8 +75,11 @@ class ProblemSettings:
     )
     round_to: int = field(default=1, metadata=option_help("kept channel counts are multiples of this"))
     fill_budget: bool = field(
-        default=False,
-        metadata=option_help("spend the budget: scale back policies that prune more than the target needs"),
+        default=True,
+        metadata=option_help(
+            "spend the budget: scale back policies that prune more than the target needs (one-shot learners "
+            "otherwise leave budget unused: TD3 and A2C kept 0.47 of a 0.5 MACs target)"
+        ),
     )
     importance: str | Callable[..., Any] = field(
         default="l1",

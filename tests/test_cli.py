@@ -178,8 +178,8 @@ def test_resume_continues_where_it_stopped(
     # A resume must not silently change what is being searched.
     assert _search(out, "--evals", "6", "--resume", "--target-macs", "0.3") == 2
     assert "cannot resume" in capsys.readouterr().err
-    assert _search(out, "--evals", "6", "--resume", "--fill-budget") == 2
-    assert "fill_budget=False (now True)" in capsys.readouterr().err
+    assert _search(out, "--evals", "6", "--resume", "--no-fill-budget") == 2
+    assert "fill_budget=True (now False)" in capsys.readouterr().err
 
 
 def test_ctrl_c_saves_partial_results_and_resume_finishes(

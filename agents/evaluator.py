@@ -44,10 +44,14 @@ class Evaluation:
     seconds: float
     ratios: tuple[float, ...]
     keep: tuple[int, ...]
+    # The budget scored against when the search samples one per episode (``budget_range``); None: the
+    # problem's target. Not a CSV column: a run of the command line has one target.
+    target: float | None = None
 
     def as_row(self) -> dict[str, Any]:
         """The record as CSV cells (``ratios`` and ``keep`` space-separated); :meth:`from_row` inverts it."""
         row = asdict(self)
+        del row["target"]
         row["ratios"] = " ".join(f"{r:.4f}" for r in self.ratios)
         row["keep"] = " ".join(str(k) for k in self.keep)
         return row
@@ -69,7 +73,7 @@ class Evaluation:
 
     @classmethod
     def columns(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        return [f.name for f in fields(cls) if f.name != "target"]
 
 
 @dataclass
@@ -83,6 +87,7 @@ class SearchResult:
     best_outcome: Outcome
     history: list[Evaluation] = field(default_factory=list)
     seconds: float = 0.0
+    policy: Any = None  # what the agent learned, when it returns it (the SB3 learners: an SB3Policy)
 
     @property
     def best_ratios(self) -> np.ndarray:
@@ -112,11 +117,18 @@ class BudgetedEvaluator:
         budget_evals: int,
         reward: str | RewardFn = "acc",
         on_evaluation: Callable[[Evaluation], None] | None = None,
+        budget_range: tuple[float, float] | None = None,
     ) -> None:
-        check_settings({"budget_evals": budget_evals})
+        check_settings({"budget_evals": budget_evals, "budget_range": budget_range})
         if not isinstance(problem, PruningProblem):
             raise InvalidSettingError(f"problem must be a PruningProblem, got {type(problem).__name__}")
         self.problem = problem
+        if budget_range is not None:
+            for bound in budget_range:
+                problem.projector.check_target(bound)
+        # Targets sampled per episode by learners that condition on the target (a CACP-style agent serves
+        # any budget in the range); other agents score at the problem's target only.
+        self.budget_range = None if budget_range is None else (float(budget_range[0]), float(budget_range[1]))
         self.budget_evals = budget_evals
         self.reward_fn = get_reward(reward)
         self.on_evaluation = on_evaluation
@@ -258,6 +270,23 @@ class BudgetedEvaluator:
         outcome = self.problem.evaluate_keep(keep)
         return outcome, self.record(outcome)
 
+    def _checked_target(self, outcome: Outcome) -> float | None:
+        """The outcome's own budget when targets are sampled (which must lie in the range), else None;
+        either way its cost must be within it — no evaluation is ever counted over budget."""
+        target = float(outcome.target)
+        if self.budget_range is None:
+            target_ok = math.isclose(target, self.problem.target, rel_tol=1e-12)
+        else:
+            lo, hi = self.budget_range
+            target_ok = lo - 1e-12 <= target <= hi + 1e-12
+        if not target_ok or not outcome.cost_ratio <= target * (1 + 1e-9):
+            raise InvalidSettingError(
+                f"an outcome at target {target:g} costing {outcome.cost_ratio:.4f} cannot be counted by an "
+                f"evaluator for {self.budget_range or self.problem.target}: score policies with this "
+                "evaluator's problem and targets"
+            )
+        return target if self.budget_range is not None else None
+
     def record(self, outcome: Outcome) -> float:
         """Count and log an outcome scored elsewhere (an environment episode); returns its reward."""
         if self.remaining <= 0:
@@ -267,6 +296,7 @@ class BudgetedEvaluator:
             return replayed
         if self.remaining <= 0:  # the rest of a diverged log may have used the budget up
             raise BudgetExhausted(f"evaluation budget of {self.budget_evals} spent")
+        target = self._checked_target(outcome)
         reward = evaluate_reward(self.reward_fn, outcome)
         entry = Evaluation(
             index=self.used,
@@ -278,6 +308,7 @@ class BudgetedEvaluator:
             seconds=time.perf_counter() - self._start,
             ratios=tuple(float(r) for r in outcome.ratios),
             keep=tuple(int(k) for k in outcome.keep),
+            target=target,
         )
         self._append(entry, outcome)
         if self.on_evaluation is not None:

@@ -42,8 +42,11 @@ class AgentSpec:
     """A registered agent: its name, its function ``run(evaluator, rng, settings)`` and settings class."""
 
     name: str
-    run: Callable[..., None]  # (evaluator, rng, settings); a user's function takes keyword settings
+    # (evaluator, rng, settings); a user's function takes keyword settings. It may return the policy it
+    # learned (an object with ``keep_for(problem, target)``), which the search result carries.
+    run: Callable[..., Any]
     settings: type = NoSettings
+    budget_conditioned: bool = False  # learns one policy for any target in a budget_range
 
     def make_settings(self, overrides: Mapping[str, Any] | None = None) -> Any:
         """The agent's default settings with ``overrides`` applied (``dataclasses.replace``)."""
@@ -61,12 +64,14 @@ _DISCOVERED = False
 
 
 def register_agent(
-    name: str, settings: type = NoSettings
-) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register ``run(evaluator, rng, settings)`` under ``name`` with its settings dataclass."""
+    name: str, settings: type = NoSettings, *, budget_conditioned: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``run(evaluator, rng, settings)`` under ``name`` with its settings dataclass;
+    ``budget_conditioned``: it learns from episodes whose targets the evaluator's ``budget_range`` samples
+    (the target is in its observation), so one search serves every target in the range."""
 
-    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
-        AGENTS[name] = AgentSpec(name, fn, settings)
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        AGENTS[name] = AgentSpec(name, fn, settings, budget_conditioned)
         return fn
 
     return decorate
@@ -116,6 +121,15 @@ class _KeywordSettings:
     """A user's agent function takes its settings as keyword arguments, unchecked here."""
 
 
+def _check_budget_conditioned(spec: AgentSpec) -> None:
+    if not spec.budget_conditioned:
+        able = ", ".join(n for n, a in sorted(discover().items()) if a.budget_conditioned)
+        raise InvalidSettingError(
+            f"agent {spec.name!r} searches one target; budget_range needs an agent that learns a "
+            f"target-conditioned policy: {able}"
+        )
+
+
 def run_agent(
     agent: str | Callable[..., None],
     evaluator: BudgetedEvaluator,
@@ -131,11 +145,14 @@ def run_agent(
     spec = resolve_agent(agent)
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
+    if evaluator.budget_range is not None:
+        _check_budget_conditioned(spec)
+    policy = None
     with contextlib.suppress(BudgetExhausted):  # the normal way a search ends
         if spec.settings is _KeywordSettings:
-            spec.run(evaluator, rng, **settings)
+            policy = spec.run(evaluator, rng, **settings)
         else:
-            spec.run(evaluator, rng, spec.make_settings(settings))
+            policy = spec.run(evaluator, rng, spec.make_settings(settings))
     if evaluator.best is None:
         raise RuntimeError(f"agent {spec.name!r} finished without evaluating any policy")
     best_reward, best_outcome = evaluator.best
@@ -147,6 +164,7 @@ def run_agent(
         best_outcome=best_outcome,
         history=list(evaluator.history),
         seconds=time.perf_counter() - start,
+        policy=policy,
     )
 
 
@@ -157,6 +175,7 @@ def search(
     seed: int = 0,
     reward: str | RewardFn = "acc",
     tensorboard_log: str | None = None,
+    budget_range: tuple[float, float] | None = None,
     **settings: Any,
 ) -> SearchResult:
     """Run ``agent`` on a problem (or on the problem of an environment the factory builds) with a fresh
@@ -165,9 +184,14 @@ def search(
     ``tensorboard_log``: a directory for TensorBoard scalars of every evaluation, whatever the agent
     (:class:`~agents.tensorboard.EvaluationWriter`); an agent with TensorBoard logs of its own (the SB3
     learners) writes them there too unless its settings name another directory.
+
+    ``budget_range=(lo, hi)``: train one target-conditioned policy (CACP-style) on episodes whose targets
+    are drawn from the range; only budget-conditioned agents (the SB3 learners) accept it. The trained
+    policy is ``result.policy``: ``result.policy.keep_for(problem, target)`` prunes for any target in the
+    range without another evaluation, and ``save``/``load`` keep it.
     """
     # Everything is checked before the environment factory builds (and maybe trains) anything.
-    check_settings({"budget_evals": budget_evals, "seed": seed})
+    check_settings({"budget_evals": budget_evals, "seed": seed, "budget_range": budget_range})
     if tensorboard_log is not None and not isinstance(tensorboard_log, str | Path):
         raise InvalidSettingError(
             f"tensorboard_log must be a directory path, got {type(tensorboard_log).__name__}"
@@ -176,6 +200,8 @@ def search(
     spec = resolve_agent(agent)
     if spec.settings is not _KeywordSettings:
         spec.make_settings(settings)
+    if budget_range is not None:
+        _check_budget_conditioned(spec)
     if isinstance(problem_or_env_factory, PruningProblem):
         problem = problem_or_env_factory
     elif callable(problem_or_env_factory):
@@ -191,14 +217,15 @@ def search(
             f"{type(problem_or_env_factory).__name__}"
         )
     if tensorboard_log is None:
-        return run_agent(
-            agent, BudgetedEvaluator(problem, budget_evals, reward=reward_fn), seed=seed, **settings
-        )
+        evaluator = BudgetedEvaluator(problem, budget_evals, reward=reward_fn, budget_range=budget_range)
+        return run_agent(agent, evaluator, seed=seed, **settings)
     if spec.settings is not _KeywordSettings and "tensorboard_log" in {f.name for f in fields(spec.settings)}:
         settings.setdefault("tensorboard_log", str(tensorboard_log))
     writer = EvaluationWriter(tensorboard_log)
     try:
-        evaluator = BudgetedEvaluator(problem, budget_evals, reward=reward_fn, on_evaluation=writer)
+        evaluator = BudgetedEvaluator(
+            problem, budget_evals, reward=reward_fn, on_evaluation=writer, budget_range=budget_range
+        )
         return run_agent(agent, evaluator, seed=seed, **settings)
     finally:
         writer.close()

@@ -21,8 +21,10 @@ zero intermediate rewards). Actor and critic have two 300-unit hidden layers, le
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
@@ -37,6 +39,7 @@ from agents.evaluator import BudgetedEvaluator, BudgetExhausted
 from agents.registry import register_agent
 from prune_env.env import LayerPruneEnv, OneShotPruneEnv
 from prune_env.errors import InvalidSettingError
+from prune_env.problem import PruningProblem
 
 ENVS = ("oneshot", "layer")
 
@@ -88,7 +91,8 @@ def make_env(evaluator: BudgetedEvaluator, env: str = "oneshot") -> BudgetWrappe
     if env not in ENVS:
         raise InvalidSettingError(f"env must be one of {ENVS}, got {env!r}")
     cls = OneShotPruneEnv if env == "oneshot" else LayerPruneEnv
-    return BudgetWrapper(cls(problem=evaluator.problem, reward=evaluator.reward_fn), evaluator)
+    made = cls(problem=evaluator.problem, reward=evaluator.reward_fn, budget_range=evaluator.budget_range)
+    return BudgetWrapper(made, evaluator)
 
 
 # ------------------------------------------------------------------------------------------------ AMC
@@ -337,23 +341,82 @@ def run_sb3(
     return model
 
 
-def _register(name: str, default_env: str) -> Callable[..., None]:
-    def agent(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: SB3Settings) -> None:
-        run_sb3(
+POLICY_FILE, POLICY_META = "policy.zip", "policy.json"
+
+
+@dataclass
+class SB3Policy:
+    """A trained SB3 learner as a pruning policy: for any target (within the ``budget_range`` it was
+    trained on, if any) it decides kept counts from the environment's observation — no evaluation.
+
+    ``save(directory)`` writes SB3's own ``policy.zip`` and a small ``policy.json`` (algorithm and
+    environment); :meth:`load` reads them back.
+    """
+
+    algo: str
+    env: str
+    model: BaseAlgorithm
+    budget_range: tuple[float, float] | None = None
+
+    def keep_for(self, problem: PruningProblem, target: float | None = None) -> np.ndarray:
+        """Kept units per group for ``target`` (default: the problem's), by the learner's deterministic
+        action(s); within the target by construction, and no proxy evaluation is spent."""
+        cls = OneShotPruneEnv if self.env == "oneshot" else LayerPruneEnv
+        env = cls(problem=problem)
+        if env.observation_space.shape != self.model.observation_space.shape:
+            raise InvalidSettingError(
+                f"this {self.algo} policy was trained on a problem with another number of groups: its "
+                f"observations have shape {self.model.observation_space.shape}, this problem's "
+                f"{env.observation_space.shape}"
+            )
+        return env.decide(lambda obs: self.model.predict(obs, deterministic=True)[0], target)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save(path / POLICY_FILE)
+        meta = {"algo": self.algo, "env": self.env, "budget_range": self.budget_range}
+        (path / POLICY_META).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SB3Policy:
+        path = Path(directory)
+        try:
+            meta = json.loads((path / POLICY_META).read_text())
+            algo, env = meta["algo"], meta["env"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InvalidSettingError(
+                f"{path} holds no saved policy ({type(exc).__name__}: {exc}); save one with SB3Policy.save"
+            ) from None
+        if algo not in ALGOS or env not in ENVS:
+            raise InvalidSettingError(
+                f"{path / POLICY_META}: unknown algorithm {algo!r} or environment {env!r}"
+            )
+        model = ALGOS[algo].load(path / POLICY_FILE, device="cpu")
+        span = meta.get("budget_range")
+        return cls(algo, env, model, None if span is None else (float(span[0]), float(span[1])))
+
+
+def _register(name: str, default_env: str) -> Callable[..., SB3Policy]:
+    def agent(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: SB3Settings) -> SB3Policy:
+        env = s.env or default_env
+        model = run_sb3(
             evaluator,
             rng,
             algo=name,
-            env=s.env or default_env,
+            env=env,
             tensorboard_log=s.tensorboard_log,
             verbose=s.verbose,
             **dict(s.learner_kwargs),
         )
+        return SB3Policy(name, env, model, evaluator.budget_range)
 
     agent.__name__ = name
     agent.__doc__ = (
         f"Stable-Baselines3 {name.upper()} on the {default_env!r} environment (see :class:`SB3Settings`)."
     )
-    return register_agent(name, SB3Settings)(agent)
+    return register_agent(name, SB3Settings, budget_conditioned=True)(agent)
 
 
 for _name in ("ppo", "a2c", "sac", "td3", "ddpg"):

@@ -162,6 +162,20 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
     def _observation(self) -> np.ndarray:
         raise NotImplementedError
 
+    def _apply(self, action: np.ndarray) -> bool:
+        """Take one decision of the episode; True once the whole policy is decided."""
+        raise NotImplementedError
+
+    def decide(self, policy: Callable[[np.ndarray], np.ndarray], target: float | None = None) -> np.ndarray:
+        """Kept units per group that ``policy`` (observation -> action) chooses for ``target`` (default: the
+        problem's) — an episode's decisions without scoring them: no proxy evaluation, no reward. How a
+        trained agent is applied to a new budget."""
+        observation, _ = self.reset(options=None if target is None else {"target": target})
+        while not self._apply(np.asarray(policy(observation))):
+            observation = self._observation()
+        self._episode_over = True
+        return self._current_keep().copy()
+
 
 class LayerPruneEnv(_PruneEnv):
     """## Description
@@ -246,14 +260,19 @@ class LayerPruneEnv(_PruneEnv):
         self._prev_ratio = 0.0
         return {"group": 0}
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
-        self._begin_step()
+    def _apply(self, action: np.ndarray) -> bool:
         p = self.problem
         ratio = float(action_to_ratio(action, p.max_ratio, (1,))[0])
         self._keep[self._t] = p.projector.wall(self._keep, self._t, ratio, self.target)
-        applied = 1.0 - self._keep[self._t] / p.units[self._t]
-        self._prev_ratio = applied
+        self._prev_ratio = 1.0 - self._keep[self._t] / p.units[self._t]
         self._t += 1
+        return self._t >= p.n_groups
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        self._begin_step()
+        p = self.problem
+        self._apply(action)
+        applied = self._prev_ratio
         if self._t < p.n_groups:
             reward = 0.0
             shape: Callable[[StepInfo], float] | None = getattr(self.reward_fn, "shape", None)
@@ -300,10 +319,13 @@ class OneShotPruneEnv(_PruneEnv):
     def _observation(self) -> np.ndarray:
         return np.append(self._flat, np.float32(self.target)).astype(np.float32)
 
+    def _apply(self, action: np.ndarray) -> bool:
+        p = self.problem
+        self._keep = p.keep_for(action_to_ratio(action, p.max_ratio, (p.n_groups,)), self.target)
+        return True
+
     def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         self._begin_step()
-        p = self.problem
-        ratios = action_to_ratio(action, p.max_ratio, (p.n_groups,))
-        self._keep = p.keep_for(ratios, self.target)
+        self._apply(action)
         reward, info = self._finish(self._keep)
         return self._observation(), reward, True, False, info

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import prune_env
 from agents import BudgetedEvaluator, BudgetExhausted, available, run_agent, search
 from agents.predictor import TorchCost
 from agents.sb3 import TruncatedNormalNoise, make_env
@@ -157,3 +158,49 @@ def test_every_agent_writes_tensorboard_scalars(problem: PruningProblem, name: s
     assert best == pytest.approx(list(np.maximum.accumulate(rewards)), rel=1e-6)
     if name == "ppo":
         assert any(p.is_dir() for p in tmp_path.iterdir())  # SB3's own run directory beside ours
+
+
+@pytest.mark.parametrize("name", SB3)
+def test_budget_conditioned_agents_honour_the_range(problem: PruningProblem, name: str) -> None:
+    """budget_range: every episode is scored at its own target drawn from the range, never over it, and
+    the learner comes back as a policy that prunes for any target in the range without evaluating."""
+    result = search(name, problem, 6, seed=0, budget_range=(0.3, 0.7))
+    targets = [e.target for e in result.history]
+    assert len(targets) == 6 and all(t is not None and 0.3 <= t <= 0.7 for t in targets)
+    assert len({round(t, 6) for t in targets if t is not None}) > 1  # sampled, not one target
+    assert all(e.macs_ratio <= e.target * (1 + 1e-9) for e in result.history if e.target is not None)
+    before = problem.evaluations
+    for target in (0.35, 0.5, 0.65):
+        keep = result.policy.keep_for(problem, target)
+        assert problem.projector.cost_ratio(keep) <= target * (1 + 1e-9)
+        assert np.all((keep >= 1) & (keep <= problem.units))
+    assert problem.evaluations == before  # applying a policy costs no evaluation
+
+
+def test_a_saved_policy_reloads_and_decides_the_same(problem: PruningProblem, tmp_path: Any) -> None:
+    from agents.sb3 import SB3Policy
+
+    result = search("ppo", problem, 4, seed=0, budget_range=(0.3, 0.7))
+    result.policy.save(tmp_path / "policy")
+    again = SB3Policy.load(tmp_path / "policy")
+    assert (again.algo, again.env, again.budget_range) == ("ppo", "oneshot", (0.3, 0.7))
+    for target in (0.3, 0.45, 0.7):
+        np.testing.assert_array_equal(
+            again.keep_for(problem, target), result.policy.keep_for(problem, target)
+        )
+    # Tighter targets keep fewer MACs: the policy is applied at the target asked for.
+    costs = [problem.projector.cost_ratio(again.keep_for(problem, t)) for t in (0.3, 0.5, 0.7)]
+    assert costs[0] <= 0.3 + 1e-9 and costs[0] < costs[2]
+    with pytest.raises(prune_env.InvalidSettingError, match="no saved policy"):
+        SB3Policy.load(tmp_path)
+
+
+def test_budget_range_is_refused_by_agents_of_one_target(problem: PruningProblem) -> None:
+    with pytest.raises(prune_env.InvalidSettingError, match=r"budget_range needs an agent .*ppo"):
+        search("evolution", problem, 4, budget_range=(0.3, 0.7))
+    with pytest.raises(prune_env.InvalidSettingError, match="budget_range"):
+        search("ppo", problem, 4, budget_range=(0.7, 0.3))
+    evaluator = BudgetedEvaluator(problem, 2)
+    outcome = problem.evaluate(np.full(problem.n_groups, 0.3), target=0.4)
+    with pytest.raises(prune_env.InvalidSettingError, match="cannot be counted"):
+        evaluator.record(outcome)  # scored at another target than this evaluator's

@@ -121,7 +121,8 @@ class _KeywordSettings:
     """A user's agent function takes its settings as keyword arguments, unchecked here."""
 
 
-def _check_budget_conditioned(spec: AgentSpec) -> None:
+def check_budget_conditioned(spec: AgentSpec) -> None:
+    """Refuse a budget_range for an agent that searches one target, naming those that accept one."""
     if not spec.budget_conditioned:
         able = ", ".join(n for n, a in sorted(discover().items()) if a.budget_conditioned)
         raise InvalidSettingError(
@@ -146,7 +147,7 @@ def run_agent(
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     if evaluator.budget_range is not None:
-        _check_budget_conditioned(spec)
+        check_budget_conditioned(spec)
     policy = None
     with contextlib.suppress(BudgetExhausted):  # the normal way a search ends
         if spec.settings is _KeywordSettings:
@@ -201,7 +202,7 @@ def search(
     if spec.settings is not _KeywordSettings:
         spec.make_settings(settings)
     if budget_range is not None:
-        _check_budget_conditioned(spec)
+        check_budget_conditioned(spec)
     if isinstance(problem_or_env_factory, PruningProblem):
         problem = problem_or_env_factory
     elif callable(problem_or_env_factory):

@@ -305,3 +305,44 @@ def test_search_from_given_weights_trains_nothing(
         assert _search(tmp_path / "other", "--weights", str(path), "--evals", "2") == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_budget_range_search_saves_a_policy_that_apply_uses(
+    cached: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--budget-range: one PPO search over targets 0.3-0.7 saves its policy with the run and makes the run's
+    model for --target-macs; `prune-env apply` prunes for other targets in the range, spending no
+    evaluation, and refuses targets outside it and runs without a policy."""
+    out = tmp_path / "run"
+    args = ("--agent", "ppo", "--budget-range", "0.3", "0.7", "--evals", "4", "--finetune-epochs", "0")
+    assert cli.main(["search", "--eval-samples", "96", "--no-progress", "--out", str(out), *args]) == 0
+    assert (out / "policy" / "policy.zip").is_file() and (out / "policy" / "policy.json").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert results["policy_applied"] is True and results["proxy_accuracy"] is None
+    assert results["macs_ratio"] <= 0.5 + 1e-9 and results["settings"]["budget_range"] == [0.3, 0.7]
+    rows = _rows(out)
+    capsys.readouterr()
+
+    for target in (0.35, 0.65):
+        assert cli.main(["apply", str(out), "--target", str(target), "--no-progress"]) == 0
+        assert "no evaluation spent" in capsys.readouterr().out
+        saved = out / "applied" / f"macs-{target:g}"
+        model = prune_env.load_pruned(saved)
+        x = torch.zeros(1, 1, 8, 8)
+        assert prune_env.count_macs(model, x) <= target * results["base_macs"]
+    assert _rows(out) == rows  # the log is untouched: apply evaluates nothing
+
+    assert cli.main(["apply", str(out), "--target", "0.9"]) == 2
+    assert "outside the range the policy learned" in capsys.readouterr().err
+    assert cli.main(["apply", str(out), "--target", "0.35", "--no-progress"]) == 2  # already there
+    assert "exists" in capsys.readouterr().err
+    other = tmp_path / "plain"
+    assert _search(other, "--evals", "2", "--finetune-epochs", "0") == 0
+    capsys.readouterr()
+    assert cli.main(["apply", str(other), "--target", "0.4"]) == 2
+    assert "holds no learned policy" in capsys.readouterr().err
+    # Agents of one target, targets outside the range and resuming are refused before any work.
+    assert _search(tmp_path / "x", "--budget-range", "0.3", "0.7") == 2
+    assert "budget_range needs an agent" in capsys.readouterr().err
+    assert _search(tmp_path / "y", "--agent", "ppo", "--budget-range", "0.1", "0.3") == 2
+    assert "outside --budget-range" in capsys.readouterr().err

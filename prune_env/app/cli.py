@@ -63,6 +63,12 @@ def _export(args: argparse.Namespace) -> int:
     return run_export(args)
 
 
+def _apply(args: argparse.Namespace) -> int:
+    from prune_env.app.apply import run_apply
+
+    return run_apply(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from prune_env.app.model_commands import run_demo
 
@@ -141,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--torchscript", default=None, help="output TorchScript .pt file (replaced if it exists)"
     )
     export.set_defaults(func=_export)
+
+    apply = sub.add_parser(
+        "apply",
+        help="prune for a new target with the policy a --budget-range search learned (no new evaluation)",
+    )
+    apply.add_argument("run", help="the run directory of a finished --budget-range search")
+    apply.add_argument("--target", type=float, required=True, help="the new budget, in the run's metric")
+    apply.add_argument("--out", default=None, help="directory for the model (default RUN/applied/METRIC-T)")
+    apply.add_argument("--finetune-epochs", type=int, default=0, help="KD fine-tune epochs (default 0)")
+    apply.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    apply.set_defaults(func=_apply)
 
     demo = sub.add_parser("demo", help="prune a torchvision model and print its dependency groups")
     demo.add_argument("--model", default="resnet18")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from agents.evaluator import BudgetedEvaluator, Evaluation
-from agents.registry import AgentSpec, available, resolve_agent, run_agent
+from agents.registry import AgentSpec, available, check_budget_conditioned, resolve_agent, run_agent
 from prune_env.app.rundir import RunDirectory
 from prune_env.app.runfiles import (
     EVALUATIONS_FILE,
@@ -88,7 +88,7 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-def _base_model(s: SearchSettings, splits: Splits) -> str | nn.Module:
+def base_model_spec(s: SearchSettings, splits: Splits) -> str | nn.Module:
     """The model the problem starts from: the zoo name (trained and cached), or it with --weights loaded."""
     if s.weights is None:
         return s.model
@@ -118,6 +118,8 @@ def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
     get_reward(s.reward)
     spec = resolve_agent(s.agent or default_agent())
     spec.make_settings(s.agent_settings)
+    if s.budget_range is not None:
+        check_budget_conditioned(spec)
     splits = load(s.dataset, seed=p.seed, image_size=s.image_size)
     with torch.random.fork_rng(devices=[]):
         net = get_model(s.model, splits.num_classes, splits.in_channels).eval()
@@ -151,7 +153,8 @@ def _setup_logging(directory: Path) -> list[logging.Handler]:
     return [file_handler, console]
 
 
-ADDED_SETTINGS: dict[str, Any] = {"weights": None}
+POLICY_DIR = "policy"  # a budget-range run's learned policy (SB3's policy.zip + policy.json)
+ADDED_SETTINGS: dict[str, Any] = {"weights": None, "budget_range": None}
 
 
 def _open_run(s: SearchSettings, rundir: RunDirectory) -> tuple[dict[str, Any], list[Evaluation]]:
@@ -220,12 +223,19 @@ def _results(
     timings: dict[str, float],
     status: str,
     finetuned: dict[str, float] | None,
+    applied: np.ndarray | None = None,
 ) -> dict[str, Any]:
+    """The run's results; ``applied``: the kept counts a budget-range run's policy chose for the target
+    (its model, never scored by the proxy), which replace the best evaluation's."""
     from prune_env.app.provenance import git_revision, hardware
     from prune_env.checkpoint import versions
 
     assert evaluator.best is not None, "results are written only once a policy was evaluated"
     reward, outcome = evaluator.best
+    proxy_accuracy: float | None = outcome.accuracy
+    if applied is not None:
+        outcome = problem.outcome(applied, accuracy=float("nan"), loss=float("nan"))
+        proxy_accuracy = None
     names = problem.group_names
     return {
         "status": status,
@@ -250,7 +260,8 @@ def _results(
         "base_params": int(outcome.base_params),
         "macs_ratio": outcome.macs_ratio,
         "params_ratio": outcome.params_ratio,
-        "proxy_accuracy": outcome.accuracy,
+        "proxy_accuracy": proxy_accuracy,
+        "policy_applied": applied is not None,
         "base_proxy_accuracy": problem.base_accuracy,
         "base_test_accuracy": problem.base_metrics.get("test_accuracy"),
         "finetune_epochs": s.finetune_epochs if finetuned is not None else None,
@@ -313,6 +324,12 @@ def _finish_partial(
         _plot_allocation(s, problem, keep)
         _save_model(s, problem, keep, problem.scored_model(keep), {"finetuned": False})
     done = 0 if evaluator is None else evaluator.used
+    if s.budget_range is not None:
+        log.warning(
+            "interrupted during %s after %d/%d evaluations; what exists is saved in %s (a --budget-range run "
+            "cannot be resumed: start it again with another --out)", where, done, s.evals, s.out,
+        )  # fmt: skip
+        return 130
     log.warning(
         "interrupted during %s after %d/%d evaluations; what exists is saved in %s. Continue with:\n  %s",
         where,
@@ -348,7 +365,7 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
     try:
         state, previous = _open_run(s, rundir)
         t0 = time.perf_counter()
-        problem = PruningProblem(_base_model(s, splits), splits, s.problem)
+        problem = PruningProblem(base_model_spec(s, splits), splits, s.problem)
         if s.weights is not None:  # trained elsewhere: its test accuracy, for the report only
             from prune_env.train import evaluate
 
@@ -357,7 +374,9 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             )["accuracy"]
         timings["base_seconds"] = time.perf_counter() - t0
         run_log = RunLog(s.out, state)
-        evaluator = BudgetedEvaluator(problem, s.evals, reward=s.reward, on_evaluation=run_log)
+        evaluator = BudgetedEvaluator(
+            problem, s.evals, reward=s.reward, on_evaluation=run_log, budget_range=s.budget_range
+        )
         # A resumed log is checked against the problem before anything is said or written.
         evaluator.check_log(previous, str(run_log.csv_path))
         log.info("prune-env search: %s on %s, %s target %g, agent %s, %d evaluations, seed %d", s.model,
@@ -390,9 +409,10 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             bar.update(len(previous))
             log.info("resumed: %d evaluations replayed from %s", len(previous), run_log.csv_path)
         t0 = time.perf_counter()
+        policy = None
         if evaluator.remaining > 0:
             # The same seed as the interrupted run: the agent retraces the logged evaluations, then goes on.
-            run_agent(spec.name, evaluator, seed=problem.seed, **_agent_settings(spec, s))
+            policy = run_agent(spec.name, evaluator, seed=problem.seed, **_agent_settings(spec, s)).policy
         timings["search_seconds"] = time.perf_counter() - t0
         bar.close()
         if evaluator.best is None:
@@ -409,6 +429,14 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
 
         stage = "fine-tune"
         keep = np.asarray(outcome.keep, dtype=np.int64)
+        applied = None
+        if s.budget_range is not None and policy is not None:
+            # The learned policy, not one episode of it, is what a budget-range run is for: saved with the
+            # run (`prune-env apply` uses it for other targets) and applied to this run's target.
+            policy.save(s.out / POLICY_DIR)
+            keep = applied = policy.keep_for(problem, problem.target)
+            log.info("policy saved to %s; applied at %s target %g", s.out / POLICY_DIR, problem.metric,
+                     problem.target)  # fmt: skip
         t0 = time.perf_counter()
         # Fine-tuning starts from the model as the proxy scored it (BatchNorm recalibrated): with zero
         # epochs that is what is saved, never the pruned model with the base model's stale statistics.
@@ -425,7 +453,7 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
         timings["total_seconds"] = time.perf_counter() - started
         state["status"] = "finished"
         write_json(s.out / STATE_FILE, state)
-        results = _results(s, problem, evaluator, timings, "finished", metrics)
+        results = _results(s, problem, evaluator, timings, "finished", metrics, applied)
         _save_model(s, problem, keep, tuned, {"finetuned": True, "test_accuracy": metrics["test_accuracy"]})
         write_json(s.out / "results.json", results)
         plot_search(evaluator.history, s.out / "search.png", problem.target, problem.metric)
@@ -458,4 +486,4 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             h.close()
 
 
-__all__ = ["default_agent", "preflight", "run_search"]
+__all__ = ["POLICY_DIR", "base_model_spec", "default_agent", "preflight", "run_search"]

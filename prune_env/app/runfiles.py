@@ -7,6 +7,8 @@ A run directory holds:
 - ``state.json``: the run's settings and how many evaluations are done;
 - ``results.json``: the best policy, its costs, proxy and fine-tuned test accuracy, timings and versions;
 - ``model/``: the pruned (fine-tuned) model, reloadable with :func:`prune_env.load_pruned`;
+- ``policy/``: a ``--budget-range`` run's learned policy (SB3's ``policy.zip``, ``policy.json``), and
+  ``applied/``: the models ``prune-env apply`` made with it for other targets;
 - ``tensorboard/``: every evaluation's reward, proxy accuracy, loss, cost ratios and best reward so far
   (``search/...`` scalars, any agent), beside the SB3 learners' own logs;
 - ``search.png``: the search curve; ``allocation.png``: the best policy's kept fraction per group beside
@@ -44,6 +46,8 @@ RUN_FILES = (
     "allocation.png",
     "log.txt",
     "tensorboard",
+    "policy",  # a --budget-range run's learned policy
+    "applied",  # models `prune-env apply` made from it
 )
 
 log = logging.getLogger("prune_env.job")

@@ -52,6 +52,15 @@ class SearchSettings:
             "PATH)): the base model is taken as trained instead of trained here"
         ),
     )
+    budget_range: tuple[float, float] | None = field(
+        default=None,
+        metadata=option_help(
+            "train one policy for every target in LO HI (budget-conditioned SB3 learners): episodes draw "
+            "their target from the range, the policy is saved in the run (RUN/policy) and `prune-env apply` "
+            "prunes for any target in it without new evaluations; --target-macs (or --target-params) must "
+            "lie in the range, the run's model is made for it"
+        ),
+    )
     evals: int = field(default=100, metadata=option_help("evaluation budget"))
     reward: str = field(default="acc", metadata=option_help("reward preset (see `prune-env list`)"))
     finetune_epochs: int = field(default=3, metadata=option_help("KD fine-tune epochs of the best policy"))
@@ -83,6 +92,20 @@ class SearchSettings:
         # The budget is checked by ProblemSettings itself (from_options words it as options).
         if not isinstance(self.problem, ProblemSettings):
             raise InvalidSettingError("problem must be a ProblemSettings")
+        if self.budget_range is not None:
+            check_settings({"budget_range": self.budget_range}, option_style=True)
+            lo, hi = (float(b) for b in self.budget_range)
+            object.__setattr__(self, "budget_range", (lo, hi))
+            if not lo <= self.problem.target <= hi:
+                raise InvalidSettingError(
+                    f"the target {self.problem.target:g} lies outside --budget-range {lo:g} {hi:g}; the run's "
+                    "model is made for the target, so choose one in the range"
+                )
+            if self.resume:
+                raise InvalidSettingError(
+                    "a --budget-range run cannot be resumed (its log does not record each evaluation's "
+                    "target); start it again with another --out"
+                )
         if not isinstance(self.agent_settings, Mapping):
             raise InvalidSettingError("agent_settings must be a mapping of setting names to values")
 
@@ -98,6 +121,7 @@ class SearchSettings:
             "dataset": self.dataset,
             "image_size": self.image_size,
             "weights": None if self.weights is None else str(self.weights),
+            "budget_range": None if self.budget_range is None else list(self.budget_range),
             "agent": self.agent,
             "agent_settings": dict(self.agent_settings),
             "reward": self.reward,
@@ -149,6 +173,12 @@ def _add_field(parser: Any, f: dataclasses.Field[Any], annotation: Any, default:
         parser.add_argument(
             "--agent-setting", dest=f.name, action="append", type=_key_value, default=None, help=help_text
         )
+        return
+    if f.name == "budget_range":
+        parser.add_argument(
+            _option(f.name), dest=f.name, nargs=2, type=float, metavar=("LO", "HI"), default=default,
+            help=help_text,
+        )  # fmt: skip
         return
     kind = _scalar_type(annotation)
     if kind is bool:

@@ -22,19 +22,43 @@ import numpy as np
 
 from agents.evaluator import BudgetedEvaluator
 from agents.registry import register_agent
+from prune_env.errors import InvalidSettingError
 from prune_env.problem import PruningProblem
 
 
 @dataclass(frozen=True)
 class EvolutionSettings:
-    """Hyper-parameters of :func:`evolution` (MetaPruning used population 50, top-k 10, 20 iterations)."""
+    """Hyper-parameters of :func:`evolution` (MetaPruning used population 50, top-k 10, 20 iterations).
 
-    population: int = 16  # capped at about a third of the budget, so several generations happen
-    top_k: int = 6
+    ``population`` and ``top_k`` default to ``None``: sized to the evaluation budget, MetaPruning's 50 and 10
+    at 1,000 evaluations (population ``budget // 20`` within 16..50, top-k a fifth of it, at least 6), so a
+    100-evaluation search keeps several generations of 16 and a 2,000-evaluation one runs 40 of 50. The
+    population is always capped at a third of the budget.
+    """
+
+    population: int | None = None
+    top_k: int | None = None
     mutation_prob: float = 0.1  # per-gene probability
     mutation_share: float = 0.5  # fraction of children made by mutation (the rest by crossover)
     min_fill: float = 0.9  # reject candidates whose cost is below this fraction of the target
     max_tries: int = 200  # attempts to draw a new, valid child before accepting any new one
+
+    def __post_init__(self) -> None:
+        for name in ("population", "top_k"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 2
+            ):
+                raise InvalidSettingError(
+                    f"evolution {name} must be an integer >= 2 (or None: sized to the budget), got {value!r}"
+                )
+
+    def sizes(self, budget: int) -> tuple[int, int]:
+        """(population, top-k) for a search of ``budget`` evaluations."""
+        population = self.population if self.population is not None else min(50, max(16, budget // 20))
+        population = max(2, min(population, budget // 3 or 1))
+        top_k = self.top_k if self.top_k is not None else max(6, population // 5)
+        return population, max(2, top_k)
 
 
 def _project(problem: PruningProblem, keep: np.ndarray) -> np.ndarray:
@@ -76,7 +100,7 @@ def evolution(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: Evoluti
     problem = evaluator.problem
     low, high = problem.projector.min_keep, problem.units
     cache: dict[tuple[int, ...], float] = {}
-    pop_size = max(2, min(s.population, evaluator.budget_evals // 3 or 1))
+    pop_size, top_k = s.sizes(evaluator.budget_evals)
 
     def propose(make: Callable[[], np.ndarray]) -> np.ndarray:
         """A new, valid genome from ``make()``; after ``max_tries`` any new one (then any one)."""
@@ -105,7 +129,7 @@ def evolution(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: Evoluti
 
     while True:
         before = len(cache)
-        ranked = sorted(cache.items(), key=lambda kv: -kv[1])[: max(2, s.top_k)]
+        ranked = sorted(cache.items(), key=lambda kv: -kv[1])[:top_k]
         parents = [np.array(k, dtype=np.int64) for k, _ in ranked]
         n_mut = max(1, round(pop_size * s.mutation_share))
 

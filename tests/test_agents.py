@@ -204,3 +204,14 @@ def test_budget_range_is_refused_by_agents_of_one_target(problem: PruningProblem
     outcome = problem.evaluate(np.full(problem.n_groups, 0.3), target=0.4)
     with pytest.raises(prune_env.InvalidSettingError, match="cannot be counted"):
         evaluator.record(outcome)  # scored at another target than this evaluator's
+
+
+def test_evolution_sizes_its_population_to_the_budget() -> None:
+    from agents.evolution import EvolutionSettings
+
+    assert EvolutionSettings().sizes(100) == (16, 6)  # several generations in a short search
+    assert EvolutionSettings().sizes(1000) == (50, 10)  # MetaPruning's population and top-k
+    assert EvolutionSettings().sizes(12) == (4, 6)  # never more than a third of the budget
+    assert EvolutionSettings(population=8, top_k=3).sizes(1000) == (8, 3)
+    with pytest.raises(prune_env.InvalidSettingError, match="population must be an integer >= 2"):
+        EvolutionSettings(population=1)

@@ -341,6 +341,8 @@ def test_budget_range_search_saves_a_policy_that_apply_uses(
     capsys.readouterr()
     assert cli.main(["apply", str(other), "--target", "0.4"]) == 2
     assert "holds no learned policy" in capsys.readouterr().err
+    assert cli.main(["apply", str(tmp_path / "nowhere"), "--target", "0.4"]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
     # Agents of one target, targets outside the range and resuming are refused before any work.
     assert _search(tmp_path / "x", "--budget-range", "0.3", "0.7") == 2
     assert "budget_range needs an agent" in capsys.readouterr().err

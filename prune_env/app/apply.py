@@ -28,6 +28,10 @@ def run_apply(args: argparse.Namespace) -> int:
     from prune_env.train import finetune
 
     run = Path(args.run)
+    if not (run / STATE_FILE).is_file():
+        raise InvalidSettingError(
+            f"{run} is not a run directory (it has no {STATE_FILE}); pass a search's --out"
+        )
     saved = read_state(run / STATE_FILE)["settings"]
     span = saved.get("budget_range")
     if span is None or not (run / POLICY_DIR).is_dir():

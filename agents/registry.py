@@ -217,16 +217,17 @@ def search(
             "pass a PruningProblem or a factory of prune_env environments, got "
             f"{type(problem_or_env_factory).__name__}"
         )
-    if tensorboard_log is None:
-        evaluator = BudgetedEvaluator(problem, budget_evals, reward=reward_fn, budget_range=budget_range)
-        return run_agent(agent, evaluator, seed=seed, **settings)
-    if spec.settings is not _KeywordSettings and "tensorboard_log" in {f.name for f in fields(spec.settings)}:
+    own_logs = spec.settings is not _KeywordSettings and "tensorboard_log" in {
+        f.name for f in fields(spec.settings)
+    }
+    if tensorboard_log is not None and own_logs:
         settings.setdefault("tensorboard_log", str(tensorboard_log))
-    writer = EvaluationWriter(tensorboard_log)
+    writer = EvaluationWriter(tensorboard_log) if tensorboard_log is not None else None
+    evaluator = BudgetedEvaluator(
+        problem, budget_evals, reward=reward_fn, on_evaluation=writer, budget_range=budget_range
+    )
     try:
-        evaluator = BudgetedEvaluator(
-            problem, budget_evals, reward=reward_fn, on_evaluation=writer, budget_range=budget_range
-        )
         return run_agent(agent, evaluator, seed=seed, **settings)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()

@@ -91,6 +91,12 @@ def _per_position(weight: torch.Tensor, axis: int, power: int) -> np.ndarray:
     return (magnitude.sum(dim=other) if other else magnitude).cpu().numpy().astype(np.float64)
 
 
+def _per_unit(group: ChannelGroup, member: Member, per_position: np.ndarray) -> np.ndarray:
+    """A member's per-position values summed over each unit's positions: one value per unit."""
+    positions = np.asarray(member.positions).reshape(group.units, member.multiplicity)
+    return per_position[positions].sum(axis=1)
+
+
 def _norm_scores(
     group: ChannelGroup,
     model: nn.Module,
@@ -111,8 +117,7 @@ def _norm_scores(
             per_pos = _per_position(*found, power)
             if cache is not None:
                 cache[key] = per_pos
-        pos = np.asarray(member.positions).reshape(group.units, member.multiplicity)
-        scores += per_pos[pos].sum(axis=1)
+        scores += _per_unit(group, member, per_pos)
     return scores
 
 
@@ -175,8 +180,7 @@ class FPGMImportance:
             weight, axis = found
             rows = weight.movedim(axis, 0).reshape(weight.shape[axis], -1).double()
             per_pos = torch.cdist(rows, rows).sum(dim=1).cpu().numpy()
-            pos = np.asarray(member.positions).reshape(group.units, member.multiplicity)
-            scores += per_pos[pos].sum(axis=1)
+            scores += _per_unit(group, member, per_pos)
         return scores
 
 
@@ -240,8 +244,7 @@ class TaylorImportance(_FromData):
                 continue
             other = [d for d in range(product.ndim) if d != axis]
             per_pos = (product.sum(dim=other) if other else product).cpu().numpy()
-            pos = np.asarray(member.positions).reshape(group.units, member.multiplicity)
-            sums += per_pos[pos].sum(axis=1)
+            sums += _per_unit(group, member, per_pos)
         return sums**2
 
 
@@ -286,8 +289,7 @@ class HRankImportance(_FromData):
             ranks = self._ranks.get(member.layer)
             if ranks is None or len(ranks) != member.size:
                 continue
-            pos = np.asarray(member.positions).reshape(group.units, member.multiplicity)
-            scores += ranks[pos].sum(axis=1)
+            scores += _per_unit(group, member, ranks)
         return scores
 
 

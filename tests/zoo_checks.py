@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import prune_env
+from prune_env.costs import reference_attention
 
 
 def flop_counter_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Half of PyTorch's own FLOP count: the reference the predicted MACs must equal (attention on the
     reference kernels, whose matmuls FlopCounterMode sees; the fused CPU kernel and nn.MultiheadAttention's
     inference fast path it does not)."""
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
+    with torch.no_grad(), reference_attention(), FlopCounterMode(display=False) as counter:
+        model(x)
     return counter.get_total_flops() // 2
 
 

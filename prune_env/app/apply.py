@@ -18,6 +18,7 @@ from prune_env.app.runfiles import STATE_FILE, read_state
 from prune_env.app.settings import SearchSettings
 from prune_env.errors import InvalidSettingError
 from prune_env.settings import ProblemSettings
+from prune_env.validation import check_settings
 
 
 def run_apply(args: argparse.Namespace) -> int:
@@ -44,8 +45,7 @@ def run_apply(args: argparse.Namespace) -> int:
         raise InvalidSettingError(
             f"--target {target:g} lies outside the range the policy learned, {lo:g} to {hi:g}"
         )
-    if args.finetune_epochs < 0:
-        raise InvalidSettingError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    check_settings({"finetune_epochs": args.finetune_epochs}, option_style=True)
     problem_fields = {f.name for f in dataclasses.fields(ProblemSettings)}
     problem_settings = ProblemSettings(**{k: v for k, v in saved.items() if k in problem_fields})
     metric_field = "target_params" if problem_settings.metric == "params" else "target_macs"

@@ -80,7 +80,8 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[1 if len(str(exc).splitlines()) > 1 else 0].strip()
+        lines = str(exc).splitlines()  # torch's first line is a heading; the second names the keys
+        first = lines[1 if len(lines) > 1 else 0].strip()
         raise InvalidSettingError(
             f"--weights {path} does not fit {type(model).__name__} built for this dataset's classes and "
             f"channels ({first[:160]}); pass the weights of --model trained on --dataset"

@@ -45,7 +45,7 @@ def contract(
     total = math.prod(out_shape) * depth
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or len(out_shape) < 2:
         st.poison((a, b), c.node, f"{ctx.describe(c.node)} on operands without channel ids or of one axis")
-        return poison_like(torch.empty(out_shape, device="meta")), [(total, ())]
+        return torch.zeros([1] * len(out_shape), dtype=torch.int64), [(total, ())]
     nd = len(out_shape)
     a, b = _aligned(a, nd), _aligned(b, nd)
     # Positions multiplied together: (…, M, K, 1) against (…, 1, K, N).
@@ -133,5 +133,5 @@ def gather_rows(ctx: Context, c: Call, x: torch.Tensor) -> Mapped | None:
     tensor, index = c.args[0], c.args[1]
     if not isinstance(index, torch.Tensor) or index.dtype in (torch.bool, torch.uint8) or tensor.ndim < 1:
         return None
-    rows = ctx.join_along(x.reshape([1] * (tensor.ndim - x.ndim) + list(x.shape)), 0)
+    rows = ctx.join_along(_aligned(x, tensor.ndim), 0)
     return Mapped(compress(rows.reshape([1] * index.ndim + list(rows.shape[1:]))))

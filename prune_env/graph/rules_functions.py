@@ -217,9 +217,11 @@ def reshape_ids(ctx: Context, c: Call, x: Any) -> Any:
             return poison_like(value)
         if varying and shape_args is not None:
             dynamic = [ax for ax in varying if ax < len(shape_args) and ctx.adapts(shape_args[ax])]
-            if split is not None and (len(varying) == 1 or -len(varying) <= split < len(varying)):
-                # Declared: every literal size here is recomputed, and a split shrinks the declared axis.
-                dynamic = [varying[split] if len(varying) > 1 else varying[0]]
+            # Declared: every literal size here is recomputed; a split shrinks the declared axis.
+            if split is not None and len(varying) == 1:
+                dynamic = varying
+            elif split is not None and -len(varying) <= split < len(varying):
+                dynamic = [varying[split]]
             if len(dynamic) != 1:
                 st.poison(x, n, f"{ctx.describe(n)} with a literal channel size")
                 return poison_like(value)

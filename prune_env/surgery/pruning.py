@@ -57,23 +57,20 @@ def prune(
     else:
         check_graph(model, graph, "prune")
     score = get_importance(importance, seed, batches)
-    keep_counts = graph.keep_counts(ratios, round_to)
+    keep_counts = graph.keep_counts(ratios, round_to)  # also checks the ratios
+    scores: dict[int, np.ndarray] = {}
     if global_ranking:
         assert isinstance(ratios, float | int)  # checked above
-        scores = [_checked_scores(score, group, model) for group in graph.groups]
-        keep_counts = _global_keep_counts(graph, scores, float(ratios), round_to)
-        orders = [np.argsort(-s, kind="stable") for s in scores]
-        return _prune_channels(
-            model, graph, [np.sort(o[:k]) for o, k in zip(orders, keep_counts, strict=True)]
-        )
+        scores = {g: _checked_scores(score, group, model) for g, group in enumerate(graph.groups)}
+        keep_counts = _global_keep_counts(graph, list(scores.values()), float(ratios), round_to)
     keep: list[np.ndarray] = []
-    for group, k in zip(graph.groups, keep_counts, strict=True):
+    for g, (group, k) in enumerate(zip(graph.groups, keep_counts, strict=True)):
         if k == group.units:
             keep.append(np.arange(group.units))
             continue
+        group_scores = scores[g] if g in scores else _checked_scores(score, group, model)
         # Stable sort: ties keep the lowest indices, so the result is deterministic.
-        order = np.argsort(-_checked_scores(score, group, model), kind="stable")
-        keep.append(np.sort(order[:k]))
+        keep.append(np.sort(np.argsort(-group_scores, kind="stable")[:k]))
     return _prune_channels(model, graph, keep)
 
 

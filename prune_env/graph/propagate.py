@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from prune_env.graph.context import Call, Context, Mapped
 from prune_env.graph.elements import Ids, State, poison_like
 from prune_env.graph.layers import layer_spec
-from prune_env.graph.meta import NOT_COVERED, meta_call, to_meta
+from prune_env.graph.meta import NOT_COVERED, meta_call, same_as_input, to_meta
 from prune_env.graph.ops import FUNCTION_OPS, module_op
 from prune_env.graph.rules_functions import pack
 from prune_env.graph.rules_modules import channelwise_leaf
@@ -104,7 +104,13 @@ class Propagator(torch.fx.Interpreter):
         m = self.ctx.submodule(target)
         spec = layer_spec(type(m))
         if spec is not None and spec.is_leaf:
-            # Declared: its channels follow the declaration whatever its values, so shapes suffice.
+            # Declared: its channels follow the declaration whatever its values, so shapes suffice. A
+            # layer like a BatchNorm keeps its input's shape, which running it on meta tensors (Python
+            # reference kernels for the norm and any fused activation) would only confirm, slowly.
+            if spec.like is not None and issubclass(spec.like, nn.modules.batchnorm._BatchNorm):
+                value = same_as_input(args, kwargs)
+                if value is not NOT_COVERED:
+                    return value
             return meta_call(m, args, kwargs)
         op = module_op(type(m))
         if op is None:

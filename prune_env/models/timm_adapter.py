@@ -1,7 +1,8 @@
 """Any timm model as ``"timm:NAME"``, randomly initialised (timm is an optional dependency).
 
 ``timm.create_model(NAME, pretrained=False, num_classes=..., in_chans=...)`` builds it: timm adapts its own
-stem and classifier, and pretrained weights are never fetched (this library runs offline).
+stem and classifier. Pretrained weights are never downloaded: ``"timm:NAME@pretrained"`` reads them from the
+local caches (:mod:`prune_env.models.pretrained`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from prune_env.errors import InvalidSettingError, UnknownNameError
 
 
-def _timm() -> ModuleType:
+def import_timm() -> ModuleType:
     try:
         import timm
     except ImportError:
@@ -26,11 +27,11 @@ def _timm() -> ModuleType:
 
 def timm_names() -> list[str]:
     """Names timm can build (``timm.list_models()``)."""
-    return sorted(_timm().list_models())
+    return sorted(import_timm().list_models())
 
 
 def check_timm_name(name: str) -> None:
-    timm = _timm()
+    timm = import_timm()
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:4]}*")[:10]
         raise UnknownNameError(
@@ -41,7 +42,7 @@ def check_timm_name(name: str) -> None:
 
 def timm_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     check_timm_name(name)
-    return _timm().create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    return import_timm().create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -98,6 +99,7 @@ def register_timm_layers() -> None:
     from timm.layers.conv2d_same import Conv2dSame
     from timm.layers.eca import CecaModule, EcaModule
     from timm.layers.mixed_conv2d import MixedConv2d
+    from timm.layers.norm_act import BatchNormAct2d
     from timm.layers.selective_kernel import SelectiveKernel
     from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
     from timm.models.ghostnet import GhostModule, GhostModuleV2
@@ -112,6 +114,10 @@ def register_timm_layers() -> None:
     scaled_convs: tuple[type[nn.Conv2d], ...] = (ScaledStdConv2d, ScaledStdConv2dSame)
     for conv in scaled_convs:
         register_layer(conv, LayerSpec(like=nn.Conv2d, tensors={"gain": 0}))
+    # BatchNorm fused with an activation and dropout, both element-wise: channels as nn.BatchNorm2d. As a
+    # black box it is one node instead of the half-dozen its traced forward makes, in every block of the
+    # efficientnet, mobilenetv3, regnet ... families.
+    register_layer(BatchNormAct2d, LayerSpec(like=nn.BatchNorm2d))
     # Per-channel blur (a depthwise filter) and channel attention computed from the channels themselves.
     register_layer(BlurPool2d, LayerSpec(channelwise=True, tensors={"filt": 0}, sizes=("channels",)))
     for attention in (EcaModule, CecaModule):

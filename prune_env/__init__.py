@@ -55,6 +55,7 @@ _EXPORTS = {
             "UnknownNameError",
             "UnsupportedLayerError",
             "UntraceableModelError",
+            "WeightsNotFoundError",
         )
     },
 }
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
         UnknownNameError,
         UnsupportedLayerError,
         UntraceableModelError,
+        WeightsNotFoundError,
     )
     from prune_env.graph import (
         ChannelGroup,
@@ -153,6 +155,7 @@ __all__ = [
     "UnknownNameError",
     "UnsupportedLayerError",
     "UntraceableModelError",
+    "WeightsNotFoundError",
     "__version__",
     "build_graph",
     "count_macs",

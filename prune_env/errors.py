@@ -30,6 +30,10 @@ class DatasetNotFoundError(PruneEnvError, FileNotFoundError):
     """The dataset's files are not where we looked; the message says how to get them."""
 
 
+class WeightsNotFoundError(PruneEnvError, FileNotFoundError):
+    """Published pretrained weights are not in the local cache; the message names the file and how to get it."""
+
+
 class InvalidSettingError(PruneEnvError, ValueError):
     """A setting (an argument of an environment, problem, agent, harness or CLI option) is out of range or
     of the wrong type; the message names the setting, the value and what is accepted."""

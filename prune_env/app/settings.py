@@ -32,7 +32,13 @@ class SearchSettings:
     """Everything ``prune-env search`` was asked to do."""
 
     out: Path = field(default=Path("runs/quickstart"), metadata=option_help("run directory"))
-    model: str = field(default="resnet20", metadata=option_help("zoo name or tv:NAME (see `prune-env list`)"))
+    model: str = field(
+        default="resnet20",
+        metadata=option_help(
+            "zoo name, tv:NAME or timm:NAME (see `prune-env list`); tv:NAME@WEIGHTS or timm:NAME@pretrained "
+            "starts training from published weights found in the local cache"
+        ),
+    )
     dataset: str = field(default="digits", metadata=option_help("dataset name (see `prune-env list`)"))
     image_size: int = field(
         default=32, metadata=option_help("image side in pixels for imagefolder:PATH datasets")

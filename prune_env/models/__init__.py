@@ -1,7 +1,9 @@
 """Model zoo: CIFAR-style ResNets, VGG-BN, MobileNetV2, a tiny test CNN, and any torchvision model.
 
-``get_model`` accepts a registered name, ``"tv:NAME"`` for torchvision, an ``nn.Module`` (returned
-as is) or a zero-argument factory, so a user's own network works wherever a name does.
+``get_model`` accepts a registered name, ``"tv:NAME"`` for torchvision, ``"timm:NAME"`` for timm (either
+with ``"@WEIGHTS"`` to start from published weights in the local cache: :mod:`prune_env.models.pretrained`),
+an ``nn.Module`` (returned as is) or a zero-argument factory, so a user's own network works wherever a name
+does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from torch import nn
 from prune_env.errors import InvalidSettingError, UnknownNameError
 from prune_env.models.cifar_resnet import CifarResNet, resnet
 from prune_env.models.mobilenetv2 import MobileNetV2, mobilenetv2
+from prune_env.models.pretrained import (
+    check_pretrained,
+    split_weights,
+    timm_pretrained,
+    torchvision_pretrained,
+)
 from prune_env.models.timm_adapter import check_timm_name, timm_model
 from prune_env.models.tiny import TinyCNN
 from prune_env.models.torchvision_adapter import torchvision_model, torchvision_names
@@ -70,6 +78,11 @@ def get_model(model: ModelSpec, num_classes: int = 10, in_channels: int = 3) -> 
             f"model must be a name, an nn.Module or a factory, got {type(model).__name__}"
         )
     check_model_name(model)
+    model, weights = split_weights(model)
+    if weights is not None:
+        if model.startswith(TORCHVISION_PREFIX):
+            return torchvision_pretrained(model[len(TORCHVISION_PREFIX) :], weights, num_classes, in_channels)
+        return timm_pretrained(model[len(TIMM_PREFIX) :], num_classes, in_channels)
     if model.startswith(TORCHVISION_PREFIX):
         return torchvision_model(model[len(TORCHVISION_PREFIX) :], num_classes, in_channels)
     if model.startswith(TIMM_PREFIX):
@@ -78,7 +91,14 @@ def get_model(model: ModelSpec, num_classes: int = 10, in_channels: int = 3) -> 
 
 
 def check_model_name(name: str) -> None:
-    """Raise :class:`UnknownNameError` listing the known names unless ``name`` can be built."""
+    """Raise :class:`UnknownNameError` listing the known names unless ``name`` can be built, and
+    :class:`~prune_env.errors.WeightsNotFoundError` when its pretrained weights are not cached."""
+    name, weights = split_weights(name)
+    if weights is not None and not name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+        raise UnknownNameError(
+            f"'@{weights}': published weights exist for 'tv:NAME' and 'timm:NAME' models only; a zoo model "
+            "is trained here (pass trained weights with --weights PATH)"
+        )
     if name.startswith(TORCHVISION_PREFIX):
         tv_name = name[len(TORCHVISION_PREFIX) :]
         if tv_name not in torchvision_names():
@@ -93,6 +113,9 @@ def check_model_name(name: str) -> None:
             f"unknown model {name!r}; known models: {', '.join(available_models())}, "
             f"or 'tv:NAME' for a torchvision model (e.g. 'tv:resnet18'), or pass your own nn.Module"
         )
+    if weights is not None:
+        prefix = TORCHVISION_PREFIX if name.startswith(TORCHVISION_PREFIX) else TIMM_PREFIX
+        check_pretrained(prefix, name[len(prefix) :], weights)
 
 
 def model_name(model: ModelSpec) -> str:

@@ -2,8 +2,8 @@
 
 ``num_classes`` goes to the constructor (which resizes the classifier); when the data do not have three
 channels, the first convolution that reads the image is replaced by one with the same kernel, stride,
-padding, dilation, groups and bias but ``in_channels`` inputs. Pretrained weights are never fetched:
-this library runs offline, and a user who has weights can load them into the returned module.
+padding, dilation, groups and bias but ``in_channels`` inputs. Pretrained weights are never downloaded:
+``"tv:NAME@WEIGHTS"`` reads them from torch hub's local cache (:mod:`prune_env.models.pretrained`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def _replace_stem(model: nn.Module, in_channels: int) -> None:
+def replace_stem(model: nn.Module, in_channels: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+    """Swap the first 3-channel convolution for a fresh one reading ``in_channels``; returns (old, new)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
             # A Conv2d's geometry is a pair of ints (typed as any-length tuples).
@@ -40,7 +41,7 @@ def _replace_stem(model: nn.Module, in_channels: int) -> None:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, new)
-            return
+            return module, new
     raise UnsupportedLayerError(
         f"{type(model).__name__}: no 3-channel input convolution found to adapt to {in_channels} channels"
     )
@@ -61,7 +62,7 @@ def torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3) ->
 
     model = torchvision.models.get_model(name, **kwargs)
     if in_channels != 3:
-        _replace_stem(model, in_channels)
+        replace_stem(model, in_channels)
     return model
 
 

@@ -19,7 +19,13 @@ def uniform(evaluator: BudgetedEvaluator, rng: np.random.Generator, settings: No
 
 @register_agent("random")
 def random_search(evaluator: BudgetedEvaluator, rng: np.random.Generator, settings: NoSettings) -> None:
-    """Random search: ratios drawn uniformly in [0, max_ratio] per group, projected onto the budget."""
+    """Random search: ratios drawn uniformly in [0, max_ratio] per group, projected onto the budget.
+
+    Proposals do not depend on scores, so they are handed over in batches (scored in parallel when the
+    evaluator has workers); the draws, and so the search, are the same whatever the batch size.
+    """
     max_ratio = evaluator.problem.max_ratio
     while True:
-        evaluator.evaluate(rng.uniform(0.0, max_ratio, evaluator.n_groups))
+        evaluator.evaluate_many(
+            [rng.uniform(0.0, max_ratio, evaluator.n_groups) for _ in range(evaluator.batch_size)]
+        )

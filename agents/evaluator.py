@@ -20,6 +20,7 @@ import numpy as np
 from prune_env.errors import InvalidSettingError, ResumeError
 from prune_env.problem import PruningProblem
 from prune_env.rewards import Outcome, RewardFn, evaluate_reward, get_reward
+from prune_env.scoring import PolicyScorer
 from prune_env.validation import check_settings
 
 
@@ -118,11 +119,18 @@ class BudgetedEvaluator:
         reward: str | RewardFn = "acc",
         on_evaluation: Callable[[Evaluation], None] | None = None,
         budget_range: tuple[float, float] | None = None,
+        scorer: PolicyScorer | None = None,
     ) -> None:
         check_settings({"budget_evals": budget_evals, "budget_range": budget_range})
         if not isinstance(problem, PruningProblem):
             raise InvalidSettingError(f"problem must be a PruningProblem, got {type(problem).__name__}")
+        if scorer is not None and not isinstance(scorer, PolicyScorer):
+            raise InvalidSettingError(
+                f"scorer must be a prune_env.scoring.PolicyScorer (e.g. prune_env.distributed.RayScorer), got "
+                f"{type(scorer).__name__}"
+            )
         self.problem = problem
+        self.scorer = scorer
         if budget_range is not None:
             for bound in budget_range:
                 problem.projector.check_target(bound)
@@ -154,8 +162,34 @@ class BudgetedEvaluator:
     def n_groups(self) -> int:
         return self.problem.n_groups
 
+    @property
+    def batch_size(self) -> int:
+        """How many proposals an agent with no natural batch should hand :meth:`evaluate_many` at once:
+        1 when scoring here, enough to keep every parallel worker busy otherwise."""
+        return 1 if self.scorer is None else 2 * self.scorer.workers
+
     def evaluate(self, ratios: np.ndarray) -> tuple[Outcome, float]:
         return self.evaluate_keep(self.problem.keep_for(ratios))
+
+    def evaluate_many(self, ratios: Sequence[np.ndarray]) -> list[tuple[Outcome, float]]:
+        """:meth:`evaluate` of each, scored in parallel when the evaluator has a scorer."""
+        return self.evaluate_keeps([self.problem.keep_for(r) for r in ratios])
+
+    def evaluate_keeps(self, keeps: Sequence[np.ndarray]) -> list[tuple[Outcome, float]]:
+        """:meth:`evaluate_keep` of each, in order, with the same result and the same history as calling
+        it on each in turn: with a scorer, the policies the budget still pays for are first scored all
+        at once (results, memo and budget stay here). Raises :class:`BudgetExhausted` where the budget
+        runs out, after recording the evaluations it paid for."""
+        projected = [self._projected(k) for k in keeps]
+        if self.scorer is not None:  # logged policies of a resumed run are remembered: not scored again
+            self.problem.prefetch(projected[: max(self.remaining, 0)], self.scorer)
+        return [self.evaluate_keep(k) for k in projected]
+
+    def _projected(self, keep: np.ndarray) -> np.ndarray:
+        keep = np.asarray(keep, dtype=np.int64)
+        if not self.problem.projector.cost_ratio(keep) <= self.problem.target * (1 + 1e-9):
+            keep = self.problem.keep_for(self.problem.ratios_for(keep))
+        return keep
 
     def check_log(self, records: Sequence[Evaluation], source: str) -> None:
         """Refuse logged evaluations (``source``: where they were read, e.g. a file name) that this
@@ -264,10 +298,7 @@ class BudgetedEvaluator:
     def evaluate_keep(self, keep: np.ndarray) -> tuple[Outcome, float]:
         if self.remaining <= 0:
             raise BudgetExhausted(f"evaluation budget of {self.budget_evals} spent")
-        keep = np.asarray(keep, dtype=np.int64)
-        if not self.problem.projector.cost_ratio(keep) <= self.problem.target * (1 + 1e-9):
-            keep = self.problem.keep_for(self.problem.ratios_for(keep))
-        outcome = self.problem.evaluate_keep(keep)
+        outcome = self.problem.evaluate_keep(self._projected(keep))
         return outcome, self.record(outcome)
 
     def _checked_target(self, outcome: Outcome) -> float | None:

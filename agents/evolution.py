@@ -102,30 +102,37 @@ def evolution(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: Evoluti
     cache: dict[tuple[int, ...], float] = {}
     pop_size, top_k = s.sizes(evaluator.budget_evals)
 
-    def propose(make: Callable[[], np.ndarray]) -> np.ndarray:
-        """A new, valid genome from ``make()``; after ``max_tries`` any new one (then any one)."""
+    def propose(make: Callable[[], np.ndarray], taken: dict[tuple[int, ...], None]) -> None:
+        """Add to ``taken`` a new, valid genome from ``make()``; after ``max_tries`` any new one (then
+        any one). New: neither scored (``cache``) nor proposed earlier in this generation (``taken``)."""
         fallback = None
         for _ in range(s.max_tries):
             child = _project(problem, make())
             key = tuple(child.tolist())
-            if key in cache:
+            if key in cache or key in taken:
                 continue
             if _valid(problem, child, s.min_fill):
-                return child
+                taken[key] = None
+                return
             fallback = child if fallback is None else fallback
-        return fallback if fallback is not None else _random_genome(problem, rng)
+        child = fallback if fallback is not None else _random_genome(problem, rng)
+        taken[tuple(child.tolist())] = None
 
-    def score(keep: np.ndarray) -> None:
-        key = tuple(keep.tolist())
-        if key not in cache:  # a cache hit costs no budget
-            cache[key] = evaluator.evaluate_keep(keep)[1]
+    def score(generation: dict[tuple[int, ...], None]) -> None:
+        """Score a generation's new genomes as one batch (in parallel when the evaluator has workers);
+        a genome already in the cache costs no budget."""
+        new = [key for key in generation if key not in cache]
+        keeps = [np.array(key, dtype=np.int64) for key in new]
+        for key, (_, reward) in zip(new, evaluator.evaluate_keeps(keeps), strict=True):
+            cache[key] = reward
 
     # The uniform policy seeds the population: evolution then starts no worse than the baseline.
-    score(problem.uniform_keep())
+    initial: dict[tuple[int, ...], None] = {tuple(problem.uniform_keep().tolist()): None}
     for _ in range(pop_size * 4):
-        if len(cache) >= pop_size:
+        if len(initial) >= pop_size:
             break
-        score(propose(lambda: _random_genome(problem, rng)))
+        propose(lambda: _random_genome(problem, rng), initial)
+    score(initial)
 
     while True:
         before = len(cache)
@@ -135,7 +142,9 @@ def evolution(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: Evoluti
 
         mutate = partial(_mutate, parents, low, high, s.mutation_prob, rng)
         crossover = partial(_crossover, parents, rng)
+        generation: dict[tuple[int, ...], None] = {}
         for c in range(pop_size):
-            score(propose(mutate if c < n_mut else crossover))
+            propose(mutate if c < n_mut else crossover, generation)
+        score(generation)
         if len(cache) == before:  # the reachable space is exhausted: stop rather than loop forever
             return

@@ -144,10 +144,15 @@ def predictor(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: Predict
     # 1. Initial samples: the uniform policy and random ones (projected onto the budget).
     evaluate(problem.uniform_keep())
     n_init = max(2, round(s.init_fraction * evaluator.budget_evals))
-    while len(seen) < n_init and evaluator.remaining > 1:
+    # They do not depend on scores: one batch (scored in parallel when the evaluator has workers).
+    initial: dict[tuple[int, ...], np.ndarray] = {}
+    while len(seen) + len(initial) < n_init and evaluator.remaining - len(initial) > 1:
         keep = problem.keep_for(rng.uniform(0.0, max_ratio, n))
-        if tuple(keep.tolist()) not in seen:
-            evaluate(keep)
+        key = tuple(keep.tolist())
+        if key not in seen and key not in initial:
+            initial[key] = keep
+    for key, (_, reward) in zip(initial, evaluator.evaluate_keeps(list(initial.values())), strict=True):
+        seen[key] = reward
 
     model = Ensemble(n, s.ensemble, s.hidden, generator)
 

@@ -177,6 +177,8 @@ def search(
     reward: str | RewardFn = "acc",
     tensorboard_log: str | None = None,
     budget_range: tuple[float, float] | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
     **settings: Any,
 ) -> SearchResult:
     """Run ``agent`` on a problem (or on the problem of an environment the factory builds) with a fresh
@@ -190,9 +192,27 @@ def search(
     are drawn from the range; only budget-conditioned agents (the SB3 learners) accept it. The trained
     policy is ``result.policy``: ``result.policy.keep_for(problem, target)`` prunes for any target in the
     range without another evaluation, and ``save``/``load`` keep it.
+
+    ``workers=N`` scores the batches agents propose (random search, evolution's generations, the
+    predictor's initial samples, RL-Pruner's samples) on N Ray actors (:class:`~prune_env.distributed.RayScorer`,
+    ``pip install prune-env[ray]``); ``ray_address`` joins a running cluster instead of starting Ray here.
+    The search — proposals, scores, history, best policy — is the same as without workers for the same seed.
     """
     # Everything is checked before the environment factory builds (and maybe trains) anything.
-    check_settings({"budget_evals": budget_evals, "seed": seed, "budget_range": budget_range})
+    check_settings(
+        {
+            "budget_evals": budget_evals,
+            "seed": seed,
+            "budget_range": budget_range,
+            "workers": workers,
+            "ray_address": ray_address,
+        }
+    )
+    parallel = (workers is not None and workers > 1) or ray_address is not None
+    if parallel:
+        from prune_env.distributed import import_ray
+
+        import_ray()  # a missing optional dependency is said before any work
     if tensorboard_log is not None and not isinstance(tensorboard_log, str | Path):
         raise InvalidSettingError(
             f"tensorboard_log must be a directory path, got {type(tensorboard_log).__name__}"
@@ -223,11 +243,23 @@ def search(
     if tensorboard_log is not None and own_logs:
         settings.setdefault("tensorboard_log", str(tensorboard_log))
     writer = EvaluationWriter(tensorboard_log) if tensorboard_log is not None else None
+    scorer = None
+    if parallel:
+        from prune_env.distributed import RayScorer
+
+        scorer = RayScorer(problem, workers, address=ray_address)
     evaluator = BudgetedEvaluator(
-        problem, budget_evals, reward=reward_fn, on_evaluation=writer, budget_range=budget_range
+        problem,
+        budget_evals,
+        reward=reward_fn,
+        on_evaluation=writer,
+        budget_range=budget_range,
+        scorer=scorer,
     )
     try:
         return run_agent(agent, evaluator, seed=seed, **settings)
     finally:
         if writer is not None:
             writer.close()
+        if scorer is not None:
+            scorer.close()

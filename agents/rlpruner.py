@@ -143,14 +143,21 @@ def _search_round(
     best: tuple[float, np.ndarray] | None = None
     spent = 0
     while spent < evals:
-        batch: list[tuple[float, np.ndarray]] = []
+        keeps = []
         for i in range(min(s.samples, evals - spent)):
             # The first draw of the first batch is the mean itself, so the distribution is always scored.
             noise = np.zeros(n) if (spent == 0 and i == 0) else rng.normal(0.0, sigma, n)
             ratios = np.clip(mean + noise, 0.0, problem.max_ratio)
-            keep = problem.keep_for(ratios, target)
-            reward = _score(evaluator, problem, original, keep)
+            keeps.append(problem.keep_for(ratios, target))
             spent += 1
+        # A batch's samples do not depend on each other's scores: scored together (in parallel when the
+        # evaluator has workers and the round prunes the original model).
+        if problem is original:
+            rewards = [reward for _, reward in evaluator.evaluate_keeps(keeps)]
+        else:
+            rewards = [_score(evaluator, problem, original, keep) for keep in keeps]
+        batch: list[tuple[float, np.ndarray]] = []
+        for keep, reward in zip(keeps, rewards, strict=True):
             batch.append((reward, problem.ratios_for(keep)))
             if best is None or reward > best[0]:
                 best = (reward, keep)

@@ -25,6 +25,7 @@ from prune_env.models import ModelSpec
 from prune_env.proxies import make_proxy
 from prune_env.proxy import Proxy, ProxyContext, ProxyResult
 from prune_env.rewards import Outcome
+from prune_env.scoring import PolicyScorer
 from prune_env.settings import ProblemSettings
 from prune_env.surgery import ModelRebuilder, prune_channels
 from prune_env.train import check_train_options, train_base
@@ -199,6 +200,8 @@ class PruningProblem:
         self.base_loss = full.loss
         self.evaluations = 0  # proxy evaluations that were not memo hits
         self._results: dict[tuple[int, ...], ProxyResult] = {}
+        # Policies scored by prefetch() and not asked for yet: their share of the batch's seconds.
+        self._prefetched: dict[tuple[int, ...], float] = {}
         self._rebuilder: ModelRebuilder | None = None
 
     # -- construction -------------------------------------------------------------------------------
@@ -285,6 +288,40 @@ class PruningProblem:
         policy again costs no proxy evaluation. The proxy is deterministic, so the result is the same."""
         self._results[tuple(int(k) for k in keep)] = ProxyResult(accuracy=float(accuracy), loss=float(loss))
 
+    def proxy_result(self, keep: np.ndarray) -> ProxyResult:
+        """The proxy's result for projected kept counts ``keep``, scored once and then remembered."""
+        keep = np.asarray(keep, dtype=np.int64)
+        key = tuple(keep.tolist())
+        if key not in self._results:
+            # The pruned model is a function of the kept counts (rankings are fixed), so is its score.
+            self._results[key] = self._checked(
+                self.proxy.evaluate_policy(keep, lambda: self.build_for_evaluation(keep))
+            )
+            self.evaluations += 1
+        return self._results[key]
+
+    def prefetch(self, keeps: Sequence[Sequence[int] | np.ndarray], scorer: PolicyScorer) -> None:
+        """Score the policies among ``keeps`` (projected kept counts) that were never scored, all at once
+        with ``scorer`` (several worker processes or machines), so that :meth:`evaluate_keep` of each then
+        returns at once. The scores are the proxy's, computed on copies of this problem: the same as
+        :meth:`evaluate_keep` would give, whichever worker computed them. A policy first asked for after
+        a prefetch counts as a fresh evaluation, not a memo hit."""
+        todo = list(dict.fromkeys(tuple(int(k) for k in keep) for keep in keeps))
+        todo = [key for key in todo if key not in self._results]
+        if not todo:
+            return
+        start = time.perf_counter()
+        results = scorer.score(todo)
+        if len(results) != len(todo):
+            raise InvalidSettingError(
+                f"{type(scorer).__name__}.score returned {len(results)} results for {len(todo)} policies"
+            )
+        share = (time.perf_counter() - start) / len(todo)
+        for key, result in zip(todo, results, strict=True):
+            self._results[key] = self._checked(result)
+            self._prefetched[key] = share
+            self.evaluations += 1
+
     def _units(self, keep: np.ndarray) -> list[np.ndarray]:
         keep = np.asarray(keep, dtype=np.int64)
         return [np.sort(order[:k]) for order, k in zip(self.rankings, keep, strict=True)]
@@ -294,20 +331,15 @@ class PruningProblem:
         keep = np.asarray(keep, dtype=np.int64)
         start = time.perf_counter()
         key = tuple(keep.tolist())
-        memo_hit = key in self._results
-        if not memo_hit:
-            # The pruned model is a function of the kept counts (rankings are fixed), so is its score.
-            self._results[key] = self._checked(
-                self.proxy.evaluate_policy(keep, lambda: self.build_for_evaluation(keep))
-            )
-            self.evaluations += 1
-        result = self._results[key]
+        prefetched = self._prefetched.pop(key, None)
+        memo_hit = key in self._results and prefetched is None
+        result = self.proxy_result(keep)
         return self.outcome(
             keep,
             accuracy=result.accuracy,
             loss=result.loss,
             target=target,
-            eval_seconds=time.perf_counter() - start,
+            eval_seconds=time.perf_counter() - start if prefetched is None else prefetched,
             memo_hit=memo_hit,
         )
 

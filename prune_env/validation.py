@@ -111,6 +111,15 @@ def budget_range(name: str, value: Any) -> tuple[float, float]:
     return low, high
 
 
+def ray_address(name: str, value: Any) -> str | None:
+    """A Ray cluster's address (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``) or None."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        _refuse(name, value, 'a Ray address such as "auto" or "ray://HOST:10001" (or None: a local Ray)')
+    return value.strip()
+
+
 def max_ratio(name: str, value: Any) -> float:
     """The largest fraction of a group that may be removed, in (0, 1] (one channel always stays)."""
     result = as_real(name, value)
@@ -150,6 +159,8 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "use_sensitivity": flag,
     "progress": flag,
     "resume": flag,
+    "workers": _optional(_int_at_least(1)),
+    "ray_address": ray_address,
 }
 
 

@@ -106,6 +106,8 @@ def run(
     agent_settings: Mapping[str, Mapping[str, Any]] | None = None,
     metric: str = "macs",
     progress: bool = True,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> BenchmarkResults:
     """Run every agent × seed on every (model, dataset, target) and save tidy results under ``out``.
 
@@ -126,14 +128,31 @@ def run(
         problem_kwargs: extra :class:`PruningProblem` arguments (``eval_samples``, ``importance``, ...).
         agent_settings: ``{agent label: {setting: value}}`` passed to that agent's function.
         progress: tqdm bar over the grid (and base-model training, if a model is not cached).
+        workers: run up to this many runs at once as Ray tasks (``pip install prune-env[ray]``), each
+            on its own copy of the problem (built here once per model, dataset and target, sent once);
+            rows are written as runs finish, so the files and resuming work as for a serial grid.
+        ray_address: a Ray cluster to run the tasks on (``"auto"``, ``"ray://HOST:10001"``); with
+            ``workers`` unset, as many at once as the cluster has CPUs.
 
     Returns the results of the whole grid, including runs completed by earlier calls with the same
     ``out`` (which are skipped, not repeated). Results depend only on the arguments and seeds.
     """
     # Every argument is checked before a base model is trained or a file written.
     check_settings(
-        {"evals": evals, "finetune_epochs": finetune_epochs, "metric": metric, "progress": progress}
+        {
+            "evals": evals,
+            "finetune_epochs": finetune_epochs,
+            "metric": metric,
+            "progress": progress,
+            "workers": workers,
+            "ray_address": ray_address,
+        }
     )
+    on_ray = (workers is not None and workers > 1) or ray_address is not None
+    if on_ray:
+        from prune_env.distributed import import_ray
+
+        import_ray()
     targets = check_sequence("targets", targets, "target")
     seeds = check_sequence("seeds", seeds, "seed")
     get_reward(reward)
@@ -166,6 +185,7 @@ def run(
             settings,
             metric,
             progress,
+            (workers, ray_address) if on_ray else None,
         )
 
 
@@ -195,8 +215,9 @@ def _run_grid(
     settings: dict[str, dict[str, Any]],
     metric: str,
     progress: bool,
+    ray: tuple[int | None, str | None] | None,
 ) -> BenchmarkResults:
-    """The grid of :func:`run` in a directory this process holds."""
+    """The grid of :func:`run` in a directory this process holds (on Ray: ``(workers, address)``)."""
     from tqdm.auto import tqdm
 
     out = rundir.path
@@ -256,35 +277,92 @@ def _run_grid(
     }
     results = done
     results.out = out
-    problems: dict[tuple[str, str, float], PruningProblem] = {}
+
+    def save(item: GridItem, run_row: dict[str, Any], eval_rows: list[dict[str, Any]]) -> None:
+        (m_label, _), (d_label, _), target, (a_label, _), seed = item
+        keys = {"agent": a_label, "model": m_label, "dataset": d_label, "target": target, "seed": seed}
+        run_row = {**keys, "metric": metric, "reward": reward_label, **run_row}
+        eval_rows = [{**keys, **e} for e in eval_rows]
+        # Evaluations first, then the run row: a run counts as done only once all its rows are on disk.
+        append_csv(evals_csv, EVAL_FIELDS, eval_rows)
+        append_csv(runs_csv, RUN_FIELDS, [run_row])
+        results.runs.append(run_row)
+        results.evaluations.extend(eval_rows)
+        write_json(out / "runs.json", {"settings": meta, "runs": [jsonable(r) for r in results.runs]})
+
+    def problem_for(item: GridItem) -> PruningProblem:
+        (_, model), (_, dataset), target, _, _ = item
+        return _problem(model, dataset, target, metric, problem_kwargs, progress)
+
+    def one_run(item: GridItem) -> tuple[Any, ...]:
+        _, _, _, (a_label, agent), seed = item
+        return (agent, seed, evals, reward, settings.get(a_label, {}), finetune_epochs)
+
     with tqdm(total=len(grid), initial=len(grid) - len(todo), desc="benchmark", disable=not progress) as bar:
-        for (m_label, model), (d_label, dataset), target, (a_label, agent), seed in todo:
-            bar.set_postfix_str(f"{a_label} {m_label}/{d_label} t={target:g} seed={seed}")
-            pkey = (m_label, d_label, target)
-            if pkey not in problems:
-                problems.clear()  # one problem alive at a time: they hold a model, data and a memo
-                problems[pkey] = _problem(model, dataset, target, metric, problem_kwargs, progress)
-            problem = problems[pkey]
-            run_row, eval_rows = _one_run(
-                problem, agent, seed, evals, reward, settings.get(a_label, {}), finetune_epochs
-            )
-            keys = {"agent": a_label, "model": m_label, "dataset": d_label, "target": target, "seed": seed}
-            run_row = {**keys, "metric": metric, "reward": reward_label, **run_row}
-            eval_rows = [{**keys, **e} for e in eval_rows]
-            # Evaluations first, then the run row: a run counts as done only once all its rows are on disk.
-            append_csv(evals_csv, EVAL_FIELDS, eval_rows)
-            append_csv(runs_csv, RUN_FIELDS, [run_row])
-            results.runs.append(run_row)
-            results.evaluations.extend(eval_rows)
-            write_json(out / "runs.json", {"settings": meta, "runs": [jsonable(r) for r in results.runs]})
-            bar.update(1)
+        if ray is not None:
+            _grid_on_ray(todo, problem_for, one_run, save, bar, *ray)
+        else:
+            problems: dict[tuple[str, str, float], PruningProblem] = {}
+            for item in todo:
+                (m_label, _), (d_label, _), target, (a_label, _), seed = item
+                bar.set_postfix_str(f"{a_label} {m_label}/{d_label} t={target:g} seed={seed}")
+                pkey = (m_label, d_label, target)
+                if pkey not in problems:
+                    problems.clear()  # one problem alive at a time: they hold a model, data and a memo
+                    problems[pkey] = problem_for(item)
+                save(item, *_one_run(problems[pkey], *one_run(item)))
+                bar.update(1)
     if not todo and not (out / "runs.json").exists():
         write_json(out / "runs.json", {"settings": meta, "runs": [jsonable(r) for r in results.runs]})
     # Report the requested grid in grid order, even if the directory holds more (an earlier, larger grid).
-    wanted = {(a[0], m[0], d[0], t, s) for m, d, t, a, s in grid}
-    results.runs = [r for r in results.runs if run_key(r) in wanted]
-    results.evaluations = [e for e in results.evaluations if run_key(e) in wanted]
+    order = {(a[0], m[0], d[0], t, s): k for k, (m, d, t, a, s) in enumerate(grid)}
+    results.runs = sorted((r for r in results.runs if run_key(r) in order), key=lambda r: order[run_key(r)])
+    results.evaluations = sorted(
+        (e for e in results.evaluations if run_key(e) in order), key=lambda e: order[run_key(e)]
+    )
     return results
+
+
+GridItem = tuple[tuple[str, Any], tuple[str, Any], float, tuple[str, Any], int]
+
+
+def _grid_on_ray(
+    todo: list[GridItem],
+    problem_for: Callable[[GridItem], PruningProblem],
+    one_run: Callable[[GridItem], tuple[Any, ...]],
+    save: Callable[[GridItem, dict[str, Any], list[dict[str, Any]]], None],
+    bar: Any,
+    workers: int | None,
+    address: str | None,
+) -> None:
+    """The runs as Ray tasks, at most ``workers`` at a time; each run's rows are saved as it finishes."""
+    from prune_env.distributed import import_ray, start_ray
+
+    ray = import_ray()
+    start_ray(workers or 1, address)
+    limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    task = ray.remote(num_cpus=1)(_remote_run)  # Ray retries a run whose worker died
+    shared: dict[tuple[str, str, float], Any] = {}  # each problem built here once, sent once
+    queue = list(todo)
+    pending: dict[Any, GridItem] = {}
+    while queue or pending:
+        while queue and len(pending) < limit:
+            item = queue.pop(0)
+            pkey = (item[0][0], item[1][0], item[2])
+            if pkey not in shared:
+                shared[pkey] = ray.put(problem_for(item))
+            pending[task.remote(shared[pkey], *one_run(item))] = item
+        finished, _ = ray.wait(list(pending), num_returns=1)
+        item = pending.pop(finished[0])
+        save(item, *ray.get(finished[0]))
+        bar.update(1)
+
+
+def _remote_run(problem: PruningProblem, *args: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    import torch
+
+    torch.set_num_threads(1)  # a Ray task has one CPU
+    return _one_run(problem, *args)
 
 
 def _problem(

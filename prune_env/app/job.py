@@ -49,6 +49,7 @@ from prune_env.errors import InvalidSettingError, ResumeError, UnknownNameError,
 from prune_env.fileio import write_text_atomic
 from prune_env.problem import PruningProblem
 from prune_env.rewards import get_reward
+from prune_env.scoring import PolicyScorer
 
 log = logging.getLogger("prune_env.job")
 
@@ -360,6 +361,7 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
     handlers = _setup_logging(s.out)
     timings: dict[str, float] = {}
     problem = evaluator = None
+    scorer: PolicyScorer | None = None
     run_log: RunLog | None = None
     bar = None
     stage = "base model"
@@ -375,8 +377,18 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             )["accuracy"]
         timings["base_seconds"] = time.perf_counter() - t0
         run_log = RunLog(s.out, state)
+        if s.parallel:
+            from prune_env.distributed import RayScorer
+
+            scorer = RayScorer(problem, s.workers, address=s.ray_address)
+            log.info("scoring on %d Ray workers", scorer.workers)
         evaluator = BudgetedEvaluator(
-            problem, s.evals, reward=s.reward, on_evaluation=run_log, budget_range=s.budget_range
+            problem,
+            s.evals,
+            reward=s.reward,
+            on_evaluation=run_log,
+            budget_range=s.budget_range,
+            scorer=scorer,
         )
         # A resumed log is checked against the problem before anything is said or written.
         evaluator.check_log(previous, str(run_log.csv_path))
@@ -480,6 +492,8 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             return 130
         return _finish_partial(s, problem, evaluator, timings, started, stage)
     finally:
+        if scorer is not None:
+            scorer.close()
         if run_log is not None:
             run_log.close()
         for h in handlers:

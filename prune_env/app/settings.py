@@ -68,6 +68,19 @@ class SearchSettings:
         ),
     )
     evals: int = field(default=100, metadata=option_help("evaluation budget"))
+    workers: int | None = field(
+        default=None,
+        metadata=option_help(
+            "score the batches the agent proposes on N Ray actors (pip install 'prune-env[ray]'); the search "
+            "is the same as without, only faster"
+        ),
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata=option_help(
+            'a Ray cluster to score on ("auto", ray://HOST:10001); default: Ray on this machine'
+        ),
+    )
     reward: str = field(default="acc", metadata=option_help("reward preset (see `prune-env list`)"))
     finetune_epochs: int = field(default=3, metadata=option_help("KD fine-tune epochs of the best policy"))
     resume: bool = field(default=False, metadata=option_help("continue the run in --out"))
@@ -92,9 +105,19 @@ class SearchSettings:
                 )
             object.__setattr__(self, "weights", weights)
         check_settings(
-            {"evals": self.evals, "finetune_epochs": self.finetune_epochs, "resume": self.resume},
+            {
+                "evals": self.evals,
+                "finetune_epochs": self.finetune_epochs,
+                "resume": self.resume,
+                "workers": self.workers,
+                "ray_address": self.ray_address,
+            },
             option_style=True,
         )
+        if self.parallel:
+            from prune_env.distributed import import_ray
+
+            import_ray()  # a missing optional dependency is said before any work
         # The budget is checked by ProblemSettings itself (from_options words it as options).
         if not isinstance(self.problem, ProblemSettings):
             raise InvalidSettingError("problem must be a ProblemSettings")
@@ -114,6 +137,11 @@ class SearchSettings:
                 )
         if not isinstance(self.agent_settings, Mapping):
             raise InvalidSettingError("agent_settings must be a mapping of setting names to values")
+
+    @property
+    def parallel(self) -> bool:
+        """Whether proposals are scored on Ray actors (several workers, or a cluster)."""
+        return (self.workers is not None and self.workers > 1) or self.ray_address is not None
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (the budget and fine-tune may change)."""

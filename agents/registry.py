@@ -25,6 +25,7 @@ import numpy as np
 
 from agents.evaluator import BudgetedEvaluator, BudgetExhausted, SearchResult
 from agents.tensorboard import EvaluationWriter
+from prune_env.distributed import RayScorer, uses_ray
 from prune_env.errors import InvalidSettingError, UnknownNameError
 from prune_env.problem import PruningProblem
 from prune_env.rewards import RewardFn, get_reward
@@ -208,11 +209,7 @@ def search(
             "ray_address": ray_address,
         }
     )
-    parallel = (workers is not None and workers > 1) or ray_address is not None
-    if parallel:
-        from prune_env.distributed import import_ray
-
-        import_ray()  # a missing optional dependency is said before any work
+    parallel = uses_ray(workers, ray_address)
     if tensorboard_log is not None and not isinstance(tensorboard_log, str | Path):
         raise InvalidSettingError(
             f"tensorboard_log must be a directory path, got {type(tensorboard_log).__name__}"
@@ -245,8 +242,6 @@ def search(
     writer = EvaluationWriter(tensorboard_log) if tensorboard_log is not None else None
     scorer = None
     if parallel:
-        from prune_env.distributed import RayScorer
-
         scorer = RayScorer(problem, workers, address=ray_address)
     evaluator = BudgetedEvaluator(
         problem,

@@ -37,6 +37,15 @@ def import_ray() -> ModuleType:
     return ray
 
 
+def uses_ray(workers: int | None, address: str | None) -> bool:
+    """Whether settings (already checked) ask for Ray: several workers, or a cluster. If they do, Ray must
+    be installed, which is checked here, before any work."""
+    wanted = (workers is not None and workers > 1) or address is not None
+    if wanted:
+        import_ray()
+    return wanted
+
+
 def start_ray(workers: int, address: str | None = None) -> None:
     """Connect to the Ray cluster at ``address``, or start a local one with CPUs for ``workers`` actors
     (nothing happens when this process is already connected)."""

@@ -47,6 +47,7 @@ from prune_env.app.results import (
     write_json,
 )
 from prune_env.app.rundir import RunDirectory
+from prune_env.distributed import uses_ray
 from prune_env.errors import InvalidSettingError
 from prune_env.problem import PruningProblem, check_model_arg
 from prune_env.rewards import get_reward
@@ -148,11 +149,7 @@ def run(
             "ray_address": ray_address,
         }
     )
-    on_ray = (workers is not None and workers > 1) or ray_address is not None
-    if on_ray:
-        from prune_env.distributed import import_ray
-
-        import_ray()
+    on_ray = uses_ray(workers, ray_address)
     targets = check_sequence("targets", targets, "target")
     seeds = check_sequence("seeds", seeds, "seed")
     get_reward(reward)

@@ -114,10 +114,10 @@ class SearchSettings:
             },
             option_style=True,
         )
-        if self.parallel:
-            from prune_env.distributed import import_ray
+        # Imported here, not at the top: it imports torch, which `prune-env --help` need not wait for.
+        from prune_env.distributed import uses_ray
 
-            import_ray()  # a missing optional dependency is said before any work
+        object.__setattr__(self, "_parallel", uses_ray(self.workers, self.ray_address))  # Ray checked
         # The budget is checked by ProblemSettings itself (from_options words it as options).
         if not isinstance(self.problem, ProblemSettings):
             raise InvalidSettingError("problem must be a ProblemSettings")
@@ -141,7 +141,7 @@ class SearchSettings:
     @property
     def parallel(self) -> bool:
         """Whether proposals are scored on Ray actors (several workers, or a cluster)."""
-        return (self.workers is not None and self.workers > 1) or self.ray_address is not None
+        return bool(self.__dict__["_parallel"])
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (the budget and fine-tune may change)."""

@@ -18,8 +18,9 @@ import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from prune_env.distributed import import_ray, start_ray
+from prune_env.distributed import start_ray
 from prune_env.errors import InvalidSettingError
+from prune_env.optional_ray import import_ray
 
 
 class EnvWorker:

@@ -25,8 +25,9 @@ import numpy as np
 
 from agents.evaluator import BudgetedEvaluator, BudgetExhausted, SearchResult
 from agents.tensorboard import EvaluationWriter
-from prune_env.distributed import RayScorer, uses_ray
+from prune_env.distributed import RayScorer
 from prune_env.errors import InvalidSettingError, UnknownNameError
+from prune_env.optional_ray import uses_ray
 from prune_env.problem import PruningProblem
 from prune_env.rewards import RewardFn, get_reward
 from prune_env.settings import replace_checked

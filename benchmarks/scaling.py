@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from prune_env.distributed import RayScorer, import_ray
+from prune_env.distributed import RayScorer
+from prune_env.optional_ray import import_ray
 from prune_env.problem import PruningProblem
 from prune_env.proxy import Proxy, ProxyResult
 
@@ -40,7 +41,9 @@ class NoWork(Proxy):
         return ProxyResult(accuracy=0.0, loss=0.0)
 
 
-def serial_seconds(problem: PruningProblem, keeps: list[tuple[int, ...]], threads: int, repeats: int) -> float:
+def serial_seconds(
+    problem: PruningProblem, keeps: list[tuple[int, ...]], threads: int, repeats: int
+) -> float:
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     times = []
@@ -56,7 +59,9 @@ def serial_seconds(problem: PruningProblem, keeps: list[tuple[int, ...]], thread
     return statistics.median(times)
 
 
-def ray_seconds(problem: PruningProblem, keeps: list[tuple[int, ...]], workers: int, repeats: int) -> tuple[float, float]:
+def ray_seconds(
+    problem: PruningProblem, keeps: list[tuple[int, ...]], workers: int, repeats: int
+) -> tuple[float, float]:
     """(median seconds to score ``keeps``, seconds to start and warm up the workers)."""
     times = []
     start = time.perf_counter()
@@ -72,7 +77,9 @@ def ray_seconds(problem: PruningProblem, keeps: list[tuple[int, ...]], workers: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--target", type=float, default=0.5)
@@ -84,8 +91,12 @@ def main() -> None:
     args = parser.parse_args()
 
     ray = import_ray()
-    ray.init(num_cpus=max(max(args.workers), os.cpu_count() or 1), include_dashboard=False, logging_level="error")
-    problem = PruningProblem(args.model, args.dataset, target_macs=args.target, proxy=args.proxy, progress=False)
+    ray.init(
+        num_cpus=max(max(args.workers), os.cpu_count() or 1), include_dashboard=False, logging_level="error"
+    )
+    problem = PruningProblem(
+        args.model, args.dataset, target_macs=args.target, proxy=args.proxy, progress=False
+    )
     rng = np.random.default_rng(args.seed)
     keeps = list(
         dict.fromkeys(
@@ -101,10 +112,14 @@ def main() -> None:
     all_threads = serial_seconds(problem, keeps, torch.get_num_threads(), args.repeats)
     print(f"{'scoring':<28} {'evals/s':>8} {'ratio':>6} {'start s':>8}")
     print(f"{'serial, 1 thread':<28} {len(keeps) / base:8.2f} {1.0:6.2f}")
-    print(f"{f'serial, {torch.get_num_threads()} threads':<28} {len(keeps) / all_threads:8.2f} {base / all_threads:6.2f}")
+    print(
+        f"{f'serial, {torch.get_num_threads()} threads':<28} {len(keeps) / all_threads:8.2f} {base / all_threads:6.2f}"
+    )
     for workers in args.workers:
         seconds, startup = ray_seconds(problem, keeps, workers, args.repeats)
-        print(f"{f'Ray, {workers} worker(s)':<28} {len(keeps) / seconds:8.2f} {base / seconds:6.2f} {startup:8.1f}")
+        print(
+            f"{f'Ray, {workers} worker(s)':<28} {len(keeps) / seconds:8.2f} {base / seconds:6.2f} {startup:8.1f}"
+        )
 
     idle = PruningProblem(problem.base_model, problem.splits, proxy=NoWork(), target_macs=args.target)
     idle_keeps = [keeps[k % len(keeps)] for k in range(400)]  # repeats are fine: no work to remember

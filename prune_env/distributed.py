@@ -15,35 +15,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 
 from prune_env.errors import InvalidSettingError
+from prune_env.optional_ray import import_ray
 from prune_env.problem import PruningProblem
 from prune_env.proxy import ProxyResult
 from prune_env.validation import check_settings
-
-
-def import_ray() -> ModuleType:
-    try:
-        import ray
-    except ImportError:
-        raise InvalidSettingError(
-            "parallel workers run on Ray, an optional dependency: pip install 'prune-env[ray]' (or pip install ray)"
-        ) from None
-    return ray
-
-
-def uses_ray(workers: int | None, address: str | None) -> bool:
-    """Whether settings (already checked) ask for Ray: several workers, or a cluster. If they do, Ray must
-    be installed, which is checked here, before any work."""
-    wanted = (workers is not None and workers > 1) or address is not None
-    if wanted:
-        import_ray()
-    return wanted
 
 
 def start_ray(workers: int, address: str | None = None) -> None:

@@ -47,8 +47,8 @@ from prune_env.app.results import (
     write_json,
 )
 from prune_env.app.rundir import RunDirectory
-from prune_env.distributed import uses_ray
 from prune_env.errors import InvalidSettingError
+from prune_env.optional_ray import uses_ray
 from prune_env.problem import PruningProblem, check_model_arg
 from prune_env.rewards import get_reward
 from prune_env.settings import ProblemSettings
@@ -333,7 +333,8 @@ def _grid_on_ray(
     address: str | None,
 ) -> None:
     """The runs as Ray tasks, at most ``workers`` at a time; each run's rows are saved as it finishes."""
-    from prune_env.distributed import import_ray, start_ray
+    from prune_env.distributed import start_ray
+    from prune_env.optional_ray import import_ray
 
     ray = import_ray()
     start_ray(workers or 1, address)

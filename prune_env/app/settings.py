@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prune_env.errors import InvalidSettingError, RunDirectoryError
+from prune_env.optional_ray import uses_ray
 from prune_env.settings import ProblemSettings, option_help
 from prune_env.validation import check_settings
 
@@ -114,10 +115,7 @@ class SearchSettings:
             },
             option_style=True,
         )
-        # Imported here, not at the top: it imports torch, which `prune-env --help` need not wait for.
-        from prune_env.distributed import uses_ray
-
-        object.__setattr__(self, "_parallel", uses_ray(self.workers, self.ray_address))  # Ray checked
+        uses_ray(self.workers, self.ray_address)  # a missing optional dependency is said before any work
         # The budget is checked by ProblemSettings itself (from_options words it as options).
         if not isinstance(self.problem, ProblemSettings):
             raise InvalidSettingError("problem must be a ProblemSettings")
@@ -141,7 +139,7 @@ class SearchSettings:
     @property
     def parallel(self) -> bool:
         """Whether proposals are scored on Ray actors (several workers, or a cluster)."""
-        return bool(self.__dict__["_parallel"])
+        return uses_ray(self.workers, self.ray_address)
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (the budget and fine-tune may change)."""

@@ -21,10 +21,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 @dataclass(frozen=True)
 class CostTerm:
-    """``coef × Π kept(slot)`` over at most two slots (a layer dimension)."""
+    """``coef × Π kept(slot)`` over at most two slots (a layer dimension).
+
+    ``label`` says what the term counts: for MACs the qualified name of the module (``""`` for a function
+    call), for parameters the parameter's name — so costs can be split by layer (bit-widths per layer).
+    """
 
     coef: int
     slots: tuple[int, ...]
+    label: str = ""
 
 
 class CostModel:
@@ -53,6 +58,8 @@ class CostModel:
         self._fixed1_float = self._fixed1.astype(np.float64)
         self._macs = self._compile(macs_terms)
         self._params = self._compile(params_terms)
+        self.macs_labels = tuple(t.label for t in macs_terms)
+        self.params_labels = tuple(t.label for t in params_terms)
         # int64 arithmetic is exact when no partial sum can exceed the largest possible total (all kept
         # counts at most the unpruned ones): then evaluate vectorised, else term by term in Python ints.
         self._kept_full = self.kept(self.full)
@@ -135,6 +142,24 @@ class CostModel:
 
     def macs(self, keep: np.ndarray) -> int:
         return self._eval(self._macs, keep)
+
+    def macs_by_label(self, keep: np.ndarray) -> dict[str, int]:
+        """MACs per module (qualified name; ``""`` for function calls) for ``keep``; they sum to :meth:`macs`."""
+        return self._by_label(self._macs, self.macs_labels, keep)
+
+    def params_by_label(self, keep: np.ndarray) -> dict[str, int]:
+        """Elements per parameter (by name) for ``keep``; they sum to :meth:`params`."""
+        return self._by_label(self._params, self.params_labels, keep)
+
+    def _by_label(
+        self, compiled: tuple[np.ndarray, np.ndarray, np.ndarray], labels: Sequence[str], keep: np.ndarray
+    ) -> dict[str, int]:
+        coef, s1, s2 = compiled
+        k = self.kept(keep)
+        totals: dict[str, int] = {}
+        for label, c, a, b in zip(labels, coef.tolist(), k[s1].tolist(), k[s2].tolist(), strict=True):
+            totals[label] = totals.get(label, 0) + c * a * b  # Python ints: exact
+        return totals
 
     def params(self, keep: np.ndarray) -> int:
         return self._eval(self._params, keep)

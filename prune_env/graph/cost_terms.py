@@ -43,24 +43,17 @@ def cost_model(
         for count in counts:
             mult[count.slot, g] = count.multiplicity
             fixed[count.slot] -= count.positions
-    macs_terms = [CostTerm(coef, slots) for coef, slots in st.macs_terms]
+    macs_terms = [
+        CostTerm(coef, slots, layer)
+        for (coef, slots), layer in zip(st.macs_terms, st.macs_term_layers, strict=True)
+    ]
     params_terms = []
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        use = st.param_uses.get(name)
-        raw = st.slot_index.get((name, "param"))
-        if use is not None:
-            params_terms.append(CostTerm(use.coef, use.slots))
-        elif raw is not None and st.slots[raw].dim >= 0:
-            shape = st.slots[raw].param_shape
-            assert shape is not None  # raw parameter slots record their shape
-            coef = int(np.prod(shape)) // shape[st.slots[raw].dim]
-            params_terms.append(CostTerm(coef, (raw,)))
-        else:
-            params_terms.append(CostTerm(p.numel(), ()))
+        params_terms.append(_param_term(st, name, p))
     return CostModel(
         mult=mult,
         fixed=fixed,
@@ -68,3 +61,17 @@ def cost_model(
         params_terms=params_terms,
         full=[g.units for g in groups],
     )
+
+
+def _param_term(st: State, name: str, p: nn.Parameter) -> CostTerm:
+    """The numel of parameter ``name`` as a cost term (labelled with the parameter's name)."""
+    use = st.param_uses.get(name)
+    raw = st.slot_index.get((name, "param"))
+    if use is not None:
+        return CostTerm(use.coef, use.slots, name)
+    if raw is not None and st.slots[raw].dim >= 0:
+        shape = st.slots[raw].param_shape
+        assert shape is not None  # raw parameter slots record their shape
+        coef = int(np.prod(shape)) // shape[st.slots[raw].dim]
+        return CostTerm(coef, (raw,), name)
+    return CostTerm(p.numel(), (), name)

@@ -100,6 +100,8 @@ class State:
     slots: list[SlotRecord] = field(default_factory=list)
     slot_index: dict[tuple[str, str], int] = field(default_factory=dict)
     macs_terms: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    # The module each MACs term is counted for (its qualified name; "" for a function or method call).
+    macs_term_layers: list[str] = field(default_factory=list)
     param_uses: dict[str, ParamUse] = field(default_factory=dict)
     unmapped: dict[str, str] = field(default_factory=dict)  # node name -> reason
     record_costs: bool = True
@@ -121,6 +123,7 @@ class State:
             slots=[dataclasses.replace(s) for s in self.slots],
             slot_index=dict(self.slot_index),
             macs_terms=list(self.macs_terms),
+            macs_term_layers=list(self.macs_term_layers),
             param_uses=dict(self.param_uses),
             unmapped=dict(self.unmapped),
             tensor_names=dict(self.tensor_names),

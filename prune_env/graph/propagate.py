@@ -171,12 +171,15 @@ class Propagator(torch.fx.Interpreter):
             mapped = Mapped(poison_like(value))
         if n.op == "call_module":
             self._record_whole_tensors(str(n.target))
+        layer = str(n.target) if n.op == "call_module" else ""
         if macs and not mapped.macs and st.record_costs:
             # A multiply-accumulate op we do not model: its inputs are frozen, so its cost is constant.
             st.poison((c.id_args, c.id_kwargs), n, f"{self.ctx.describe(n)} (unmodelled MACs)")
             st.macs_terms.append((macs, ()))
+            st.macs_term_layers.append(layer)
         elif mapped.macs and st.record_costs:
             st.macs_terms.extend(mapped.macs)
+            st.macs_term_layers.extend([layer] * len(mapped.macs))
         return mapped.ids
 
     def _map(self, c: Call) -> Mapped | None:

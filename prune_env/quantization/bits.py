@@ -1,0 +1,109 @@
+"""Bit plans: how many bits each layer's weights and input activations get.
+
+A :class:`BitPlan` names layers (qualified module names, the same in a model and in every pruned copy of
+it) and their weight and activation bits; a layer it does not name stays at full precision (32-bit floats).
+Only convolutions and linear layers are quantized: their weights per output channel, their inputs per
+tensor (:mod:`prune_env.quantization.fakequant`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from prune_env.errors import InvalidSettingError
+from prune_env.graph import DependencyGraph
+
+FULL_PRECISION = 32
+BIT_CHOICES = (2, 3, 4, 5, 6, 8, FULL_PRECISION)  # what the environments offer (HAQ's and SeerNet's range)
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def check_bits(name: str, bits: Any) -> int:
+    """Bits of a fixed-point format (2..16) or FULL_PRECISION (32: left as floats)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 16 or bits == FULL_PRECISION):
+        raise InvalidSettingError(
+            f"{name} must be an integer number of bits in 2..16, or {FULL_PRECISION} for full precision; got {bits!r}"
+        )
+    return bits
+
+
+@dataclass(frozen=True)
+class BitPlan:
+    """Weight and activation bits per layer (qualified module names); others are full precision."""
+
+    weights: Mapping[str, int] = field(default_factory=dict)
+    activations: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind in ("weights", "activations"):
+            table = getattr(self, kind)
+            if not isinstance(table, Mapping):
+                raise InvalidSettingError(
+                    f"BitPlan.{kind} must map layer names to bits, got {type(table).__name__}"
+                )
+            checked = {str(layer): check_bits(f"{kind} bits of {layer!r}", b) for layer, b in table.items()}
+            object.__setattr__(self, kind, dict(sorted(checked.items())))
+
+    @classmethod
+    def uniform(cls, layers: Iterable[str], weight_bits: int, activation_bits: int | None = None) -> BitPlan:
+        """Every one of ``layers`` at the same bits (activations at ``weight_bits`` unless given)."""
+        names = list(layers)
+        a = weight_bits if activation_bits is None else activation_bits
+        return cls({n: weight_bits for n in names}, {n: a for n in names})
+
+    def weight_bits(self, layer: str) -> int:
+        return self.weights.get(layer, FULL_PRECISION)
+
+    def activation_bits(self, layer: str) -> int:
+        return self.activations.get(layer, FULL_PRECISION)
+
+    def to_json(self) -> str:
+        return json.dumps({"weights": self.weights, "activations": self.activations}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> BitPlan:
+        data = json.loads(text)
+        return cls(data.get("weights", {}), data.get("activations", {}))
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """The qualified names of ``model``'s convolutions and linear layers, in module order."""
+    return [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and name]
+
+
+def group_layers(graph: DependencyGraph, model: nn.Module) -> list[tuple[str, ...]]:
+    """Per channel group, the quantizable layers whose output channels it prunes: the layers whose bits a
+    per-group choice sets (a layer producing no group's channels belongs to none)."""
+    quantizable = set(quantizable_layers(model))
+    return [
+        tuple(dict.fromkeys(m.layer for m in g.members if m.kind == "out" and m.layer in quantizable))
+        for g in graph.groups
+    ]
+
+
+def plan_for_groups(
+    graph: DependencyGraph,
+    model: nn.Module,
+    weight_bits: Sequence[int],
+    activation_bits: Sequence[int],
+    other_bits: int = 8,
+) -> BitPlan:
+    """The plan giving each group's layers that group's bits, and every other quantizable layer
+    ``other_bits`` (weights and activations)."""
+    layers = group_layers(graph, model)
+    if len(weight_bits) != len(layers) or len(activation_bits) != len(layers):
+        raise InvalidSettingError(
+            f"expected {len(layers)} weight and activation bit-widths (one per group), got "
+            f"{len(weight_bits)} and {len(activation_bits)}"
+        )
+    weights = dict.fromkeys(quantizable_layers(model), other_bits)
+    activations = dict(weights)
+    for names, w, a in zip(layers, weight_bits, activation_bits, strict=True):
+        for name in names:
+            weights[name], activations[name] = int(w), int(a)
+    return BitPlan(weights, activations)

@@ -1,0 +1,118 @@
+"""Simulated (fake) quantization for scoring: values rounded to the grid a fixed-point format can hold.
+
+Weights are quantized symmetrically per output channel (scale = the channel's largest magnitude over
+``2^(b-1) - 1``); a layer's input activations per tensor, with the range observed on fixed calibration
+batches (unsigned when never negative, as after a ReLU, else affine with a zero point). PyTorch's own
+``fake_quantize_per_channel_affine`` / ``fake_quantize_per_tensor_affine`` do the rounding, so the result is
+what PyTorch's quantized kernels would compute from the same scales. Full-precision layers are untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from prune_env.data import iterate_batches
+from prune_env.quantization.bits import FULL_PRECISION, QUANTIZABLE, BitPlan
+
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``weight`` rounded to ``bits``-bit symmetric integers, one scale per output channel (dim 0)."""
+    if bits == FULL_PRECISION:
+        return weight
+    qmax = 2 ** (bits - 1) - 1
+    peak = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
+    scale = torch.where(peak > 0, peak / qmax, torch.ones_like(peak)).float()
+    zero = torch.zeros(weight.shape[0], dtype=torch.int32, device=weight.device)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -qmax, qmax)
+
+
+def activation_grid(low: float, high: float, bits: int) -> tuple[float, int, int, int]:
+    """``(scale, zero_point, qmin, qmax)`` of a per-tensor format covering ``[low, high]`` (and 0)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    qmax = 2**bits - 1
+    scale = (high - low) / qmax if high > low else 1.0
+    zero = min(qmax, max(0, round(-low / scale)))
+    return scale, zero, 0, qmax
+
+
+class ActivationQuantizer:
+    """A forward pre-hook rounding a layer's input to a fixed per-tensor grid."""
+
+    def __init__(self, low: float, high: float, bits: int) -> None:
+        self.bits = bits
+        self.scale, self.zero, self.qmin, self.qmax = activation_grid(low, high, bits)
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = torch.fake_quantize_per_tensor_affine(args[0], self.scale, self.zero, self.qmin, self.qmax)
+        return (x, *args[1:])
+
+
+def calibration_batches(
+    dataset: object, batches: int, batch_size: int = 64, seed: int = 0
+) -> list[torch.Tensor]:
+    """``batches`` fixed, seeded training batches (inputs only) to observe activation ranges on."""
+    generator = torch.Generator().manual_seed(seed)
+    found = []
+    for x, _ in iterate_batches(dataset, batch_size, shuffle=True, generator=generator):  # type: ignore[arg-type]
+        found.append(x)
+        if len(found) == batches:
+            break
+    return found
+
+
+def observe_ranges(
+    model: nn.Module, layers: Iterable[str], batches: Sequence[torch.Tensor]
+) -> dict[str, tuple[float, float]]:
+    """The smallest and largest input value each of ``layers`` sees over ``batches`` (eval mode)."""
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def observer(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            low, high = float(args[0].min()), float(args[0].max())
+            old = ranges.get(name, (low, high))
+            ranges[name] = (min(old[0], low), max(old[1], high))
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(observer(n)) for n in layers]
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x in batches:
+                model(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return ranges
+
+
+def fake_quantize(model: nn.Module, plan: BitPlan, batches: Sequence[torch.Tensor]) -> nn.Module:
+    """Quantize ``model`` in place as ``plan`` says (weights rounded, input hooks installed, activation
+    ranges observed on ``batches`` first, before any weight is rounded) and return it. The caller owns
+    ``model``: copy it first to keep the original."""
+    modules = dict(model.named_modules())
+    named = set(plan.weights) | set(plan.activations)
+    unknown = sorted(named - set(modules))
+    if unknown:
+        raise KeyError(f"the bit plan names layers the model does not have: {unknown[:5]}")
+    for name in sorted(named):
+        if not isinstance(modules[name], QUANTIZABLE):
+            raise TypeError(
+                f"{name!r} is a {type(modules[name]).__name__}; only convolutions and linear layers are quantized"
+            )
+    act_layers = [n for n, b in plan.activations.items() if b != FULL_PRECISION]
+    ranges = observe_ranges(model, act_layers, batches) if act_layers else {}
+    with torch.no_grad():
+        for name, bits in plan.weights.items():
+            layer = modules[name]
+            layer.weight.copy_(quantize_weight(layer.weight, bits))
+    for name in act_layers:
+        low, high = ranges.get(name, (0.0, 0.0))  # a layer the batches never reach: any grid will do
+        modules[name].register_forward_pre_hook(ActivationQuantizer(low, high, plan.activations[name]))
+    return model

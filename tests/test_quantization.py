@@ -1,0 +1,182 @@
+"""Quantization: the fake-quant grid, exact BitOps and size (analytic = counted on the pruned, quantized
+model), scoring after any proxy, 8-bit accuracy and determinism."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import prune_env
+from prune_env.errors import InvalidSettingError
+from prune_env.models import get_model
+from prune_env.problem import PruningProblem
+from prune_env.proxies import make_proxy
+from prune_env.quantization import (
+    BIT_CHOICES,
+    FULL_PRECISION,
+    BitPlan,
+    QuantizedProxy,
+    bitops,
+    count_bitops,
+    count_size_bits,
+    fake_quantize,
+    group_layers,
+    plan_for_groups,
+    quantizable_layers,
+    quantize_weight,
+    size_bits,
+)
+from prune_env.supernet import SupernetConfig, SupernetProxy
+from prune_env.surgery import prune_channels
+
+# All of the validation split (216 digits): one sample is 0.46 points of accuracy.
+FAST = {"eval_samples": None, "bn_recalib_batches": 2}
+
+
+def random_plan(model: nn.Module, rng: np.random.Generator) -> BitPlan:
+    """Random bits for a random two thirds of the quantizable layers (the rest full precision)."""
+    layers = [n for n in quantizable_layers(model) if rng.random() < 2 / 3]
+    return BitPlan(
+        {n: int(rng.choice(BIT_CHOICES)) for n in layers}, {n: int(rng.choice(BIT_CHOICES)) for n in layers}
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("resnet20", (1, 1, 8, 8)), ("mobilenet_v2", (1, 3, 32, 32)), ("googlenet", (1, 3, 64, 64))],
+)
+def test_analytic_bitops_and_size_equal_the_counted_ones(name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    if name == "resnet20":
+        model = get_model(name, 10, 1).eval()
+    else:
+        kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+        model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs).eval()
+    x = torch.randn(shape)
+    graph = prune_env.build_graph(model, x)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        keep = np.array([rng.integers(1, g.units + 1) for g in graph.groups])
+        pruned = prune_channels(model, graph, [np.arange(k) for k in keep]).eval()
+        plan = random_plan(model, rng)
+        assert bitops(graph.costs, keep, plan) == count_bitops(pruned, (x,), plan)
+        assert size_bits(graph.costs, keep, plan) == count_size_bits(pruned, plan)
+    full = graph.costs.full_keep()
+    # nothing quantized: BitOps are 32 x 32 per MAC and the size 32 bits per parameter
+    assert bitops(graph.costs, full, BitPlan()) == 1024 * prune_env.count_macs(model, x)
+    assert size_bits(graph.costs, full, BitPlan()) == 32 * sum(p.numel() for p in model.parameters())
+
+
+def test_weights_fall_on_a_symmetric_per_channel_grid() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3)
+    w[2] = 0.0  # a dead channel stays dead
+    for bits in (2, 3, 4, 8):
+        q = quantize_weight(w, bits)
+        levels = 2 ** (bits - 1) - 1
+        for c in range(6):
+            scale = w[c].abs().max() / levels if w[c].abs().max() > 0 else torch.tensor(1.0)
+            assert torch.allclose(q[c] / scale, (q[c] / scale).round(), atol=1e-4)  # integers times scale
+            assert len(torch.unique(q[c])) <= 2 * levels + 1
+            assert (q[c] - w[c]).abs().max() <= scale / 2 + 1e-6
+        assert torch.equal(q[2], w[2])
+    assert quantize_weight(w, FULL_PRECISION) is w
+
+
+def test_activations_are_rounded_to_the_calibrated_grid() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    same = fake_quantize(
+        nn.Sequential(*[m for m in model]), BitPlan({"0": 32, "2": 32}, {"0": 32, "2": 32}), [x]
+    )
+    assert torch.equal(same(x), before)  # full precision everywhere: nothing changes
+    seen: list[torch.Tensor] = []
+    quantized = fake_quantize(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)), BitPlan({}, {"2": 3}), [x]
+    )
+    quantized[2].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    quantized(x)
+    assert len(torch.unique(seen[0])) <= 2**3  # the ReLU output on an unsigned 3-bit grid
+    with pytest.raises(InvalidSettingError, match="bits"):
+        BitPlan({"0": 1})
+    with pytest.raises(TypeError, match="only convolutions and linear layers"):
+        fake_quantize(model, BitPlan({"1": 8}), [x])
+
+
+@pytest.fixture(scope="module")
+def problem(digits_base: Any, digits: Any) -> PruningProblem:
+    base, _ = digits_base
+    return PruningProblem(base, digits, target_macs=0.5, **FAST)
+
+
+def eight_bits(problem: PruningProblem, scoring: str = "recalibration") -> PruningProblem:
+    plan = BitPlan.uniform(quantizable_layers(problem.base_model), 8)
+    return PruningProblem(
+        problem.base_model,
+        problem.splits,
+        proxy=lambda context: QuantizedProxy(make_proxy(context), context, plan),
+        target_macs=0.5,
+        **FAST,
+    )
+
+
+def test_eight_bits_everywhere_cost_less_than_half_a_point_and_score_deterministically(
+    problem: PruningProblem,
+) -> None:
+    quantized = eight_bits(problem)
+    assert abs(quantized.base_accuracy - problem.base_accuracy) < 0.005
+    rng = np.random.default_rng(0)
+    for keep in [
+        problem.uniform_keep(),
+        *(problem.keep_for(rng.uniform(0, 0.8, problem.n_groups)) for _ in range(3)),
+    ]:
+        plain = problem.proxy_result(keep)
+        eight = quantized.proxy.evaluate_policy(keep, lambda k=keep: problem.build(k))
+        assert abs(eight.accuracy - plain.accuracy) < 0.005
+        again = quantized.proxy.evaluate_policy(keep, lambda k=keep: problem.build(k))
+        assert (again.accuracy, again.loss) == (eight.accuracy, eight.loss)
+
+
+def test_low_bits_cost_accuracy_and_compose_with_a_supernet(problem: PruningProblem, tmp_path: Path) -> None:
+    factory = functools.partial(SupernetProxy, config=SupernetConfig(steps=2, batch_size=32), cache=tmp_path)
+    context_problem = PruningProblem(
+        problem.base_model, problem.splits, proxy=factory, target_macs=0.5, **FAST
+    )
+    keep = context_problem.uniform_keep()
+    layers = quantizable_layers(problem.base_model)
+    two = BitPlan.uniform(layers, 2)
+    scored = {}
+    for label, plan in (("two", two), ("eight", BitPlan.uniform(layers, 8))):
+        quantized = PruningProblem(
+            problem.base_model,
+            problem.splits,
+            proxy=lambda context, plan=plan: QuantizedProxy(factory(context), context, plan),
+            target_macs=0.5,
+            **FAST,
+        )
+        scored[label] = quantized.proxy_result(keep).accuracy
+    assert scored["two"] < scored["eight"] - 0.2  # 2-bit weights and activations everywhere break it
+    assert abs(scored["eight"] - context_problem.proxy_result(keep).accuracy) < 0.01
+
+
+def test_a_groups_bits_set_the_layers_producing_its_channels(problem: PruningProblem) -> None:
+    layers = group_layers(problem.graph, problem.base_model)
+    assert len(layers) == problem.n_groups and all(layers)  # every resnet20 group has a producing conv
+    bits = [2 + g % 6 for g in range(problem.n_groups)]
+    plan = plan_for_groups(problem.graph, problem.base_model, bits, bits[::-1], other_bits=8)
+    for g, names in enumerate(layers):
+        assert {plan.weight_bits(n) for n in names} == {bits[g]}
+        assert {plan.activation_bits(n) for n in names} == {bits[::-1][g]}
+    assert plan.weight_bits("fc") == 8  # produces no group's channels
+    with pytest.raises(InvalidSettingError, match="one per group"):
+        plan_for_groups(problem.graph, problem.base_model, bits[:-1], bits)
+    assert BitPlan.from_json(plan.to_json()) == plan

@@ -3,6 +3,7 @@ model), scoring after any proxy, 8-bit accuracy and determinism."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,33 @@ def test_a_groups_bits_set_the_layers_producing_its_channels(problem: PruningPro
     with pytest.raises(InvalidSettingError, match="one per group"):
         plan_for_groups(problem.graph, problem.base_model, bits[:-1], bits)
     assert BitPlan.from_json(plan.to_json()) == plan
+
+
+def test_export_int8_through_pytorch_and_other_widths_as_fake_quant_with_their_plan(
+    problem: PruningProblem, tmp_path: Path
+) -> None:
+    from prune_env.quantization import calibration_batches, load_fake_quantized, save_fake_quantized, to_int8
+
+    keep = problem.uniform_keep()
+    pruned = problem.scored_model(keep).eval()
+    batches = calibration_batches(problem.splits.train, 4)
+    layers = quantizable_layers(pruned)
+    x, y = next(iter(torch.utils.data.DataLoader(problem.splits.val, batch_size=len(problem.splits.val))))
+    accuracy = (pruned(x).argmax(1) == y).float().mean().item()
+
+    int8 = to_int8(pruned, BitPlan.uniform(layers, 8), batches, (x[:1],))
+    assert any(".quantized" in type(m).__module__ for m in int8.modules())  # runs on int8 kernels
+    assert abs((int8(x).argmax(1) == y).float().mean().item() - accuracy) < 0.01
+    with pytest.raises(
+        InvalidSettingError, match=r"8-bit weights with 8-bit inputs only.*save_fake_quantized"
+    ):
+        to_int8(pruned, BitPlan.uniform(layers, 4), batches, (x[:1],))
+
+    plan = BitPlan.uniform(layers, 4, 6)
+    expected = fake_quantize(copy.deepcopy(pruned), plan, batches)(x)
+    save_fake_quantized(pruned, plan, batches, tmp_path / "q")
+    reloaded, saved_plan = load_fake_quantized(copy.deepcopy(problem.build(keep)), tmp_path / "q")
+    assert saved_plan == plan
+    torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=0)
+    with pytest.raises(InvalidSettingError, match="already exist"):
+        save_fake_quantized(pruned, plan, batches, tmp_path / "q")

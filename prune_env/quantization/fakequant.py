@@ -106,13 +106,33 @@ def fake_quantize(model: nn.Module, plan: BitPlan, batches: Sequence[torch.Tenso
             raise TypeError(
                 f"{name!r} is a {type(modules[name]).__name__}; only convolutions and linear layers are quantized"
             )
-    act_layers = [n for n, b in plan.activations.items() if b != FULL_PRECISION]
-    ranges = observe_ranges(model, act_layers, batches) if act_layers else {}
+    ranges = activation_ranges(model, plan, batches)  # on the weights as they were
+    fake_quantize_weights(model, plan)
+    install_activation_quantizers(model, plan, ranges)
+    return model
+
+
+def fake_quantize_weights(model: nn.Module, plan: BitPlan) -> None:
+    """Round the weights of ``plan``'s layers in place."""
     with torch.no_grad():
         for name, bits in plan.weights.items():
-            layer = modules[name]
-            layer.weight.copy_(quantize_weight(layer.weight, bits))
-    for name in act_layers:
-        low, high = ranges.get(name, (0.0, 0.0))  # a layer the batches never reach: any grid will do
-        modules[name].register_forward_pre_hook(ActivationQuantizer(low, high, plan.activations[name]))
-    return model
+            weight = model.get_parameter(f"{name}.weight")
+            weight.copy_(quantize_weight(weight, bits))
+
+
+def activation_ranges(
+    model: nn.Module, plan: BitPlan, batches: Sequence[torch.Tensor]
+) -> dict[str, tuple[float, float]]:
+    """The input ranges :func:`fake_quantize` calibrates for ``plan``'s quantized activations on ``batches``."""
+    layers = [n for n, b in plan.activations.items() if b != FULL_PRECISION]
+    return observe_ranges(model, layers, batches) if layers else {}
+
+
+def install_activation_quantizers(
+    model: nn.Module, plan: BitPlan, ranges: dict[str, tuple[float, float]]
+) -> None:
+    """Round the inputs of ``plan``'s quantized layers to the grids of ``ranges`` (layer -> (low, high))."""
+    for name, bits in plan.activations.items():
+        if bits != FULL_PRECISION:
+            low, high = ranges.get(name, (0.0, 0.0))  # a layer the batches never reach: any grid will do
+            model.get_submodule(name).register_forward_pre_hook(ActivationQuantizer(low, high, bits))

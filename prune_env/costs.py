@@ -143,6 +143,31 @@ class CostModel:
     def macs(self, keep: np.ndarray) -> int:
         return self._eval(self._macs, keep)
 
+    def reweighted(self, macs_weights: Sequence[int], params_weights: Sequence[int]) -> CostModel:
+        """The same cost model with every MACs term's coefficient multiplied by ``macs_weights[i]`` and
+        every parameter term's by ``params_weights[i]`` (integers: BitOps are MACs weighted by the bits of
+        each layer, a size in bits parameters weighted by theirs). Labels are kept."""
+
+        def terms(
+            compiled: tuple[np.ndarray, np.ndarray, np.ndarray], labels: Sequence[str], weights: Sequence[int]
+        ) -> list[CostTerm]:
+            coef, s1, s2 = compiled
+            one = len(self.fixed)
+            if len(weights) != len(coef):
+                raise ValueError(f"expected {len(coef)} term weights, got {len(weights)}")
+            return [
+                CostTerm(int(c) * int(w), tuple(int(s) for s in (a, b) if s != one), label)
+                for c, a, b, label, w in zip(coef, s1, s2, labels, weights, strict=True)
+            ]
+
+        return CostModel(
+            self.mult,
+            self.fixed,
+            terms(self._macs, self.macs_labels, macs_weights),
+            terms(self._params, self.params_labels, params_weights),
+            self.full.tolist(),
+        )
+
     def macs_by_label(self, keep: np.ndarray) -> dict[str, int]:
         """MACs per module (qualified name; ``""`` for function calls) for ``keep``; they sum to :meth:`macs`."""
         return self._by_label(self._macs, self.macs_labels, keep)

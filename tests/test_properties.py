@@ -504,3 +504,50 @@ def test_concat_followed_by_a_coupling_stays_prunable(coupling: str) -> None:
     assert {"a", "b"} <= producers
     pruned = prune_env.prune(model, x, 0.5, graph=graph)
     assert prune_env.count_macs(pruned, x) == graph.macs(0.5) < graph.base_macs
+
+
+@_settings(default_examples=40)
+@given(spec=net_specs(), data=st.data())
+def test_joint_pruning_and_quantization_never_exceed_the_budget(spec: NetSpec, data: st.DataObject) -> None:
+    from prune_env.quantization import (
+        BIT_CHOICES,
+        count_bitops,
+        count_size_bits,
+        group_layers,
+        quantizable_layers,
+    )
+    from prune_env.quantization.budget import JointProjector
+
+    model, x, graph = build(spec)
+    if not graph.groups:
+        return
+    n = len(graph.groups)
+    metric = data.draw(st.sampled_from(["bitops", "size"]), label="metric")
+    projector = JointProjector(
+        graph.costs,
+        [g.units for g in graph.groups],
+        group_layers(graph, model),
+        quantizable_layers(model),
+        metric=metric,
+        max_ratio=data.draw(st.sampled_from([0.5, 0.9]), label="max_ratio"),
+        other_bits=data.draw(st.sampled_from([8, 32]), label="other_bits"),
+    )
+    target = data.draw(st.floats(min(projector.min_cost_ratio * 1.001, 1.0), 1.0), label="target")
+    ratios = np.array(data.draw(st.lists(st.floats(-0.5, 1.5), min_size=n, max_size=n), label="ratios"))
+    w_bits = data.draw(st.lists(st.sampled_from(BIT_CHOICES), min_size=n, max_size=n), label="weight bits")
+    a_bits = data.draw(
+        st.lists(st.sampled_from(BIT_CHOICES), min_size=n, max_size=n), label="activation bits"
+    )
+    fill = data.draw(st.booleans(), label="fill")
+
+    keep, w, a = projector.project(ratios, w_bits, a_bits, target, fill=fill)
+
+    assert np.all(keep >= 1) and np.all(keep <= [g.units for g in graph.groups])
+    assert np.all(w <= w_bits) and np.all(a <= a_bits)  # bits are only ever lowered
+    # Measured on the pruned model itself: never over the budget.
+    pruned = prune_env.surgery.prune_channels(model, graph, [np.arange(k) for k in keep]).eval()
+    plan = projector.plan(w, a)
+    full = projector.base_cost
+    measured = count_bitops(pruned, (x,), plan) if metric == "bitops" else count_size_bits(pruned, plan)
+    assert measured == round(projector.cost_ratio(keep, w, a) * full)
+    assert measured <= target * full * (1 + 1e-9)

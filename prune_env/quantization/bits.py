@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from prune_env.errors import InvalidSettingError
@@ -95,15 +96,27 @@ def plan_for_groups(
 ) -> BitPlan:
     """The plan giving each group's layers that group's bits, and every other quantizable layer
     ``other_bits`` (weights and activations)."""
-    layers = group_layers(graph, model)
-    if len(weight_bits) != len(layers) or len(activation_bits) != len(layers):
+    return plan_from_groups(
+        group_layers(graph, model), quantizable_layers(model), weight_bits, activation_bits, other_bits
+    )
+
+
+def plan_from_groups(
+    layers_of_groups: Sequence[Sequence[str]],
+    layers: Sequence[str],
+    weight_bits: Sequence[int] | np.ndarray,
+    activation_bits: Sequence[int] | np.ndarray,
+    other_bits: int = 8,
+) -> BitPlan:
+    """:func:`plan_for_groups` from the groups' layers (:func:`group_layers`) and every quantizable layer."""
+    if len(weight_bits) != len(layers_of_groups) or len(activation_bits) != len(layers_of_groups):
         raise InvalidSettingError(
-            f"expected {len(layers)} weight and activation bit-widths (one per group), got "
+            f"expected {len(layers_of_groups)} weight and activation bit-widths (one per group), got "
             f"{len(weight_bits)} and {len(activation_bits)}"
         )
-    weights = dict.fromkeys(quantizable_layers(model), other_bits)
+    weights = dict.fromkeys(layers, other_bits)
     activations = dict(weights)
-    for names, w, a in zip(layers, weight_bits, activation_bits, strict=True):
+    for names, w, a in zip(layers_of_groups, weight_bits, activation_bits, strict=True):
         for name in names:
             weights[name], activations[name] = int(w), int(a)
     return BitPlan(weights, activations)

@@ -1,0 +1,160 @@
+"""Budgets on BitOps or model size for joint policies: kept channels and bits per group, never over budget.
+
+A joint policy is, per channel group, a pruning ratio and the bits of the weights and inputs of the layers
+producing the group's channels (:func:`~prune_env.quantization.bits.group_layers`); every other convolution
+and linear layer keeps ``other_bits``. With the bits fixed, BitOps and size are bilinear in the kept counts
+like MACs — the cost model reweighted per layer — so the pruning part is projected exactly as for MACs
+(:class:`~prune_env.budget.BudgetProjector`). When the chosen bits leave no pruning that fits, every
+group's bits drop one step of :data:`BIT_CHOICES` (those at the lowest stay) until one does: the budget
+decides how far quantization must go, the policy's relative choices survive. Budgets are fractions of the
+unpruned model at full precision (32-bit weights and activations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from prune_env.budget import BudgetProjector
+from prune_env.costs import CostModel
+from prune_env.errors import InvalidSettingError
+from prune_env.quantization.bits import BIT_CHOICES, FULL_PRECISION, BitPlan, check_bits, plan_from_groups
+from prune_env.validation import check_settings, fraction
+
+JOINT_METRICS = ("bitops", "size")
+
+
+def lower_bits(bits: np.ndarray, choices: Sequence[int] = BIT_CHOICES) -> np.ndarray:
+    """Each width one step down ``choices`` (sorted ascending); the lowest stays."""
+    ordered = sorted(choices)
+    return np.array([ordered[max(0, ordered.index(int(b)) - 1)] for b in bits], dtype=np.int64)
+
+
+class JointProjector:
+    """Projects joint policies (ratios, weight bits, activation bits per group) onto a BitOps or size budget.
+
+    Args:
+        costs: the dependency graph's cost model (``graph.costs``).
+        units: channels (units) per group.
+        group_layers: per group, the layers its bits set (:func:`~prune_env.quantization.bits.group_layers`).
+        layers: every quantizable layer (:func:`~prune_env.quantization.bits.quantizable_layers`).
+        metric: ``"bitops"`` or ``"size"``.
+        other_bits: weights and inputs of layers outside every group (e.g. the classifier).
+    """
+
+    def __init__(
+        self,
+        costs: CostModel,
+        units: Sequence[int] | np.ndarray,
+        group_layers: Sequence[Sequence[str]],
+        layers: Sequence[str],
+        *,
+        metric: str = "bitops",
+        max_ratio: float = 0.9,
+        round_to: int = 1,
+        other_bits: int = 8,
+    ) -> None:
+        if metric not in JOINT_METRICS:
+            raise InvalidSettingError(f"metric must be one of {JOINT_METRICS}, got {metric!r}")
+        check_settings({"max_ratio": max_ratio, "round_to": round_to})
+        check_bits("other_bits", other_bits)
+        self.costs, self.units = costs, np.asarray(units, dtype=np.int64)
+        self.group_layers = [tuple(g) for g in group_layers]
+        if len(self.group_layers) != len(self.units):
+            raise InvalidSettingError(
+                f"expected {len(self.units)} groups of layers, got {len(self.group_layers)}"
+            )
+        self.layers, self.metric = list(layers), metric
+        self.max_ratio, self.round_to, self.other_bits = max_ratio, round_to, other_bits
+        full = costs.full_keep()
+        self.base_cost = (
+            costs.macs(full) * FULL_PRECISION**2
+            if metric == "bitops"
+            else costs.params(full) * FULL_PRECISION
+        )
+        lowest = np.full(len(self.units), min(BIT_CHOICES), dtype=np.int64)
+        self.min_cost_ratio = self._projector(lowest, lowest).min_cost_ratio * self._scale(lowest, lowest)
+
+    def plan(
+        self, weight_bits: Sequence[int] | np.ndarray, activation_bits: Sequence[int] | np.ndarray
+    ) -> BitPlan:
+        """The bit plan of per-group bits (other quantizable layers at ``other_bits``)."""
+        return plan_from_groups(self.group_layers, self.layers, weight_bits, activation_bits, self.other_bits)
+
+    def weighted_costs(
+        self, weight_bits: Sequence[int] | np.ndarray, activation_bits: Sequence[int] | np.ndarray
+    ) -> CostModel:
+        """The cost model whose "macs" are this policy's BitOps and whose "params" its size in bits."""
+        plan = self.plan(weight_bits, activation_bits)
+        macs_weights = [
+            plan.weight_bits(label) * plan.activation_bits(label) for label in self.costs.macs_labels
+        ]
+        params_weights = []
+        for name in self.costs.params_labels:
+            layer, _, attr = name.rpartition(".")
+            quantized = attr == "weight" and layer in plan.weights
+            params_weights.append(plan.weight_bits(layer) if quantized else FULL_PRECISION)
+        return self.costs.reweighted(macs_weights, params_weights)
+
+    def _projector(self, weight_bits: np.ndarray, activation_bits: np.ndarray) -> BudgetProjector:
+        return BudgetProjector(
+            self.weighted_costs(weight_bits, activation_bits),
+            self.units,
+            metric="macs" if self.metric == "bitops" else "params",
+            max_ratio=self.max_ratio,
+            round_to=self.round_to,
+        )
+
+    def _scale(self, weight_bits: np.ndarray, activation_bits: np.ndarray) -> float:
+        """The reweighted model's own base cost over the full-precision base (targets convert by it)."""
+        return self._projector(weight_bits, activation_bits).base_cost / self.base_cost
+
+    def cost_ratio(
+        self, keep: np.ndarray, weight_bits: Sequence[int], activation_bits: Sequence[int]
+    ) -> float:
+        """BitOps (or size) of the policy as a fraction of the full-precision unpruned model's."""
+        weighted = self.weighted_costs(weight_bits, activation_bits)
+        keep = np.asarray(keep, dtype=np.int64)
+        cost = weighted.macs(keep) if self.metric == "bitops" else weighted.params(keep)
+        return cost / self.base_cost
+
+    def check_target(self, target: float) -> None:
+        fraction(f"target {self.metric}", target)
+        if target < self.min_cost_ratio:
+            raise InvalidSettingError(
+                f"target {self.metric} {target:.4f} is impossible: pruning every group by max_ratio="
+                f"{self.max_ratio} at {min(BIT_CHOICES)} bits still leaves {self.min_cost_ratio:.4f}; raise "
+                "max_ratio or the target"
+            )
+
+    def project(
+        self,
+        ratios: np.ndarray,
+        weight_bits: Sequence[int],
+        activation_bits: Sequence[int],
+        target: float,
+        *,
+        fill: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(keep, weight_bits, activation_bits)`` within ``target``: the bits as given if some pruning
+        fits with them (the ratios then projected as for MACs), else lowered step by step."""
+        self.check_target(target)
+        w = np.array([check_bits("weight bits", int(b)) for b in weight_bits], dtype=np.int64)
+        a = np.array([check_bits("activation bits", int(b)) for b in activation_bits], dtype=np.int64)
+        if w.shape != self.units.shape or a.shape != self.units.shape:
+            raise InvalidSettingError(
+                f"expected {len(self.units)} weight and activation bit-widths (one per group)"
+            )
+        while True:
+            projector = self._projector(w, a)
+            # The target in the reweighted model's own terms (its base is the unpruned model at these bits).
+            local = target * self.base_cost / projector.base_cost
+            if local >= projector.min_cost_ratio:
+                return projector.project(ratios, local, fill=fill), w, a
+            lowered_w, lowered_a = lower_bits(w), lower_bits(a)
+            if np.array_equal(lowered_w, w) and np.array_equal(
+                lowered_a, a
+            ):  # cannot happen after check_target
+                raise InvalidSettingError(f"target {self.metric} {target} cannot be met")
+            w, a = lowered_w, lowered_a

@@ -23,6 +23,8 @@ from prune_env.rewards import Outcome, RewardFn, evaluate_reward, get_reward
 from prune_env.scoring import PolicyScorer
 from prune_env.validation import check_settings
 
+NOT_COLUMNS = ("target", "weight_bits", "activation_bits")  # Evaluation fields a CSV row leaves out
+
 
 class BudgetExhausted(Exception):
     """Raised by the evaluator when an agent asks for one evaluation more than its budget."""
@@ -48,11 +50,16 @@ class Evaluation:
     # The budget scored against when the search samples one per episode (``budget_range``); None: the
     # problem's target. Not a CSV column: a run of the command line has one target.
     target: float | None = None
+    # Joint policies (pruning + quantization): bits per group; empty otherwise. Not CSV columns yet: the
+    # command line does not search joint policies.
+    weight_bits: tuple[int, ...] = ()
+    activation_bits: tuple[int, ...] = ()
 
     def as_row(self) -> dict[str, Any]:
         """The record as CSV cells (``ratios`` and ``keep`` space-separated); :meth:`from_row` inverts it."""
         row = asdict(self)
-        del row["target"]
+        for name in NOT_COLUMNS:
+            del row[name]
         row["ratios"] = " ".join(f"{r:.4f}" for r in self.ratios)
         row["keep"] = " ".join(str(k) for k in self.keep)
         return row
@@ -74,7 +81,7 @@ class Evaluation:
 
     @classmethod
     def columns(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "target"]
+        return [f.name for f in fields(cls) if f.name not in NOT_COLUMNS]
 
 
 @dataclass
@@ -133,7 +140,7 @@ class BudgetedEvaluator:
         self.scorer = scorer
         if budget_range is not None:
             for bound in budget_range:
-                problem.projector.check_target(bound)
+                problem.check_target(bound)
         # Targets sampled per episode by learners that condition on the target (a CACP-style agent serves
         # any budget in the range); other agents score at the problem's target only.
         self.budget_range = None if budget_range is None else (float(budget_range[0]), float(budget_range[1]))
@@ -169,10 +176,12 @@ class BudgetedEvaluator:
         return 1 if self.scorer is None else 2 * self.scorer.workers
 
     def evaluate(self, ratios: np.ndarray) -> tuple[Outcome, float]:
+        self._channels_only()
         return self.evaluate_keep(self.problem.keep_for(ratios))
 
     def evaluate_many(self, ratios: Sequence[np.ndarray]) -> list[tuple[Outcome, float]]:
         """:meth:`evaluate` of each, scored in parallel when the evaluator has a scorer."""
+        self._channels_only()
         return self.evaluate_keeps([self.problem.keep_for(r) for r in ratios])
 
     def evaluate_keeps(self, keeps: Sequence[np.ndarray]) -> list[tuple[Outcome, float]]:
@@ -180,6 +189,7 @@ class BudgetedEvaluator:
         it on each in turn: with a scorer, the policies the budget still pays for are first scored all
         at once (results, memo and budget stay here). Raises :class:`BudgetExhausted` where the budget
         runs out, after recording the evaluations it paid for."""
+        self._channels_only()
         projected = [self._projected(k) for k in keeps]
         if self.scorer is not None:  # logged policies of a resumed run are remembered: not scored again
             self.problem.prefetch(projected[: max(self.remaining, 0)], self.scorer)
@@ -295,7 +305,16 @@ class BudgetedEvaluator:
         if self.best is None or entry.reward > self.best[0]:
             self.best = (entry.reward, outcome)
 
+    def _channels_only(self) -> None:
+        if self.problem.joint is not None:
+            raise InvalidSettingError(
+                "this problem's policies choose bits as well as channels (quantize=True or a BitOps / size "
+                "budget); agents proposing kept channels alone cannot search it — use an environment-based "
+                "agent (ppo, a2c, sac, td3, ddpg, amc)"
+            )
+
     def evaluate_keep(self, keep: np.ndarray) -> tuple[Outcome, float]:
+        self._channels_only()
         if self.remaining <= 0:
             raise BudgetExhausted(f"evaluation budget of {self.budget_evals} spent")
         outcome = self.problem.evaluate_keep(self._projected(keep))
@@ -340,6 +359,8 @@ class BudgetedEvaluator:
             ratios=tuple(float(r) for r in outcome.ratios),
             keep=tuple(int(k) for k in outcome.keep),
             target=target,
+            weight_bits=outcome.weight_bits,
+            activation_bits=outcome.activation_bits,
         )
         self._append(entry, outcome)
         if self.on_evaluation is not None:

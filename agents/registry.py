@@ -49,6 +49,7 @@ class AgentSpec:
     run: Callable[..., Any]
     settings: type = NoSettings
     budget_conditioned: bool = False  # learns one policy for any target in a budget_range
+    joint_policies: bool = False  # searches bits as well as channels (through the environments)
 
     def make_settings(self, overrides: Mapping[str, Any] | None = None) -> Any:
         """The agent's default settings with ``overrides`` applied (``dataclasses.replace``)."""
@@ -66,14 +67,15 @@ _DISCOVERED = False
 
 
 def register_agent(
-    name: str, settings: type = NoSettings, *, budget_conditioned: bool = False
+    name: str, settings: type = NoSettings, *, budget_conditioned: bool = False, joint_policies: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``run(evaluator, rng, settings)`` under ``name`` with its settings dataclass;
     ``budget_conditioned``: it learns from episodes whose targets the evaluator's ``budget_range`` samples
-    (the target is in its observation), so one search serves every target in the range."""
+    (the target is in its observation), so one search serves every target in the range;
+    ``joint_policies``: it can search problems whose policies choose bits as well as channels."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        AGENTS[name] = AgentSpec(name, fn, settings, budget_conditioned)
+        AGENTS[name] = AgentSpec(name, fn, settings, budget_conditioned, joint_policies)
         return fn
 
     return decorate
@@ -123,6 +125,16 @@ class _KeywordSettings:
     """A user's agent function takes its settings as keyword arguments, unchecked here."""
 
 
+def check_joint_policies(spec: AgentSpec, problem: PruningProblem) -> None:
+    """Refuse a problem with joint policies (bits too) for an agent that proposes kept channels alone."""
+    if problem.joint is not None and not spec.joint_policies:
+        able = ", ".join(n for n, a in sorted(discover().items()) if a.joint_policies)
+        raise InvalidSettingError(
+            f"agent {spec.name!r} proposes kept channels alone; this problem's policies choose bits as well "
+            f"(quantize=True or a BitOps / size budget): search it with {able}"
+        )
+
+
 def check_budget_conditioned(spec: AgentSpec) -> None:
     """Refuse a budget_range for an agent that searches one target, naming those that accept one."""
     if not spec.budget_conditioned:
@@ -150,6 +162,7 @@ def run_agent(
     rng = np.random.default_rng(seed)
     if evaluator.budget_range is not None:
         check_budget_conditioned(spec)
+    check_joint_policies(spec, evaluator.problem)
     policy = None
     with contextlib.suppress(BudgetExhausted):  # the normal way a search ends
         if spec.settings is _KeywordSettings:

@@ -416,7 +416,7 @@ def _register(name: str, default_env: str) -> Callable[..., SB3Policy]:
     agent.__doc__ = (
         f"Stable-Baselines3 {name.upper()} on the {default_env!r} environment (see :class:`SB3Settings`)."
     )
-    return register_agent(name, SB3Settings, budget_conditioned=True)(agent)
+    return register_agent(name, SB3Settings, budget_conditioned=True, joint_policies=True)(agent)
 
 
 for _name in ("ppo", "a2c", "sac", "td3", "ddpg"):

@@ -22,6 +22,17 @@ def keep_to_ratios(channels: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(keep, dtype=np.float64) / channels
 
 
+def check_reachable(metric: str, target: float, minimum: float, max_ratio: float, how: str = "") -> None:
+    """Refuse a target outside (0, 1] or below the ``minimum`` cost ratio reachable by pruning every group
+    by ``max_ratio`` (``how``: what else the minimum assumes, e.g. the fewest bits)."""
+    fraction(f"target {metric}", target)
+    if target < minimum:
+        raise InvalidSettingError(
+            f"target {metric} {target:.4g} is impossible: pruning every group by max_ratio={max_ratio}{how} "
+            f"still leaves {minimum:.4g}; raise max_ratio or the target"
+        )
+
+
 class BudgetProjector:
     """Projects pruning decisions so the pruned model never exceeds the cost target.
 
@@ -51,12 +62,7 @@ class BudgetProjector:
         self.min_cost_ratio = self._exact(self.min_keep) / self.base_cost
 
     def check_target(self, target: float) -> None:
-        fraction(f"target {self.metric}", target)
-        if target < self.min_cost_ratio:
-            raise InvalidSettingError(
-                f"target {self.metric} {target:.3f} is impossible: pruning every group by max_ratio="
-                f"{self.max_ratio} still leaves {self.min_cost_ratio:.3f}; raise max_ratio or the target"
-            )
+        check_reachable(self.metric, target, self.min_cost_ratio, self.max_ratio)
 
     def cost_ratio(self, keep: np.ndarray) -> float:
         return self._exact(np.asarray(keep, dtype=np.int64)) / self.base_cost

@@ -14,8 +14,15 @@ from prune_env.actions import action_to_ratio
 from prune_env.data import DataSource
 from prune_env.errors import InvalidSettingError
 from prune_env.models import ModelSpec
-from prune_env.observation import DYNAMIC_FEATURES, STATIC_FEATURES, sensitivity, static_features
+from prune_env.observation import (
+    DYNAMIC_FEATURES,
+    JOINT_FEATURES,
+    STATIC_FEATURES,
+    sensitivity,
+    static_features,
+)
 from prune_env.problem import PruningProblem
+from prune_env.quantization.bits import FULL_PRECISION
 from prune_env.rewards import Outcome, RewardFn, StepInfo, checked_reward, evaluate_reward, get_reward
 from prune_env.settings import ProblemSettings
 from prune_env.validation import check_settings, fraction
@@ -74,19 +81,29 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         self.budget_range = checked["budget_range"]
         if self.budget_range is not None:
             for bound in self.budget_range:
-                p.projector.check_target(bound)
+                p.check_target(bound)
         self.success_tolerance = success_tolerance
         sens = sensitivity(p) if use_sensitivity else None
         self._static = static_features(p, sens)
         self.target = p.target
         self.last_outcome: Outcome | None = None
         self._episode_over = True
+        self._weight_bits = np.full(p.n_groups, FULL_PRECISION, dtype=np.int64)
+        self._activation_bits = self._weight_bits.copy()
+
+    @property
+    def bits(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Joint policies: the weight and activation bits per group in the current episode (copies; groups
+        not decided yet at full precision); None when policies choose channels only."""
+        if self.problem.joint is None:
+            return None
+        return self._weight_bits.copy(), self._activation_bits.copy()
 
     # -- shared helpers -------------------------------------------------------------------------------
     def _sample_target(self, options: dict[str, Any] | None) -> float:
         if options and "target" in options:
             target = fraction("options['target']", options["target"])
-            self.problem.projector.check_target(target)
+            self.problem.check_target(target)
             return target
         if self.budget_range is None:
             return self.problem.target
@@ -100,7 +117,10 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def _finish(self, keep: np.ndarray) -> tuple[float, dict[str, Any]]:
         self._episode_over = True
-        outcome = self.problem.evaluate_keep(keep, self.target)
+        if self.problem.joint is not None:
+            outcome = self.problem.evaluate_joint(keep, self._weight_bits, self._activation_bits, self.target)
+        else:
+            outcome = self.problem.evaluate_keep(keep, self.target)
         self.last_outcome = outcome
         reward = evaluate_reward(self.reward_fn, outcome)
         info = outcome.as_info()
@@ -120,7 +140,10 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         rows = [f"{'group':<36} {'units':>6} {'kept':>6} {'ratio':>6}"]
         for g, k in zip(p.graph.groups, keep, strict=True):
             rows.append(f"{g.name[:36]:<36} {g.units:>6} {int(k):>6} {1 - k / g.units:>6.2f}")
-        cost = p.projector.cost_ratio(keep)
+        if p.joint is not None and p.joint.constrained:
+            cost = p.joint.projector.cost_ratio(keep, self._weight_bits, self._activation_bits)
+        else:
+            cost = p.projector.cost_ratio(keep)
         rows.append(f"{p.metric} {cost:.3f} of base (target {self.target:.3f})")
         if self.last_outcome is not None:
             rows.append(f"proxy accuracy {self.last_outcome.accuracy:.4f} (base {p.base_accuracy:.4f})")
@@ -142,6 +165,9 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         super().reset(seed=seed)
         self.target = self._sample_target(options)
         self._keep = self.problem.units.copy()
+        # Joint policies: every group at full precision until decided.
+        self._weight_bits = np.full(self.problem.n_groups, FULL_PRECISION, dtype=np.int64)
+        self._activation_bits = self._weight_bits.copy()
         self.last_outcome = None
         self._episode_over = False
         info = {"target": self.target, **self._start_episode()}
@@ -189,7 +215,9 @@ class LayerPruneEnv(_PruneEnv):
 
     ``Box(-1, 1, (1,), float32)``: mapped affinely to a ratio in ``[0, max_ratio]``; values outside
     ``[-1, 1]`` are clipped; NaN/inf, a non-real dtype or a wrong shape raise
-    ``InvalidActionError``.
+    ``InvalidActionError``. With joint policies (``quantize=True``, ``target_bitops`` or ``target_size``):
+    ``Box(-1, 1, (3,), float32)``, the ratio, then the group's weight and activation bits ([-1, 1] split
+    evenly over 2, 3, 4, 5, 6, 8 and 32 bits), the wall lowering the bits only when no count fits.
 
     ## Observation space
 
@@ -197,7 +225,7 @@ class LayerPruneEnv(_PruneEnv):
     :data:`prune_env.observation.STATIC_FEATURES`: position, layer type, widths, kernel, stride, MACs and
     params shares, weight and BN-scale statistics, optional sensitivity) followed by
     :data:`prune_env.observation.DYNAMIC_FEATURES` (MACs removed so far, MACs still reducible, previous
-    ratio, budget target).
+    ratio, budget target); with joint policies, then the previous group's weight and activation bits / 32.
 
     ## Rewards
 
@@ -221,9 +249,10 @@ class LayerPruneEnv(_PruneEnv):
 
     def __init__(self, model: ModelSpec = "resnet20", dataset: DataSource = "digits", **kwargs: Any) -> None:
         super().__init__(model, dataset, **kwargs)
-        dim = len(STATIC_FEATURES) + len(DYNAMIC_FEATURES)
+        joint = self.problem.joint is not None
+        dim = len(STATIC_FEATURES) + len(DYNAMIC_FEATURES) + (len(JOINT_FEATURES) if joint else 0)
         self.observation_space = spaces.Box(0.0, 1.0, (dim,), np.float32)
-        self.action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (3 if joint else 1,), np.float32)
         self._keep = self.problem.units.copy()
         self._rest = self.problem.units.copy()  # scratch for the observation's cost evaluations
         self._t = 0
@@ -238,12 +267,17 @@ class LayerPruneEnv(_PruneEnv):
         rest[t:] = p.units[t:]
         macs_full = costs.macs(rest)
         rest[t:] = p.projector.min_keep[t:]
-        dynamic = (
+        dynamic: tuple[float, ...] = (
             1.0 - macs_full / base,
             (macs_full - costs.macs(rest)) / base,
             self._prev_ratio / p.max_ratio,
             self.target,
         )
+        if p.joint is not None:  # the bits the previous group got (full precision before the first)
+            previous = max(self._t - 1, 0) if self._t else None
+            w = self._weight_bits[previous] if previous is not None else FULL_PRECISION
+            a = self._activation_bits[previous] if previous is not None else FULL_PRECISION
+            dynamic = (*dynamic, w / FULL_PRECISION, a / FULL_PRECISION)
         n_static = len(STATIC_FEATURES)
         obs = np.empty(n_static + len(dynamic), dtype=np.float32)
         obs[:n_static] = self._static[t]
@@ -261,9 +295,21 @@ class LayerPruneEnv(_PruneEnv):
         return {"group": 0}
 
     def _apply(self, action: np.ndarray) -> bool:
-        p = self.problem
-        ratio = float(action_to_ratio(action, p.max_ratio, (1,))[0])
-        self._keep[self._t] = p.projector.wall(self._keep, self._t, ratio, self.target)
+        p, t = self.problem, self._t
+        if p.joint is None:
+            ratio = float(action_to_ratio(action, p.max_ratio, (1,))[0])
+            self._keep[t] = p.projector.wall(self._keep, t, ratio, self.target)
+        else:
+            unit = action_to_ratio(action, 1.0, (3,))  # ratio, weight bits, activation bits in [0, 1]
+            ratio = float(unit[0]) * p.max_ratio
+            w, a = (int(b) for b in p.joint.bits_for(unit[1:]))
+            if p.joint.constrained:
+                self._keep[t], w, a = p.joint.projector.wall(
+                    self._keep, self._weight_bits, self._activation_bits, t, ratio, w, a, self.target
+                )
+            else:
+                self._keep[t] = p.projector.wall(self._keep, t, ratio, self.target)
+            self._weight_bits[t], self._activation_bits[t] = w, a
         self._prev_ratio = 1.0 - self._keep[self._t] / p.units[self._t]
         self._t += 1
         return self._t >= p.n_groups
@@ -296,7 +342,9 @@ class OneShotPruneEnv(_PruneEnv):
 
     ## Action space
 
-    ``Box(-1, 1, (groups,), float32)``, mapped affinely to ratios in ``[0, max_ratio]``.
+    ``Box(-1, 1, (groups,), float32)``, mapped affinely to ratios in ``[0, max_ratio]``. With joint policies
+    (``quantize=True``, ``target_bitops`` or ``target_size``): ``(3 × groups,)``, the ratios, then each
+    group's weight bits, then its activation bits (see :class:`LayerPruneEnv`).
 
     ## Observation space
 
@@ -312,7 +360,7 @@ class OneShotPruneEnv(_PruneEnv):
         super().__init__(model, dataset, **kwargs)
         n = self.problem.n_groups
         self.observation_space = spaces.Box(0.0, 1.0, (n * len(STATIC_FEATURES) + 1,), np.float32)
-        self.action_space = spaces.Box(-1.0, 1.0, (n,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (3 * n if self.problem.joint else n,), np.float32)
         self._flat = self._static.reshape(-1)
         self._keep = self.problem.units.copy()
 
@@ -320,8 +368,17 @@ class OneShotPruneEnv(_PruneEnv):
         return np.append(self._flat, np.float32(self.target)).astype(np.float32)
 
     def _apply(self, action: np.ndarray) -> bool:
-        p = self.problem
-        self._keep = p.keep_for(action_to_ratio(action, p.max_ratio, (p.n_groups,)), self.target)
+        p, n = self.problem, self.problem.n_groups
+        if p.joint is None:
+            self._keep = p.keep_for(action_to_ratio(action, p.max_ratio, (n,)), self.target)
+            return True
+        unit = action_to_ratio(action, 1.0, (3 * n,))  # ratios, weight bits, activation bits in [0, 1]
+        self._keep, self._weight_bits, self._activation_bits = p.joint_keep_for(
+            unit[:n] * p.max_ratio,
+            p.joint.bits_for(unit[n : 2 * n]),
+            p.joint.bits_for(unit[2 * n :]),
+            self.target,
+        )
         return True
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:

@@ -18,6 +18,8 @@ STATIC_FEATURES = (
     "macs_share", "params_share", "l1_mean", "l1_spread", "bn_gamma_mean", "bn_gamma_spread", "sensitivity",
 )  # fmt: skip
 DYNAMIC_FEATURES = ("macs_removed", "macs_reducible_left", "previous_ratio", "target")
+# Joint policies (pruning + quantization), layer-wise environment: the previous group's bits / 32.
+JOINT_FEATURES = ("previous_weight_bits", "previous_activation_bits")
 
 
 def _spread(values: np.ndarray) -> float:

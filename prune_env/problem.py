@@ -24,6 +24,8 @@ from prune_env.importance import get_importance
 from prune_env.models import ModelSpec
 from prune_env.proxies import make_proxy
 from prune_env.proxy import Proxy, ProxyContext, ProxyResult
+from prune_env.quantization.bits import check_bits
+from prune_env.quantization.joint import JointPolicies
 from prune_env.rewards import Outcome
 from prune_env.scoring import PolicyScorer
 from prune_env.settings import ProblemSettings
@@ -163,10 +165,17 @@ class PruningProblem:
                 "convolution or linear layer whose output channels it can remove)"
             )
         self.units = np.array([g.units for g in self.graph.groups], dtype=np.int64)  # per group
+        # Pruning-only costs (the environments' features, the action wall): MACs unless parameters are
+        # the budget; a BitOps or size budget is the joint projector's.
         self.projector = BudgetProjector(
-            self.graph.costs, self.units, metric=self.metric, max_ratio=s.max_ratio, round_to=s.round_to
+            self.graph.costs,
+            self.units,
+            metric="params" if self.metric == "params" else "macs",
+            max_ratio=s.max_ratio,
+            round_to=s.round_to,
         )
-        self.projector.check_target(self.target)
+        if self.metric in ("macs", "params"):
+            self.projector.check_target(self.target)  # a joint budget is checked below, once it is built
         # Rank every group's units once: a pruned model is then a function of the kept counts alone,
         # which makes evaluations memoisable and the hot path free of importance computation.
         self.rankings = [
@@ -193,6 +202,12 @@ class PruningProblem:
                     f"the proxy factory returned {type(built).__name__}, not a prune_env.proxy.Proxy"
                 )
             self.proxy = built
+        # Joint policies (bits per group as well): the quantization half, checked before any scoring.
+        self.joint: JointPolicies | None = None
+        if s.joint:
+            self.joint = JointPolicies(self.base_model, self.graph, self.proxy, context, s)
+            if self.joint.constrained:
+                self.joint.projector.check_target(self.target)
         full = self._checked(
             self.proxy.evaluate_policy(self.units.copy(), lambda: copy.deepcopy(self.base_model))
         )
@@ -227,6 +242,11 @@ class PruningProblem:
     # -- policies -----------------------------------------------------------------------------------
     def keep_for(self, ratios: Sequence[float] | np.ndarray, target: float | None = None) -> np.ndarray:
         """Kept units per group for ``ratios`` after budget projection (cost <= target, always)."""
+        if self.joint is not None and self.joint.constrained:
+            raise InvalidSettingError(
+                f"a {self.metric} budget depends on bits as well as channels: project joint policies with "
+                "joint_keep_for(ratios, weight_bits, activation_bits)"
+            )
         raw = np.asarray(ratios)
         if raw.dtype.kind not in "fiu":
             raise InvalidRatiosError(f"ratios must be real numbers, got dtype {raw.dtype}")
@@ -300,6 +320,78 @@ class PruningProblem:
             self.evaluations += 1
         return self._results[key]
 
+    def check_target(self, target: float) -> None:
+        """Refuse a budget this problem cannot meet (in its metric), naming the smallest it can."""
+        if self.joint is not None and self.joint.constrained:
+            self.joint.projector.check_target(target)
+        else:
+            self.projector.check_target(target)
+
+    def _joint(self) -> JointPolicies:
+        if self.joint is None:
+            raise InvalidSettingError(
+                "this problem's policies choose channels only; make it with quantize=True (or a target_bitops "
+                "or target_size budget) for policies that choose bits as well"
+            )
+        return self.joint
+
+    def joint_keep_for(
+        self,
+        ratios: Sequence[float] | np.ndarray,
+        weight_bits: Sequence[int] | np.ndarray,
+        activation_bits: Sequence[int] | np.ndarray,
+        target: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(keep, weight_bits, activation_bits)`` of a joint policy after budget projection: with a BitOps
+        or size budget, bits are lowered only if no pruning fits with them (see
+        :class:`~prune_env.quantization.budget.JointProjector`); with a MACs or parameter budget the bits
+        are free and only the ratios are projected."""
+        joint = self._joint()
+        target = self.target if target is None else target
+        if joint.constrained:
+            r = np.asarray(ratios, dtype=np.float64)
+            if r.shape != (self.n_groups,) or not np.all(np.isfinite(r)):
+                raise InvalidRatiosError(
+                    f"expected {self.n_groups} finite ratios (one per group), got shape {r.shape}"
+                )
+            return joint.projector.project(r, weight_bits, activation_bits, target, fill=self.fill_budget)
+        w = np.array([check_bits("weight bits", int(b)) for b in weight_bits], dtype=np.int64)
+        a = np.array([check_bits("activation bits", int(b)) for b in activation_bits], dtype=np.int64)
+        return self.keep_for(ratios, target), w, a
+
+    def evaluate_joint(
+        self,
+        keep: np.ndarray,
+        weight_bits: np.ndarray,
+        activation_bits: np.ndarray,
+        target: float | None = None,
+    ) -> Outcome:
+        """Score an already projected joint policy: the pruned model as the proxy prepares it, quantized
+        (:class:`~prune_env.quantization.proxy.QuantizedScoring`). Remembered per (kept counts, bits)."""
+        joint = self._joint()
+        keep = np.asarray(keep, dtype=np.int64)
+        w = np.asarray(weight_bits, dtype=np.int64)
+        a = np.asarray(activation_bits, dtype=np.int64)
+        start = time.perf_counter()
+        key = (*keep.tolist(), -1, *w.tolist(), -1, *a.tolist())
+        memo_hit = key in self._results
+        if not memo_hit:
+            plan = joint.plan(w, a)
+            self._results[key] = self._checked(
+                joint.scoring.evaluate(keep, plan, lambda: self.build_for_evaluation(keep))
+            )
+            self.evaluations += 1
+        result = self._results[key]
+        return self.outcome(
+            keep,
+            accuracy=result.accuracy,
+            loss=result.loss,
+            target=target,
+            eval_seconds=time.perf_counter() - start,
+            memo_hit=memo_hit,
+            bits=(w, a),
+        )
+
     def prefetch(self, keeps: Sequence[Sequence[int] | np.ndarray], scorer: PolicyScorer) -> None:
         """Score the policies among ``keeps`` (projected kept counts) that were never scored, all at once
         with ``scorer`` (several worker processes or machines), so that :meth:`evaluate_keep` of each then
@@ -352,11 +444,24 @@ class PruningProblem:
         target: float | None = None,
         eval_seconds: float = 0.0,
         memo_hit: bool = False,
+        bits: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Outcome:
         """The :class:`Outcome` of kept units ``keep`` scored ``accuracy``/``loss``, in this problem's terms
         (costs, base model, target) — also for scores obtained elsewhere (RL-Pruner's later rounds)."""
         keep = np.asarray(keep, dtype=np.int64)
         costs = self.graph.costs
+        joint: dict[str, Any] = {}
+        if bits is not None:
+            w, a = bits
+            cost_bitops, cost_size = self._joint().costs(keep, w, a)
+            joint = {
+                "weight_bits": tuple(int(b) for b in w),
+                "activation_bits": tuple(int(b) for b in a),
+                "bitops": cost_bitops,
+                "size_bits": cost_size,
+                "base_bitops": self._joint().base_bitops,
+                "base_size_bits": self._joint().base_size_bits,
+            }
         return Outcome(
             accuracy=accuracy,
             loss=loss,
@@ -372,6 +477,7 @@ class PruningProblem:
             keep=tuple(keep.tolist()),
             eval_seconds=eval_seconds,
             memo_hit=memo_hit,
+            **joint,
         )
 
     def evaluate(self, ratios: Sequence[float] | np.ndarray, target: float | None = None) -> Outcome:

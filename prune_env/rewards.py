@@ -31,11 +31,19 @@ class Outcome:
     base_macs: int
     base_params: int
     target: float  # fraction of the base cost allowed
-    metric: str  # "macs" or "params": what ``target`` constrains
+    metric: str  # what ``target`` constrains: "macs", "params", "bitops" or "size"
     ratios: np.ndarray = field(repr=False)  # fraction of each group's channels removed
     keep: tuple[int, ...] = field(repr=False, default=())
     eval_seconds: float = 0.0
     memo_hit: bool = False
+    # Joint policies (pruning + quantization) only: bits per group, and BitOps and size in bits of the
+    # model and of the unpruned one at 32 bits (all 0 / empty otherwise).
+    weight_bits: tuple[int, ...] = field(repr=False, default=())
+    activation_bits: tuple[int, ...] = field(repr=False, default=())
+    bitops: int = 0
+    size_bits: int = 0
+    base_bitops: int = 0
+    base_size_bits: int = 0
 
     @property
     def macs_ratio(self) -> float:
@@ -46,9 +54,19 @@ class Outcome:
         return self.params / self.base_params
 
     @property
+    def bitops_ratio(self) -> float:
+        """BitOps as a fraction of the unpruned model's at 32 bits (nan for a policy without bits)."""
+        return self.bitops / self.base_bitops if self.base_bitops else math.nan
+
+    @property
+    def size_ratio(self) -> float:
+        """Size as a fraction of the unpruned model's at 32 bits (nan for a policy without bits)."""
+        return self.size_bits / self.base_size_bits if self.base_size_bits else math.nan
+
+    @property
     def cost_ratio(self) -> float:
         """The constrained cost as a fraction of the base model's."""
-        return self.macs_ratio if self.metric == "macs" else self.params_ratio
+        return float(getattr(self, f"{self.metric}_ratio"))
 
     @property
     def error(self) -> float:
@@ -69,6 +87,16 @@ class Outcome:
             "params": self.params,
             "target": self.target,
             "ratios": np.asarray(self.ratios, dtype=np.float64),
+            **(
+                {
+                    "bitops_ratio": self.bitops_ratio,
+                    "size_ratio": self.size_ratio,
+                    "weight_bits": np.asarray(self.weight_bits, dtype=np.int64),
+                    "activation_bits": np.asarray(self.activation_bits, dtype=np.int64),
+                }
+                if self.weight_bits
+                else {}
+            ),
         }
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prune_env.errors import InvalidSettingError
-from prune_env.validation import check_settings
+from prune_env.validation import TARGETS, check_settings
 
 # The budget when none is given: half the base model's MACs.
 DEFAULT_TARGET = 0.5
@@ -49,6 +49,8 @@ FAST_EVAL_SAMPLES = 1000
 # run: 0 steps 0.66 / 0.58 (1.0x), 3 steps 0.70 / 0.70 (1.9x), 4: 0.78 / 0.58, 5: 0.75 / 0.63 (2.2x),
 # 8: 0.76 / 0.69 (2.5x), 10: 0.78 / 0.62 (2.8x). 3 is the most consistent within twice the default's cost.
 DEFAULT_SUPERNET_FINETUNE_STEPS = 3
+# Budgets on quantized models: BitOps and size (prune_env.quantization).
+JOINT_METRICS = ("bitops", "size")
 # Proxies trained once per problem (prune_env.supernet), besides the evaluator's recalibration/distillation.
 TRAINED_PROXIES = ("supernet", "pruningnet")
 
@@ -69,6 +71,39 @@ class ProblemSettings:
     target_params: float | None = field(
         default=None,
         metadata=option_help("parameter budget as a fraction of the base model's (instead of MACs)"),
+    )
+    target_bitops: float | None = field(
+        default=None,
+        metadata={
+            "cli": False,
+            **option_help(
+                "BitOps budget (MACs x weight bits x activation bits) as a fraction of the base model's at 32 bits"
+            ),
+        },
+    )
+    target_size: float | None = field(
+        default=None,
+        metadata={
+            "cli": False,
+            **option_help("size budget (parameter bits) as a fraction of the base model's at 32 bits"),
+        },
+    )
+    quantize: bool = field(
+        default=False,
+        metadata={
+            "cli": False,
+            **option_help(
+                "joint policies: per group, a pruning ratio and the bits of its layers' weights and inputs "
+                "(implied by target_bitops and target_size)"
+            ),
+        },
+    )
+    other_bits: int = field(
+        default=8,
+        metadata={
+            "cli": False,
+            **option_help("bits of the convolutions and linear layers outside every group"),
+        },
     )
     max_ratio: float = field(
         default=DEFAULT_MAX_RATIO, metadata=option_help("largest fraction of any group's channels removed")
@@ -139,14 +174,23 @@ class ProblemSettings:
 
     @property
     def metric(self) -> str:
-        """What the budget constrains: ``"macs"`` or ``"params"``."""
-        return "params" if self.target_params is not None else "macs"
+        """What the budget constrains: ``"macs"``, ``"params"``, ``"bitops"`` or ``"size"``."""
+        for name in TARGETS[1:]:
+            if getattr(self, name) is not None:
+                return name.removeprefix("target_")
+        return "macs"
 
     @property
     def target(self) -> float:
-        """The budget as a fraction of the base model's cost in :attr:`metric`."""
-        given = self.target_params if self.target_params is not None else self.target_macs
+        """The budget as a fraction of the base model's cost in :attr:`metric` (at 32 bits for BitOps and
+        size)."""
+        given = getattr(self, f"target_{self.metric}")
         return DEFAULT_TARGET if given is None else given
+
+    @property
+    def joint(self) -> bool:
+        """Whether policies choose bits as well as channels (``quantize``, or a BitOps or size budget)."""
+        return self.quantize or self.metric in JOINT_METRICS
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any], base: ProblemSettings | None = None) -> ProblemSettings:

@@ -22,6 +22,10 @@ import numpy as np
 
 from prune_env.errors import InvalidSettingError
 
+# The budgets a problem accepts (one at a time), as fractions of the unpruned model's cost: MACs, parameters,
+# and for joint pruning + quantization BitOps and size (of the full-precision model).
+TARGETS = ("target_macs", "target_params", "target_bitops", "target_size")
+
 # numpy's and scikit-learn's seeds are unsigned 32-bit integers.
 MAX_SEED = 2**32 - 1
 
@@ -120,6 +124,14 @@ def ray_address(name: str, value: Any) -> str | None:
     return value.strip()
 
 
+def bits(name: str, value: Any) -> int:
+    """Bits of a fixed-point format, 2..16, or 32 (full precision: left in floating point)."""
+    result = as_int(name, value)
+    if not (2 <= result <= 16 or result == 32):
+        _refuse(name, value, "a number of bits in 2..16, or 32 for full precision")
+    return result
+
+
 def max_ratio(name: str, value: Any) -> float:
     """The largest fraction of a group that may be removed, in (0, 1] (one channel always stays)."""
     result = as_real(name, value)
@@ -132,6 +144,10 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "target": fraction,
     "target_macs": _optional(fraction),
     "target_params": _optional(fraction),
+    "target_bitops": _optional(fraction),
+    "target_size": _optional(fraction),
+    "quantize": flag,
+    "other_bits": bits,
     "budget_range": _optional(budget_range),
     "metric": _choice("macs", "params"),
     "max_ratio": max_ratio,
@@ -174,9 +190,10 @@ def check_settings(settings: Mapping[str, Any], *, option_style: bool = False) -
         rule = RULES.get(name)
         if rule is not None:
             checked[name] = rule(_label(name, option_style), value)
-    if checked.get("target_macs") is not None and checked.get("target_params") is not None:
-        both = " or ".join(_label(n, option_style) for n in ("target_macs", "target_params"))
-        raise InvalidSettingError(f"give {both}, not both")
+    given = [n for n in TARGETS if checked.get(n) is not None]
+    if len(given) > 1:
+        named = " and ".join(_label(n, option_style) for n in given)
+        raise InvalidSettingError(f"give one budget, not {named}")
     return checked
 
 

@@ -221,7 +221,7 @@ def test_wrong_kwargs_give_clear_errors(base: nn.Module, digits: Any, problem: P
         gym.make("prune_env/OneShotPrune-v0", model=base, dataset=digits, target_mac=0.5)
     with pytest.raises(ValueError, match="impossible"):
         OneShotPruneEnv(base, digits, target_macs=0.001, **FAST)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one budget, not target_macs and target_params"):
         OneShotPruneEnv(base, digits, target_macs=0.5, target_params=0.5)
     with pytest.raises(UnknownNameError, match="unknown reward 'accuracy'"):
         OneShotPruneEnv(problem=problem, reward="accuracy")

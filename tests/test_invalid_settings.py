@@ -115,7 +115,7 @@ def test_registered_envs_refuse_bad_settings(env_id: str, name: str, value: Any,
 
 @pytest.mark.usefixtures("tripwire")
 def test_both_targets_and_bad_models_are_refused() -> None:
-    with pytest.raises(InvalidSettingError, match="not both"):
+    with pytest.raises(InvalidSettingError, match="give one budget, not target_macs and target_params"):
         PruningProblem("resnet20", "digits", target_macs=0.5, target_params=0.5)
     with pytest.raises(UnknownNameError, match="unknown model 'resnet21'"):
         PruningProblem("resnet21", "digits")
@@ -201,7 +201,7 @@ def test_budgeted_evaluator_refuses_bad_budgets() -> None:
         (["--out", ""], "--out is empty"),
         (
             ["--target-macs", "0.5", "--target-params", "0.5"],
-            "give --target-macs or --target-params, not both",
+            "give one budget, not --target-macs and --target-params",
         ),
     ],
 )

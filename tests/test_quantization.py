@@ -211,3 +211,62 @@ def test_export_int8_through_pytorch_and_other_widths_as_fake_quant_with_their_p
     torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=0)
     with pytest.raises(InvalidSettingError, match="already exist"):
         save_fake_quantized(pruned, plan, batches, tmp_path / "q")
+
+
+JOINT_BUDGETS = [{"target_bitops": 0.03}, {"target_size": 0.1}, {"quantize": True, "target_macs": 0.5}]
+
+
+@pytest.mark.parametrize("env_cls", [prune_env.OneShotPruneEnv, prune_env.LayerPruneEnv])
+@pytest.mark.parametrize("budget", JOINT_BUDGETS, ids=lambda b: next(iter(b)) if len(b) == 1 else "macs")
+def test_joint_environments_pass_the_checkers_and_never_exceed_the_budget(
+    untrained_resnet20: nn.Module, digits: Any, env_cls: type, budget: dict[str, Any]
+) -> None:
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    env = env_cls(untrained_resnet20, digits, eval_samples=32, bn_recalib_batches=1, **budget)
+    n = env.problem.n_groups
+    assert env.action_space.shape == ((3 * n,) if env_cls is prune_env.OneShotPruneEnv else (3,))
+    check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=False)
+    metric, target = env.problem.metric, env.problem.target
+    rng = np.random.default_rng(0)
+    x = digits.example_inputs(1)
+    for episode in range(6):
+        env.reset(seed=episode)
+        done, info = False, {}
+        while not done:
+            _, _, done, _, info = env.step(rng.uniform(-1.2, 1.2, env.action_space.shape).astype(np.float32))
+        outcome = env.last_outcome
+        assert outcome is not None and outcome.cost_ratio <= target * (1 + 1e-9)
+        assert list(info["weight_bits"]) == list(outcome.weight_bits) and len(outcome.weight_bits) == n
+        # the outcome's BitOps and size are those of the pruned model quantized as it says
+        plan = env.problem.joint.plan(np.array(outcome.weight_bits), np.array(outcome.activation_bits))
+        pruned = env.problem.build(np.array(outcome.keep)).eval()
+        assert outcome.bitops == count_bitops(pruned, (x,), plan)
+        assert outcome.size_bits == count_size_bits(pruned, plan)
+        assert metric != "bitops" or outcome.bitops <= target * outcome.base_bitops
+
+
+def test_bits_follow_the_action_and_only_env_agents_search_joint_policies(
+    untrained_resnet20: nn.Module, digits: Any
+) -> None:
+    from agents import search
+    from prune_env.quantization.joint import JointPolicies
+
+    assert JointPolicies.bits_for(np.array([0.0, 0.5, 0.999, 1.0])).tolist() == [2, 5, 32, 32]
+    problem = PruningProblem(
+        untrained_resnet20, digits, target_bitops=0.03, eval_samples=32, bn_recalib_batches=1
+    )
+    result = search("ppo", problem, 4, seed=0)
+    assert len(result.history) == 4 and all(len(e.weight_bits) == problem.n_groups for e in result.history)
+    assert all(e.macs_ratio <= 1.0 for e in result.history)
+    assert result.best_outcome.bitops_ratio <= 0.03 * (1 + 1e-9)
+    with pytest.raises(InvalidSettingError, match=r"proposes kept channels alone.*ppo"):
+        search("evolution", problem, 4)
+    with pytest.raises(InvalidSettingError, match="joint_keep_for"):
+        problem.keep_for(np.zeros(problem.n_groups))
+    with pytest.raises(InvalidSettingError, match="impossible"):
+        PruningProblem(untrained_resnet20, digits, target_bitops=1e-6, eval_samples=32)
+    with pytest.raises(InvalidSettingError, match="give one budget, not target_macs and target_bitops"):
+        PruningProblem(untrained_resnet20, digits, target_bitops=0.1, target_macs=0.5)

@@ -16,13 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from prune_env.budget import BudgetProjector
+from prune_env.budget import BudgetProjector, check_reachable
 from prune_env.costs import CostModel
 from prune_env.errors import InvalidSettingError
 from prune_env.quantization.bits import BIT_CHOICES, FULL_PRECISION, BitPlan, check_bits, plan_from_groups
-from prune_env.validation import check_settings, fraction
-
-JOINT_METRICS = ("bitops", "size")
+from prune_env.settings import JOINT_METRICS
+from prune_env.validation import check_settings
 
 
 def lower_bits(bits: np.ndarray, choices: Sequence[int] = BIT_CHOICES) -> np.ndarray:
@@ -111,7 +110,10 @@ class JointProjector:
         return self._projector(weight_bits, activation_bits).base_cost / self.base_cost
 
     def cost_ratio(
-        self, keep: np.ndarray, weight_bits: Sequence[int], activation_bits: Sequence[int]
+        self,
+        keep: np.ndarray,
+        weight_bits: Sequence[int] | np.ndarray,
+        activation_bits: Sequence[int] | np.ndarray,
     ) -> float:
         """BitOps (or size) of the policy as a fraction of the full-precision unpruned model's."""
         weighted = self.weighted_costs(weight_bits, activation_bits)
@@ -120,19 +122,50 @@ class JointProjector:
         return cost / self.base_cost
 
     def check_target(self, target: float) -> None:
-        fraction(f"target {self.metric}", target)
-        if target < self.min_cost_ratio:
-            raise InvalidSettingError(
-                f"target {self.metric} {target:.4f} is impossible: pruning every group by max_ratio="
-                f"{self.max_ratio} at {min(BIT_CHOICES)} bits still leaves {self.min_cost_ratio:.4f}; raise "
-                "max_ratio or the target"
-            )
+        how = f" at {min(BIT_CHOICES)} bits"
+        check_reachable(self.metric, target, self.min_cost_ratio, self.max_ratio, how)
+
+    def wall(
+        self,
+        decided: np.ndarray,
+        decided_weight_bits: np.ndarray,
+        decided_activation_bits: np.ndarray,
+        index: int,
+        ratio: float,
+        weight_bits: int,
+        activation_bits: int,
+        target: float,
+    ) -> tuple[int, int, int]:
+        """AMC's action wall for one group of a joint policy: ``(kept, weight bits, activation bits)`` for
+        group ``index`` — the largest count <= the requested one at the requested bits such that, with
+        earlier groups as decided and every later group at its minimum (``max_ratio``, lowest bits), the
+        target is met; the group's bits are lowered a step at a time when no count fits at them."""
+        w = np.array(decided_weight_bits, dtype=np.int64)
+        a = np.array(decided_activation_bits, dtype=np.int64)
+        lowest = min(BIT_CHOICES)
+        w[index + 1 :], a[index + 1 :] = lowest, lowest
+        w[index], a[index] = (
+            check_bits("weight bits", int(weight_bits)),
+            check_bits("activation bits", int(activation_bits)),
+        )
+        keep = np.array(decided, dtype=np.int64)
+        while True:
+            projector = self._projector(w, a)
+            local = target * self.base_cost / projector.base_cost
+            k = projector.wall(keep, index, ratio, local)
+            keep[index] = k
+            keep[index + 1 :] = projector.min_keep[index + 1 :]
+            fits = projector.cost_ratio(keep) <= local * (1 + 1e-12)
+            lowered = lower_bits(w[index : index + 1])[0], lower_bits(a[index : index + 1])[0]
+            if fits or lowered == (w[index], a[index]):
+                return int(k), int(w[index]), int(a[index])
+            w[index], a[index] = lowered
 
     def project(
         self,
         ratios: np.ndarray,
-        weight_bits: Sequence[int],
-        activation_bits: Sequence[int],
+        weight_bits: Sequence[int] | np.ndarray,
+        activation_bits: Sequence[int] | np.ndarray,
         target: float,
         *,
         fill: bool = False,

@@ -195,6 +195,21 @@ class BudgetedEvaluator:
             self.problem.prefetch(projected[: max(self.remaining, 0)], self.scorer)
         return [self.evaluate_keep(k) for k in projected]
 
+    def evaluate_joint(
+        self, ratios: np.ndarray, weight_bits: np.ndarray, activation_bits: np.ndarray
+    ) -> tuple[Outcome, float]:
+        """Score a joint policy (ratios and bits per group) of a problem whose policies choose bits,
+        projected onto its budget (:meth:`PruningProblem.joint_keep_for`)."""
+        if self.problem.joint is None:
+            raise InvalidSettingError(
+                "evaluate_joint needs a problem with quantize=True or a BitOps / size budget"
+            )
+        if self.remaining <= 0:
+            raise BudgetExhausted(f"evaluation budget of {self.budget_evals} spent")
+        keep, w, a = self.problem.joint_keep_for(ratios, weight_bits, activation_bits)
+        outcome = self.problem.evaluate_joint(keep, w, a)
+        return outcome, self.record(outcome)
+
     def _projected(self, keep: np.ndarray) -> np.ndarray:
         keep = np.asarray(keep, dtype=np.int64)
         if not self.problem.projector.cost_ratio(keep) <= self.problem.target * (1 + 1e-9):

@@ -262,6 +262,16 @@ def test_bits_follow_the_action_and_only_env_agents_search_joint_policies(
     assert len(result.history) == 4 and all(len(e.weight_bits) == problem.n_groups for e in result.history)
     assert all(e.macs_ratio <= 1.0 for e in result.history)
     assert result.best_outcome.bitops_ratio <= 0.03 * (1 + 1e-9)
+    uniform = search("uniform", problem, 4, seed=0).best_outcome
+    assert set(uniform.weight_bits) == set(uniform.activation_bits) == {8}  # pruning alone, at 8 bits
+    assert uniform.bitops_ratio <= 0.03 * (1 + 1e-9) and uniform.macs_ratio <= 0.03 * 1024 / 64
+    drawn = search("random", problem, 5, seed=0).history
+    assert len(drawn) == 5 and len({e.weight_bits for e in drawn}) > 1
+    assert all(
+        problem.joint.projector.cost_ratio(np.array(e.keep), e.weight_bits, e.activation_bits)
+        <= 0.03 * (1 + 1e-9)
+        for e in drawn
+    )  # type: ignore[union-attr]
     with pytest.raises(InvalidSettingError, match=r"proposes kept channels alone.*ppo"):
         search("evolution", problem, 4)
     with pytest.raises(InvalidSettingError, match="joint_keep_for"):

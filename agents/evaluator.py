@@ -210,6 +210,28 @@ class BudgetedEvaluator:
         outcome = self.problem.evaluate_joint(keep, w, a)
         return outcome, self.record(outcome)
 
+    def evaluate_joint_keep(
+        self, keep: np.ndarray, weight_bits: np.ndarray, activation_bits: np.ndarray
+    ) -> tuple[Outcome, float]:
+        """:meth:`evaluate_joint` of kept counts and bits: scored as they are when within the budget,
+        projected first otherwise (as :meth:`evaluate_keep` does for channels)."""
+        p, joint = self.problem, self.problem.joint
+        if joint is None:
+            raise InvalidSettingError(
+                "evaluate_joint_keep needs a problem with quantize=True or a BitOps / size budget"
+            )
+        keep = np.asarray(keep, dtype=np.int64)
+        if joint.constrained:
+            fits = joint.projector.cost_ratio(keep, weight_bits, activation_bits) <= p.target * (1 + 1e-9)
+        else:
+            fits = p.projector.cost_ratio(keep) <= p.target * (1 + 1e-9)
+        if not fits:
+            return self.evaluate_joint(p.ratios_for(keep), weight_bits, activation_bits)
+        if self.remaining <= 0:
+            raise BudgetExhausted(f"evaluation budget of {self.budget_evals} spent")
+        outcome = p.evaluate_joint(keep, np.asarray(weight_bits), np.asarray(activation_bits))
+        return outcome, self.record(outcome)
+
     def _projected(self, keep: np.ndarray) -> np.ndarray:
         keep = np.asarray(keep, dtype=np.int64)
         if not self.problem.projector.cost_ratio(keep) <= self.problem.target * (1 + 1e-9):

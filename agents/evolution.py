@@ -24,6 +24,7 @@ from agents.evaluator import BudgetedEvaluator
 from agents.registry import register_agent
 from prune_env.errors import InvalidSettingError
 from prune_env.problem import PruningProblem
+from prune_env.quantization.bits import BIT_CHOICES
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,72 @@ class EvolutionSettings:
         return population, max(2, top_k)
 
 
-def _project(problem: PruningProblem, keep: np.ndarray) -> np.ndarray:
-    return problem.keep_for(problem.ratios_for(np.clip(keep, problem.projector.min_keep, problem.units)))
+class _Channels:
+    """Genomes of kept channels per group (the problem's policies choose channels only)."""
+
+    def __init__(self, problem: PruningProblem) -> None:
+        self.problem = problem
+        self.low, self.high = problem.projector.min_keep, problem.units
+
+    def project(self, genome: np.ndarray) -> np.ndarray:
+        p = self.problem
+        return p.keep_for(p.ratios_for(np.clip(genome, self.low, self.high)))
+
+    def random(self, rng: np.random.Generator) -> np.ndarray:
+        return self.problem.keep_for(rng.uniform(0.0, self.problem.max_ratio, self.problem.n_groups))
+
+    def uniform(self) -> np.ndarray:
+        return self.problem.uniform_keep()
+
+    def cost_ratio(self, genome: np.ndarray) -> float:
+        return self.problem.projector.cost_ratio(genome)
+
+    def score(self, evaluator: BudgetedEvaluator, genomes: list[np.ndarray]) -> list[float]:
+        return [reward for _, reward in evaluator.evaluate_keeps(genomes)]
 
 
-def _valid(problem: PruningProblem, keep: np.ndarray, min_fill: float) -> bool:
-    return problem.projector.cost_ratio(keep) >= min_fill * problem.target
+class _Joint(_Channels):
+    """Genomes of joint policies: kept channels, then each group's weight-bit and activation-bit choices
+    (indices into BIT_CHOICES), so mutation and crossover act on bits as on channels."""
 
+    def __init__(self, problem: PruningProblem) -> None:
+        super().__init__(problem)
+        n, top = problem.n_groups, len(BIT_CHOICES) - 1
+        self.n = n
+        self.low = np.concatenate([problem.projector.min_keep, np.zeros(2 * n, dtype=np.int64)])
+        self.high = np.concatenate([problem.units, np.full(2 * n, top, dtype=np.int64)])
+        self.choices = np.asarray(BIT_CHOICES, dtype=np.int64)
 
-def _random_genome(problem: PruningProblem, rng: np.random.Generator) -> np.ndarray:
-    return problem.keep_for(rng.uniform(0.0, problem.max_ratio, problem.n_groups))
+    def split(self, genome: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = self.n
+        return genome[:n], self.choices[genome[n : 2 * n]], self.choices[genome[2 * n :]]
+
+    def join(self, keep: np.ndarray, weight_bits: np.ndarray, activation_bits: np.ndarray) -> np.ndarray:
+        index = {b: i for i, b in enumerate(BIT_CHOICES)}
+        bits = [index[int(b)] for b in (*weight_bits, *activation_bits)]
+        return np.concatenate([np.asarray(keep, dtype=np.int64), np.asarray(bits, dtype=np.int64)])
+
+    def project(self, genome: np.ndarray) -> np.ndarray:
+        keep, w, a = self.split(np.clip(genome, self.low, self.high))
+        return self.join(*self.problem.joint_keep_for(self.problem.ratios_for(keep), w, a))
+
+    def random(self, rng: np.random.Generator) -> np.ndarray:
+        p, n = self.problem, self.n
+        ratios = rng.uniform(0.0, p.max_ratio, n)
+        return self.join(*p.joint_keep_for(ratios, rng.choice(self.choices, n), rng.choice(self.choices, n)))
+
+    def uniform(self) -> np.ndarray:
+        bits = np.full(self.n, self.problem.settings.other_bits)
+        return self.join(*self.problem.joint_keep_for(np.zeros(self.n), bits, bits))
+
+    def cost_ratio(self, genome: np.ndarray) -> float:
+        keep, w, a = self.split(genome)
+        joint = self.problem.joint
+        assert joint is not None  # a joint genome belongs to a joint problem
+        return joint.projector.cost_ratio(keep, w, a) if joint.constrained else super().cost_ratio(keep)
+
+    def score(self, evaluator: BudgetedEvaluator, genomes: list[np.ndarray]) -> list[float]:
+        return [evaluator.evaluate_joint_keep(*self.split(g))[1] for g in genomes]
 
 
 def _mutate(
@@ -91,14 +148,15 @@ def _crossover(parents: list[np.ndarray], rng: np.random.Generator) -> np.ndarra
     return np.where(rng.random(len(parents[i])) < 0.5, parents[i], parents[j])
 
 
-@register_agent("evolution", EvolutionSettings)
+@register_agent("evolution", EvolutionSettings, joint_policies=True)
 def evolution(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: EvolutionSettings) -> None:
     """MetaPruning's evolution: population of kept-channel vectors, top-k, mutation, crossover, cache.
 
     See :class:`EvolutionSettings` for the settings.
     """
     problem = evaluator.problem
-    low, high = problem.projector.min_keep, problem.units
+    genomes = _Channels(problem) if problem.joint is None else _Joint(problem)
+    low, high = genomes.low, genomes.high
     cache: dict[tuple[int, ...], float] = {}
     pop_size, top_k = s.sizes(evaluator.budget_evals)
 
@@ -107,31 +165,31 @@ def evolution(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: Evoluti
         any one). New: neither scored (``cache``) nor proposed earlier in this generation (``taken``)."""
         fallback = None
         for _ in range(s.max_tries):
-            child = _project(problem, make())
+            child = genomes.project(make())
             key = tuple(child.tolist())
             if key in cache or key in taken:
                 continue
-            if _valid(problem, child, s.min_fill):
+            if genomes.cost_ratio(child) >= s.min_fill * problem.target:
                 taken[key] = None
                 return
             fallback = child if fallback is None else fallback
-        child = fallback if fallback is not None else _random_genome(problem, rng)
+        child = fallback if fallback is not None else genomes.random(rng)
         taken[tuple(child.tolist())] = None
 
     def score(generation: dict[tuple[int, ...], None]) -> None:
         """Score a generation's new genomes as one batch (in parallel when the evaluator has workers);
         a genome already in the cache costs no budget."""
         new = [key for key in generation if key not in cache]
-        keeps = [np.array(key, dtype=np.int64) for key in new]
-        for key, (_, reward) in zip(new, evaluator.evaluate_keeps(keeps), strict=True):
+        batch = [np.array(key, dtype=np.int64) for key in new]
+        for key, reward in zip(new, genomes.score(evaluator, batch), strict=True):
             cache[key] = reward
 
     # The uniform policy seeds the population: evolution then starts no worse than the baseline.
-    initial: dict[tuple[int, ...], None] = {tuple(problem.uniform_keep().tolist()): None}
+    initial: dict[tuple[int, ...], None] = {tuple(genomes.uniform().tolist()): None}
     for _ in range(pop_size * 4):
         if len(initial) >= pop_size:
             break
-        propose(lambda: _random_genome(problem, rng), initial)
+        propose(lambda: genomes.random(rng), initial)
     score(initial)
 
     while True:

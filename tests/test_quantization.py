@@ -272,8 +272,15 @@ def test_bits_follow_the_action_and_only_env_agents_search_joint_policies(
         <= 0.03 * (1 + 1e-9)
         for e in drawn
     )  # type: ignore[union-attr]
+    evolved = search("evolution", problem, 24, seed=0).history
+    assert len(evolved) == 24 and len({e.weight_bits for e in evolved}) > 1
+    assert all(
+        problem.joint.projector.cost_ratio(np.array(e.keep), e.weight_bits, e.activation_bits)
+        <= 0.03 * (1 + 1e-9)
+        for e in evolved
+    )  # type: ignore[union-attr]
     with pytest.raises(InvalidSettingError, match=r"proposes kept channels alone.*ppo"):
-        search("evolution", problem, 4)
+        search("rlpruner", problem, 4)
     with pytest.raises(InvalidSettingError, match="joint_keep_for"):
         problem.keep_for(np.zeros(problem.n_groups))
     with pytest.raises(InvalidSettingError, match="impossible"):

@@ -17,6 +17,7 @@ every other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch import nn
 from agents.evaluator import BudgetedEvaluator
 from agents.registry import register_agent
 from prune_env.problem import PruningProblem
+from prune_env.quantization.bits import BIT_CHOICES, FULL_PRECISION
 
 
 @dataclass(frozen=True)
@@ -127,40 +129,180 @@ def _fit(
         opt.step()
 
 
-@register_agent("predictor", PredictorSettings)
+class JointTorchCost(nn.Module):
+    """A joint policy's BitOps (or size) as a fraction of the unpruned model's at 32 bits, differentiable in
+    ratios and in continuous bit-widths: :class:`TorchCost` with each term weighted by the bits of the
+    layer it counts (its group's, ``other_bits`` outside every group, 32 for what is never quantized)."""
+
+    mult: torch.Tensor
+    fixed: torch.Tensor
+    channels: torch.Tensor
+    coef: torch.Tensor
+    fixed_bits: torch.Tensor
+
+    def __init__(self, problem: PruningProblem) -> None:
+        super().__init__()
+        joint = problem.joint
+        assert joint is not None and joint.constrained  # a joint budget is what this cost constrains
+        costs = problem.graph.costs
+        metric = "macs" if problem.metric == "bitops" else "params"
+        coef, s1, s2 = costs.compiled_terms(metric)
+        group_of = {layer: g for g, layers in enumerate(joint.group_layers) for layer in layers}
+        other = problem.settings.other_bits
+        groups, fixed_bits = [], []
+        for label in costs.macs_labels if metric == "macs" else costs.params_labels:
+            layer, _, attr = label.rpartition(".") if metric == "params" else (label, "", "weight")
+            quantized = attr == "weight" and layer in joint.layers
+            groups.append(group_of.get(layer, -1) if quantized else -1)
+            fixed_bits.append(other if quantized else FULL_PRECISION)
+        self.register_buffer("mult", torch.tensor(costs.mult, dtype=torch.float64))
+        self.register_buffer("fixed", torch.tensor(costs.fixed, dtype=torch.float64))
+        self.register_buffer("channels", torch.tensor(problem.units, dtype=torch.float64))
+        self.register_buffer("coef", torch.tensor(coef, dtype=torch.float64))
+        self.register_buffer("fixed_bits", torch.tensor(fixed_bits, dtype=torch.float64))
+        self.s1, self.s2 = torch.as_tensor(s1, dtype=torch.long), torch.as_tensor(s2, dtype=torch.long)
+        self.group = torch.as_tensor(groups, dtype=torch.long)
+        self.activations = metric == "macs"  # BitOps weigh MACs by both widths, size by the weights' only
+        self.base = float(joint.base_bitops if metric == "macs" else joint.base_size_bits)
+
+    def forward(
+        self, ratios: torch.Tensor, weight_bits: torch.Tensor, activation_bits: torch.Tensor
+    ) -> torch.Tensor:
+        keep = self.channels * (1.0 - ratios.to(torch.float64))
+        kept = torch.cat([self.fixed + keep @ self.mult.T, torch.ones(1, dtype=torch.float64)])
+        grouped = self.group >= 0
+        index = self.group.clamp(min=0)
+        w = torch.where(grouped, weight_bits.to(torch.float64)[index], self.fixed_bits)
+        bits = (
+            w * torch.where(grouped, activation_bits.to(torch.float64)[index], self.fixed_bits)
+            if self.activations
+            else w
+        )
+        return (kept[self.s1] * kept[self.s2] * bits) @ self.coef / self.base
+
+
+def continuous_bits(unit: torch.Tensor) -> torch.Tensor:
+    """Bit-widths for values in [0, 1], piecewise linear through each choice at the centre of its share of
+    the interval (where :meth:`JointPolicies.bits_for` maps to it): a differentiable relaxation."""
+    choices = torch.tensor(BIT_CHOICES, dtype=torch.float64)
+    position = (unit.to(torch.float64) * len(BIT_CHOICES) - 0.5).clamp(0.0, len(BIT_CHOICES) - 1.0)
+    low = position.floor().long().clamp(max=len(BIT_CHOICES) - 2)
+    frac = position - low
+    return choices[low] * (1.0 - frac) + choices[low + 1] * frac
+
+
+class _Channels:
+    """Policies as kept counts, searched in ratio space (the predictor's input: ratios / max_ratio)."""
+
+    def __init__(self, problem: PruningProblem) -> None:
+        self.problem = problem
+        self.dim = problem.n_groups
+        self.upper = np.full(self.dim, problem.max_ratio)
+
+    def uniform(self) -> tuple[int, ...]:
+        return tuple(self.problem.uniform_keep().tolist())
+
+    def random(self, rng: np.random.Generator) -> tuple[int, ...]:
+        return tuple(self.problem.keep_for(rng.uniform(0.0, self.problem.max_ratio, self.dim)).tolist())
+
+    def decode(self, x: np.ndarray, target: float | None = None) -> tuple[int, ...]:
+        return tuple(self.problem.keep_for(x, target).tolist())
+
+    def encode(self, key: tuple[int, ...]) -> np.ndarray:
+        return self.problem.ratios_for(np.array(key))
+
+    def score(self, evaluator: BudgetedEvaluator, keys: list[tuple[int, ...]]) -> list[float]:
+        return [reward for _, reward in evaluator.evaluate_keeps([np.array(k) for k in keys])]
+
+    def cost(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return TorchCost(self.problem)
+
+
+class _Joint(_Channels):
+    """Joint policies: ratios, then each group's weight and activation bits as values in [0, 1]
+    (:meth:`JointPolicies.bits_for`); a key is the kept counts followed by both bit-widths."""
+
+    def __init__(self, problem: PruningProblem) -> None:
+        super().__init__(problem)
+        self.n = problem.n_groups
+        self.dim = 3 * self.n
+        self.upper = np.concatenate([np.full(self.n, problem.max_ratio), np.ones(2 * self.n)])
+        self.unit = {b: (i + 0.5) / len(BIT_CHOICES) for i, b in enumerate(BIT_CHOICES)}
+
+    def _key(self, policy: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[int, ...]:
+        return tuple(int(v) for part in policy for v in part)
+
+    def uniform(self) -> tuple[int, ...]:
+        bits = np.full(self.n, self.problem.settings.other_bits)
+        return self._key(self.problem.joint_keep_for(np.zeros(self.n), bits, bits))
+
+    def random(self, rng: np.random.Generator) -> tuple[int, ...]:
+        return self.decode(
+            np.concatenate([rng.uniform(0.0, self.problem.max_ratio, self.n), rng.random(2 * self.n)])
+        )
+
+    def decode(self, x: np.ndarray, target: float | None = None) -> tuple[int, ...]:
+        p, n = self.problem, self.n
+        assert p.joint is not None
+        bits = p.joint.bits_for
+        return self._key(p.joint_keep_for(x[:n], bits(x[n : 2 * n]), bits(x[2 * n :]), target))
+
+    def encode(self, key: tuple[int, ...]) -> np.ndarray:
+        n = self.n
+        units = [self.unit[b] for b in key[n:]]
+        return np.concatenate([self.problem.ratios_for(np.array(key[:n])), units])
+
+    def score(self, evaluator: BudgetedEvaluator, keys: list[tuple[int, ...]]) -> list[float]:
+        n = self.n
+        return [
+            evaluator.evaluate_joint_keep(np.array(k[:n]), np.array(k[n : 2 * n]), np.array(k[2 * n :]))[1]
+            for k in keys
+        ]
+
+    def cost(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        joint = self.problem.joint
+        assert joint is not None
+        n = self.n
+        if not joint.constrained:  # bits are free, MACs or parameters constrain the ratios alone
+            channels = TorchCost(self.problem)
+            return lambda x: channels(x[:n])
+        bitops = JointTorchCost(self.problem)
+        return lambda x: bitops(x[:n], continuous_bits(x[n : 2 * n]), continuous_bits(x[2 * n :]))
+
+
+@register_agent("predictor", PredictorSettings, joint_policies=True)
 def predictor(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: PredictorSettings) -> None:
     """SeerNet: predictor-guided search (random init, UCB evolution, barrier gradient ascent at the end).
 
-    See :class:`PredictorSettings` for the settings.
+    With joint policies (pruning + quantization) the predictor reads the ratios and each group's bits,
+    and the ascent's barrier is on the BitOps (or size) of continuously relaxed bit-widths, as SeerNet
+    searches its pruning and quantization policy. See :class:`PredictorSettings` for the settings.
     """
     problem = evaluator.problem
-    n, max_ratio = problem.n_groups, problem.max_ratio
+    policies = _Channels(problem) if problem.joint is None else _Joint(problem)
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
     seen: dict[tuple[int, ...], float] = {}
 
-    def evaluate(keep: np.ndarray) -> None:
-        seen[tuple(keep.tolist())] = evaluator.evaluate_keep(keep)[1]
+    def evaluate(key: tuple[int, ...]) -> None:
+        seen[key] = policies.score(evaluator, [key])[0]
 
     # 1. Initial samples: the uniform policy and random ones (projected onto the budget).
-    evaluate(problem.uniform_keep())
+    evaluate(policies.uniform())
     n_init = max(2, round(s.init_fraction * evaluator.budget_evals))
     # They do not depend on scores: one batch (scored in parallel when the evaluator has workers).
-    initial: dict[tuple[int, ...], np.ndarray] = {}
+    initial: dict[tuple[int, ...], None] = {}
     while len(seen) + len(initial) < n_init and evaluator.remaining - len(initial) > 1:
-        keep = problem.keep_for(rng.uniform(0.0, max_ratio, n))
-        key = tuple(keep.tolist())
+        key = policies.random(rng)
         if key not in seen and key not in initial:
-            initial[key] = keep
-    for key, (_, reward) in zip(initial, evaluator.evaluate_keeps(list(initial.values())), strict=True):
+            initial[key] = None
+    for key, reward in zip(initial, policies.score(evaluator, list(initial)), strict=True):
         seen[key] = reward
 
-    model = Ensemble(n, s.ensemble, s.hidden, generator)
+    model = Ensemble(policies.dim, s.ensemble, s.hidden, generator)
 
     def train() -> tuple[float, float]:
         keys = list(seen)
-        x = torch.tensor(
-            np.array([problem.ratios_for(np.array(k)) for k in keys]) / max_ratio, dtype=torch.float32
-        )
+        x = torch.tensor(np.array([policies.encode(k) for k in keys]) / policies.upper, dtype=torch.float32)
         y = np.array([seen[k] for k in keys])
         mu, sd = float(y.mean()), float(y.std()) or 1.0
         _fit(model, x, torch.tensor((y - mu) / sd, dtype=torch.float32), s, generator)
@@ -169,74 +311,75 @@ def predictor(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: Predict
     # 2. Uncertainty-driven evolution: evaluate the unevaluated candidate with the highest UCB.
     while evaluator.remaining > 1:
         train()
-        candidate = _acquire(problem, model, seen, rng, s)
+        candidate = _acquire(policies, model, seen, rng, s)
         if candidate is None:
             break
         evaluate(candidate)
 
     # 3. Gradient ascent on predicted reward under a log-barrier on the cost, then evaluate that policy.
     train()
-    final: np.ndarray | None = _ascend(problem, model, seen, s)
-    if final is not None and tuple(final.tolist()) in seen:
-        final = _acquire(problem, model, seen, rng, s)  # nothing new found: the best UCB instead
+    final: tuple[int, ...] | None = _ascend(policies, model, seen, s)
+    if final is not None and final in seen:
+        final = _acquire(policies, model, seen, rng, s)  # nothing new found: the best UCB instead
     if final is not None:
         evaluate(final)
 
 
 def _acquire(
-    problem: PruningProblem,
+    policies: _Channels,
     model: Ensemble,
     seen: dict[tuple[int, ...], float],
     rng: np.random.Generator,
     s: PredictorSettings,
-) -> np.ndarray | None:
-    """Evolve ratio vectors on the predictor's UCB; return the best one not evaluated yet."""
-    n, max_ratio = problem.n_groups, problem.max_ratio
-    elite = [problem.ratios_for(np.array(k)) for k, _ in sorted(seen.items(), key=lambda kv: -kv[1])[:8]]
+) -> tuple[int, ...] | None:
+    """Evolve policies (in their search space) on the predictor's UCB; return the best one not evaluated."""
+    dim, upper = policies.dim, policies.upper
+    elite = [policies.encode(k) for k, _ in sorted(seen.items(), key=lambda kv: -kv[1])[:8]]
     pop = np.clip(
         np.array([elite[i % len(elite)] for i in range(s.candidates)])
-        + rng.normal(0, s.mutation_sigma, (s.candidates, n)),
+        + rng.normal(0, s.mutation_sigma, (s.candidates, dim)),
         0.0,
-        max_ratio,
+        upper,
     )
-    best: tuple[float, np.ndarray] | None = None
+    best: tuple[float, tuple[int, ...]] | None = None
     for _ in range(s.generations):
-        keeps = np.array([problem.keep_for(r) for r in pop])
-        ratios = np.array([problem.ratios_for(k) for k in keeps])
+        keys = [policies.decode(x) for x in pop]
+        points = np.array([policies.encode(k) for k in keys])
         with torch.no_grad():
-            preds = model(torch.tensor(ratios / max_ratio, dtype=torch.float32)).numpy()
+            preds = model(torch.tensor(points / upper, dtype=torch.float32)).numpy()
         ucb = preds.mean(0) + s.kappa * preds.std(0)
         for i in np.argsort(-ucb):
-            if tuple(keeps[i].tolist()) not in seen:
+            if keys[i] not in seen:
                 if best is None or ucb[i] > best[0]:
-                    best = (float(ucb[i]), keeps[i])
+                    best = (float(ucb[i]), keys[i])
                 break
         # Next generation: mutate the top half and cross it over uniformly.
-        top = ratios[np.argsort(-ucb)[: max(2, s.candidates // 2)]]
+        top = points[np.argsort(-ucb)[: max(2, s.candidates // 2)]]
         a, b = top[rng.integers(len(top), size=s.candidates)], top[rng.integers(len(top), size=s.candidates)]
-        pop = np.where(rng.random((s.candidates, n)) < 0.5, a, b) + rng.normal(
-            0, s.mutation_sigma / 2, (s.candidates, n)
+        pop = np.where(rng.random((s.candidates, dim)) < 0.5, a, b) + rng.normal(
+            0, s.mutation_sigma / 2, (s.candidates, dim)
         )
-        pop = np.clip(pop, 0.0, max_ratio)
+        pop = np.clip(pop, 0.0, upper)
     return None if best is None else best[1]
 
 
 def _ascend(
-    problem: PruningProblem, model: Ensemble, seen: dict[tuple[int, ...], float], s: PredictorSettings
-) -> np.ndarray:
+    policies: _Channels, model: Ensemble, seen: dict[tuple[int, ...], float], s: PredictorSettings
+) -> tuple[int, ...]:
     """Momentum gradient ascent with an adaptive step on ``mean prediction + barrier·log(target - cost)``."""
-    cost = TorchCost(problem)
-    target, max_ratio = problem.target, problem.max_ratio
+    cost = policies.cost()
+    target = policies.problem.target
+    upper = torch.tensor(policies.upper, dtype=torch.float64)
     best_key = max(seen, key=lambda k: seen[k])
     # Start strictly inside the feasible region (the barrier is infinite on its boundary).
-    start = problem.ratios_for(problem.keep_for(problem.ratios_for(np.array(best_key)), target * 0.97))
+    start = policies.encode(policies.decode(policies.encode(best_key), target * 0.97))
     r = torch.tensor(start, dtype=torch.float64)
 
     def objective(x: torch.Tensor) -> torch.Tensor:
         slack = target - cost(x)
         if slack <= 0:
             return torch.tensor(-np.inf, dtype=torch.float64)
-        pred = model((x / max_ratio).to(torch.float32).unsqueeze(0)).mean().to(torch.float64)
+        pred = model((x / upper).to(torch.float32).unsqueeze(0)).mean().to(torch.float64)
         return pred + s.barrier * torch.log(slack)
 
     lr, velocity = s.ascent_lr, torch.zeros_like(r)
@@ -245,7 +388,7 @@ def _ascend(
         value = objective(x)
         (grad,) = torch.autograd.grad(value, x)
         velocity = s.momentum * velocity + grad
-        candidate = (r + lr * velocity).clamp(0.0, max_ratio)
+        candidate = torch.minimum(torch.clamp(r + lr * velocity, min=0.0), upper)
         with torch.no_grad():
             if float(objective(candidate)) >= float(value):
                 r, lr = candidate, lr * 1.1  # success: accept and take bigger steps
@@ -254,4 +397,4 @@ def _ascend(
                 lr *= 0.5
         if lr < 1e-6:
             break
-    return problem.keep_for(r.detach().numpy())
+    return policies.decode(r.detach().numpy())

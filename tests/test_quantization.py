@@ -287,3 +287,34 @@ def test_bits_follow_the_action_and_only_env_agents_search_joint_policies(
         PruningProblem(untrained_resnet20, digits, target_bitops=1e-6, eval_samples=32)
     with pytest.raises(InvalidSettingError, match="give one budget, not target_macs and target_bitops"):
         PruningProblem(untrained_resnet20, digits, target_bitops=0.1, target_macs=0.5)
+
+
+@pytest.mark.parametrize("budget", [{"target_bitops": 0.03}, {"target_size": 0.08}], ids=["bitops", "size"])
+def test_seernet_predictor_searches_joint_policies_under_a_differentiable_budget(
+    untrained_resnet20: nn.Module, digits: Any, budget: dict[str, float]
+) -> None:
+    from agents import search
+    from agents.predictor import JointTorchCost, continuous_bits
+
+    problem = PruningProblem(untrained_resnet20, digits, eval_samples=32, bn_recalib_batches=1, **budget)
+    joint = problem.joint
+    assert joint is not None
+    # The relaxed cost is exact at every policy's own ratios and at each bit-width's centre.
+    centres = torch.tensor(
+        [(i + 0.5) / len(BIT_CHOICES) for i in range(len(BIT_CHOICES))], dtype=torch.float64
+    )
+    assert continuous_bits(centres).tolist() == list(BIT_CHOICES)
+    cost = JointTorchCost(problem)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        keep = np.array([rng.integers(1, u + 1) for u in problem.units])
+        w, a = rng.choice(BIT_CHOICES, problem.n_groups), rng.choice(BIT_CHOICES, problem.n_groups)
+        relaxed = cost(torch.tensor(problem.ratios_for(keep)), torch.tensor(w), torch.tensor(a))
+        assert float(relaxed) == pytest.approx(joint.projector.cost_ratio(keep, w, a), rel=1e-9)
+    history = search("predictor", problem, 12, seed=0).history
+    assert len(history) == 12 and len({e.weight_bits for e in history}) > 1
+    limit = problem.target * (1 + 1e-9)
+    assert all(
+        joint.projector.cost_ratio(np.array(e.keep), e.weight_bits, e.activation_bits) <= limit
+        for e in history
+    )

@@ -24,7 +24,6 @@ from prune_env.importance import get_importance
 from prune_env.models import ModelSpec
 from prune_env.proxies import make_proxy
 from prune_env.proxy import Proxy, ProxyContext, ProxyResult
-from prune_env.quantization.bits import check_bits
 from prune_env.quantization.joint import JointPolicies
 from prune_env.rewards import Outcome
 from prune_env.scoring import PolicyScorer
@@ -355,9 +354,7 @@ class PruningProblem:
                     f"expected {self.n_groups} finite ratios (one per group), got shape {r.shape}"
                 )
             return joint.projector.project(r, weight_bits, activation_bits, target, fill=self.fill_budget)
-        w = np.array([check_bits("weight bits", int(b)) for b in weight_bits], dtype=np.int64)
-        a = np.array([check_bits("activation bits", int(b)) for b in activation_bits], dtype=np.int64)
-        return self.keep_for(ratios, target), w, a
+        return self.keep_for(ratios, target), *joint.projector.checked_bits(weight_bits, activation_bits)
 
     def evaluate_joint(
         self,

@@ -18,6 +18,7 @@ from torch import nn
 
 from prune_env.errors import InvalidSettingError
 from prune_env.graph import DependencyGraph
+from prune_env.validation import bits as bits_rule
 
 FULL_PRECISION = 32
 BIT_CHOICES = (2, 3, 4, 5, 6, 8, FULL_PRECISION)  # what the environments offer (HAQ's and SeerNet's range)
@@ -25,12 +26,8 @@ QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def check_bits(name: str, bits: Any) -> int:
-    """Bits of a fixed-point format (2..16) or FULL_PRECISION (32: left as floats)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 16 or bits == FULL_PRECISION):
-        raise InvalidSettingError(
-            f"{name} must be an integer number of bits in 2..16, or {FULL_PRECISION} for full precision; got {bits!r}"
-        )
-    return bits
+    """Bits of a fixed-point format (2..16) or FULL_PRECISION (32: left as floats): the shared rule."""
+    return bits_rule(name, bits)
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,19 @@ class JointProjector:
         how = f" at {min(BIT_CHOICES)} bits"
         check_reachable(self.metric, target, self.min_cost_ratio, self.max_ratio, how)
 
+    def checked_bits(
+        self, weight_bits: Sequence[int] | np.ndarray, activation_bits: Sequence[int] | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Both bit-widths per group as integer arrays, each checked (one per group, 2..16 or 32)."""
+        w = [check_bits("weight bits", b) for b in np.asarray(weight_bits).reshape(-1).tolist()]
+        a = [check_bits("activation bits", b) for b in np.asarray(activation_bits).reshape(-1).tolist()]
+        if len(w) != len(self.units) or len(a) != len(self.units):
+            raise InvalidSettingError(
+                f"expected {len(self.units)} weight and activation bit-widths (one per group), got "
+                f"{len(w)} and {len(a)}"
+            )
+        return np.array(w, dtype=np.int64), np.array(a, dtype=np.int64)
+
     def wall(
         self,
         decided: np.ndarray,
@@ -145,8 +158,8 @@ class JointProjector:
         lowest = min(BIT_CHOICES)
         w[index + 1 :], a[index + 1 :] = lowest, lowest
         w[index], a[index] = (
-            check_bits("weight bits", int(weight_bits)),
-            check_bits("activation bits", int(activation_bits)),
+            check_bits("weight bits", weight_bits),
+            check_bits("activation bits", activation_bits),
         )
         keep = np.array(decided, dtype=np.int64)
         while True:
@@ -173,12 +186,7 @@ class JointProjector:
         """``(keep, weight_bits, activation_bits)`` within ``target``: the bits as given if some pruning
         fits with them (the ratios then projected as for MACs), else lowered step by step."""
         self.check_target(target)
-        w = np.array([check_bits("weight bits", int(b)) for b in weight_bits], dtype=np.int64)
-        a = np.array([check_bits("activation bits", int(b)) for b in activation_bits], dtype=np.int64)
-        if w.shape != self.units.shape or a.shape != self.units.shape:
-            raise InvalidSettingError(
-                f"expected {len(self.units)} weight and activation bit-widths (one per group)"
-            )
+        w, a = self.checked_bits(weight_bits, activation_bits)
         while True:
             projector = self._projector(w, a)
             # The target in the reweighted model's own terms (its base is the unpruned model at these bits).

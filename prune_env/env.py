@@ -274,9 +274,8 @@ class LayerPruneEnv(_PruneEnv):
             self.target,
         )
         if p.joint is not None:  # the bits the previous group got (full precision before the first)
-            previous = max(self._t - 1, 0) if self._t else None
-            w = self._weight_bits[previous] if previous is not None else FULL_PRECISION
-            a = self._activation_bits[previous] if previous is not None else FULL_PRECISION
+            w = self._weight_bits[self._t - 1] if self._t else FULL_PRECISION
+            a = self._activation_bits[self._t - 1] if self._t else FULL_PRECISION
             dynamic = (*dynamic, w / FULL_PRECISION, a / FULL_PRECISION)
         n_static = len(STATIC_FEATURES)
         obs = np.empty(n_static + len(dynamic), dtype=np.float32)

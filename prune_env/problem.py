@@ -173,8 +173,10 @@ class PruningProblem:
             max_ratio=s.max_ratio,
             round_to=s.round_to,
         )
-        if self.metric in ("macs", "params"):
-            self.projector.check_target(self.target)  # a joint budget is checked below, once it is built
+        # Joint policies (bits per group as well): their budget is checked here too, before any proxy is
+        # built (a supernet trains for minutes).
+        self.joint: JointPolicies | None = JointPolicies(self.base_model, self.graph, s) if s.joint else None
+        self.check_target(self.target)
         # Rank every group's units once: a pruned model is then a function of the kept counts alone,
         # which makes evaluations memoisable and the hot path free of importance computation.
         self.rankings = [
@@ -201,12 +203,8 @@ class PruningProblem:
                     f"the proxy factory returned {type(built).__name__}, not a prune_env.proxy.Proxy"
                 )
             self.proxy = built
-        # Joint policies (bits per group as well): the quantization half, checked before any scoring.
-        self.joint: JointPolicies | None = None
-        if s.joint:
-            self.joint = JointPolicies(self.base_model, self.graph, self.proxy, context, s)
-            if self.joint.constrained:
-                self.joint.projector.check_target(self.target)
+        if self.joint is not None:
+            self.joint.score_with(self.proxy, context)
         full = self._checked(
             self.proxy.evaluate_policy(self.units.copy(), lambda: copy.deepcopy(self.base_model))
         )

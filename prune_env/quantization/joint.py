@@ -19,14 +19,7 @@ from prune_env.settings import JOINT_METRICS, ProblemSettings
 class JointPolicies:
     """The quantization half of a :class:`~prune_env.problem.PruningProblem` whose policies choose bits."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        graph: DependencyGraph,
-        proxy: Proxy,
-        context: ProxyContext,
-        settings: ProblemSettings,
-    ) -> None:
+    def __init__(self, model: nn.Module, graph: DependencyGraph, settings: ProblemSettings) -> None:
         self.graph = graph
         self.group_layers = group_layers(graph, model)
         self.layers = quantizable_layers(model)
@@ -41,10 +34,20 @@ class JointPolicies:
             round_to=settings.round_to,
             other_bits=settings.other_bits,
         )
-        self.scoring = QuantizedScoring(proxy, context)
+        self._scoring: QuantizedScoring | None = None
         full = graph.costs.full_keep()
         self.base_bitops = graph.costs.macs(full) * FULL_PRECISION**2
         self.base_size_bits = graph.costs.params(full) * FULL_PRECISION
+
+    def score_with(self, proxy: Proxy, context: ProxyContext) -> None:
+        """Score policies with ``proxy`` (the problem's, once it is built), then simulated quantization."""
+        self._scoring = QuantizedScoring(proxy, context)
+
+    @property
+    def scoring(self) -> QuantizedScoring:
+        if self._scoring is None:
+            raise RuntimeError("JointPolicies.score_with(proxy, context) must be called before scoring")
+        return self._scoring
 
     @staticmethod
     def bits_for(unit: np.ndarray) -> np.ndarray:

@@ -213,6 +213,15 @@ def test_export_int8_through_pytorch_and_other_widths_as_fake_quant_with_their_p
         save_fake_quantized(pruned, plan, batches, tmp_path / "q")
 
 
+def assert_within_budget(problem: PruningProblem, history: list[Any]) -> None:
+    """Every evaluated joint policy within the problem's BitOps or size budget, recomputed from its record."""
+    joint = problem.joint
+    assert joint is not None
+    for e in history:
+        cost = joint.projector.cost_ratio(np.array(e.keep), e.weight_bits, e.activation_bits)
+        assert cost <= problem.target * (1 + 1e-9), (e.index, cost)
+
+
 JOINT_BUDGETS = [{"target_bitops": 0.03}, {"target_size": 0.1}, {"quantize": True, "target_macs": 0.5}]
 
 
@@ -265,20 +274,10 @@ def test_bits_follow_the_action_and_only_env_agents_search_joint_policies(
     uniform = search("uniform", problem, 4, seed=0).best_outcome
     assert set(uniform.weight_bits) == set(uniform.activation_bits) == {8}  # pruning alone, at 8 bits
     assert uniform.bitops_ratio <= 0.03 * (1 + 1e-9) and uniform.macs_ratio <= 0.03 * 1024 / 64
-    drawn = search("random", problem, 5, seed=0).history
-    assert len(drawn) == 5 and len({e.weight_bits for e in drawn}) > 1
-    assert all(
-        problem.joint.projector.cost_ratio(np.array(e.keep), e.weight_bits, e.activation_bits)
-        <= 0.03 * (1 + 1e-9)
-        for e in drawn
-    )  # type: ignore[union-attr]
-    evolved = search("evolution", problem, 24, seed=0).history
-    assert len(evolved) == 24 and len({e.weight_bits for e in evolved}) > 1
-    assert all(
-        problem.joint.projector.cost_ratio(np.array(e.keep), e.weight_bits, e.activation_bits)
-        <= 0.03 * (1 + 1e-9)
-        for e in evolved
-    )  # type: ignore[union-attr]
+    for agent, budget in (("random", 5), ("evolution", 24)):
+        history = search(agent, problem, budget, seed=0).history
+        assert len(history) == budget and len({e.weight_bits for e in history}) > 1  # bits are searched
+        assert_within_budget(problem, history)
     with pytest.raises(InvalidSettingError, match=r"proposes kept channels alone.*ppo"):
         search("rlpruner", problem, 4)
     with pytest.raises(InvalidSettingError, match="joint_keep_for"):
@@ -313,8 +312,4 @@ def test_seernet_predictor_searches_joint_policies_under_a_differentiable_budget
         assert float(relaxed) == pytest.approx(joint.projector.cost_ratio(keep, w, a), rel=1e-9)
     history = search("predictor", problem, 12, seed=0).history
     assert len(history) == 12 and len({e.weight_bits for e in history}) > 1
-    limit = problem.target * (1 + 1e-9)
-    assert all(
-        joint.projector.cost_ratio(np.array(e.keep), e.weight_bits, e.activation_bits) <= limit
-        for e in history
-    )
+    assert_within_budget(problem, history)

@@ -1,0 +1,155 @@
+"""Where does the allocation of a MACs budget matter, and how long must the final fine-tune be?
+
+Before agents are compared, the setting must be one where a better allocation *can* win. For each model and
+budget: draw N random policies (as the ``random`` agent does: ratios uniform in [0, max_ratio], projected
+onto the budget), fine-tune each briefly and keep the best by **validation** accuracy; then fine-tune
+uniform pruning and that best random policy for several lengths and report test accuracy. A large
+spread (best random - uniform) marks a setting that can tell methods apart; the lengths show where uniform
+reaches its plateau (a 1-epoch fine-tune rewards fast recoverers, not good architectures).
+
+    python benchmarks/allocation_spread.py --models vgg11_quarter resnet20 --budgets 0.1 0.2 0.3 \\
+        --random 20 --lengths 1 3 6 --finetune-samples 20000 --threads 1 --out spread.json
+    python benchmarks/allocation_spread.py --report spread.json
+
+Every fine-tune is a KD fine-tune from the pruned base model on the same fixed training subset, with the
+same seed. Each finished (model, budget) is written to ``--out`` at once, and a rerun with the same file
+skips what it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from prune_env import PruningProblem
+from prune_env.data import Splits
+from prune_env.train import finetune
+
+
+def tuned(
+    problem: PruningProblem, keep: np.ndarray, splits: Splits, epochs: int, seed: int
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    _, metrics = finetune(
+        problem.build(keep), problem.base_model, splits, epochs=epochs, seed=seed, progress=False
+    )
+    return {
+        "epochs": epochs,
+        "val_accuracy": metrics["val_accuracy"],
+        "test_accuracy": metrics["test_accuracy"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def macs_fraction(problem: PruningProblem, keep: np.ndarray) -> float:
+    return problem.graph.costs.macs(keep) / problem.graph.base_macs
+
+
+def measure(args: argparse.Namespace, model: str, budget: float) -> dict[str, Any]:
+    problem = PruningProblem(model, args.dataset, target_macs=budget, seed=args.seed, progress=False)
+    idx = torch.randperm(len(problem.splits.train), generator=torch.Generator().manual_seed(args.seed))
+    tune = replace(problem.splits, train=Subset(problem.splits.train, idx[: args.finetune_samples].tolist()))
+    rng = np.random.default_rng(args.seed)
+    policies = [
+        problem.keep_for(rng.uniform(0.0, problem.max_ratio, problem.n_groups)) for _ in range(args.random)
+    ]
+    screened = []
+    for i, keep in enumerate(policies):
+        screened.append(tuned(problem, keep, tune, args.screen_epochs, args.seed))
+        print(f"  {model} @{budget}: random {i}: val {screened[-1]['val_accuracy']:.4f}", flush=True)
+    best = int(np.argmax([s["val_accuracy"] for s in screened]))
+    uniform = problem.uniform_keep()
+    lengths: dict[str, dict[str, Any]] = {"uniform": {}, "best_random": {}}
+    for epochs in args.lengths:
+        for name, keep in (("uniform", uniform), ("best_random", policies[best])):
+            run = screened[best] if name == "best_random" and epochs == args.screen_epochs else None
+            lengths[name][str(epochs)] = run or tuned(problem, keep, tune, epochs, args.seed)
+        print(
+            f"  {model} @{budget}: {epochs} epochs: uniform {lengths['uniform'][str(epochs)]['test_accuracy']:.4f}, "
+            f"best random {lengths['best_random'][str(epochs)]['test_accuracy']:.4f}",
+            flush=True,
+        )
+    return {
+        "model": model,
+        "budget": budget,
+        "base_metrics": problem.base_metrics,
+        "macs_fraction": {
+            "uniform": macs_fraction(problem, uniform),
+            "random": [macs_fraction(problem, k) for k in policies],
+        },
+        "uniform_keep": uniform.tolist(),
+        "random_keep": [k.tolist() for k in policies],
+        "screen": screened,
+        "best_random": best,
+        "lengths": lengths,
+    }
+
+
+def report(paths: list[str]) -> None:
+    rows = [row for p in paths for row in json.loads(Path(p).read_text())["rows"]]
+    print(
+        "| model | budget | fine-tune epochs | uniform test acc | best-of-N random test acc | spread (points) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        for epochs, u in row["lengths"]["uniform"].items():
+            b = row["lengths"]["best_random"][epochs]
+            print(
+                f"| {row['model']} | {row['budget']:.0%} | {epochs} | {u['test_accuracy']:.4f} | "
+                f"{b['test_accuracy']:.4f} | {100 * (b['test_accuracy'] - u['test_accuracy']):+.2f} |"
+            )
+    for row in rows:
+        vals = np.array([s["val_accuracy"] for s in row["screen"]])
+        print(
+            f"{row['model']} @{row['budget']:.0%}: {len(vals)} random policies after "
+            f"{row['screen'][0]['epochs']} epoch(s): val {vals.min():.4f}-{vals.max():.4f} "
+            f"(median {np.median(vals):.4f}); uniform at that length: "
+            f"val {row['lengths']['uniform'][str(row['screen'][0]['epochs'])]['val_accuracy']:.4f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--models", nargs="+", default=["vgg11_quarter", "resnet20"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    parser.add_argument("--random", type=int, default=20, help="random policies screened per setting")
+    parser.add_argument("--screen-epochs", type=int, default=1)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1, 3, 6], help="final fine-tune epochs")
+    parser.add_argument("--finetune-samples", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="allocation_spread.json")
+    parser.add_argument("--report", nargs="+", metavar="JSON")
+    args = parser.parse_args(argv)
+    if args.report:
+        report(args.report)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    saved = json.loads(out.read_text()) if out.exists() else {"args": vars(args), "rows": []}
+    done = {(r["model"], r["budget"]) for r in saved["rows"]}
+    for model in args.models:
+        for budget in args.budgets:
+            if (model, budget) in done:
+                continue
+            saved["rows"].append(measure(args, model, budget))
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(saved, indent=1))
+            tmp.replace(out)
+    report([str(out)])
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ import numpy as np
 
 from prune_env.errors import InvalidSettingError, ResumeError
 from prune_env.problem import PruningProblem
+from prune_env.quantization.joint import JointPolicies
 from prune_env.rewards import Outcome, RewardFn, evaluate_reward, get_reward
 from prune_env.scoring import PolicyScorer
 from prune_env.validation import check_settings
@@ -200,36 +201,35 @@ class BudgetedEvaluator:
     ) -> tuple[Outcome, float]:
         """Score a joint policy (ratios and bits per group) of a problem whose policies choose bits,
         projected onto its budget (:meth:`PruningProblem.joint_keep_for`)."""
-        if self.problem.joint is None:
-            raise InvalidSettingError(
-                "evaluate_joint needs a problem with quantize=True or a BitOps / size budget"
-            )
-        if self.remaining <= 0:
-            raise BudgetExhausted(f"evaluation budget of {self.budget_evals} spent")
-        keep, w, a = self.problem.joint_keep_for(ratios, weight_bits, activation_bits)
-        outcome = self.problem.evaluate_joint(keep, w, a)
-        return outcome, self.record(outcome)
+        self._joint_policies()
+        return self._score_joint(*self.problem.joint_keep_for(ratios, weight_bits, activation_bits))
 
     def evaluate_joint_keep(
         self, keep: np.ndarray, weight_bits: np.ndarray, activation_bits: np.ndarray
     ) -> tuple[Outcome, float]:
         """:meth:`evaluate_joint` of kept counts and bits: scored as they are when within the budget,
         projected first otherwise (as :meth:`evaluate_keep` does for channels)."""
-        p, joint = self.problem, self.problem.joint
-        if joint is None:
-            raise InvalidSettingError(
-                "evaluate_joint_keep needs a problem with quantize=True or a BitOps / size budget"
-            )
+        p, joint = self.problem, self._joint_policies()
         keep = np.asarray(keep, dtype=np.int64)
-        if joint.constrained:
-            fits = joint.projector.cost_ratio(keep, weight_bits, activation_bits) <= p.target * (1 + 1e-9)
-        else:
-            fits = p.projector.cost_ratio(keep) <= p.target * (1 + 1e-9)
-        if not fits:
-            return self.evaluate_joint(p.ratios_for(keep), weight_bits, activation_bits)
+        w, a = joint.projector.checked_bits(weight_bits, activation_bits)
+        cost = joint.projector.cost_ratio(keep, w, a) if joint.constrained else p.projector.cost_ratio(keep)
+        if cost > p.target * (1 + 1e-9):
+            return self.evaluate_joint(p.ratios_for(keep), w, a)
+        return self._score_joint(keep, w, a)
+
+    def _joint_policies(self) -> JointPolicies:
+        if self.problem.joint is None:
+            raise InvalidSettingError(
+                "joint policies need a problem with quantize=True or a BitOps / size budget"
+            )
+        return self.problem.joint
+
+    def _score_joint(
+        self, keep: np.ndarray, weight_bits: np.ndarray, activation_bits: np.ndarray
+    ) -> tuple[Outcome, float]:
         if self.remaining <= 0:
             raise BudgetExhausted(f"evaluation budget of {self.budget_evals} spent")
-        outcome = p.evaluate_joint(keep, np.asarray(weight_bits), np.asarray(activation_bits))
+        outcome = self.problem.evaluate_joint(keep, weight_bits, activation_bits)
         return outcome, self.record(outcome)
 
     def _projected(self, keep: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from torch import nn
 from agents.evaluator import BudgetedEvaluator
 from agents.registry import register_agent
 from prune_env.problem import PruningProblem
-from prune_env.quantization.bits import BIT_CHOICES, FULL_PRECISION
+from prune_env.quantization.bits import BIT_CHOICES
 
 
 @dataclass(frozen=True)
@@ -147,19 +147,12 @@ class JointTorchCost(nn.Module):
         costs = problem.graph.costs
         metric = "macs" if problem.metric == "bitops" else "params"
         coef, s1, s2 = costs.compiled_terms(metric)
-        group_of = {layer: g for g, layers in enumerate(joint.group_layers) for layer in layers}
-        other = problem.settings.other_bits
-        groups, fixed_bits = [], []
-        for label in costs.macs_labels if metric == "macs" else costs.params_labels:
-            layer, _, attr = label.rpartition(".") if metric == "params" else (label, "", "weight")
-            quantized = attr == "weight" and layer in joint.layers
-            groups.append(group_of.get(layer, -1) if quantized else -1)
-            fixed_bits.append(other if quantized else FULL_PRECISION)
+        groups, fixed_bits = joint.projector.term_bits(metric)  # the bits weighing each term
         self.register_buffer("mult", torch.tensor(costs.mult, dtype=torch.float64))
         self.register_buffer("fixed", torch.tensor(costs.fixed, dtype=torch.float64))
         self.register_buffer("channels", torch.tensor(problem.units, dtype=torch.float64))
         self.register_buffer("coef", torch.tensor(coef, dtype=torch.float64))
-        self.register_buffer("fixed_bits", torch.tensor(fixed_bits, dtype=torch.float64))
+        self.register_buffer("fixed_bits", torch.as_tensor(fixed_bits, dtype=torch.float64))
         self.s1, self.s2 = torch.as_tensor(s1, dtype=torch.long), torch.as_tensor(s2, dtype=torch.long)
         self.group = torch.as_tensor(groups, dtype=torch.long)
         self.activations = metric == "macs"  # BitOps weigh MACs by both widths, size by the weights' only

@@ -308,12 +308,16 @@ class PruningProblem:
     def proxy_result(self, keep: np.ndarray) -> ProxyResult:
         """The proxy's result for projected kept counts ``keep``, scored once and then remembered."""
         keep = np.asarray(keep, dtype=np.int64)
-        key = tuple(keep.tolist())
+        # The pruned model is a function of the kept counts (rankings are fixed), so is its score.
+        return self._remembered(
+            tuple(keep.tolist()),
+            lambda: self.proxy.evaluate_policy(keep, lambda: self.build_for_evaluation(keep)),
+        )
+
+    def _remembered(self, key: tuple[int, ...], score: Callable[[], object]) -> ProxyResult:
+        """The result remembered for ``key``, else ``score()`` checked, counted and remembered."""
         if key not in self._results:
-            # The pruned model is a function of the kept counts (rankings are fixed), so is its score.
-            self._results[key] = self._checked(
-                self.proxy.evaluate_policy(keep, lambda: self.build_for_evaluation(keep))
-            )
+            self._results[key] = self._checked(score())
             self.evaluations += 1
         return self._results[key]
 
@@ -368,15 +372,12 @@ class PruningProblem:
         w = np.asarray(weight_bits, dtype=np.int64)
         a = np.asarray(activation_bits, dtype=np.int64)
         start = time.perf_counter()
-        key = (*keep.tolist(), -1, *w.tolist(), -1, *a.tolist())
+        key = (*keep.tolist(), -1, *w.tolist(), -1, *a.tolist())  # -1: never a count or a width
         memo_hit = key in self._results
-        if not memo_hit:
-            plan = joint.plan(w, a)
-            self._results[key] = self._checked(
-                joint.scoring.evaluate(keep, plan, lambda: self.build_for_evaluation(keep))
-            )
-            self.evaluations += 1
-        result = self._results[key]
+        result = self._remembered(
+            key,
+            lambda: joint.scoring.evaluate(keep, joint.plan(w, a), lambda: self.build_for_evaluation(keep)),
+        )
         return self.outcome(
             keep,
             accuracy=result.accuracy,

@@ -23,6 +23,8 @@ from prune_env.quantization.bits import BIT_CHOICES, FULL_PRECISION, BitPlan, ch
 from prune_env.settings import JOINT_METRICS
 from prune_env.validation import check_settings
 
+PROJECTORS_KEPT = 32  # reweighted cost models remembered, one per recent choice of bits
+
 
 def lower_bits(bits: np.ndarray, choices: Sequence[int] = BIT_CHOICES) -> np.ndarray:
     """Each width one step down ``choices`` (sorted ascending); the lowest stays."""
@@ -66,6 +68,9 @@ class JointProjector:
             )
         self.layers, self.metric = list(layers), metric
         self.max_ratio, self.round_to, self.other_bits = max_ratio, round_to, other_bits
+        # Which group's bits weigh each cost term, once: reweighting for a policy is then one gather.
+        self._term_bits = {kind: self._attribute(kind) for kind in ("macs", "params")}
+        self._projectors: dict[tuple[int, ...], BudgetProjector] = {}  # the last few bit choices
         full = costs.full_keep()
         self.base_cost = (
             costs.macs(full) * FULL_PRECISION**2
@@ -73,7 +78,28 @@ class JointProjector:
             else costs.params(full) * FULL_PRECISION
         )
         lowest = np.full(len(self.units), min(BIT_CHOICES), dtype=np.int64)
-        self.min_cost_ratio = self._projector(lowest, lowest).min_cost_ratio * self._scale(lowest, lowest)
+        at_lowest = self._projector(lowest, lowest)
+        self.min_cost_ratio = at_lowest.min_cost_ratio * at_lowest.base_cost / self.base_cost
+
+    def _attribute(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per ``"macs"`` or ``"params"`` term of the cost model: the group whose bits weigh it (-1: none)
+        and the bits of the others (``other_bits`` for a quantizable layer outside every group, 32 for
+        what is never quantized). A MACs term is its layer's; a parameter term quantized only for a
+        layer's ``weight``."""
+        group_of = {layer: g for g, names in enumerate(self.group_layers) for layer in names}
+        quantizable = set(self.layers)
+        groups, fixed = [], []
+        for label in self.costs.macs_labels if kind == "macs" else self.costs.params_labels:
+            layer, _, attr = label.rpartition(".") if kind == "params" else (label, "", "weight")
+            quantized = attr == "weight" and layer in quantizable
+            groups.append(group_of.get(layer, -1) if quantized else -1)
+            fixed.append(self.other_bits if quantized else FULL_PRECISION)
+        return np.array(groups, dtype=np.int64), np.array(fixed, dtype=np.int64)
+
+    def term_bits(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(group, fixed_bits)`` per ``"macs"`` or ``"params"`` term (see :meth:`_attribute`): what a
+        differentiable re-implementation of the weighted costs needs (SeerNet's barrier)."""
+        return self._term_bits[kind]
 
     def plan(
         self, weight_bits: Sequence[int] | np.ndarray, activation_bits: Sequence[int] | np.ndarray
@@ -85,29 +111,35 @@ class JointProjector:
         self, weight_bits: Sequence[int] | np.ndarray, activation_bits: Sequence[int] | np.ndarray
     ) -> CostModel:
         """The cost model whose "macs" are this policy's BitOps and whose "params" its size in bits."""
-        plan = self.plan(weight_bits, activation_bits)
-        macs_weights = [
-            plan.weight_bits(label) * plan.activation_bits(label) for label in self.costs.macs_labels
-        ]
-        params_weights = []
-        for name in self.costs.params_labels:
-            layer, _, attr = name.rpartition(".")
-            quantized = attr == "weight" and layer in plan.weights
-            params_weights.append(plan.weight_bits(layer) if quantized else FULL_PRECISION)
-        return self.costs.reweighted(macs_weights, params_weights)
+        return self._projector(*self.checked_bits(weight_bits, activation_bits)).costs
+
+    def _weights(self, kind: str, weight_bits: np.ndarray, activation_bits: np.ndarray) -> np.ndarray:
+        group, fixed = self._term_bits[kind]
+        grouped, index = group >= 0, np.maximum(group, 0)
+        w = np.where(grouped, weight_bits[index], fixed)
+        return w * np.where(grouped, activation_bits[index], fixed) if kind == "macs" else w
 
     def _projector(self, weight_bits: np.ndarray, activation_bits: np.ndarray) -> BudgetProjector:
-        return BudgetProjector(
-            self.weighted_costs(weight_bits, activation_bits),
-            self.units,
-            metric="macs" if self.metric == "bitops" else "params",
-            max_ratio=self.max_ratio,
-            round_to=self.round_to,
-        )
-
-    def _scale(self, weight_bits: np.ndarray, activation_bits: np.ndarray) -> float:
-        """The reweighted model's own base cost over the full-precision base (targets convert by it)."""
-        return self._projector(weight_bits, activation_bits).base_cost / self.base_cost
+        """The projector of the cost model reweighted by these bits (remembered for the last few bit
+        choices: the layer-wise wall and evolution ask for the same ones again and again)."""
+        key = (*weight_bits.tolist(), *activation_bits.tolist())
+        projector = self._projectors.pop(key, None)
+        if projector is None:
+            weighted = self.costs.reweighted(
+                self._weights("macs", weight_bits, activation_bits).tolist(),
+                self._weights("params", weight_bits, activation_bits).tolist(),
+            )
+            projector = BudgetProjector(
+                weighted,
+                self.units,
+                metric="macs" if self.metric == "bitops" else "params",
+                max_ratio=self.max_ratio,
+                round_to=self.round_to,
+            )
+        self._projectors[key] = projector  # most recent last
+        if len(self._projectors) > PROJECTORS_KEPT:
+            del self._projectors[next(iter(self._projectors))]
+        return projector
 
     def cost_ratio(
         self,
@@ -194,8 +226,6 @@ class JointProjector:
             if local >= projector.min_cost_ratio:
                 return projector.project(ratios, local, fill=fill), w, a
             lowered_w, lowered_a = lower_bits(w), lower_bits(a)
-            if np.array_equal(lowered_w, w) and np.array_equal(
-                lowered_a, a
-            ):  # cannot happen after check_target
+            if np.array_equal(lowered_w, w) and np.array_equal(lowered_a, a):  # excluded by check_target
                 raise InvalidSettingError(f"target {self.metric} {target} cannot be met")
             w, a = lowered_w, lowered_a

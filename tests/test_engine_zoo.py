@@ -66,15 +66,48 @@ def test_fast_subset_is_part_of_the_zoo() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "max_kept"), [("vit_b_16", 0.6), ("swin_t", 0.7), ("maxvit_t", 0.6)])
-def test_torchvision_transformers_prune_exactly(name: str, max_kept: float) -> None:
-    """Transformers prune exactly, attention matmuls included in the MACs: vit_b_16 by heads (its
-    nn.MultiheadAttention ties the heads to the embedding width) and MLP widths; swin_t and maxvit_t by
-    their MLP widths only (their attention sizes heads from the embedding width by code the engine does not
-    map: a traced-out function, an einsum), so swin_t keeps more than 0.6 of its MACs."""
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "maxvit_t"])
+def test_torchvision_transformers_prune_exactly(name: str) -> None:
+    """Transformers prune exactly, attention matmuls included in the MACs: vit_b_16 and swin_t by heads
+    (their attention ties the heads to the embedding width) and MLP widths; maxvit_t by its MLP widths (its
+    attention sizes heads with an einsum the engine does not map)."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
-    assert check_pruned_model(name, model, 224) <= max_kept
+    assert check_pruned_model(name, model, 224) <= 0.6
+
+
+def test_swin_window_attention_prunes_whole_heads_with_padding() -> None:
+    """torchvision's Swin attention (kept whole: its function pads and shifts by the input size): a head and
+    its head_dim embedding channels are one unit in every block of a stage, the relative-position table
+    loses the head's column and num_heads follows. At 36 px the 9 x 9 tokens are padded to whole windows and
+    patch merging pads an odd size: the MACs stay exact."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[4, 4], num_classes=5
+    ).eval()
+    x = torch.randn(1, 3, 36, 36)
+    graph = prune_env.build_graph(model, x)
+    assert graph.base_macs == flop_counter_macs(model, x)
+    first, second = graph.group("features.0.0"), graph.group("features.2.reduction")
+    assert (first.units, second.units) == (2, 4)  # the heads of each stage
+    assert sum(m.layer_type == "ShiftedWindowAttention" for m in first.members) == 2
+    pruned = prune_env.prune_channels(
+        model, graph, {first.index: np.array([1]), second.index: np.array([0, 2, 3])}
+    ).eval()
+    for stage, heads in ((pruned.features[1], 1), (pruned.features[3], 3)):
+        for block in stage:
+            attn = block.attn
+            assert attn.num_heads == heads
+            assert attn.relative_position_bias_table.shape[1] == heads
+            assert attn.qkv.out_features == 3 * attn.qkv.in_features == 3 * 8 * heads
+    counts = np.array([g.units for g in graph.groups])
+    counts[[first.index, second.index]] = [1, 3]
+    assert graph.costs.macs(counts) == flop_counter_macs(pruned, x) == prune_env.count_macs(pruned, x)
+    assert pruned(x).shape == (1, 5)
+    pruned.train()(torch.randn(2, 3, 36, 36)).sum().backward()
+    assert model.features[1][0].attn.num_heads == 2  # the input model keeps its heads
 
 
 def test_multihead_attention_vit_prunes_whole_heads() -> None:

@@ -16,7 +16,7 @@ from prune_env.errors import InvalidSettingError, PruneEnvError
 from prune_env.graph.dependency_graph import DependencyGraph, check_module
 from prune_env.graph.elements import State
 from prune_env.graph.layers import load_spec_providers
-from prune_env.graph.ops import register_library_ops
+from prune_env.graph.ops import LIBRARY_LEAVES, register_library_ops
 from prune_env.graph.propagate import Propagator, calls_black_box
 from prune_env.graph.resolve import resolve
 from prune_env.graph.tracing import trace
@@ -55,7 +55,7 @@ def build_graph(
     was_training = {m: m.training for m in modules.values()}
     try:
         model.eval()
-        graph = trace(model, leaf_modules)
+        graph = trace(model, leaf_modules, LIBRARY_LEAVES)
         try:
             state = _run(model, modules, graph, state, inputs)
         except Exception as exc:
@@ -77,7 +77,7 @@ def build_graph(
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._NormBase):
                     m.eval()
-            graph_train = trace(model, leaf_modules)
+            graph_train = trace(model, leaf_modules, LIBRARY_LEAVES)
             state.record_costs = False
             try:
                 state = _run(model, modules, graph_train, state, inputs)

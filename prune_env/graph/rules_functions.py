@@ -329,6 +329,20 @@ def chunk(ctx: Context, c: Call) -> Mapped:
     return Mapped(tuple(compress(p) for p in parts))
 
 
+def tiled_channels(ctx: Context, c: Call) -> Mapped | None:
+    """A function that rearranges space into the last axis (Swin's patch merging: the four pixels of every
+    2 x 2 patch side by side): output feature ``k·C + j`` is input channel ``j`` for every ``k``, whatever
+    moved between spatial positions (zero padding there carries no channels)."""
+    x, value = c.first, c.value
+    if not isinstance(x, torch.Tensor) or not isinstance(value, torch.Tensor) or x.ndim != value.ndim:
+        return None
+    vin = channel_vector(x, -1)
+    width = c.args[0].shape[-1]
+    if vin is None or width == 0 or value.shape[-1] % width:
+        return None
+    return Mapped(along(vin.expand(width).repeat(value.shape[-1] // width), -1, value.ndim))
+
+
 def _index_tensor(ctx: Context, c: Call, x: torch.Tensor) -> Mapped:
     """Basic indexing of a tensor: slices of a channel axis must keep it whole (or be resized)."""
     st, n, value = ctx.state, c.node, c.value

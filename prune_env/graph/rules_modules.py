@@ -198,6 +198,64 @@ def multihead_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
     return Mapped((out, poison_like(weights)), macs)
 
 
+def window_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    """torchvision's Swin ``ShiftedWindowAttention`` (a black box: its forward hands its weights to a function
+    fx cannot trace, whose padding and shift depend on the input size), pruned by whole heads.
+
+    The function sizes each head from its input's width (``head_dim = C // num_heads``) and views the
+    projection's output with that width again, so, as in ``nn.MultiheadAttention``, inner position ``j`` of
+    q, k, v and of the projection's inputs goes with input channel ``j``, a head's positions are one unit,
+    and output channel ``j`` is input channel ``j``. The relative-position table has one column per head."""
+    st, n, x = ctx.state, c.node, c.first
+    qkv_layer, proj_layer, table = m.qkv, m.proj, m.relative_position_bias_table
+    if not (
+        isinstance(x, torch.Tensor)
+        and x.ndim == 4
+        and isinstance(qkv_layer, nn.Linear)
+        and isinstance(proj_layer, nn.Linear)
+        and isinstance(table, torch.Tensor)
+    ):
+        return None
+    name, tname = str(n.target), type(m).__name__
+    heads, width = int(table.shape[1]), qkv_layer.in_features
+    head_dim = width // heads
+    vin = channel_vector(x, -1)
+    if vin is None:
+        st.poison(x, n, f"{tname} {name!r} reads a tensor whose features vary along several axes")
+        return None
+    vin = vin.expand(width)
+    qkv, proj = f"{name}.qkv", f"{name}.proj"
+    in_slot = st.slot(qkv, "Linear", "in", 1, vin)
+    rows_slot, rows = st.out_slot(qkv, "Linear", 3 * width, 0, producer=False)
+    grid = rows.reshape(3, heads, head_dim)
+    st.union(grid, vin.reshape(1, heads, head_dim))
+    st.union(grid, grid[:, :, :1])
+    proj_in = st.slot(proj, "Linear", "in", 1, vin)
+    proj_out, vout = st.out_slot(proj, "Linear", width, 0)
+    st.union(vout, vin)
+    head_slot = st.slot(name, tname, "channel", 1, grid[0, :, 0])
+    st.use_param(f"{name}.relative_position_bias_table", table, {1: head_slot})
+    for layer, linear_layer, out_slot, slot_in in (
+        (qkv, qkv_layer, rows_slot, in_slot),
+        (proj, proj_layer, proj_out, proj_in),
+    ):
+        st.use_param(f"{layer}.weight", linear_layer.weight, {0: out_slot, 1: slot_in})
+        if linear_layer.bias is not None:
+            st.use_param(f"{layer}.bias", linear_layer.bias, {0: out_slot})
+    # The function pads the feature map to whole windows: every linear layer and both attention products
+    # run over the padded tokens, each token attending to the window's ``window`` tokens.
+    batch, height, width_px = c.args[0].shape[:3]
+    wh, ww = (int(v) for v in m.window_size)  # type: ignore[union-attr]
+    tokens = batch * (-(-height // wh) * wh) * (-(-width_px // ww) * ww)
+    window = wh * ww
+    macs = [
+        (tokens, (rows_slot, in_slot)),
+        (2 * tokens * window, (in_slot,)),
+        (tokens, (proj_out, proj_in)),
+    ]
+    return Mapped(along(vout, -1, x.ndim), macs)
+
+
 def flatten(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
     if not isinstance(c.first, torch.Tensor):
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, NoReturn
 
 import torch
@@ -29,8 +29,13 @@ class _ModuleStack(collections.OrderedDict[str, Any]):
 class _PathTracer(torch.fx.Tracer):
     """fx tracer that remembers which module it is inside, so a failure can name it."""
 
-    def __init__(self, leaf_modules: Sequence[type[nn.Module] | str] = ()) -> None:
+    def __init__(
+        self,
+        leaf_modules: Sequence[type[nn.Module] | str] = (),
+        exact_leaf_types: Collection[type[nn.Module]] = (),
+    ) -> None:
         super().__init__()
+        self.exact_leaf_types = frozenset(exact_leaf_types)
         self.module_stack = _ModuleStack()
         self.extra_leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self.extra_leaf_names = {t for t in leaf_modules if isinstance(t, str)}
@@ -91,6 +96,8 @@ class _PathTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.extra_leaf_types) or module_qualified_name in self.extra_leaf_names:
             return True
+        if type(m) in self.exact_leaf_types:
+            return True
         spec = layer_spec(type(m))
         if spec is not None:
             return spec.is_leaf
@@ -108,15 +115,22 @@ class _PathTracer(torch.fx.Tracer):
             self.path.pop()
 
 
-def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module] | str] = ()) -> torch.fx.Graph:
+def trace(
+    model: nn.Module,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    exact_leaf_types: Collection[type[nn.Module]] = (),
+) -> torch.fx.Graph:
     """Trace ``model`` with torch.fx; raise :class:`UntraceableModelError` naming the failing module.
+
+    ``leaf_modules`` (types, with their subclasses, or qualified names) and ``exact_leaf_types`` (these
+    types only) are kept whole.
 
     A failing module of a type declared with :func:`register_opaque` becomes a black box instead. The graph's
     module and attribute targets are qualified names in ``model`` itself: no ``GraphModule`` is built, as
     nothing runs the generated code (its compilation would cost as much as the trace)."""
     leaves = list(leaf_modules)
     while True:
-        tracer = _PathTracer(leaves)
+        tracer = _PathTracer(leaves, exact_leaf_types)
         try:
             return tracer.trace(model)
         except Exception as exc:

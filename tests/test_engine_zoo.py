@@ -66,33 +66,42 @@ def test_fast_subset_is_part_of_the_zoo() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "maxvit_t"])
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "swin_v2_t", "maxvit_t"])
 def test_torchvision_transformers_prune_exactly(name: str) -> None:
-    """Transformers prune exactly, attention matmuls included in the MACs: vit_b_16 and swin_t by heads
-    (their attention ties the heads to the embedding width) and MLP widths; maxvit_t by its MLP widths (its
-    attention sizes heads with an einsum the engine does not map)."""
+    """Transformers prune exactly, attention matmuls included in the MACs: vit_b_16 and Swin (V1, V2) by
+    heads (their attention ties the heads to the embedding width) and MLP widths; maxvit_t by its MLP widths
+    (its attention sizes heads with an einsum the engine does not map)."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
     assert check_pruned_model(name, model, 224) <= 0.6
 
 
-def test_swin_window_attention_prunes_whole_heads_with_padding() -> None:
+@pytest.mark.parametrize("v2", [False, True])
+def test_swin_window_attention_prunes_whole_heads_with_padding(v2: bool) -> None:
     """torchvision's Swin attention (kept whole: its function pads and shifts by the input size): a head and
-    its head_dim embedding channels are one unit in every block of a stage, the relative-position table
-    loses the head's column and num_heads follows. At 36 px the 9 x 9 tokens are padded to whole windows and
-    patch merging pads an odd size: the MACs stay exact."""
-    from torchvision.models.swin_transformer import SwinTransformer
+    its head_dim embedding channels are one unit in every block of a stage; the head's column of the
+    relative-position table (V1), or its logit scale and bias-MLP output (V2), go with it and num_heads
+    follows. At 36 px the 9 x 9 tokens are padded to whole windows and patch merging pads an odd size: the
+    MACs stay exact."""
+    from torchvision.models import swin_transformer as swin
 
+    blocks = {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2} if v2 else {}
     torch.manual_seed(0)
-    model = SwinTransformer(
-        patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[4, 4], num_classes=5
+    model = swin.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[2, 1],
+        num_heads=[2, 4],
+        window_size=[4, 4],
+        num_classes=5,
+        **blocks,
     ).eval()
     x = torch.randn(1, 3, 36, 36)
     graph = prune_env.build_graph(model, x)
     assert graph.base_macs == flop_counter_macs(model, x)
     first, second = graph.group("features.0.0"), graph.group("features.2.reduction")
     assert (first.units, second.units) == (2, 4)  # the heads of each stage
-    assert sum(m.layer_type == "ShiftedWindowAttention" for m in first.members) == 2
+    assert sum(m.layer_type.startswith("ShiftedWindowAttention") for m in first.members) == 2
     pruned = prune_env.prune_channels(
         model, graph, {first.index: np.array([1]), second.index: np.array([0, 2, 3])}
     ).eval()
@@ -100,7 +109,10 @@ def test_swin_window_attention_prunes_whole_heads_with_padding() -> None:
         for block in stage:
             attn = block.attn
             assert attn.num_heads == heads
-            assert attn.relative_position_bias_table.shape[1] == heads
+            per_head = attn.logit_scale.shape[0] if v2 else attn.relative_position_bias_table.shape[1]
+            assert per_head == heads
+            if v2:
+                assert attn.cpb_mlp[2].out_features == heads
             assert attn.qkv.out_features == 3 * attn.qkv.in_features == 3 * 8 * heads
     counts = np.array([g.units for g in graph.groups])
     counts[[first.index, second.index]] = [1, 3]

@@ -210,13 +210,13 @@ def register_library_ops() -> None:
     stochastic_depth = getattr(tv_ops, "stochastic_depth", None)
     if stochastic_depth is not None and stochastic_depth not in FUNCTION_OPS:
         FUNCTION_OPS[stochastic_depth] = UNARY  # a per-sample mask: channels pass through unchanged
-    # torchvision's Swin attention passes its weights to a function fx cannot trace (it pads and shifts by
-    # the input size): a leaf with its own rule. Swin V2's subclass (cosine attention, a bias MLP) is not.
+    # torchvision's Swin attention (V1 and V2) passes its weights to a function fx cannot trace (it pads and
+    # shifts by the input size): leaves with their own rule.
     swin = sys.modules.get("torchvision.models.swin_transformer")
-    window_attention = getattr(swin, "ShiftedWindowAttention", None)
-    if swin is not None and window_attention is not None and window_attention not in MODULE_OPS:
-        MODULE_OPS[window_attention] = ModuleOp(mod.window_attention, meta.module_same_as_input)
-        LIBRARY_LEAVES.add(window_attention)
+    if swin is not None and swin._patch_merging_pad not in FUNCTION_OPS:
+        for attention_type in (swin.ShiftedWindowAttention, swin.ShiftedWindowAttentionV2):
+            MODULE_OPS[attention_type] = ModuleOp(mod.window_attention, meta.module_same_as_input)
+            LIBRARY_LEAVES.add(attention_type)
         FUNCTION_OPS[swin._patch_merging_pad] = FunctionOp(fn.tiled_channels)
     # timm's attention helpers, which it keeps out of traces: adding an optional mask to the scores, and
     # building that mask from sizes and the caller's mask (no channels of its own).

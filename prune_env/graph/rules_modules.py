@@ -199,25 +199,34 @@ def multihead_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
 
 
 def window_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
-    """torchvision's Swin ``ShiftedWindowAttention`` (a black box: its forward hands its weights to a function
-    fx cannot trace, whose padding and shift depend on the input size), pruned by whole heads.
+    """torchvision's Swin ``ShiftedWindowAttention`` and its V2 (black boxes: their forward hands the weights
+    to a function fx cannot trace, whose padding and shift depend on the input size), pruned by whole heads.
 
     The function sizes each head from its input's width (``head_dim = C // num_heads``) and views the
     projection's output with that width again, so, as in ``nn.MultiheadAttention``, inner position ``j`` of
     q, k, v and of the projection's inputs goes with input channel ``j``, a head's positions are one unit,
-    and output channel ``j`` is input channel ``j``. The relative-position table has one column per head."""
+    and output channel ``j`` is input channel ``j``. A head also owns its column of the relative-position
+    table (V1), or its logit scale and its output of the bias MLP (V2)."""
     st, n, x = ctx.state, c.node, c.first
-    qkv_layer, proj_layer, table = m.qkv, m.proj, m.relative_position_bias_table
+    qkv_layer, proj_layer = m.qkv, m.proj
+    table = m._parameters.get("relative_position_bias_table")
+    logit_scale = m._parameters.get("logit_scale")
+    bias_mlp = m._modules.get("cpb_mlp")
+    bias_out = bias_mlp[-1] if isinstance(bias_mlp, nn.Sequential) else None
+    heads_from = (
+        table.shape[1] if table is not None else logit_scale.shape[0] if logit_scale is not None else 0
+    )
     if not (
         isinstance(x, torch.Tensor)
         and x.ndim == 4
         and isinstance(qkv_layer, nn.Linear)
         and isinstance(proj_layer, nn.Linear)
-        and isinstance(table, torch.Tensor)
+        and heads_from > 0
+        and (table is not None or isinstance(bias_out, nn.Linear))
     ):
         return None
     name, tname = str(n.target), type(m).__name__
-    heads, width = int(table.shape[1]), qkv_layer.in_features
+    heads, width = int(heads_from), qkv_layer.in_features
     head_dim = width // heads
     vin = channel_vector(x, -1)
     if vin is None:
@@ -233,8 +242,6 @@ def window_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
     proj_in = st.slot(proj, "Linear", "in", 1, vin)
     proj_out, vout = st.out_slot(proj, "Linear", width, 0)
     st.union(vout, vin)
-    head_slot = st.slot(name, tname, "channel", 1, grid[0, :, 0])
-    st.use_param(f"{name}.relative_position_bias_table", table, {1: head_slot})
     for layer, linear_layer, out_slot, slot_in in (
         (qkv, qkv_layer, rows_slot, in_slot),
         (proj, proj_layer, proj_out, proj_in),
@@ -242,13 +249,30 @@ def window_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
         st.use_param(f"{layer}.weight", linear_layer.weight, {0: out_slot, 1: slot_in})
         if linear_layer.bias is not None:
             st.use_param(f"{layer}.bias", linear_layer.bias, {0: out_slot})
+    head_ids = grid[0, :, 0]
+    head_slot = st.slot(name, tname, "channel", 0, head_ids)
+    macs: list[tuple[int, tuple[int, ...]]] = []
+    if table is not None:
+        st.use_param(f"{name}.relative_position_bias_table", table, {1: head_slot})
+    if logit_scale is not None:
+        st.use_param(f"{name}.logit_scale", logit_scale, {0: head_slot})
+    if isinstance(bias_mlp, nn.Sequential) and isinstance(bias_out, nn.Linear):
+        # V2's bias MLP runs on its table of relative coordinates, its last layer giving one bias per head.
+        layer = f"{name}.cpb_mlp.{len(bias_mlp) - 1}"
+        bias_slot = st.slot(layer, "Linear", "out", 0, head_ids)
+        st.use_param(f"{layer}.weight", bias_out.weight, {0: bias_slot})
+        coords = m._buffers["relative_coords_table"]
+        positions = math.prod(coords.shape[:-1]) if coords is not None else 0
+        hidden = [lay for lay in bias_mlp if isinstance(lay, nn.Linear)]
+        macs += [(positions * lay.in_features * lay.out_features, ()) for lay in hidden[:-1]]
+        macs.append((positions * bias_out.in_features, (bias_slot,)))
     # The function pads the feature map to whole windows: every linear layer and both attention products
     # run over the padded tokens, each token attending to the window's ``window`` tokens.
     batch, height, width_px = c.args[0].shape[:3]
     wh, ww = (int(v) for v in m.window_size)  # type: ignore[union-attr]
     tokens = batch * (-(-height // wh) * wh) * (-(-width_px // ww) * ww)
     window = wh * ww
-    macs = [
+    macs += [
         (tokens, (rows_slot, in_slot)),
         (2 * tokens * window, (in_slot,)),
         (tokens, (proj_out, proj_in)),

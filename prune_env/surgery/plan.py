@@ -189,11 +189,11 @@ def _plan_module(plan: Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int
             for attr in ("embed_dim", "kdim", "vdim"):
                 plan.set(name, attr, len(inp))
         return
-    if ch is not None and "relative_position_bias_table" in m._parameters:
-        # Window attention kept whole by the graph (torchvision's Swin): its relative-position table has
-        # one column per head, and the head count follows the kept heads (its linear layers are sliced as
-        # layers of their own).
+    if ch is not None and "num_heads" in vars(m):
+        # Window attention kept whole by the graph (torchvision's Swin): its per-head tensors lose the
+        # pruned heads and the head count follows (its linear layers are sliced as layers of their own).
         plan.slice(m, name, "relative_position_bias_table", 1, ch)
+        plan.slice(m, name, "logit_scale", 0, ch)
         plan.set(name, "num_heads", len(ch))
         return
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

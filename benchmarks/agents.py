@@ -23,7 +23,6 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 # Run as a script, this file's directory comes first on sys.path and its name would shadow the ``agents``
@@ -32,7 +31,6 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import Subset  # noqa: E402
 
 from agents import available, search  # noqa: E402
 from prune_env.data import load  # noqa: E402
@@ -130,12 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dataset in args.datasets:
             splits = load(dataset, seed=0)
             base, metrics = train_base(args.model, splits, seed=0, progress=False)
-            tune_splits = splits
-            if args.finetune_samples:
-                idx = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))
-                tune_splits = replace(
-                    splits, train=Subset(splits.train, idx[: args.finetune_samples].tolist())
-                )
+            tune_splits = splits.with_training_subset(args.finetune_samples or None, 0)
             print(f"{args.model} on {dataset}: base test accuracy {metrics['test_accuracy']:.4f}", flush=True)
             for target in args.targets:
                 problem = PruningProblem(

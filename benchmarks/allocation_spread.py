@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
 
 from prune_env import PruningProblem
 from prune_env.data import Splits
@@ -55,8 +53,7 @@ def macs_fraction(problem: PruningProblem, keep: np.ndarray) -> float:
 
 def measure(args: argparse.Namespace, model: str, budget: float) -> dict[str, Any]:
     problem = PruningProblem(model, args.dataset, target_macs=budget, seed=args.seed, progress=False)
-    idx = torch.randperm(len(problem.splits.train), generator=torch.Generator().manual_seed(args.seed))
-    tune = replace(problem.splits, train=Subset(problem.splits.train, idx[: args.finetune_samples].tolist()))
+    tune = problem.splits.with_training_subset(args.finetune_samples, args.seed)
     rng = np.random.default_rng(args.seed)
     policies = [
         problem.keep_for(rng.uniform(0.0, problem.max_ratio, problem.n_groups)) for _ in range(args.random)

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from proxy_fidelity import load_rows, parse_trained, random_policy, trained_proxy
 from scipy.stats import kendalltau, ttest_rel
-from torch.utils.data import Subset
 
 import prune_env
-from prune_env.data import Splits, load
+from prune_env.data import load
 from prune_env.train import finetune, train_base
 
 
@@ -35,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--truth-from", nargs="+", required=True, metavar="JSON")
     parser.add_argument("--policies", type=int, default=10, help="the first N policies of the ground truth")
+    parser.add_argument("--skip", type=int, default=0, help="start after the first K of them (split a run)")
     parser.add_argument("--proxy", default="supernet", help="a trained variant of proxy_fidelity.py")
     parser.add_argument("--seeds", type=int, default=None, help="the first N fine-tune seeds of the truth")
     parser.add_argument("--threads", type=int, default=None)
@@ -45,10 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     saved, known = load_rows(args.truth_from)
     splits = load(saved["dataset"], seed=saved["seed"])
     base, _ = train_base(saved["model"], splits, seed=saved["seed"], progress=False)
-    tune_splits: Splits = splits
-    if saved["finetune_samples"]:
-        idx = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(saved["seed"]))
-        tune_splits = replace(splits, train=Subset(splits.train, idx[: saved["finetune_samples"]].tolist()))
+    tune_splits = splits.with_training_subset(saved["finetune_samples"] or None, saved["seed"])
     graph = prune_env.build_graph(base, splits.example_inputs())
     rng = np.random.default_rng(saved["seed"] if saved.get("policy_seed") is None else saved["policy_seed"])
     policies = [random_policy(graph, saved["budget"] * graph.macs(0.0), rng) for _ in range(max(known) + 1)]
@@ -57,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     seeds = known[0]["truth_seeds"][: args.seeds]
     rows = []
-    for i in sorted(known)[: args.policies]:
+    for i in sorted(known)[args.skip : args.policies]:
         if not np.allclose(known[i]["ratios"], policies[i], atol=1e-4):
             raise SystemExit(f"policy {i} differs from the saved one: not the same base model or policies")
         keep = graph.keep_counts(policies[i])

@@ -28,7 +28,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import Subset  # noqa: E402
 
 from agents import search  # noqa: E402
 from prune_env import PruningProblem  # noqa: E402
@@ -69,8 +67,7 @@ def final_accuracy(
 ) -> dict[str, float]:
     """Fine-tune the pruned model in floating point, quantize it as ``plan`` says, score it on test."""
     splits = problem.splits
-    idx = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed))
-    tune = replace(splits, train=Subset(splits.train, idx[: args.finetune_samples].tolist()))
+    tune = splits.with_training_subset(args.finetune_samples, seed)
     start = time.perf_counter()
     tuned, metrics = finetune(
         problem.build(keep), problem.base_model, tune, args.finetune_epochs, seed=seed, progress=False

@@ -30,14 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import kendalltau, spearmanr
-from torch.utils.data import Subset
 
 import prune_env
 from prune_env.data import Splits, load
@@ -115,12 +113,12 @@ def parse_trained(item: str, eval_samples: int) -> dict[str, Any]:
             spec["bn_recalib_batches"] = int(part[2:])
         elif part.startswith("kd"):
             spec["finetune_steps"] = int(part[2:])
+        elif part == "nostages":  # before +nSAMPLES, which it also starts like
+            spec["config"]["stages"] = ()
         elif part.startswith("n"):
             spec["eval_samples"] = int(part[1:])
         elif part.startswith("m") and "-" in part:  # m0.2-0.3: random sub-networks in this MACs band
             spec["config"]["macs_band"] = tuple(float(v) for v in part[1:].split("-"))
-        elif part == "nostages":
-            spec["config"]["stages"] = ()
         else:
             raise ValueError(
                 f"bad variant {item!r}: use {kind}[+sSTEPS][+lrX][+bnK][+kdN][+nSAMPLES][+mLO-HI][+nostages]"
@@ -357,10 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"base {args.model} on {args.dataset}: test accuracy {base_metrics['test_accuracy']:.4f}", flush=True
     )
-    tune_splits: Splits = splits
-    if args.finetune_samples:
-        idx = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(args.seed))
-        tune_splits = replace(splits, train=Subset(splits.train, idx[: args.finetune_samples].tolist()))
+    tune_splits = splits.with_training_subset(args.finetune_samples or None, args.seed)
 
     example = splits.example_inputs()
     graph = prune_env.build_graph(base, example)

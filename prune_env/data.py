@@ -11,6 +11,7 @@ Debian package ``dataset-fashion-mnist``). Nothing is downloaded unless ``downlo
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,15 @@ class Splits:
     def example_inputs(self, batch_size: int = 1) -> torch.Tensor:
         """A zero batch of the input shape, for tracing and MACs counting."""
         return torch.zeros(batch_size, *self.input_shape)
+
+    def with_training_subset(self, samples: int | None, seed: int = 0) -> Splits:
+        """These splits with ``train`` cut to a fixed, seeded random subset of ``samples`` examples (the
+        same subset for every call with the same arguments); ``None`` or at least the whole split: as is."""
+        n = len(self.train)  # type: ignore[arg-type]
+        if samples is None or samples >= n:
+            return self
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples]
+        return dataclasses.replace(self, train=Subset(self.train, idx.tolist()))
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -157,6 +157,7 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "bn_recalib_batches": _int_at_least(0),
     "finetune_steps": _optional(_int_at_least(0)),
     "finetune_epochs": _int_at_least(0),
+    "finetune_samples": _optional(_int_at_least(1)),
     "proxy": _choice("recalibration", "distillation", "supernet", "pruningnet"),
     "proxy_steps": _optional(_int_at_least(0)),
     "steps": _int_at_least(0),

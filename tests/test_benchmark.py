@@ -142,6 +142,28 @@ def test_settings_mismatch_is_refused(grid: tuple[BenchmarkResults, Path], cache
         _grid(out, evals=EVALS + 1)
 
 
+def test_finetune_on_a_fixed_training_subset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: Path
+) -> None:
+    """Every run fine-tunes on the same seeded subset of the training split, and a grid asking for
+    another subset is refused in the same directory."""
+    import prune_env.train
+
+    seen: list[list[int]] = []
+
+    def fake_finetune(model: Any, teacher: Any, splits: Any, epochs: int, **kwargs: Any) -> Any:
+        seen.append(list(splits.train.indices))
+        return model, {"val_accuracy": 0.5, "test_accuracy": 0.5}
+
+    monkeypatch.setattr(prune_env.train, "finetune", fake_finetune)
+    results = _grid(tmp_path, agents=["uniform", "random"], finetune_epochs=1, finetune_samples=40)
+    assert len(seen) == len(results.runs) == 2 * len(SEEDS)
+    assert len(seen[0]) == 40 and all(indices == seen[0] for indices in seen)
+    assert json.loads((tmp_path / "runs.json").read_text())["settings"]["finetune_samples"] == 40
+    with pytest.raises(ValueError, match="finetune_samples=40"):
+        _grid(tmp_path, agents=["uniform", "random"], finetune_epochs=1, finetune_samples=80)
+
+
 def test_table(grid: tuple[BenchmarkResults, Path]) -> None:
     results, _ = grid
     table = results.table()
@@ -171,6 +193,33 @@ def test_plots(grid: tuple[BenchmarkResults, Path], tmp_path: Path) -> None:
     assert sum(isinstance(c, PolyCollection) for c in ax.collections) == len(AGENTS)  # seed bands
     assert len(ax.lines[1].get_xdata()) == EVALS
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_paired_difference_to_uniform_has_a_t_interval() -> None:
+    """Differences are paired by seed (a seed only one agent ran is left out), with a 95% Student-t
+    interval; the table shows them beside the test accuracy."""
+
+    def run(agent: str, seed: int, acc: float) -> dict[str, Any]:
+        return {"agent": agent, "model": "m", "dataset": "d", "target": 0.3, "seed": seed,
+                "evals_used": 5, "best_accuracy": 0.5, "macs_ratio": 0.3, "params_ratio": 0.4,
+                "test_accuracy": acc, "seconds": 1.0}  # fmt: skip
+
+    uniform = [0.80, 0.82, 0.81, 0.90]
+    learned = [0.83, 0.84, 0.85]  # no seed 3: its pair is left out
+    results = BenchmarkResults(
+        [run("uniform", k, a) for k, a in enumerate(uniform)]
+        + [run("ppo", k, a) for k, a in enumerate(learned)]
+    )
+    (row,) = results.paired()
+    diff = np.array(learned) - np.array(uniform[:3])
+    half = 4.302652729911275 * diff.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert row["agent"] == "ppo" and row["pairs"] == 3
+    assert row["mean_difference"] == pytest.approx(diff.mean())
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((diff.mean() - half, diff.mean() + half))
+    assert f"{diff.mean():+.4f} [{diff.mean() - half:+.4f}, {diff.mean() + half:+.4f}]" in results.table()
+    single = BenchmarkResults([run("uniform", 0, 0.8), run("ppo", 0, 0.9)])
+    (one,) = single.paired()
+    assert one["mean_difference"] == pytest.approx(0.1) and np.isnan(one["ci_low"])
 
 
 def test_pareto_front() -> None:

@@ -103,6 +103,7 @@ def run(
     out: str | os.PathLike[str] = "runs/benchmark",
     reward: str | RewardFn = "acc",
     finetune_epochs: int = 0,
+    finetune_samples: int | None = None,
     problem_kwargs: Mapping[str, Any] | None = None,
     agent_settings: Mapping[str, Mapping[str, Any]] | None = None,
     metric: str = "macs",
@@ -126,6 +127,8 @@ def run(
         reward: a preset name or callable ``Outcome -> float``, the same for every agent.
         finetune_epochs: when > 0, each run's best pruned model is fine-tuned by distillation from the
             base model for this many epochs and scored on the test split (the final report only).
+        finetune_samples: fine-tune on this many training examples only: one fixed, seeded subset (the
+            problem's seed), the same for every run, so a long fine-tune of many runs stays affordable.
         problem_kwargs: extra :class:`PruningProblem` arguments (``eval_samples``, ``importance``, ...).
         agent_settings: ``{agent label: {setting: value}}`` passed to that agent's function.
         progress: tqdm bar over the grid (and base-model training, if a model is not cached).
@@ -143,6 +146,7 @@ def run(
         {
             "evals": evals,
             "finetune_epochs": finetune_epochs,
+            "finetune_samples": finetune_samples,
             "metric": metric,
             "progress": progress,
             "workers": workers,
@@ -178,6 +182,7 @@ def run(
             reward,
             reward_label,
             finetune_epochs,
+            finetune_samples,
             problem_kwargs,
             settings,
             metric,
@@ -208,6 +213,7 @@ def _run_grid(
     reward: Any,
     reward_label: str,
     finetune_epochs: int,
+    finetune_samples: int | None,
     problem_kwargs: Mapping[str, Any] | None,
     settings: dict[str, dict[str, Any]],
     metric: str,
@@ -237,11 +243,17 @@ def _run_grid(
     proxy_settings = json.loads(json.dumps(dict(problem_kwargs or {}), default=json_value))
     saved = out / "runs.json"
     if done.runs and saved.exists():
-        before = json.loads(saved.read_text()).get("settings", {}).get("problem_kwargs", proxy_settings)
+        earlier = json.loads(saved.read_text()).get("settings", {})
+        before = earlier.get("problem_kwargs", proxy_settings)
         if before != proxy_settings:  # another proxy or base model scores differently: not comparable
             raise InvalidSettingError(
                 f"{saved} was made with problem_kwargs={before}, this grid asks for {proxy_settings}. "
                 "Use another `out` directory."
+            )
+        if earlier.get("finetune_samples") != finetune_samples:  # another fine-tune: not comparable
+            raise InvalidSettingError(
+                f"{saved} was made with finetune_samples={earlier.get('finetune_samples')}, this grid asks "
+                f"for {finetune_samples}. Use another `out` directory."
             )
     if len(done.evaluations) != len(read_csv(evals_csv)):
         # Drop the rows of a run interrupted before its run row was written: its rerun writes them again.
@@ -269,6 +281,7 @@ def _run_grid(
         "reward": reward_label,
         "metric": metric,
         "finetune_epochs": finetune_epochs,
+        "finetune_samples": finetune_samples,
         "problem_kwargs": proxy_settings,
         "agent_settings": settings,
     }
@@ -293,7 +306,7 @@ def _run_grid(
 
     def one_run(item: GridItem) -> tuple[Any, ...]:
         _, _, _, (a_label, agent), seed = item
-        return (agent, seed, evals, reward, settings.get(a_label, {}), finetune_epochs)
+        return (agent, seed, evals, reward, settings.get(a_label, {}), finetune_epochs, finetune_samples)
 
     with tqdm(total=len(grid), initial=len(grid) - len(todo), desc="benchmark", disable=not progress) as bar:
         if ray is not None:
@@ -384,6 +397,7 @@ def _one_run(
     reward: Any,
     settings: Mapping[str, Any],
     finetune_epochs: int,
+    finetune_samples: int | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     start = time.perf_counter()
     result = run_agent(agent, BudgetedEvaluator(problem, evals, reward), seed, **settings)
@@ -392,12 +406,12 @@ def _one_run(
     if finetune_epochs > 0:
         from prune_env.train import finetune
 
-        # Identical recipe for every run (only the seed differs): differences come from the policies.
-        # It starts from the model as the proxy scored it (BatchNorm recalibrated).
+        # Identical recipe and data for every run (only the seed differs): differences come from the
+        # policies. It starts from the model as the proxy scored it (BatchNorm recalibrated).
         _, metrics = finetune(
             problem.scored_model(result.best_keep),
             problem.base_model,
-            problem.splits,
+            problem.splits.with_training_subset(finetune_samples, problem.seed),
             finetune_epochs,
             seed=seed,
             progress=False,

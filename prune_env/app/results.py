@@ -193,11 +193,47 @@ class BenchmarkResults:
             rows.append(row)
         return rows
 
+    def paired(self, reference: str = UNIFORM, column: str = "test_accuracy") -> list[dict[str, Any]]:
+        """Each agent against ``reference`` on ``column``, run by run: per (model, dataset, target, agent),
+        the mean of (agent − reference) over the seeds both ran, and its 95% confidence interval (Student's
+        t; NaN with fewer than two such seeds). Pairing by seed compares the fine-tunes made with the same
+        seed, so the fine-tune's own noise largely cancels."""
+        from scipy import stats
+
+        values: dict[tuple[str, str, float, str], dict[int, float]] = {}
+        for r in self.runs:
+            v = _float(r.get(column))
+            if math.isfinite(v):
+                key = (r["model"], r["dataset"], float(r["target"]), r["agent"])
+                values.setdefault(key, {})[int(r["seed"])] = v
+        rows = []
+        for (model, dataset, target, agent), by_seed in values.items():
+            ref = values.get((model, dataset, target, reference))
+            if agent == reference or ref is None:
+                continue
+            seeds = sorted(set(by_seed) & set(ref))
+            diff = np.array([by_seed[k] - ref[k] for k in seeds], dtype=np.float64)
+            mean = float(diff.mean()) if diff.size else math.nan
+            half = math.nan
+            if diff.size > 1:
+                half = float(stats.t.ppf(0.975, diff.size - 1) * diff.std(ddof=1) / math.sqrt(diff.size))
+            rows.append(
+                {
+                    "model": model, "dataset": dataset, "target": target, "agent": agent,
+                    "reference": reference, "column": column, "pairs": len(seeds),
+                    "mean_difference": mean, "ci_low": mean - half, "ci_high": mean + half,
+                }
+            )  # fmt: skip
+        return rows
+
     def table(self) -> str:
-        """Plain-text table: per model, dataset, target and agent, mean ± std over seeds."""
+        """Plain-text table: per model, dataset, target and agent, mean ± std over seeds, and — when runs
+        were fine-tuned and uniform ran too — the paired difference to uniform's test accuracy with its 95%
+        confidence interval (:meth:`paired`)."""
         if not self.runs:
             return "(no runs)"
         summary = self.summary()
+        differences = {(d["model"], d["dataset"], d["target"], d["agent"]): d for d in self.paired()}
         multi = len({(s["model"], s["dataset"]) for s in summary}) > 1
         head = ["model", "dataset"] if multi else []
         header = [
@@ -210,10 +246,12 @@ class BenchmarkResults:
             "MACs",
             "params",
             "test acc (ft)",
+            *([f"vs {UNIFORM} [95% CI]"] if differences else []),
             "s/run",
         ]
         lines = []
         for s in summary:
+            key = (s["model"], s["dataset"], s["target"], s["agent"])
             lines.append(
                 [
                     *([s["model"], s["dataset"]] if multi else []),
@@ -225,6 +263,7 @@ class BenchmarkResults:
                     f"{s['macs_ratio']:.3f}",
                     f"{s['params_ratio']:.3f}",
                     _pm(s["test_accuracy"], s["test_accuracy_std"]),
+                    *([_difference(differences.get(key))] if differences else []),
                     f"{s['seconds']:.1f}",
                 ]
             )
@@ -336,6 +375,14 @@ def _float(v: Any) -> float:
 
 def _pm(mean: float, std: float) -> str:
     return "—" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _difference(d: Mapping[str, Any] | None) -> str:
+    if d is None or math.isnan(d["mean_difference"]):
+        return "—"
+    if math.isnan(d["ci_low"]):
+        return f"{d['mean_difference']:+.4f}"
+    return f"{d['mean_difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
 
 
 def _figure(n: int) -> tuple[Figure, list[Axes]]:

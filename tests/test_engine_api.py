@@ -13,7 +13,7 @@ from torch import nn
 
 import prune_env
 import prune_env.surgery
-from prune_env import InvalidRatiosError, UnknownNameError, UntraceableModelError
+from prune_env import InvalidRatiosError, InvalidSettingError, UnknownNameError, UntraceableModelError
 
 
 class ConcatNet(nn.Module):
@@ -406,3 +406,73 @@ def test_rebuilder_stays_exact_when_its_caches_overflow() -> None:
         ):
             assert torch.equal(a, b), name
     assert len(rebuilder._index_cache) <= 2 and len(rebuilder._dropped_cache) <= 2
+
+
+class UndeclaredRadixBlock(nn.Module):
+    """Split attention's core: a conv of two groups whose halves are summed position by position."""
+
+    def __init__(self, channels: int = 6) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2 * channels, 3, padding=1, groups=2, bias=False)
+        self.bn = nn.BatchNorm2d(2 * channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        b, rc, h, w = y.shape
+        return y.reshape(b, 2, rc // 2, h, w).sum(dim=1)
+
+
+class RadixBlock(UndeclaredRadixBlock):
+    pass
+
+
+prune_env.register_layer(RadixBlock, prune_env.LayerSpec(groups="alike"))
+
+
+def radix_net(block: type[nn.Module]) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU(), block(6), nn.Conv2d(6, 4, 1), nn.Flatten(1),
+        nn.LazyLinear(3),
+    )  # fmt: skip
+
+
+def test_groups_declared_alike_narrow_every_group_exactly() -> None:
+    """A grouped conv inside a module declared ``groups="alike"`` prunes position j of every group together
+    (the radix sum binds them), keeping its group count; whole-group pruning would freeze it. Zeroed units
+    are the ones removed, and the outputs do not change."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    whole = radix_net(UndeclaredRadixBlock).eval()
+    whole(x)
+    assert all(g.name != "3.conv" for g in prune_env.build_graph(whole, x[:1]).groups)  # frozen
+    model = radix_net(RadixBlock).eval()
+    model(x)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    model = model.double()
+    x = x.double()
+    graph = prune_env.build_graph(model, x[:1])
+    inner = graph.group("3.conv")
+    assert inner.units == 6  # positions within a group, each in both groups
+    assert graph.group("0").units == 3  # the stem's channel j and 3 + j feed position j of both groups
+    dead = {inner.index: np.array([1, 4]), graph.group("0").index: np.array([2])}
+    prune_env.surgery.zero_units(model, graph, dead)
+    with torch.no_grad():
+        reference = model(x)
+    keep = {g: np.setdiff1d(np.arange(graph.groups[g].units), d) for g, d in dead.items()}
+    pruned = prune_env.prune_channels(model, graph, keep).eval()
+    conv = pruned[3].conv
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), reference, rtol=1e-9, atol=1e-9)
+    counts = np.array([g.units for g in graph.groups])
+    for g, k in keep.items():
+        counts[g] = len(k)
+    assert graph.costs.macs(counts) == prune_env.count_macs(pruned, x[:1])
+
+
+def test_groups_must_be_whole_or_alike() -> None:
+    with pytest.raises(InvalidSettingError, match="groups must be 'whole' or 'alike'"):
+        prune_env.register_layer(RadixBlock, prune_env.LayerSpec(groups="some"))

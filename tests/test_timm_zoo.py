@@ -28,8 +28,8 @@ FAST = ["mobilenetv3_small_050", "tf_efficientnet_lite0", "lcnet_050", "regnetx_
 SLOW = [
     # residual nets and their attention / anti-aliasing variants
     "resnet18", "resnet26d", "resnetblur18", "resnetaa34d", "seresnext26d_32x4d", "ecaresnet26t",
-    "gcresnet33ts", "skresnet18", "skresnext50_32x4d", "resnest14d", "res2net50_14w_8s", "resnetv2_50",
-    "nf_resnet26", "dm_nfnet_f0",
+    "gcresnet33ts", "skresnet18", "skresnext50_32x4d", "resnest14d", "resnest50d_4s2x40d", "res2net50_14w_8s",
+    "resnetv2_50", "nf_resnet26", "dm_nfnet_f0",
     # regnets, efficient/mobile nets, NAS families
     "regnety_002", "regnetz_005", "efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_b0",
     "tf_mixnet_s", "mixnet_s", "mnasnet_small", "semnasnet_050", "spnasnet_100", "mobilenetv2_050",
@@ -69,12 +69,9 @@ def test_timm_fast_subset(name: str) -> None:
     check_model(name)
 
 
-# Known gaps, kept in the sweep so a fix shows up (strict xfail): the radix conv of split attention is a
-# grouped conv, pruned by whole groups, which the radix reshape binds into one unit (pruning inside every
-# group alike would free it); MobileViT's block computes its patch grid with Python arithmetic on sizes,
-# so fx cannot trace it and it stays a black box.
+# Known gaps, kept in the sweep so a fix shows up (strict xfail): MobileViT's block computes its patch grid
+# with Python arithmetic on sizes, so fx cannot trace it and it stays a black box.
 KNOWN_GAPS = {
-    "resnest14d": "grouped radix conv: whole-group pruning only",
     "mobilevit_xxs": "MobileVitBlock untraceable: a frozen black box",
 }
 

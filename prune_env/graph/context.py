@@ -146,6 +146,14 @@ class Context:
         spec = self.resize_spec(n)
         return spec is not None and spec.resize is not None
 
+    def enclosing_spec(self, n: torch.fx.Node) -> LayerSpec | None:
+        """The declaration of the module a layer's call (a ``call_module`` node) is made in."""
+        stack = n.meta.get("nn_module_stack")
+        # The layer itself is the stack's last entry; a layer the model's own forward calls has no other.
+        entries = list(stack.values()) if stack else []
+        owner = entries[-2][1] if len(entries) >= 2 else type(self.model)
+        return layer_spec(owner) if isinstance(owner, type) else None
+
     def resize_spec(self, n: torch.fx.Node) -> LayerSpec | None:
         """The declaration of the module ``n`` runs directly in, when it has one."""
         stack = n.meta.get("nn_module_stack")

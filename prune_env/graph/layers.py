@@ -21,7 +21,7 @@ from prune_env.errors import InvalidSettingError
 class LayerSpec:
     """How the channels of a module type the engine does not know map, declared once per type.
 
-    Exactly one of three behaviours:
+    Exactly one of these behaviours:
 
     - ``like=nn.Conv2d`` (or ``nn.Linear``, a BatchNorm, ...): a black box whose channels follow that torch
       base class exactly — same weight layout, same size attributes — though its forward computes
@@ -46,6 +46,10 @@ class LayerSpec:
       among them (``-2``: the heads of ``(3, heads, head_dim)`` or ``(heads, head_dim)``, whose other axes'
       positions then go together), and ``expand`` of a channel-free tensor to a literal size makes that axis
       follow whatever channels it is later paired with (a mask expanded to ``num_heads``).
+    - ``groups="alike"`` (with or without ``resize``): the module is traced through, and a grouped
+      convolution called directly inside it prunes the same positions of every group — the group count
+      stays and each group narrows — instead of removing whole groups. For modules that bind their groups
+      together, as split attention sums its radix groups position by position.
 
     Register with :func:`register_layer`; the engine refuses a spec that declares none or several.
     """
@@ -57,6 +61,7 @@ class LayerSpec:
     channel_axis: int = 1
     resize: Callable[[nn.Module, nn.Module], None] | None = None
     split_axis: int | None = None
+    groups: str = "whole"
 
     @property
     def is_leaf(self) -> bool:
@@ -79,12 +84,17 @@ def register_layer(layer_type: type[nn.Module], spec: LayerSpec) -> None:
         raise InvalidSettingError(f"register_layer needs an nn.Module subclass, got {layer_type!r}")
     if not isinstance(spec, LayerSpec):
         raise InvalidSettingError(f"register_layer needs a LayerSpec, got {type(spec).__name__}")
-    behaviours = [spec.like is not None, spec.channelwise, spec.resize is not None]
+    if spec.groups not in ("whole", "alike"):
+        raise InvalidSettingError(
+            f"LayerSpec for {layer_type.__name__}: groups must be 'whole' or 'alike', got {spec.groups!r}"
+        )
+    traced = spec.resize is not None or spec.groups == "alike"
+    behaviours = [spec.like is not None, spec.channelwise, traced]
     if sum(behaviours) != 1:
         raise InvalidSettingError(
             f"LayerSpec for {layer_type.__name__} must declare exactly one of like=, channelwise=True or "
-            "resize= (a black box like a torch layer, a channel-wise black box, or a traced module with "
-            "recomputed sizes)"
+            "resize= / groups='alike' (a black box like a torch layer, a channel-wise black box, or a traced "
+            "module with recomputed sizes or groups pruned alike)"
         )
     if spec.split_axis is not None and (spec.resize is None or not isinstance(spec.split_axis, int)):
         raise InvalidSettingError(

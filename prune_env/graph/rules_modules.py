@@ -35,7 +35,8 @@ def spatial(ctx: Context, c: Call, m: nn.Module) -> Mapped:
 
 
 def convolution(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
-    """Output channels found a channel space; a grouped conv removes whole groups."""
+    """Output channels found a channel space; a grouped conv removes whole groups, or, inside a module
+    declared ``LayerSpec(groups="alike")``, the same positions of every group."""
     assert isinstance(m, CONVOLUTIONS)
     st, n, x, value = ctx.state, c.node, c.first, c.value
     if not isinstance(x, torch.Tensor):
@@ -46,21 +47,34 @@ def convolution(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
     if vin is None:
         st.poison(x, n, f"{tname} {name!r} reads a tensor whose channels are not on axis 1")
         vin = torch.zeros(m.in_channels, dtype=torch.int64)
-    in_slot = st.slot(name, tname, "in", 1, vin.expand(m.in_channels))
+    vin = vin.expand(m.in_channels)
     g = m.groups
+    spec = ctx.enclosing_spec(n) if g > 1 else None
+    alike = spec is not None and spec.groups == "alike"
     slots: tuple[int, ...]
     # A grouped conv's outputs are derived from its inputs (whole groups go together), so they
     # belong to the input's producers' groups rather than founding one.
-    out_slot, vout = st.out_slot(name, tname, m.out_channels, 0, producer=g == 1)
-    if g > 1:
+    out_slot, vout = st.out_slot(name, tname, m.out_channels, 0, producer=g == 1 or alike)
+    if alike:
+        # Position j of every group is one unit, on both sides: each group narrows alike; the weight's
+        # input dim indexes the positions within a group.
+        vin_g, vout_g = vin.reshape(g, -1), vout.reshape(g, -1)
+        st.union(vin_g, vin_g[:1])
+        st.union(vout_g, vout_g[:1])
+        in_slot = st.slot(name, tname, "in", 1, vin_g[0])
+        st.use_param(f"{name}.weight", m.weight, {0: out_slot, 1: in_slot})
+        divisor, slots = m.out_channels * (m.in_channels // g), (out_slot, in_slot)
+    elif g > 1:
         # Grouped/depthwise: remove whole groups, so a group's inputs and outputs are one unit.
-        vin_g = vin.expand(m.in_channels).reshape(g, -1)
+        st.slot(name, tname, "in", 1, vin)
+        vin_g = vin.reshape(g, -1)
         vout_g = vout.reshape(g, -1)
         st.union(vin_g, vout_g[:, :1])
         st.union(vout_g, vout_g[:, :1])
         st.use_param(f"{name}.weight", m.weight, {0: out_slot})
         divisor, slots = m.out_channels, (out_slot,)
     else:
+        in_slot = st.slot(name, tname, "in", 1, vin)
         st.use_param(f"{name}.weight", m.weight, {0: out_slot, 1: in_slot})
         divisor, slots = m.out_channels * m.in_channels, (out_slot, in_slot)
     # FlopCounterMode's convolution formula: batch × output pixels × weight numel (bias not counted).

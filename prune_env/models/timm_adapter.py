@@ -101,6 +101,7 @@ def register_timm_layers() -> None:
     from timm.layers.mixed_conv2d import MixedConv2d
     from timm.layers.norm_act import BatchNormAct2d
     from timm.layers.selective_kernel import SelectiveKernel
+    from timm.layers.split_attn import SplitAttn
     from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
     from timm.models.ghostnet import GhostModule, GhostModuleV2
     from timm.models.swin_transformer import WindowAttention
@@ -127,6 +128,9 @@ def register_timm_layers() -> None:
     register_layer(MixedConv2d, LayerSpec(resize=_resize_mixed_conv))
     for ghost in (GhostModule, GhostModuleV2):
         register_layer(ghost, LayerSpec(resize=_resize_ghost))
+    # Split attention (ResNeSt) sums its radix groups position by position: its grouped convolution
+    # narrows every group alike instead of losing whole groups.
+    register_layer(SplitAttn, LayerSpec(groups="alike"))
     # Multi-head attention (ViT, DeiT, Swin): traced, pruned by whole heads, the head count recomputed.
     heads: tuple[type[nn.Module], ...] = (Attention, WindowAttention)
     for layer in heads:

@@ -75,7 +75,7 @@ def plan_layer(
     if spec is not None and spec.channelwise:
         _plan_channelwise(plan, m, layer, spec, kinds, sizes)
         return
-    _plan_module(plan, m, layer, kinds)
+    _plan_module(plan, m, layer, kinds, sizes)
     if spec is not None and spec.like is not None and "out" in kinds:
         # Extra per-output-channel tensors of a layer declared like a torch layer (a filter gain).
         for path, _, dim in spec_tensors(m, spec, sizes["out"]):
@@ -171,7 +171,9 @@ def _plan_raw_parameter(
         plan.set(owner_name, "num_features", kept)
 
 
-def _plan_module(plan: Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int, Any]]) -> None:
+def _plan_module(
+    plan: Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int, Any]], sizes: Mapping[str, int]
+) -> None:
     # Index tensors of the kept positions along each of the layer's pruned dimensions (None: untouched);
     # only their lengths are read here, besides handing them to plan.slice.
     out = kinds.get("out", (0, None))[1]
@@ -200,6 +202,15 @@ def _plan_module(plan: Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int
         if out is not None:
             plan.slice(m, name, "weight", 0, out)
             plan.slice(m, name, "bias", 0, out)
+        if m.groups > 1 and sizes.get("in", 0) != m.in_channels:
+            # The same positions of every group go (the graph's input slot then indexes the positions
+            # within a group, and it is pruned apart from the outputs): the group count stays.
+            if inp is not None:
+                plan.slice(m, name, "weight", 1, inp)
+                plan.set(name, "in_channels", m.groups * len(inp))
+            if out is not None:
+                plan.set(name, "out_channels", len(out))
+            return
         if m.groups > 1:
             # Whole groups go: keep the per-group width, shrink the group count.
             kept_out = len(out) if out is not None else m.out_channels

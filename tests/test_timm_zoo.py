@@ -69,11 +69,8 @@ def test_timm_fast_subset(name: str) -> None:
     check_model(name)
 
 
-# Known gaps, kept in the sweep so a fix shows up (strict xfail): MobileViT's block computes its patch grid
-# with Python arithmetic on sizes, so fx cannot trace it and it stays a black box.
-KNOWN_GAPS = {
-    "mobilevit_xxs": "MobileVitBlock untraceable: a frozen black box",
-}
+# Known gaps, kept in the sweep so a fix shows up (strict xfail): none left.
+KNOWN_GAPS: dict[str, str] = {}
 
 
 @pytest.mark.slow
@@ -124,6 +121,20 @@ def test_zeroed_units_of_a_norm_act_model_are_pruned_without_changing_outputs() 
     torch.testing.assert_close(out, reference, rtol=1e-9, atol=1e-9)
     assert prune_env.count_macs(pruned, x[:1]) == graph.macs(ratios)
     assert any(isinstance(m, timm.layers.BatchNormAct2d) for m in pruned.modules())
+
+
+def test_mobilevit_is_traced_through_its_patch_functions() -> None:
+    """MobileViT's block (Python arithmetic on sizes: untraceable as written) is traced through its declared
+    twin, so its local convs, transformer width, heads and MLP widths prune, exactly — also at 72 px, where
+    the 9 x 9 map is resized to whole patches and back."""
+    torch.manual_seed(0)
+    model = get_model("timm:mobilevit_xxs", num_classes=10).eval()
+    x = torch.randn(1, 3, 72, 72)
+    graph = prune_env.build_graph(model, x)
+    width = graph.group("stages.2.1.conv_1x1")  # the transformer's width in the first MobileViT block
+    assert any(m.layer.startswith("stages.2.1.transformer.0.attn") for m in width.members)
+    assert any(g.name == "stages.2.1.transformer.0.mlp.fc1" for g in graph.groups)
+    assert check_pruned_model("mobilevit_xxs", model, 72) <= 0.3
 
 
 def test_declared_layers_rebuild_like_prune_channels() -> None:

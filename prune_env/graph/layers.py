@@ -10,6 +10,7 @@ import importlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +51,10 @@ class LayerSpec:
       convolution called directly inside it prunes the same positions of every group — the group count
       stays and each group narrows — instead of removing whole groups. For modules that bind their groups
       together, as split attention sums its radix groups position by position.
+    - ``trace_as=fn`` (with or without the two above): the module's forward cannot be traced (Python
+      arithmetic on sizes), so the engine traces ``fn(module, *args, **kwargs)`` instead: the same
+      computation with the size-dependent steps in functions wrapped by ``torch.fx.wrap`` and mapped by
+      op rules. Only the graph uses it; the pruned model runs the module's own forward.
 
     Register with :func:`register_layer`; the engine refuses a spec that declares none or several.
     """
@@ -62,6 +67,7 @@ class LayerSpec:
     resize: Callable[[nn.Module, nn.Module], None] | None = None
     split_axis: int | None = None
     groups: str = "whole"
+    trace_as: Callable[..., Any] | None = None
 
     @property
     def is_leaf(self) -> bool:
@@ -88,13 +94,13 @@ def register_layer(layer_type: type[nn.Module], spec: LayerSpec) -> None:
         raise InvalidSettingError(
             f"LayerSpec for {layer_type.__name__}: groups must be 'whole' or 'alike', got {spec.groups!r}"
         )
-    traced = spec.resize is not None or spec.groups == "alike"
+    traced = spec.resize is not None or spec.groups == "alike" or spec.trace_as is not None
     behaviours = [spec.like is not None, spec.channelwise, traced]
     if sum(behaviours) != 1:
         raise InvalidSettingError(
             f"LayerSpec for {layer_type.__name__} must declare exactly one of like=, channelwise=True or "
-            "resize= / groups='alike' (a black box like a torch layer, a channel-wise black box, or a traced "
-            "module with recomputed sizes or groups pruned alike)"
+            "resize= / groups='alike' / trace_as= (a black box like a torch layer, a channel-wise black box, "
+            "or a traced module)"
         )
     if spec.split_axis is not None and (spec.resize is None or not isinstance(spec.split_axis, int)):
         raise InvalidSettingError(

@@ -104,6 +104,9 @@ class _PathTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        spec = layer_spec(type(m))
+        if spec is not None and spec.trace_as is not None:
+            forward = functools.partial(spec.trace_as, m)  # a declared traceable twin of its forward
         self.path.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)

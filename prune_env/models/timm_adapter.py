@@ -135,6 +135,16 @@ def register_timm_layers() -> None:
     heads: tuple[type[nn.Module], ...] = (Attention, WindowAttention)
     for layer in heads:
         register_layer(layer, LayerSpec(resize=_resize_heads, split_axis=-2))
+    # MobileViT's blocks size their patch grid with Python arithmetic: traced through a twin of their
+    # forward whose two size-dependent steps are single ops moving the channels between axes.
+    from timm.models.mobilevit import MobileVitBlock
+
+    from prune_env.graph.ops import FUNCTION_OPS, FunctionOp
+    from prune_env.models import timm_mobilevit as mobilevit
+
+    register_layer(MobileVitBlock, LayerSpec(trace_as=mobilevit.trace_mobilevit_block))
+    FUNCTION_OPS[mobilevit.to_patches] = FunctionOp(mobilevit.patches_rule)
+    FUNCTION_OPS[mobilevit.from_patches] = FunctionOp(mobilevit.unpatches_rule)
     # Layers timm itself marks as not traceable (sizes used in Python control flow): black boxes where fx
     # fails on them, instead of refusing the model.
     from timm.layers._fx import get_notrace_modules

@@ -96,7 +96,9 @@ class SearchResult:
     best_outcome: Outcome
     history: list[Evaluation] = field(default_factory=list)
     seconds: float = 0.0
-    policy: Any = None  # what the agent learned, when it returns it (the SB3 learners: an SB3Policy)
+    # What the search leaves for other targets (agents.policies): the SB3 learners' trained policy, or any
+    # other agent's best allocation; None for joint (channels + bits) searches of one target.
+    policy: Any = None
 
     @property
     def best_ratios(self) -> np.ndarray:

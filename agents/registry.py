@@ -24,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 
 from agents.evaluator import BudgetedEvaluator, BudgetExhausted, SearchResult
+from agents.policies import AllocationPolicy
 from agents.tensorboard import EvaluationWriter
 from prune_env.distributed import RayScorer
 from prune_env.errors import InvalidSettingError, UnknownNameError
@@ -135,13 +136,18 @@ def check_joint_policies(spec: AgentSpec, problem: PruningProblem) -> None:
         )
 
 
-def check_budget_conditioned(spec: AgentSpec) -> None:
-    """Refuse a budget_range for an agent that searches one target, naming those that accept one."""
-    if not spec.budget_conditioned:
+def check_budget_range(spec: AgentSpec, budget_range: tuple[float, float] | None, target: float) -> None:
+    """A budget-conditioned agent learns over the whole range; any other searches the problem's own target
+    and carries its best allocation over to the range (an AllocationPolicy), so that target must lie in it."""
+    if budget_range is None or spec.budget_conditioned:
+        return
+    lo, hi = budget_range
+    if not lo <= target <= hi:
         able = ", ".join(n for n, a in sorted(discover().items()) if a.budget_conditioned)
         raise InvalidSettingError(
-            f"agent {spec.name!r} searches one target; budget_range needs an agent that learns a "
-            f"target-conditioned policy: {able}"
+            f"agent {spec.name!r} searches one target, {target:g}, and carries its best allocation over to "
+            f"budget_range {lo:g} to {hi:g}: set the target inside the range, or use an agent that learns "
+            f"over it ({able})"
         )
 
 
@@ -160,8 +166,7 @@ def run_agent(
     spec = resolve_agent(agent)
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    if evaluator.budget_range is not None:
-        check_budget_conditioned(spec)
+    check_budget_range(spec, evaluator.budget_range, evaluator.problem.target)
     check_joint_policies(spec, evaluator.problem)
     policy = None
     with contextlib.suppress(BudgetExhausted):  # the normal way a search ends
@@ -172,6 +177,11 @@ def run_agent(
     if evaluator.best is None:
         raise RuntimeError(f"agent {spec.name!r} finished without evaluating any policy")
     best_reward, best_outcome = evaluator.best
+    if policy is None and evaluator.problem.joint is None:
+        # What an agent of one target leaves: its best allocation, for any target.
+        policy = AllocationPolicy(
+            spec.name, tuple(float(r) for r in best_outcome.ratios), evaluator.budget_range
+        )
     return SearchResult(
         agent=spec.name,
         seed=seed,
@@ -203,10 +213,12 @@ def search(
     (:class:`~agents.tensorboard.EvaluationWriter`); an agent with TensorBoard logs of its own (the SB3
     learners) writes them there too unless its settings name another directory.
 
-    ``budget_range=(lo, hi)``: train one target-conditioned policy (CACP-style) on episodes whose targets
-    are drawn from the range; only budget-conditioned agents (the SB3 learners) accept it. The trained
-    policy is ``result.policy``: ``result.policy.keep_for(problem, target)`` prunes for any target in the
-    range without another evaluation, and ``save``/``load`` keep it.
+    ``budget_range=(lo, hi)``: budget-conditioned agents (the SB3 learners) train one target-conditioned
+    policy (CACP-style) on episodes whose targets are drawn from the range; every other agent searches the
+    problem's target, which must lie in the range, and its policy is its best allocation carried over
+    (:class:`~agents.policies.AllocationPolicy`). Either way ``result.policy.keep_for(problem, target)``
+    prunes for any target in the range without another evaluation, and ``save`` /
+    :func:`~agents.policies.load_policy` keep it.
 
     ``workers=N`` scores the batches agents propose (random search, evolution's generations, the
     predictor's initial samples, RL-Pruner's samples) on N Ray actors (:class:`~prune_env.distributed.RayScorer`,
@@ -232,8 +244,6 @@ def search(
     spec = resolve_agent(agent)
     if spec.settings is not _KeywordSettings:
         spec.make_settings(settings)
-    if budget_range is not None:
-        check_budget_conditioned(spec)
     if isinstance(problem_or_env_factory, PruningProblem):
         problem = problem_or_env_factory
     elif callable(problem_or_env_factory):
@@ -248,6 +258,7 @@ def search(
             "pass a PruningProblem or a factory of prune_env environments, got "
             f"{type(problem_or_env_factory).__name__}"
         )
+    check_budget_range(spec, budget_range, problem.target)
     own_logs = spec.settings is not _KeywordSettings and "tensorboard_log" in {
         f.name for f in fields(spec.settings)
     }

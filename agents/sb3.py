@@ -36,6 +36,7 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise, NormalActionNoise
 
 from agents.evaluator import BudgetedEvaluator, BudgetExhausted
+from agents.policies import POLICY_META
 from agents.registry import register_agent
 from prune_env.env import LayerPruneEnv, OneShotPruneEnv
 from prune_env.errors import InvalidSettingError
@@ -341,7 +342,7 @@ def run_sb3(
     return model
 
 
-POLICY_FILE, POLICY_META = "policy.zip", "policy.json"
+POLICY_FILE = "policy.zip"
 
 
 @dataclass
@@ -375,7 +376,7 @@ class SB3Policy:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save(path / POLICY_FILE)
-        meta = {"algo": self.algo, "env": self.env, "budget_range": self.budget_range}
+        meta = {"kind": "sb3", "algo": self.algo, "env": self.env, "budget_range": self.budget_range}
         (path / POLICY_META).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 

@@ -193,11 +193,40 @@ def test_a_saved_policy_reloads_and_decides_the_same(problem: PruningProblem, tm
     assert costs[0] <= 0.3 + 1e-9 and costs[0] < costs[2]
     with pytest.raises(prune_env.InvalidSettingError, match="no saved policy"):
         SB3Policy.load(tmp_path)
+    from agents.policies import load_policy
+
+    assert isinstance(load_policy(tmp_path / "policy"), SB3Policy)
 
 
-def test_budget_range_is_refused_by_agents_of_one_target(problem: PruningProblem) -> None:
-    with pytest.raises(prune_env.InvalidSettingError, match=r"budget_range needs an agent .*ppo"):
-        search("evolution", problem, 4, budget_range=(0.3, 0.7))
+@pytest.mark.parametrize("name", [a for a in AGENTS if a not in SB3])
+def test_agents_of_one_target_carry_their_best_allocation_over_the_range(
+    problem: PruningProblem, name: str, tmp_path: Any
+) -> None:
+    """budget_range for an agent that searches one target: it searches the problem's target (inside the
+    range) and its policy is its best allocation, projected onto any target in the range with no evaluation;
+    saved and loaded, it decides the same. A problem target outside the range is refused first."""
+    from agents.policies import AllocationPolicy, load_policy
+
+    result = search(name, problem, 4, seed=0, budget_range=(0.3, 0.7))
+    assert all(e.target == pytest.approx(0.5) for e in result.history)
+    policy = result.policy
+    assert isinstance(policy, AllocationPolicy) and policy.budget_range == (0.3, 0.7)
+    np.testing.assert_array_equal(policy.keep_for(problem), result.best_keep)
+    before = problem.evaluations
+    again = load_policy(policy.save(tmp_path / "policy"))
+    costs = []
+    for target in (0.3, 0.45, 0.7):
+        keep = again.keep_for(problem, target)
+        np.testing.assert_array_equal(keep, policy.keep_for(problem, target))
+        costs.append(problem.projector.cost_ratio(keep))
+        assert costs[-1] <= target * (1 + 1e-9) and np.all((keep >= 1) & (keep <= problem.units))
+    assert costs[0] < costs[-1]
+    assert problem.evaluations == before  # applying a policy costs no evaluation
+    with pytest.raises(prune_env.InvalidSettingError, match=r"searches one target, 0.5.*ddpg, ppo"):
+        search(name, problem, 4, budget_range=(0.6, 0.7))
+
+
+def test_budget_range_is_checked(problem: PruningProblem) -> None:
     with pytest.raises(prune_env.InvalidSettingError, match="budget_range"):
         search("ppo", problem, 4, budget_range=(0.7, 0.3))
     evaluator = BudgetedEvaluator(problem, 2)

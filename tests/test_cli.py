@@ -333,18 +333,23 @@ def test_budget_range_search_saves_a_policy_that_apply_uses(
     assert _rows(out) == rows  # the log is untouched: apply evaluates nothing
 
     assert cli.main(["apply", str(out), "--target", "0.9"]) == 2
-    assert "outside the range the policy learned" in capsys.readouterr().err
+    assert "outside the range the policy was searched for" in capsys.readouterr().err
     assert cli.main(["apply", str(out), "--target", "0.35", "--no-progress"]) == 2  # already there
     assert "exists" in capsys.readouterr().err
     other = tmp_path / "plain"
     assert _search(other, "--evals", "2", "--finetune-epochs", "0") == 0
     capsys.readouterr()
     assert cli.main(["apply", str(other), "--target", "0.4"]) == 2
-    assert "holds no learned policy" in capsys.readouterr().err
+    assert "holds no policy" in capsys.readouterr().err
     assert cli.main(["apply", str(tmp_path / "nowhere"), "--target", "0.4"]) == 2
     assert "is not a run directory" in capsys.readouterr().err
-    # Agents of one target, targets outside the range and resuming are refused before any work.
-    assert _search(tmp_path / "x", "--budget-range", "0.3", "0.7") == 2
-    assert "budget_range needs an agent" in capsys.readouterr().err
+    # An agent of one target (the default) carries its best allocation over the range.
+    assert (
+        _search(tmp_path / "r", "--budget-range", "0.3", "0.7", "--evals", "2", "--finetune-epochs", "0") == 0
+    )
+    assert json.loads((tmp_path / "r" / "policy" / "policy.json").read_text())["kind"] == "allocation"
+    assert cli.main(["apply", str(tmp_path / "r"), "--target", "0.35", "--no-progress"]) == 0
+    capsys.readouterr()
+    # Targets outside the range and resuming are refused before any work.
     assert _search(tmp_path / "y", "--agent", "ppo", "--budget-range", "0.1", "0.3") == 2
     assert "outside --budget-range" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``prune-env apply``: a budget-range run's learned policy pruned for a new target, with no new evaluation.
+"""``prune-env apply``: a budget-range run's policy pruned for a new target, with no new evaluation.
 
 The run's settings (``state.json``) rebuild its problem — the same data split, base model (a cache hit),
 channel rankings and proxy — at the new target; the saved policy (``RUN/policy``) decides the kept channels
@@ -22,7 +22,7 @@ from prune_env.validation import check_settings
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from agents.sb3 import SB3Policy
+    from agents.policies import load_policy
     from prune_env.checkpoint import kept_units, save_pruned
     from prune_env.data import load
     from prune_env.problem import PruningProblem
@@ -37,13 +37,13 @@ def run_apply(args: argparse.Namespace) -> int:
     span = saved.get("budget_range")
     if span is None or not (run / POLICY_DIR).is_dir():
         raise InvalidSettingError(
-            f"{run} holds no learned policy: only a finished `prune-env search --budget-range LO HI` saves one"
+            f"{run} holds no policy: only a finished `prune-env search --budget-range LO HI` saves one"
         )
     lo, hi = float(span[0]), float(span[1])
     target = float(args.target)
     if not lo <= target <= hi:
         raise InvalidSettingError(
-            f"--target {target:g} lies outside the range the policy learned, {lo:g} to {hi:g}"
+            f"--target {target:g} lies outside the range the policy was searched for, {lo:g} to {hi:g}"
         )
     check_settings({"finetune_epochs": args.finetune_epochs}, option_style=True)
     problem_fields = {f.name for f in dataclasses.fields(ProblemSettings)}
@@ -58,7 +58,7 @@ def run_apply(args: argparse.Namespace) -> int:
         out=run, model=saved["model"], dataset=saved["dataset"], image_size=saved["image_size"],
         weights=saved.get("weights"), problem=problem_settings,
     )  # fmt: skip
-    policy = SB3Policy.load(run / POLICY_DIR)
+    policy = load_policy(run / POLICY_DIR)
     splits = load(s.dataset, seed=problem_settings.seed, image_size=s.image_size)
     problem = PruningProblem(base_model_spec(s, splits), splits, problem_settings)
     keep = policy.keep_for(problem, target)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from agents.evaluator import BudgetedEvaluator, Evaluation
-from agents.registry import AgentSpec, available, check_budget_conditioned, resolve_agent, run_agent
+from agents.registry import AgentSpec, available, check_budget_range, resolve_agent, run_agent
 from prune_env.app.rundir import RunDirectory
 from prune_env.app.runfiles import (
     EVALUATIONS_FILE,
@@ -120,8 +120,7 @@ def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
     get_reward(s.reward)
     spec = resolve_agent(s.agent or default_agent())
     spec.make_settings(s.agent_settings)
-    if s.budget_range is not None:
-        check_budget_conditioned(spec)
+    check_budget_range(spec, s.budget_range, p.target)
     splits = load(s.dataset, seed=p.seed, image_size=s.image_size)
     with torch.random.fork_rng(devices=[]):
         net = get_model(s.model, splits.num_classes, splits.in_channels).eval()
@@ -155,7 +154,7 @@ def _setup_logging(directory: Path) -> list[logging.Handler]:
     return [file_handler, console]
 
 
-POLICY_DIR = "policy"  # a budget-range run's learned policy (SB3's policy.zip + policy.json)
+POLICY_DIR = "policy"  # a budget-range run's policy (agents.policies: policy.json, and SB3's policy.zip)
 ADDED_SETTINGS: dict[str, Any] = {"weights": None, "budget_range": None}
 
 

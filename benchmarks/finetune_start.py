@@ -31,14 +31,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--truth-from", nargs="+", required=True, metavar="JSON")
+    parser.add_argument("--truth-from", nargs="+", metavar="JSON")
     parser.add_argument("--policies", type=int, default=10, help="the first N policies of the ground truth")
     parser.add_argument("--skip", type=int, default=0, help="start after the first K of them (split a run)")
     parser.add_argument("--proxy", default="supernet", help="a trained variant of proxy_fidelity.py")
     parser.add_argument("--seeds", type=int, default=None, help="the first N fine-tune seeds of the truth")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--report", nargs="+", metavar="JSON", help="summarise earlier --out files together")
     args = parser.parse_args(argv)
+    if args.report:
+        runs = [json.loads(Path(p).read_text()) for p in args.report]
+        summarise([row for run in runs for row in run["rows"]], runs[0]["args"]["proxy"])
+        return
+    if not args.truth_from:
+        parser.error("--truth-from is required (or --report)")
     if args.threads:
         torch.set_num_threads(args.threads)
     saved, known = load_rows(args.truth_from)
@@ -78,21 +85,29 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.out:
             Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    summarise(rows, args.proxy)
+
+
+def summarise(rows: list[dict], proxy: str) -> None:
+    """Paired start-point comparison, and the proxy's ranking of both fine-tunes (rows that recorded it)."""
     a = np.array([np.mean(r["from_proxy"]) for r in rows])
     b = np.array([np.mean(r["from_base"]) for r in rows])
     diff = a - b
     half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    seeds = min(len(r["from_proxy"]) for r in rows)
     print(
-        f"\n{len(rows)} policies, {len(seeds)} seed(s): from {args.proxy} {a.mean():.4f}, from base {b.mean():.4f}; "
+        f"\n{len(rows)} policies, {seeds} seed(s): from {proxy} {a.mean():.4f}, from base {b.mean():.4f}; "
         f"paired difference {diff.mean():+.4f} +- {half:.4f} (95% CI), p={ttest_rel(a, b).pvalue:.3f}; "
-        f"{args.proxy} start better on {(diff > 0).sum()}/{len(diff)}"
+        f"{proxy} start better on {(diff > 0).sum()}/{len(diff)}; median difference {np.median(diff):+.4f}"
     )
     # Which truth does the proxy rank: the fine-tune a run with this proxy makes (from its weights), or
     # the one from the base model's?
-    score = np.array([r["proxy_accuracy"] for r in rows])
+    scored = np.array(["proxy_accuracy" in r for r in rows])
+    score = np.array([r.get("proxy_accuracy", np.nan) for r in rows])[scored]
     print(
-        f"Kendall tau of the {args.proxy} proxy's accuracy: against fine-tunes from its weights "
-        f"{kendalltau(score, a).statistic:.3f}, from the base model's {kendalltau(score, b).statistic:.3f}"
+        f"Kendall tau of the {proxy} proxy's accuracy ({scored.sum()} policies): against fine-tunes from its "
+        f"weights {kendalltau(score, a[scored]).statistic:.3f}, from the base model's "
+        f"{kendalltau(score, b[scored]).statistic:.3f}"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -152,6 +153,47 @@ def norm(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
     return Mapped(x)
 
 
+@dataclass
+class _Heads:
+    """The slots of self-attention that sizes its heads from its input's width (see
+    :func:`_attention_heads`)."""
+
+    in_slot: int  # the q/k/v projection's inputs
+    rows_slot: int  # its output rows, (3, heads, head_dim)
+    head_ids: torch.Tensor  # one element per head
+    proj_in: int
+    proj_out: int
+    out_ids: torch.Tensor  # the output projection's rows: the attention's output features
+
+
+def _attention_heads(
+    ctx: Context, c: Call, qkv: tuple[str, str], proj: str, heads: int, width: int, *, output_as_input: bool
+) -> _Heads | None:
+    """Slots of attention whose heads are sized by its input's width (``head_dim = C // heads``): inner
+    position ``j`` of q, k, v and of the projection's inputs goes with input channel ``j``, and a head's
+    positions are one unit; with ``output_as_input`` (the output is viewed with the input's width again)
+    output feature ``j`` is input channel ``j`` too. ``qkv``: the (layer, type) of the q/k/v projection;
+    ``proj``: the output projection's layer (a Linear). None, with the input poisoned, when its features
+    vary along several axes."""
+    st, n, x = ctx.state, c.node, c.first
+    vin = channel_vector(x, -1)
+    if vin is None:
+        st.poison(x, n, f"{ctx.describe(n)} reads a tensor whose features vary along several axes")
+        return None
+    vin = vin.expand(width)
+    head_dim = width // heads
+    in_slot = st.slot(*qkv, "in", 1, vin)
+    rows_slot, rows = st.out_slot(*qkv, 3 * width, 0, producer=False)
+    grid = rows.reshape(3, heads, head_dim)
+    st.union(grid, vin.reshape(1, heads, head_dim))
+    st.union(grid, grid[:, :, :1])
+    proj_in = st.slot(proj, "Linear", "in", 1, vin)
+    proj_out, vout = st.out_slot(proj, "Linear", width, 0)
+    if output_as_input:
+        st.union(vout, vin)
+    return _Heads(in_slot, rows_slot, grid[0, :, 0], proj_in, proj_out, vout)
+
+
 def multihead_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
     """``nn.MultiheadAttention`` as self-attention (query, key and value one tensor), pruned by whole heads.
 
@@ -173,22 +215,13 @@ def multihead_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
         or m.in_proj_weight is None
     ):
         return None  # cross-attention or extra key/value biases: frozen (with a warning)
-    name, tname = str(n.target), type(m).__name__
-    heads, width = m.num_heads, m.embed_dim
-    head_dim = width // heads
-    vin = channel_vector(x, -1)
-    if vin is None:
-        st.poison(x, n, f"{tname} {name!r} reads a tensor whose features vary along several axes")
+    name, proj = str(n.target), f"{n.target}.out_proj"
+    h = _attention_heads(
+        ctx, c, (name, type(m).__name__), proj, m.num_heads, m.embed_dim, output_as_input=False
+    )
+    if h is None:
         return None
-    vin = vin.expand(width)
-    in_slot = st.slot(name, tname, "in", 1, vin)
-    rows_slot, rows = st.out_slot(name, tname, 3 * width, 0, producer=False)
-    grid = rows.reshape(3, heads, head_dim)
-    st.union(grid, vin.reshape(1, heads, head_dim))
-    st.union(grid, grid[:, :, :1])
-    proj = f"{name}.out_proj"
-    proj_in = st.slot(proj, "Linear", "in", 1, vin)
-    proj_out, vout = st.out_slot(proj, "Linear", width, 0)
+    in_slot, rows_slot, proj_in, proj_out = h.in_slot, h.rows_slot, h.proj_in, h.proj_out
     st.use_param(f"{name}.in_proj_weight", m.in_proj_weight, {0: rows_slot, 1: in_slot})
     if m.in_proj_bias is not None:
         st.use_param(f"{name}.in_proj_bias", m.in_proj_bias, {0: rows_slot})
@@ -207,7 +240,7 @@ def multihead_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
         (2 * batch * tokens * sources, (in_slot,)),
         (rows_count, (proj_out, proj_in)),
     ]
-    out = along(vout, -1, query.ndim)
+    out = along(h.out_ids, -1, query.ndim)
     weights = value[1] if isinstance(value, tuple) and len(value) > 1 else None
     return Mapped((out, poison_like(weights)), macs)
 
@@ -240,22 +273,13 @@ def window_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
     ):
         return None
     name, tname = str(n.target), type(m).__name__
-    heads, width = int(heads_from), qkv_layer.in_features
-    head_dim = width // heads
-    vin = channel_vector(x, -1)
-    if vin is None:
-        st.poison(x, n, f"{tname} {name!r} reads a tensor whose features vary along several axes")
-        return None
-    vin = vin.expand(width)
     qkv, proj = f"{name}.qkv", f"{name}.proj"
-    in_slot = st.slot(qkv, "Linear", "in", 1, vin)
-    rows_slot, rows = st.out_slot(qkv, "Linear", 3 * width, 0, producer=False)
-    grid = rows.reshape(3, heads, head_dim)
-    st.union(grid, vin.reshape(1, heads, head_dim))
-    st.union(grid, grid[:, :, :1])
-    proj_in = st.slot(proj, "Linear", "in", 1, vin)
-    proj_out, vout = st.out_slot(proj, "Linear", width, 0)
-    st.union(vout, vin)
+    h = _attention_heads(
+        ctx, c, (qkv, "Linear"), proj, int(heads_from), qkv_layer.in_features, output_as_input=True
+    )
+    if h is None:
+        return None
+    in_slot, rows_slot, proj_in, proj_out = h.in_slot, h.rows_slot, h.proj_in, h.proj_out
     for layer, linear_layer, out_slot, slot_in in (
         (qkv, qkv_layer, rows_slot, in_slot),
         (proj, proj_layer, proj_out, proj_in),
@@ -263,7 +287,7 @@ def window_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
         st.use_param(f"{layer}.weight", linear_layer.weight, {0: out_slot, 1: slot_in})
         if linear_layer.bias is not None:
             st.use_param(f"{layer}.bias", linear_layer.bias, {0: out_slot})
-    head_ids = grid[0, :, 0]
+    head_ids = h.head_ids
     head_slot = st.slot(name, tname, "channel", 0, head_ids)
     macs: list[tuple[int, tuple[int, ...]]] = []
     if table is not None:
@@ -291,7 +315,7 @@ def window_attention(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
         (2 * tokens * window, (in_slot,)),
         (tokens, (proj_out, proj_in)),
     ]
-    return Mapped(along(vout, -1, x.ndim), macs)
+    return Mapped(along(h.out_ids, -1, x.ndim), macs)
 
 
 def flatten(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:

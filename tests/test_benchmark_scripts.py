@@ -84,6 +84,10 @@ def test_variant_names_parse_into_evaluator_settings(fidelity: ModuleType) -> No
     }
     with pytest.raises(ValueError, match="bad variant"):
         fidelity.parse_variants("bn8+xyz", 1000)
+    # A trained proxy's "+nostages" is not "+n<samples>": it trains without stages.
+    trained = fidelity.parse_variants("supernet+nostages+kd3+n2000", 1000)["supernet+nostages+kd3+n2000"]
+    assert trained["config"] == {"stages": ()}
+    assert (trained["finetune_steps"], trained["eval_samples"]) == (3, 2000)
 
 
 def test_truth_seed_start_offsets_the_fine_tune_seeds(

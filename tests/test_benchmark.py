@@ -194,6 +194,16 @@ def test_plots(grid: tuple[BenchmarkResults, Path], tmp_path: Path) -> None:
     assert len(ax.lines[1].get_xdata()) == EVALS
     assert (tmp_path / "curves.png").stat().st_size > 0
 
+    # Results read back from the files plot the same curves (an evaluation's reward is a number there,
+    # while a run's names the reward function).
+    _, out = grid
+    loaded = BenchmarkResults.load(out)
+    assert all(isinstance(e["reward"], float) for e in loaded.evaluations)
+    assert all(isinstance(r["reward"], str) for r in loaded.runs)
+    (reloaded,) = loaded.plot_curves().axes
+    for line, again in zip(ax.lines, reloaded.lines, strict=True):
+        np.testing.assert_allclose(again.get_ydata(), line.get_ydata())
+
 
 def test_paired_difference_to_uniform_has_a_t_interval() -> None:
     """Differences are paired by seed (a seed only one agent ran is left out), with a 95% Student-t

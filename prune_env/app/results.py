@@ -7,7 +7,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,8 @@ EVAL_FIELDS = (
 )
 _INT_FIELDS = {"seed", "budget_evals", "evals_used", "finetune_epochs", "index"}
 _STR_FIELDS = {"agent", "model", "dataset", "metric", "reward", "ratios", "keep"}
+# In evaluations.csv "reward" is each evaluation's reward (a number); in runs.csv it names the reward function.
+_EVAL_STR_FIELDS = _STR_FIELDS - {"reward"}
 UNIFORM = "uniform"  # the reference agent in plots
 
 RunKey = tuple[str, str, str, float, int]
@@ -65,11 +67,11 @@ def run_key(row: Mapping[str, Any]) -> RunKey:
     return (str(row["agent"]), str(row["model"]), str(row["dataset"]), float(row["target"]), int(row["seed"]))
 
 
-def parse_row(row: Mapping[str, str]) -> dict[str, Any]:
-    """A CSV row with its numbers restored (blank numeric cells become NaN)."""
+def parse_row(row: Mapping[str, str], strings: Collection[str] = _STR_FIELDS) -> dict[str, Any]:
+    """A CSV row with its numbers restored (blank numeric cells become NaN); ``strings``: its text columns."""
     out: dict[str, Any] = {}
     for k, v in row.items():
-        if k in _STR_FIELDS:
+        if k in strings:
             out[k] = v
         elif k in _INT_FIELDS:
             out[k] = int(v) if v != "" else None
@@ -81,11 +83,11 @@ def parse_row(row: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def read_csv(path: Path) -> list[dict[str, Any]]:
+def read_csv(path: Path, strings: Collection[str] = _STR_FIELDS) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     with path.open(newline="") as f:
-        return [parse_row(r) for r in csv.DictReader(f)]
+        return [parse_row(r, strings) for r in csv.DictReader(f)]
 
 
 def _cell(v: Any) -> Any:
@@ -153,7 +155,7 @@ class BenchmarkResults:
         runs = read_csv(out / "runs.csv")
         keys = {run_key(r) for r in runs}
         # Evaluations of a run interrupted before its run row was written are not results: drop them.
-        evals = [e for e in read_csv(out / "evaluations.csv") if run_key(e) in keys]
+        evals = [e for e in read_csv(out / "evaluations.csv", _EVAL_STR_FIELDS) if run_key(e) in keys]
         return cls(runs, evals, out)
 
     def __len__(self) -> int:

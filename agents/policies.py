@@ -5,9 +5,9 @@ Every channel search returns one (``SearchResult.policy``):
 - the Stable-Baselines3 learners (ppo, a2c, sac, td3, ddpg, amc) an :class:`agents.sb3.SB3Policy`, which
   decides from the environment's observation — target included, so one trained over a ``budget_range``
   serves any target in it (CACP);
-- every other agent (uniform, random, evolution, rlpruner, predictor) an :class:`AllocationPolicy`: the
-  best allocation it found, as per-group ratios, projected onto whatever target it is asked for. It is an
-  allocation carried over to other budgets, not one learned per budget.
+- every other agent an :class:`AllocationPolicy`, per-group ratios projected onto whatever target it is
+  asked for: RL-Pruner's learned distribution (its mean), or the best allocation found (uniform, random,
+  evolution, predictor). It is an allocation carried over to other budgets, not one learned per budget.
 
 A policy is saved as a directory holding ``policy.json`` (its kind and settings) and whatever else it needs;
 :func:`load_policy` reads any kind back.
@@ -41,8 +41,8 @@ class Policy(Protocol):
 
 @dataclass(frozen=True)
 class AllocationPolicy:
-    """An allocation of the pruning across channel groups (the best policy's per-group ratios), projected
-    onto any target by the problem's own projection — no evaluation spent.
+    """An allocation of the pruning across channel groups (per-group ratios), projected onto any target by
+    the problem's own projection — no evaluation spent.
 
     ``agent``: who found it; ``budget_range``: the targets it was searched for (``None``: its problem's).
     """

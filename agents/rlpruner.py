@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from agents.evaluator import BudgetedEvaluator, BudgetExhausted
+from agents.policies import AllocationPolicy
 from agents.registry import register_agent
 from prune_env.data import iterate_batches
 from prune_env.errors import InvalidSettingError, UnsupportedLayerError
@@ -85,10 +86,14 @@ def _round_problem(original: PruningProblem, model: nn.Module, target: float) ->
 
 
 @register_agent("rlpruner", RLPrunerSettings)
-def rlpruner(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: RLPrunerSettings) -> None:
+def rlpruner(
+    evaluator: BudgetedEvaluator, rng: np.random.Generator, s: RLPrunerSettings
+) -> AllocationPolicy | None:
     """RL-Pruner: sample noisy pruning distributions, move the distribution toward the best one.
 
     See :class:`RLPrunerSettings` for the settings. ``rounds > 1`` prunes iteratively with KD in between.
+    Returns the learned distribution (its mean ratios) as the policy for other targets; with several rounds
+    the last round's distribution is over the distilled model, so the best allocation stands in for it.
     """
     if s.rounds < 1 or s.samples < 1:
         raise InvalidSettingError(f"rounds and samples must be >= 1, got {s.rounds} and {s.samples}")
@@ -101,9 +106,11 @@ def rlpruner(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: RLPruner
         last = r == s.rounds - 1
         evals = evaluator.remaining if last else max(1, evaluator.remaining // (s.rounds - r))
         local_target = min(1.0, targets[r] / reached)
-        best_keep = _search_round(evaluator, problem, original, prev_keep, local_target, evals, rng, s)
+        best_keep, mean = _search_round(evaluator, problem, original, prev_keep, local_target, evals, rng, s)
         if last:
-            return
+            if s.rounds > 1:
+                return None
+            return AllocationPolicy("rlpruner", tuple(float(v) for v in mean), evaluator.budget_range)
         # Prune to the round's best, distil from the round's base, and continue from there.
         teacher = problem.base_model
         student = problem.build(best_keep)
@@ -118,6 +125,7 @@ def rlpruner(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: RLPruner
         problem = _round_problem(original, student, next_local)
         if problem.n_groups != original.n_groups:
             raise UnsupportedLayerError("the pruned model's groups do not match the original's; use rounds=1")
+    return None
 
 
 def _cost(problem: PruningProblem, keep: np.ndarray) -> float:
@@ -134,8 +142,9 @@ def _search_round(
     evals: int,
     rng: np.random.Generator,
     s: RLPrunerSettings,
-) -> np.ndarray:
-    """One round of distribution search on ``problem``; returns the best kept counts (original units)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """One round of distribution search on ``problem``; returns the best kept counts (original units) and
+    the distribution's final mean ratios."""
     n = problem.n_groups
     # Start from the uniform policy of this round: the baseline every sample must beat.
     mean = problem.ratios_for(problem.uniform_keep(target))
@@ -165,7 +174,7 @@ def _search_round(
         mean = mean + s.lr * (top_ratios - mean)  # policy update toward the best sample
         sigma *= s.sigma_decay
     assert best is not None
-    return best[1]
+    return best[1], mean
 
 
 def _score(

@@ -211,7 +211,8 @@ def test_agents_of_one_target_carry_their_best_allocation_over_the_range(
     assert all(e.target == pytest.approx(0.5) for e in result.history)
     policy = result.policy
     assert isinstance(policy, AllocationPolicy) and policy.budget_range == (0.3, 0.7)
-    np.testing.assert_array_equal(policy.keep_for(problem), result.best_keep)
+    if name != "rlpruner":  # RL-Pruner's policy is its learned distribution (see the test below)
+        np.testing.assert_array_equal(policy.keep_for(problem), result.best_keep)
     before = problem.evaluations
     again = load_policy(policy.save(tmp_path / "policy"))
     costs = []
@@ -224,6 +225,18 @@ def test_agents_of_one_target_carry_their_best_allocation_over_the_range(
     assert problem.evaluations == before  # applying a policy costs no evaluation
     with pytest.raises(prune_env.InvalidSettingError, match=r"searches one target, 0.5.*ddpg, ppo"):
         search(name, problem, 4, budget_range=(0.6, 0.7))
+
+
+def test_rlpruner_leaves_its_learned_distribution(problem: PruningProblem) -> None:
+    """RL-Pruner's policy is its distribution's mean after the updates: from uniform, after each batch of
+    four samples one step (lr 0.5) toward that batch's best-rewarded sample — not merely the best policy."""
+    result = search("rlpruner", problem, 8, seed=0)
+    mean = problem.ratios_for(problem.uniform_keep())
+    for batch in (result.history[:4], result.history[4:]):
+        top = max(batch, key=lambda e: e.reward)
+        mean = mean + 0.5 * (np.asarray(top.ratios) - mean)
+    np.testing.assert_allclose(result.policy.ratios, mean)
+    assert not np.allclose(result.policy.ratios, result.best_ratios)
 
 
 def test_budget_range_is_checked(problem: PruningProblem) -> None:

@@ -243,18 +243,19 @@ def _run_grid(
     proxy_settings = json.loads(json.dumps(dict(problem_kwargs or {}), default=json_value))
     saved = out / "runs.json"
     if done.runs and saved.exists():
+        # Another proxy, base model or fine-tune data scores differently: not comparable. A file written
+        # before a setting was recorded counts as made with what it stands for when absent.
         earlier = json.loads(saved.read_text()).get("settings", {})
-        before = earlier.get("problem_kwargs", proxy_settings)
-        if before != proxy_settings:  # another proxy or base model scores differently: not comparable
-            raise InvalidSettingError(
-                f"{saved} was made with problem_kwargs={before}, this grid asks for {proxy_settings}. "
-                "Use another `out` directory."
-            )
-        if earlier.get("finetune_samples") != finetune_samples:  # another fine-tune: not comparable
-            raise InvalidSettingError(
-                f"{saved} was made with finetune_samples={earlier.get('finetune_samples')}, this grid asks "
-                f"for {finetune_samples}. Use another `out` directory."
-            )
+        for key, value, absent in (
+            ("problem_kwargs", proxy_settings, proxy_settings),
+            ("finetune_samples", finetune_samples, None),
+        ):
+            before = earlier.get(key, absent)
+            if before != value:
+                raise InvalidSettingError(
+                    f"{saved} was made with {key}={before}, this grid asks for {value}. "
+                    "Use another `out` directory."
+                )
     if len(done.evaluations) != len(read_csv(evals_csv)):
         # Drop the rows of a run interrupted before its run row was written: its rerun writes them again.
         # The file as it was is kept aside first.

@@ -7,6 +7,7 @@ and whether a node runs inside a layer whose literal sizes surgery recomputes.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,18 +148,20 @@ class Context:
         return spec is not None and spec.resize is not None
 
     def enclosing_spec(self, n: torch.fx.Node) -> LayerSpec | None:
-        """The declaration of the module a layer's call (a ``call_module`` node) is made in."""
-        stack = n.meta.get("nn_module_stack")
-        # The layer itself is the stack's last entry; a layer the model's own forward calls has no other.
-        entries = list(stack.values()) if stack else []
-        owner = entries[-2][1] if len(entries) >= 2 else type(self.model)
-        return layer_spec(owner) if isinstance(owner, type) else None
+        """The declaration of the module a layer's call (a ``call_module`` node) is made in: the layer
+        itself is its stack's innermost entry, the module calling it the next."""
+        return self._stack_spec(n, 2)
 
     def resize_spec(self, n: torch.fx.Node) -> LayerSpec | None:
         """The declaration of the module ``n`` runs directly in, when it has one."""
+        return self._stack_spec(n, 1)
+
+    def _stack_spec(self, n: torch.fx.Node, depth: int) -> LayerSpec | None:
+        """The declaration of the ``depth``-th innermost module on ``n``'s module stack; beyond the stack
+        (a node of the model's own forward has none) the owner is the model."""
         stack = n.meta.get("nn_module_stack")
-        # A node of the model's own forward has no module stack: its owner is the model.
-        owner = next(reversed(stack.values()))[1] if stack else type(self.model)
+        entry = next(itertools.islice(reversed(stack.values()), depth - 1, None), None) if stack else None
+        owner = entry[1] if entry is not None else type(self.model)
         return layer_spec(owner) if isinstance(owner, type) else None
 
 

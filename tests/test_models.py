@@ -44,6 +44,24 @@ def test_resnet_depths_and_block_counts() -> None:
         prune_env.models.cifar_resnet.CifarResNet(21)
 
 
+@pytest.mark.parametrize("width", [0.35, 0.5, 0.75, 1.0, 1.4])
+def test_mobilenetv2_width_rounds_channels_as_torchvision(width: float) -> None:
+    import torchvision
+
+    ours = prune_env.models.mobilenetv2(10, 3, width=width)
+    reference = torchvision.models.mobilenet_v2(width_mult=width)
+    block_outputs = [b.conv[-1].num_features for b in ours.features if hasattr(b, "use_residual")]
+    assert block_outputs == [b.out_channels for b in reference.features[1:-1]]
+    assert ours.features[0].out_channels == reference.features[0][0].out_channels
+
+
+def test_half_width_mobilenetv2_is_a_quarter_of_the_macs() -> None:
+    example = torch.zeros(1, 1, 28, 28)
+    full = prune_env.count_macs(get_model("mobilenetv2", 10, 1), example)
+    half = prune_env.count_macs(get_model("mobilenetv2_half", 10, 1), example)
+    assert 0.25 < half / full < 0.32
+
+
 def test_resnet_projection_shortcuts_make_every_stage_prunable() -> None:
     model = get_model("resnet20", 10, 1)
     example = torch.zeros(1, 1, 8, 8)

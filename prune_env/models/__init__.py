@@ -39,6 +39,7 @@ _REGISTRY: dict[str, ModelFactory] = {
     **{name: partial(vgg, name) for name in ("vgg11", "vgg16", "vgg19")},
     "vgg11_quarter": partial(vgg, "vgg11", width=0.25),
     "mobilenetv2": mobilenetv2,
+    "mobilenetv2_half": partial(mobilenetv2, width=0.5, last_channels=640),
     "tiny": TinyCNN,
 }
 

@@ -107,3 +107,36 @@ def test_truth_seed_start_offsets_the_fine_tune_seeds(
     row = fidelity.fine_tuned_truth(args, None, None, None)
     assert seen == [7, 8]
     assert row["truth_seeds"] == [2, 3] and row["finetuned_test_accuracy_per_seed"] == [0.7, 0.8]
+
+
+def test_budget_conditioned_policy_serves_every_target_and_resumes(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "budget_conditioned", ROOT / "benchmarks" / "budget_conditioned.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "conditioned"
+    argv = [
+        "--dataset", "digits", "--targets", "0.7", "0.4", "--evals", "6", "--range-evals", "6",
+        "--proxy", "recalibration", "--finetune-epochs", "1", "--finetune-samples", "300", "--out", str(out),
+    ]  # fmt: skip
+    script.main(argv)
+    rows = json.loads((out / "rows.json").read_text())
+    assert sorted((r["method"], r["target"]) for r in rows) == [
+        (m, t) for m in ("ppo over range", "ppo per target", "uniform") for t in (0.4, 0.7)
+    ]
+    for r in rows:
+        assert r["macs_ratio"] <= r["target"] + 1e-9
+        assert r["evals"] == (6 if r["method"] == "ppo per target" else 0)
+    conditioned = {r["target"]: r["keep"] for r in rows if r["method"] == "ppo over range"}
+    assert conditioned[0.4] != conditioned[0.7]  # one policy, a different pruning per target
+
+    # Resuming: a dropped row is redone from the saved policy, with the same pruning.
+    (out / "rows.json").write_text(json.dumps([r for r in rows if r["method"] != "ppo over range"]))
+    script.main(argv)
+    again = json.loads((out / "rows.json").read_text())
+    assert len(again) == len(rows)
+    assert {r["target"]: r["keep"] for r in again if r["method"] == "ppo over range"} == conditioned
+    with pytest.raises(SystemExit, match="other settings"):
+        script.main([*argv, "--seeds", "1"])

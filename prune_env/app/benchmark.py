@@ -390,6 +390,35 @@ def _problem(
     return PruningProblem(model, dataset, settings)
 
 
+def finetune_accuracy(
+    problem: PruningProblem,
+    keep: np.ndarray,
+    epochs: int,
+    samples: int | None = None,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The harness's final fine-tune of one policy: (validation, test) accuracy after ``epochs`` of
+    distillation from the base model on ``samples`` training examples (one fixed subset, the problem's
+    seed; ``None``: all of them).
+
+    Identical recipe and data for every policy (only ``seed`` differs), so differences come from the
+    policies. It starts from the model as the proxy scored it (BatchNorm recalibrated, or the supernet's
+    weights for the supernet proxies: the better start, measured).
+    """
+    from prune_env.train import finetune
+
+    _, metrics = finetune(
+        problem.scored_model(keep),
+        problem.base_model,
+        problem.splits.with_training_subset(samples, problem.seed),
+        epochs,
+        seed=seed,
+        progress=False,
+        device=problem.device,
+    )
+    return float(metrics["val_accuracy"]), float(metrics["test_accuracy"])
+
+
 def _one_run(
     problem: PruningProblem,
     agent: Any,
@@ -405,20 +434,9 @@ def _one_run(
     best = result.best_outcome
     val_acc = test_acc = math.nan
     if finetune_epochs > 0:
-        from prune_env.train import finetune
-
-        # Identical recipe and data for every run (only the seed differs): differences come from the
-        # policies. It starts from the model as the proxy scored it (BatchNorm recalibrated).
-        _, metrics = finetune(
-            problem.scored_model(result.best_keep),
-            problem.base_model,
-            problem.splits.with_training_subset(finetune_samples, problem.seed),
-            finetune_epochs,
-            seed=seed,
-            progress=False,
-            device=problem.device,
+        val_acc, test_acc = finetune_accuracy(
+            problem, result.best_keep, finetune_epochs, finetune_samples, seed
         )
-        val_acc, test_acc = float(metrics["val_accuracy"]), float(metrics["test_accuracy"])
     row = {
         "budget_evals": evals,
         "evals_used": len(result.history),

@@ -12,8 +12,8 @@ reaches its plateau (a 1-epoch fine-tune rewards fast recoverers, not good archi
     python benchmarks/allocation_spread.py --report spread.json
 
 Every fine-tune is a KD fine-tune from the pruned base model on the same fixed training subset, with the
-same seed. Each finished (model, budget) is written to ``--out`` at once, and a rerun with the same file
-skips what it holds.
+same seed. Every finished fine-tune is written to ``--out`` at once, and a rerun with the same file skips
+what it holds (an interrupted setting goes on from its last finished fine-tune).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,24 +52,33 @@ def macs_fraction(problem: PruningProblem, keep: np.ndarray) -> float:
     return problem.graph.costs.macs(keep) / problem.graph.base_macs
 
 
-def measure(args: argparse.Namespace, model: str, budget: float) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace, model: str, budget: float, done: dict[str, Any], checkpoint: Callable[[], None]
+) -> dict[str, Any]:
+    """One (model, budget) setting. ``done`` holds the fine-tunes finished so far (``"screen"``: the
+    screening runs in order; ``"lengths"``) and ``checkpoint()`` persists it after each new one, so an
+    interrupted setting resumes where it stopped."""
     problem = PruningProblem(model, args.dataset, target_macs=budget, seed=args.seed, progress=False)
     tune = problem.splits.with_training_subset(args.finetune_samples, args.seed)
     rng = np.random.default_rng(args.seed)
     policies = [
         problem.keep_for(rng.uniform(0.0, problem.max_ratio, problem.n_groups)) for _ in range(args.random)
     ]
-    screened = []
-    for i, keep in enumerate(policies):
-        screened.append(tuned(problem, keep, tune, args.screen_epochs, args.seed))
+    screened: list[dict[str, Any]] = done.setdefault("screen", [])
+    for i in range(len(screened), len(policies)):
+        screened.append(tuned(problem, policies[i], tune, args.screen_epochs, args.seed))
+        checkpoint()
         print(f"  {model} @{budget}: random {i}: val {screened[-1]['val_accuracy']:.4f}", flush=True)
     best = int(np.argmax([s["val_accuracy"] for s in screened]))
     uniform = problem.uniform_keep()
-    lengths: dict[str, dict[str, Any]] = {"uniform": {}, "best_random": {}}
+    lengths: dict[str, dict[str, Any]] = done.setdefault("lengths", {"uniform": {}, "best_random": {}})
     for epochs in args.lengths:
         for name, keep in (("uniform", uniform), ("best_random", policies[best])):
+            if str(epochs) in lengths[name]:
+                continue
             run = screened[best] if name == "best_random" and epochs == args.screen_epochs else None
             lengths[name][str(epochs)] = run or tuned(problem, keep, tune, epochs, args.seed)
+            checkpoint()
         print(
             f"  {model} @{budget}: {epochs} epochs: uniform {lengths['uniform'][str(epochs)]['test_accuracy']:.4f}, "
             f"best random {lengths['best_random'][str(epochs)]['test_accuracy']:.4f}",
@@ -135,16 +145,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    saved = json.loads(out.read_text()) if out.exists() else {"args": vars(args), "rows": []}
-    done = {(r["model"], r["budget"]) for r in saved["rows"]}
+    saved: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"args": vars(args), "rows": []}
+
+    def write() -> None:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved, indent=1))
+        tmp.replace(out)
+
+    finished = {(r["model"], r["budget"]) for r in saved["rows"]}
     for model in args.models:
         for budget in args.budgets:
-            if (model, budget) in done:
+            if (model, budget) in finished:
                 continue
-            saved["rows"].append(measure(args, model, budget))
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(saved, indent=1))
-            tmp.replace(out)
+            # A setting interrupted part-way keeps its finished fine-tunes under "unfinished".
+            partial = saved.get("unfinished") or {}
+            if (partial.get("model"), partial.get("budget")) != (model, budget):
+                partial = {"model": model, "budget": budget}
+            saved["unfinished"] = partial
+            saved["rows"].append(measure(args, model, budget, partial, write))
+            del saved["unfinished"]
+            write()
     report([str(out)])
 
 

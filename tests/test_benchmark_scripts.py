@@ -1,4 +1,5 @@
-"""The result-merging logic of benchmarks/proxy_fidelity.py: the published fidelity tables rest on it."""
+"""The benchmark scripts' own logic that published results rest on: proxy_fidelity.py's merging of results,
+budget_conditioned.py's and allocation_spread.py's resuming."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def fidelity() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("proxy_fidelity", ROOT / "benchmarks" / "proxy_fidelity.py")
+def _script(name: str) -> ModuleType:
+    """benchmarks/NAME.py, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def fidelity() -> ModuleType:
+    return _script("proxy_fidelity")
 
 
 def _row(policy: int, accs: list[float], proxies: dict, ratios: list[float] | None = None, **extra) -> dict:
@@ -109,13 +115,8 @@ def test_truth_seed_start_offsets_the_fine_tune_seeds(
     assert row["truth_seeds"] == [2, 3] and row["finetuned_test_accuracy_per_seed"] == [0.7, 0.8]
 
 
-def test_budget_conditioned_policy_serves_every_target_and_resumes(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "budget_conditioned", ROOT / "benchmarks" / "budget_conditioned.py"
-    )
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_budget_conditioned_policy_serves_every_target_and_resumes(tmp_path: Path, cached: Path) -> None:
+    script = _script("budget_conditioned")
     out = tmp_path / "conditioned"
     argv = [
         "--dataset", "digits", "--targets", "0.7", "0.4", "--evals", "6", "--range-evals", "6",
@@ -140,3 +141,37 @@ def test_budget_conditioned_policy_serves_every_target_and_resumes(tmp_path: Pat
     assert {r["target"]: r["keep"] for r in again if r["method"] == "ppo over range"} == conditioned
     with pytest.raises(SystemExit, match="other settings"):
         script.main([*argv, "--seeds", "1"])
+
+
+def test_allocation_spread_resumes_an_interrupted_setting_without_repeating_fine_tunes(
+    tmp_path: Path, cached: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = _script("allocation_spread")
+    calls: list[tuple[int, tuple[int, ...]]] = []
+    stop_after = [4]
+
+    def fake_tuned(problem, keep, splits, epochs, seed):  # type: ignore[no-untyped-def]
+        if len(calls) == stop_after[0]:
+            raise KeyboardInterrupt  # the process stops part-way through the setting
+        calls.append((epochs, tuple(int(k) for k in keep)))
+        score = 0.5 + 0.01 * len(calls)
+        return {"epochs": epochs, "val_accuracy": score, "test_accuracy": score, "seconds": 0.0}
+
+    monkeypatch.setattr(script, "tuned", fake_tuned)
+    out = tmp_path / "spread.json"
+    argv = ["--dataset", "digits", "--models", "resnet20", "--budgets", "0.5", "--random", "3",
+            "--lengths", "1", "2", "--out", str(out)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        script.main(argv)
+    partial = json.loads(out.read_text())
+    assert partial["rows"] == [] and len(partial["unfinished"]["screen"]) == 3
+    assert set(partial["unfinished"]["lengths"]["uniform"]) == {"1"}
+    stop_after[0] = -1
+    script.main(argv)
+    saved = json.loads(out.read_text())
+    assert "unfinished" not in saved and len(saved["rows"]) == 1
+    # 3 screens + uniform at 1 epoch (best random at 1 epoch is its screen) + both at 2 epochs: the
+    # second run did only the two that were missing.
+    assert [c[0] for c in calls] == [1, 1, 1, 1, 2, 2]
+    assert set(saved["rows"][0]["lengths"]["uniform"]) == {"1", "2"}
+    assert saved["rows"][0]["screen"] == partial["unfinished"]["screen"]

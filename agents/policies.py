@@ -5,9 +5,11 @@ Every channel search returns one (``SearchResult.policy``):
 - the Stable-Baselines3 learners (ppo, a2c, sac, td3, ddpg, amc) an :class:`agents.sb3.SB3Policy`, which
   decides from the environment's observation — target included, so one trained over a ``budget_range``
   serves any target in it (CACP);
+- SeerNet's (``predictor``) an :class:`agents.predictor.PredictorPolicy`, its trained accuracy predictor:
+  for each target asked for, gradient ascent on the predicted accuracy under that target's cost barrier;
 - every other agent an :class:`AllocationPolicy`, per-group ratios projected onto whatever target it is
   asked for: RL-Pruner's learned distribution (its mean), or the best allocation found (uniform, random,
-  evolution, predictor). It is an allocation carried over to other budgets, not one learned per budget.
+  evolution). It is an allocation carried over to other budgets, not one learned per budget.
 
 A policy is saved as a directory holding ``policy.json`` (its kind and settings) and whatever else it needs;
 :func:`load_policy` reads any kind back.
@@ -90,7 +92,11 @@ def load_policy(directory: str | Path) -> Policy:
         kind = meta.get("kind", "sb3")  # SB3 policies saved before kinds existed have none
         if kind == "allocation":
             return AllocationPolicy.from_meta(meta)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if kind == "predictor":
+            from agents.predictor import PredictorPolicy
+
+            return PredictorPolicy.from_meta(path, meta)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
         raise InvalidSettingError(
             f"{path} holds no saved policy ({type(exc).__name__}: {exc}); save one with a policy's save()"
         ) from None

@@ -17,15 +17,20 @@ every other.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from agents.evaluator import BudgetedEvaluator
+from agents.policies import POLICY_META
 from agents.registry import register_agent
+from prune_env.errors import InvalidSettingError
 from prune_env.problem import PruningProblem
 from prune_env.quantization.bits import BIT_CHOICES
 
@@ -263,8 +268,65 @@ class _Joint(_Channels):
         return lambda x: bitops(x[:n], continuous_bits(x[n : 2 * n]), continuous_bits(x[2 * n :]))
 
 
+PREDICTOR_FILE = "predictor.pt"
+
+
+@dataclass
+class PredictorPolicy:
+    """SeerNet's trained accuracy predictor as a pruning policy: for any target it repeats the search's last
+    step — gradient ascent on the predicted accuracy under a log-barrier on that target's cost, from the best
+    allocation evaluated — with no evaluation. The predictor learned from policies at the searched target,
+    so far from it the ascent follows an extrapolation.
+
+    ``save(directory)`` writes ``policy.json`` and the ensemble's weights, ``predictor.pt``; :meth:`load`
+    reads them back.
+    """
+
+    settings: PredictorSettings
+    model: Ensemble
+    start_ratios: tuple[float, ...]
+    budget_range: tuple[float, float] | None = None
+
+    def keep_for(self, problem: PruningProblem, target: float | None = None) -> np.ndarray:
+        """Kept units per group at ``target`` (default: the problem's), within it by construction."""
+        if problem.n_groups != len(self.start_ratios) or problem.joint is not None:
+            raise InvalidSettingError(
+                f"this predictor reads {len(self.start_ratios)} pruning ratios; the problem has "
+                f"{problem.n_groups} channel groups{' and joint policies' if problem.joint else ''}: apply "
+                "it to the problem (model and dataset) it was searched on"
+            )
+        goal = problem.target if target is None else target
+        problem.check_target(goal)
+        policies = _Channels(problem)
+        return np.array(_ascend(policies, self.model, np.array(self.start_ratios), self.settings, goal))
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), path / PREDICTOR_FILE)
+        meta = {
+            "kind": "predictor",
+            "settings": asdict(self.settings),
+            "start_ratios": list(self.start_ratios),
+            "budget_range": None if self.budget_range is None else list(self.budget_range),
+        }
+        (path / POLICY_META).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_meta(cls, directory: str | Path, meta: dict[str, Any]) -> PredictorPolicy:
+        settings = PredictorSettings(**meta["settings"])
+        ratios = tuple(float(r) for r in meta["start_ratios"])
+        model = Ensemble(len(ratios), settings.ensemble, settings.hidden, torch.Generator())
+        model.load_state_dict(torch.load(Path(directory) / PREDICTOR_FILE, weights_only=True))
+        span = meta.get("budget_range")
+        return cls(settings, model.eval(), ratios, None if span is None else (float(span[0]), float(span[1])))
+
+
 @register_agent("predictor", PredictorSettings, joint_policies=True)
-def predictor(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: PredictorSettings) -> None:
+def predictor(
+    evaluator: BudgetedEvaluator, rng: np.random.Generator, s: PredictorSettings
+) -> PredictorPolicy | None:
     """SeerNet: predictor-guided search (random init, UCB evolution, barrier gradient ascent at the end).
 
     With joint policies (pruning + quantization) the predictor reads the ratios and each group's bits,
@@ -311,11 +373,16 @@ def predictor(evaluator: BudgetedEvaluator, rng: np.random.Generator, s: Predict
 
     # 3. Gradient ascent on predicted reward under a log-barrier on the cost, then evaluate that policy.
     train()
-    final: tuple[int, ...] | None = _ascend(policies, model, seen, s)
+    best = policies.encode(max(seen, key=lambda k: seen[k]))
+    final: tuple[int, ...] | None = _ascend(policies, model, best, s, problem.target)
     if final is not None and final in seen:
         final = _acquire(policies, model, seen, rng, s)  # nothing new found: the best UCB instead
     if final is not None:
         evaluate(final)
+    if problem.joint is not None:
+        return None
+    best = policies.encode(max(seen, key=lambda k: seen[k]))
+    return PredictorPolicy(s, model.eval(), tuple(float(r) for r in best), evaluator.budget_range)
 
 
 def _acquire(
@@ -357,15 +424,14 @@ def _acquire(
 
 
 def _ascend(
-    policies: _Channels, model: Ensemble, seen: dict[tuple[int, ...], float], s: PredictorSettings
+    policies: _Channels, model: Ensemble, best: np.ndarray, s: PredictorSettings, target: float
 ) -> tuple[int, ...]:
-    """Momentum gradient ascent with an adaptive step on ``mean prediction + barrier·log(target - cost)``."""
+    """Momentum gradient ascent with an adaptive step on ``mean prediction + barrier·log(target - cost)``,
+    from the allocation ``best`` (a point of the search space); the result is projected onto ``target``."""
     cost = policies.cost()
-    target = policies.problem.target
     upper = torch.tensor(policies.upper, dtype=torch.float64)
-    best_key = max(seen, key=lambda k: seen[k])
     # Start strictly inside the feasible region (the barrier is infinite on its boundary).
-    start = policies.encode(policies.decode(policies.encode(best_key), target * 0.97))
+    start = policies.encode(policies.decode(best, target * 0.97))
     r = torch.tensor(start, dtype=torch.float64)
 
     def objective(x: torch.Tensor) -> torch.Tensor:
@@ -390,4 +456,4 @@ def _ascend(
                 lr *= 0.5
         if lr < 1e-6:
             break
-    return policies.decode(r.detach().numpy())
+    return policies.decode(r.detach().numpy(), target)

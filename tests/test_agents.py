@@ -198,7 +198,7 @@ def test_a_saved_policy_reloads_and_decides_the_same(problem: PruningProblem, tm
     assert isinstance(load_policy(tmp_path / "policy"), SB3Policy)
 
 
-@pytest.mark.parametrize("name", [a for a in AGENTS if a not in SB3])
+@pytest.mark.parametrize("name", [a for a in AGENTS if a not in SB3 and a != "predictor"])
 def test_agents_of_one_target_carry_their_best_allocation_over_the_range(
     problem: PruningProblem, name: str, tmp_path: Any
 ) -> None:
@@ -225,6 +225,38 @@ def test_agents_of_one_target_carry_their_best_allocation_over_the_range(
     assert problem.evaluations == before  # applying a policy costs no evaluation
     with pytest.raises(prune_env.InvalidSettingError, match=r"searches one target, 0.5.*ddpg, ppo"):
         search(name, problem, 4, budget_range=(0.6, 0.7))
+
+
+def test_seernet_leaves_its_predictor_which_reoptimises_per_target(
+    problem: PruningProblem, tmp_path: Any
+) -> None:
+    """SeerNet's policy is its trained predictor: at each target, gradient ascent on the predicted accuracy
+    under that target's barrier (no evaluation); saved and loaded, it decides the same."""
+    from agents.policies import load_policy
+    from agents.predictor import PredictorPolicy
+
+    result = search("predictor", problem, 8, seed=0, budget_range=(0.3, 0.7))
+    policy = result.policy
+    assert isinstance(policy, PredictorPolicy) and policy.budget_range == (0.3, 0.7)
+    before = problem.evaluations
+    again = load_policy(policy.save(tmp_path / "policy"))
+    assert isinstance(again, PredictorPolicy)
+    keeps = {}
+    for target in (0.3, 0.45, 0.7):
+        keeps[target] = again.keep_for(problem, target)
+        np.testing.assert_array_equal(keeps[target], policy.keep_for(problem, target))
+        cost = problem.projector.cost_ratio(keeps[target])
+        assert target - 0.05 <= cost <= target * (1 + 1e-9)  # the ascent spends the budget it is given
+        assert np.all((keeps[target] >= 1) & (keeps[target] <= problem.units))
+    assert problem.evaluations == before
+    # Not the best allocation carried over: the ascent moves away from it at every target.
+    for target, keep in keeps.items():
+        assert not np.array_equal(keep, problem.keep_for(np.array(policy.start_ratios), target))
+    with pytest.raises(prune_env.InvalidSettingError, match="impossible"):
+        again.keep_for(problem, 0.001)
+    (tmp_path / "policy" / "predictor.pt").unlink()
+    with pytest.raises(prune_env.InvalidSettingError, match="no saved policy"):
+        load_policy(tmp_path / "policy")
 
 
 def test_rlpruner_leaves_its_learned_distribution(problem: PruningProblem) -> None:

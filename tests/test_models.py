@@ -55,6 +55,22 @@ def test_mobilenetv2_width_rounds_channels_as_torchvision(width: float) -> None:
     assert ours.features[0].out_channels == reference.features[0][0].out_channels
 
 
+@pytest.mark.parametrize("name", ["resnet20", "vgg11_quarter", "mobilenetv2_half"])
+def test_zoo_cnns_run_channels_last_with_the_same_outputs(name: str) -> None:
+    torch.manual_seed(0)
+    model = get_model(name, 10, 1).eval()
+    seen: list[torch.Tensor] = []
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    x = torch.randn(3, 1, 28, 28)  # one channel: NCHW and NHWC strides would both call it contiguous
+    with torch.inference_mode():
+        fast = model(x)
+        model.channels_last = False
+        reference = model(x)
+    assert seen[0].stride(1) == 1 and seen[1].stride(1) != 1  # the layout really differs
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+
+
 def test_half_width_mobilenetv2_is_a_quarter_of_the_macs() -> None:
     example = torch.zeros(1, 1, 28, 28)
     full = prune_env.count_macs(get_model("mobilenetv2", 10, 1), example)

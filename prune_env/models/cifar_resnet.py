@@ -50,8 +50,10 @@ class CifarResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         widths: tuple[int, int, int] = (16, 32, 64),
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         if (depth - 2) % 6 != 0 or depth < 8:
             raise InvalidSettingError(
                 f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110), got {depth}"
@@ -79,6 +81,11 @@ class CifarResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:  # a construction-time constant: fx records one branch
+            # Channels-last activations: convolutions run 1.3x (ResNet) to 1.7x (MobileNetV2's depthwise
+            # convolutions) faster on CPU for training and inference (benchmarks/memory_format.py), and it is
+            # the layout GPU tensor cores prefer under AMP. Outputs equal the NCHW ones up to rounding.
+            x = x.to(memory_format=torch.channels_last)
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))

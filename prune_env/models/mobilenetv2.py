@@ -54,9 +54,15 @@ def scaled(channels: int, width: float, divisor: int = 8) -> int:
 
 class MobileNetV2(nn.Module):
     def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, last_channels: int = 1280, width: float = 1.0
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        last_channels: int = 1280,
+        width: float = 1.0,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         stem = scaled(32, width)
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, stem, 3, stride=1, padding=1, bias=False),
@@ -86,6 +92,8 @@ class MobileNetV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:  # as CifarResNet: depthwise convolutions gain most (1.7x on CPU)
+            x = x.to(memory_format=torch.channels_last)
         x = torch.flatten(self.avgpool(self.features(x)), 1)
         return self.classifier(self.dropout(x))
 

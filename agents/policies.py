@@ -60,6 +60,8 @@ class AllocationPolicy:
                 f"this {self.agent} allocation has {len(self.ratios)} ratios, the problem {problem.n_groups} "
                 "channel groups: apply it to the problem (model and dataset) it was searched on"
             )
+        if target is not None:  # checked here, not in keep_for: environments call that every step
+            problem.check_target(target)
         return problem.keep_for(np.asarray(self.ratios, dtype=np.float64), target)
 
     def save(self, directory: str | Path) -> Path:

@@ -254,11 +254,7 @@ class PruningProblem:
             )
         if not np.all(np.isfinite(r)):
             raise InvalidRatiosError("ratios contain NaN or inf")
-        if target is None:
-            target = self.target
-        else:
-            self.projector.check_target(target)  # a policy applied at a new target: reachable?
-        return self.projector.project(r, target, fill=self.fill_budget)
+        return self.projector.project(r, self.target if target is None else target, fill=self.fill_budget)
 
     def ratios_for(self, keep: np.ndarray) -> np.ndarray:
         return keep_to_ratios(self.units, keep)

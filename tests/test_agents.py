@@ -223,6 +223,8 @@ def test_agents_of_one_target_carry_their_best_allocation_over_the_range(
         assert costs[-1] <= target * (1 + 1e-9) and np.all((keep >= 1) & (keep <= problem.units))
     assert costs[0] < costs[-1]
     assert problem.evaluations == before  # applying a policy costs no evaluation
+    with pytest.raises(prune_env.InvalidSettingError, match="impossible"):
+        again.keep_for(problem, 0.001)
     with pytest.raises(prune_env.InvalidSettingError, match=r"searches one target, 0.5.*ddpg, ppo"):
         search(name, problem, 4, budget_range=(0.6, 0.7))
 

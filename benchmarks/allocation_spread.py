@@ -1,4 +1,4 @@
-"""Where does the allocation of a MACs budget matter, and how long must the final fine-tune be?
+"""Where does the allocation of a budget matter, and how long must the final fine-tune be?
 
 Before agents are compared, the setting must be one where a better allocation *can* win. For each model and
 budget: draw N random policies (as the ``random`` agent does: ratios uniform in [0, max_ratio], projected
@@ -10,6 +10,11 @@ reaches its plateau (a 1-epoch fine-tune rewards fast recoverers, not good archi
     python benchmarks/allocation_spread.py --models vgg11_quarter resnet20 --budgets 0.1 0.2 0.3 \\
         --random 20 --lengths 1 3 6 --finetune-samples 20000 --threads 1 --out spread.json
     python benchmarks/allocation_spread.py --report spread.json
+
+``--metric params`` budgets parameters instead of MACs. The two differ in what uniform pruning wastes: in
+a ResNet every stage costs about the same MACs (channels double as resolution halves), so a uniform ratio
+is close to an even MACs split, while parameters sit mostly in the late, wide layers, where uniform pruning
+removes as much of the cheap early layers as of the expensive late ones.
 
 Every fine-tune is a KD fine-tune from the pruned base model on the same fixed training subset, with the
 same seed. Every finished fine-tune is written to ``--out`` at once, and a rerun with the same file skips
@@ -52,13 +57,19 @@ def macs_fraction(problem: PruningProblem, keep: np.ndarray) -> float:
     return problem.graph.costs.macs(keep) / problem.graph.base_macs
 
 
+def params_fraction(problem: PruningProblem, keep: np.ndarray) -> float:
+    return problem.graph.costs.params(keep) / problem.graph.base_params
+
+
 def measure(
     args: argparse.Namespace, model: str, budget: float, done: dict[str, Any], checkpoint: Callable[[], None]
 ) -> dict[str, Any]:
     """One (model, budget) setting. ``done`` holds the fine-tunes finished so far (``"screen"``: the
     screening runs in order; ``"lengths"``) and ``checkpoint()`` persists it after each new one, so an
     interrupted setting resumes where it stopped."""
-    problem = PruningProblem(model, args.dataset, target_macs=budget, seed=args.seed, progress=False)
+    problem = PruningProblem(
+        model, args.dataset, seed=args.seed, progress=False, **{f"target_{args.metric}": budget}
+    )
     tune = problem.splits.with_training_subset(args.finetune_samples, args.seed)
     rng = np.random.default_rng(args.seed)
     policies = [
@@ -87,10 +98,14 @@ def measure(
     return {
         "model": model,
         "budget": budget,
+        "metric": args.metric,
         "base_metrics": problem.base_metrics,
-        "macs_fraction": {
-            "uniform": macs_fraction(problem, uniform),
-            "random": [macs_fraction(problem, k) for k in policies],
+        **{
+            f"{name}_fraction": {
+                "uniform": fraction(problem, uniform),
+                "random": [fraction(problem, k) for k in policies],
+            }
+            for name, fraction in (("macs", macs_fraction), ("params", params_fraction))
         },
         "uniform_keep": uniform.tolist(),
         "random_keep": [k.tolist() for k in policies],
@@ -106,17 +121,18 @@ def report(paths: list[str]) -> None:
         "| model | budget | fine-tune epochs | uniform test acc | best-of-N random test acc | spread (points) |"
     )
     print("|---|---|---|---|---|---|")
+    # Rows written before the metric was recorded are MACs budgets.
     for row in rows:
         for epochs, u in row["lengths"]["uniform"].items():
             b = row["lengths"]["best_random"][epochs]
             print(
-                f"| {row['model']} | {row['budget']:.0%} | {epochs} | {u['test_accuracy']:.4f} | "
+                f"| {row['model']} | {row['budget']:.0%} {row.get('metric', 'macs')} | {epochs} | {u['test_accuracy']:.4f} | "
                 f"{b['test_accuracy']:.4f} | {100 * (b['test_accuracy'] - u['test_accuracy']):+.2f} |"
             )
     for row in rows:
         vals = np.array([s["val_accuracy"] for s in row["screen"]])
         print(
-            f"{row['model']} @{row['budget']:.0%}: {len(vals)} random policies after "
+            f"{row['model']} @{row['budget']:.0%} {row.get('metric', 'macs')}: {len(vals)} random policies after "
             f"{row['screen'][0]['epochs']} epoch(s): val {vals.min():.4f}-{vals.max():.4f} "
             f"(median {np.median(vals):.4f}); uniform at that length: "
             f"val {row['lengths']['uniform'][str(row['screen'][0]['epochs'])]['val_accuracy']:.4f}"
@@ -130,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--models", nargs="+", default=["vgg11_quarter", "resnet20"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    parser.add_argument("--metric", choices=["macs", "params"], default="macs", help="what the budget limits")
     parser.add_argument("--random", type=int, default=20, help="random policies screened per setting")
     parser.add_argument("--screen-epochs", type=int, default=1)
     parser.add_argument("--lengths", nargs="+", type=int, default=[1, 3, 6], help="final fine-tune epochs")
@@ -152,15 +169,16 @@ def main(argv: list[str] | None = None) -> None:
         tmp.write_text(json.dumps(saved, indent=1))
         tmp.replace(out)
 
-    finished = {(r["model"], r["budget"]) for r in saved["rows"]}
+    finished = {(r["model"], r["budget"], r.get("metric", "macs")) for r in saved["rows"]}
     for model in args.models:
         for budget in args.budgets:
-            if (model, budget) in finished:
+            setting = (model, budget, args.metric)
+            if setting in finished:
                 continue
             # A setting interrupted part-way keeps its finished fine-tunes under "unfinished".
             partial = saved.get("unfinished") or {}
-            if (partial.get("model"), partial.get("budget")) != (model, budget):
-                partial = {"model": model, "budget": budget}
+            if (partial.get("model"), partial.get("budget"), partial.get("metric", "macs")) != setting:
+                partial = {"model": model, "budget": budget, "metric": args.metric}
             saved["unfinished"] = partial
             saved["rows"].append(measure(args, model, budget, partial, write))
             del saved["unfinished"]

@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--target", type=float, default=0.25, help="MACs budget, a fraction of the base's")
+    parser.add_argument(
+        "--target", type=float, default=0.25, help="budget, a fraction of the base's --metric"
+    )
+    parser.add_argument("--metric", choices=["macs", "params"], default="macs", help="what the budget limits")
     parser.add_argument("--agents", nargs="+", default=["uniform", "random", "ppo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--evals", type=int, default=1000)
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         models=[args.model],
         datasets=[args.dataset],
         targets=[args.target],
+        metric=args.metric,
         seeds=args.seeds,
         evals=args.evals,
         out=args.out,

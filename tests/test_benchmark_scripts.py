@@ -175,3 +175,26 @@ def test_allocation_spread_resumes_an_interrupted_setting_without_repeating_fine
     assert [c[0] for c in calls] == [1, 1, 1, 1, 2, 2]
     assert set(saved["rows"][0]["lengths"]["uniform"]) == {"1", "2"}
     assert saved["rows"][0]["screen"] == partial["unfinished"]["screen"]
+
+
+def test_allocation_spread_params_budget_is_its_own_setting(
+    tmp_path: Path, cached: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = _script("allocation_spread")
+
+    def fake_tuned(problem, keep, splits, epochs, seed):  # type: ignore[no-untyped-def]
+        return {"epochs": epochs, "val_accuracy": 0.5, "test_accuracy": 0.5, "seconds": 0.0}
+
+    monkeypatch.setattr(script, "tuned", fake_tuned)
+    out = tmp_path / "spread.json"
+    argv = ["--dataset", "digits", "--models", "resnet20", "--budgets", "0.3", "--random", "3",
+            "--lengths", "1", "--out", str(out)]  # fmt: skip
+    script.main(argv)
+    script.main([*argv, "--metric", "params"])  # same model and budget, other metric: not skipped
+    macs_row, params_row = json.loads(out.read_text())["rows"]
+    assert (macs_row["metric"], params_row["metric"]) == ("macs", "params")
+    for row, metric in ((macs_row, "macs_fraction"), (params_row, "params_fraction")):
+        fractions = [row[metric]["uniform"], *row[metric]["random"]]
+        assert all(0.25 <= f <= 0.3 for f in fractions), fractions
+    # Spending the same budget on parameters lets random policies keep early layers: MACs differ.
+    assert params_row["random_keep"] != macs_row["random_keep"]

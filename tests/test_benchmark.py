@@ -265,3 +265,15 @@ def test_other_proxy_settings_are_refused(grid: tuple[BenchmarkResults, Path], c
     _, out = grid
     with pytest.raises(ValueError, match="problem_kwargs"):
         _grid(out, problem_kwargs={**PROBLEM, "eval_samples": 128})
+
+
+def test_params_budget_runs_are_plotted_against_parameters(tmp_path: Path, cached: Path) -> None:
+    results = _grid(tmp_path, agents=("uniform", "random"), seeds=(0,), metric="params", targets=(0.4,))
+    (ax,) = results.plot_pareto().axes
+    assert ax.get_xlabel() == "parameters / base parameters"
+    (points,) = ax.collections  # random's evaluations
+    xs = points.get_offsets()[:, 0]
+    assert np.allclose(
+        sorted(xs), sorted(e["params_ratio"] for e in results.evaluations if e["agent"] == "random")
+    )
+    assert all(x <= 0.4 for x in xs)  # the budget, in the axis' own unit

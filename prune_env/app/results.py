@@ -282,11 +282,12 @@ class BenchmarkResults:
         return list(dict.fromkeys(tuple(r[k] for k in keys) for r in self.runs))
 
     def plot_pareto(self, path: str | os.PathLike[str] | None = None) -> Figure:
-        """Proxy accuracy vs MACs ratio: every evaluation as a faint point per agent, each agent's Pareto
+        """Proxy accuracy vs cost ratio: every evaluation as a faint point per agent, each agent's Pareto
         front (best accuracy at no more than a given cost) as a line, and the uniform policy as the
         reference (a horizontal line for one target, a dashed line through its points for several).
 
-        One panel per (model, dataset). Saved to ``path`` when given.
+        One panel per (model, dataset); the cost is the one the runs' budget limits (parameters for a
+        ``"params"`` budget, MACs otherwise). Saved to ``path`` when given.
         """
         panels = self._panels(("model", "dataset"))
         fig, axes = _figure(len(panels))
@@ -294,8 +295,10 @@ class BenchmarkResults:
             evals = [e for e in self.evaluations if e["model"] == model and e["dataset"] == dataset]
             runs = [r for r in self.runs if r["model"] == model and r["dataset"] == dataset]
             colors = _colors(self.agents)
+            # One directory holds one metric (the harness refuses to mix them).
+            cost = "params" if runs and runs[0]["metric"] == "params" else "macs"
             for agent in self.agents:
-                pts = np.array([(e["macs_ratio"], e["accuracy"]) for e in evals if e["agent"] == agent])
+                pts = np.array([(e[f"{cost}_ratio"], e["accuracy"]) for e in evals if e["agent"] == agent])
                 if agent == UNIFORM or not len(pts):
                     continue
                 color = colors[agent]
@@ -306,14 +309,17 @@ class BenchmarkResults:
             by_target: dict[float, list[tuple[float, float]]] = {}
             for r in runs:
                 if r["agent"] == UNIFORM:
-                    by_target.setdefault(float(r["target"]), []).append((r["macs_ratio"], r["best_accuracy"]))
+                    by_target.setdefault(float(r["target"]), []).append(
+                        (r[f"{cost}_ratio"], r["best_accuracy"])
+                    )
             ref = np.array([np.mean(v, axis=0) for _, v in sorted(by_target.items())]).reshape(-1, 2)
             if len(ref) == 1:
                 ax.axhline(ref[0, 1], color="k", ls="--", lw=1, label=UNIFORM)
                 ax.plot(ref[:, 0], ref[:, 1], "ko", ms=5)
             elif len(ref):
                 ax.plot(ref[:, 0], ref[:, 1], "k--o", lw=1, ms=5, label=UNIFORM)
-            ax.set(xlabel="MACs / base MACs", ylabel="proxy accuracy", title=f"{model} on {dataset}")
+            label = {"macs": "MACs / base MACs", "params": "parameters / base parameters"}[cost]
+            ax.set(xlabel=label, ylabel="proxy accuracy", title=f"{model} on {dataset}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
         return _finish(fig, path)

@@ -67,9 +67,8 @@ def measure(
     """One (model, budget) setting. ``done`` holds the fine-tunes finished so far (``"screen"``: the
     screening runs in order; ``"lengths"``) and ``checkpoint()`` persists it after each new one, so an
     interrupted setting resumes where it stopped."""
-    problem = PruningProblem(
-        model, args.dataset, seed=args.seed, progress=False, **{f"target_{args.metric}": budget}
-    )
+    target: dict[str, Any] = {f"target_{args.metric}": budget}
+    problem = PruningProblem(model, args.dataset, seed=args.seed, progress=False, **target)
     tune = problem.splits.with_training_subset(args.finetune_samples, args.seed)
     rng = np.random.default_rng(args.seed)
     policies = [

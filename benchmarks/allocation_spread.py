@@ -53,12 +53,15 @@ def tuned(
     }
 
 
-def macs_fraction(problem: PruningProblem, keep: np.ndarray) -> float:
-    return problem.graph.costs.macs(keep) / problem.graph.base_macs
+def cost_fraction(problem: PruningProblem, keep: np.ndarray, metric: str) -> float:
+    """``keep``'s MACs or parameters as a fraction of the base model's."""
+    graph = problem.graph
+    return getattr(graph.costs, metric)(keep) / getattr(graph, f"base_{metric}")
 
 
-def params_fraction(problem: PruningProblem, keep: np.ndarray) -> float:
-    return problem.graph.costs.params(keep) / problem.graph.base_params
+def metric_of(row: dict[str, Any]) -> str:
+    """The metric a saved setting budgets (rows written before it was recorded are MACs budgets)."""
+    return str(row.get("metric", "macs"))
 
 
 def measure(
@@ -100,11 +103,11 @@ def measure(
         "metric": args.metric,
         "base_metrics": problem.base_metrics,
         **{
-            f"{name}_fraction": {
-                "uniform": fraction(problem, uniform),
-                "random": [fraction(problem, k) for k in policies],
+            f"{m}_fraction": {
+                "uniform": cost_fraction(problem, uniform, m),
+                "random": [cost_fraction(problem, k, m) for k in policies],
             }
-            for name, fraction in (("macs", macs_fraction), ("params", params_fraction))
+            for m in ("macs", "params")
         },
         "uniform_keep": uniform.tolist(),
         "random_keep": [k.tolist() for k in policies],
@@ -120,18 +123,17 @@ def report(paths: list[str]) -> None:
         "| model | budget | fine-tune epochs | uniform test acc | best-of-N random test acc | spread (points) |"
     )
     print("|---|---|---|---|---|---|")
-    # Rows written before the metric was recorded are MACs budgets.
     for row in rows:
         for epochs, u in row["lengths"]["uniform"].items():
             b = row["lengths"]["best_random"][epochs]
             print(
-                f"| {row['model']} | {row['budget']:.0%} {row.get('metric', 'macs')} | {epochs} | {u['test_accuracy']:.4f} | "
+                f"| {row['model']} | {row['budget']:.0%} {metric_of(row)} | {epochs} | {u['test_accuracy']:.4f} | "
                 f"{b['test_accuracy']:.4f} | {100 * (b['test_accuracy'] - u['test_accuracy']):+.2f} |"
             )
     for row in rows:
         vals = np.array([s["val_accuracy"] for s in row["screen"]])
         print(
-            f"{row['model']} @{row['budget']:.0%} {row.get('metric', 'macs')}: {len(vals)} random policies after "
+            f"{row['model']} @{row['budget']:.0%} {metric_of(row)}: {len(vals)} random policies after "
             f"{row['screen'][0]['epochs']} epoch(s): val {vals.min():.4f}-{vals.max():.4f} "
             f"(median {np.median(vals):.4f}); uniform at that length: "
             f"val {row['lengths']['uniform'][str(row['screen'][0]['epochs'])]['val_accuracy']:.4f}"
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp.write_text(json.dumps(saved, indent=1))
         tmp.replace(out)
 
-    finished = {(r["model"], r["budget"], r.get("metric", "macs")) for r in saved["rows"]}
+    finished = {(r["model"], r["budget"], metric_of(r)) for r in saved["rows"]}
     for model in args.models:
         for budget in args.budgets:
             setting = (model, budget, args.metric)
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             # A setting interrupted part-way keeps its finished fine-tunes under "unfinished".
             partial = saved.get("unfinished") or {}
-            if (partial.get("model"), partial.get("budget"), partial.get("metric", "macs")) != setting:
+            if (partial.get("model"), partial.get("budget"), metric_of(partial)) != setting:
                 partial = {"model": model, "budget": budget, "metric": args.metric}
             saved["unfinished"] = partial
             saved["rows"].append(measure(args, model, budget, partial, write))

@@ -4,7 +4,8 @@ A budget-conditioned learner (CACP-style: the target is in its observation) is t
 ``--range`` with ``--range-evals`` proxy evaluations, then prunes for every ``--targets`` value with no
 further evaluation. It is compared, target by target, with the same agent searched separately at each
 target (``--evals`` each) and with uniform pruning. Every policy gets the harness's final fine-tune
-(:func:`prune_env.app.benchmark.finetune_accuracy`: one recipe, one fixed training subset).
+(:func:`prune_env.app.benchmark.finetune_accuracy`: one recipe, one fixed training subset). Targets are
+fractions of the base model's ``--metric`` (MACs by default, or parameters).
 
     python benchmarks/budget_conditioned.py --model resnet20 --dataset fashion-mnist --agent ppo \\
         --targets 0.15 0.25 0.35 --evals 300 --range-evals 300 --seeds 0 --proxy supernet \\
@@ -57,6 +58,7 @@ def row_for(
         "seed": seed,
         "evals": evals,
         "macs_ratio": problem.graph.costs.macs(keep) / problem.graph.base_macs,
+        "params_ratio": problem.graph.costs.params(keep) / problem.graph.base_params,
         "val_accuracy": val,
         "test_accuracy": test,
         "seconds": time.perf_counter() - start,
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "report", "threads")}
     saved_settings = out / SETTINGS_FILE
-    if saved_settings.exists() and json.loads(saved_settings.read_text()) != settings:
+    if saved_settings.exists() and with_metric(json.loads(saved_settings.read_text())) != settings:
         raise SystemExit(f"{out} holds a run with other settings ({saved_settings}): use another --out")
     saved_settings.write_text(json.dumps(settings, indent=1) + "\n")
     rows_path = out / ROWS_FILE
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
         tmp.replace(rows_path)
         print(
             f"{row['method']:>24} @{row['target']:.2f} seed {row['seed']}: test {row['test_accuracy']:.4f} "
-            f"(MACs {row['macs_ratio']:.3f}, {row['evals']} evals, {row['seconds']:.0f} s)",
+            f"({args.metric} {row[f'{args.metric}_ratio']:.3f}, {row['evals']} evals, {row['seconds']:.0f} s)",
             flush=True,
         )
 
@@ -109,7 +111,9 @@ def run(args: argparse.Namespace) -> None:
         t: PruningProblem(
             args.model,
             args.dataset,
-            ProblemSettings(target_macs=t, proxy=args.proxy, max_ratio=args.max_ratio, progress=False),
+            ProblemSettings(
+                **{f"target_{args.metric}": t}, proxy=args.proxy, max_ratio=args.max_ratio, progress=False
+            ),
         )
         for t in args.targets
     }
@@ -133,9 +137,15 @@ def run(args: argparse.Namespace) -> None:
     report(out)
 
 
+def with_metric(settings: dict[str, Any]) -> dict[str, Any]:
+    """Saved settings with their metric (runs saved before the metric was an option budgeted MACs)."""
+    return {"metric": "macs", **settings}
+
+
 def report(out: Path) -> None:
     """Test accuracy per target (mean over seeds) and the evaluations each method spent in all."""
-    settings = json.loads((out / SETTINGS_FILE).read_text())
+    settings = with_metric(json.loads((out / SETTINGS_FILE).read_text()))
+    unit = "MACs" if settings["metric"] == "macs" else "params"
     rows = json.loads((out / ROWS_FILE).read_text())
     methods = list(dict.fromkeys(r["method"] for r in rows))
     targets = sorted({r["target"] for r in rows})
@@ -144,7 +154,9 @@ def report(out: Path) -> None:
         f"{settings['agent']} over range": settings["range_evals"],
         f"{settings['agent']} per target": settings["evals"] * len(settings["targets"]),
     }
-    print("| method | " + " | ".join(f"test acc @{t:.0%} MACs" for t in targets) + " | mean | evaluations |")
+    print(
+        "| method | " + " | ".join(f"test acc @{t:.0%} {unit}" for t in targets) + " | mean | evaluations |"
+    )
     print("|---|" + "---|" * (len(targets) + 2))
     for method in methods:
         cells, means = [], []
@@ -165,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--agent", default="ppo", help="a budget-conditioned agent (an SB3 learner)")
     parser.add_argument("--targets", nargs="+", type=float, default=[0.15, 0.25, 0.35])
+    parser.add_argument("--metric", choices=["macs", "params"], default="macs", help="what the targets limit")
     parser.add_argument(
         "--range", nargs=2, type=float, metavar=("LO", "HI"), help="default: the targets' min and max"
     )

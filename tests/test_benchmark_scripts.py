@@ -143,6 +143,30 @@ def test_budget_conditioned_policy_serves_every_target_and_resumes(tmp_path: Pat
         script.main([*argv, "--seeds", "1"])
 
 
+def test_budget_conditioned_params_targets_bound_parameters(tmp_path: Path, cached: Path) -> None:
+    script = _script("budget_conditioned")
+    out = tmp_path / "conditioned"
+    argv = [
+        "--dataset", "digits", "--targets", "0.6", "0.3", "--metric", "params", "--evals", "4",
+        "--range-evals", "4", "--proxy", "recalibration", "--finetune-epochs", "1", "--finetune-samples", "300",
+        "--out", str(out),
+    ]  # fmt: skip
+    script.main(argv)
+    rows = json.loads((out / "rows.json").read_text())
+    assert len(rows) == 6
+    for r in rows:
+        assert r["target"] - 0.1 <= r["params_ratio"] <= r["target"] + 1e-9, r
+    # The budget is on parameters, not MACs: a search may spend more MACs than a MACs budget would allow.
+    assert any(r["macs_ratio"] > r["target"] + 0.02 for r in rows)
+    # A run saved before the metric was an option resumes as the MACs run it was, not as a params one.
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["metric"] == "params"
+    del settings["metric"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(SystemExit, match="other settings"):
+        script.main(argv)
+
+
 def test_allocation_spread_resumes_an_interrupted_setting_without_repeating_fine_tunes(
     tmp_path: Path, cached: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,8 +3,10 @@
 Every agent searches the same problem with the same number of proxy evaluations (the supernet proxy by
 default: a trained Stage-wise Pruning supernet scores each policy at about the cost of the recalibration
 proxy), then its best policy is fine-tuned with one recipe on one fixed training subset and scored on the
-test split. The table gives mean ± std over seeds and each agent's paired difference to uniform (same seed)
-with a 95% confidence interval; ``pareto.png`` and ``curves.png`` are written beside the results.
+test split. The table gives mean ± std over seeds and each agent's paired differences (same seed) to
+uniform (does allocation beat no allocation?) and to random search (does learning beat sampling at equal
+evaluations?), with 95% confidence intervals; ``pareto.png`` and ``curves.png`` are written beside the
+results.
 
     python benchmarks/learned_vs_uniform.py --model resnet20 --dataset fashion-mnist --target 0.25 \\
         --agents uniform ppo random --seeds 0 --evals 1000 --proxy supernet --max-ratio 0.9 \\
@@ -12,7 +14,9 @@ with a 95% confidence interval; ``pareto.png`` and ``curves.png`` are written be
     python benchmarks/learned_vs_uniform.py --report runs/learned_vs_uniform
 
 The grid is ``prune_env.app.benchmark.run``: rows are written as runs finish and the same command (or
-one with more agents or seeds) resumes it, so a grid too long for one sitting grows across several.
+one with more agents or seeds) resumes it, so a grid too long for one sitting grows across several. A
+directory belongs to one process: to run parts of a grid at the same time, give each its own ``--out`` and
+report them together, ``--report DIR1 DIR2`` (the plots go to the first).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from prune_env.app.results import BenchmarkResults  # noqa: E402
 
 
 def report(results: BenchmarkResults, out: Path) -> None:
-    print(results.table())
+    print(results.table(references=("uniform", "random")))
     results.plot_pareto(out / "pareto.png")
     results.plot_curves(out / "curves.png")
 
@@ -56,10 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-samples", type=int, default=20000)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="runs/learned_vs_uniform")
-    parser.add_argument("--report", metavar="DIR", help="print the table of a grid and redraw its plots")
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        metavar="DIR",
+        help="print the table of a grid (or of parts of one run apart) and redraw its plots",
+    )
     args = parser.parse_args(argv)
     if args.report:
-        report(BenchmarkResults.load(args.report), Path(args.report))
+        report(
+            BenchmarkResults.combine([BenchmarkResults.load(d) for d in args.report]), Path(args.report[0])
+        )
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -232,6 +232,47 @@ def test_paired_difference_to_uniform_has_a_t_interval() -> None:
     assert one["mean_difference"] == pytest.approx(0.1) and np.isnan(one["ci_low"])
 
 
+def test_grids_run_apart_combine_into_one_table(grid: tuple[BenchmarkResults, Path], tmp_path: Path) -> None:
+    """Two directories of one grid report as one: a run both hold is counted once, evaluations follow
+    their runs, and grids with other settings are refused instead of compared as equals."""
+    results, out = grid
+    loaded = BenchmarkResults.load(out)
+    assert loaded.settings["evals"] == EVALS and loaded.settings["problem_kwargs"] == PROBLEM
+    assert loaded.settings == results.settings  # what the grid ran with, as it returned it
+    uniform_only = BenchmarkResults(
+        [r for r in loaded.runs if r["agent"] == "uniform"],
+        [e for e in loaded.evaluations if e["agent"] == "uniform"],
+        tmp_path,
+        dict(loaded.settings),
+    )
+    changed = {**uniform_only.runs[0], "test_accuracy": 0.123}
+    second = BenchmarkResults([changed], [], tmp_path, dict(loaded.settings))
+    combined = BenchmarkResults.combine([loaded, uniform_only, second])
+    assert len(combined.runs) == len(loaded.runs)  # nothing counted twice
+    assert combined.runs == loaded.runs  # the first directory's copy of a run is kept
+    assert len(combined.evaluations) == len(loaded.evaluations)
+    assert combined.out == out
+    other = BenchmarkResults(uniform_only.runs, [], tmp_path, {**loaded.settings, "evals": EVALS + 1})
+    with pytest.raises(ValueError, match=f"evals={EVALS + 1}.*not comparable"):
+        BenchmarkResults.combine([loaded, other])
+
+
+def test_table_compares_against_several_references() -> None:
+    def run(agent: str, seed: int, acc: float) -> dict[str, Any]:
+        return {"agent": agent, "model": "m", "dataset": "d", "target": 0.3, "seed": seed,
+                "evals_used": 5, "best_accuracy": 0.5, "macs_ratio": 0.3, "params_ratio": 0.4,
+                "test_accuracy": acc, "seconds": 1.0}  # fmt: skip
+
+    accs = {"uniform": (0.80, 0.81), "random": (0.85, 0.84), "ppo": (0.86, 0.87)}
+    results = BenchmarkResults([run(agent, k, a) for agent, pair in accs.items() for k, a in enumerate(pair)])
+    header, _, *lines = results.table(references=("uniform", "random")).splitlines()[1:]
+    assert "vs uniform [95% CI]" in header and "vs random [95% CI]" in header
+    ppo = next(line for line in lines if "ppo" in line)
+    assert "+0.0600 [" in ppo and "+0.0200 [" in ppo  # 0.86/0.87 against 0.80/0.81, then 0.85/0.84
+    assert "vs random" not in results.table()  # uniform alone by default
+    assert "vs random" not in BenchmarkResults([run("uniform", 0, 0.8)]).table(references=("random",))
+
+
 def test_pareto_front() -> None:
     cost = np.array([0.5, 0.2, 0.3, 0.3, 0.4])
     acc = np.array([0.9, 0.5, 0.4, 0.7, 0.6])

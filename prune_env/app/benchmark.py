@@ -287,7 +287,7 @@ def _run_grid(
         "agent_settings": settings,
     }
     results = done
-    results.out = out
+    results.out, results.settings = out, meta
 
     def save(item: GridItem, run_row: dict[str, Any], eval_rows: list[dict[str, Any]]) -> None:
         (m_label, _), (d_label, _), target, (a_label, _), seed = item

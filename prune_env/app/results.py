@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prune_env.errors import InvalidSettingError
 from prune_env.fileio import write_atomic
 from prune_env.serialize import json_default
 
@@ -58,6 +59,9 @@ _STR_FIELDS = {"agent", "model", "dataset", "metric", "reward", "ratios", "keep"
 # In evaluations.csv "reward" is each evaluation's reward (a number); in runs.csv it names the reward function.
 _EVAL_STR_FIELDS = _STR_FIELDS - {"reward"}
 UNIFORM = "uniform"  # the reference agent in plots
+# The grid settings that make two runs' numbers comparable: the same evaluation budget, reward, budget
+# metric, final fine-tune (length and training subset) and proxy.
+COMPARABLE_SETTINGS = ("evals", "reward", "metric", "finetune_epochs", "finetune_samples", "problem_kwargs")
 
 RunKey = tuple[str, str, str, float, int]
 
@@ -138,7 +142,8 @@ def jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class BenchmarkResults:
-    """The rows of a benchmark grid: ``runs`` (one dict per run) and ``evaluations`` (one per evaluation).
+    """The rows of a benchmark grid: ``runs`` (one dict per run) and ``evaluations`` (one per evaluation),
+    with the grid's ``settings`` (as saved in ``runs.json``).
 
     Columns are listed in :data:`RUN_FIELDS` and :data:`EVAL_FIELDS`. pandas is optional:
     :meth:`dataframes` converts when it is installed.
@@ -147,16 +152,54 @@ class BenchmarkResults:
     runs: list[dict[str, Any]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     out: Path | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, out: str | os.PathLike[str]) -> BenchmarkResults:
-        """Read ``runs.csv`` and ``evaluations.csv`` from a benchmark directory."""
+        """Read ``runs.csv``, ``evaluations.csv`` and the settings in ``runs.json`` from a benchmark directory."""
         out = Path(out)
         runs = read_csv(out / "runs.csv")
         keys = {run_key(r) for r in runs}
         # Evaluations of a run interrupted before its run row was written are not results: drop them.
         evals = [e for e in read_csv(out / "evaluations.csv", _EVAL_STR_FIELDS) if run_key(e) in keys]
-        return cls(runs, evals, out)
+        saved = out / "runs.json"
+        settings = json.loads(saved.read_text()).get("settings", {}) if saved.exists() else {}
+        return cls(runs, evals, out, settings)
+
+    @classmethod
+    def combine(cls, parts: Sequence[BenchmarkResults]) -> BenchmarkResults:
+        """One set of results from grids run apart (a run directory belongs to one process, so a grid
+        grown by two processes at once lives in two directories).
+
+        The grids must agree on every setting in :data:`COMPARABLE_SETTINGS` that both recorded, or their
+        numbers would be compared as equals when they are not (:class:`InvalidSettingError` names the
+        setting). A run found in several parts (the same agent, model, dataset, target and seed) is taken
+        from the first.
+        """
+        if not parts:
+            raise InvalidSettingError("combine needs at least one BenchmarkResults")
+        first = parts[0]
+        for part in parts[1:]:
+            for key in COMPARABLE_SETTINGS:
+                if (
+                    key in first.settings
+                    and key in part.settings
+                    and first.settings[key] != part.settings[key]
+                ):
+                    raise InvalidSettingError(
+                        f"{part.out} was run with {key}={part.settings[key]!r}, {first.out} with "
+                        f"{first.settings[key]!r}: their runs are not comparable; combine grids made "
+                        "with the same settings"
+                    )
+        runs: list[dict[str, Any]] = []
+        evaluations: list[dict[str, Any]] = []
+        seen: set[RunKey] = set()
+        for part in parts:
+            new = {run_key(r) for r in part.runs} - seen
+            runs += [r for r in part.runs if run_key(r) in new]
+            evaluations += [e for e in part.evaluations if run_key(e) in new]
+            seen |= new
+        return cls(runs, evaluations, first.out, dict(first.settings))
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -228,14 +271,19 @@ class BenchmarkResults:
             )  # fmt: skip
         return rows
 
-    def table(self) -> str:
+    def table(self, references: Sequence[str] = (UNIFORM,)) -> str:
         """Plain-text table: per model, dataset, target and agent, mean ± std over seeds, and — when runs
-        were fine-tuned and uniform ran too — the paired difference to uniform's test accuracy with its 95%
-        confidence interval (:meth:`paired`)."""
+        were fine-tuned and a reference agent ran too — the paired difference to each reference's test
+        accuracy with its 95% confidence interval (:meth:`paired`), one column per reference
+        (e.g. ``("uniform", "random")``: learned allocation against none, and against plain search)."""
         if not self.runs:
             return "(no runs)"
         summary = self.summary()
-        differences = {(d["model"], d["dataset"], d["target"], d["agent"]): d for d in self.paired()}
+        differences = {
+            reference: {(d["model"], d["dataset"], d["target"], d["agent"]): d for d in paired}
+            for reference in references
+            if (paired := self.paired(reference))
+        }
         multi = len({(s["model"], s["dataset"]) for s in summary}) > 1
         head = ["model", "dataset"] if multi else []
         header = [
@@ -248,7 +296,7 @@ class BenchmarkResults:
             "MACs",
             "params",
             "test acc (ft)",
-            *([f"vs {UNIFORM} [95% CI]"] if differences else []),
+            *(f"vs {reference} [95% CI]" for reference in differences),
             "s/run",
         ]
         lines = []
@@ -265,7 +313,7 @@ class BenchmarkResults:
                     f"{s['macs_ratio']:.3f}",
                     f"{s['params_ratio']:.3f}",
                     _pm(s["test_accuracy"], s["test_accuracy_std"]),
-                    *([_difference(differences.get(key))] if differences else []),
+                    *(_difference(by_agent.get(key)) for by_agent in differences.values()),
                     f"{s['seconds']:.1f}",
                 ]
             )

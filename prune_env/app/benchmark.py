@@ -245,7 +245,7 @@ def _run_grid(
     if done.runs and saved.exists():
         # Another proxy, base model or fine-tune data scores differently: not comparable. A file written
         # before a setting was recorded counts as made with what it stands for when absent.
-        earlier = json.loads(saved.read_text()).get("settings", {})
+        earlier = done.settings
         for key, value, absent in (
             ("problem_kwargs", proxy_settings, proxy_settings),
             ("finetune_samples", finetune_samples, None),

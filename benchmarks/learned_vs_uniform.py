@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.report:
+        if missing := [d for d in args.report if not (Path(d) / "runs.csv").exists()]:
+            parser.error(f"--report: no runs.csv in {', '.join(missing)}; give directories a grid wrote")
         report(
             BenchmarkResults.combine([BenchmarkResults.load(d) for d in args.report]), Path(args.report[0])
         )

@@ -255,6 +255,8 @@ def test_grids_run_apart_combine_into_one_table(grid: tuple[BenchmarkResults, Pa
     other = BenchmarkResults(uniform_only.runs, [], tmp_path, {**loaded.settings, "evals": EVALS + 1})
     with pytest.raises(ValueError, match=f"evals={EVALS + 1}.*not comparable"):
         BenchmarkResults.combine([loaded, other])
+    with pytest.raises(ValueError, match="at least one"):
+        BenchmarkResults.combine([])
 
 
 def test_table_compares_against_several_references() -> None:

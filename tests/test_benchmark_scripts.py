@@ -143,6 +143,29 @@ def test_budget_conditioned_policy_serves_every_target_and_resumes(tmp_path: Pat
         script.main([*argv, "--seeds", "1"])
 
 
+def test_learned_vs_uniform_reports_several_directories_and_refuses_a_missing_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = _script("learned_vs_uniform")
+    fields = ["agent", "model", "dataset", "target", "seed", "metric", "reward", "budget_evals", "evals_used",
+              "best_reward", "best_accuracy", "macs_ratio", "params_ratio", "test_accuracy", "seconds"]  # fmt: skip
+    for name, agent, accs in (("a", "uniform", (0.80, 0.81)), ("b", "random", (0.85, 0.84))):
+        (tmp_path / name).mkdir()
+        lines = [",".join(fields)] + [
+            f"{agent},m,d,0.1,{seed},params,acc,10,10,0.5,0.5,0.2,0.1,{acc},1.0"
+            for seed, acc in enumerate(accs)
+        ]
+        (tmp_path / name / "runs.csv").write_text("\n".join(lines) + "\n")
+    script.main(["--report", str(tmp_path / "a"), str(tmp_path / "b")])
+    table = capsys.readouterr().out
+    assert "random" in table and "uniform" in table and "+0.0400 [" in table  # both directories, paired
+    assert (tmp_path / "a" / "pareto.png").exists() and not (tmp_path / "b" / "pareto.png").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--report", str(tmp_path / "a"), str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "no runs.csv in" in capsys.readouterr().err
+
+
 def test_budget_conditioned_params_targets_bound_parameters(tmp_path: Path, cached: Path) -> None:
     script = _script("budget_conditioned")
     out = tmp_path / "conditioned"

@@ -6,6 +6,7 @@ every environment step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,11 +34,52 @@ def check_reachable(metric: str, target: float, minimum: float, max_ratio: float
         )
 
 
+def rounding_collapses(units: np.ndarray, max_ratio: float, round_to: int) -> np.ndarray:
+    """Per group: whether pruning it by ``max_ratio`` leaves fewer channels than a multiple of ``round_to``
+    can hold — the kept count rounds to zero multiples and falls to one channel, more than ``max_ratio``
+    removes and off the ``round_to`` grid. (Nearest rounding to a nonzero multiple is not a collapse.)"""
+    units = np.asarray(units, dtype=np.int64)
+    floor = units * (1.0 - max_ratio)  # the fewest channels max_ratio lets a group keep
+    kept = units_to_keep(units, np.full(len(units), max_ratio), round_to)
+    return (kept < floor - 1e-9) & (kept % round_to != 0) & (kept < units)
+
+
+def check_rounding(
+    units: Sequence[int] | np.ndarray, max_ratio: float, round_to: int, names: Sequence[str] | None = None
+) -> None:
+    """Refuse a ``round_to`` and ``max_ratio`` that cannot both hold for some group (see
+    :func:`rounding_collapses`): the projection would prune such a group to one channel whenever it is
+    pruned near ``max_ratio``, overriding both settings without a word. The message names the groups and
+    the largest ``max_ratio`` and ``round_to`` that work."""
+    units = np.asarray(units, dtype=np.int64)
+    collapsed = np.flatnonzero(rounding_collapses(units, max_ratio, round_to))
+    if not collapsed.size:
+        return
+    label = [f"{names[g]!r}" if names is not None else f"group {g}" for g in range(len(units))]
+    shown = ", ".join(f"{label[g]} ({units[g]} channels)" for g in collapsed[:4])
+    fixes = []
+    smallest = int(units[collapsed].min())
+    if round_to < smallest:  # keeping exactly one multiple of round_to in every affected group works
+        fixes.append(f"max_ratio={math.floor((1 - round_to / smallest) * 1000) / 1000:g} or lower")
+    smaller = round_to - 1
+    while smaller > 1 and rounding_collapses(units, max_ratio, smaller).any():
+        smaller = min(smaller - 1, int(np.ceil(2 * units[collapsed] * (1.0 - max_ratio)).min()))
+    fixes.append(f"round_to={smaller} or lower")
+    raise InvalidSettingError(
+        f"round_to={round_to} and max_ratio={max_ratio:g} cannot both hold for {shown}"
+        + (f" and {len(collapsed) - 4} more groups" if len(collapsed) > 4 else "")
+        + f": pruned by max_ratio, each keeps fewer channels than one multiple of {round_to}, so rounding "
+        f"would leave it 1 channel; use {', or '.join(fixes)}"
+    )
+
+
 class BudgetProjector:
     """Projects pruning decisions so the pruned model never exceeds the cost target.
 
     ``metric`` is "macs" or "params"; ``target`` a fraction of the unpruned cost. Ratios are capped at
-    ``max_ratio``; construction fails if even pruning every group to ``max_ratio`` cannot meet the target.
+    ``max_ratio``; construction fails if even pruning every group to ``max_ratio`` cannot meet the target,
+    or if ``round_to`` is too coarse for ``max_ratio`` (:func:`check_rounding`; ``names``: the groups' names
+    for its message).
     """
 
     def __init__(
@@ -48,8 +90,10 @@ class BudgetProjector:
         metric: str = "macs",
         max_ratio: float = DEFAULT_MAX_RATIO,
         round_to: int = 1,
+        names: Sequence[str] | None = None,
     ) -> None:
         check_settings({"metric": metric, "max_ratio": max_ratio, "round_to": round_to})
+        check_rounding(units, max_ratio, round_to, names)
         self.costs = costs
         self.units = np.asarray(units, dtype=np.int64)  # per group
         self.metric = metric

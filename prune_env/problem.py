@@ -172,6 +172,7 @@ class PruningProblem:
             metric="params" if self.metric == "params" else "macs",
             max_ratio=s.max_ratio,
             round_to=s.round_to,
+            names=[g.name for g in self.graph.groups],
         )
         # Joint policies (bits per group as well): their budget is checked here too, before any proxy is
         # built (a supernet trains for minutes).
@@ -247,8 +248,8 @@ class PruningProblem:
         raw = np.asarray(ratios)
         if raw.dtype.kind not in "fiu":
             raise InvalidRatiosError(f"ratios must be real numbers, got dtype {raw.dtype}")
-        r = raw.astype(np.float64).reshape(-1)
-        if r.shape != (self.n_groups,):
+        r = raw.astype(np.float64)
+        if r.shape != (self.n_groups,):  # a (1, n) array is refused, as the environments refuse it
             raise InvalidRatiosError(
                 f"expected {self.n_groups} ratios (one per group), got shape {np.shape(ratios)}"
             )

@@ -108,7 +108,12 @@ class ProblemSettings:
     max_ratio: float = field(
         default=DEFAULT_MAX_RATIO, metadata=option_help("largest fraction of any group's channels removed")
     )
-    round_to: int = field(default=1, metadata=option_help("kept channel counts are multiples of this"))
+    round_to: int = field(
+        default=1,
+        metadata=option_help(
+            "kept channel counts are rounded to multiples of this (refused if too coarse for max_ratio)"
+        ),
+    )
     fill_budget: bool = field(
         default=True,
         metadata=option_help(

@@ -13,9 +13,10 @@ strings and NaN/inf are refused rather than converted.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
 import numpy as np
@@ -138,6 +139,11 @@ def max_ratio(name: str, value: Any) -> float:
     if not 0.0 < result <= 1.0:
         _refuse(name, value, "a fraction in (0, 1] of a group's channels")
     return result
+
+
+def close_names(name: str, known: Iterable[str], count: int = 3) -> list[str]:
+    """The ``count`` names of ``known`` nearest ``name`` (a misspelt module or layer name's candidates)."""
+    return difflib.get_close_matches(name, list(known), n=count, cutoff=0.6)
 
 
 RULES: dict[str, Callable[[str, Any], Any]] = {

@@ -109,7 +109,7 @@ def test_activations_are_rounded_to_the_calibrated_grid() -> None:
     assert len(torch.unique(seen[0])) <= 2**3  # the ReLU output on an unsigned 3-bit grid
     with pytest.raises(InvalidSettingError, match="bits"):
         BitPlan({"0": 1})
-    with pytest.raises(TypeError, match="only convolutions and linear layers"):
+    with pytest.raises(InvalidSettingError, match="only convolutions and linear layers"):
         fake_quantize(model, BitPlan({"1": 8}), [x])
 
 

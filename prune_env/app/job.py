@@ -130,7 +130,12 @@ def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
     if not graph.groups:
         raise UnsupportedLayerError(f"{s.model} has no prunable channel group")
     projector = BudgetProjector(
-        graph.costs, [g.units for g in graph.groups], metric=p.metric, max_ratio=p.max_ratio
+        graph.costs,
+        [g.units for g in graph.groups],
+        metric=p.metric,
+        max_ratio=p.max_ratio,
+        round_to=p.round_to,
+        names=[g.name for g in graph.groups],
     )
     projector.check_target(p.target)
     return dataclasses.replace(s, agent=spec.name), splits

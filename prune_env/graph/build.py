@@ -20,6 +20,7 @@ from prune_env.graph.ops import LIBRARY_LEAVES, register_library_ops
 from prune_env.graph.propagate import Propagator, calls_black_box
 from prune_env.graph.resolve import resolve
 from prune_env.graph.tracing import trace
+from prune_env.validation import close_names
 
 
 def build_graph(
@@ -39,11 +40,11 @@ def build_graph(
     """
     check_module(model, "build_graph")
     inputs = _example_tuple(example_inputs)
-    leaf_modules = _leaf_list(leaf_modules)
     # One walk over the module tree serves every use below (each walk costs about as much as a small
     # model's whole propagation).
     named = list(model.named_modules(remove_duplicate=False))
     modules = dict(model.named_modules())  # the names torch.fx uses (a shared module: its first name)
+    leaf_modules = _leaf_list(leaf_modules, modules)
     load_spec_providers(modules.values())
     register_library_ops()
     state = State()
@@ -120,7 +121,9 @@ def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(example_inputs)
 
 
-def _leaf_list(leaf_modules: Any) -> tuple[type[nn.Module] | str, ...]:
+def _leaf_list(leaf_modules: Any, modules: Mapping[str, nn.Module]) -> tuple[type[nn.Module] | str, ...]:
+    """The leaf types and names, each checked; a name must be one of ``modules``' (the tracer matches names
+    exactly, so a misspelt one would silently leave its module traced)."""
     if isinstance(leaf_modules, (str, type)):
         raise InvalidSettingError(
             f"leaf_modules must be a list of module types or qualified names, got the single "
@@ -132,6 +135,13 @@ def _leaf_list(leaf_modules: Any) -> tuple[type[nn.Module] | str, ...]:
             raise InvalidSettingError(
                 f"leaf_modules entries must be nn.Module subclasses or qualified module names, got "
                 f"{leaf!r}; pass e.g. leaf_modules=[MyBlock] or leaf_modules=['features.3']"
+            )
+        if isinstance(leaf, str) and (not leaf or leaf not in modules):
+            near = close_names(leaf, (name for name in modules if name))
+            raise InvalidSettingError(
+                f"leaf_modules name {leaf!r} matches no module of {type(modules['']).__name__}; "
+                + (f"did you mean {', '.join(map(repr, near))}? " if near else "")
+                + "name submodules as model.named_modules() does, e.g. 'features.3'"
             )
     return leaves
 

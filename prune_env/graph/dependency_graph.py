@@ -231,9 +231,20 @@ class DependencyGraph:
         elif isinstance(ratios, (int, float, np.floating, np.integer)) and not isinstance(ratios, bool):
             vec = np.full(n, float(ratios))
         else:
-            vec = _real_ratios(ratios, "ratios").reshape(-1)
-            if vec.shape != (n,):
-                raise InvalidRatiosError(f"expected {n} ratios (one per group), got shape {np.shape(ratios)}")
+            vec = _real_ratios(ratios, "ratios")
+            if vec.ndim == 0:  # a 0-d array or tensor: one ratio, as a float is
+                vec = np.full(n, float(vec))
+            elif vec.shape != (n,):
+                # Flattening a (1, n) or (n, 1) array would accept what the environments refuse, and a
+                # (2, n/2) array would silently pair ratios with the wrong groups.
+                raise InvalidRatiosError(
+                    f"expected {n} ratios (a flat sequence, one per group), got shape {vec.shape}"
+                    + (
+                        "; if it holds one ratio per group in graph.groups order, pass ratios.reshape(-1)"
+                        if vec.size == n
+                        else ""
+                    )
+                )
         if not np.all(np.isfinite(vec)):
             raise InvalidRatiosError(f"ratios must be finite, got {vec[~np.isfinite(vec)][:5]}")
         if np.any(vec < 0) or np.any(vec > 1):

@@ -9,7 +9,7 @@ tensor (:mod:`prune_env.quantization.fakequant`).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import nn
 from prune_env.errors import InvalidSettingError
 from prune_env.graph import DependencyGraph
 from prune_env.validation import bits as bits_rule
+from prune_env.validation import close_names
 
 FULL_PRECISION = 32
 BIT_CHOICES = (2, 3, 4, 5, 6, 8, FULL_PRECISION)  # what the environments offer (HAQ's and SeerNet's range)
@@ -44,7 +45,13 @@ class BitPlan:
                 raise InvalidSettingError(
                     f"BitPlan.{kind} must map layer names to bits, got {type(table).__name__}"
                 )
-            checked = {str(layer): check_bits(f"{kind} bits of {layer!r}", b) for layer, b in table.items()}
+            for layer in table:
+                if not isinstance(layer, str) or not layer:
+                    raise InvalidSettingError(
+                        f"BitPlan.{kind} names layers by their qualified module names (non-empty strings, "
+                        f"'0' for a Sequential's first layer), got {layer!r}"
+                    )
+            checked = {layer: check_bits(f"{kind} bits of {layer!r}", b) for layer, b in table.items()}
             object.__setattr__(self, kind, dict(sorted(checked.items())))
 
     @classmethod
@@ -64,9 +71,70 @@ class BitPlan:
         return json.dumps({"weights": self.weights, "activations": self.activations}, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> BitPlan:
-        data = json.loads(text)
+    def from_json(cls, text: str | bytes) -> BitPlan:
+        """The plan :meth:`to_json` wrote (an ``activation_ranges`` entry, as saved beside a fake-quantized
+        model, is allowed and not read); anything else is an :class:`InvalidSettingError`."""
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise InvalidSettingError(
+                f"a bit plan must be JSON text such as BitPlan.to_json() writes "
+                f"({' '.join(str(exc).split())[:120]})"
+            ) from None
+        return cls.from_document(data)
+
+    @classmethod
+    def from_document(cls, data: Any) -> BitPlan:
+        """The plan in a parsed JSON document: ``{"weights": {layer: bits}, "activations": {layer: bits}}``."""
+        if not isinstance(data, dict):
+            raise InvalidSettingError(
+                f'a bit plan must be a JSON object {{"weights": {{layer: bits}}, "activations": {{layer: '
+                f"bits}}}}, got a {type(data).__name__}"
+            )
+        unknown = sorted(set(data) - {"weights", "activations", "activation_ranges"})
+        if unknown:
+            raise InvalidSettingError(
+                f"a bit plan has the entries weights and activations, got also {unknown[:5]}; remove them"
+            )
+        for kind in ("weights", "activations"):
+            if not isinstance(data.get(kind, {}), dict):
+                raise InvalidSettingError(
+                    f'a bit plan\'s "{kind}" must map layer names to bits, got {data[kind]!r:.80}'
+                )
         return cls(data.get("weights", {}), data.get("activations", {}))
+
+    @property
+    def layers(self) -> list[str]:
+        """Every layer the plan names (its weights, its inputs or both), sorted."""
+        return sorted(set(self.weights) | set(self.activations))
+
+    def check_layers(self, known: Collection[str]) -> None:
+        """Refuse a plan naming a layer outside ``known`` (a misspelt name would silently stay at full
+        precision, its costs and accuracy those of an unquantized layer)."""
+        unknown = [name for name in self.layers if name not in known]
+        if unknown:
+            near = close_names(unknown[0], known)
+            hint = f"did you mean {', '.join(map(repr, near))}? " if near else ""
+            raise InvalidSettingError(
+                f"the bit plan names layers the model does not have: {unknown[:5]}; {hint}name convolutions and "
+                f"linear layers by their qualified module names, e.g. {list(known)[:4]}"
+            )
+
+
+def check_plan(plan: BitPlan, model: nn.Module) -> None:
+    """Refuse a plan that does not fit ``model``: a layer it does not have, or one that is not a convolution
+    or linear layer (only those are quantized)."""
+    if not isinstance(plan, BitPlan):
+        raise InvalidSettingError(f"plan must be a BitPlan, got {type(plan).__name__}")
+    modules = dict(model.named_modules())
+    quantizable = quantizable_layers(model)
+    plan.check_layers(dict.fromkeys([*quantizable, *(n for n in modules if n)]))  # quantizable ones first
+    other = [name for name in plan.layers if not isinstance(modules[name], QUANTIZABLE)]
+    if other:
+        raise InvalidSettingError(
+            f"{other[0]!r} is a {type(modules[other[0]]).__name__}; only convolutions and linear layers are "
+            f"quantized: remove it from the bit plan (quantizable layers: {quantizable[:4]} ...)"
+        )
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:

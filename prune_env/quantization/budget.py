@@ -161,8 +161,17 @@ class JointProjector:
         self, weight_bits: Sequence[int] | np.ndarray, activation_bits: Sequence[int] | np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Both bit-widths per group as integer arrays, each checked (one per group, 2..16 or 32)."""
-        w = [check_bits("weight bits", b) for b in np.asarray(weight_bits).reshape(-1).tolist()]
-        a = [check_bits("activation bits", b) for b in np.asarray(activation_bits).reshape(-1).tolist()]
+        for name, given in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
+            try:
+                flat = np.ndim(given) == 1
+            except ValueError:  # ragged
+                flat = False
+            if not flat:
+                raise InvalidSettingError(
+                    f"{name} must be a flat sequence of integers (one width per group), got {given!r:.80}"
+                )
+        w = [check_bits("weight bits", b) for b in np.asarray(weight_bits).tolist()]
+        a = [check_bits("activation bits", b) for b in np.asarray(activation_bits).tolist()]
         if len(w) != len(self.units) or len(a) != len(self.units):
             raise InvalidSettingError(
                 f"expected {len(self.units)} weight and activation bit-widths (one per group), got "

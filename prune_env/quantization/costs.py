@@ -17,11 +17,17 @@ import torch
 from torch import nn
 
 from prune_env.costs import CostModel
-from prune_env.quantization.bits import FULL_PRECISION, BitPlan
+from prune_env.quantization.bits import FULL_PRECISION, BitPlan, check_plan
+
+
+def plan_layers_of(costs: CostModel) -> list[str]:
+    """The layers a bit plan may name, as the cost model knows them: those with a ``weight`` parameter."""
+    return [label.rpartition(".")[0] for label in costs.params_labels if label.endswith(".weight")]
 
 
 def bitops(costs: CostModel, keep: np.ndarray, plan: BitPlan) -> int:
     """BitOps of the pruned model keeping ``keep`` units per group, quantized as ``plan`` says."""
+    plan.check_layers(plan_layers_of(costs))
     return sum(
         macs * plan.weight_bits(layer) * plan.activation_bits(layer)
         for layer, macs in costs.macs_by_label(keep).items()
@@ -35,12 +41,14 @@ def _param_bits(name: str, plan: BitPlan) -> int:
 
 def size_bits(costs: CostModel, keep: np.ndarray, plan: BitPlan) -> int:
     """Bits the parameters of the pruned, quantized model take (÷ 8 for bytes)."""
+    plan.check_layers(plan_layers_of(costs))
     return sum(n * _param_bits(name, plan) for name, n in costs.params_by_label(keep).items())
 
 
 def count_bitops(model: nn.Module, inputs: Sequence[torch.Tensor], plan: BitPlan) -> int:
     """BitOps of ``model`` on ``inputs`` (eval mode) measured with PyTorch's FLOP counter (MACs = FLOPs / 2),
     each layer's MACs read off the counter as the layer runs."""
+    check_plan(plan, model)
     from torch.utils.flop_counter import FlopCounterMode
 
     from prune_env.costs import reference_attention
@@ -75,6 +83,7 @@ def count_bitops(model: nn.Module, inputs: Sequence[torch.Tensor], plan: BitPlan
 
 def count_size_bits(model: nn.Module, plan: BitPlan) -> int:
     """Bits ``model``'s parameters take when quantized as ``plan`` says (each shared tensor once)."""
+    check_plan(plan, model)
     seen: set[int] = set()
     total = 0
     for name, p in model.named_parameters():

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from prune_env.errors import InvalidSettingError
+from prune_env.checkpoint import _read_weights
+from prune_env.errors import CheckpointError, InvalidSettingError
 from prune_env.fileio import write_text_atomic
-from prune_env.quantization.bits import FULL_PRECISION, BitPlan
+from prune_env.quantization.bits import FULL_PRECISION, BitPlan, check_plan
 from prune_env.quantization.fakequant import (
     activation_ranges,
     fake_quantize_weights,
@@ -60,6 +63,7 @@ def to_int8(
 
     from prune_env.quantization.bits import quantizable_layers
 
+    check_plan(plan, model)
     layers = set(int8_layers(plan))
     # int8 by default (norms, activations and additions between 8-bit layers stay in int8, as a backend
     # runs them), floating point for the convolutions and linear layers the plan does not put at 8 bits.
@@ -85,6 +89,7 @@ def save_fake_quantized(
     ``directory``: ``model.pt`` (the rounded weights, a state_dict) and ``bit_plan.json`` (the plan and the
     activation ranges). ``model`` is not modified; existing files are never overwritten.
     :func:`load_fake_quantized` rebuilds it."""
+    check_plan(plan, model)
     out = Path(directory)
     targets = [out / "model.pt", out / "bit_plan.json"]
     existing = [str(p) for p in targets if p.exists()]
@@ -102,11 +107,101 @@ def save_fake_quantized(
 
 def load_fake_quantized(model: nn.Module, directory: str | Path) -> tuple[nn.Module, BitPlan]:
     """``model`` (the same architecture, e.g. the pruned model as saved) with the weights and activation
-    grids :func:`save_fake_quantized` wrote, and the plan; ``model`` itself is loaded into."""
+    grids :func:`save_fake_quantized` wrote, and the plan; ``model`` itself is loaded into.
+
+    Every file is checked before ``model`` is touched: a plan or activation ranges that are not what
+    :func:`save_fake_quantized` writes, or weights that do not fit ``model``, are a :class:`CheckpointError`
+    naming the file."""
     out = Path(directory)
-    document = json.loads((out / "bit_plan.json").read_text())
-    plan = BitPlan(document.get("weights", {}), document.get("activations", {}))
-    model.load_state_dict(torch.load(out / "model.pt", map_location="cpu", weights_only=True))
-    ranges = {k: (float(v[0]), float(v[1])) for k, v in document.get("activation_ranges", {}).items()}
+    plan_file, weights = out / "bit_plan.json", out / "model.pt"
+    document = _read_json(plan_file)
+    try:
+        plan = BitPlan.from_document(document)
+        check_plan(plan, model)
+    except InvalidSettingError as exc:
+        raise CheckpointError(
+            f"{plan_file}: {exc} (pass the model save_fake_quantized was given, or re-save it)"
+        ) from None
+    ranges = _activation_ranges(document, plan, plan_file)
+    state = _read_weights(weights)
+    expected = model.state_dict()
+    misfit = sorted(set(expected) ^ set(state)) or [
+        k for k in expected if (state[k].shape, state[k].dtype) != (expected[k].shape, expected[k].dtype)
+    ]
+    if misfit:
+        k = misfit[0]
+        detail = (
+            f"{k!r} is {tuple(state[k].shape)} {state[k].dtype} there, {tuple(expected[k].shape)} "
+            f"{expected[k].dtype} in the model"
+            if k in state and k in expected
+            else f"{k!r} is only in {'the file' if k in state else 'the model'}"
+        )
+        raise CheckpointError(
+            f"weights in {weights} do not fit this model ({detail}); pass the model save_fake_quantized "
+            "was given (the same pruned architecture and dtype)"
+        )
+    model.load_state_dict(state)
     install_activation_quantizers(model, plan, ranges)
     return model.eval(), plan
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON document in ``path``, or :class:`CheckpointError` saying why there is none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} is missing: not a directory save_fake_quantized wrote (it holds bit_plan.json and "
+            "model.pt)"
+        ) from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text; not a bit plan") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"{path} is not valid JSON ({' '.join(str(exc).split())[:120]}); re-save the model with "
+            "save_fake_quantized"
+        ) from None
+
+
+def _activation_ranges(document: dict[str, Any], plan: BitPlan, path: Path) -> dict[str, tuple[float, float]]:
+    """The saved ``[low, high]`` input range of each layer whose inputs ``plan`` quantizes: finite numbers
+    with ``low <= high`` (a grid over an inverted or infinite range would round every input to one
+    value, or to NaN)."""
+    raw = document.get("activation_ranges", {})
+    if not isinstance(raw, dict):
+        raise CheckpointError(
+            f"{path}: activation_ranges must map layer names to [low, high], got {raw!r:.80}; re-save the "
+            "model with save_fake_quantized"
+        )
+    quantized = {name for name, bits in plan.activations.items() if bits != FULL_PRECISION}
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, value in raw.items():
+        if name not in quantized:
+            raise CheckpointError(
+                f"{path}: activation_ranges has a range for {name!r}, whose inputs the plan does not "
+                "quantize; the file was edited or mixes two saves: re-save the model with save_fake_quantized"
+            )
+        numbers = (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        )
+        if not numbers:
+            raise CheckpointError(
+                f"{path}: the activation range of {name!r} must be two numbers [low, high], got "
+                f"{value!r:.80}; re-save the model with save_fake_quantized"
+            )
+        low, high = float(value[0]), float(value[1])
+        finite = math.isfinite(low) and math.isfinite(high)
+        if not finite or low > high:
+            problem = "is inverted (low > high)" if finite else "is not finite"
+            raise CheckpointError(
+                f"{path}: the activation range of {name!r}, [{low:g}, {high:g}], {problem}; ranges are the "
+                "smallest and largest input observed: re-save the model with save_fake_quantized"
+            )
+        ranges[name] = (low, high)
+    return ranges

@@ -9,13 +9,15 @@ what PyTorch's quantized kernels would compute from the same scales. Full-precis
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from prune_env.data import iterate_batches
-from prune_env.quantization.bits import FULL_PRECISION, QUANTIZABLE, BitPlan
+from prune_env.errors import InvalidSettingError
+from prune_env.quantization.bits import FULL_PRECISION, BitPlan, check_plan
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -96,16 +98,7 @@ def fake_quantize(model: nn.Module, plan: BitPlan, batches: Sequence[torch.Tenso
     """Quantize ``model`` in place as ``plan`` says (weights rounded, input hooks installed, activation
     ranges observed on ``batches`` first, before any weight is rounded) and return it. The caller owns
     ``model``: copy it first to keep the original."""
-    modules = dict(model.named_modules())
-    named = set(plan.weights) | set(plan.activations)
-    unknown = sorted(named - set(modules))
-    if unknown:
-        raise KeyError(f"the bit plan names layers the model does not have: {unknown[:5]}")
-    for name in sorted(named):
-        if not isinstance(modules[name], QUANTIZABLE):
-            raise TypeError(
-                f"{name!r} is a {type(modules[name]).__name__}; only convolutions and linear layers are quantized"
-            )
+    check_plan(plan, model)
     ranges = activation_ranges(model, plan, batches)  # on the weights as they were
     fake_quantize_weights(model, plan)
     install_activation_quantizers(model, plan, ranges)
@@ -125,7 +118,15 @@ def activation_ranges(
 ) -> dict[str, tuple[float, float]]:
     """The input ranges :func:`fake_quantize` calibrates for ``plan``'s quantized activations on ``batches``."""
     layers = [n for n, b in plan.activations.items() if b != FULL_PRECISION]
-    return observe_ranges(model, layers, batches) if layers else {}
+    ranges = observe_ranges(model, layers, batches) if layers else {}
+    for name, (low, high) in ranges.items():
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise InvalidSettingError(
+                f"the inputs of layer {name!r} reach NaN or inf on the calibration batches (range [{low:g}, "
+                f"{high:g}]), so no grid covers them; calibrate on finite inputs, with a model whose weights "
+                "are finite"
+            )
+    return ranges
 
 
 def install_activation_quantizers(

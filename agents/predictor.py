@@ -18,8 +18,8 @@ every other.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,24 @@ import torch
 from torch import nn
 
 from agents.evaluator import BudgetedEvaluator
-from agents.policies import POLICY_META
+from agents.policies import (
+    POLICY_FORMAT,
+    POLICY_META,
+    check_format,
+    check_target_in_range,
+    load_tensors_into,
+    meta_field,
+    ratio_list,
+    read_tensors,
+    refuse,
+    trained_range,
+)
 from agents.registry import register_agent
 from prune_env.errors import InvalidSettingError
+from prune_env.fileio import write_atomic, write_text_atomic
 from prune_env.problem import PruningProblem
 from prune_env.quantization.bits import BIT_CHOICES
+from prune_env.validation import as_int, as_real
 
 
 @dataclass(frozen=True)
@@ -295,7 +308,7 @@ class PredictorPolicy:
                 f"{problem.n_groups} channel groups{' and joint policies' if problem.joint else ''}: apply "
                 "it to the problem (model and dataset) it was searched on"
             )
-        goal = problem.target if target is None else target
+        goal = check_target_in_range(self.budget_range, problem, target, "predictor")
         problem.check_target(goal)
         policies = _Channels(problem)
         return np.array(_ascend(policies, self.model, np.array(self.start_ratios), self.settings, goal))
@@ -303,24 +316,82 @@ class PredictorPolicy:
     def save(self, directory: str | Path) -> Path:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.model.state_dict(), path / PREDICTOR_FILE)
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        write_atomic(path / PREDICTOR_FILE, lambda f: torch.save(state, f), binary=True)
         meta = {
             "kind": "predictor",
+            "format": POLICY_FORMAT,
             "settings": asdict(self.settings),
             "start_ratios": list(self.start_ratios),
             "budget_range": None if self.budget_range is None else list(self.budget_range),
         }
-        (path / POLICY_META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(path / POLICY_META, json.dumps(meta, indent=2) + "\n")
         return path
 
     @classmethod
-    def from_meta(cls, directory: str | Path, meta: dict[str, Any]) -> PredictorPolicy:
-        settings = PredictorSettings(**meta["settings"])
-        ratios = tuple(float(r) for r in meta["start_ratios"])
-        model = Ensemble(len(ratios), settings.ensemble, settings.hidden, torch.Generator())
-        model.load_state_dict(torch.load(Path(directory) / PREDICTOR_FILE, weights_only=True))
-        span = meta.get("budget_range")
-        return cls(settings, model.eval(), ratios, None if span is None else (float(span[0]), float(span[1])))
+    def from_meta(cls, directory: str | Path, meta: Mapping[str, Any]) -> PredictorPolicy:
+        """The predictor ``directory/policy.json`` (already read as ``meta``) describes, with its weights."""
+        path = Path(directory)
+        file = path / POLICY_META
+        check_format(meta, file, required=False)
+        settings = _settings_from_meta(meta, file)
+        ratios = ratio_list(meta, "start_ratios", file)
+        span = trained_range(meta, file)
+        weights = path / PREDICTOR_FILE
+        state = read_tensors(weights, "predictor weights file")
+        n, e, h = len(ratios), settings.ensemble, settings.hidden
+        shapes = {
+            "w1": (e, n, h),
+            "w2": (e, h, h),
+            "w3": (e, h, 1),
+            "b1": (e, 1, h),
+            "b2": (e, 1, h),
+            "b3": (e, 1, 1),
+        }
+        for name, shape in shapes.items():  # before building: the settings could ask for any size
+            if name in state and tuple(state[name].shape) != shape:
+                refuse(
+                    weights,
+                    f"tensor {name!r} has shape {list(state[name].shape)}, the ensemble its "
+                    f"policy.json describes ({e} members, {h} hidden units, {n} ratios) {list(shape)}",
+                )
+        model = Ensemble(n, e, h, torch.Generator())
+        load_tensors_into(model, state, weights)
+        return cls(settings, model.eval(), ratios, span)
+
+
+# Larger counts in a saved predictor's settings are no search's: they would only make applying it hang.
+MAX_SAVED_COUNT = 1_000_000
+
+
+def _settings_from_meta(meta: Mapping[str, Any], file: Path) -> PredictorSettings:
+    """The :class:`PredictorSettings` in a policy file, each value of its field's type and range."""
+    saved = meta_field(
+        meta, "settings", file, "an object of predictor settings", lambda v: isinstance(v, dict)
+    )
+    known = {f.name: f for f in fields(PredictorSettings)}
+    unknown = sorted(set(saved) - set(known))
+    if unknown:
+        refuse(file, f"unknown predictor settings {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for name, value in saved.items():
+        try:
+            if isinstance(getattr(PredictorSettings, name), int):
+                count = as_int(f"settings.{name}", value)
+                least = 1 if name in ("ensemble", "hidden") else 0
+                if not least <= count <= MAX_SAVED_COUNT:
+                    refuse(
+                        file,
+                        f"settings.{name} must be an integer in [{least}, {MAX_SAVED_COUNT}], got {count}",
+                    )
+                values[name] = count
+            else:
+                values[name] = as_real(f"settings.{name}", value)
+        except InvalidSettingError as exc:
+            if str(exc).startswith(str(file)):
+                raise
+            refuse(file, str(exc))
+    return PredictorSettings(**values)
 
 
 @register_agent("predictor", PredictorSettings, joint_policies=True)

@@ -21,7 +21,9 @@ zero intermediate rewards). Actor and critic have two 300-unit hidden layers, le
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +31,37 @@ from typing import Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
+import torch
 from stable_baselines3 import A2C, DDPG, PPO, SAC, TD3
+from stable_baselines3.common import torch_layers
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise, NormalActionNoise
+from stable_baselines3.common.policies import BasePolicy
+from torch import nn
+from torch.nn.modules import activation
 
 from agents.evaluator import BudgetedEvaluator, BudgetExhausted
-from agents.policies import POLICY_META
+from agents.policies import (
+    POLICY_FORMAT,
+    POLICY_META,
+    check_format,
+    check_target_in_range,
+    is_finite_number,
+    load_tensors_into,
+    meta_field,
+    pickled_policy_error,
+    read_policy_meta,
+    read_tensors,
+    refuse,
+    short_value,
+    trained_range,
+)
 from agents.registry import register_agent
 from prune_env.env import LayerPruneEnv, OneShotPruneEnv
 from prune_env.errors import InvalidSettingError
+from prune_env.fileio import write_atomic, write_text_atomic
 from prune_env.problem import PruningProblem
 
 ENVS = ("oneshot", "layer")
@@ -342,61 +364,247 @@ def run_sb3(
     return model
 
 
-POLICY_FILE = "policy.zip"
+POLICY_WEIGHTS = "policy.pt"
+
+# Constructor arguments of SB3's policies that are classes: saved by name, and only names of this module
+# that are subclasses of this base are rebuilt, so a policy file cannot name arbitrary code to run.
+_CLASS_KWARGS: dict[str, tuple[Any, type]] = {
+    "activation_fn": (activation, nn.Module),
+    "optimizer_class": (torch.optim, torch.optim.Optimizer),
+    "features_extractor_class": (torch_layers, torch_layers.BaseFeaturesExtractor),
+}
+# Built by the policy itself, not settings: the spaces are saved on their own, the schedule is unused.
+_NOT_KWARGS = ("observation_space", "action_space", "lr_schedule")
+
+
+def _plain(value: Any) -> bool:
+    """JSON holds it as is: None, bools, ints, finite floats, strings, and lists / string-keyed dicts."""
+    if value is None or isinstance(value, bool | int | str):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _known_class(key: str, name: str) -> type | None:
+    """The class ``name`` of the module allowed for ``key`` (defined there, a subclass of its base)."""
+    module, base = _CLASS_KWARGS[key]
+    found = getattr(module, name, None)
+    if (
+        isinstance(found, type)
+        and issubclass(found, base)
+        and found is not base
+        and found.__module__.startswith(module.__name__)
+    ):
+        return found
+    return None
+
+
+def encode_policy_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` of an SB3 policy as JSON (classes by name); refuses what JSON cannot rebuild."""
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key in _CLASS_KWARGS:
+            module = _CLASS_KWARGS[key][0]
+            name = getattr(value, "__name__", None)
+            if not isinstance(name, str) or _known_class(key, name) is not value:
+                raise InvalidSettingError(
+                    f"policy_kwargs {key}={value!r} cannot be saved with the policy (it would have to be "
+                    f"pickled): use a class of {module.__name__}"
+                )
+            out[key] = name
+        elif _plain(value):
+            out[key] = json.loads(json.dumps(value))  # tuples as lists, as they come back
+        else:
+            raise InvalidSettingError(
+                f"policy_kwargs {key}={value!r} cannot be saved with the policy (it would have to be "
+                "pickled): use numbers, strings, lists and dicts of them"
+            )
+    return out
+
+
+def _decode_policy_kwargs(meta: Mapping[str, Any], file: Path) -> dict[str, Any]:
+    kwargs = dict(
+        meta_field(
+            meta, "policy_kwargs", file, "an object of SB3 policy arguments", lambda v: isinstance(v, dict)
+        )
+    )
+    for key, (module, _base) in _CLASS_KWARGS.items():
+        if key in kwargs:
+            name = kwargs[key]
+            found = _known_class(key, name) if isinstance(name, str) else None
+            if found is None:
+                refuse(file, f"policy_kwargs {key} {short_value(name)} is no class of {module.__name__}")
+            kwargs[key] = found
+    arch = kwargs.get("net_arch", [])
+    nets = list(arch.values()) if isinstance(arch, dict) else [arch]
+    if not all(
+        isinstance(net, list) and all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in net)
+        for net in nets
+    ):
+        refuse(
+            file,
+            f"policy_kwargs net_arch must be a list of layer widths (or a dict of such lists), "
+            f"got {short_value(arch)}",
+        )
+    return kwargs
+
+
+def _box_to_json(space: gym.spaces.Box) -> dict[str, Any]:
+    return {
+        "shape": list(space.shape),
+        "dtype": str(space.dtype),
+        "low": space.low.reshape(-1).tolist(),
+        "high": space.high.reshape(-1).tolist(),
+    }
+
+
+def _box_from_json(meta: Mapping[str, Any], key: str, file: Path) -> gym.spaces.Box:
+    """The Box space saved under ``key``: float32, one dimension, finite bounds with low <= high."""
+    box = meta_field(
+        meta, key, file, "an object with shape, dtype, low and high", lambda v: isinstance(v, dict)
+    )
+    shape = box.get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 1
+        and isinstance(shape[0], int)
+        and not isinstance(shape[0], bool)
+        and shape[0] > 0
+    ):
+        refuse(file, f"{key} shape must be [size] (a positive integer), got {short_value(shape)}")
+    if box.get("dtype") != "float32":
+        refuse(file, f"{key} dtype must be 'float32', got {short_value(box.get('dtype'))}")
+    bounds = []
+    for side in ("low", "high"):
+        values = box.get(side)
+        if not (
+            isinstance(values, list) and len(values) == shape[0] and all(is_finite_number(v) for v in values)
+        ):
+            refuse(file, f"{key} {side} must be {shape[0]} finite numbers, got {short_value(values)}")
+        bounds.append(np.array(values, dtype=np.float32))
+    if not bool(np.all(bounds[0] <= bounds[1])):
+        refuse(file, f"{key} has a low bound above its high bound")
+    return gym.spaces.Box(bounds[0], bounds[1], dtype=np.float32)
+
+
+def _check_network_size(
+    kwargs: Mapping[str, Any], observations: int, state: Mapping[str, torch.Tensor], file: Path
+) -> None:
+    """Refuse settings describing a network far larger than the tensors saved for it, before building it
+    (which would allocate that memory): every layer's weight matrix is one of the saved tensors."""
+    values = sum(t.numel() for t in state.values())
+    arch = kwargs.get("net_arch", [])
+    for net in arch.values() if isinstance(arch, dict) else [arch]:
+        chain = [observations, *net]
+        for a, b in itertools.pairwise(chain):
+            if a * b > values or len(net) > len(state):
+                refuse(
+                    file,
+                    f"policy_kwargs net_arch {short_value(arch)} describes a network larger than the "
+                    f"{values} values saved in {POLICY_WEIGHTS}",
+                )
+    critics = kwargs.get("n_critics", 1)
+    if not isinstance(critics, int) or isinstance(critics, bool) or not 1 <= critics <= len(state):
+        refuse(
+            file,
+            f"policy_kwargs n_critics must be a positive integer within the saved tensors' "
+            f"count, got {short_value(critics)}",
+        )
+
+
+def _unused_schedule(_progress: float) -> float:
+    return 0.0  # the optimiser SB3 builds with the policy never steps when it only decides
 
 
 @dataclass
 class SB3Policy:
-    """A trained SB3 learner as a pruning policy: for any target (within the ``budget_range`` it was
-    trained on, if any) it decides kept counts from the environment's observation — no evaluation.
+    """A trained SB3 learner's policy network as a pruning policy: for any target (within the
+    ``budget_range`` it was trained on, if any) it decides kept counts from the environment's
+    observation — no evaluation.
 
-    ``save(directory)`` writes SB3's own ``policy.zip`` and a small ``policy.json`` (algorithm and
-    environment); :meth:`load` reads them back.
+    ``save(directory)`` writes the network's weights as plain tensors (``policy.pt``) and ``policy.json``:
+    the algorithm, environment, observation and action spaces, the policy's constructor arguments and the
+    budget range — all :meth:`load` needs to rebuild the network and load the weights into it, with
+    nothing unpickled.
     """
 
     algo: str
     env: str
-    model: BaseAlgorithm
+    network: BasePolicy
     budget_range: tuple[float, float] | None = None
 
     def keep_for(self, problem: PruningProblem, target: float | None = None) -> np.ndarray:
         """Kept units per group for ``target`` (default: the problem's), by the learner's deterministic
         action(s); within the target by construction, and no proxy evaluation is spent."""
+        check_target_in_range(self.budget_range, problem, target, self.algo)
         cls = OneShotPruneEnv if self.env == "oneshot" else LayerPruneEnv
         env = cls(problem=problem)
-        if env.observation_space.shape != self.model.observation_space.shape:
+        if env.observation_space.shape != self.network.observation_space.shape:
             raise InvalidSettingError(
                 f"this {self.algo} policy was trained on a problem with another number of groups: its "
-                f"observations have shape {self.model.observation_space.shape}, this problem's "
+                f"observations have shape {self.network.observation_space.shape}, this problem's "
                 f"{env.observation_space.shape}"
             )
-        return env.decide(lambda obs: self.model.predict(obs, deterministic=True)[0], target)
+        return env.decide(lambda obs: self.network.predict(obs, deterministic=True)[0], target)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save(path / POLICY_FILE)
-        meta = {"kind": "sb3", "algo": self.algo, "env": self.env, "budget_range": self.budget_range}
-        (path / POLICY_META).write_text(json.dumps(meta, indent=2) + "\n")
+        params = self.network._get_constructor_parameters()
+        meta = {
+            "kind": "sb3",
+            "format": POLICY_FORMAT,
+            "algo": self.algo,
+            "env": self.env,
+            "budget_range": None if self.budget_range is None else list(self.budget_range),
+            "observation_space": _box_to_json(params["observation_space"]),
+            "action_space": _box_to_json(params["action_space"]),
+            "policy_kwargs": encode_policy_kwargs({k: v for k, v in params.items() if k not in _NOT_KWARGS}),
+        }
+        state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+        write_atomic(path / POLICY_WEIGHTS, lambda f: torch.save(state, f), binary=True)
+        write_text_atomic(path / POLICY_META, json.dumps(meta, indent=2) + "\n")
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> SB3Policy:
-        path = Path(directory)
+        return cls.from_meta(Path(directory), read_policy_meta(directory))
+
+    @classmethod
+    def from_meta(cls, path: Path, meta: Mapping[str, Any]) -> SB3Policy:
+        """The policy ``path/policy.json`` (already read as ``meta``) describes, with its weights."""
+        file = path / POLICY_META
+        if "format" not in meta:
+            raise pickled_policy_error(path)
+        check_format(meta, file, required=True)
+        algo = meta_field(
+            meta, "algo", file, f"one of {sorted(ALGOS)}", lambda v: isinstance(v, str) and v in ALGOS
+        )
+        env = meta_field(meta, "env", file, f"one of {ENVS}", lambda v: isinstance(v, str) and v in ENVS)
+        span = trained_range(meta, file)
+        observations = _box_from_json(meta, "observation_space", file)
+        actions = _box_from_json(meta, "action_space", file)
+        kwargs = _decode_policy_kwargs(meta, file)
+        weights = path / POLICY_WEIGHTS
+        state = read_tensors(weights, "policy weights file")
+        _check_network_size(kwargs, observations.shape[0], state, file)
+        policy_class = ALGOS[algo].policy_aliases["MlpPolicy"]
         try:
-            meta = json.loads((path / POLICY_META).read_text())
-            algo, env = meta["algo"], meta["env"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InvalidSettingError(
-                f"{path} holds no saved policy ({type(exc).__name__}: {exc}); save one with SB3Policy.save"
-            ) from None
-        if algo not in ALGOS or env not in ENVS:
-            raise InvalidSettingError(
-                f"{path / POLICY_META}: unknown algorithm {algo!r} or environment {env!r}"
+            network = policy_class(observations, actions, _unused_schedule, **kwargs)
+        except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as exc:
+            refuse(
+                file,
+                f"policy_kwargs cannot build a {algo} policy ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:120]})",
             )
-        model = ALGOS[algo].load(path / POLICY_FILE, device="cpu")
-        span = meta.get("budget_range")
-        return cls(algo, env, model, None if span is None else (float(span[0]), float(span[1])))
+        load_tensors_into(network, state, weights)
+        network.set_training_mode(False)
+        return cls(algo, env, network, span)
 
 
 def _register(name: str, default_env: str) -> Callable[..., SB3Policy]:
@@ -411,7 +619,7 @@ def _register(name: str, default_env: str) -> Callable[..., SB3Policy]:
             verbose=s.verbose,
             **dict(s.learner_kwargs),
         )
-        return SB3Policy(name, env, model, evaluator.budget_range)
+        return SB3Policy(name, env, model.policy, evaluator.budget_range)
 
     agent.__name__ = name
     agent.__doc__ = (

@@ -316,7 +316,7 @@ def test_budget_range_search_saves_a_policy_that_apply_uses(
     out = tmp_path / "run"
     args = ("--agent", "ppo", "--budget-range", "0.3", "0.7", "--evals", "4", "--finetune-epochs", "0")
     assert cli.main(["search", "--eval-samples", "96", "--no-progress", "--out", str(out), *args]) == 0
-    assert (out / "policy" / "policy.zip").is_file() and (out / "policy" / "policy.json").is_file()
+    assert (out / "policy" / "policy.pt").is_file() and (out / "policy" / "policy.json").is_file()
     results = json.loads((out / "results.json").read_text())
     assert results["policy_applied"] is True and results["proxy_accuracy"] is None
     assert results["macs_ratio"] <= 0.5 + 1e-9 and results["settings"]["budget_range"] == [0.3, 0.7]

@@ -61,3 +61,11 @@ class InvalidActionError(PruneEnvError, ValueError):
 
 class DatasetError(PruneEnvError, ValueError):
     """A dataset's files are there but damaged (truncated, wrong format); the message says which file."""
+
+
+class DiskFullError(PruneEnvError, OSError):
+    """No space (or no quota) was left to write a file; the message names the file and the space it needed.
+    Nothing already on disk was replaced. ``errno`` and ``filename`` are those of the ``OSError``."""
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno 28]"; the message already says it
+        return str(self.strerror)

@@ -26,7 +26,7 @@ from types import TracebackType
 from filelock import FileLock, Timeout
 
 from prune_env.errors import ResumeError, RunDirectoryError
-from prune_env.fileio import write_text_atomic
+from prune_env.fileio import write_bytes_atomic, write_text_atomic
 
 LOCK_FILE = ".prune-env.lock"
 OWNER_FILE = ".prune-env.owner.json"
@@ -174,7 +174,8 @@ class RunDirectory:
         while target.exists():
             n += 1
             target = self.path / f"{name}.{stamp}-{n}.orig"
-        shutil.copy2(source, target)
+        write_bytes_atomic(target, source.read_bytes(), replace=False)
+        shutil.copystat(source, target)
         return target
 
 

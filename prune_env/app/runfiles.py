@@ -7,7 +7,7 @@ A run directory holds:
 - ``state.json``: the run's settings and how many evaluations are done;
 - ``results.json``: the best policy, its costs, proxy and fine-tuned test accuracy, timings and versions;
 - ``model/``: the pruned (fine-tuned) model, reloadable with :func:`prune_env.load_pruned`;
-- ``policy/``: a ``--budget-range`` run's learned policy (SB3's ``policy.zip``, ``policy.json``), and
+- ``policy/``: a ``--budget-range`` run's learned policy (``policy.json`` and its weights), and
   ``applied/``: the models ``prune-env apply`` made with it for other targets;
 - ``tensorboard/``: every evaluation's reward, proxy accuracy, loss, cost ratios and best reward so far
   (``search/...`` scalars, any agent), beside the SB3 learners' own logs;
@@ -18,6 +18,7 @@ A run directory holds:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from numpy.typing import ArrayLike
 from agents.evaluator import Evaluation
 from agents.tensorboard import EvaluationWriter
 from prune_env.errors import ResumeError
-from prune_env.fileio import write_text_atomic
+from prune_env.fileio import append_text, write_bytes_atomic, write_text_atomic
 from prune_env.serialize import json_default
 
 STATE_FORMAT = 2  # 2: the settings record every field of the problem's settings
@@ -55,6 +56,24 @@ log = logging.getLogger("prune_env.job")
 
 def write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
+
+
+def _csv_line(row: dict[str, Any] | None) -> str:
+    """One line of ``evaluations.csv``: the header (``row=None``) or a row."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=Evaluation.columns())
+    if row is None:
+        writer.writeheader()
+    else:
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """A matplotlib figure as a PNG, written as every other file is (atomically, a full disk reported)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 class EvaluationLog(NamedTuple):
@@ -129,8 +148,7 @@ class RunLog:
     def start(self, records: Sequence[Evaluation]) -> None:
         """Write the header of a new log; a resumed log already has it, and its rows stay as they are."""
         if not self.csv_path.exists():
-            with self.csv_path.open("w", newline="") as fh:
-                csv.DictWriter(fh, fieldnames=Evaluation.columns()).writeheader()
+            write_text_atomic(self.csv_path, _csv_line(None))
         self.best = max((r.reward for r in records), default=-float("inf"))
         # Every agent's evaluations as TensorBoard scalars (a resumed run adds an event file beside the
         # earlier one, which holds the evaluations before the interruption).
@@ -142,9 +160,7 @@ class RunLog:
             self.tensorboard = None
 
     def __call__(self, entry: Evaluation) -> None:
-        with self.csv_path.open("a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=Evaluation.columns()).writerow(entry.as_row())
-            fh.flush()
+        append_text(self.csv_path, _csv_line(entry.as_row()))
         self.state["evals_done"] = entry.index + 1
         write_json(self.directory / STATE_FILE, self.state)
         self.best = max(self.best, entry.reward)
@@ -185,7 +201,7 @@ def plot_search(history: Sequence[Evaluation], path: Path, target: float, metric
     bottom.set_xlabel("evaluation")
     bottom.legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -212,7 +228,7 @@ def plot_allocation(
     ax.set_ylabel("fraction of channels kept")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 

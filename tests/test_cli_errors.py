@@ -285,17 +285,17 @@ def test_export_replaces_a_file_atomically(
     out.write_text("previous export")
 
     def broken_exporter(*args: Any, **kwargs: Any) -> None:
-        Path(args[2]).write_bytes(b"half a fil")
+        args[2].write(b"half a fil")
         raise RuntimeError("exporter crashed halfway")
 
     monkeypatch.setattr(torch.onnx, "export", broken_exporter)
-    assert cli.main(["export", str(saved), "--onnx", str(out)]) == 1  # not the user's fault: a crash
+    assert cli.main(["export", str(saved), "--onnx", str(out), "--force"]) == 1  # not the user's fault
     assert "exporter crashed halfway" in capsys.readouterr().err
     assert out.read_text() == "previous export"  # a failed export leaves the earlier file alone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
     monkeypatch.undo()
-    assert cli.main(["export", str(saved), "--onnx", str(out)]) == 0
+    assert cli.main(["export", str(saved), "--onnx", str(out), "--force"]) == 0
     onnx.checker.check_model(onnx.load(str(out)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 

@@ -4,21 +4,82 @@ The run's settings (``state.json``) rebuild its problem — the same data split,
 channel rankings and proxy — at the new target; the saved policy (``RUN/policy``) decides the kept channels
 from the environment's observation, within the target by construction; the model is built as the proxy
 would score it (BatchNorm recalibrated on training batches), optionally fine-tuned, and saved.
+
+Everything that can be checked is checked before any work: the state file's settings (each named with the
+file when it is missing or wrong), the target against the run's range, and the output directory (see
+:mod:`prune_env.app.outputs`). The model is written into a fresh directory beside ``--out`` and renamed
+onto it, so a concurrent ``apply`` to the same ``--out`` is refused rather than overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prune_env.app.job import POLICY_DIR, base_model_spec
+from prune_env.app.outputs import check_directory_output, publish_directory, staging_directory
 from prune_env.app.runfiles import STATE_FILE, read_state
 from prune_env.app.settings import SearchSettings
-from prune_env.errors import InvalidSettingError
+from prune_env.errors import InvalidSettingError, PruneEnvError, RunDirectoryError
 from prune_env.settings import ProblemSettings
 from prune_env.validation import check_settings
+
+# The settings apply rebuilds the problem from: the run's own, and every field of its problem's settings
+# a state file records (all but where it runs and how it reports progress).
+RUN_KEYS = ("model", "dataset", "image_size", "weights", "budget_range")
+PROBLEM_KEYS = tuple(
+    f.name for f in dataclasses.fields(ProblemSettings) if f.name not in ("device", "progress")
+)
+
+
+def _non_empty_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def run_settings(run: Path) -> tuple[SearchSettings, tuple[float, float]]:
+    """The settings of the run in ``run`` and its policy's budget range, each value checked; a missing,
+    mistyped or out-of-range one is refused naming the state file and the key."""
+    path = run / STATE_FILE
+    saved = read_state(path)["settings"]
+
+    def refuse(problem: str) -> RunDirectoryError:
+        return RunDirectoryError(
+            f"{path}: {problem}; the file is damaged or was edited: restore it, or search again"
+        )
+
+    missing = [k for k in (*RUN_KEYS, *PROBLEM_KEYS) if k not in saved]
+    if missing:
+        raise refuse(f"the settings lack {', '.join(missing)}")
+    if saved["budget_range"] is None:
+        raise InvalidSettingError(
+            f"{run} holds no policy: only a finished `prune-env search --budget-range LO HI` saves one"
+        )
+    for key in ("model", "dataset"):
+        if not _non_empty_text(saved[key]):
+            raise refuse(f"in its settings, {key} must be a name, got {saved[key]!r}")
+    if saved["weights"] is not None and not _non_empty_text(saved["weights"]):
+        raise refuse(f"in its settings, weights must be a file path or null, got {saved['weights']!r}")
+    try:
+        checked = check_settings({"image_size": saved["image_size"], "budget_range": saved["budget_range"]})
+        problem = ProblemSettings(**{k: saved[k] for k in PROBLEM_KEYS})
+        settings = SearchSettings(
+            out=run, model=saved["model"], dataset=saved["dataset"], image_size=checked["image_size"],
+            weights=saved["weights"], problem=problem,
+        )  # fmt: skip
+    except PruneEnvError as exc:  # the rules name the key; the file is what the user must look at
+        raise refuse(f"in its settings, {exc}") from None
+    except TypeError as exc:  # a value of a type no rule expects (a list for a name, a dict for a path)
+        raise refuse(f"in its settings, {' '.join(str(exc).split())}") from None
+    return settings, checked["budget_range"]
+
+
+def _problem_settings(saved: ProblemSettings, target: float, progress: bool) -> ProblemSettings:
+    metric_field = "target_params" if saved.metric == "params" else "target_macs"
+    changes: Mapping[str, Any] = {metric_field: target, "progress": progress}
+    return dataclasses.replace(saved, **changes)
 
 
 def run_apply(args: argparse.Namespace) -> int:
@@ -33,49 +94,44 @@ def run_apply(args: argparse.Namespace) -> int:
         raise InvalidSettingError(
             f"{run} is not a run directory (it has no {STATE_FILE}); pass a search's --out"
         )
-    saved = read_state(run / STATE_FILE)["settings"]
-    span = saved.get("budget_range")
-    if span is None or not (run / POLICY_DIR).is_dir():
+    saved, (lo, hi) = run_settings(run)
+    if not (run / POLICY_DIR).is_dir():
         raise InvalidSettingError(
             f"{run} holds no policy: only a finished `prune-env search --budget-range LO HI` saves one"
         )
-    lo, hi = float(span[0]), float(span[1])
     target = float(args.target)
     if not lo <= target <= hi:
         raise InvalidSettingError(
             f"--target {target:g} lies outside the range the policy was searched for, {lo:g} to {hi:g}"
         )
     check_settings({"finetune_epochs": args.finetune_epochs}, option_style=True)
-    problem_fields = {f.name for f in dataclasses.fields(ProblemSettings)}
-    problem_settings = ProblemSettings(**{k: v for k, v in saved.items() if k in problem_fields})
-    metric_field = "target_params" if problem_settings.metric == "params" else "target_macs"
-    changes: dict[str, Any] = {metric_field: target, "progress": bool(args.progress)}
-    problem_settings = dataclasses.replace(problem_settings, **changes)
-    out = Path(args.out) if args.out else run / "applied" / f"{problem_settings.metric}-{target:g}"
-    if out.exists():
-        raise InvalidSettingError(f"{out} exists; pass another --out (nothing is overwritten)")
-    s = SearchSettings(
-        out=run, model=saved["model"], dataset=saved["dataset"], image_size=saved["image_size"],
-        weights=saved.get("weights"), problem=problem_settings,
-    )  # fmt: skip
+    problem_settings = _problem_settings(saved.problem, target, bool(args.progress))
+    s = dataclasses.replace(saved, problem=problem_settings)
     policy = load_policy(run / POLICY_DIR)
-    splits = load(s.dataset, seed=problem_settings.seed, image_size=s.image_size)
-    problem = PruningProblem(base_model_spec(s, splits), splits, problem_settings)
-    keep = policy.keep_for(problem, target)
-    model = problem.scored_model(keep)
-    metrics = None
-    if args.finetune_epochs:
-        model, metrics = finetune(model, problem.base_model, splits, args.finetune_epochs, seed=problem.seed,
-                                  progress=args.progress, device=problem.device)  # fmt: skip
-    outcome = problem.outcome(keep, accuracy=float("nan"), loss=float("nan"))
-    save_pruned(
-        out, model, keep=kept_units(problem.rankings, keep, problem.group_names),
-        input_shape=splits.input_shape, architecture=s.model, num_classes=splits.num_classes,
-        in_channels=splits.in_channels,
-        meta={"dataset": s.dataset, "seed": problem.seed, "metric": problem.metric, "target": target,
-              "policy": str(run / POLICY_DIR), "finetuned": bool(args.finetune_epochs),
-              **({"test_accuracy": metrics["test_accuracy"]} if metrics else {})},
-    )  # fmt: skip
+    out = check_directory_output(
+        args.out if args.out is not None else run / "applied" / f"{problem_settings.metric}-{target:g}",
+        "--out",
+        force=args.force,
+    )
+    with staging_directory(out) as stage:
+        splits = load(s.dataset, seed=problem_settings.seed, image_size=s.image_size)
+        problem = PruningProblem(base_model_spec(s, splits), splits, problem_settings)
+        keep = policy.keep_for(problem, target)
+        model = problem.scored_model(keep)
+        metrics = None
+        if args.finetune_epochs > 0:
+            model, metrics = finetune(model, problem.base_model, splits, args.finetune_epochs, seed=problem.seed,
+                                      progress=args.progress, device=problem.device)  # fmt: skip
+        outcome = problem.outcome(keep, accuracy=float("nan"), loss=float("nan"))
+        save_pruned(
+            stage, model, keep=kept_units(problem.rankings, keep, problem.group_names),
+            input_shape=splits.input_shape, architecture=s.model, num_classes=splits.num_classes,
+            in_channels=splits.in_channels,
+            meta={"dataset": s.dataset, "seed": problem.seed, "metric": problem.metric, "target": target,
+                  "policy": str(run / POLICY_DIR), "finetuned": metrics is not None,
+                  **({"test_accuracy": metrics["test_accuracy"]} if metrics else {})},
+        )  # fmt: skip
+        publish_directory(stage, out, force=args.force, option="--out")
     tested = f", test accuracy {metrics['test_accuracy']:.4f}" if metrics else ""
     print(
         f"{problem.metric} ratio {outcome.cost_ratio:.3f} (target {target:g}), params ratio "

@@ -142,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         "against PyTorch's outputs",
     )
     export.add_argument("path", help="a saved model directory")
-    export.add_argument("--onnx", default=None, help="output .onnx file (replaced if it exists)")
+    export.add_argument("--onnx", default=None, help="output .onnx file")
+    export.add_argument("--torchscript", default=None, help="output TorchScript .pt file")
     export.add_argument(
-        "--torchscript", default=None, help="output TorchScript .pt file (replaced if it exists)"
+        "--force", action="store_true", help="replace output files that exist (default: refuse them)"
     )
     export.set_defaults(func=_export)
 
@@ -156,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--target", type=float, required=True, help="the new budget, in the run's metric")
     apply.add_argument("--out", default=None, help="directory for the model (default RUN/applied/METRIC-T)")
     apply.add_argument("--finetune-epochs", type=int, default=0, help="KD fine-tune epochs (default 0)")
+    apply.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a saved model at --out (default: refuse it; a directory holding anything else is never "
+        "replaced)",
+    )
     apply.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     apply.set_defaults(func=_apply)
 

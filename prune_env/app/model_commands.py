@@ -5,9 +5,9 @@ of them runs, so its start-up does not load torch."""
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib.util
+import io
 import os
-import secrets
 import shlex
 import time
 import warnings
@@ -180,34 +180,6 @@ def run_eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ export
 
 
-def _claim_output(out: Path, option: str) -> Path:
-    """A fresh temporary file next to ``out`` that will be renamed onto it: proof that ``out`` can be
-    written, obtained before any work. ``out`` itself may be a file to replace, never a directory."""
-    if out.is_dir():
-        raise InvalidSettingError(
-            f"{option} {out} is a directory; pass the path of the file to write, e.g. {out / 'model.onnx'}"
-        )
-    if os.path.lexists(out) and not out.is_file():
-        raise InvalidSettingError(
-            f"{option} {out} exists and is not a regular file; pass a file path to write"
-        )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):  # a component of the path is a file
-        raise InvalidSettingError(
-            f"cannot write {option} {out}: a part of {out.parent} is a file, not a directory"
-        ) from None
-    except OSError as exc:
-        raise InvalidSettingError(f"cannot write {option} {out}: {exc.strerror} ({exc.filename})") from None
-    tmp = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    try:
-        # O_EXCL: never write through a file or link someone placed at the temporary name.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as exc:
-        raise InvalidSettingError(f"cannot write {option} {out}: {exc.strerror} ({out.parent})") from None
-    return tmp
-
-
 EXPORT_TOLERANCE = 1e-5  # largest absolute difference from PyTorch's logits an exported model may show
 
 
@@ -215,7 +187,8 @@ def run_export(args: argparse.Namespace) -> int:
     """Write a saved pruned model as ONNX and/or TorchScript, each checked against PyTorch's outputs."""
     import importlib.util
 
-    from prune_env.checkpoint import load_pruned_with_spec
+    from prune_env.app.outputs import check_file_outputs, publish_file
+    from prune_env.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_pruned_with_spec
 
     if args.onnx is None and args.torchscript is None:
         raise InvalidSettingError("say what to write: --onnx FILE, --torchscript FILE, or both")
@@ -226,45 +199,45 @@ def run_export(args: argparse.Namespace) -> int:
                 f"ONNX export needs {' and '.join(missing)}: pip install {' '.join(missing)} "
                 "(onnxruntime runs the exported model to check it against PyTorch)"
             )
-    targets = [
-        (Path(p), option) for p, option in ((args.onnx, "--onnx"), (args.torchscript, "--torchscript")) if p
-    ]
-    claimed: list[tuple[Path, Path]] = []
-    try:
-        for out, option in targets:
-            claimed.append((out, _claim_output(out, option)))
-        model, spec = load_pruned_with_spec(args.path)
-        model.eval()
-        # Two samples, so the batch dimension is exported as what it is (dynamic), and a fixed check input.
-        x = torch.randn(2, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            reference = model(x).numpy()
-        for (out, tmp), (_, option) in zip(claimed, targets, strict=True):
-            write = _write_onnx if option == "--onnx" else _write_torchscript
-            produced = write(model, x, tmp)
-            error = float(abs(produced - reference).max())
-            if not error <= EXPORT_TOLERANCE:
-                raise PruneEnvError(
-                    f"the {option[2:]} export differs from PyTorch by up to {error:.2e} (tolerance "
-                    f"{EXPORT_TOLERANCE:g}); {out} was not written"
-                )
-            # Written under a temporary name and renamed: a reader never sees half a file, and a failed
-            # export leaves any earlier file at the output path as it was.
-            os.replace(tmp, out)
-            print(f"wrote {out} (max |difference| from PyTorch {error:.1e})")
-    finally:
-        for _, tmp in claimed:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+    writers = {"--onnx": (args.onnx, "model.onnx", _onnx_bytes),
+               "--torchscript": (args.torchscript, "model.pt", _torchscript_bytes)}  # fmt: skip
+    asked = [(option, given, example) for option, (given, example, _) in writers.items() if given is not None]
+    model_dir = Path(args.path)
+    outs = check_file_outputs(
+        [(given, option, example) for option, given, example in asked],
+        force=args.force,
+        inputs=(model_dir / SPEC_FILE, model_dir / WEIGHTS_FILE),
+    )
+    model, spec = load_pruned_with_spec(args.path)
+    model.eval()
+    # Two samples, so the batch dimension is exported as what it is (dynamic), and a fixed check input.
+    x = torch.randn(2, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x).numpy()
+    # Every export is made and checked in memory first: a failed one writes nothing.
+    made = []
+    for (option, _, _), out in zip(asked, outs, strict=True):
+        data, produced = writers[option][2](model, x)
+        error = float(abs(produced - reference).max())
+        if not error <= EXPORT_TOLERANCE:
+            raise PruneEnvError(
+                f"the {option[2:]} export differs from PyTorch by up to {error:.2e} (tolerance "
+                f"{EXPORT_TOLERANCE:g}); {out} was not written"
+            )
+        made.append((option, out, data, error))
+    for option, out, data, error in made:
+        # Written under a temporary name and renamed: a reader never sees half a file, and a failed
+        # write leaves any earlier file at the output path as it was.
+        publish_file(out, data, force=args.force, option=option)
+        print(f"wrote {out} (max |difference| from PyTorch {error:.1e})")
     return 0
 
 
-def _write_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Any:
-    """Export to ONNX at ``path`` and return what onnxruntime computes for ``x``."""
-    import importlib.util
-
+def _onnx_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[bytes, Any]:
+    """The model as ONNX, and what onnxruntime computes with it for ``x``."""
     import onnxruntime
 
+    buffer = io.BytesIO()
     # The torch.export-based exporter needs onnxscript; the TorchScript one needs only onnx.
     dynamo = importlib.util.find_spec("onnxscript") is not None
     with warnings.catch_warnings():
@@ -272,23 +245,25 @@ def _write_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Any:
         torch.onnx.export(
             model,
             (x,),
-            str(path),
+            buffer,  # type: ignore[arg-type]  # both exporters write to a file object (typed as a path)
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             dynamo=dynamo,
         )
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": x.numpy()})[0]
+    data = buffer.getvalue()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return data, session.run(None, {"input": x.numpy()})[0]
 
 
-def _write_torchscript(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Any:
-    """Trace to TorchScript at ``path``, reload it and return what it computes for ``x``."""
+def _torchscript_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[bytes, Any]:
+    """The model traced to TorchScript, and what the reloaded trace computes for ``x``."""
     # PyTorch marks TorchScript deprecated in favour of torch.export, but it is what C++ and mobile
     # runtimes load today: asked for by name, it is written without the warning.
+    buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(model, (x,))
-        traced.save(str(path))
-        loaded = torch.jit.load(str(path))
-        return loaded(x).numpy()
+        torch.jit.save(torch.jit.trace(model, (x,)), buffer)
+        data = buffer.getvalue()
+        loaded = torch.jit.load(io.BytesIO(data))
+        return data, loaded(x).numpy()

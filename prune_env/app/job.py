@@ -46,7 +46,7 @@ from prune_env.app.settings import DEFAULT_AGENTS, SearchSettings
 from prune_env.data import Splits, load
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidSettingError, ResumeError, UnknownNameError, UnsupportedLayerError
-from prune_env.fileio import write_text_atomic
+from prune_env.fileio import DISK_FULL_ERRNOS, write_text_atomic
 from prune_env.problem import PruningProblem
 from prune_env.rewards import get_reward
 from prune_env.scoring import PolicyScorer
@@ -77,6 +77,22 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InvalidSettingError(
             f"--weights {path} holds a {type(state).__name__}, not a state_dict of tensors"
+        )
+    # load_state_dict would cast without a word: float64 weights rounded, integer tensors taken as weights,
+    # half precision widened. A file of another dtype is refused, with the conversion to run if it is meant.
+    expected = model.state_dict()
+    wrong = [
+        (k, v.dtype, expected[k].dtype)
+        for k, v in state.items()
+        if k in expected and v.dtype != expected[k].dtype
+    ]
+    if wrong:
+        key, found, wanted = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+        raise InvalidSettingError(
+            f"--weights {path} holds {key} as {str(found).removeprefix('torch.')}{more} where the model has "
+            f"{str(wanted).removeprefix('torch.')}; if these are the weights you mean, convert them first: "
+            "torch.save({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, PATH)"
         )
     try:
         model.load_state_dict(state)
@@ -145,10 +161,21 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+class _LogFile(logging.FileHandler):
+    """``log.txt``. A full disk is said once, by the run's own files (:mod:`prune_env.fileio`); the log's
+    lines are not worth a logging traceback each."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return
+        super().handleError(record)
+
+
 def _setup_logging(directory: Path) -> list[logging.Handler]:
     log.setLevel(logging.DEBUG)
     log.propagate = False
-    file_handler = logging.FileHandler(directory / "log.txt")
+    file_handler = _LogFile(directory / "log.txt")
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     console = logging.StreamHandler(sys.stderr)
@@ -159,7 +186,7 @@ def _setup_logging(directory: Path) -> list[logging.Handler]:
     return [file_handler, console]
 
 
-POLICY_DIR = "policy"  # a budget-range run's policy (agents.policies: policy.json, and SB3's policy.zip)
+POLICY_DIR = "policy"  # a budget-range run's policy (agents.policies: policy.json and its weights)
 ADDED_SETTINGS: dict[str, Any] = {"weights": None, "budget_range": None}
 
 
@@ -468,22 +495,28 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
         )
         timings["finetune_seconds"] = time.perf_counter() - t0
         timings["total_seconds"] = time.perf_counter() - started
+        results = _results(s, problem, evaluator, timings, "finished", metrics, applied)
+        finetuned = s.finetune_epochs > 0  # with 0 epochs finetune() only scores the model
+        _save_model(
+            s, problem, keep, tuned, {"finetuned": finetuned, "test_accuracy": metrics["test_accuracy"]}
+        )
+        write_json(s.out / "results.json", results)
+        # Finished only once the model and results are on disk: a run stopped before (a full disk) resumes.
         state["status"] = "finished"
         write_json(s.out / STATE_FILE, state)
-        results = _results(s, problem, evaluator, timings, "finished", metrics, applied)
-        _save_model(s, problem, keep, tuned, {"finetuned": True, "test_accuracy": metrics["test_accuracy"]})
-        write_json(s.out / "results.json", results)
         plot_search(evaluator.history, s.out / "search.png", problem.target, problem.metric)
         _plot_allocation(s, problem, keep)
+        # The saved model's costs: for a budget-range run the policy applied at the target, whose costs
+        # differ from the best episode's.
+        saved = problem.outcome(keep, accuracy=float("nan"), loss=float("nan"))
         log.info(
-            "fine-tuned %d epochs: test accuracy %.4f (base %s); %s ratio %.3f, params ratio %.3f; "
-            "saved to %s in %.0f s",
-            s.finetune_epochs,
+            "%s: test accuracy %.4f (base %s); %s ratio %.3f, params ratio %.3f; saved to %s in %.0f s",
+            f"fine-tuned {s.finetune_epochs} epochs" if finetuned else "not fine-tuned (--finetune-epochs 0)",
             metrics["test_accuracy"],
             _fmt(problem.base_metrics.get("test_accuracy")),
             problem.metric,
-            outcome.cost_ratio,
-            outcome.params_ratio,
+            saved.cost_ratio,
+            saved.params_ratio,
             s.out,
             timings["total_seconds"],
         )

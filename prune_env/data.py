@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from prune_env.errors import DatasetError, DatasetNotFoundError, InvalidSettingError, UnknownNameError
+from prune_env.validation import as_real, check_settings
 
 DATA_ENV = "PRUNE_ENV_DATA"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -72,14 +74,91 @@ class Splits:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def check_fraction(name: str, value: Any) -> float:
+    """A part of the data held out (``val_fraction``, ``test_fraction``): a number in (0, 1)."""
+    result = as_real(name, value)
+    if not 0.0 < result < 1.0:
+        raise InvalidSettingError(f"{name} must be a fraction in (0, 1), got {value!r}")
+    return result
+
+
+def _held_out(n: int, fraction: float) -> int:
+    return math.ceil(fraction * n)  # scikit-learn's count for a float test_size
+
+
+def _chain_fits(n: int, classes: int, fractions: Sequence[float]) -> bool:
+    for fraction in fractions:
+        held = _held_out(n, fraction)
+        if held < classes or n - held < classes:
+            return False
+        n -= held
+    return True
+
+
+def minimum_samples(classes: int, fractions: Sequence[float]) -> int:
+    """The fewest samples that stratified hold-outs of ``fractions`` (each taken from what the previous one
+    kept) can split with a place for every class on both sides of every split."""
+    high = max(classes, 1)
+    while not _chain_fits(high, classes, fractions):
+        high *= 2
+    low = high // 2
+    while low + 1 < high:  # invariant: high fits, low does not (or is below any size that could)
+        mid = (low + high) // 2
+        low, high = (low, mid) if _chain_fits(mid, classes, fractions) else (mid, high)
+    return high
+
+
+def check_split_sizes(
+    labels: np.ndarray,
+    fractions: Sequence[float],
+    what: str,
+    class_names: Sequence[str] | None = None,
+    remedy: str = "add samples or give the validation and test data yourself",
+) -> None:
+    """Refuse, before any splitting, data that the stratified hold-outs ``fractions`` cannot split: a class
+    with fewer samples than there are splits, or fewer samples than :func:`minimum_samples`. ``what`` names
+    the data in the message, ``class_names`` the classes (else their labels do), ``remedy`` the fix."""
+    if not fractions:
+        return
+    classes, counts = np.unique(labels, return_counts=True)
+    needed = minimum_samples(len(classes), fractions)
+    per_class = len(fractions) + 1
+    plan = ", then ".join(f"{f:.0%}" for f in fractions) + (" of the rest" if len(fractions) > 1 else "")
+    rule = (
+        f"the stratified split (holding out {plan}) needs at least {per_class} samples per class "
+        f"and {needed} in all for {len(classes)} classes"
+    )
+    few = np.flatnonzero(counts < per_class)
+    if few.size:
+        label = classes[few[0]]
+        name = repr(class_names[int(label)]) if class_names is not None else str(label)
+        raise DatasetError(
+            f"{what}: class {name} has {counts[few[0]]} sample(s); {rule}: {remedy}, or remove the class"
+        )
+    if len(labels) < needed:
+        raise DatasetError(
+            f"{what}: {len(labels)} samples are too few; {rule} (about {math.ceil(needed / len(classes))} per "
+            f"class): {remedy}"
+        )
+
+
 def stratified_split(
     labels: np.ndarray, fraction: float, seed: int, indices: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held_out) positions into ``labels``: ``fraction`` held out, class proportions preserved."""
+    """(kept, held_out) positions into ``labels``: ``fraction`` held out, class proportions preserved.
+
+    Data that cannot be split so raises :class:`DatasetError` (:func:`check_split_sizes` says why earlier
+    and with the numbers needed; this is the last word for class proportions it cannot foresee)."""
     idx = np.arange(len(labels)) if indices is None else indices
     from sklearn.model_selection import train_test_split  # scikit-learn loads in ~0.6 s: only when used
 
-    kept, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels[idx])
+    try:
+        kept, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels[idx])
+    except ValueError as exc:
+        raise DatasetError(
+            f"{len(idx)} samples cannot be split holding out {fraction:.0%} with every class on both sides "
+            f"({exc}); add samples of the smallest classes"
+        ) from None
     return np.sort(kept), np.sort(held)
 
 
@@ -286,8 +365,70 @@ def _load_cifar(
 # ------------------------------------------------------------------------------------------------ ImageFolder
 
 
+def _unreadable(path: str, exc: BaseException) -> DatasetError:
+    return DatasetError(f"imagefolder: {path} is not a readable image ({exc}); replace or remove it")
+
+
+def read_image(path: str) -> Any:
+    """torchvision's image loader (RGB), with a file that fails to decode named in a :class:`DatasetError`:
+    files are checked before loading as far as that is cheap, the pixels only here, while loading."""
+    from PIL import Image
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        raise _unreadable(path, exc) from None
+
+
+def _check_image_file(path: str) -> None:
+    """The file is an image of at least one pixel, intact as far as PIL's ``verify`` sees without decoding
+    (a PNG's chunks and checksums; a JPEG's header only): a tenth of a decode's cost."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            image.verify()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise _unreadable(path, exc) from None
+    if width < 1 or height < 1:
+        raise DatasetError(f"imagefolder: {path} is {width}x{height} pixels; replace or remove it")
+
+
+def _image_folder(directory: Path, transform: Any) -> Any:
+    from torchvision import datasets
+
+    try:
+        return datasets.ImageFolder(str(directory), transform=transform, loader=read_image, allow_empty=True)
+    except FileNotFoundError:  # torchvision: no class folder at all
+        raise DatasetError(
+            f"imagefolder: {directory} has no class folders; expected {directory}/CLASS/*.jpg (or *.png)"
+        ) from None
+
+
+def _checked_image_folder(directory: Path, transform: Any) -> Any:
+    """An ImageFolder whose every class folder holds images and whose every image header is readable."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    folder = _image_folder(directory, transform)
+    counts = np.bincount(np.asarray(folder.targets, dtype=np.int64), minlength=len(folder.classes))
+    for name, count in zip(folder.classes, counts, strict=True):
+        if count == 0:
+            raise DatasetError(
+                f"imagefolder: class folder {directory / name} has no images ({', '.join(IMG_EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
+    for path, _ in folder.samples:
+        _check_image_file(path)
+    return folder
+
+
 def _load_imagefolder(path: str, seed: int, val_fraction: float, image_size: int) -> Splits:
-    from torchvision import datasets, transforms
+    """Every image is resized (shorter side) and centre-cropped to ``image_size`` and converted to RGB, so
+    images of any size and mode become inputs of one shape, (3, image_size, image_size), the shape the
+    costs are computed for."""
+    from torchvision import transforms
 
     base = Path(path).expanduser()
     if not base.is_dir():
@@ -302,16 +443,29 @@ def _load_imagefolder(path: str, seed: int, val_fraction: float, image_size: int
     augment = transforms.Compose([*resize, transforms.RandomHorizontalFlip(), *normalize])
     test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
     if (base / "train").is_dir() and test_dir is not None:
-        train_aug = datasets.ImageFolder(str(base / "train"), transform=augment)
-        train_plain = datasets.ImageFolder(str(base / "train"), transform=plain)
-        test: Dataset[Any] = datasets.ImageFolder(str(test_dir), transform=plain)
+        train_plain = _checked_image_folder(base / "train", plain)
+        test_folder = _checked_image_folder(test_dir, plain)
+        if test_folder.classes != train_plain.classes:
+            raise DatasetError(
+                f"imagefolder: {test_dir} has the classes {test_folder.classes} but {base / 'train'} has "
+                f"{train_plain.classes}; labels follow the sorted folder names, so give both the same class folders"
+            )
+        test: Dataset[Any] = test_folder
+        train_aug = _image_folder(base / "train", augment)
         labels = np.asarray(train_plain.targets)
+        check_split_sizes(
+            labels, [val_fraction], f"imagefolder {base / 'train'}", train_plain.classes, "add images"
+        )
         train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     else:
         # One folder of classes: carve test out first (20%), then val from the rest, both seeded.
-        train_aug = datasets.ImageFolder(str(base), transform=augment)
-        train_plain = datasets.ImageFolder(str(base), transform=plain)
+        train_plain = _checked_image_folder(base, plain)
+        train_aug = _image_folder(base, augment)
         labels = np.asarray(train_plain.targets)
+        check_split_sizes(
+            labels, [0.2, val_fraction], f"imagefolder {base}", train_plain.classes,
+            "add images, or give a test split of your own as DIR/train/CLASS/... and DIR/test/CLASS/...",
+        )  # fmt: skip
         trainval_idx, test_idx = stratified_split(labels, 0.2, seed)
         train_idx, val_idx = stratified_split(labels, val_fraction, seed, indices=trainval_idx)
         test = Subset(train_plain, test_idx.tolist())
@@ -383,6 +537,9 @@ def load(
         raise InvalidSettingError(
             f"dataset must be a name or a prune_env.data.Splits, got {type(name).__name__}"
         )
+    if val_fraction is not None:
+        val_fraction = check_fraction("val_fraction", val_fraction)
+    image_size = check_settings({"image_size": image_size})["image_size"]
     key = name.strip().lower()
     if key == "digits":
         return _load_digits(seed, 0.15 if val_fraction is None else val_fraction)
@@ -422,6 +579,49 @@ def as_splits(dataset: DataSource, seed: int = 0) -> Splits:
         f"dataset must be a name, a prune_env.data.Splits, a torch Dataset or DataLoader, or a tuple (train, "
         f"test) or (train, val, test) of them; got {type(dataset).__name__}"
     )
+
+
+# ------------------------------------------------------------------------------------------------ model and data
+
+
+def _layer_mismatch(name: str, layer: torch.nn.Module, shape: torch.Size) -> str | None:
+    if isinstance(layer, torch.nn.modules.conv._ConvNd) and len(shape) >= 2 and shape[1] != layer.in_channels:
+        return f"the model's layer {name!r} takes {layer.in_channels} input channels but receives {shape[1]}"
+    if isinstance(layer, torch.nn.Linear) and len(shape) >= 1 and shape[-1] != layer.in_features:
+        return f"the model's layer {name!r} takes {layer.in_features} input features but receives {shape[-1]}"
+    return None
+
+
+def model_output(
+    model: torch.nn.Module, x: torch.Tensor, on_mismatch: Callable[[str], Exception]
+) -> torch.Tensor:
+    """``model(x)``. When a convolution or linear layer cannot take what reaches it, the exception
+    ``on_mismatch`` makes of a sentence naming the layer, what it takes and what it receives is raised instead
+    of torch's shape error (which stays attached as the cause); any other failure propagates as it is."""
+    entered: list[tuple[str, torch.nn.Module, torch.Size]] = []
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(layer: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                entered.append((name, layer, args[0].shape))
+
+        return record
+
+    handles = [
+        layer.register_forward_pre_hook(recorder(name))
+        for name, layer in model.named_modules()
+        if isinstance(layer, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))
+    ]
+    try:
+        return model(x)
+    except RuntimeError as exc:
+        problem = _layer_mismatch(*entered[-1]) if entered else None
+        if problem is None:
+            raise
+        raise on_mismatch(problem) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------------------------------ batching

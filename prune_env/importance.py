@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from prune_env.errors import InvalidSettingError, UnknownNameError
+from prune_env.data import model_output
+from prune_env.errors import DatasetError, InvalidSettingError, UnknownNameError
 from prune_env.graph import ChannelGroup, Member
 
 Importance = Callable[[ChannelGroup, nn.Module], np.ndarray]
@@ -185,10 +186,62 @@ class FPGMImportance:
 
 
 def _first_batches(batches: Batches, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    taken = list(itertools.islice(iter(batches()), count))
+    produced = batches()
+    try:
+        iterator = iter(produced)
+    except TypeError:
+        raise InvalidSettingError(
+            f"the batch source returned a {type(produced).__name__}; it must return an iterable of (inputs, "
+            "labels) batches (a DataLoader, a list or a generator)"
+        ) from None
+    taken = list(itertools.islice(iterator, count))
     if not taken:
         raise InvalidSettingError("the batch source yielded no batch; give it at least one (inputs, labels)")
-    return taken
+    return [_checked_batch(index, item) for index, item in enumerate(taken)]
+
+
+def _checked_batch(index: int, item: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(inputs, labels)`` batch of a source, refused unless it is one: floating-point inputs without
+    NaN or inf and one integer label per input (what the model makes of them is checked as it runs)."""
+    where = f"batch {index} of the batch source"
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        kind = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
+        raise InvalidSettingError(
+            f"{where} is {kind}; the source must yield (inputs, labels) pairs of tensors"
+        )
+    x, y = item
+    for what, value in (("inputs", x), ("labels", y)):
+        if not isinstance(value, torch.Tensor):
+            raise InvalidSettingError(
+                f"{where} has {what} of type {type(value).__name__}; the source must yield (inputs, labels) "
+                "pairs of tensors"
+            )
+    if not x.is_floating_point() or x.ndim < 2:
+        raise DatasetError(
+            f"{where} has {x.dtype} inputs of shape {tuple(x.shape)}; give a floating-point batch, one sample "
+            "per row (N, C, H, W)"
+        )
+    if y.ndim != 1 or len(y) != len(x):
+        raise DatasetError(
+            f"{where} has {len(x)} inputs but labels of shape {tuple(y.shape)}; give one class index per input"
+        )
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise DatasetError(f"{where} has {y.dtype} labels; give integer class indices (labels.long())")
+    if not bool(torch.isfinite(x).all()):
+        raise DatasetError(f"{where} has NaN or inf in its inputs; clean the data the source reads")
+    return x, y
+
+
+def _batch_output(model: nn.Module, x: torch.Tensor, index: int) -> torch.Tensor:
+    """The model's output on batch ``index``, with inputs the model cannot take named as the batch's fault."""
+
+    def mismatch(problem: str) -> DatasetError:
+        return DatasetError(
+            f"{problem} from batch {index} of the batch source (inputs of shape {tuple(x.shape)}); give batches "
+            "of the inputs the model was built for"
+        )
+
+    return model_output(model, x, mismatch)
 
 
 class _FromData:
@@ -224,8 +277,14 @@ class TaylorImportance(_FromData):
 
     def _measure(self, twin: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         twin.zero_grad(set_to_none=True)
-        for x, y in batches:
-            nn.functional.cross_entropy(twin(x), y).backward()
+        for index, (x, y) in enumerate(batches):
+            logits = _batch_output(twin, x, index)
+            if y.numel() and not (int(y.min()) >= 0 and int(y.max()) < logits.shape[-1]):
+                raise DatasetError(
+                    f"batch {index} of the batch source has labels {int(y.min())}..{int(y.max())}, but the model "
+                    f"has {logits.shape[-1]} outputs; labels are class indices 0..{logits.shape[-1] - 1}"
+                )
+            nn.functional.cross_entropy(logits, y).backward()
         self._products = {
             name: (p.detach() * p.grad).double() for name, p in twin.named_parameters() if p.grad is not None
         }
@@ -275,8 +334,8 @@ class HRankImportance(_FromData):
         handles = [m.register_forward_hook(hook(n)) for n, m in convs]
         try:
             with torch.no_grad():
-                for x, _ in batches:
-                    twin(x)
+                for index, (x, _) in enumerate(batches):
+                    _batch_output(twin, x, index)
         finally:
             for h in handles:
                 h.remove()
@@ -313,6 +372,11 @@ def get_importance(
     "hrank", which need ``batches`` (a :data:`Batches` source of training data). A callable with a
     ``batches`` parameter is given the source as a keyword argument.
     """
+    if batches is not None and not callable(batches):
+        raise InvalidSettingError(
+            f"batches must be a callable returning (inputs, labels) batches, got {type(batches).__name__} "
+            "(for a DataLoader: batches=lambda: loader)"
+        )
     if callable(importance):
         if _asks_for_batches(importance):
             if batches is None:

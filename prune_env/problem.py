@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from prune_env.budget import BudgetProjector, keep_to_ratios
-from prune_env.data import DataSource, as_splits, iterate_batches
+from prune_env.data import DataSource, as_splits, iterate_batches, model_output
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
@@ -59,9 +59,21 @@ def check_classifier(model: nn.Module, example: torch.Tensor, num_classes: int) 
             f"the model's floating-point tensors are {found}; prune_env trains and scores in float32: "
             "pass model.float()"
         )
+    shape, channels = tuple(example.shape[1:]), example.shape[1]
+    build = (
+        f"build the model for this data (in_channels={channels}, num_classes={num_classes}: "
+        f"get_model(name, num_classes={num_classes}, in_channels={channels}) for the zoo's models)"
+    )
+
+    def mismatch(problem: str) -> InvalidSettingError:
+        return InvalidSettingError(
+            f"{problem} from the dataset's inputs of shape {shape}: {build}, or give data of the shape and "
+            "channels the model was built for"
+        )
+
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         was_training = model.training
-        out = model.eval()(example)
+        out = model_output(model.eval(), example, mismatch)
         model.train(was_training)
     if not isinstance(out, torch.Tensor):
         raise InvalidSettingError(
@@ -70,8 +82,8 @@ def check_classifier(model: nn.Module, example: torch.Tensor, num_classes: int) 
         )
     if tuple(out.shape) != (example.shape[0], num_classes):
         raise InvalidSettingError(
-            f"the model maps one input of shape {tuple(example.shape[1:])} to an output of shape "
-            f"{tuple(out.shape[1:])}; the dataset has {num_classes} classes, so it must be ({num_classes},)"
+            f"the model maps one input of shape {shape} to an output of shape {tuple(out.shape[1:])}; the "
+            f"dataset has {num_classes} classes, so it must be ({num_classes},): {build}"
         )
 
 

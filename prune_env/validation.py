@@ -183,6 +183,8 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "progress": flag,
     "resume": flag,
     "workers": _optional(_int_at_least(1)),
+    # An image folder's side in pixels; the cap keeps a typo from allocating gigabytes per image.
+    "image_size": _int_at_least(1, 4096),
     "ray_address": ray_address,
 }
 

@@ -111,6 +111,7 @@ class SearchSettings:
                 "finetune_epochs": self.finetune_epochs,
                 "resume": self.resume,
                 "workers": self.workers,
+                "image_size": self.image_size,
                 "ray_address": self.ray_address,
             },
             option_style=True,

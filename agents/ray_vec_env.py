@@ -18,9 +18,10 @@ import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from prune_env.distributed import start_ray
+from prune_env.distributed import check_cluster_fits, start_ray, stop_ray
 from prune_env.errors import InvalidSettingError
-from prune_env.optional_ray import import_ray
+from prune_env.optional_ray import check_fits_here, cluster_address, import_ray
+from prune_env.validation import check_settings
 
 
 class EnvWorker:
@@ -72,6 +73,13 @@ class EnvWorker:
         self.env.close()
 
 
+def _check_cpus_per_env(cpus_per_env: Any) -> None:
+    if not (
+        isinstance(cpus_per_env, int | float) and not isinstance(cpus_per_env, bool) and cpus_per_env > 0
+    ):
+        raise InvalidSettingError(f"cpus_per_env must be a positive number, got {cpus_per_env!r}")
+
+
 def _stack(observations: Sequence[Any], space: gym.Space) -> VecEnvObs:
     if isinstance(space, gym.spaces.Dict):
         return {key: np.stack([o[key] for o in observations]) for key in space.spaces}
@@ -86,7 +94,10 @@ class RayVecEnv(VecEnv):
     Args:
         env_fns: one factory per environment (picklable).
         address: a Ray cluster to join; None starts Ray on this machine unless already connected.
-        cpus_per_env: Ray CPUs each environment's actor reserves.
+        cpus_per_env: Ray CPUs each environment's actor reserves; the environments must fit the CPUs (this
+            machine's cores, checked before Ray starts, or the cluster's), or they are refused.
+
+    :meth:`close` releases the actors, and stops Ray if this object started it (also on a failed start).
     """
 
     def __init__(
@@ -98,19 +109,30 @@ class RayVecEnv(VecEnv):
     ) -> None:
         if not env_fns or not all(callable(f) for f in env_fns):
             raise InvalidSettingError("RayVecEnv needs a non-empty list of environment factories")
-        if not (
-            isinstance(cpus_per_env, int | float) and not isinstance(cpus_per_env, bool) and cpus_per_env > 0
-        ):
-            raise InvalidSettingError(f"cpus_per_env must be a positive number, got {cpus_per_env!r}")
+        _check_cpus_per_env(cpus_per_env)
+        check_settings({"ray_address": address})
         ray = import_ray()
-        start_ray(len(env_fns), address)
-        actor = ray.remote(EnvWorker).options(num_cpus=cpus_per_env)
         self._ray = ray
-        self.workers = [actor.remote(fn) for fn in env_fns]
-        observation_space, action_space = ray.get(self.workers[0].spaces.remote())
-        super().__init__(len(env_fns), observation_space, action_space)
+        self.workers: list[Any] = []
         self._pending: list[Any] = []
         self.closed = False
+        asked = f"{len(env_fns)} environments"
+        # Every environment's actor must be placed, or stepping would wait for ever on those that are not.
+        self._owns_ray = start_ray(len(env_fns), address, asked=asked, per_worker=cpus_per_env)
+        try:
+            check_cluster_fits(
+                len(env_fns), asked=asked, cpus_each=cpus_per_env, hint=" (or a smaller cpus_per_env)"
+            )
+            actor = ray.remote(EnvWorker).options(num_cpus=cpus_per_env)
+            for fn in env_fns:
+                self.workers.append(actor.remote(fn))
+            observation_space, action_space = ray.get(self.workers[0].spaces.remote())
+        except (
+            BaseException
+        ):  # a refusal, a factory that fails, an interrupt: nothing of ours is left running
+            self._release()
+            raise
+        super().__init__(len(env_fns), observation_space, action_space)
 
     @classmethod
     def from_id(
@@ -118,6 +140,14 @@ class RayVecEnv(VecEnv):
     ) -> RayVecEnv:
         """``n_envs`` copies of ``gymnasium.make(env_id, **env_kwargs)``."""
         kwargs = dict(env_kwargs or {})
+        if isinstance(n_envs, bool) or not isinstance(n_envs, int) or n_envs < 1:
+            raise InvalidSettingError(f"n_envs must be an integer >= 1, got {n_envs!r}")
+        address, cpus_per_env = options.get("address"), options.get("cpus_per_env", 1.0)
+        check_settings({"ray_address": address})
+        _check_cpus_per_env(cpus_per_env)
+        if not import_ray().is_initialized() and cluster_address(address) is None:
+            # Before a list of n_envs factories exists: a huge count would fill the memory with it first.
+            check_fits_here(n_envs, asked=f"{n_envs} environments", per_worker=cpus_per_env)
 
         def make() -> gym.Env:
             return gym.make(env_id, **kwargs)
@@ -155,12 +185,23 @@ class RayVecEnv(VecEnv):
     def close(self) -> None:
         if self.closed:
             return
-        if self._pending:
-            self._get(self._pending)
-        self._get([w.close.remote() for w in self.workers])
-        for w in self.workers:
-            self._ray.kill(w)
+        try:
+            if self._pending:
+                self._get(self._pending)
+            self._get([w.close.remote() for w in self.workers])
+        finally:  # even when an environment failed to close
+            self._release()
+
+    def _release(self) -> None:
+        """Kill the actors, and stop Ray if this object started (or joined) it."""
+        workers, self.workers, self._pending = self.workers, [], []
         self.closed = True
+        try:
+            for w in workers:
+                self._ray.kill(w)
+        finally:
+            owned, self._owns_ray = self._owns_ray, False
+            stop_ray(owned)
 
     def _targets(self, indices: VecEnvIndices) -> list[Any]:
         return [self.workers[i] for i in self._get_indices(indices)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
@@ -116,13 +117,35 @@ def budget_range(name: str, value: Any) -> tuple[float, float]:
     return low, high
 
 
+# HOST:PORT of a Ray cluster, with "ray://" for Ray Client. The port is required: without one Ray Client's
+# gRPC channel would dial port 443, which no Ray process listens on.
+_RAY_ADDRESS = re.compile(
+    r"^(?:ray://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(?P<port>\d{1,5})$"
+)
+
+
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """The host and port a Ray address (already checked) names; None for ``"auto"``."""
+    match = _RAY_ADDRESS.match(address)
+    if match is None:
+        return None
+    return match["host"].strip("[]"), int(match["port"])
+
+
 def ray_address(name: str, value: Any) -> str | None:
     """A Ray cluster's address (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``) or None."""
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip():
-        _refuse(name, value, 'a Ray address such as "auto" or "ray://HOST:10001" (or None: a local Ray)')
-    return value.strip()
+    address = value.strip() if isinstance(value, str) else ""
+    host_port = ray_host_port(address)
+    if address != "auto" and (host_port is None or not 0 < host_port[1] < 65536):
+        _refuse(
+            name,
+            value,
+            'a Ray address: "auto", HOST:PORT (a cluster\'s head node, e.g. 10.0.0.5:6379) or ray://HOST:PORT '
+            "(Ray Client, e.g. ray://10.0.0.5:10001); leave it unset to run Ray on this machine",
+        )
+    return address
 
 
 def bits(name: str, value: Any) -> int:
@@ -217,4 +240,13 @@ def check_sequence(name: str, values: Any, rule_name: str) -> list[Any]:
     return [rule(f"{name}[{i}]", v) for i, v in enumerate(items)]
 
 
-__all__ = ["MAX_SEED", "RULES", "as_int", "as_real", "check_sequence", "check_settings", "fraction"]
+__all__ = [
+    "MAX_SEED",
+    "RULES",
+    "as_int",
+    "as_real",
+    "check_sequence",
+    "check_settings",
+    "fraction",
+    "ray_host_port",
+]

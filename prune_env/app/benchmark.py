@@ -346,28 +346,41 @@ def _grid_on_ray(
     workers: int | None,
     address: str | None,
 ) -> None:
-    """The runs as Ray tasks, at most ``workers`` at a time; each run's rows are saved as it finishes."""
-    from prune_env.distributed import start_ray
+    """The runs as Ray tasks, at most ``workers`` at a time; each run's rows are saved as it finishes.
+
+    A Ray started (or joined) here is stopped on every way out; on a Ray the process was already connected
+    to, the runs still pending are cancelled instead.
+    """
+    from prune_env.distributed import check_cluster_fits, start_ray, stop_ray
     from prune_env.optional_ray import import_ray
 
     ray = import_ray()
-    start_ray(workers or 1, address)
-    limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    task = ray.remote(num_cpus=1)(_remote_run)  # Ray retries a run whose worker died
-    shared: dict[tuple[str, str, float], Any] = {}  # each problem built here once, sent once
-    queue = list(todo)
+    owned = start_ray(workers, address)
     pending: dict[Any, GridItem] = {}
-    while queue or pending:
-        while queue and len(pending) < limit:
-            item = queue.pop(0)
-            pkey = (item[0][0], item[1][0], item[2])
-            if pkey not in shared:
-                shared[pkey] = ray.put(problem_for(item))
-            pending[task.remote(shared[pkey], *one_run(item))] = item
-        finished, _ = ray.wait(list(pending), num_returns=1)
-        item = pending.pop(finished[0])
-        save(item, *ray.get(finished[0]))
-        bar.update(1)
+    try:
+        limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        check_cluster_fits(limit, asked=f"workers={limit}", cpus_each=1)
+        task = ray.remote(num_cpus=1)(_remote_run)  # Ray retries a run whose worker died
+        shared: dict[tuple[str, str, float], Any] = {}  # each problem built here once, sent once
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < limit:
+                item = queue.pop(0)
+                pkey = (item[0][0], item[1][0], item[2])
+                if pkey not in shared:
+                    shared[pkey] = ray.put(problem_for(item))
+                pending[task.remote(shared[pkey], *one_run(item))] = item
+            finished, _ = ray.wait(list(pending), num_returns=1)
+            item = pending.pop(finished[0])
+            save(item, *ray.get(finished[0]))
+            bar.update(1)
+    except BaseException:
+        if not owned:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+        raise
+    finally:
+        stop_ray(owned)
 
 
 def _remote_run(problem: PruningProblem, *args: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:

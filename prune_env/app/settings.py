@@ -116,7 +116,8 @@ class SearchSettings:
             },
             option_style=True,
         )
-        uses_ray(self.workers, self.ray_address)  # a missing optional dependency is said before any work
+        # Ray missing, an address that does not answer, more workers than cores: said before any work.
+        uses_ray(self.workers, self.ray_address, option_style=True)
         # The budget is checked by ProblemSettings itself (from_options words it as options).
         if not isinstance(self.problem, ProblemSettings):
             raise InvalidSettingError("problem must be a ProblemSettings")

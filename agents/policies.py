@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from prune_env.checkpoint import _reject_constant, _unique_keys
 from prune_env.errors import InvalidSettingError
 from prune_env.fileio import write_text_atomic
 from prune_env.problem import PruningProblem
+from prune_env.serialize import loads_strict
 from prune_env.validation import as_real, budget_range, fraction
 
 POLICY_META = "policy.json"
@@ -102,9 +102,7 @@ def read_policy_meta(directory: str | Path) -> dict[str, Any]:
     if len(raw) > MAX_META_BYTES:
         refuse(file, f"larger than {MAX_META_BYTES // 2**20} MiB, not a policy description")
     try:
-        meta = json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
-        )
+        meta = loads_strict(raw)
     except UnicodeDecodeError:
         refuse(file, "not UTF-8 text, not a policy description")
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError

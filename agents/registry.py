@@ -266,17 +266,17 @@ def search(
         settings.setdefault("tensorboard_log", str(tensorboard_log))
     writer = EvaluationWriter(tensorboard_log) if tensorboard_log is not None else None
     scorer = None
-    if parallel:
-        scorer = RayScorer(problem, workers, address=ray_address)
-    evaluator = BudgetedEvaluator(
-        problem,
-        budget_evals,
-        reward=reward_fn,
-        on_evaluation=writer,
-        budget_range=budget_range,
-        scorer=scorer,
-    )
-    try:
+    try:  # the log and the Ray workers are released however this ends, a refused argument included
+        if parallel:
+            scorer = RayScorer(problem, workers, address=ray_address)
+        evaluator = BudgetedEvaluator(
+            problem,
+            budget_evals,
+            reward=reward_fn,
+            on_evaluation=writer,
+            budget_range=budget_range,
+            scorer=scorer,
+        )
         return run_agent(agent, evaluator, seed=seed, **settings)
     finally:
         if writer is not None:

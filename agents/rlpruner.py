@@ -28,7 +28,7 @@ from torch import nn
 from agents.evaluator import BudgetedEvaluator, BudgetExhausted
 from agents.policies import AllocationPolicy
 from agents.registry import register_agent
-from prune_env.data import iterate_batches
+from prune_env.batches import iterate_batches
 from prune_env.errors import InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import units_to_keep
 from prune_env.problem import PruningProblem

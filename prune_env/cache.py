@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from prune_env.data import Splits, take
+from prune_env.batches import take
+from prune_env.data import Splits
 from prune_env.fileio import write_atomic
 
 CACHE_ENV = "PRUNE_ENV_CACHE"

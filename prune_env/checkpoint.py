@@ -48,7 +48,7 @@ from prune_env.device import resolve_device
 from prune_env.errors import CheckpointError, InvalidSettingError, PruneEnvError
 from prune_env.fileio import write_atomic, write_text_atomic
 from prune_env.graph import DependencyGraph, build_graph
-from prune_env.serialize import json_default
+from prune_env.serialize import json_default, loads_strict
 from prune_env.surgery import prune_channels
 
 # Format 2 records the pruned model's MACs and parameter count; format 1 files are still read.
@@ -226,20 +226,6 @@ def _open_regular(path: Path, what: str) -> Iterator[IO[bytes]]:
         yield fh
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # A duplicated key is how a hand-edit hides a second value behind the first: refuse it.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"key {key!r} appears twice")
-        result[key] = value
-    return result
-
-
 def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated ``model.json`` description of a saved model (``path``: its directory or the json file).
 
@@ -260,9 +246,7 @@ def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{spec_file} is larger than {MAX_SPEC_BYTES // 2**20} MiB; not a model description"
         )
     try:
-        spec = json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
-        )
+        spec = loads_strict(raw)
     except UnicodeDecodeError:
         raise CheckpointError(f"{spec_file} is not UTF-8 text; not a model description") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
@@ -270,7 +254,7 @@ def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     return validate_spec(spec, spec_file)
 
 
-def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+def read_weights(weights: Path) -> dict[str, torch.Tensor]:
     """The state dict in ``weights``: plain tensors only, all finite. Raises :class:`CheckpointError`."""
     with _open_regular(weights, "weights file") as fh:
         if os.fstat(fh.fileno()).st_size == 0:
@@ -482,7 +466,7 @@ def load_pruned_with_spec(
     spec_file = directory / SPEC_FILE
     spec = read_spec(directory)
     weights = directory / WEIGHTS_FILE
-    state = _read_weights(weights)  # before the (slower) rebuild: a broken file fails at once
+    state = read_weights(weights)  # before the (slower) rebuild: a broken file fails at once
     base = _base_architecture(spec, base_model, spec_file)
     try:
         graph = build_graph(base, torch.zeros(1, *spec["input_shape"]))

@@ -15,14 +15,14 @@ import dataclasses
 import gzip
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from prune_env.errors import DatasetError, DatasetNotFoundError, InvalidSettingError, UnknownNameError
 from prune_env.validation import as_real, check_settings
@@ -362,125 +362,6 @@ def _load_cifar(
     )
 
 
-# ------------------------------------------------------------------------------------------------ ImageFolder
-
-
-def _unreadable(path: str, exc: BaseException) -> DatasetError:
-    return DatasetError(f"imagefolder: {path} is not a readable image ({exc}); replace or remove it")
-
-
-def read_image(path: str) -> Any:
-    """torchvision's image loader (RGB), with a file that fails to decode named in a :class:`DatasetError`:
-    files are checked before loading as far as that is cheap, the pixels only here, while loading."""
-    from PIL import Image
-    from torchvision.datasets.folder import default_loader
-
-    try:
-        return default_loader(path)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
-        raise _unreadable(path, exc) from None
-
-
-def _check_image_file(path: str) -> None:
-    """The file is an image of at least one pixel, intact as far as PIL's ``verify`` sees without decoding
-    (a PNG's chunks and checksums; a JPEG's header only): a tenth of a decode's cost."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            image.verify()
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise _unreadable(path, exc) from None
-    if width < 1 or height < 1:
-        raise DatasetError(f"imagefolder: {path} is {width}x{height} pixels; replace or remove it")
-
-
-def _image_folder(directory: Path, transform: Any) -> Any:
-    from torchvision import datasets
-
-    try:
-        return datasets.ImageFolder(str(directory), transform=transform, loader=read_image, allow_empty=True)
-    except FileNotFoundError:  # torchvision: no class folder at all
-        raise DatasetError(
-            f"imagefolder: {directory} has no class folders; expected {directory}/CLASS/*.jpg (or *.png)"
-        ) from None
-
-
-def _checked_image_folder(directory: Path, transform: Any) -> Any:
-    """An ImageFolder whose every class folder holds images and whose every image header is readable."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    folder = _image_folder(directory, transform)
-    counts = np.bincount(np.asarray(folder.targets, dtype=np.int64), minlength=len(folder.classes))
-    for name, count in zip(folder.classes, counts, strict=True):
-        if count == 0:
-            raise DatasetError(
-                f"imagefolder: class folder {directory / name} has no images ({', '.join(IMG_EXTENSIONS)}); "
-                "add images or remove the folder"
-            )
-    for path, _ in folder.samples:
-        _check_image_file(path)
-    return folder
-
-
-def _load_imagefolder(path: str, seed: int, val_fraction: float, image_size: int) -> Splits:
-    """Every image is resized (shorter side) and centre-cropped to ``image_size`` and converted to RGB, so
-    images of any size and mode become inputs of one shape, (3, image_size, image_size), the shape the
-    costs are computed for."""
-    from torchvision import transforms
-
-    base = Path(path).expanduser()
-    if not base.is_dir():
-        raise DatasetNotFoundError(
-            f"imagefolder: {base} is not a directory. Expected DIR/CLASS/*.jpg (or *.png), optionally split as "
-            f"DIR/train/CLASS/... and DIR/test/CLASS/... (or DIR/val/CLASS/...)"
-        )
-    mean, std = IMAGENET_STATS
-    resize = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
-    normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    plain = transforms.Compose([*resize, *normalize])
-    augment = transforms.Compose([*resize, transforms.RandomHorizontalFlip(), *normalize])
-    test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
-    if (base / "train").is_dir() and test_dir is not None:
-        train_plain = _checked_image_folder(base / "train", plain)
-        test_folder = _checked_image_folder(test_dir, plain)
-        if test_folder.classes != train_plain.classes:
-            raise DatasetError(
-                f"imagefolder: {test_dir} has the classes {test_folder.classes} but {base / 'train'} has "
-                f"{train_plain.classes}; labels follow the sorted folder names, so give both the same class folders"
-            )
-        test: Dataset[Any] = test_folder
-        train_aug = _image_folder(base / "train", augment)
-        labels = np.asarray(train_plain.targets)
-        check_split_sizes(
-            labels, [val_fraction], f"imagefolder {base / 'train'}", train_plain.classes, "add images"
-        )
-        train_idx, val_idx = stratified_split(labels, val_fraction, seed)
-    else:
-        # One folder of classes: carve test out first (20%), then val from the rest, both seeded.
-        train_plain = _checked_image_folder(base, plain)
-        train_aug = _image_folder(base, augment)
-        labels = np.asarray(train_plain.targets)
-        check_split_sizes(
-            labels, [0.2, val_fraction], f"imagefolder {base}", train_plain.classes,
-            "add images, or give a test split of your own as DIR/train/CLASS/... and DIR/test/CLASS/...",
-        )  # fmt: skip
-        trainval_idx, test_idx = stratified_split(labels, 0.2, seed)
-        train_idx, val_idx = stratified_split(labels, val_fraction, seed, indices=trainval_idx)
-        test = Subset(train_plain, test_idx.tolist())
-    return Splits(
-        name=f"imagefolder:{base.resolve()}",
-        train=Subset(train_aug, train_idx.tolist()),
-        val=Subset(train_plain, val_idx.tolist()),
-        test=test,
-        num_classes=len(train_plain.classes),
-        in_channels=3,
-        input_shape=(3, image_size, image_size),
-        seed=seed,
-    )
-
-
 # ------------------------------------------------------------------------------------------------ fake
 
 
@@ -549,7 +430,9 @@ def load(
     if key in ("cifar10", "cifar100"):
         return _load_cifar(key, root, seed, frac, download)
     if key.startswith("imagefolder:"):
-        return _load_imagefolder(name.strip()[len("imagefolder:") :], seed, frac, image_size)
+        from prune_env.image_folder import load_imagefolder  # imports data: loaded on use
+
+        return load_imagefolder(name.strip()[len("imagefolder:") :], seed, frac, image_size)
     if key == "fake":
         return _load_fake(seed)
     raise UnknownNameError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
@@ -579,96 +462,3 @@ def as_splits(dataset: DataSource, seed: int = 0) -> Splits:
         f"dataset must be a name, a prune_env.data.Splits, a torch Dataset or DataLoader, or a tuple (train, "
         f"test) or (train, val, test) of them; got {type(dataset).__name__}"
     )
-
-
-# ------------------------------------------------------------------------------------------------ model and data
-
-
-def _layer_mismatch(name: str, layer: torch.nn.Module, shape: torch.Size) -> str | None:
-    if isinstance(layer, torch.nn.modules.conv._ConvNd) and len(shape) >= 2 and shape[1] != layer.in_channels:
-        return f"the model's layer {name!r} takes {layer.in_channels} input channels but receives {shape[1]}"
-    if isinstance(layer, torch.nn.Linear) and len(shape) >= 1 and shape[-1] != layer.in_features:
-        return f"the model's layer {name!r} takes {layer.in_features} input features but receives {shape[-1]}"
-    return None
-
-
-def model_output(
-    model: torch.nn.Module, x: torch.Tensor, on_mismatch: Callable[[str], Exception]
-) -> torch.Tensor:
-    """``model(x)``. When a convolution or linear layer cannot take what reaches it, the exception
-    ``on_mismatch`` makes of a sentence naming the layer, what it takes and what it receives is raised instead
-    of torch's shape error (which stays attached as the cause); any other failure propagates as it is."""
-    entered: list[tuple[str, torch.nn.Module, torch.Size]] = []
-
-    def recorder(name: str) -> Callable[..., None]:
-        def record(layer: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], torch.Tensor):
-                entered.append((name, layer, args[0].shape))
-
-        return record
-
-    handles = [
-        layer.register_forward_pre_hook(recorder(name))
-        for name, layer in model.named_modules()
-        if isinstance(layer, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))
-    ]
-    try:
-        return model(x)
-    except RuntimeError as exc:
-        problem = _layer_mismatch(*entered[-1]) if entered else None
-        if problem is None:
-            raise
-        raise on_mismatch(problem) from exc
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-# ------------------------------------------------------------------------------------------------ batching
-
-
-def in_memory_tensors(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(inputs, labels) when ``dataset`` is an in-memory TensorDataset (or a Subset of one), else None."""
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-        return dataset.tensors[0], dataset.tensors[1]
-    if isinstance(dataset, Subset):
-        inner = in_memory_tensors(dataset.dataset)
-        if inner is not None:
-            idx = torch.as_tensor(dataset.indices, dtype=torch.long)
-            return inner[0][idx], inner[1][idx]
-    return None
-
-
-def iterate_batches(
-    dataset: Dataset[Any],
-    batch_size: int,
-    *,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, labels) batches; in-memory tensors are sliced directly (much faster than a DataLoader)."""
-    tensors = in_memory_tensors(dataset)
-    if tensors is None:
-        loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
-        )
-        yield from loader
-        return
-    x, y = tensors
-    n = len(y)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    end = n - n % batch_size if drop_last else n
-    for start in range(0, end, batch_size):
-        idx = order[start : start + batch_size]
-        yield x[idx], y[idx]
-
-
-def take(dataset: Dataset[Any], indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples at ``indices`` stacked into (inputs, labels) tensors."""
-    idx = torch.as_tensor(indices, dtype=torch.long)
-    tensors = in_memory_tensors(dataset)
-    if tensors is not None:
-        return tensors[0][idx], tensors[1][idx]
-    xs, ys = zip(*(dataset[int(i)] for i in idx), strict=True)
-    return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)

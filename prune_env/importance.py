@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prune_env.data import model_output
+from prune_env.batches import model_output
 from prune_env.errors import DatasetError, InvalidSettingError, UnknownNameError
 from prune_env.graph import ChannelGroup, Member
 

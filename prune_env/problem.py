@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from prune_env.batches import iterate_batches, model_output
 from prune_env.budget import BudgetProjector, keep_to_ratios
-from prune_env.data import DataSource, as_splits, iterate_batches, model_output
+from prune_env.data import DataSource, as_splits
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from prune_env.data import Splits, take
+from prune_env.batches import take
+from prune_env.data import Splits
 from prune_env.device import on_device, resolve_device, seed_generators
 from prune_env.errors import InvalidSettingError
 from prune_env.graph import DependencyGraph

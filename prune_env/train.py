@@ -25,8 +25,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from prune_env.batches import iterate_batches
 from prune_env.cache import cache_dir, cache_key, dataset_fingerprint, load_entry, save_entry, state_digest
-from prune_env.data import DataSource, Splits, as_splits, iterate_batches
+from prune_env.data import DataSource, Splits, as_splits
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidSettingError
 from prune_env.models import ModelSpec, get_model, model_name

@@ -11,8 +11,9 @@ from torch import nn
 
 import prune_env
 from agents import BudgetedEvaluator, BudgetExhausted, available, run_agent, search
+from agents.amc import TruncatedNormalNoise
 from agents.predictor import TorchCost
-from agents.sb3 import TruncatedNormalNoise, make_env
+from agents.sb3 import make_env
 from prune_env import UnknownNameError
 from prune_env.problem import PruningProblem
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from prune_env import data
-from prune_env.data import FASHION_SYSTEM_DIR, Splits, iterate_batches, load, read_idx
+from prune_env.batches import iterate_batches
+from prune_env.data import FASHION_SYSTEM_DIR, Splits, load, read_idx
 from prune_env.errors import DatasetNotFoundError, PruneEnvError, UnknownNameError
 
 HAS_FASHION = FASHION_SYSTEM_DIR.is_dir()

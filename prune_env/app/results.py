@@ -4,6 +4,7 @@ read back as :class:`BenchmarkResults` with summary tables and plots (Pareto fro
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from prune_env.errors import InvalidSettingError
-from prune_env.fileio import write_atomic
+from prune_env.fileio import reporting_full_disk, write_atomic, write_bytes_atomic
 from prune_env.serialize import json_default
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def _write_rows(f: Any, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]
 
 def append_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
     new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
+    with reporting_full_disk(path, None), path.open("a", newline="") as f:
         _write_rows(f, fields, rows, header=new)
         f.flush()
         os.fsync(f.fileno())  # the point of appending per run: survive a kill right after it
@@ -458,7 +459,9 @@ def _figure(n: int) -> tuple[Figure, list[Axes]]:
 def _finish(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        image = io.BytesIO()  # the format the suffix names (.png, .pdf, .svg), as savefig(path) picks it
+        fig.savefig(image, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+        write_bytes_atomic(path, image.getvalue())
     return fig
 
 

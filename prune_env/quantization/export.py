@@ -11,6 +11,7 @@ kernels for those widths).
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import warnings
@@ -21,15 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune_env.checkpoint import _read_weights
+from prune_env.checkpoint import read_weights
 from prune_env.errors import CheckpointError, InvalidSettingError
-from prune_env.fileio import write_text_atomic
+from prune_env.fileio import write_bytes_atomic, write_text_atomic
 from prune_env.quantization.bits import FULL_PRECISION, BitPlan, check_plan
 from prune_env.quantization.fakequant import (
     activation_ranges,
     fake_quantize_weights,
     install_activation_quantizers,
 )
+from prune_env.serialize import loads_strict
 
 INT8 = 8
 
@@ -99,7 +101,10 @@ def save_fake_quantized(
     ranges = activation_ranges(quantized, plan, batches)
     fake_quantize_weights(quantized, plan)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(quantized.state_dict(), targets[0])
+    weights = io.BytesIO()
+    torch.save(quantized.state_dict(), weights)
+    # Never replaces a file another process wrote meanwhile (the check above is only the early answer).
+    write_bytes_atomic(targets[0], weights.getvalue(), replace=False)
     document = {**json.loads(plan.to_json()), "activation_ranges": {k: list(v) for k, v in ranges.items()}}
     write_text_atomic(targets[1], json.dumps(document, indent=1))
     return out
@@ -123,7 +128,7 @@ def load_fake_quantized(model: nn.Module, directory: str | Path) -> tuple[nn.Mod
             f"{plan_file}: {exc} (pass the model save_fake_quantized was given, or re-save it)"
         ) from None
     ranges = _activation_ranges(document, plan, plan_file)
-    state = _read_weights(weights)
+    state = read_weights(weights)
     expected = model.state_dict()
     misfit = sorted(set(expected) ^ set(state)) or [
         k for k in expected if (state[k].shape, state[k].dtype) != (expected[k].shape, expected[k].dtype)
@@ -148,18 +153,18 @@ def load_fake_quantized(model: nn.Module, directory: str | Path) -> tuple[nn.Mod
 def _read_json(path: Path) -> Any:
     """The JSON document in ``path``, or :class:`CheckpointError` saying why there is none."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(
             f"{path} is missing: not a directory save_fake_quantized wrote (it holds bit_plan.json and "
             "model.pt)"
         ) from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path} is not UTF-8 text; not a bit plan") from None
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        return json.loads(text)
+        return loads_strict(raw)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text; not a bit plan") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise CheckpointError(
             f"{path} is not valid JSON ({' '.join(str(exc).split())[:120]}); re-save the model with "

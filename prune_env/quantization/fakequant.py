@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from prune_env.data import iterate_batches
+from prune_env.batches import iterate_batches
 from prune_env.errors import InvalidSettingError
 from prune_env.quantization.bits import FULL_PRECISION, BitPlan, check_plan
 

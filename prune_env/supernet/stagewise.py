@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prune_env.data import take
+from prune_env.batches import take
 from prune_env.proxy import ProxyContext
 from prune_env.supernet.stages import StageBoundary, find_boundaries
 from prune_env.supernet.subnets import StageTaps

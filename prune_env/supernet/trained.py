@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from prune_env.batches import iterate_batches
 from prune_env.cache import (
     array_digest,
     cache_dir,
@@ -38,7 +39,6 @@ from prune_env.cache import (
     save_entry,
     state_digest,
 )
-from prune_env.data import iterate_batches
 from prune_env.device import seed_generators
 from prune_env.proxy import Proxy, ProxyContext, ProxyEvaluator, ProxyResult
 from prune_env.settings import DEFAULT_SUPERNET_FINETUNE_STEPS

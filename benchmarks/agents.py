@@ -2,8 +2,9 @@
 
 For each dataset and MACs target, every agent searches the same :class:`PruningProblem` (same base model,
 ranking, projection and proxy on validation data) with the same evaluation budget and several seeds. The
-best policy found is built from the base model and fine-tuned with the same distillation recipe
-(:func:`prune_env.train.finetune`, teacher = the unpruned model); only then is the test split read.
+best policy found gets the harness's final fine-tune (:func:`prune_env.app.benchmark.finetune_accuracy`:
+distillation from the unpruned model, starting from the pruned model as the proxy scored it, on one fixed
+training subset); only then is the test split read.
 
     python benchmarks/agents.py --datasets digits --targets 0.25 0.5 --seeds 0 1 2 --evals 40 \\
         --finetune-epochs 3 --csv agents.csv
@@ -33,9 +34,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from agents import available, search  # noqa: E402
+from prune_env.app.benchmark import finetune_accuracy  # noqa: E402
 from prune_env.data import load  # noqa: E402
 from prune_env.problem import PruningProblem  # noqa: E402
-from prune_env.train import finetune, train_base  # noqa: E402
+from prune_env.train import train_base  # noqa: E402
 
 FIELDS = [
     "dataset",
@@ -88,6 +90,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def final_scores(
+    problem: PruningProblem, keep: np.ndarray, args: argparse.Namespace, seed: int
+) -> dict[str, float]:
+    """The fine-tuned columns of one run's row: the harness's final fine-tune of ``keep``, timed."""
+    start = time.perf_counter()
+    val, test = finetune_accuracy(problem, keep, args.finetune_epochs, args.finetune_samples or None, seed)
+    return {
+        "finetuned_val_accuracy": val,
+        "finetuned_test_accuracy": test,
+        "finetune_seconds": time.perf_counter() - start,
+    }
+
+
 def summarise(rows: list[dict[str, object]]) -> str:
     """Mean ± std over seeds per (dataset, target, proxy KD steps, agent)."""
     groups: dict[tuple[str, float, int, str], list[dict[str, object]]] = defaultdict(list)
@@ -128,7 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dataset in args.datasets:
             splits = load(dataset, seed=0)
             base, metrics = train_base(args.model, splits, seed=0, progress=False)
-            tune_splits = splits.with_training_subset(args.finetune_samples or None, 0)
             print(f"{args.model} on {dataset}: base test accuracy {metrics['test_accuracy']:.4f}", flush=True)
             for target in args.targets:
                 problem = PruningProblem(
@@ -144,14 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for seed in args.seeds:
                     for agent in args.agents:
                         result = search(agent, problem, args.evals, seed=seed)
-                        _, ft = finetune(
-                            problem.scored_model(result.best_keep),  # as the proxy scored it
-                            problem.base_model,
-                            tune_splits,
-                            args.finetune_epochs,
-                            seed=seed,
-                            progress=False,
-                        )
+                        tuned = final_scores(problem, result.best_keep, args, seed)
                         row: dict[str, object] = {
                             "dataset": dataset,
                             "model": args.model,
@@ -162,10 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "proxy_finetune_steps": args.finetune_steps,
                             "proxy_accuracy": result.best_outcome.accuracy,
                             "macs_ratio": result.best_outcome.macs_ratio,
-                            "finetuned_val_accuracy": ft["val_accuracy"],
-                            "finetuned_test_accuracy": ft["test_accuracy"],
+                            **tuned,
                             "search_seconds": result.seconds,
-                            "finetune_seconds": ft["finetune_seconds"],
                             "finetune_epochs": args.finetune_epochs,
                             "finetune_samples": args.finetune_samples or len(splits.train),
                             "best_ratios": " ".join(f"{r:.3f}" for r in result.best_ratios),
@@ -175,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         rows.append(row)
                         print(
                             f"[{time.strftime('%H:%M:%S')}] {dataset} {target} seed {seed} {agent:<10} "
-                            f"proxy {row['proxy_accuracy']:.4f} tuned {ft['test_accuracy']:.4f} "
+                            f"proxy {row['proxy_accuracy']:.4f} tuned {tuned['finetuned_test_accuracy']:.4f} "
                             f"macs {row['macs_ratio']:.3f} ({result.seconds:.1f}s)",
                             flush=True,
                         )

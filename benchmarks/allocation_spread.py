@@ -16,39 +16,48 @@ a ResNet every stage costs about the same MACs (channels double as resolution ha
 is close to an even MACs split, while parameters sit mostly in the late, wide layers, where uniform pruning
 removes as much of the cheap early layers as of the expensive late ones.
 
-Every fine-tune is a KD fine-tune from the pruned base model on the same fixed training subset, with the
-same seed. Every finished fine-tune is written to ``--out`` at once, and a rerun with the same file skips
-what it holds (an interrupted setting goes on from its last finished fine-tune).
+Every fine-tune is the harness's (:func:`prune_env.app.benchmark.finetune_accuracy`: KD from the base
+model, starting from the pruned model as the proxy scored it, on one fixed training subset of
+``--finetune-samples``), with the same seed. Every finished fine-tune is written to ``--out`` at once, and a
+rerun with the same file skips what it holds (an interrupted setting goes on from its last finished
+fine-tune); a file written before the scripts shared that recipe is refused rather than extended.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+# Run as a script, this file's directory comes first on sys.path, where benchmarks/agents.py would shadow
+# the ``agents`` package the harness imports: drop that entry first.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from prune_env import PruningProblem
-from prune_env.data import Splits
-from prune_env.train import finetune
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from prune_env import PruningProblem  # noqa: E402
+from prune_env.app.benchmark import finetune_accuracy  # noqa: E402
+
+# Marks an --out file whose fine-tunes are the harness's; files without it were made with this script's
+# earlier recipe (from the pruned base model), which scores the same policy differently.
+RECIPE = "finetune_accuracy"
 
 
 def tuned(
-    problem: PruningProblem, keep: np.ndarray, splits: Splits, epochs: int, seed: int
+    problem: PruningProblem, keep: np.ndarray, epochs: int, samples: int | None, seed: int
 ) -> dict[str, Any]:
+    """One fine-tune of ``keep``: the harness's recipe, timed."""
     start = time.perf_counter()
-    _, metrics = finetune(
-        problem.build(keep), problem.base_model, splits, epochs=epochs, seed=seed, progress=False
-    )
+    val, test = finetune_accuracy(problem, keep, epochs, samples, seed)
     return {
         "epochs": epochs,
-        "val_accuracy": metrics["val_accuracy"],
-        "test_accuracy": metrics["test_accuracy"],
+        "val_accuracy": val,
+        "test_accuracy": test,
         "seconds": time.perf_counter() - start,
     }
 
@@ -72,14 +81,13 @@ def measure(
     interrupted setting resumes where it stopped."""
     target: dict[str, Any] = {f"target_{args.metric}": budget}
     problem = PruningProblem(model, args.dataset, seed=args.seed, progress=False, **target)
-    tune = problem.splits.with_training_subset(args.finetune_samples, args.seed)
     rng = np.random.default_rng(args.seed)
     policies = [
         problem.keep_for(rng.uniform(0.0, problem.max_ratio, problem.n_groups)) for _ in range(args.random)
     ]
     screened: list[dict[str, Any]] = done.setdefault("screen", [])
     for i in range(len(screened), len(policies)):
-        screened.append(tuned(problem, policies[i], tune, args.screen_epochs, args.seed))
+        screened.append(tuned(problem, policies[i], args.screen_epochs, args.finetune_samples, args.seed))
         checkpoint()
         print(f"  {model} @{budget}: random {i}: val {screened[-1]['val_accuracy']:.4f}", flush=True)
     best = int(np.argmax([s["val_accuracy"] for s in screened]))
@@ -90,7 +98,7 @@ def measure(
             if str(epochs) in lengths[name]:
                 continue
             run = screened[best] if name == "best_random" and epochs == args.screen_epochs else None
-            lengths[name][str(epochs)] = run or tuned(problem, keep, tune, epochs, args.seed)
+            lengths[name][str(epochs)] = run or tuned(problem, keep, epochs, args.finetune_samples, args.seed)
             checkpoint()
         print(
             f"  {model} @{budget}: {epochs} epochs: uniform {lengths['uniform'][str(epochs)]['test_accuracy']:.4f}, "
@@ -163,7 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    saved: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"args": vars(args), "rows": []}
+    saved: dict[str, Any] = (
+        json.loads(out.read_text()) if out.exists() else {"args": vars(args), "recipe": RECIPE, "rows": []}
+    )
+    if saved.get("recipe") != RECIPE:
+        raise SystemExit(
+            f"{out} was made with this script's earlier fine-tune recipe: use another --out (--report still "
+            "reads it)"
+        )
 
     def write() -> None:
         tmp = out.with_suffix(".tmp")

@@ -1,47 +1,101 @@
-"""Where should the final fine-tune of a supernet-scored policy start: the supernet's weights or the base model's?
+"""Where should the final fine-tune of a policy start: the model as the proxy scored it, or the pruned base model?
 
-Stage-wise Pruning fine-tunes the chosen sub-network from the supernet's shared weights; the rest of
-prune_env fine-tunes the pruned base model. For the first N policies of a saved
-``benchmarks/proxy_fidelity.py`` ground truth (whose fine-tunes started from the pruned base model), fine-tune
-the same policies from the trained proxy's sub-network with the same recipe and seeds, and compare paired:
+The harness's final fine-tune (:func:`prune_env.app.benchmark.finetune_accuracy`) starts from the model as
+the problem's proxy scored it: a supernet proxy's trained sub-network (Stage-wise Pruning's start), or the
+pruned model with recalibrated BatchNorm. For the first N policies of a saved ``benchmarks/proxy_fidelity.py``
+run (its model, dataset, seed, MACs budget, fine-tune length and training subset), fine-tune each policy
+twice, with the same seeds: exactly as the harness does (the reference arm, ``from_proxy``), and with the
+same recipe from the pruned base model's weights and BatchNorm statistics (``start="pruned"``,
+``from_base``); then compare paired:
 
     python benchmarks/finetune_start.py --truth-from benchmarks/results/proxy_fidelity_fashion_25_part1.json \\
         --policies 10 --proxy supernet --threads 1 --out run.json
+    python benchmarks/finetune_start.py --report run.json
 
-The proxy is the one proxy_fidelity.py trains for these policies (same variant name, loaded from the cache).
+``--proxy`` is the problem's proxy (``supernet``, ``pruningnet``, ``recalibration`` or ``distillation``),
+trained as a search trains it (and cached). Fine-tune seeds are 0 to N-1, the harness's run seeds. Files
+written before both arms were fine-tuned here (their base arm was the saved ground truth's own fine-tune)
+are reported only with each other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-import torch
-from proxy_fidelity import load_rows, parse_trained, random_policy, trained_proxy
-from scipy.stats import kendalltau, ttest_rel
+# Run as a script, this file's directory comes first on sys.path, where benchmarks/agents.py would shadow
+# the ``agents`` package the harness imports: import the harness without that entry, then put it back for
+# proxy_fidelity.py beside this file.
+HERE = Path(__file__).resolve().parent
+_as_script = any(Path(p or ".").resolve() == HERE for p in sys.path)
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-import prune_env
-from prune_env.data import load
-from prune_env.train import finetune, train_base
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy.stats import kendalltau, ttest_rel  # noqa: E402
+
+from prune_env import PruningProblem  # noqa: E402
+from prune_env.app.benchmark import finetune_accuracy  # noqa: E402
+from prune_env.settings import ProblemSettings  # noqa: E402
+
+if _as_script:
+    sys.path.insert(0, str(HERE))
+from proxy_fidelity import MAX_RATIO, load_rows  # noqa: E402
+
+# Marks an --out file whose two arms are both the harness's recipe (see the module docstring).
+RECIPE = "finetune_accuracy"
+
+
+def start_problem(saved: dict, proxy: str) -> PruningProblem:
+    """The harness's problem for a saved proxy_fidelity.py run's policies, scored by ``proxy``."""
+    settings = ProblemSettings(
+        target_macs=saved["budget"],
+        proxy=proxy,
+        max_ratio=MAX_RATIO,
+        eval_samples=saved["eval_samples"],
+        seed=saved["seed"],
+        progress=False,
+    )
+    return PruningProblem(saved["model"], saved["dataset"], settings)
+
+
+def compare_starts(
+    problem: PruningProblem, keep: np.ndarray, epochs: int, samples: int | None, seeds: Iterable[int]
+) -> dict[str, list[float]]:
+    """Test accuracy per seed after the harness's fine-tune (``from_proxy``: exactly
+    :func:`finetune_accuracy`) and after the same fine-tune from the pruned base model (``from_base``)."""
+    seeds = list(seeds)
+    return {
+        "from_proxy": [finetune_accuracy(problem, keep, epochs, samples, s)[1] for s in seeds],
+        "from_base": [finetune_accuracy(problem, keep, epochs, samples, s, start="pruned")[1] for s in seeds],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--truth-from", nargs="+", metavar="JSON")
-    parser.add_argument("--policies", type=int, default=10, help="the first N policies of the ground truth")
+    parser.add_argument("--truth-from", nargs="+", metavar="JSON", help="a proxy_fidelity.py --out file")
+    parser.add_argument("--policies", type=int, default=10, help="the first N policies of the saved run")
     parser.add_argument("--skip", type=int, default=0, help="start after the first K of them (split a run)")
-    parser.add_argument("--proxy", default="supernet", help="a trained variant of proxy_fidelity.py")
-    parser.add_argument("--seeds", type=int, default=None, help="the first N fine-tune seeds of the truth")
+    parser.add_argument("--proxy", default="supernet", help="the problem's proxy: the harness's start")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="fine-tune seeds 0 to N-1 (default: as many as the saved run has)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--report", nargs="+", metavar="JSON", help="summarise earlier --out files together")
     args = parser.parse_args(argv)
     if args.report:
         runs = [json.loads(Path(p).read_text()) for p in args.report]
+        if len({run.get("recipe") for run in runs}) > 1:
+            parser.error("these files mix the earlier recipe with the harness's: report them separately")
         summarise([row for run in runs for row in run["rows"]], runs[0]["args"]["proxy"])
         return
     if not args.truth_from:
@@ -49,42 +103,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     saved, known = load_rows(args.truth_from)
-    splits = load(saved["dataset"], seed=saved["seed"])
-    base, _ = train_base(saved["model"], splits, seed=saved["seed"], progress=False)
-    tune_splits = splits.with_training_subset(saved["finetune_samples"] or None, saved["seed"])
-    graph = prune_env.build_graph(base, splits.example_inputs())
-    rng = np.random.default_rng(saved["seed"] if saved.get("policy_seed") is None else saved["policy_seed"])
-    policies = [random_policy(graph, saved["budget"] * graph.macs(0.0), rng) for _ in range(max(known) + 1)]
-    proxy = trained_proxy(
-        parse_trained(args.proxy, saved["eval_samples"]), base, graph, splits, saved["seed"]
-    )
-    seeds = known[0]["truth_seeds"][: args.seeds]
+    problem = start_problem(saved, args.proxy)
+    seeds = range(args.seeds or len(known[min(known)]["truth_seeds"]))
     rows = []
     for i in sorted(known)[args.skip : args.policies]:
-        if not np.allclose(known[i]["ratios"], policies[i], atol=1e-4):
-            raise SystemExit(f"policy {i} differs from the saved one: not the same base model or policies")
-        keep = graph.keep_counts(policies[i])
-        accuracies = []
-        for k in seeds:
-            start = proxy.prepare_policy(keep, lambda: None)
-            _, metrics = finetune(
-                start,
-                base,
-                tune_splits,
-                epochs=saved["finetune_epochs"],
-                seed=saved["seed"] + k,
-                progress=False,
-            )
-            accuracies.append(metrics["test_accuracy"])
-        from_base = known[i]["finetuned_test_accuracy_per_seed"][: len(seeds)]
-        score = proxy.evaluate_policy(keep, lambda: None).accuracy
-        rows.append({"policy": i, "from_proxy": accuracies, "from_base": from_base, "proxy_accuracy": score})
+        keep = problem.unprojected_keep(known[i]["ratios"])  # the saved policy, not projected again
+        arms = compare_starts(
+            problem, keep, saved["finetune_epochs"], saved["finetune_samples"] or None, seeds
+        )
+        rows.append({"policy": i, **arms, "proxy_accuracy": problem.proxy_result(keep).accuracy})
         print(
-            f"policy {i}: from {args.proxy} {np.mean(accuracies):.4f}, from base {np.mean(from_base):.4f}",
+            f"policy {i}: from {args.proxy} {np.mean(arms['from_proxy']):.4f}, "
+            f"from base {np.mean(arms['from_base']):.4f}",
             flush=True,
         )
         if args.out:
-            Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+            Path(args.out).write_text(
+                json.dumps({"args": vars(args), "recipe": RECIPE, "rows": rows}, indent=1)
+            )
     summarise(rows, args.proxy)
 
 

@@ -9,21 +9,23 @@ For each BitOps budget (a fraction of the unpruned model's at 32 bits):
 - ``joint, <agent>``: a search over ratios and per-group weight / activation bits (``random``, ``ppo``, ...)
   with ``--evals`` proxy evaluations.
 
-Each final policy is fine-tuned identically in floating point (KD from the base model, ``--finetune-epochs``
-on a fixed subset of ``--finetune-samples`` training images), then quantized as its plan says (activation
-ranges calibrated on fixed training batches) and scored on the test split, which nothing else reads.
+Each final policy gets the harness's final fine-tune (:func:`prune_env.app.benchmark.finetune_accuracy`
+with the policy's bit plan): KD from the base model in floating point, starting from the pruned model as
+the proxy prepared it, ``--finetune-epochs`` on one fixed subset of ``--finetune-samples`` training images;
+then it is quantized as its plan says (activation ranges calibrated on the quantized proxy's fixed training
+batches) and scored on validation and test, which nothing else reads.
 
     python benchmarks/joint_quantization.py --dataset fashion-mnist --model vgg11_quarter \\
         --targets 0.01 0.02 0.04 --agents random ppo --evals 60 --finetune-epochs 3 --out joint.json
     python benchmarks/joint_quantization.py --report joint.json --plot joint.png
 
-Rows are written to ``--out`` as they finish; a rerun with the same file skips them.
+Rows are written to ``--out`` as they finish; a rerun with the same file skips them (a file written before
+the scripts shared the harness's fine-tune is refused rather than extended).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -40,15 +42,14 @@ import torch  # noqa: E402
 
 from agents import search  # noqa: E402
 from prune_env import PruningProblem  # noqa: E402
-from prune_env.quantization import (  # noqa: E402
-    BIT_CHOICES,
-    BitPlan,
-    calibration_batches,
-    fake_quantize,
-    quantizable_layers,
-)
+from prune_env.app.benchmark import finetune_accuracy  # noqa: E402
+from prune_env.quantization import BIT_CHOICES, BitPlan, quantizable_layers  # noqa: E402
 from prune_env.quantization.costs import bitops, size_bits  # noqa: E402
-from prune_env.train import evaluate, finetune  # noqa: E402
+
+# Marks an --out file whose fine-tunes are the harness's; files without it were made with this script's
+# earlier recipe (from the pruned base model, subset and calibration seeded by the run), which scores the
+# same policy differently.
+RECIPE = "finetune_accuracy"
 
 
 def quantization_alone(problem: PruningProblem, target: float) -> tuple[np.ndarray, BitPlan] | None:
@@ -65,22 +66,15 @@ def quantization_alone(problem: PruningProblem, target: float) -> tuple[np.ndarr
 def final_accuracy(
     problem: PruningProblem, keep: np.ndarray, plan: BitPlan, args: argparse.Namespace, seed: int
 ) -> dict[str, float]:
-    """Fine-tune the pruned model in floating point, quantize it as ``plan`` says, score it on test."""
-    splits = problem.splits
-    tune = splits.with_training_subset(args.finetune_samples, seed)
+    """The harness's final fine-tune of ``keep`` quantized as ``plan`` says, and the policy's costs."""
     start = time.perf_counter()
-    tuned, metrics = finetune(
-        problem.build(keep), problem.base_model, tune, args.finetune_epochs, seed=seed, progress=False
-    )
-    quantized = fake_quantize(
-        copy.deepcopy(tuned).eval(), plan, calibration_batches(splits.train, 4, seed=seed)
-    )
+    val, test = finetune_accuracy(problem, keep, args.finetune_epochs, args.finetune_samples, seed, plan=plan)
     costs = problem.graph.costs
     joint = problem.joint
     assert joint is not None
     return {
-        "float_test_accuracy": float(metrics["test_accuracy"]),
-        "test_accuracy": float(evaluate(quantized, splits.test)["accuracy"]),
+        "val_accuracy": val,
+        "test_accuracy": test,
         "bitops_ratio": bitops(costs, keep, plan) / joint.base_bitops,
         "size_ratio": size_bits(costs, keep, plan) / joint.base_size_bits,
         "macs_ratio": costs.macs(keep) / problem.graph.base_macs,
@@ -90,7 +84,14 @@ def final_accuracy(
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    saved = json.loads(out.read_text()) if out.exists() else {"args": vars(args), "rows": []}
+    saved: dict[str, Any] = (
+        json.loads(out.read_text()) if out.exists() else {"args": vars(args), "recipe": RECIPE, "rows": []}
+    )
+    if saved.get("recipe") != RECIPE:
+        raise SystemExit(
+            f"{out} was made with this script's earlier fine-tune recipe: use another --out (--report still "
+            "reads it)"
+        )
     done = {(r["target"], r["method"], r["seed"]) for r in saved["rows"]}
 
     def save(row: dict[str, Any]) -> None:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> None:
         tmp.replace(out)
         print(
             f"  {row['method']:<26} BitOps {row['target']:.3f}: test {row.get('test_accuracy', math.nan):.4f} "
-            f"(float {row.get('float_test_accuracy', math.nan):.4f}), MACs {row.get('macs_ratio', math.nan):.3f}, "
+            f"(val {row.get('val_accuracy', math.nan):.4f}), MACs {row.get('macs_ratio', math.nan):.3f}, "
             f"size {row.get('size_ratio', math.nan):.3f}",
             flush=True,
         )
@@ -186,7 +187,7 @@ def report(paths: list[str], plot: str | None = None) -> None:
         print(f"plot: {plot}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -203,7 +204,7 @@ def main() -> None:
     parser.add_argument("--out", default="joint_quantization.json")
     parser.add_argument("--plot", default=None, help="write the Pareto plot (PNG) here")
     parser.add_argument("--report", nargs="+", metavar="JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.report:
         report(args.report, args.plot)
         return

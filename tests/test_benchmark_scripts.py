@@ -197,7 +197,7 @@ def test_allocation_spread_resumes_an_interrupted_setting_without_repeating_fine
     calls: list[tuple[int, tuple[int, ...]]] = []
     stop_after = [4]
 
-    def fake_tuned(problem, keep, splits, epochs, seed):  # type: ignore[no-untyped-def]
+    def fake_tuned(problem, keep, epochs, samples, seed):  # type: ignore[no-untyped-def]
         if len(calls) == stop_after[0]:
             raise KeyboardInterrupt  # the process stops part-way through the setting
         calls.append((epochs, tuple(int(k) for k in keep)))
@@ -229,7 +229,7 @@ def test_allocation_spread_params_budget_is_its_own_setting(
 ) -> None:
     script = _script("allocation_spread")
 
-    def fake_tuned(problem, keep, splits, epochs, seed):  # type: ignore[no-untyped-def]
+    def fake_tuned(problem, keep, epochs, samples, seed):  # type: ignore[no-untyped-def]
         return {"epochs": epochs, "val_accuracy": 0.5, "test_accuracy": 0.5, "seconds": 0.0}
 
     monkeypatch.setattr(script, "tuned", fake_tuned)

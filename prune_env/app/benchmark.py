@@ -19,10 +19,16 @@ Results are tidy files under ``out``: ``runs.csv`` (one row per run), ``evaluati
 evaluation, keyed by the run's columns) and ``runs.json`` (the run rows plus the grid settings). A run's
 rows are written as soon as it finishes, so an interrupted grid loses at most the run in progress, and
 calling :func:`run` again with the same ``out`` skips every run already in ``runs.csv``.
+
+Each directory records where its results came from (:mod:`prune_env.app.provenance`): ``runs.json`` keeps
+one record per invocation that added runs (git revision, library versions, hardware, torch threads, the
+command line and every agent's full settings) and each run row its revision. Resuming with other code or
+other agent settings is refused unless ``allow_mixed=True``.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -34,6 +40,7 @@ import numpy as np
 
 from agents.evaluator import BudgetedEvaluator
 from agents.registry import NoSettings, available, resolve_agent, run_agent
+from prune_env.app import labels, provenance
 from prune_env.app.results import (
     EVAL_FIELDS,
     RUN_FIELDS,
@@ -52,44 +59,13 @@ from prune_env.optional_ray import uses_ray
 from prune_env.problem import PruningProblem, check_model_arg
 from prune_env.rewards import get_reward
 from prune_env.settings import ProblemSettings
-from prune_env.validation import check_sequence, check_settings
+from prune_env.validation import check_sequence, check_settings, flag
 
 if TYPE_CHECKING:
     from prune_env.data import DataSource
     from prune_env.models import ModelSpec
     from prune_env.quantization import BitPlan
     from prune_env.rewards import RewardFn
-
-# ------------------------------------------------------------------------------------------------ labels
-
-
-def _label(obj: Any, what: str) -> str:
-    if isinstance(obj, str):
-        return obj
-    name = getattr(obj, "name", None)
-    if what == "dataset" and isinstance(name, str):  # a Splits knows its dataset's name
-        return name
-    name = getattr(obj, "__name__", None)  # functions and classes
-    if name:
-        return str(name)
-    # Instances: a reward's repr shows its parameters (``Lagrangian(lam=1.0)``); a module's would be huge.
-    return repr(obj) if what == "reward" else type(obj).__name__
-
-
-def _labelled(items: Sequence[Any] | Mapping[str, Any] | Any, what: str) -> list[tuple[str, Any]]:
-    """``[(label, item)]``: a mapping gives its own labels; strings, Splits and callables are named."""
-    if isinstance(items, Mapping):
-        return [(str(k), v) for k, v in items.items()]
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-        items = [items]
-    pairs = [(_label(x, what), x) for x in items]
-    labels = [p[0] for p in pairs]
-    if len(set(labels)) != len(labels):
-        raise InvalidSettingError(
-            f"{what} labels must be unique, got {labels}; pass a dict {{label: {what}}}"
-        )
-    return pairs
-
 
 # ------------------------------------------------------------------------------------------------ run
 
@@ -111,6 +87,7 @@ def run(
     progress: bool = True,
     workers: int | None = None,
     ray_address: str | None = None,
+    allow_mixed: bool = False,
 ) -> BenchmarkResults:
     """Run every agent × seed on every (model, dataset, target) and save tidy results under ``out``.
 
@@ -138,6 +115,9 @@ def run(
             rows are written as runs finish, so the files and resuming work as for a serial grid.
         ray_address: a Ray cluster to run the tasks on (``"auto"``, ``"ray://HOST:10001"``); with
             ``workers`` unset, as many at once as the cluster has CPUs.
+        allow_mixed: resume a directory whose runs were made by other code (another git revision, or
+            ``"unknown"`` for a directory written before revisions were recorded) or with other settings of
+            an agent; refused otherwise, naming both values. The table then says what was mixed.
 
     Returns the results of the whole grid, including runs completed by earlier calls with the same
     ``out`` (which are skipped, not repeated). Results depend only on the arguments and seeds.
@@ -159,17 +139,19 @@ def run(
     seeds = check_sequence("seeds", seeds, "seed")
     get_reward(reward)
     check_problem_kwargs(problem_kwargs or {})
-    agent_pairs = _labelled(available() if agents is None else agents, "agent")
+    flag("allow_mixed", allow_mixed)
+    agent_pairs = labels.labelled(available() if agents is None else agents, "agent")
     settings = {str(k): dict(v) for k, v in (agent_settings or {}).items()}
     for label, agent in agent_pairs:
         spec = resolve_agent(agent)
         if spec.settings is not NoSettings or settings.get(label):
             spec.make_settings(settings.get(label, {}))
-    model_pairs = _labelled(models, "model")
+    record = provenance.make_record(provenance.agent_settings(agent_pairs, settings))
+    model_pairs = labels.labelled(models, "model")
     for _, model in model_pairs:
         check_model_arg(model)
-    dataset_pairs = _labelled(datasets, "dataset")
-    reward_label = _label(reward, "reward")
+    dataset_pairs = labels.labelled(datasets, "dataset")
+    reward_label = labels.label(reward, "reward")
 
     with RunDirectory(out, run_files=(), resume=True, option="out") as rundir:
         return _run_grid(
@@ -189,6 +171,8 @@ def run(
             metric,
             progress,
             (workers, ray_address) if on_ray else None,
+            record,
+            allow_mixed,
         )
 
 
@@ -220,8 +204,11 @@ def _run_grid(
     metric: str,
     progress: bool,
     ray: tuple[int | None, str | None] | None,
+    record: dict[str, Any],
+    allow_mixed: bool,
 ) -> BenchmarkResults:
-    """The grid of :func:`run` in a directory this process holds (on Ray: ``(workers, address)``)."""
+    """The grid of :func:`run` in a directory this process holds (on Ray: ``(workers, address)``);
+    ``record``: this invocation's provenance, kept once it adds a run."""
     from tqdm.auto import tqdm
 
     out = rundir.path
@@ -257,6 +244,8 @@ def _run_grid(
                     f"{saved} was made with {key}={before}, this grid asks for {value}. "
                     "Use another `out` directory."
                 )
+    if done.runs:
+        provenance.check_unmixed([*done.records(), {**record, "directory": "this run"}], allow_mixed)
     if len(done.evaluations) != len(read_csv(evals_csv)):
         # Drop the rows of a run interrupted before its run row was written: its rerun writes them again.
         # The file as it was is kept aside first.
@@ -289,18 +278,40 @@ def _run_grid(
     }
     results = done
     results.out, results.settings = out, meta
+    this_run = {**record, "directory": str(out)}
+
+    def write_runs_json() -> None:
+        # Records derived from old rows are not stored: loading derives them again.
+        records = [{k: v for k, v in r.items() if k != "directory"} for r in results.provenance]
+        write_json(
+            saved, {"settings": meta, "provenance": records, "runs": [jsonable(r) for r in results.runs]}
+        )
+
+    if todo and runs_csv.exists() and _header(runs_csv) != list(RUN_FIELDS):
+        # Rows made before a column existed (the revision): rewrite the file with every column, blank
+        # where unknown, so appended rows line up with the header. The file as it was is kept aside.
+        rundir.keep_aside(runs_csv.name)
+        write_csv(runs_csv, RUN_FIELDS, done.runs)
 
     def save(item: GridItem, run_row: dict[str, Any], eval_rows: list[dict[str, Any]]) -> None:
         (m_label, _), (d_label, _), target, (a_label, _), seed = item
         keys = {"agent": a_label, "model": m_label, "dataset": d_label, "target": target, "seed": seed}
-        run_row = {**keys, "metric": metric, "reward": reward_label, **run_row}
+        run_row = {
+            **keys,
+            "metric": metric,
+            "reward": reward_label,
+            **run_row,
+            "revision": record["revision"],
+        }
         eval_rows = [{**keys, **e} for e in eval_rows]
         # Evaluations first, then the run row: a run counts as done only once all its rows are on disk.
         append_csv(evals_csv, EVAL_FIELDS, eval_rows)
         append_csv(runs_csv, RUN_FIELDS, [run_row])
         results.runs.append(run_row)
         results.evaluations.extend(eval_rows)
-        write_json(out / "runs.json", {"settings": meta, "runs": [jsonable(r) for r in results.runs]})
+        if not any(r is this_run for r in results.provenance):  # once per invocation, at its first run
+            results.provenance.append(this_run)
+        write_runs_json()
 
     def problem_for(item: GridItem) -> PruningProblem:
         (_, model), (_, dataset), target, _, _ = item
@@ -324,8 +335,8 @@ def _run_grid(
                     problems[pkey] = problem_for(item)
                 save(item, *_one_run(problems[pkey], *one_run(item)))
                 bar.update(1)
-    if not todo and not (out / "runs.json").exists():
-        write_json(out / "runs.json", {"settings": meta, "runs": [jsonable(r) for r in results.runs]})
+    if not todo and not saved.exists():
+        write_runs_json()
     # Report the requested grid in grid order, even if the directory holds more (an earlier, larger grid).
     order = {(a[0], m[0], d[0], t, s): k for k, (m, d, t, a, s) in enumerate(grid)}
     results.runs = sorted((r for r in results.runs if run_key(r) in order), key=lambda r: order[run_key(r)])
@@ -336,6 +347,11 @@ def _run_grid(
 
 
 GridItem = tuple[tuple[str, Any], tuple[str, Any], float, tuple[str, Any], int]
+
+
+def _header(path: os.PathLike[str]) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
 
 
 def _grid_on_ray(

@@ -4,7 +4,6 @@ read back as :class:`BenchmarkResults` with summary tables and plots (Pareto fro
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -15,12 +14,34 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prune_env.app.paired import (
+    ALPHA,
+    PAIRED_FIELDS,
+    RANDOM,
+    by_seed,
+    comparisons,
+    goals,
+    headline,
+    mean_std,
+    paired_difference,
+    setting_of,
+)
+from prune_env.app.plots import (
+    UNIFORM,
+    agent_colors,
+    finish_figure,
+    incumbent_accuracy,
+    new_figure,
+    pareto_front,
+)
+from prune_env.app.provenance import UNKNOWN, check_unmixed, mixed_lines
+from prune_env.app.report import table_text, verdict_lines
 from prune_env.errors import InvalidSettingError
-from prune_env.fileio import reporting_full_disk, write_atomic, write_bytes_atomic
+from prune_env.fileio import reporting_full_disk, write_atomic
 from prune_env.serialize import json_default
+from prune_env.validation import flag
 
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 
@@ -42,6 +63,7 @@ RUN_FIELDS = (
     "seconds",  # search plus fine-tune; memo hits on the shared problem make later runs faster
     "ratios",  # of the best policy, one per group
     "keep",  # kept units per group of the best policy
+    "revision",  # of the code that made the run (provenance.revision); blank in files made before it
 )
 EVAL_FIELDS = (
     *RUN_KEYS,
@@ -56,10 +78,11 @@ EVAL_FIELDS = (
     "keep",
 )
 _INT_FIELDS = {"seed", "budget_evals", "evals_used", "finetune_epochs", "index"}
-_STR_FIELDS = {"agent", "model", "dataset", "metric", "reward", "ratios", "keep"}
+_STR_FIELDS = {"agent", "model", "dataset", "metric", "reward", "ratios", "keep", "revision"}
 # In evaluations.csv "reward" is each evaluation's reward (a number); in runs.csv it names the reward function.
 _EVAL_STR_FIELDS = _STR_FIELDS - {"reward"}
-UNIFORM = "uniform"  # the reference agent in plots
+# Summarised per agent (mean and sample std over seeds): the proxy search's numbers, then the fine-tune's.
+SUMMARY_COLUMNS = ("best_accuracy", "macs_ratio", "params_ratio", "val_accuracy", "test_accuracy", "seconds")
 # The grid settings that make two runs' numbers comparable: the same evaluation budget, reward, budget
 # metric, final fine-tune (length and training subset) and proxy.
 COMPARABLE_SETTINGS = ("evals", "reward", "metric", "finetune_epochs", "finetune_samples", "problem_kwargs")
@@ -127,6 +150,12 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, lambda f: json.dump(obj, f, indent=1, default=json_value, allow_nan=False))
 
 
+def load_paired(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows :meth:`BenchmarkResults.write_paired` wrote, with their numbers restored."""
+    rows = read_csv(Path(path), {"model", "dataset", "metric", "agent", "reference", "role", "split"})
+    return [{**r, "pairs": int(r["pairs"]), "family": int(r["family"])} for r in rows]
+
+
 def json_value(v: Any) -> Any:
     try:
         return json_default(v)
@@ -154,6 +183,9 @@ class BenchmarkResults:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     out: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    # One record per invocation that added runs (provenance.make_record), each with the "directory" it
+    # was read from: where the results came from, and what a combination of them mixes.
+    provenance: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def load(cls, out: str | os.PathLike[str]) -> BenchmarkResults:
@@ -164,11 +196,25 @@ class BenchmarkResults:
         # Evaluations of a run interrupted before its run row was written are not results: drop them.
         evals = [e for e in read_csv(out / "evaluations.csv", _EVAL_STR_FIELDS) if run_key(e) in keys]
         saved = out / "runs.json"
-        settings = json.loads(saved.read_text()).get("settings", {}) if saved.exists() else {}
-        return cls(runs, evals, out, settings)
+        stored = json.loads(saved.read_text()) if saved.exists() else {}
+        records = [{**r, "directory": str(out)} for r in stored.get("provenance", []) if isinstance(r, dict)]
+        return cls(runs, evals, out, stored.get("settings", {}), records)
+
+    def records(self) -> list[dict[str, Any]]:
+        """:attr:`provenance`, plus a record (``"from_rows": True``) for each revision of a run row that no
+        record names: runs written before provenance was recorded count as revision ``"unknown"``."""
+        named = {r.get("revision") for r in self.provenance}
+        extra = dict.fromkeys(
+            r.get("revision") or UNKNOWN for r in self.runs if (r.get("revision") or UNKNOWN) not in named
+        )
+        where = str(self.out) if self.out is not None else "(in memory)"
+        return [
+            *self.provenance,
+            *({"revision": rev, "directory": where, "from_rows": True} for rev in extra),
+        ]
 
     @classmethod
-    def combine(cls, parts: Sequence[BenchmarkResults]) -> BenchmarkResults:
+    def combine(cls, parts: Sequence[BenchmarkResults], allow_mixed: bool = False) -> BenchmarkResults:
         """One set of results from grids run apart (a run directory belongs to one process, so a grid
         grown by two processes at once lives in two directories).
 
@@ -176,9 +222,14 @@ class BenchmarkResults:
         numbers would be compared as equals when they are not (:class:`InvalidSettingError` names the
         setting). A run found in several parts (the same agent, model, dataset, target and seed) is taken
         from the first.
+
+        Results of other code (another git revision; ``"unknown"`` for directories written before it was
+        recorded) or of other agent settings are refused too, naming both values and their directories,
+        unless ``allow_mixed``: then the table says what was mixed.
         """
         if not parts:
             raise InvalidSettingError("combine needs at least one BenchmarkResults")
+        flag("allow_mixed", allow_mixed)
         first = parts[0]
         for part in parts[1:]:
             for key in COMPARABLE_SETTINGS:
@@ -200,7 +251,9 @@ class BenchmarkResults:
             runs += [r for r in part.runs if run_key(r) in new]
             evaluations += [e for e in part.evaluations if run_key(e) in new]
             seen |= new
-        return cls(runs, evaluations, first.out, dict(first.settings))
+        records = [r for part in parts for r in part.records()]
+        check_unmixed(records, allow_mixed)
+        return cls(runs, evaluations, first.out, dict(first.settings), records)
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -222,109 +275,80 @@ class BenchmarkResults:
 
     # -- table ------------------------------------------------------------------------------------
     def summary(self) -> list[dict[str, Any]]:
-        """One dict per (model, dataset, target, agent): mean and std over seeds of the run metrics."""
-        groups: dict[tuple[str, str, float, str], list[dict[str, Any]]] = {}
+        """One dict per (model, dataset, metric, target, agent): mean and sample std (ddof=1; NaN for one
+        seed) over seeds of the run metrics, including the fine-tuned validation and test accuracy."""
+        groups: dict[tuple[str, str, str, float, str], list[dict[str, Any]]] = {}
         for r in self.runs:
-            groups.setdefault((r["model"], r["dataset"], float(r["target"]), r["agent"]), []).append(r)
+            groups.setdefault((*setting_of(r), r["agent"]), []).append(r)
         rows = []
-        for (model, dataset, target, agent), rs in groups.items():
-            row: dict[str, Any] = {"model": model, "dataset": dataset, "target": target, "agent": agent}
-            row["seeds"] = len(rs)
-            row["evals"] = float(np.mean([r["evals_used"] for r in rs]))
-            for col in ("best_accuracy", "macs_ratio", "params_ratio", "test_accuracy", "seconds"):
-                vals = np.array([_float(r.get(col)) for r in rs], dtype=np.float64)
-                vals = vals[np.isfinite(vals)]
-                row[col] = float(vals.mean()) if vals.size else math.nan
-                row[col + "_std"] = float(vals.std()) if vals.size else math.nan
+        for (model, dataset, metric, target, agent), rs in groups.items():
+            row: dict[str, Any] = {
+                "model": model, "dataset": dataset, "metric": metric, "target": target, "agent": agent,
+                "seeds": len(rs), "evals": float(np.mean([r["evals_used"] for r in rs])),
+            }  # fmt: skip
+            for col in SUMMARY_COLUMNS:
+                row[col], row[col + "_std"] = mean_std([_float(r.get(col)) for r in rs])
             rows.append(row)
         return rows
 
     def paired(self, reference: str = UNIFORM, column: str = "test_accuracy") -> list[dict[str, Any]]:
-        """Each agent against ``reference`` on ``column``, run by run: per (model, dataset, target, agent),
-        the mean of (agent − reference) over the seeds both ran, and its 95% confidence interval (Student's
-        t; NaN with fewer than two such seeds). Pairing by seed compares the fine-tunes made with the same
-        seed, so the fine-tune's own noise largely cancels."""
-        from scipy import stats
-
-        values: dict[tuple[str, str, float, str], dict[int, float]] = {}
-        for r in self.runs:
-            v = _float(r.get(column))
-            if math.isfinite(v):
-                key = (r["model"], r["dataset"], float(r["target"]), r["agent"])
-                values.setdefault(key, {})[int(r["seed"])] = v
+        """Each agent against ``reference`` on ``column``, run by run: per (model, dataset, metric, target,
+        agent), the mean of (agent − reference) over the seeds both ran, its 95% confidence interval
+        (Student's t; NaN with fewer than two such seeds) and the paired t-test's p-value. Pairing by seed
+        compares the fine-tunes made with the same seed, so the fine-tune's own noise largely cancels."""
+        values = by_seed(self.runs, column)
         rows = []
-        for (model, dataset, target, agent), by_seed in values.items():
-            ref = values.get((model, dataset, target, reference))
-            if agent == reference or ref is None:
+        for (setting, agent), mine in values.items():
+            theirs = values.get((setting, reference))
+            if agent == reference or theirs is None:
                 continue
-            seeds = sorted(set(by_seed) & set(ref))
-            diff = np.array([by_seed[k] - ref[k] for k in seeds], dtype=np.float64)
-            mean = float(diff.mean()) if diff.size else math.nan
-            half = math.nan
-            if diff.size > 1:
-                half = float(stats.t.ppf(0.975, diff.size - 1) * diff.std(ddof=1) / math.sqrt(diff.size))
+            model, dataset, metric, target = setting
             rows.append(
                 {
-                    "model": model, "dataset": dataset, "target": target, "agent": agent,
-                    "reference": reference, "column": column, "pairs": len(seeds),
-                    "mean_difference": mean, "ci_low": mean - half, "ci_high": mean + half,
+                    "model": model, "dataset": dataset, "metric": metric, "target": target, "agent": agent,
+                    "reference": reference, "column": column, **paired_difference(mine, theirs),
                 }
             )  # fmt: skip
         return rows
 
-    def table(self, references: Sequence[str] = (UNIFORM,)) -> str:
-        """Plain-text table: per model, dataset, target and agent, mean ± std over seeds, and — when runs
-        were fine-tuned and a reference agent ran too — the paired difference to each reference's test
-        accuracy with its 95% confidence interval (:meth:`paired`), one column per reference
-        (e.g. ``("uniform", "random")``: learned allocation against none, and against plain search)."""
-        if not self.runs:
-            return "(no runs)"
-        summary = self.summary()
-        differences = {
-            reference: {(d["model"], d["dataset"], d["target"], d["agent"]): d for d in paired}
-            for reference in references
-            if (paired := self.paired(reference))
-        }
-        multi = len({(s["model"], s["dataset"]) for s in summary}) > 1
-        head = ["model", "dataset"] if multi else []
-        header = [
-            *head,
-            "target",
-            "agent",
-            "seeds",
-            "evals",
-            "proxy acc",
-            "MACs",
-            "params",
-            "test acc (ft)",
-            *(f"vs {reference} [95% CI]" for reference in differences),
-            "s/run",
-        ]
-        lines = []
-        for s in summary:
-            key = (s["model"], s["dataset"], s["target"], s["agent"])
-            lines.append(
-                [
-                    *([s["model"], s["dataset"]] if multi else []),
-                    f"{s['target']:g}",
-                    s["agent"],
-                    str(s["seeds"]),
-                    f"{s['evals']:.0f}",
-                    _pm(s["best_accuracy"], s["best_accuracy_std"]),
-                    f"{s['macs_ratio']:.3f}",
-                    f"{s['params_ratio']:.3f}",
-                    _pm(s["test_accuracy"], s["test_accuracy_std"]),
-                    *(_difference(by_agent.get(key)) for by_agent in differences.values()),
-                    f"{s['seconds']:.1f}",
-                ]
-            )
-        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-        fmt = "  ".join(f"{{:<{w}}}" if i < len(head) + 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
-        out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-        out += [fmt.format(*line) for line in lines]
-        if not multi:
-            out.insert(0, f"{summary[0]['model']} on {summary[0]['dataset']}")
-        return "\n".join(out)
+    def comparisons(
+        self, references: Sequence[str] = (UNIFORM, RANDOM), best: bool = True
+    ) -> list[dict[str, Any]]:
+        """Every agent against each of ``references`` and (``best``) its setting's best non-learned baseline
+        (by mean validation accuracy), on validation and test, with Holm-adjusted p-values over all of
+        them (:func:`prune_env.app.paired.comparisons`)."""
+        return comparisons(self.runs, references, best)
+
+    def table(self, references: Sequence[str] = (UNIFORM,), best: bool = True) -> str:
+        """Plain-text table: per model, dataset, metric, target and agent, mean ± sample std over seeds, and
+        — when runs were fine-tuned — one line per split (validation, test) with the paired difference to
+        each reference agent that ran, and to the setting's best non-learned baseline (``best``; named
+        beneath the table), with 95% confidence intervals (e.g. ``references=("uniform", "random")``:
+        learned allocation against none, and against plain search). What the results mix (revisions,
+        agent settings) is said above the table."""
+        return table_text(
+            self.summary(), self.comparisons(references, best), references, mixed_lines(self.records())
+        )
+
+    def verdicts(
+        self, references: Sequence[str] = (UNIFORM, RANDOM), alpha: float = ALPHA, **thresholds: Any
+    ) -> str:
+        """The headline (the largest learned-minus-best-baseline test difference) checked on validation
+        and test after the Holm correction over :meth:`comparisons`, then each goal of
+        :func:`prune_env.app.paired.goals` per setting (``thresholds``: its keyword arguments)."""
+        rows = self.comparisons(references)
+        return "\n".join(verdict_lines(headline(rows, alpha), goals(rows, **thresholds)))
+
+    def write_paired(
+        self, path: str | os.PathLike[str] | None = None, references: Sequence[str] = (UNIFORM, RANDOM)
+    ) -> Path:
+        """Write :meth:`comparisons` to ``path`` (default ``paired.csv`` beside ``runs.csv``) so the
+        report's numbers can be read back (:func:`load_paired`); returns the path."""
+        if path is None and self.out is None:
+            raise InvalidSettingError("these results have no directory: give write_paired a path")
+        target = Path(path) if path is not None else Path(str(self.out)) / "paired.csv"
+        write_csv(target, PAIRED_FIELDS, self.comparisons(references))
+        return target
 
     # -- plots ------------------------------------------------------------------------------------
     def _panels(self, keys: Sequence[str]) -> list[tuple[Any, ...]]:
@@ -339,11 +363,11 @@ class BenchmarkResults:
         ``"params"`` budget, MACs otherwise). Saved to ``path`` when given.
         """
         panels = self._panels(("model", "dataset"))
-        fig, axes = _figure(len(panels))
+        fig, axes = new_figure(len(panels))
         for ax, (model, dataset) in zip(axes, panels, strict=True):
             evals = [e for e in self.evaluations if e["model"] == model and e["dataset"] == dataset]
             runs = [r for r in self.runs if r["model"] == model and r["dataset"] == dataset]
-            colors = _colors(self.agents)
+            colors = agent_colors(self.agents)
             # One directory holds one metric (the harness refuses to mix them).
             cost = "params" if runs and runs[0]["metric"] == "params" else "macs"
             for agent in self.agents:
@@ -371,7 +395,7 @@ class BenchmarkResults:
             ax.set(xlabel=label, ylabel="proxy accuracy", title=f"{model} on {dataset}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-        return _finish(fig, path)
+        return finish_figure(fig, path)
 
     def plot_curves(self, path: str | os.PathLike[str] | None = None) -> Figure:
         """Learning curves: proxy accuracy of the best policy found so far vs evaluations spent.
@@ -383,7 +407,7 @@ class BenchmarkResults:
         from matplotlib.ticker import MaxNLocator
 
         panels = self._panels(("model", "dataset", "target"))
-        fig, axes = _figure(len(panels))
+        fig, axes = new_figure(len(panels))
         for ax, (model, dataset, target) in zip(axes, panels, strict=True):
             curves: dict[str, list[np.ndarray]] = {}
             for r in self.runs:
@@ -395,7 +419,7 @@ class BenchmarkResults:
                     curves.setdefault(r["agent"], []).append(incumbent_accuracy(hist))
             length = max((len(c) for cs in curves.values() for c in cs), default=1)
             x = np.arange(1, length + 1)
-            colors = _colors(self.agents)
+            colors = agent_colors(self.agents)
             for agent in self.agents:
                 if agent not in curves:
                     continue
@@ -414,13 +438,7 @@ class BenchmarkResults:
             )
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-        return _finish(fig, path)
-
-
-def _colors(agents: Sequence[str]) -> dict[str, str]:
-    """The same colour for an agent in every plot; uniform, the reference, in black."""
-    others = [a for a in agents if a != UNIFORM]
-    return {UNIFORM: "k", **{a: f"C{i % 10}" for i, a in enumerate(others)}}
+        return finish_figure(fig, path)
 
 
 def _float(v: Any) -> float:
@@ -428,63 +446,3 @@ def _float(v: Any) -> float:
         return float(v)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _pm(mean: float, std: float) -> str:
-    return "—" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
-
-
-def _difference(d: Mapping[str, Any] | None) -> str:
-    if d is None or math.isnan(d["mean_difference"]):
-        return "—"
-    if math.isnan(d["ci_low"]):
-        return f"{d['mean_difference']:+.4f}"
-    return f"{d['mean_difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
-
-
-def _figure(n: int) -> tuple[Figure, list[Axes]]:
-    # A bare Figure, not pyplot: nothing accumulates in pyplot's global state when plotting in loops or
-    # tests, and Jupyter still renders a returned Figure inline.
-    from matplotlib.figure import Figure
-
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(5.5 * cols, 4.0 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, list(axes[:n])
-
-
-def _finish(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        image = io.BytesIO()  # the format the suffix names (.png, .pdf, .svg), as savefig(path) picks it
-        fig.savefig(image, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
-        write_bytes_atomic(path, image.getvalue())
-    return fig
-
-
-def pareto_front(cost: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
-    """Points not dominated by a cheaper-or-equal, at-least-as-accurate point, sorted by cost: ``(n, 2)``."""
-    order = np.lexsort((-np.asarray(accuracy), np.asarray(cost)))  # by cost, best accuracy first on ties
-    front, best = [], -math.inf
-    for i in order:
-        if accuracy[i] > best:
-            front.append((cost[i], accuracy[i]))
-            best = accuracy[i]
-    return np.array(front, dtype=np.float64).reshape(-1, 2)
-
-
-def incumbent_accuracy(history: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """After each evaluation, the accuracy of the best-reward policy so far (the search's current answer).
-
-    With the accuracy reward this is the running maximum of accuracy; with another reward it is what the
-    search would report, which need not be the most accurate policy it saw.
-    """
-    out, best_reward, acc = [], -math.inf, math.nan
-    for e in history:
-        if e["reward"] > best_reward:
-            best_reward, acc = e["reward"], e["accuracy"]
-        out.append(acc)
-    return np.array(out, dtype=np.float64)

@@ -197,6 +197,15 @@ def test_goals_need_five_seeds() -> None:
         goals([], min_seeds=1)
 
 
+def test_without_a_baseline_there_is_no_default_claim_nor_headline() -> None:
+    results = BenchmarkResults(_runs({"random": THREE["uniform"], "ppo": THREE["ppo"]}))
+    rows = results.comparisons()
+    assert rows and not any(r["role"] == BEST for r in rows)
+    assert check_claims(rows) == []
+    assert results.verdicts().splitlines()[0].startswith("headline: no learned agent compared")
+    assert "goals: nothing to check" in BenchmarkResults(_runs({"ppo": THREE["ppo"]})).verdicts()
+
+
 def test_the_paired_table_is_written_and_reads_back(tmp_path: Path) -> None:
     results = BenchmarkResults(_runs(FIVE), out=tmp_path)
     path = results.write_paired()

@@ -221,16 +221,16 @@ def check_claims(
     """Whether each claim survives the Holm correction of the table ``rows`` come from (:func:`comparisons`):
     on every split of the claim the difference is positive and its Holm-adjusted p-value below ``alpha``.
 
-    ``claims``: by default, each agent of ``learned`` in the table against each setting's best non-learned
-    baseline on validation and test. Returns one dict per claim and setting: the setting, ``agent``,
+    ``claims``: by default, each agent of ``learned`` that the table compares with a best non-learned
+    baseline, against it on validation and test. Returns one dict per claim and setting: the setting, ``agent``,
     ``reference`` (the baseline's name for :data:`BEST`), ``splits`` (the compared rows, by split),
     ``survives`` and, when it does not, ``reason``.
     """
     if not 0.0 < alpha < 1.0:
         raise InvalidSettingError(f"alpha must be in (0, 1), got {alpha!r}")
     if claims is None:
-        present = {str(r["agent"]) for r in rows}
-        claims = [Claim(a) for a in learned if a in present]
+        compared = {str(r["agent"]) for r in rows if r["role"] == BEST}
+        claims = [Claim(a) for a in learned if a in compared]
     verdicts = []
     for claim in claims:
         matching = [

@@ -120,6 +120,8 @@ def verdict_lines(headline: Mapping[str, Any] | None, goals: Sequence[Mapping[st
             f"{setting_label(setting_of(headline))}: {'; '.join(parts)} → {verdict} Holm–Bonferroni at "
             f"{headline['alpha']:g} over the table's {family} paired t-tests"
         )
+    if not goals:
+        lines.append("goals: nothing to check (no fine-tuned validation and test accuracies to compare)")
     for g in goals:
         status = "MET" if g["met"] else "NOT MET"
         who = (

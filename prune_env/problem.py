@@ -192,11 +192,12 @@ class PruningProblem:
         self.joint: JointPolicies | None = JointPolicies(self.base_model, self.graph, s) if s.joint else None
         self.check_target(self.target)
         # Rank every group's units once: a pruned model is then a function of the kept counts alone,
-        # which makes evaluations memoisable and the hot path free of importance computation.
-        self.rankings = [
-            np.argsort(-np.asarray(score(g, self.base_model), dtype=np.float64), kind="stable")
-            for g in self.graph.groups
+        # which makes evaluations memoisable and the hot path free of importance computation. The scores
+        # are kept beside the ranking (copies): allocation baselines compare them across groups.
+        self.importance_scores = [
+            np.array(score(g, self.base_model), dtype=np.float64) for g in self.graph.groups
         ]
+        self.rankings = [np.argsort(-s, kind="stable") for s in self.importance_scores]
         context = ProxyContext(
             base_model=self.base_model,
             graph=self.graph,

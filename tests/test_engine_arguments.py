@@ -176,7 +176,10 @@ BAD_FILES: dict[str, tuple[Callable[[dict[str, Any]], Any] | str, str]] = {
         lambda d: _with_ranges(d, "fc", [2.0, -1.0]),
         r"\[2, -1\], is inverted \(low > high\)",
     ),
-    "NaN range": (lambda d: _with_ranges(d, "fc", [float("nan"), 1.0]), r"not valid JSON \(NaN is not a JSON"),
+    "NaN range": (
+        lambda d: _with_ranges(d, "fc", [float("nan"), 1.0]),
+        r"not valid JSON \(NaN is not a JSON",
+    ),
     "infinite range": (
         lambda d: _with_ranges(d, "fc", [0.0, float("inf")]),
         r"not valid JSON \(Infinity is not a JSON",

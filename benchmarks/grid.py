@@ -1,0 +1,236 @@
+"""Run (a chunk of) a benchmark grid whose settings were fixed in a committed file, and report it.
+
+A grid file (``benchmarks/grids/*.json``) names the dataset, the settings (model, budget metric, target),
+the agents with their seeds, the evaluation budget, the proxy and the fine-tune. It is committed before any
+run, so no setting is chosen after seeing an accuracy; this script only lets a run pick WHICH part of the
+file to run now (``--settings``, ``--agents``, ``--seeds`` must name parts of it), never other values.
+
+    python benchmarks/grid.py benchmarks/grids/allocation_baselines_fashion.json \\
+        --out benchmarks/results/allocation_baselines_fashion --settings vgg11_quarter-macs-0.05 \\
+        --agents uniform global knapsack
+    python benchmarks/grid.py benchmarks/grids/allocation_baselines_fashion.json \\
+        --out benchmarks/results/allocation_baselines_fashion --report
+
+Each (setting, agent) runs in its own directory ``OUT/SETTING/AGENT`` through the harness
+(:func:`prune_env.app.benchmark.run`), so a chunk resumes where it was interrupted, and two processes may
+run different chunks at once (different settings at once is cheaper: each setting trains its proxy once,
+then loads it from the cache). ``OUT/grid.json`` holds the grid file as it was when the first chunk ran;
+a later chunk with a different file is refused. ``--report`` combines every directory of a setting, prints
+its table (paired differences against uniform, random and the best non-learned baseline, validation and
+test) and the grid's goals, and draws ``OUT/SETTING/allocations.png``: the per-group ratios of each
+agent's policies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this file's directory comes first on sys.path and benchmarks/agents.py would shadow the
+# ``agents`` package the harness imports: drop that entry first.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from prune_env.errors import InvalidSettingError  # noqa: E402
+from prune_env.serialize import loads_strict  # noqa: E402
+
+GRID_KEYS = {
+    "description": str,
+    "dataset": str,
+    "evals": int,
+    "finetune_epochs": int,
+    "finetune_samples": int,
+    "threads": int,
+    "problem": dict,
+    "settings": list,
+    "agents": dict,
+    "cut_first": list,
+    "agent_settings": dict,
+}
+SETTING_KEYS = {"name": str, "model": str, "metric": str, "target": float}
+RECORD = "grid.json"
+
+
+def read_grid(path: Path) -> dict[str, Any]:
+    """The grid file, parsed strictly and checked key by key (a typo would otherwise run another grid)."""
+    try:
+        grid = loads_strict(path.read_bytes())
+    except OSError as exc:
+        raise InvalidSettingError(f"cannot read the grid file {path}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidSettingError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(grid, dict):
+        raise InvalidSettingError(
+            f"{path} holds a JSON {type(grid).__name__}, not an object of grid settings"
+        )
+    _check_keys(grid, GRID_KEYS, str(path))
+    for i, setting in enumerate(grid["settings"]):
+        if not isinstance(setting, dict):
+            raise InvalidSettingError(f"{path}: settings[{i}] must be an object, got {setting!r}")
+        _check_keys(setting, SETTING_KEYS, f"{path}: settings[{i}]")
+    names = [s["name"] for s in grid["settings"]]
+    if len(set(names)) != len(names):
+        raise InvalidSettingError(f"{path}: setting names must be unique, got {names}")
+    for agent, seeds in grid["agents"].items():
+        if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)):
+            raise InvalidSettingError(f"{path}: agents[{agent!r}] must be a non-empty list of int seeds")
+    return grid
+
+
+def _check_keys(obj: Mapping[str, Any], keys: Mapping[str, type], where: str) -> None:
+    unknown, missing = sorted(set(obj) - set(keys)), sorted(set(keys) - set(obj))
+    if unknown or missing:
+        raise InvalidSettingError(
+            f"{where}: unknown keys {unknown}, missing keys {missing}; expected exactly {sorted(keys)}"
+        )
+    for key, kind in keys.items():
+        value = obj[key]
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind is float
+            else (isinstance(value, kind) and not isinstance(value, bool))
+        )
+        if not ok:
+            raise InvalidSettingError(f"{where}: {key!r} must be a {kind.__name__}, got {value!r}")
+
+
+def _chosen(asked: Sequence[Any] | None, available: Sequence[Any], what: str) -> list[Any]:
+    """The part of the grid asked for: every value must be one the file has."""
+    if asked is None:
+        return list(available)
+    extra = [a for a in asked if a not in available]
+    if not asked or extra:
+        raise InvalidSettingError(
+            f"--{what} must name {what} of the grid file: {extra or 'none'} are not in it; it has "
+            f"{list(available)}"
+        )
+    return [a for a in available if a in asked]  # the file's order
+
+
+def record_grid(out: Path, path: Path, raw: bytes) -> None:
+    """``OUT/grid.json``: the grid file as the first chunk ran it. A chunk run with another file is
+    refused: results of two grids in one directory would be reported as one."""
+    from prune_env.fileio import write_text_atomic
+
+    digest = hashlib.sha256(raw).hexdigest()
+    record = out / RECORD
+    if record.exists():
+        before = loads_strict(record.read_bytes())
+        if before.get("sha256") != digest:
+            raise InvalidSettingError(
+                f"{record} records grid file {before.get('file')} with sha256 {before.get('sha256')}, but "
+                f"{path} has sha256 {digest}: its settings changed after runs were made. Use another --out."
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(
+        record,
+        json.dumps({"file": str(path), "sha256": digest, "grid": loads_strict(raw)}, indent=1) + "\n",
+    )
+
+
+def run_chunk(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]], agents: list[str],
+              seeds: list[int] | None, progress: bool) -> None:  # fmt: skip
+    import torch
+
+    from prune_env.app import benchmark
+
+    torch.set_num_threads(grid["threads"])
+    for setting in settings:
+        for agent in agents:
+            agent_seeds = [s for s in grid["agents"][agent] if seeds is None or s in seeds]
+            if not agent_seeds:
+                continue  # this agent has none of the seeds asked for (fewer seeds in the file)
+            benchmark.run(
+                [agent],
+                models=[setting["model"]],
+                datasets=[grid["dataset"]],
+                targets=[float(setting["target"])],
+                metric=setting["metric"],
+                seeds=agent_seeds,
+                evals=grid["evals"],
+                out=out / setting["name"] / agent,
+                finetune_epochs=grid["finetune_epochs"],
+                finetune_samples=grid["finetune_samples"],
+                problem_kwargs=grid["problem"],
+                agent_settings={agent: grid["agent_settings"].get(agent, {})},
+                progress=progress,
+            )
+
+
+def report(out: Path, settings: list[dict[str, Any]], allow_mixed: bool = False) -> None:
+    """Print the grid's table and goals and write ``OUT/paired.csv`` and each setting's allocation plot.
+
+    Each setting's agent directories are combined apart (a setting's runs share a budget metric, which
+    :meth:`BenchmarkResults.combine` requires); the table, the Holm correction and the goals then span
+    every setting at once, as the grid's claims do."""
+    from prune_env.app.allocations import plot_allocations
+    from prune_env.app.results import BenchmarkResults
+
+    record = loads_strict((out / RECORD).read_bytes()) if (out / RECORD).exists() else {}
+    print(f"grid file {record.get('file', '?')} (sha256 {str(record.get('sha256', '?'))[:12]})")
+    runs: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    for setting in settings:
+        parts = sorted(d for d in (out / setting["name"]).glob("*") if (d / "runs.csv").exists())
+        if not parts:
+            print(f"{setting['name']}: no runs yet")
+            continue
+        results = BenchmarkResults.combine([BenchmarkResults.load(d) for d in parts], allow_mixed)
+        runs += results.runs
+        records += results.records()
+        plot_allocations(results, out / setting["name"] / "allocations.png")
+    if not runs:
+        return
+    grid = BenchmarkResults(runs, [], out, {}, records)
+    revisions = sorted({str(r.get("revision")) for r in grid.records()})
+    print(f"revisions: {', '.join(revisions)}\n")
+    print(grid.table(references=("uniform", "random")))
+    print()
+    print(grid.verdicts())
+    print(f"\npaired differences: {grid.write_paired(out / 'paired.csv')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("grid", type=Path, help="a grid file (benchmarks/grids/*.json)")
+    parser.add_argument("--out", type=Path, required=True, help="the grid's results directory")
+    parser.add_argument("--settings", nargs="+", help="run only these settings of the file (by name)")
+    parser.add_argument("--agents", nargs="+", help="run only these agents of the file")
+    parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds of the file")
+    parser.add_argument("--report", action="store_true", help="print the tables and draw the plots")
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="report runs of several code revisions or agent settings together (the table says so)",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        raw = args.grid.read_bytes()
+        grid = read_grid(args.grid)
+        settings = [
+            s
+            for s in grid["settings"]
+            if s["name"] in _chosen(args.settings, [s["name"] for s in grid["settings"]], "settings")
+        ]
+        if args.report:
+            report(args.out, settings, args.allow_mixed)
+            return
+        agents = _chosen(args.agents, list(grid["agents"]), "agents")
+        if args.seeds is not None:
+            _chosen(args.seeds, sorted({s for a in agents for s in grid["agents"][a]}), "seeds")
+        record_grid(args.out, args.grid, raw)
+    except (InvalidSettingError, OSError) as exc:
+        parser.error(str(exc))
+    run_chunk(grid, args.out, settings, agents, args.seeds, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main()

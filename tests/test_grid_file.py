@@ -1,0 +1,118 @@
+"""A grid fixed in advance: the committed grid file is the one the project's grid asks for, chunks can
+only pick parts of it, and a directory cannot mix two versions of it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from prune_env.errors import InvalidSettingError
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT / "benchmarks" / "grids" / "allocation_baselines_fashion.json"
+
+
+@pytest.fixture(scope="module")
+def grid_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("grid_script", ROOT / "benchmarks" / "grid.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_committed_grid_is_the_one_fixed_in_advance(grid_script: ModuleType) -> None:
+    grid = grid_script.read_grid(GRID)
+    assert grid["dataset"] == "fashion-mnist" and grid["evals"] == 1000
+    assert grid["problem"]["proxy"] == "supernet" and grid["finetune_epochs"] == 6
+    settings = {(s["model"], s["metric"], s["target"]) for s in grid["settings"]}
+    assert settings == {
+        ("vgg11_quarter", "macs", 0.05),
+        ("vgg11_quarter", "macs", 0.10),
+        ("vgg11_quarter", "params", 0.05),
+        ("mobilenetv2_half", "macs", 0.10),
+    }
+    five = {"uniform", "global", "knapsack", "sensitivity", "random", "ppo"}
+    assert {a for a, seeds in grid["agents"].items() if len(seeds) == 5} == five
+    assert {a for a, seeds in grid["agents"].items() if len(seeds) == 3} == set(grid["cut_first"])
+
+
+def _write(path: Path, **changes: object) -> Path:
+    grid = json.loads(GRID.read_text())
+    grid.update(changes)
+    path.write_text(json.dumps(grid))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"evals_": 10}, r"unknown keys \['evals_'\]"),
+        ({"evals": "1000"}, "'evals' must be a int"),
+        (
+            {"settings": [{"name": "a", "model": "vgg11_quarter", "metric": "macs"}]},
+            r"missing keys \['target'\]",
+        ),
+        ({"agents": {"ppo": []}}, "non-empty list of int seeds"),
+    ],
+)
+def test_a_grid_file_with_a_wrong_key_is_refused(
+    grid_script: ModuleType, tmp_path: Path, changes: dict, message: str
+) -> None:
+    with pytest.raises(InvalidSettingError, match=message):
+        grid_script.read_grid(_write(tmp_path / "grid.json", **changes))
+
+
+def test_a_chunk_names_only_parts_of_the_file(grid_script: ModuleType, tmp_path: Path) -> None:
+    for option in (["--agents", "a2c"], ["--settings", "vgg11_quarter-macs-0.20"], ["--seeds", "7"]):
+        with pytest.raises(SystemExit) as stop:
+            grid_script.main([str(GRID), "--out", str(tmp_path / "out"), *option])
+        assert stop.value.code == 2
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_directory_holds_one_version_of_a_grid_file(grid_script: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = _write(tmp_path / "grid.json")
+    grid_script.record_grid(out, first, first.read_bytes())
+    grid_script.record_grid(out, first, first.read_bytes())  # the same file: accepted
+    changed = _write(tmp_path / "grid.json", evals=500)
+    with pytest.raises(InvalidSettingError, match="its settings changed after runs were made"):
+        grid_script.record_grid(out, changed, changed.read_bytes())
+    assert json.loads((out / "grid.json").read_text())["grid"]["evals"] == 1000
+
+
+def test_a_small_grid_runs_in_chunks_and_reports(
+    grid_script: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = _write(
+        tmp_path / "grid.json",
+        dataset="digits",
+        evals=3,
+        finetune_epochs=1,  # fine-tuned runs have validation and test accuracies to pair
+        finetune_samples=100,
+        problem={"proxy": "recalibration", "max_ratio": 0.8, "eval_samples": 64},
+        settings=[{"name": "small", "model": "resnet20", "metric": "macs", "target": 0.5}],
+        agents={"uniform": [0, 1], "random": [0, 1]},
+        cut_first=[],
+    )
+    out = tmp_path / "out"
+    grid_script.main([str(grid), "--out", str(out), "--agents", "uniform", "--no-progress"])
+    grid_script.main([str(grid), "--out", str(out), "--agents", "random", "--no-progress"])
+    assert (out / "small" / "uniform" / "runs.csv").exists() and (
+        out / "small" / "random" / "runs.csv"
+    ).exists()
+    capsys.readouterr()
+    grid_script.main([str(grid), "--out", str(out), "--report"])
+    printed = capsys.readouterr().out
+    assert "resnet20 on digits, macs budget" in printed and "revisions: " in printed
+    paired = (out / "paired.csv").read_text().splitlines()
+    assert paired[0].startswith("model,dataset,metric,target,agent,reference")
+    assert any(",random,uniform," in line for line in paired[1:])  # random against uniform, paired
+    allocations = (out / "small" / "allocations.csv").read_text().splitlines()
+    assert allocations[0] == "agent,group,runs,mean_ratio,min_ratio,max_ratio"
+    assert (out / "small" / "allocations.png").read_bytes()[:4] == b"\x89PNG"

@@ -30,6 +30,9 @@ from prune_env.validation import as_real, check_settings
 DATA_ENV = "PRUNE_ENV_DATA"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATASET_NAMES = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "fake")
+_NAMED_DATASETS = frozenset(
+    {"digits", "fashion-mnist", "fashion_mnist", "fashionmnist", "cifar10", "cifar100", "fake"}
+)
 
 # Per-channel statistics of the training sets (the usual published values).
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -435,6 +438,16 @@ def load(
         return load_imagefolder(name.strip()[len("imagefolder:") :], seed, frac, image_size)
     if key == "fake":
         return _load_fake(seed)
+    check_dataset_name(name)
+    raise AssertionError(f"dataset {name!r} passed the name check but has no loader")
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise :class:`UnknownNameError` listing the known names unless :func:`load` knows ``name`` (whether
+    its files are present is checked when it loads)."""
+    key = name.strip().lower()
+    if key in _NAMED_DATASETS or key.startswith("imagefolder:"):
+        return
     raise UnknownNameError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
 
 

@@ -66,11 +66,19 @@ def _write_all(file: IO[Any], data: Any) -> None:
     file.write(data)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, replace: bool = True) -> None:
+def write_bytes_atomic(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    replace: bool = True,
+    before_publish: Callable[[], object] | None = None,
+) -> None:
     """Put ``data`` at ``path`` in one step: written to a temporary file beside it, flushed, renamed.
 
     ``replace=False``: ``path`` must not exist when the file is published; if another process created it
-    meanwhile, :class:`FileExistsError` is raised and its file is left alone. On any failure, an interrupt
+    meanwhile, :class:`FileExistsError` is raised and its file is left alone. ``before_publish`` is called
+    once the data is on disk, just before the rename: the last moment to check that ``path`` is still what
+    the caller may replace (whatever it raises leaves ``path`` as it was). On any failure, an interrupt
     included, the temporary file is removed and ``path`` is left as it was.
     """
     target = Path(path)
@@ -82,6 +90,8 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, replace: bo
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are as readable as any other
+            if before_publish is not None:
+                before_publish()
             if replace:
                 os.replace(tmp, target)
             else:

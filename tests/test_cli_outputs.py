@@ -114,6 +114,8 @@ _DROP = object()
         (_edit_settings(budget_range=0.5), "budget_range must be a pair"),
         (_edit_settings(model=5), "model must be a name, got 5"),
         (_edit_settings(dataset=""), "dataset must be a name"),
+        (_edit_settings(dataset="imagenet-2030"), "unknown dataset 'imagenet-2030'"),
+        (_edit_settings(model="resnet9000"), "unknown model 'resnet9000'"),
         (_edit_settings(image_size="32"), "image_size must be an integer"),
         (_edit_settings(image_size=0), "image_size must be an integer >= 1"),
         (_edit_settings(weights=7), "weights must be a file path or null"),

@@ -7,8 +7,10 @@ would score it (BatchNorm recalibrated on training batches), optionally fine-tun
 
 Everything that can be checked is checked before any work: the state file's settings (each named with the
 file when it is missing or wrong), the target against the run's range, and the output directory (see
-:mod:`prune_env.app.outputs`). The model is written into a fresh directory beside ``--out`` and renamed
-onto it, so a concurrent ``apply`` to the same ``--out`` is refused rather than overwritten.
+:mod:`prune_env.app.outputs`). ``--out`` then belongs to this process until the model is saved: a second
+``apply`` (or anything else taking its lock) to the same ``--out`` is refused at once, ``--force`` or not.
+The model is written into a fresh directory beside ``--out`` and renamed onto it, so what another process
+put there meanwhile is never overwritten.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from prune_env.app.job import POLICY_DIR, base_model_spec
-from prune_env.app.outputs import check_directory_output, publish_directory, staging_directory
-from prune_env.app.runfiles import STATE_FILE, read_state
+from prune_env.app.outputs import check_directory_output, owning, publish_directory, staging_directory
+from prune_env.app.runfiles import STATE_FILE, cost_ratios, read_state
 from prune_env.app.settings import SearchSettings
-from prune_env.errors import InvalidSettingError, PruneEnvError, RunDirectoryError
+from prune_env.data import check_dataset_name
+from prune_env.errors import InvalidSettingError, PruneEnvError, RunDirectoryError, UnknownNameError
+from prune_env.models import check_model_name
 from prune_env.settings import ProblemSettings
 from prune_env.validation import check_settings
 
@@ -62,6 +66,11 @@ def run_settings(run: Path) -> tuple[SearchSettings, tuple[float, float]]:
             raise refuse(f"in its settings, {key} must be a name, got {saved[key]!r}")
     if saved["weights"] is not None and not _non_empty_text(saved["weights"]):
         raise refuse(f"in its settings, weights must be a file path or null, got {saved['weights']!r}")
+    try:  # names a later version may have dropped, or an edit misspelled
+        check_model_name(saved["model"])
+        check_dataset_name(saved["dataset"])
+    except UnknownNameError as exc:
+        raise refuse(f"in its settings, {exc.args[0]}") from None
     try:
         checked = check_settings({"image_size": saved["image_size"], "budget_range": saved["budget_range"]})
         problem = ProblemSettings(**{k: saved[k] for k in PROBLEM_KEYS})
@@ -107,13 +116,16 @@ def run_apply(args: argparse.Namespace) -> int:
     check_settings({"finetune_epochs": args.finetune_epochs}, option_style=True)
     problem_settings = _problem_settings(saved.problem, target, bool(args.progress))
     s = dataclasses.replace(saved, problem=problem_settings)
-    policy = load_policy(run / POLICY_DIR)
     out = check_directory_output(
         args.out if args.out is not None else run / "applied" / f"{problem_settings.metric}-{target:g}",
         "--out",
         force=args.force,
     )
-    with staging_directory(out) as stage:
+    with (
+        owning([(out, "--out")], lambda: check_directory_output(out, "--out", force=args.force)) as seen,
+        staging_directory(out) as stage,
+    ):
+        policy = load_policy(run / POLICY_DIR)
         splits = load(s.dataset, seed=problem_settings.seed, image_size=s.image_size)
         problem = PruningProblem(base_model_spec(s, splits), splits, problem_settings)
         keep = policy.keep_for(problem, target)
@@ -131,10 +143,11 @@ def run_apply(args: argparse.Namespace) -> int:
                   "policy": str(run / POLICY_DIR), "finetuned": metrics is not None,
                   **({"test_accuracy": metrics["test_accuracy"]} if metrics else {})},
         )  # fmt: skip
-        publish_directory(stage, out, force=args.force, option="--out")
-    tested = f", test accuracy {metrics['test_accuracy']:.4f}" if metrics else ""
-    print(
-        f"{problem.metric} ratio {outcome.cost_ratio:.3f} (target {target:g}), params ratio "
-        f"{outcome.params_ratio:.3f}, no evaluation spent{tested}; saved to {out}"
-    )
+        publish_directory(stage, out, force=args.force, option="--out", seen=seen[out])
+        # Said while --out is still this process's: no other apply can have replaced it yet.
+        tested = f", test accuracy {metrics['test_accuracy']:.4f}" if metrics else ""
+        print(
+            f"{cost_ratios(problem.metric, outcome.cost_ratio, outcome.params_ratio)} (target {target:g}), "
+            f"no evaluation spent{tested}; saved to {out}"
+        )
     return 0

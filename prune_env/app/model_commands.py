@@ -1,6 +1,6 @@
-"""The commands that work on a model: ``eval`` (score a saved pruned model), ``export`` (write it as ONNX)
-and ``demo`` (prune a torchvision model and print its groups). Imported by the command line only when one
-of them runs, so its start-up does not load torch."""
+"""The commands that work on a model: ``eval`` (score a saved pruned model), ``export`` (write it as ONNX
+and/or TorchScript) and ``demo`` (prune a torchvision model and print its groups). Imported by the command
+line only when one of them runs, so its start-up does not load torch."""
 
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def run_export(args: argparse.Namespace) -> int:
     """Write a saved pruned model as ONNX and/or TorchScript, each checked against PyTorch's outputs."""
     import importlib.util
 
-    from prune_env.app.outputs import check_file_outputs, publish_file
+    from prune_env.app.outputs import check_file_outputs, owning, publish_file
     from prune_env.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_pruned_with_spec
 
     if args.onnx is None and args.torchscript is None:
@@ -203,33 +203,40 @@ def run_export(args: argparse.Namespace) -> int:
                "--torchscript": (args.torchscript, "model.pt", _torchscript_bytes)}  # fmt: skip
     asked = [(option, given, example) for option, (given, example, _) in writers.items() if given is not None]
     model_dir = Path(args.path)
-    outs = check_file_outputs(
-        [(given, option, example) for option, given, example in asked],
-        force=args.force,
-        inputs=(model_dir / SPEC_FILE, model_dir / WEIGHTS_FILE),
-    )
-    model, spec = load_pruned_with_spec(args.path)
-    model.eval()
-    # Two samples, so the batch dimension is exported as what it is (dynamic), and a fixed check input.
-    x = torch.randn(2, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = model(x).numpy()
-    # Every export is made and checked in memory first: a failed one writes nothing.
-    made = []
-    for (option, _, _), out in zip(asked, outs, strict=True):
-        data, produced = writers[option][2](model, x)
-        error = float(abs(produced - reference).max())
-        if not error <= EXPORT_TOLERANCE:
-            raise PruneEnvError(
-                f"the {option[2:]} export differs from PyTorch by up to {error:.2e} (tolerance "
-                f"{EXPORT_TOLERANCE:g}); {out} was not written"
-            )
-        made.append((option, out, data, error))
-    for option, out, data, error in made:
-        # Written under a temporary name and renamed: a reader never sees half a file, and a failed
-        # write leaves any earlier file at the output path as it was.
-        publish_file(out, data, force=args.force, option=option)
-        print(f"wrote {out} (max |difference| from PyTorch {error:.1e})")
+
+    def check() -> list[Path]:
+        return check_file_outputs(
+            [(given, option, example) for option, given, example in asked],
+            force=args.force,
+            inputs=(model_dir / SPEC_FILE, model_dir / WEIGHTS_FILE),
+        )
+
+    outs = check()
+    # Every output is this process's from here until it is written (and said written): a second export
+    # to one of them is refused at once, rather than both writing it and the last silently winning.
+    with owning([(out, option) for (option, _, _), out in zip(asked, outs, strict=True)], check) as seen:
+        model, spec = load_pruned_with_spec(args.path)
+        model.eval()
+        # Two samples, so the batch dimension is exported as what it is (dynamic), and a fixed check input.
+        x = torch.randn(2, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            reference = model(x).numpy()
+        # Every export is made and checked in memory first: a failed one writes nothing.
+        made = []
+        for (option, _, _), out in zip(asked, outs, strict=True):
+            data, produced = writers[option][2](model, x)
+            error = float(abs(produced - reference).max())
+            if not error <= EXPORT_TOLERANCE:
+                raise PruneEnvError(
+                    f"the {option[2:]} export differs from PyTorch by up to {error:.2e} (tolerance "
+                    f"{EXPORT_TOLERANCE:g}); {out} was not written"
+                )
+            made.append((option, out, data, error))
+        for option, out, data, error in made:
+            # Written under a temporary name and renamed: a reader never sees half a file, and a failed
+            # write leaves any earlier file at the output path as it was.
+            publish_file(out, data, force=args.force, option=option, seen=seen[out])
+            print(f"wrote {out} (max |difference| from PyTorch {error:.1e})")
     return 0
 
 

@@ -348,12 +348,18 @@ class PredictorPolicy:
             "b2": (e, 1, h),
             "b3": (e, 1, 1),
         }
-        for name, shape in shapes.items():  # before building: the settings could ask for any size
-            if name in state and tuple(state[name].shape) != shape:
+        # Checked before building: policy.json's settings could ask for any size (a million hidden units
+        # is terabytes), while the saved tensors' shapes bound the ensemble to the size of the file.
+        missing = [name for name in shapes if name not in state]
+        if missing:
+            refuse(weights, f"the ensemble's tensors {', '.join(map(repr, missing))} are absent")
+        for name, shape in shapes.items():
+            if tuple(state[name].shape) != shape:
                 refuse(
-                    weights,
-                    f"tensor {name!r} has shape {list(state[name].shape)}, the ensemble its "
-                    f"policy.json describes ({e} members, {h} hidden units, {n} ratios) {list(shape)}",
+                    file,
+                    f"its settings and start_ratios describe an ensemble ({e} members, {h} hidden units, "
+                    f"{n} ratios) whose tensor {name!r} has shape {list(shape)}, but {weights.name} holds "
+                    f"{list(state[name].shape)}",
                 )
         model = Ensemble(n, e, h, torch.Generator())
         load_tensors_into(model, state, weights)

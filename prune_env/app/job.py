@@ -36,6 +36,7 @@ from prune_env.app.runfiles import (
     STATE_FILE,
     STATE_FORMAT,
     RunLog,
+    cost_ratios,
     plot_allocation,
     plot_search,
     read_evaluations,
@@ -63,21 +64,29 @@ def default_agent() -> str:
     return name
 
 
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """``--weights`` read as a saved model's weights are: weights-only, plain tensors, all finite."""
+    from prune_env.checkpoint import read_weights
+    from prune_env.errors import CheckpointError
+
+    save = "save one with torch.save(model.state_dict(), PATH)"
+    resolved = Path(path).resolve()  # a link to the user's own file is fine; read_weights checks its target
+    if not resolved.exists():
+        raise InvalidSettingError(f"--weights {path}: no such file; {save}")
+    try:
+        return read_weights(resolved)
+    except CheckpointError as exc:
+        # "<file> <problem>; <how to re-save a saved model>": the problem is kept, the advice replaced.
+        problem = (str(exc).rpartition("; ")[0] or str(exc)).removeprefix(str(resolved))
+    if problem.startswith(": tensor"):  # NaN or inf: the file reads, its values are unusable
+        raise InvalidSettingError(f"--weights {path}{problem}; pass weights whose training did not diverge")
+    problem = f"the file{problem}" if problem.startswith(" ") else problem
+    raise InvalidSettingError(f"--weights {path} is not a loadable state_dict ({problem}); {save}")
+
+
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
     """Load a state_dict file into ``model`` (in place), or refuse it naming the problem and the fix."""
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        raise InvalidSettingError(
-            f"--weights {path} is not a loadable state_dict ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-            "save one with torch.save(model.state_dict(), PATH)"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InvalidSettingError(
-            f"--weights {path} holds a {type(state).__name__}, not a state_dict of tensors"
-        )
+    state = _read_weights_file(path)
     # load_state_dict would cast without a word: float64 weights rounded, integer tensors taken as weights,
     # half precision widened. A file of another dtype is refused, with the conversion to run if it is meant.
     expected = model.state_dict()
@@ -270,6 +279,7 @@ def _results(
         outcome = problem.outcome(applied, accuracy=float("nan"), loss=float("nan"))
         proxy_accuracy = None
     names = problem.group_names
+    tuned = finetuned is not None and s.finetune_epochs > 0  # with 0 epochs, finetune() only scored it
     return {
         "status": status,
         "agent": s.agent,
@@ -298,7 +308,8 @@ def _results(
         "base_proxy_accuracy": problem.base_accuracy,
         "base_test_accuracy": problem.base_metrics.get("test_accuracy"),
         "finetune_epochs": s.finetune_epochs if finetuned is not None else None,
-        "finetuned_val_accuracy": None if finetuned is None else finetuned["val_accuracy"],
+        "finetuned": tuned,
+        "finetuned_val_accuracy": finetuned["val_accuracy"] if tuned and finetuned is not None else None,
         "test_accuracy": None if finetuned is None else finetuned["test_accuracy"],
         "settings": s.identity(),
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -510,13 +521,11 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
         # differ from the best episode's.
         saved = problem.outcome(keep, accuracy=float("nan"), loss=float("nan"))
         log.info(
-            "%s: test accuracy %.4f (base %s); %s ratio %.3f, params ratio %.3f; saved to %s in %.0f s",
+            "%s: test accuracy %.4f (base %s); %s; saved to %s in %.0f s",
             f"fine-tuned {s.finetune_epochs} epochs" if finetuned else "not fine-tuned (--finetune-epochs 0)",
             metrics["test_accuracy"],
             _fmt(problem.base_metrics.get("test_accuracy")),
-            problem.metric,
-            saved.cost_ratio,
-            saved.params_ratio,
+            cost_ratios(problem.metric, saved.cost_ratio, saved.params_ratio),
             s.out,
             timings["total_seconds"],
         )

@@ -5,7 +5,8 @@ A run directory holds:
 - ``evaluations.csv``: one row per evaluation, appended and flushed as it happens (the source of truth
   for ``--resume``);
 - ``state.json``: the run's settings and how many evaluations are done;
-- ``results.json``: the best policy, its costs, proxy and fine-tuned test accuracy, timings and versions;
+- ``results.json``: the best policy, its costs, proxy accuracy, the saved model's test accuracy (and
+  ``finetuned``: whether it was fine-tuned, with its validation accuracy if so), timings and versions;
 - ``model/``: the pruned (fine-tuned) model, reloadable with :func:`prune_env.load_pruned`;
 - ``policy/``: a ``--budget-range`` run's learned policy (``policy.json`` and its weights), and
   ``applied/``: the models ``prune-env apply`` made with it for other targets;
@@ -32,7 +33,7 @@ from agents.evaluator import Evaluation
 from agents.tensorboard import EvaluationWriter
 from prune_env.errors import ResumeError
 from prune_env.fileio import append_text, write_bytes_atomic, write_text_atomic
-from prune_env.serialize import json_default
+from prune_env.serialize import json_default, loads_strict
 
 STATE_FORMAT = 2  # 2: the settings record every field of the problem's settings
 STATE_FILE = "state.json"
@@ -56,6 +57,13 @@ log = logging.getLogger("prune_env.job")
 
 def write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=json_default) + "\n")
+
+
+def cost_ratios(metric: str, cost_ratio: float, params_ratio: float) -> str:
+    """``"macs ratio 0.498, params ratio 0.612"``; the params ratio once when it is the constrained cost."""
+    if metric == "params":
+        return f"params ratio {params_ratio:.3f}"
+    return f"{metric} ratio {cost_ratio:.3f}, params ratio {params_ratio:.3f}"
 
 
 def _csv_line(row: dict[str, Any] | None) -> str:
@@ -119,18 +127,38 @@ def read_evaluations(path: Path) -> EvaluationLog:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    """``state.json``, checked for its format, its settings and its evaluation count."""
+    """``state.json``, parsed strictly (a key given twice, NaN or Infinity refused: a hand edit hides a
+    second value behind the first), checked for its format, its settings and its evaluation count."""
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ResumeError(f"{path} is not readable JSON ({exc}); restore it or start a new run") from None
+        state = loads_strict(path.read_bytes())
+    except OSError as exc:
+        raise ResumeError(f"cannot read {path} ({exc.strerror}); restore it or start a new run") from None
+    except UnicodeDecodeError:
+        raise ResumeError(
+            f"{path} is not readable JSON (not UTF-8 text); restore it or start a new run"
+        ) from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ResumeError(
+            f"{path} is not readable JSON ({' '.join(str(exc).split())}); restore it or start a new run"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ResumeError(
             f"{path} is not a prune-env run state of format {STATE_FORMAT} (made by another version?); "
             "start a new run with another --out"
         )
-    if not isinstance(state.get("settings"), dict) or not isinstance(state.get("evals_done"), int):
+    settings = state.get("settings")
+    if not isinstance(settings, dict) or not isinstance(state.get("evals_done"), int):
         raise ResumeError(f"{path} lacks the run's settings or its evaluation count")
+    if "importance" in settings:
+        # Resolved only once the base model is ready: an edited name must name this file, and early.
+        from prune_env.importance import importance_names
+
+        names = importance_names()
+        if settings["importance"] not in names:
+            raise ResumeError(
+                f"{path}: in its settings, importance {settings['importance']!r} is not one of "
+                f"{', '.join(names)}; the file is damaged or was edited: restore it, or start a new run"
+            )
     return state
 
 
@@ -239,6 +267,7 @@ __all__ = [
     "STATE_FORMAT",
     "EvaluationLog",
     "RunLog",
+    "cost_ratios",
     "plot_allocation",
     "plot_search",
     "read_evaluations",

@@ -8,18 +8,22 @@ channel, repeated and rescaled for more), as timm does for its own models.
 Nothing is downloaded: the weights are read from the local caches torchvision and timm fill when they
 download (torch hub's ``checkpoints`` directory, the Hugging Face hub cache), so a machine without a network
 uses the weights fetched once elsewhere; missing ones raise :class:`WeightsNotFoundError` naming the file.
+A cached file is only ever read weights-only: anyone who can write to the cache could otherwise make the
+loader run code (torchvision's own loader unpickles it fully). One that fails raises :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from prune_env.errors import UnknownNameError, WeightsNotFoundError
+from prune_env.errors import CheckpointError, UnknownNameError, WeightsNotFoundError
 
 WEIGHTS_SEPARATOR = "@"
 TIMM_PRETRAINED = "pretrained"
@@ -124,16 +128,69 @@ def adapt_input_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
 
 
-def torchvision_pretrained(name: str, weights: str, num_classes: int, in_channels: int) -> nn.Module:
+# Old torchvision DenseNet checkpoints name layers "norm.1", "conv.2", ...; torchvision renames them on load.
+_DENSENET_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+_AUXILIARY_HEADS = ("aux1.", "aux2.", "AuxLogits.")
+
+
+def _redownload(name: str, weights: str) -> str:
+    return (
+        f"delete it and download it again where there is a network (torchvision.models.get_model({name!r}, "
+        f"weights={weights!r})), or pass your own trained weights with --weights PATH"
+    )
+
+
+def _published_architecture(name: str, member: Any) -> nn.Module:
+    """``name`` built as torchvision's builder builds it for ``member``'s checkpoint, but without weights.
+
+    These are the constructor arguments the builders override when given weights: the checkpoint was
+    saved from that architecture. The auxiliary heads are left out, as for the randomly initialised models.
+    """
     import torchvision
 
-    member = torchvision_weights(name, weights)
-    kwargs: dict[str, Any] = {"weights": member}
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": len(member.meta["categories"])}
     if name.startswith(("googlenet", "inception")):
-        kwargs["aux_logits"] = False  # one output, as for the randomly initialised models
-    model = torchvision.models.get_model(name, **kwargs)  # reads the cached file: checked above
-    if hasattr(model, "transform_input"):
-        model.transform_input = False  # re-normalises three ImageNet channels; the data are its own
+        # transform_input re-normalises three ImageNet channels; the data are normalised their own way.
+        kwargs.update(aux_logits=False, init_weights=False, transform_input=False)
+    elif name.startswith("vit_"):
+        kwargs["image_size"] = member.meta["min_size"][0]
+    elif name.startswith("maxvit"):
+        kwargs["input_size"] = member.meta["min_size"]
+    return torchvision.models.get_model(name, **kwargs)
+
+
+def _load_published(model: nn.Module, name: str, weights: str, path: Path) -> None:
+    """Load the cached checkpoint ``path`` into ``model`` weights-only, never unpickling code."""
+    from prune_env.checkpoint import read_weights
+
+    redownload = _redownload(name, weights)
+    try:
+        state = read_weights(path.resolve())  # a link into a shared cache is fine; its target is checked
+    except CheckpointError as exc:
+        # read_weights ends its messages with advice for saved models; a cached download is fetched again.
+        problem = str(exc).rpartition("; ")[0] or str(exc)
+        raise CheckpointError(f"{problem}; it is torch hub's cached download: {redownload}") from None
+    for key in list(state):  # in place: the state's _metadata (layer versions) must survive
+        legacy = _DENSENET_LEGACY_KEY.match(key) if name.startswith("densenet") else None
+        if legacy:
+            state[legacy.group(1) + legacy.group(2)] = state.pop(key)
+        elif name.startswith(("googlenet", "inception")) and key.startswith(_AUXILIARY_HEADS):
+            del state[key]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"{path} does not hold torchvision's {name} {weights} weights ({first}); {redownload}"
+        ) from None
+
+
+def torchvision_pretrained(name: str, weights: str, num_classes: int, in_channels: int) -> nn.Module:
+    member = torchvision_weights(name, weights)
+    model = _published_architecture(name, member)
+    _load_published(model, name, weights, _hub_checkpoint(member.url))
     head_name, head = _classifier(model, len(member.meta["categories"]))
     if isinstance(head, nn.Linear):
         _set(model, head_name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
@@ -151,15 +208,45 @@ def torchvision_pretrained(name: str, weights: str, num_classes: int, in_channel
     return model
 
 
+def _file_errors() -> tuple[type[Exception], ...]:
+    """What reading a damaged or hostile weights file raises (torch, timm and safetensors)."""
+    from safetensors import SafetensorError  # a dependency of timm
+
+    errors = (SafetensorError, RuntimeError, EOFError, KeyError, IndexError, ValueError, OSError)
+    return (pickle.UnpicklingError, *errors)
+
+
 def timm_pretrained(name: str, num_classes: int, in_channels: int) -> nn.Module:
     from prune_env.models.timm_adapter import import_timm
 
     path = _timm_checkpoint(name)
-    # A local file overrides timm's download source; timm resets the classifier and adapts the stem.
-    return import_timm().create_model(
-        name,
-        pretrained=True,
-        num_classes=num_classes,
-        in_chans=in_channels,
-        pretrained_cfg_overlay={"file": str(path), "source": "", "hf_hub_id": None},
+    redownload = (
+        f"delete it and download it again where there is a network (timm.create_model({name!r}, "
+        "pretrained=True)), or pass your own trained weights with --weights PATH"
     )
+    try:
+        # A local file overrides timm's download source; timm resets the classifier and adapts the stem.
+        # timm reads it weights-only (or as safetensors), so a hostile file is refused, not run.
+        model = import_timm().create_model(
+            name,
+            pretrained=True,
+            num_classes=num_classes,
+            in_chans=in_channels,
+            pretrained_cfg_overlay={"file": str(path), "source": "", "hf_hub_id": None},
+        )
+    except _file_errors() as exc:  # how a bad file fails in torch's, timm's or safetensors' reader
+        # timm re-raises torch's weights-only refusal as a RuntimeError (caused by the UnpicklingError).
+        if isinstance(exc, pickle.UnpicklingError) or isinstance(exc.__cause__, pickle.UnpicklingError):
+            problem = (
+                "is not a plain weights file: torch's weights-only reader refused it (it holds pickled objects "
+                "other than tensors, or is not a weights file at all), and it will not be loaded, since "
+                "unpickling it could run code"
+            )
+        else:
+            first = " ".join(str(exc).split())[:160] or "no details"
+            problem = f"is not a readable copy of timm's {name} weights ({type(exc).__name__}: {first})"
+        raise CheckpointError(f"{path} {problem}; {redownload}") from None
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {key!r} holds NaN or infinite values; {redownload}")
+    return model

@@ -92,7 +92,10 @@ def main() -> None:
 
     ray = import_ray()
     ray.init(
-        num_cpus=max(max(args.workers), os.cpu_count() or 1), include_dashboard=False, logging_level="error"
+        address="local",  # this machine's cores are what is measured, never a cluster found in /tmp/ray
+        num_cpus=max(max(args.workers), os.cpu_count() or 1),
+        include_dashboard=False,
+        logging_level="error",
     )
     problem = PruningProblem(
         args.model, args.dataset, target_macs=args.target, proxy=args.proxy, progress=False

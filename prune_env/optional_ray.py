@@ -11,10 +11,13 @@ memory). A cluster's address must answer within :data:`CONNECT_TIMEOUT_S` (Ray i
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
+import threading
 import time
 from types import ModuleType
+from typing import Any
 
 from prune_env.errors import InvalidSettingError
 from prune_env.validation import ray_address, ray_host_port
@@ -92,8 +95,10 @@ def check_fits_here(
 
 
 def check_answers(address: str) -> None:
-    """Refuse, within :data:`CONNECT_TIMEOUT_S`, a cluster address nothing answers at (``"auto"``: no
-    cluster found on this machine), before Ray is asked to connect."""
+    """Refuse, within :data:`CONNECT_TIMEOUT_S`, a cluster address where Ray does not answer (``"auto"``: no
+    cluster found on this machine), before Ray is asked to connect: nothing listens, something that is not
+    gRPC listens, or a gRPC service without the Ray method the address form needs (a head's GCS for
+    HOST:PORT, a Ray Client server for ray://HOST:PORT) — Ray's own attempts would wait minutes, or for ever."""
     host_port = ray_host_port(address)
     named = address
     if host_port is None:  # "auto": the cluster Ray would find on this machine
@@ -110,31 +115,115 @@ def check_answers(address: str) -> None:
         if host_port is None:
             return
         named = f'"auto" (the cluster last started on this machine, at {found})'
-    deadline = time.monotonic() + CONNECT_TIMEOUT_S
-    try:
-        socket.create_connection(host_port, timeout=CONNECT_TIMEOUT_S).close()
-    except TimeoutError:
-        problem = "no reply"
-    except socket.gaierror:
-        problem = f"host {host_port[0]} not found"
-    except OSError as exc:
-        problem = (exc.strerror or str(exc)).lower()
-    else:
-        # Something listens; Ray (its head and its Ray Client server) speaks gRPC. Anything else would keep
-        # Ray's own connection attempts waiting for minutes.
-        import grpc
-
-        host, port = host_port
-        with grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}") as channel:
-            try:
-                grpc.channel_ready_future(channel).result(timeout=max(0.1, deadline - time.monotonic()))
-                return
-            except grpc.FutureTimeoutError:
-                problem = "something listens there, but not Ray"
+    timeout = CONNECT_TIMEOUT_S
+    outcome: list[str | None] = []
+    client = address.startswith("ray://")
+    # In a daemon thread: name resolution has no timeout of its own, so only the join bounds the whole probe.
+    probe = threading.Thread(
+        target=lambda: outcome.append(_probe(host_port, client, time.monotonic() + timeout)),
+        name="prune-env-ray-probe",
+        daemon=True,
+    )
+    probe.start()
+    probe.join(timeout + 0.5)  # the probe's own deadlines end it first, unless resolving the host hangs
+    problem = outcome[0] if outcome else "no reply"
+    if problem is None:
+        return
+    if problem.startswith("answers"):
+        raise InvalidSettingError(f"Ray address {named} {problem}")
     raise InvalidSettingError(
-        f"Ray address {named} does not answer within {CONNECT_TIMEOUT_S:g} s ({problem}); start the cluster "
+        f"Ray address {named} does not answer within {timeout:g} s ({problem}); start the cluster "
         "(ray start --head) or correct the address, or leave it unset to run Ray on this machine"
     )
+
+
+def _probe(host_port: tuple[str, int], client: bool, deadline: float) -> str | None:
+    """None when Ray answers at ``host_port`` before ``deadline``, else what answered instead."""
+    try:
+        socket.create_connection(host_port, timeout=max(0.1, deadline - time.monotonic())).close()
+    except TimeoutError:
+        return "no reply"
+    except socket.gaierror:
+        return f"host {host_port[0]} not found"
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    try:
+        return _ray_rpc(host_port, client, deadline)
+    except Exception:  # a probe that cannot run must not refuse a cluster: Ray then says what is wrong
+        return None
+
+
+def _channel(host: str, port: int) -> Any:
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:  # the channel Ray itself makes: its TLS and token settings, so a secured cluster answers the probe
+        from ray._private.grpc_utils import init_grpc_channel
+
+        return init_grpc_channel(target)
+    except ImportError:
+        import grpc
+
+        return grpc.insecure_channel(target)
+
+
+def _ray_rpc(host_port: tuple[str, int], client: bool, deadline: float) -> str | None:
+    """Ray (its head and its Ray Client server) speaks gRPC: the channel must come up, and the one cheap call
+    Ray makes first (GetClusterId of the GCS, or Ray Client's ping) must be known there."""
+    import grpc
+
+    with _channel(*host_port) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=max(0.1, deadline - time.monotonic()))
+        except grpc.FutureTimeoutError:
+            return "something listens there, but not Ray"
+        found = _ray_call(channel, client, deadline)
+        if found == "ray":
+            return None
+        if found == "silent":
+            return "something listens there, but not Ray"
+        host, port = host_port
+        if _ray_call(channel, not client, deadline) == "ray":  # the other form of address would work
+            if client:
+                return (
+                    "answers as a Ray head (GCS), not as a Ray Client server: give it without ray:// "
+                    f"({host}:{port}), or the head's Ray Client port (ray://{host}:10001 by default)"
+                )
+            return (
+                f"answers as a Ray Client server, not as a Ray head (GCS): give it as ray://{host}:{port}, or "
+                f"the head's own address ({host}:6379 by default)"
+            )
+        return (
+            "answers gRPC, but no Ray head or Ray Client server is there: check the port (a head listens on "
+            "HOST:6379 by default, its Ray Client server on ray://HOST:10001)"
+        )
+
+
+def _ray_call(channel: Any, client: bool, deadline: float) -> str:
+    """Whether the service at ``channel`` knows Ray's first call: "ray", "not ray" (the method is unknown
+    there) or "silent" (no reply before ``deadline``)."""
+    import grpc
+
+    timeout = max(0.1, deadline - time.monotonic())
+    try:
+        # Ray's generated protobuf modules (no type stubs): the messages and stubs of the installed version.
+        if client:
+            messages = importlib.import_module("ray.core.generated.ray_client_pb2")
+            stubs = importlib.import_module("ray.core.generated.ray_client_pb2_grpc")
+            ping = messages.ClusterInfoRequest(type=messages.ClusterInfoType.PING)
+            stubs.RayletDriverStub(channel).ClusterInfo(ping, timeout=timeout)
+        else:
+            messages = importlib.import_module("ray.core.generated.gcs_service_pb2")
+            stubs = importlib.import_module("ray.core.generated.gcs_service_pb2_grpc")
+            stubs.NodeInfoGcsServiceStub(channel).GetClusterId(
+                messages.GetClusterIdRequest(), timeout=timeout
+            )
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return "not ray"
+        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            return "silent"
+        # Any other refusal (unauthenticated, a bad argument) comes from a service that knows the method.
+    return "ray"
 
 
 def uses_ray(workers: int | None, address: str | None, *, option_style: bool = False) -> bool:

@@ -31,6 +31,7 @@ from prune_env.scoring import PolicyScorer
 from prune_env.settings import ProblemSettings
 from prune_env.surgery import ModelRebuilder, prune_channels
 from prune_env.train import check_train_options, train_base
+from prune_env.validation import check_settings
 
 IMPORTANCE_BATCH_SIZE = 64  # training batches that data-driven importance criteria read
 
@@ -269,7 +270,7 @@ class PruningProblem:
             )
         if not np.all(np.isfinite(r)):
             raise InvalidRatiosError("ratios contain NaN or inf")
-        return self.projector.project(r, self.target if target is None else target, fill=self.fill_budget)
+        return self.projector.project(r, self.target_or(target), fill=self.fill_budget)
 
     def ratios_for(self, keep: np.ndarray) -> np.ndarray:
         return keep_to_ratios(self.units, keep)
@@ -336,6 +337,15 @@ class PruningProblem:
             self.evaluations += 1
         return self._results[key]
 
+    def target_or(self, target: Any) -> float:
+        """``target`` checked (a fraction in (0, 1] of the base cost this problem can reach), or this
+        problem's own target for None: every method taking a ``target`` goes through here."""
+        if target is None:
+            return self.target
+        checked = float(check_settings({"target": target})["target"])
+        self.check_target(checked)
+        return checked
+
     def check_target(self, target: float) -> None:
         """Refuse a budget this problem cannot meet (in its metric), naming the smallest it can."""
         if self.joint is not None and self.joint.constrained:
@@ -363,7 +373,7 @@ class PruningProblem:
         :class:`~prune_env.quantization.budget.JointProjector`); with a MACs or parameter budget the bits
         are free and only the ratios are projected."""
         joint = self._joint()
-        target = self.target if target is None else target
+        target = self.target_or(target)
         if joint.constrained:
             r = np.asarray(ratios, dtype=np.float64)
             if r.shape != (self.n_groups,) or not np.all(np.isfinite(r)):
@@ -383,6 +393,7 @@ class PruningProblem:
         """Score an already projected joint policy: the pruned model as the proxy prepares it, quantized
         (:class:`~prune_env.quantization.proxy.QuantizedScoring`). Remembered per (kept counts, bits)."""
         joint = self._joint()
+        target = self.target_or(target)  # refused before any evaluation
         keep = np.asarray(keep, dtype=np.int64)
         w = np.asarray(weight_bits, dtype=np.int64)
         a = np.asarray(activation_bits, dtype=np.int64)
@@ -431,6 +442,7 @@ class PruningProblem:
 
     def evaluate_keep(self, keep: np.ndarray, target: float | None = None) -> Outcome:
         """Score an already projected policy (kept units per group) with the proxy."""
+        target = self.target_or(target)  # refused before any evaluation
         keep = np.asarray(keep, dtype=np.int64)
         start = time.perf_counter()
         key = tuple(keep.tolist())
@@ -482,7 +494,7 @@ class PruningProblem:
             params=costs.params(keep),
             base_macs=self.graph.base_macs,
             base_params=self.graph.base_params,
-            target=self.target if target is None else float(target),
+            target=self.target_or(target),
             metric=self.metric,
             ratios=self.ratios_for(keep),
             keep=tuple(keep.tolist()),

@@ -25,7 +25,8 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``pairs`` as a dict; a key given twice is a ValueError (an ``object_pairs_hook`` for json.loads)."""
     # A duplicated key is how a hand-edit hides a second value behind the first: refuse it.
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -39,4 +40,4 @@ def loads_strict(raw: bytes) -> Any:
     """``raw`` (UTF-8 JSON) parsed with NaN, Infinity and duplicated keys refused. Raises
     :class:`UnicodeDecodeError` for bytes that are not UTF-8 and :class:`ValueError` (a JSONDecodeError
     for bad syntax) naming what is wrong — both ValueErrors — and RecursionError for absurd nesting."""
-    return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=unique_keys)

@@ -10,7 +10,9 @@ Every split is checked before any training, each sample read at most once, with 
   anyway, for the stratified split and the number of classes): an ``(input tensor, label)`` pair, one
   input shape, finite inputs, an integer label;
 * a dataset with a ``targets`` list (torchvision's) has its labels checked from the list and only its first
-  sample read, since decoding every image would cost as much as an epoch;
+  sample read, since decoding every image would cost as much as an epoch; every later sample is checked
+  when it is read (an ``(input tensor, label)`` pair, the first sample's input shape, finite inputs), so a
+  sample of another shape is refused by index before a batch of it reaches ``torch.stack``;
 * across splits: one input shape (the costs are computed for it), labels in ``0..num_classes-1``, and
   enough samples per class for the stratified splits (:func:`prune_env.data.check_split_sizes`).
 
@@ -198,6 +200,41 @@ def _read_each(dataset: Dataset[Any], role: str) -> tuple[np.ndarray, tuple[int,
     return _class_indices(np.array(labels) if numbers else np.array(labels, dtype=object), role), first
 
 
+class CheckedOnRead(Dataset[Any]):
+    """A dataset whose samples are checked as they are read, against the input shape of its first sample;
+    other attributes (``targets``, ``classes``) are the wrapped dataset's. For datasets too costly to read
+    whole up front: the check costs one comparison per sample, the read is the dataset's own."""
+
+    def __init__(self, dataset: Dataset[Any], role: str, shape: tuple[int, ...]) -> None:
+        self.dataset, self.role, self.shape = dataset, role, shape
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self.dataset[index]
+        x, _ = _pair(sample, self.role, index)
+        shape = _input_shape(x, self.role, index)
+        if shape != self.shape:
+            raise _mixed_shapes(self.role, index, shape, self.shape)
+        if not bool(torch.isfinite(x).all()):
+            raise _nonfinite(self.role, index)
+        return sample
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for what the wrapper lacks; "dataset" itself is missing while unpickling.
+        if name == "dataset" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _checked_on_read(dataset: Dataset[Any], role: str, shape: tuple[int, ...]) -> Dataset[Any]:
+    """``dataset`` itself when :func:`_inspect` read all of it, else checked sample by sample as read."""
+    if in_memory_tensors(dataset) is not None or _targets(dataset) is None:
+        return dataset
+    return CheckedOnRead(dataset, role, shape)
+
+
 def _inspect(dataset: Dataset[Any], role: str) -> tuple[np.ndarray, tuple[int, ...]]:
     """(every sample's class index, the input shape) of one split, checked as the module says."""
     tensors = in_memory_tensors(dataset)
@@ -259,6 +296,9 @@ def from_datasets(
                 f"must have one input shape (the model's costs are computed for it): resize the {role} data"
             )
     classes = _number_of_classes(inspected, num_classes)
+    name = name or f"custom:{type(full).__name__}"
+    given = [(role, _checked_on_read(dataset, role, inspected[role][1])) for role, dataset in given]
+    full = given[0][1]
     fractions = [f for f, given_split in ((test_fraction, test), (val_fraction, val)) if given_split is None]
     check_split_sizes(labels, fractions, "the training data")
     if test is None:
@@ -276,7 +316,7 @@ def from_datasets(
         train_set = full if train_idx is None else Subset(full, train_idx.tolist())
         val_set = dict(given)["validation"]
     return Splits(
-        name=name or f"custom:{type(full).__name__}",
+        name=name,
         train=train_set,
         val=val_set,
         test=test_set,

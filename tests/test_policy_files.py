@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from agents import BudgetedEvaluator, search
-from agents.policies import POLICY_META, convert_pickled_policy, load_policy
+from agents.policies import POLICY_META, AllocationPolicy, convert_pickled_policy, load_policy
 from agents.sb3 import SB3Policy, run_sb3
 from prune_env.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_pruned, save_pruned
 from prune_env.data import Splits
@@ -361,6 +361,20 @@ def test_an_allocation_above_the_problems_max_ratio_is_refused_not_clipped(
         InvalidSettingError, match=r"removes 0\.95 of group .* more than this problem's max_ratio 0\.9"
     ):
         load_policy(directory).keep_for(capped, 0.5)
+
+
+def test_an_allocation_at_a_groups_smallest_width_applies(tiny: nn.Module, digits: Splits) -> None:
+    # A group's smallest width is rounded to whole units, so a searched allocation at that width may
+    # record a ratio just above max_ratio; applying it must give back that width, not refuse it.
+    capped = PruningProblem(tiny, digits, target_macs=0.5, max_ratio=0.85, **FAST)
+    smallest = capped.projector.min_keep
+    realised = 1.0 - smallest / capped.units
+    assert (realised > capped.max_ratio).any(), "the case this test is about: rounding past max_ratio"
+    policy = AllocationPolicy("random", tuple(float(r) for r in realised))
+    keep = policy.keep_for(capped, 0.5)  # refused before: "removes 0.857 ... more than max_ratio 0.85"
+    assert (keep >= smallest).all() and capped.projector.cost_ratio(keep) <= 0.5
+    with pytest.raises(InvalidSettingError, match="more than this problem's max_ratio"):
+        AllocationPolicy("random", tuple(float(r) + 0.01 for r in realised)).keep_for(capped, 0.5)
 
 
 # ------------------------------------------------------------------------------------------------ payloads

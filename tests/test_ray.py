@@ -48,7 +48,11 @@ def ray_for_this_module() -> Any:
 def local_ray() -> None:
     """The user's own connection (kept across the tests that share it)."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="error", log_to_driver=False)
+        # "local": a new Ray, never the cluster a stale /tmp/ray/ray_current_cluster names (address None
+        # would join that one, and refuse num_cpus).
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, logging_level="error", log_to_driver=False
+        )
 
 
 @pytest.fixture

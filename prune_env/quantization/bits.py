@@ -18,6 +18,7 @@ from torch import nn
 
 from prune_env.errors import InvalidSettingError
 from prune_env.graph import DependencyGraph
+from prune_env.serialize import unique_keys
 from prune_env.validation import bits as bits_rule
 from prune_env.validation import close_names
 
@@ -73,13 +74,20 @@ class BitPlan:
     @classmethod
     def from_json(cls, text: str | bytes) -> BitPlan:
         """The plan :meth:`to_json` wrote (an ``activation_ranges`` entry, as saved beside a fake-quantized
-        model, is allowed and not read); anything else is an :class:`InvalidSettingError`."""
+        model, is allowed and not read); anything else — a layer named twice, NaN or Infinity included —
+        is an :class:`InvalidSettingError`."""
         try:
-            data = json.loads(text)
+            # serialize's rule for keys given twice (json.loads would keep the last width of a layer named
+            # twice); NaN and Infinity parse, for the bits rule to name the value it refuses.
+            data = json.loads(text, object_pairs_hook=unique_keys)
         except (TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            detail = " ".join(str(exc).split())[:120]
+            if type(exc) is ValueError:  # the repeated key, not a syntax or encoding error
+                raise InvalidSettingError(
+                    f"a bit plan must name each entry and layer once: {detail}; keep one of them"
+                ) from None
             raise InvalidSettingError(
-                f"a bit plan must be JSON text such as BitPlan.to_json() writes "
-                f"({' '.join(str(exc).split())[:120]})"
+                f"a bit plan must be JSON text such as BitPlan.to_json() writes ({detail})"
             ) from None
         return cls.from_document(data)
 

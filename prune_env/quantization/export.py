@@ -103,9 +103,19 @@ def save_fake_quantized(
     out.mkdir(parents=True, exist_ok=True)
     weights = io.BytesIO()
     torch.save(quantized.state_dict(), weights)
-    # Never replaces a file another process wrote meanwhile (the check above is only the early answer).
-    write_bytes_atomic(targets[0], weights.getvalue(), replace=False)
-    document = {**json.loads(plan.to_json()), "activation_ranges": {k: list(v) for k, v in ranges.items()}}
+    # Never replaces a file another process wrote meanwhile (the check above is only the early answer):
+    # of two saves racing into one directory, the first to publish model.pt writes the plan, the other stops.
+    try:
+        write_bytes_atomic(targets[0], weights.getvalue(), replace=False)
+    except FileExistsError:
+        raise InvalidSettingError(
+            f"{out} already holds a saved model: another save wrote {targets[0].name} there meanwhile; "
+            "choose another directory"
+        ) from None
+    # Every quantized layer's range, a layer the batches never reach included (its grid is install's
+    # default), so that a loader can tell a complete file from one missing a range.
+    saved_ranges = {n: list(ranges.get(n, (0.0, 0.0))) for n in _quantized_inputs(plan)}
+    document = {**json.loads(plan.to_json()), "activation_ranges": saved_ranges}
     write_text_atomic(targets[1], json.dumps(document, indent=1))
     return out
 
@@ -172,6 +182,11 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
+def _quantized_inputs(plan: BitPlan) -> list[str]:
+    """The layers whose inputs ``plan`` quantizes (a saved file holds a range for each), sorted."""
+    return sorted(name for name, bits in plan.activations.items() if bits != FULL_PRECISION)
+
+
 def _activation_ranges(document: dict[str, Any], plan: BitPlan, path: Path) -> dict[str, tuple[float, float]]:
     """The saved ``[low, high]`` input range of each layer whose inputs ``plan`` quantizes: finite numbers
     with ``low <= high`` (a grid over an inverted or infinite range would round every input to one
@@ -182,7 +197,17 @@ def _activation_ranges(document: dict[str, Any], plan: BitPlan, path: Path) -> d
             f"{path}: activation_ranges must map layer names to [low, high], got {raw!r:.80}; re-save the "
             "model with save_fake_quantized"
         )
-    quantized = {name for name, bits in plan.activations.items() if bits != FULL_PRECISION}
+    quantized = _quantized_inputs(plan)
+    missing = [name for name in quantized if name not in raw]
+    if missing:
+        # Without its range a layer's inputs would be rounded to the default grid (the whole numbers from 0),
+        # not the calibrated one: the model would compute something else than what was scored, silently.
+        raise CheckpointError(
+            f"{path}: activation_ranges has no range for {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more layers)" if len(missing) > 1 else "")
+            + f", whose inputs the plan quantizes to {plan.activation_bits(missing[0])} bits; the file was "
+            "edited or is incomplete: re-save the model with save_fake_quantized"
+        )
     ranges: dict[str, tuple[float, float]] = {}
     for name, value in raw.items():
         if name not in quantized:

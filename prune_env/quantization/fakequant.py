@@ -17,11 +17,15 @@ from torch import nn
 
 from prune_env.batches import iterate_batches
 from prune_env.errors import InvalidSettingError
-from prune_env.quantization.bits import FULL_PRECISION, BitPlan, check_plan
+from prune_env.quantization.bits import FULL_PRECISION, BitPlan, check_bits, check_plan
 
 
 def quantize_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """``weight`` rounded to ``bits``-bit symmetric integers, one scale per output channel (dim 0)."""
+    """``weight`` rounded to ``bits``-bit symmetric integers, one scale per output channel (dim 0).
+
+    ``bits``: 2..16, or 32 (full precision: ``weight`` itself), the package's one rule
+    (:func:`~prune_env.quantization.bits.check_bits`); one bit would leave no nonzero level (NaN scales)."""
+    bits = check_bits("bits", bits)
     if bits == FULL_PRECISION:
         return weight
     qmax = 2 ** (bits - 1) - 1

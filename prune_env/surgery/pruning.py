@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from prune_env.errors import InvalidSettingError
-from prune_env.graph import ChannelGroup, DependencyGraph, build_graph, check_module
+from prune_env.graph import ChannelGroup, DependencyGraph, build_graph, check_module, units_to_keep
 from prune_env.importance import Batches, Importance, get_importance, layer_tensor
 from prune_env.surgery.keep import KeepSpec, select_units
 from prune_env.surgery.plan import make_plan, resize, resized_modules
@@ -43,9 +43,12 @@ def prune(
     "taylor" and "hrank" (which read a few of ``batches``: a callable yielding ``(inputs, labels)``
     training batches), or a callable ``(group, model) -> scores``; the lowest-scoring channels go first.
     ``graph``: a graph already built for this architecture (saves the trace). ``round_to``: kept counts are
-    rounded to this multiple. ``global_ranking``: ``ratios`` (one float) is the fraction of *all* units
-    removed, chosen across groups by their scores divided by their group's mean score (so groups of
-    different scales compare), each group keeping at least ``round_to`` units.
+    rounded to the nearest multiple (the rule ``graph.macs`` predicts with); a ``round_to`` so coarse that a
+    group's count rounds to no multiple at all, leaving one channel where the ratio keeps more than two, is
+    an :class:`InvalidSettingError` naming the group and the largest ``round_to`` that works (as the
+    environments refuse one too coarse for their ``max_ratio``). ``global_ranking``: ``ratios`` (one float)
+    is the fraction of *all* units removed, chosen across groups by their scores divided by their group's
+    mean score (so groups of different scales compare), each group keeping at least ``round_to`` units.
     """
     check_module(model, "prune")
     if global_ranking and not isinstance(ratios, float | int):
@@ -59,7 +62,9 @@ def prune(
     score = get_importance(importance, seed, batches)
     keep_counts = graph.keep_counts(ratios, round_to)  # also checks the ratios
     scores: dict[int, np.ndarray] = {}
-    if global_ranking:
+    if not global_ranking:
+        check_rounding_for(graph, graph.ratio_vector(ratios), round_to)
+    else:
         assert isinstance(ratios, float | int)  # checked above
         scores = {g: _checked_scores(score, group, model) for g, group in enumerate(graph.groups)}
         keep_counts = _global_keep_counts(graph, list(scores.values()), float(ratios), round_to)
@@ -72,6 +77,40 @@ def prune(
         # Stable sort: ties keep the lowest indices, so the result is deterministic.
         keep.append(np.sort(np.argsort(-group_scores, kind="stable")[:k]))
     return _prune_channels(model, graph, keep)
+
+
+def _collapses(units: np.ndarray, ratios: np.ndarray, round_to: int) -> np.ndarray:
+    """Per group: whether rounding to ``round_to`` rounds the count ``ratios`` keep to zero multiples, leaving
+    one channel — and that is less than half of that count (a group asked to keep 1.5 channels keeping one
+    is rounding; one asked to keep 8 keeping one is nearly all of it gone)."""
+    asked = units * (1.0 - ratios)
+    kept = units_to_keep(units, ratios, round_to)
+    return (2 * kept < asked - 1e-9) & (kept % round_to != 0) & (kept < units)
+
+
+def check_rounding_for(graph: DependencyGraph, ratios: np.ndarray, round_to: int) -> None:
+    """Refuse ``round_to`` where it would prune a group to one channel though ``ratios`` keep more than two of
+    it: the nearest multiple of a coarse ``round_to`` is zero, so the group would lose nearly everything
+    without a word (a 16-channel group at ratio 0.5 with round_to=64 keeps 1 channel, not 8)."""
+    units = np.array([g.units for g in graph.groups], dtype=np.int64)
+    collapsed = np.flatnonzero(_collapses(units, ratios, round_to))
+    if not collapsed.size:
+        return
+    asked = units * (1.0 - ratios)
+    shown = ", ".join(
+        f"{graph.groups[g].name!r} ({units[g]} channels, ratio {ratios[g]:.3g} keeps {asked[g]:.3g})"
+        for g in collapsed[:3]
+    )
+    more = f" and {collapsed.size - 3} more groups" if collapsed.size > 3 else ""
+    # A count rounds to no multiple when it is at most half of one, so round_to under twice the smallest
+    # affected count works, and a finer grid never collapses a group that a coarser one did not.
+    works = max(1, min(round_to - 1, int(np.ceil(2 * asked[collapsed].min())) - 1))
+    while works > 1 and _collapses(units, ratios, works).any():
+        works -= 1
+    raise InvalidSettingError(
+        f"round_to={round_to} would leave {shown}{more} 1 channel, as no multiple of {round_to} is near that "
+        f"count; use round_to={works} or lower, or leave those groups whole (ratio 0)"
+    )
 
 
 def _checked_scores(score: Importance, group: ChannelGroup, model: nn.Module) -> np.ndarray:

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -116,3 +117,19 @@ def test_a_small_grid_runs_in_chunks_and_reports(
     allocations = (out / "small" / "allocations.csv").read_text().splitlines()
     assert allocations[0] == "agent,group,runs,mean_ratio,min_ratio,max_ratio"
     assert (out / "small" / "allocations.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_settings_that_differ_only_by_metric_are_told_apart_in_the_table() -> None:
+    from prune_env.app.report import table_text
+
+    def row(metric: str, accuracy: float) -> dict[str, Any]:
+        values = {c: accuracy for c in ("best_accuracy", "macs_ratio", "params_ratio", "seconds")}
+        values |= {"val_accuracy": accuracy, "test_accuracy": accuracy}
+        return {"model": "vgg", "dataset": "fm", "metric": metric, "target": 0.05, "agent": "uniform",
+                "seeds": 1, "evals": 1.0, **values, **{f"{k}_std": float("nan") for k in values}}  # fmt: skip
+
+    lines = table_text([row("macs", 0.91), row("params", 0.92)], [], ["uniform"]).splitlines()
+    header = lines[0].split()
+    assert header[:4] == ["model", "dataset", "metric", "target"]
+    val_rows = [line.split() for line in lines[2:] if " val " in line]
+    assert [(r[2], r[-2]) for r in val_rows] == [("macs", "0.9100"), ("params", "0.9200")]

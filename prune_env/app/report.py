@@ -44,7 +44,7 @@ def table_text(
     cells = {(setting_of(c), c["agent"], c["role"], c["split"]): c for c in rows}
     best = {setting_of(c): c["reference"] for c in rows if c["role"] == BEST}
     multi = len({(s["model"], s["dataset"], s.get("metric") or "") for s in summary}) > 1
-    head = ["model", "dataset"] if multi else []
+    head = ["model", "dataset", "metric"] if multi else []
     header = [
         *head, "target", "agent", "seeds", "evals", "proxy acc", "MACs", "params", "split", "acc (ft)",
         *(f"vs {'best baseline' if r == BEST else r} [95% CI]" for r in roles), "s/run",
@@ -63,7 +63,7 @@ def table_text(
                     compared.append(_difference(cells.get((setting, s["agent"], role, split))))
             lines.append(
                 [
-                    *([s["model"], s["dataset"]] if multi else []),
+                    *([s["model"], s["dataset"], s.get("metric") or "-"] if multi else []),
                     f"{s['target']:g}",
                     s["agent"],
                     str(s["seeds"]) if first else "",

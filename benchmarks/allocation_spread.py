@@ -41,11 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from prune_env import PruningProblem  # noqa: E402
-from prune_env.app.benchmark import finetune_accuracy  # noqa: E402
-
-# Marks an --out file whose fine-tunes are the harness's; files without it were made with this script's
-# earlier recipe (from the pruned base model), which scores the same policy differently.
-RECIPE = "finetune_accuracy"
+from prune_env.app.benchmark import finetune_accuracy, resumable_results  # noqa: E402
 
 
 def tuned(
@@ -171,14 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    saved: dict[str, Any] = (
-        json.loads(out.read_text()) if out.exists() else {"args": vars(args), "recipe": RECIPE, "rows": []}
-    )
-    if saved.get("recipe") != RECIPE:
-        raise SystemExit(
-            f"{out} was made with this script's earlier fine-tune recipe: use another --out (--report still "
-            "reads it)"
-        )
+    saved = resumable_results(out, vars(args))
 
     def write() -> None:
         tmp = out.with_suffix(".tmp")

@@ -38,15 +38,12 @@ import torch  # noqa: E402
 from scipy.stats import kendalltau, ttest_rel  # noqa: E402
 
 from prune_env import PruningProblem  # noqa: E402
-from prune_env.app.benchmark import finetune_accuracy  # noqa: E402
+from prune_env.app.benchmark import FINETUNE_RECIPE, finetune_accuracy  # noqa: E402
 from prune_env.settings import ProblemSettings  # noqa: E402
 
 if _as_script:
     sys.path.insert(0, str(HERE))
 from proxy_fidelity import MAX_RATIO, load_rows  # noqa: E402
-
-# Marks an --out file whose two arms are both the harness's recipe (see the module docstring).
-RECIPE = "finetune_accuracy"
 
 
 def start_problem(saved: dict, proxy: str) -> PruningProblem:
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if args.out:
             Path(args.out).write_text(
-                json.dumps({"args": vars(args), "recipe": RECIPE, "rows": rows}, indent=1)
+                json.dumps({"args": vars(args), "recipe": FINETUNE_RECIPE, "rows": rows}, indent=1)
             )
     summarise(rows, args.proxy)
 

@@ -42,14 +42,9 @@ import torch  # noqa: E402
 
 from agents import search  # noqa: E402
 from prune_env import PruningProblem  # noqa: E402
-from prune_env.app.benchmark import finetune_accuracy  # noqa: E402
+from prune_env.app.benchmark import finetune_accuracy, resumable_results  # noqa: E402
 from prune_env.quantization import BIT_CHOICES, BitPlan, quantizable_layers  # noqa: E402
 from prune_env.quantization.costs import bitops, size_bits  # noqa: E402
-
-# Marks an --out file whose fine-tunes are the harness's; files without it were made with this script's
-# earlier recipe (from the pruned base model, subset and calibration seeded by the run), which scores the
-# same policy differently.
-RECIPE = "finetune_accuracy"
 
 
 def quantization_alone(problem: PruningProblem, target: float) -> tuple[np.ndarray, BitPlan] | None:
@@ -84,14 +79,7 @@ def final_accuracy(
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    saved: dict[str, Any] = (
-        json.loads(out.read_text()) if out.exists() else {"args": vars(args), "recipe": RECIPE, "rows": []}
-    )
-    if saved.get("recipe") != RECIPE:
-        raise SystemExit(
-            f"{out} was made with this script's earlier fine-tune recipe: use another --out (--report still "
-            "reads it)"
-        )
+    saved = resumable_results(out, vars(args))
     done = {(r["target"], r["method"], r["seed"]) for r in saved["rows"]}
 
     def save(row: dict[str, Any]) -> None:

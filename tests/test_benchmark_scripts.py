@@ -4,28 +4,17 @@ budget_conditioned.py's and allocation_spread.py's resuming."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str) -> ModuleType:
-    """benchmarks/NAME.py, imported as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def fidelity() -> ModuleType:
-    return _script("proxy_fidelity")
+    return load_script("proxy_fidelity")
 
 
 def _row(policy: int, accs: list[float], proxies: dict, ratios: list[float] | None = None, **extra) -> dict:
@@ -116,7 +105,7 @@ def test_truth_seed_start_offsets_the_fine_tune_seeds(
 
 
 def test_budget_conditioned_policy_serves_every_target_and_resumes(tmp_path: Path, cached: Path) -> None:
-    script = _script("budget_conditioned")
+    script = load_script("budget_conditioned")
     out = tmp_path / "conditioned"
     argv = [
         "--dataset", "digits", "--targets", "0.7", "0.4", "--evals", "6", "--range-evals", "6",
@@ -146,7 +135,7 @@ def test_budget_conditioned_policy_serves_every_target_and_resumes(tmp_path: Pat
 def test_learned_vs_uniform_reports_several_directories_and_refuses_a_missing_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    script = _script("learned_vs_uniform")
+    script = load_script("learned_vs_uniform")
     fields = ["agent", "model", "dataset", "target", "seed", "metric", "reward", "budget_evals", "evals_used",
               "best_reward", "best_accuracy", "macs_ratio", "params_ratio", "test_accuracy", "seconds"]  # fmt: skip
     for name, agent, accs in (("a", "uniform", (0.80, 0.81)), ("b", "random", (0.85, 0.84))):
@@ -167,7 +156,7 @@ def test_learned_vs_uniform_reports_several_directories_and_refuses_a_missing_on
 
 
 def test_budget_conditioned_params_targets_bound_parameters(tmp_path: Path, cached: Path) -> None:
-    script = _script("budget_conditioned")
+    script = load_script("budget_conditioned")
     out = tmp_path / "conditioned"
     argv = [
         "--dataset", "digits", "--targets", "0.6", "0.3", "--metric", "params", "--evals", "4",
@@ -193,7 +182,7 @@ def test_budget_conditioned_params_targets_bound_parameters(tmp_path: Path, cach
 def test_allocation_spread_resumes_an_interrupted_setting_without_repeating_fine_tunes(
     tmp_path: Path, cached: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    script = _script("allocation_spread")
+    script = load_script("allocation_spread")
     calls: list[tuple[int, tuple[int, ...]]] = []
     stop_after = [4]
 
@@ -227,7 +216,7 @@ def test_allocation_spread_resumes_an_interrupted_setting_without_repeating_fine
 def test_allocation_spread_params_budget_is_its_own_setting(
     tmp_path: Path, cached: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    script = _script("allocation_spread")
+    script = load_script("allocation_spread")
 
     def fake_tuned(problem, keep, epochs, samples, seed):  # type: ignore[no-untyped-def]
         return {"epochs": epochs, "val_accuracy": 0.5, "test_accuracy": 0.5, "seconds": 0.0}

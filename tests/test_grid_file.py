@@ -3,13 +3,13 @@ only pick parts of it, and a directory cannot mix two versions of it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from benchmark_scripts import load_script
 
 from prune_env.errors import InvalidSettingError
 
@@ -19,11 +19,7 @@ GRID = ROOT / "benchmarks" / "grids" / "allocation_baselines_fashion.json"
 
 @pytest.fixture(scope="module")
 def grid_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("grid_script", ROOT / "benchmarks" / "grid.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("grid")
 
 
 def test_the_committed_grid_is_the_one_fixed_in_advance(grid_script: ModuleType) -> None:

@@ -5,7 +5,6 @@ weights, training subset and seeds), so numbers from different scripts compare."
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_script
 from torch import nn
 
 from prune_env.app.benchmark import finetune_accuracy
@@ -31,22 +31,12 @@ EPOCHS, SAMPLES = 1, 120  # a tiny fine-tune: the recipe, not the accuracy, is u
 TUNE = argparse.Namespace(finetune_epochs=EPOCHS, finetune_samples=SAMPLES)
 
 
-def _script(name: str) -> ModuleType:
-    """benchmarks/NAME.py imported as a module of its own name (``bench_agents`` for agents.py, which must
-    not replace the ``agents`` package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def finetune_start() -> ModuleType:
     # It imports proxy_fidelity.py from beside it, as it does when run as a script.
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(BENCHMARKS))
-        return _script("finetune_start")
+        return load_script("finetune_start")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +71,7 @@ def test_another_start_subset_or_seed_scores_differently(
 def test_allocation_spread_scores_a_policy_as_the_harness(
     problem: PruningProblem, keep: np.ndarray, harness: tuple[float, float]
 ) -> None:
-    row = _script("allocation_spread").tuned(problem, keep, EPOCHS, SAMPLES, 0)
+    row = load_script("allocation_spread").tuned(problem, keep, EPOCHS, SAMPLES, 0)
     assert (row["val_accuracy"], row["test_accuracy"]) == harness
     assert row["epochs"] == EPOCHS
 
@@ -89,14 +79,14 @@ def test_allocation_spread_scores_a_policy_as_the_harness(
 def test_agents_benchmark_scores_a_policy_as_the_harness(
     problem: PruningProblem, keep: np.ndarray, harness: tuple[float, float]
 ) -> None:
-    row = _script("agents").final_scores(problem, keep, TUNE, 0)
+    row = load_script("agents").final_scores(problem, keep, TUNE, 0)
     assert (row["finetuned_val_accuracy"], row["finetuned_test_accuracy"]) == harness
 
 
 def test_budget_conditioned_scores_a_policy_as_the_harness(
     problem: PruningProblem, keep: np.ndarray, harness: tuple[float, float]
 ) -> None:
-    row = _script("budget_conditioned").row_for("m", problem, keep, TUNE, 0, 0, time.perf_counter())
+    row = load_script("budget_conditioned").row_for("m", problem, keep, TUNE, 0, 0, time.perf_counter())
     assert (row["val_accuracy"], row["test_accuracy"]) == harness
     assert row["keep"] == keep.tolist()
 
@@ -125,7 +115,7 @@ def test_joint_quantization_scores_a_joint_policy_as_the_harness(
     keep, w, a = joint.joint_keep_for(np.linspace(0.0, 0.8, n), np.full(n, 3), np.full(n, 4))
     assert joint.joint is not None
     plan = joint.joint.plan(w, a)
-    row = _script("joint_quantization").final_accuracy(joint, keep, plan, TUNE, 1)
+    row = load_script("joint_quantization").final_accuracy(joint, keep, plan, TUNE, 1)
     quantized = finetune_accuracy(joint, keep, EPOCHS, SAMPLES, seed=1, plan=plan)
     assert (row["val_accuracy"], row["test_accuracy"]) == quantized
     # The bits are applied: the same fine-tune left in floating point scores otherwise.
@@ -147,7 +137,7 @@ def test_finetune_start_command_measures_saved_policies_with_the_harness(
         ["--truth-from", str(tmp_path / "truth.json"), "--proxy", "recalibration", "--out", str(out)]
     )
     result = json.loads(out.read_text())
-    assert result["recipe"] == finetune_start.RECIPE
+    assert result["recipe"] == finetune_start.FINETUNE_RECIPE
     assert [row["policy"] for row in result["rows"]] == [0, 1]
     for row, ratios in zip(result["rows"], policies, strict=True):
         keep = problem.unprojected_keep(ratios)
@@ -165,11 +155,11 @@ def test_scripts_refuse_to_extend_results_of_their_earlier_recipe(tmp_path: Path
     spread = tmp_path / "spread.json"
     spread.write_text(json.dumps({"args": {}, "rows": []}))  # written before the recipe was recorded
     with pytest.raises(SystemExit, match="earlier fine-tune recipe"):
-        _script("allocation_spread").main(["--dataset", "digits", "--out", str(spread)])
+        load_script("allocation_spread").main(["--dataset", "digits", "--out", str(spread)])
     joint = tmp_path / "joint.json"
     joint.write_text(json.dumps({"args": {}, "rows": []}))
     with pytest.raises(SystemExit, match="earlier fine-tune recipe"):
-        _script("joint_quantization").main(["--dataset", "digits", "--out", str(joint)])
+        load_script("joint_quantization").main(["--dataset", "digits", "--out", str(joint)])
 
 
 @pytest.mark.parametrize("name", ["allocation_spread", "finetune_start"])

@@ -7,19 +7,17 @@ distribution of 2 and 4 degrees of freedom), not by the code under test.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from benchmark_scripts import load_script
 
 from prune_env.app.paired import BEST, Claim, check_claims, goals, holm
 from prune_env.app.results import BenchmarkResults, load_paired
 from prune_env.errors import InvalidSettingError
 
-ROOT = Path(__file__).resolve().parents[1]
 T975 = {2: 4.302652729749462, 4: 2.7764451051977934}  # Student-t 97.5% quantiles (tables)
 
 
@@ -221,14 +219,6 @@ def test_the_paired_table_is_written_and_reads_back(tmp_path: Path) -> None:
             assert a[key] == pytest.approx(b[key])
 
 
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _directory(path: Path, runs: list[dict[str, Any]], revision: str | None) -> Path:
     """A grid directory as the harness writes it (``revision=None``: as written before revisions)."""
     from prune_env.app.results import RUN_FIELDS, write_csv
@@ -242,7 +232,7 @@ def _directory(path: Path, runs: list[dict[str, Any]], revision: str | None) -> 
 def test_learned_vs_uniform_reports_verdicts_and_refuses_mixed_revisions(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    script = _script("learned_vs_uniform")
+    script = load_script("learned_vs_uniform")
     runs = _runs(FIVE)
     first = _directory(tmp_path / "a", [r for r in runs if r["agent"] != "ppo"], "a" * 40)
     second = _directory(tmp_path / "b", [r for r in runs if r["agent"] == "ppo"], "b" * 40 + "+dirty")

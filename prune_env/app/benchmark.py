@@ -34,6 +34,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -418,6 +419,25 @@ def _problem(
     budget = {"target_params" if metric == "params" else "target_macs": target}
     settings = ProblemSettings.from_kwargs({"progress": progress, **dict(problem_kwargs or {}), **budget})
     return PruningProblem(model, dataset, settings)
+
+
+FINETUNE_RECIPE = "finetune_accuracy"
+"""Marks a benchmark script's results file whose fine-tunes are :func:`finetune_accuracy`'s; files without
+it were made with a script's earlier recipe (from the pruned base model), which scores a policy differently."""
+
+
+def resumable_results(out: Path, args: Mapping[str, Any]) -> dict[str, Any]:
+    """A benchmark script's results file to extend: ``out`` as saved, or a new one recording ``args``; a file
+    made with an earlier fine-tune recipe is refused, since its rows would not compare with new ones."""
+    if not out.exists():
+        return {"args": dict(args), "recipe": FINETUNE_RECIPE, "rows": []}
+    saved: dict[str, Any] = json.loads(out.read_text())
+    if saved.get("recipe") != FINETUNE_RECIPE:
+        raise SystemExit(
+            f"{out} was made with this script's earlier fine-tune recipe: use another --out (--report still "
+            "reads it)"
+        )
+    return saved
 
 
 def finetune_accuracy(

@@ -304,4 +304,7 @@ def test_resave_replaces_a_tampered_description(model_dir: Path, saved: Path) ->
     spec = read_spec(saved)
     save_pruned(model_dir, model, keep=spec["keep"], input_shape=SHAPE, architecture="tiny", num_classes=10,
                 in_channels=1)  # fmt: skip
-    load_pruned(model_dir)
+    assert read_spec(model_dir)["input_shape"] == list(SHAPE)  # the tampered value is gone
+    reloaded = load_pruned(model_dir)
+    x = torch.randn(2, *SHAPE)
+    assert torch.equal(reloaded(x), model(x))

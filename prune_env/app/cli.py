@@ -1,4 +1,4 @@
-"""The ``prune-env`` command line: search, list, eval, export, demo.
+"""The ``prune-env`` command line: search, list, eval, export, apply, latency, demo.
 
 Errors the user can fix — an unknown name, an impossible target, a bad option, a missing or tampered saved
 model — are the library's typed errors (:class:`~prune_env.errors.PruneEnvError`) and argparse's own: each
@@ -67,6 +67,12 @@ def _apply(args: argparse.Namespace) -> int:
     from prune_env.app.apply import run_apply
 
     return run_apply(args)
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from prune_env.app.latency_command import run_latency
+
+    return run_latency(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -165,6 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     apply.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     apply.set_defaults(func=_apply)
+
+    latency = sub.add_parser(
+        "latency",
+        help="measure a model's per-layer latency table (or load it from the cache), print and plot it",
+        description="Measure each prunable layer alone at a grid of widths and the whole model, on this "
+        "machine, at a batch and thread count; print predicted latency against MACs per group and write "
+        "latency.json and latency.png into --out.",
+    )
+    latency.add_argument("model", help="a model name (see `prune-env list`)")
+    latency.add_argument("--dataset", default="digits", help="whose input shape to time (default digits)")
+    latency.add_argument("--batch", type=int, default=1, help="samples per forward pass (default 1)")
+    latency.add_argument("--threads", type=int, default=1, help="CPU threads while timing (default 1)")
+    latency.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1... (default cpu)")
+    latency.add_argument("--repeats", type=int, default=11, help="timed samples per measurement (default 11)")
+    latency.add_argument("--out", default=None, help="output directory (default latency-MODEL)")
+    latency.add_argument(
+        "--force", action="store_true", help="replace an earlier latency output in --out (nothing else)"
+    )
+    latency.add_argument("--refresh", action="store_true", help="measure anew even if a table is cached")
+    latency.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    latency.set_defaults(func=_latency)
 
     demo = sub.add_parser("demo", help="prune a torchvision model and print its dependency groups")
     demo.add_argument("--model", default="resnet18")

@@ -1,0 +1,56 @@
+"""Latency instead of MACs: measured per-layer latency tables and an analytic latency model.
+
+Modules, one job each:
+
+- :mod:`~prune_env.latency.settings` -- the measurement settings (:class:`LatencySettings`), checked;
+- :mod:`~prune_env.latency.measure` -- the timing protocol (:func:`measure_callable`, :func:`estimate_noise`);
+- :mod:`~prune_env.latency.grid` -- the widths measured per axis and bilinear interpolation;
+- :mod:`~prune_env.latency.layers` -- which MACs terms are layers timed alone, rebuilt at other widths;
+- :mod:`~prune_env.latency.table` -- the table as a value and its compatibility check;
+- :mod:`~prune_env.latency.codec` -- its JSON form, read strictly;
+- :mod:`~prune_env.latency.build` -- measuring a table;
+- :mod:`~prune_env.latency.cache` -- tables on disk, keyed by model, input, batch, device, threads, torch;
+- :mod:`~prune_env.latency.cost` -- :class:`LatencyModel` (``predict(keep)``, ``ratio(keep)``) and
+  :func:`latency_model`, the entry point beside ``graph.macs``.
+
+Example::
+
+    from prune_env import build_graph
+    from prune_env.latency import latency_model
+
+    lat = latency_model(model, x, batch=1, threads=1, device="cpu")
+    lat.predict(lat.graph.keep_counts(0.5))  # ms, no forward pass
+"""
+
+from __future__ import annotations
+
+from prune_env.errors import LatencyTableError
+from prune_env.latency.build import build_table, table_meta
+from prune_env.latency.cache import cached_table, load_table, read_table, save_table, table_path
+from prune_env.latency.cost import LatencyModel, latency_model, measure_pruned
+from prune_env.latency.measure import NoiseEstimate, Timing, estimate_noise, measure_callable, measure_module
+from prune_env.latency.settings import LatencySettings
+from prune_env.latency.table import LatencyTable, LayerTable, TableMeta
+
+__all__ = [
+    "LatencyModel",
+    "LatencySettings",
+    "LatencyTable",
+    "LatencyTableError",
+    "LayerTable",
+    "NoiseEstimate",
+    "TableMeta",
+    "Timing",
+    "build_table",
+    "cached_table",
+    "estimate_noise",
+    "latency_model",
+    "load_table",
+    "measure_callable",
+    "measure_module",
+    "measure_pruned",
+    "read_table",
+    "save_table",
+    "table_meta",
+    "table_path",
+]

@@ -5,13 +5,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from quick import QUICK_SCORING
 from torch import nn
 
 from prune_env.data import Splits, load
 from prune_env.train import train_base
+
+if TYPE_CHECKING:
+    from prune_env.problem import PruningProblem
 
 # pytest runs with -n 2 on 2 cores: more than one intra-op thread per worker oversubscribes the CPU and
 # makes small convolutions tens of times slower (OpenMP threads spin waiting for each other).
@@ -67,3 +72,12 @@ def untrained_resnet20(digits: Splits) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return get_model("resnet20", digits.num_classes, digits.in_channels).eval()
+
+
+@pytest.fixture(scope="module")
+def problem(untrained_resnet20: nn.Module, digits: Splits) -> PruningProblem:
+    """An untrained resnet20 on digits at half its MACs, scored quickly: the problem of tests of agents,
+    settings, resume and Ray, which need shapes and costs, not accuracy. A module may define its own."""
+    from prune_env.problem import PruningProblem
+
+    return PruningProblem(untrained_resnet20, digits, target_macs=0.5, **QUICK_SCORING)

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import prune_env
 from agents import BudgetedEvaluator, BudgetExhausted, available, run_agent, search
@@ -17,7 +16,6 @@ from agents.sb3 import make_env
 from prune_env import UnknownNameError
 from prune_env.problem import PruningProblem
 
-FAST = {"eval_samples": 96, "bn_recalib_batches": 1}
 BUDGET = 8
 SB3 = ("ppo", "a2c", "sac", "td3", "ddpg", "amc")
 AGENTS = available()
@@ -26,11 +24,6 @@ AGENTS = available()
 FIXED_EVALS = {"uniform", "global", "knapsack", "sensitivity"}
 BUDGET_FILLING = sorted(set(AGENTS) - FIXED_EVALS)
 SMALL_BUDGETS = sorted(set(AGENTS) - {"sensitivity"})
-
-
-@pytest.fixture(scope="module")
-def problem(untrained_resnet20: nn.Module, digits: Any) -> PruningProblem:
-    return PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
 
 
 def _trace(result: Any) -> list[tuple]:

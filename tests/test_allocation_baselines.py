@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from quick import QUICK_SCORING
 from torch import nn
 
 from agents import BudgetedEvaluator, ResumeDivergedWarning, available, run_agent, search
@@ -33,24 +34,25 @@ from agents.sensitivity import SensitivitySettings, plan_sweep
 from prune_env.errors import InvalidSettingError, UnknownNameError
 from prune_env.problem import PruningProblem
 
-FAST = {"eval_samples": 96, "bn_recalib_batches": 1}
 NAMES = ("global", "knapsack", "sensitivity")
 ENOUGH = 60  # evaluations: more than a sensitivity analysis of resnet20 needs (45 with its default ratios)
 
 
 @pytest.fixture(scope="module")
 def macs(untrained_resnet20: nn.Module, digits: Any) -> PruningProblem:
-    return PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
+    return PruningProblem(untrained_resnet20, digits, target_macs=0.5, **QUICK_SCORING)
 
 
 @pytest.fixture(scope="module")
 def params(untrained_resnet20: nn.Module, digits: Any) -> PruningProblem:
-    return PruningProblem(untrained_resnet20, digits, target_params=0.4, **FAST)
+    return PruningProblem(untrained_resnet20, digits, target_params=0.4, **QUICK_SCORING)
 
 
 @pytest.fixture(scope="module")
 def rounded(untrained_resnet20: nn.Module, digits: Any) -> PruningProblem:
-    return PruningProblem(untrained_resnet20, digits, target_macs=0.3, round_to=4, max_ratio=0.75, **FAST)
+    return PruningProblem(
+        untrained_resnet20, digits, target_macs=0.3, round_to=4, max_ratio=0.75, **QUICK_SCORING
+    )
 
 
 def _valid(problem: PruningProblem, keep: Any) -> None:
@@ -270,11 +272,11 @@ def test_unreachable_budget_refused_before_any_evaluation(
 ) -> None:
     """A target the projector reaches only by rounding 16 channels down to 3 (more than max_ratio 0.8)
     is out of reach for an allocation that respects max_ratio; the smallest reachable fraction is named."""
-    probe = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
+    probe = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **QUICK_SCORING)
     floor = Widths(probe).cost(Widths(probe).floor)
     assert probe.projector.min_cost_ratio < floor
     target = (probe.projector.min_cost_ratio + floor) / 2
-    problem = PruningProblem(untrained_resnet20, digits, target_macs=target, **FAST)
+    problem = PruningProblem(untrained_resnet20, digits, target_macs=target, **QUICK_SCORING)
     evaluator = BudgetedEvaluator(problem, ENOUGH)
     before = problem.evaluations
     with pytest.raises(InvalidSettingError, match=rf"impossible.*still leaves {floor:.4g}"):
@@ -283,7 +285,7 @@ def test_unreachable_budget_refused_before_any_evaluation(
 
 
 def test_joint_problems_refused(untrained_resnet20: nn.Module, digits: Any) -> None:
-    problem = PruningProblem(untrained_resnet20, digits, target_macs=0.5, quantize=True, **FAST)
+    problem = PruningProblem(untrained_resnet20, digits, target_macs=0.5, quantize=True, **QUICK_SCORING)
     for name in NAMES:
         with pytest.raises(InvalidSettingError, match="proposes kept channels alone"):
             search(name, problem, ENOUGH)
@@ -314,7 +316,7 @@ def test_harness_runs_them(untrained_resnet20: nn.Module, digits: Any, tmp_path:
         seeds=(0,),
         evals=50,
         out=tmp_path / "bench",
-        problem_kwargs=FAST,
+        problem_kwargs=QUICK_SCORING,
         agent_settings={"sensitivity": {"ratios": [0.5]}},
         progress=False,
     )

@@ -15,6 +15,7 @@ import torch
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from quick import QUICK_SCORING
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from torch import nn
 
@@ -25,7 +26,6 @@ from prune_env.problem import PruningProblem
 from prune_env.rewards import Outcome, StepInfo
 
 IDS = ["prune_env/LayerPrune-v0", "prune_env/OneShotPrune-v0"]
-FAST = {"eval_samples": 96, "bn_recalib_batches": 1}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def base(untrained_resnet20: nn.Module) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def problem(base: nn.Module, digits: Any) -> PruningProblem:
-    return PruningProblem(base, digits, target_macs=0.5, **FAST)
+    return PruningProblem(base, digits, target_macs=0.5, **QUICK_SCORING)
 
 
 def rollout(env: gym.Env, actions: list[np.ndarray], seed: int) -> list[tuple]:
@@ -67,7 +67,7 @@ def assert_same(a: Any, b: Any) -> None:
 
 @pytest.mark.parametrize("env_id", IDS)
 def test_gymnasium_and_sb3_checkers_are_silent(env_id: str, base: nn.Module, digits: Any) -> None:
-    env = gym.make(env_id, model=base, dataset=digits, **FAST)
+    env = gym.make(env_id, model=base, dataset=digits, **QUICK_SCORING)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gym_check_env(env.unwrapped, skip_render_check=False)
@@ -83,8 +83,8 @@ def test_same_seed_same_actions_same_everything(cls: type, problem: PruningProbl
     actions = [rng.uniform(-1.2, 1.2, shape).astype(np.float32) for _ in range(2 * problem.n_groups)]
     kwargs = {"budget_range": (0.3, 0.7)}
     # Separate problems: nothing shared between the two environments but the arguments.
-    a = cls(problem.base_model, problem.splits, problem=None, **FAST, **kwargs)
-    b = cls(problem.base_model, problem.splits, problem=None, **FAST, **kwargs)
+    a = cls(problem.base_model, problem.splits, problem=None, **QUICK_SCORING, **kwargs)
+    b = cls(problem.base_model, problem.splits, problem=None, **QUICK_SCORING, **kwargs)
     assert_same(rollout(a, actions, seed=7), rollout(b, actions, seed=7))
 
 
@@ -153,7 +153,7 @@ def test_a_policy_that_prunes_too_little_is_pushed_to_the_target(problem: Prunin
 
 
 def test_params_target(base: nn.Module, digits: Any) -> None:
-    env = OneShotPruneEnv(base, digits, target_params=0.4, **FAST)
+    env = OneShotPruneEnv(base, digits, target_params=0.4, **QUICK_SCORING)
     env.reset(seed=0)
     _, _, _, _, info = env.step(-np.ones(env.problem.n_groups, dtype=np.float32))
     assert info["params_ratio"] <= 0.4 and info["target"] == 0.4
@@ -220,7 +220,7 @@ def test_wrong_kwargs_give_clear_errors(base: nn.Module, digits: Any, problem: P
     with pytest.raises(InvalidSettingError, match=r"no setting target_mac; its settings are: .*target_macs"):
         gym.make("prune_env/OneShotPrune-v0", model=base, dataset=digits, target_mac=0.5)
     with pytest.raises(ValueError, match="impossible"):
-        OneShotPruneEnv(base, digits, target_macs=0.001, **FAST)
+        OneShotPruneEnv(base, digits, target_macs=0.001, **QUICK_SCORING)
     with pytest.raises(ValueError, match="give one budget, not target_macs and target_params"):
         OneShotPruneEnv(base, digits, target_macs=0.5, target_params=0.5)
     with pytest.raises(UnknownNameError, match="unknown reward 'accuracy'"):
@@ -284,7 +284,7 @@ def test_render_ansi(problem: PruningProblem) -> None:
 
 def test_user_model_is_never_mutated(base: nn.Module, digits: Any) -> None:
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    env = OneShotPruneEnv(base, digits, finetune_steps=2, **FAST)
+    env = OneShotPruneEnv(base, digits, finetune_steps=2, **QUICK_SCORING)
     env.reset(seed=0)
     env.step(np.zeros(env.problem.n_groups, dtype=np.float32))
     assert env.problem.base_model is not base
@@ -302,7 +302,7 @@ def test_subprocess_vector_env_and_ppo(base: nn.Module, digits: Any) -> None:
         n_envs=2,
         seed=0,
         vec_env_cls=SubprocVecEnv,
-        env_kwargs={"model": base, "dataset": digits, **FAST},
+        env_kwargs={"model": base, "dataset": digits, **QUICK_SCORING},
         monitor_kwargs={"info_keywords": ("accuracy", "macs_ratio")},
     )
     try:
@@ -333,7 +333,7 @@ def test_scoring_a_handed_over_model_equals_scoring_a_copy(problem: PruningProbl
 def test_reused_module_tree_scores_like_fresh_models(base: nn.Module, digits: Any) -> None:
     """The hot path rebuilds every candidate into one module tree; with KD steps mutating each candidate,
     a sequence of evaluations must score exactly as fresh deep-copied models do, and revisits agree."""
-    problem = PruningProblem(base, digits, target_macs=0.5, finetune_steps=2, **FAST)
+    problem = PruningProblem(base, digits, target_macs=0.5, finetune_steps=2, **QUICK_SCORING)
     assert problem.proxy.keeps_models is False
     rng = np.random.default_rng(0)
     keeps = [problem.keep_for(rng.uniform(0, 0.8, problem.n_groups)) for _ in range(3)]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from cli_output import one_error_line
 from gymnasium.error import ResetNeeded
+from quick import QUICK_SCORING
 from torch import nn
 
 import agents
@@ -30,8 +31,6 @@ from prune_env.errors import (
     UnknownNameError,
 )
 from prune_env.problem import PruningProblem
-
-FAST = {"eval_samples": 96, "bn_recalib_batches": 1}
 
 # (setting, bad value, what the message must say)
 BAD: list[tuple[str, Any, str]] = [
@@ -219,11 +218,6 @@ def test_cli_search_refuses_bad_options(
 # ------------------------------------------------------------------------------------------------ steps
 
 
-@pytest.fixture(scope="module")
-def problem(untrained_resnet20: nn.Module, digits: Any) -> PruningProblem:
-    return PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
-
-
 @pytest.mark.parametrize(
     "returned", ["1.0", None, True, 1 + 2j, float("nan"), float("inf"), np.array([1.0, 2.0])]
 )
@@ -331,4 +325,4 @@ def test_models_that_are_not_float32_classifiers_are_refused(digits: Any, model:
     net = Net(7 if model == "classes" else 10)
     net = net.double() if model == "double" else net.half() if model == "half" else net
     with pytest.raises(InvalidSettingError, match=_escaped(message)):
-        PruningProblem(net, digits, **FAST)
+        PruningProblem(net, digits, **QUICK_SCORING)

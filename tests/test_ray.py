@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from cli_output import one_error_line
+from quick import QUICK_SCORING
 from torch import nn
 
 ray = pytest.importorskip("ray", reason="Ray is optional (pip install 'prune-env[ray]'); CI installs it")
@@ -32,8 +33,6 @@ from prune_env.errors import InvalidSettingError  # noqa: E402
 from prune_env.optional_ray import CONNECT_TIMEOUT_S, local_cpus  # noqa: E402
 from prune_env.problem import PruningProblem  # noqa: E402
 from prune_env.proxy import Proxy, ProxyResult  # noqa: E402
-
-FAST = {"eval_samples": 96, "bn_recalib_batches": 1}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,11 +60,6 @@ def without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     if ray.is_initialized():
         ray.shutdown()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
-@pytest.fixture(scope="module")
-def problem(untrained_resnet20: nn.Module, digits: Any) -> PruningProblem:
-    return PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
 
 
 def history(result: Any) -> list[tuple]:
@@ -146,7 +140,7 @@ def grid(problem: PruningProblem, out: Path, **kwargs: Any) -> Any:
         "models": {"net": problem.base_model},
         "datasets": {"digits": problem.splits},
         "evals": 2,
-        "problem_kwargs": FAST,
+        "problem_kwargs": QUICK_SCORING,
         "progress": False,
         "out": out,
         **kwargs,
@@ -538,7 +532,7 @@ def test_sb3_trains_on_environments_in_ray_actors(
 
     from agents.ray_vec_env import RayVecEnv
 
-    kwargs = {"model": untrained_resnet20, "dataset": digits, "target_macs": 0.5, **FAST}
+    kwargs = {"model": untrained_resnet20, "dataset": digits, "target_macs": 0.5, **QUICK_SCORING}
     venv = RayVecEnv.from_id("prune_env/OneShotPrune-v0", n_envs=2, env_kwargs=kwargs)
     local = make_vec_env("prune_env/OneShotPrune-v0", n_envs=2, env_kwargs=kwargs)
     try:
@@ -572,7 +566,7 @@ def test_a_benchmark_grid_runs_as_ray_tasks_and_resumes(
 ) -> None:
     import csv
 
-    grid = {"agents": ("uniform", "random"), "evals": 3, "problem_kwargs": FAST, "progress": False}
+    grid = {"agents": ("uniform", "random"), "evals": 3, "problem_kwargs": QUICK_SCORING, "progress": False}
     serial = benchmark.run(**grid, seeds=(0, 1), out=tmp_path / "serial")
     benchmark.run(**grid, seeds=(0,), out=tmp_path / "ray", workers=2)
     resumed = benchmark.run(**grid, seeds=(0, 1), out=tmp_path / "ray", workers=2)

@@ -12,20 +12,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from quick import QUICK_SCORING
 from torch import nn
 
 from agents import BudgetedEvaluator, Evaluation, ResumeDivergedWarning, available, run_agent, search
 from prune_env.errors import ResumeError
 from prune_env.problem import PruningProblem
 
-FAST = {"eval_samples": 96, "bn_recalib_batches": 1}
 BUDGET = 6
 STOP_AT = 3
-
-
-@pytest.fixture(scope="module")
-def problem(untrained_resnet20: nn.Module, digits: Any) -> PruningProblem:
-    return PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
 
 
 def _trace(history: list[Evaluation]) -> list[tuple]:
@@ -65,11 +60,11 @@ def test_resumed_search_equals_uninterrupted(problem: PruningProblem, name: str)
 
 
 def test_replayed_policies_are_not_scored_again(untrained_resnet20: nn.Module, digits: Any) -> None:
-    fresh = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
+    fresh = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **QUICK_SCORING)
     logged = _interrupted(fresh, "random", seed=0)
     scored = fresh.evaluations
     again = PruningProblem(
-        untrained_resnet20, digits, target_macs=0.5, **FAST
+        untrained_resnet20, digits, target_macs=0.5, **QUICK_SCORING
     )  # an empty memo, as a new process
     history = _resumed(again, "random", 0, logged)
     assert len(history) == BUDGET

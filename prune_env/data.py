@@ -25,11 +25,11 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from prune_env.errors import DatasetError, DatasetNotFoundError, InvalidSettingError, UnknownNameError
+from prune_env.names import DATASET_NAMES
 from prune_env.validation import as_real, check_settings
 
 DATA_ENV = "PRUNE_ENV_DATA"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-DATASET_NAMES = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "fake")
 _NAMED_DATASETS = frozenset(
     {"digits", "fashion-mnist", "fashion_mnist", "fashionmnist", "cifar10", "cifar100", "fake"}
 )

@@ -270,11 +270,42 @@ def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_list_names_everything(capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_names_everything_the_registries_hold(capsys: pytest.CaptureFixture[str]) -> None:
+    from agents.registry import available
+    from prune_env.app.job import default_agent
+    from prune_env.data import DATASET_NAMES
+    from prune_env.models import available_models
+    from prune_env.rewards import PRESETS
+
     assert cli.main(["list"]) == 0
-    out = capsys.readouterr().out
-    for name in ("resnet20", "tv:NAME", "digits", "random", "uniform", "acc"):
-        assert name in out
+    lines = {
+        line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
+    }
+    # The names list is kept without importing the registries: it must name exactly what they hold.
+    assert lines["models"] == ", ".join(available_models()) + ", tv:NAME (any torchvision classifier)"
+    assert lines["datasets"] == ", ".join(DATASET_NAMES)
+    default = default_agent()
+    assert lines["agents"] == ", ".join(a + (" (default)" if a == default else "") for a in available())
+    assert lines["rewards"] == ", ".join(PRESETS)
+
+
+def test_the_agent_catalog_names_the_module_that_registers_each_agent() -> None:
+    from agents.registry import discover
+    from prune_env.app.agent_catalog import AGENT_MODULES
+
+    registered = discover()
+    assert set(AGENT_MODULES) == set(registered)
+    for name, spec in registered.items():
+        assert spec.run.__module__ == AGENT_MODULES[name], name
+
+
+def test_list_imports_neither_torch_nor_an_agent() -> None:
+    code = (
+        "import sys; from prune_env.app import cli; cli.main(['list']); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('agents', 'stable_baselines3'))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_search_from_given_weights_trains_nothing(

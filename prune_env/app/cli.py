@@ -37,16 +37,17 @@ def _search(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     """Print the names every other subcommand accepts."""
-    from agents.registry import available
-    from prune_env.app.job import default_agent
-    from prune_env.data import DATASET_NAMES
-    from prune_env.models import available_models
+    # Names only, none of the modules they name: torch and Stable-Baselines3 would take seconds to import.
+    from prune_env.app.agent_catalog import runnable_agents
+    from prune_env.app.settings import DEFAULT_AGENTS
+    from prune_env.names import DATASET_NAMES, ZOO_MODELS
     from prune_env.rewards import PRESETS
 
-    default = default_agent()
-    print("models:   " + ", ".join(available_models()) + ", tv:NAME (any torchvision classifier)")
+    agents = runnable_agents()
+    default = next((a for a in DEFAULT_AGENTS if a in agents), None)
+    print("models:   " + ", ".join(ZOO_MODELS) + ", tv:NAME (any torchvision classifier)")
     print("datasets: " + ", ".join(DATASET_NAMES))
-    print("agents:   " + ", ".join(a + (" (default)" if a == default else "") for a in available()))
+    print("agents:   " + ", ".join(a + (" (default)" if a == default else "") for a in agents))
     print("rewards:  " + ", ".join(PRESETS))
     return 0
 

@@ -30,9 +30,11 @@ MAX_DEMO_RESOLUTION = 2048
 
 def _search(args: argparse.Namespace) -> int:
     """Train or load the base model, search, fine-tune the best policy with KD, save everything."""
+    # Settings first: they are refused (a Ray address that does not answer included) before torch loads.
+    settings = from_options(args, tuple(args.argv))
     from prune_env.app.job import run_search
 
-    return run_search(from_options(args, tuple(args.argv)))
+    return run_search(settings)
 
 
 def _list(args: argparse.Namespace) -> int:

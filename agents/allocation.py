@@ -6,7 +6,8 @@ and spend one evaluation per allocation (deterministic: a spare budget is left u
 - ``global`` — Torch-Pruning's global pruning: every unit's importance divided by its group's mean, units
   removed in ascending normalised importance across all groups until the budget is met.
 - ``knapsack`` — HALP (Shen et al. 2022, "Structural Pruning via Latency-Saliency Knapsack"): per group and
-  kept count, value = the importance kept (normalised over the whole model), weight = the group's cost;
+  kept count, value = the importance kept (normalised over the whole model), weight = the group's cost
+  (its predicted latency under a latency budget);
   the multiple-choice knapsack solved by dynamic programming over discretised cost
   (:func:`solve_multiple_choice_knapsack`).
 
@@ -59,13 +60,12 @@ class Widths:
         if problem.joint is not None:
             raise InvalidSettingError(
                 "this problem's policies choose bits as well as channels (quantize=True or a BitOps / size "
-                "budget); the allocation baselines decide kept channels for a MACs or parameter budget only"
+                "budget); the allocation baselines decide kept channels for a MACs or parameter budget only, or a "
+                "latency budget"
             )
         self.problem = problem
         self.target = float(problem.target)
         self.projector = problem.projector
-        costs = problem.graph.costs
-        self._batch = costs.macs_batch if self.projector.metric == "macs" else costs.params_batch
         self.base = float(self.projector.base_cost)
         self.choices: list[np.ndarray] = []
         for units in problem.units.tolist():
@@ -94,7 +94,7 @@ class Widths:
 
     def costs(self, keeps: np.ndarray) -> np.ndarray:
         """Costs of many keep vectors (rows) at once, in floating point: for ranking candidates only."""
-        return self._batch(np.asarray(keeps)) / self.base
+        return self.projector.batch_cost_ratios(np.asarray(keeps))
 
     def fits(self, keep: np.ndarray) -> bool:
         return self.cost(keep) <= self.target
@@ -406,13 +406,12 @@ def linearised(widths: Widths, point: np.ndarray) -> tuple[list[np.ndarray], flo
     the full model (whose neighbours' full widths make every group look dearer than it is). Weights are
     shifted so each group's floor weighs 0. The exact cost of the answer is checked and repaired after.
     """
-    metric = widths.projector.metric
     base_cost = widths.cost(point)
     weights, spent = [], 0.0
     for g, ks in enumerate(widths.choices):
-        a, b, q = widths.problem.graph.costs.along_group(point, g, metric)
-        k = ks.astype(np.float64)
-        delta = (a + b * k + q * k * k) / widths.base - base_cost
+        # Exact when group g alone moves: the cost model's quadratic, or for a latency budget the table's
+        # predictions of each of the group's widths (batched); not monotone there, hence the clip below.
+        delta = widths.projector.along_group(point, g, ks) / widths.base - base_cost
         weights.append(np.maximum(delta - delta[0], 0.0))
         spent += float(delta[0])
     return weights, widths.target - base_cost - spent
@@ -447,7 +446,8 @@ def knapsack_keep(widths: Widths, values: Sequence[np.ndarray], settings: Knapsa
 
 @register_agent("knapsack", KnapsackSettings)
 def knapsack(evaluator: BudgetedEvaluator, rng: np.random.Generator, settings: KnapsackSettings) -> None:
-    """HALP's latency-saliency knapsack with the budget's cost (MACs or parameters) as the latency.
+    """HALP's latency-saliency knapsack with the budget's cost as the latency: the latency table's
+    predictions for a latency budget (HALP's own), the MACs or parameters otherwise.
 
     A group keeping k units is worth the sum of the importance (the problem's criterion, normalised by
     :func:`normalized`) of the k units it keeps — its ranking's top-k — and weighs its share of the cost

@@ -1,13 +1,14 @@
 """Budget projection: AMC's "action wall", generalised to dependency groups.
 
-Everything here is arithmetic on the graph's cost model — no forward passes — so it is cheap enough for
-every environment step.
+Everything here is arithmetic on the graph's cost model or on a latency table's predictions — no forward
+passes — so it is cheap enough for every environment step.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,14 +24,17 @@ def keep_to_ratios(channels: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(keep, dtype=np.float64) / channels
 
 
-def check_reachable(metric: str, target: float, minimum: float, max_ratio: float, how: str = "") -> None:
+def check_reachable(
+    metric: str, target: float, minimum: float, max_ratio: float, how: str = "", detail: str = ""
+) -> None:
     """Refuse a target outside (0, 1] or below the ``minimum`` cost ratio reachable by pruning every group
-    by ``max_ratio`` (``how``: what else the minimum assumes, e.g. the fewest bits)."""
+    by ``max_ratio`` (``how``: what else the minimum assumes, e.g. the fewest bits; ``detail``: what the
+    minimum is in other units, worded after it, e.g. milliseconds)."""
     fraction(f"target {metric}", target)
     if target < minimum:
         raise InvalidSettingError(
             f"target {metric} {target:.4g} is impossible: pruning every group by max_ratio={max_ratio}{how} "
-            f"still leaves {minimum:.4g}; raise max_ratio or the target"
+            f"still leaves {minimum:.4g}{detail}; raise max_ratio or the target"
         )
 
 
@@ -73,13 +77,28 @@ def check_rounding(
     )
 
 
+class PredictedCost(Protocol):
+    """A cost of kept-units-per-group vectors that no bilinear cost model describes (a latency table's).
+
+    ``predict`` takes one keep vector (a float back) or a 2-D array of them, one per row (an array back);
+    ``describe_floor`` words the smallest reachable cost for a refusal (e.g. its milliseconds).
+    Predictions need not be monotone in the kept counts: the projector checks every answer exactly.
+    """
+
+    def predict(self, keep: Any) -> Any: ...
+
+    def describe_floor(self, keep: np.ndarray, target: float) -> str: ...
+
+
 class BudgetProjector:
     """Projects pruning decisions so the pruned model never exceeds the cost target.
 
-    ``metric`` is "macs" or "params"; ``target`` a fraction of the unpruned cost. Ratios are capped at
-    ``max_ratio``; construction fails if even pruning every group to ``max_ratio`` cannot meet the target,
-    or if ``round_to`` is too coarse for ``max_ratio`` (:func:`check_rounding`; ``names``: the groups' names
-    for its message).
+    ``metric`` is "macs" or "params" (exact costs from ``costs``), or "latency" with ``predicted``, the
+    cost function that prices keep vectors (a :class:`PredictedCost`, e.g.
+    :class:`prune_env.latency.budget.LatencyCost`); ``target`` a fraction of the unpruned cost. Ratios are
+    capped at ``max_ratio``; construction fails if even pruning every group to ``max_ratio`` cannot meet
+    the target, or if ``round_to`` is too coarse for ``max_ratio`` (:func:`check_rounding`; ``names``: the
+    groups' names for its message).
     """
 
     def __init__(
@@ -91,25 +110,75 @@ class BudgetProjector:
         max_ratio: float = DEFAULT_MAX_RATIO,
         round_to: int = 1,
         names: Sequence[str] | None = None,
+        predicted: PredictedCost | None = None,
     ) -> None:
         check_settings({"metric": metric, "max_ratio": max_ratio, "round_to": round_to})
+        if (metric == "latency") != (predicted is not None):
+            raise InvalidSettingError(
+                "a latency budget is priced by a latency model and only a latency budget is: pass "
+                "predicted=LatencyCost(latency_model(...)) with metric='latency', and neither otherwise"
+                if predicted is None
+                else f"predicted costs price a latency budget, not {metric}: pass metric='latency'"
+            )
         check_rounding(units, max_ratio, round_to, names)
         self.costs = costs
         self.units = np.asarray(units, dtype=np.int64)  # per group
         self.metric = metric
         self.max_ratio = max_ratio
         self.round_to = round_to
-        self._batch = costs.macs_batch if metric == "macs" else costs.params_batch
-        self._exact = costs.macs if metric == "macs" else costs.params
+        self.predicted = predicted
+        self._batch: Any
+        self._exact: Any
+        if predicted is not None:
+            # One function prices one vector and many: the batch and the exact check agree by construction.
+            self._batch = self._exact = predicted.predict
+        else:
+            self._batch = costs.macs_batch if metric == "macs" else costs.params_batch
+            self._exact = costs.macs if metric == "macs" else costs.params
         self.base_cost = self._exact(self.units)
         self.min_keep = units_to_keep(self.units, np.full(len(self.units), max_ratio), round_to)
-        self.min_cost_ratio = self._exact(self.min_keep) / self.base_cost
+        # The cheapest allocation the projection falls back on. Costs that only fall as counts do have it
+        # at min_keep; a predicted latency need not (a measured table may time a narrow layer slower than a
+        # wider one), so there it is the fastest uniform pruning up to max_ratio, and every fallback — the
+        # projection's and the wall's — is that allocation, which the target check made sure fits.
+        self.floor_keep = self.min_keep if predicted is None else self._fastest_uniform()
+        self.min_cost_ratio = self._exact(self.floor_keep) / self.base_cost
+
+    def _fastest_uniform(self) -> np.ndarray:
+        ratios = np.linspace(0.0, self.max_ratio, 65)
+        keeps = units_to_keep(self.units, np.repeat(ratios[:, None], len(self.units), axis=1), self.round_to)
+        keeps[-1] = self.min_keep  # exactly max_ratio's allocation among the candidates
+        best = keeps[int(np.argmin(self._batch(keeps)))]
+        exact = [float(self._exact(k)) for k in (best, self.min_keep)]
+        return best if exact[0] < exact[1] else self.min_keep
 
     def check_target(self, target: float) -> None:
-        check_reachable(self.metric, target, self.min_cost_ratio, self.max_ratio)
+        if self.predicted is None:
+            check_reachable(self.metric, target, self.min_cost_ratio, self.max_ratio)
+            return
+        detail = self.predicted.describe_floor(self.floor_keep, target)
+        how = "" if np.array_equal(self.floor_keep, self.min_keep) else " or any less, uniformly,"
+        check_reachable(self.metric, target, self.min_cost_ratio, self.max_ratio, how, detail)
 
     def cost_ratio(self, keep: np.ndarray) -> float:
-        return self._exact(np.asarray(keep, dtype=np.int64)) / self.base_cost
+        return float(self._exact(np.asarray(keep, dtype=np.int64)) / self.base_cost)
+
+    def batch_cost_ratios(self, keeps: np.ndarray) -> np.ndarray:
+        """Cost ratios of many keep vectors (rows) at once, in floating point: for ranking candidates only
+        (:meth:`cost_ratio` is exact for MACs and parameters)."""
+        return np.asarray(self._batch(np.asarray(keeps)), dtype=np.float64) / self.base_cost
+
+    def along_group(self, keep: np.ndarray, index: int, counts: np.ndarray) -> np.ndarray:
+        """The cost of ``keep`` with group ``index`` at each of ``counts`` in turn (the others as they are):
+        the quadratic of the cost model for MACs and parameters, one batched prediction otherwise."""
+        counts = np.asarray(counts, dtype=np.int64)
+        if self.predicted is None:
+            a, b, q = self.costs.along_group(keep, index, self.metric)
+            k = counts.astype(np.float64)
+            return np.asarray(a + b * k + q * k * k, dtype=np.float64)
+        rows = np.repeat(np.asarray(keep, dtype=np.int64)[None, :], len(counts), axis=0)
+        rows[:, index] = counts
+        return np.asarray(self._batch(rows), dtype=np.float64)
 
     def _fits(self, keep: np.ndarray, target: float) -> bool:
         return self._exact(keep) <= target * self.base_cost
@@ -137,6 +206,8 @@ class BudgetProjector:
             keep = units_to_keep(self.units, r + alpha * (self.max_ratio - r), self.round_to)
             if self._fits(keep, target):
                 return keep
+        if self._fits(self.floor_keep, target):  # a latency whose fastest allocation is not min_keep
+            return self.floor_keep.copy()
         raise InvalidRatiosError(f"target {target} cannot be met (minimum {self.min_cost_ratio:.4f})")
 
     def _fill(self, r: np.ndarray, keep: np.ndarray, target: float) -> np.ndarray:
@@ -153,20 +224,31 @@ class BudgetProjector:
 
     def wall(self, decided: np.ndarray, index: int, ratio: float, target: float) -> int:
         """AMC's action wall for group ``index``: the largest keep count <= the requested one such that,
-        with earlier groups as ``decided`` and every later group pruned to ``max_ratio``, the target is met.
+        with earlier groups as ``decided`` and every later group pruned to ``max_ratio`` (for a latency, at
+        the fastest allocation, ``floor_keep``), the target is met.
         """
         keep = np.array(decided, dtype=np.int64)
-        keep[index + 1 :] = self.min_keep[index + 1 :]
+        keep[index + 1 :] = self.floor_keep[index + 1 :]
         wanted = unit_count_to_keep(int(self.units[index]), float(ratio), self.round_to)
         lowest = int(self.min_keep[index])
         candidates = np.arange(wanted, lowest - 1, -1) if wanted >= lowest else np.array([lowest])
         if self.round_to > 1:
             on_grid = (candidates % self.round_to == 0) | (candidates == lowest)
             candidates = candidates[on_grid] if on_grid.any() else candidates
+        limit = target * self.base_cost
+        if self.predicted is not None:
+            # One batched prediction prices every candidate. Predictions need not fall as counts do (aligned
+            # widths may run faster), so every candidate is priced, not only until the first that fits.
+            prices = self.along_group(keep, index, candidates)
+            for k in candidates[prices <= limit].tolist():
+                keep[index] = k
+                if self._fits(keep, target):  # the exact prediction has the last word
+                    return int(k)
+            # Earlier groups at their walls and the rest at the floor fit (by induction from the floor).
+            return int(self.floor_keep[index])
         # With every other group fixed the cost is an exact quadratic in this group's count: one cost-model
         # evaluation prices every candidate, no grid of full evaluations.
         a, b, q = self.costs.along_group(keep, index, self.metric)
-        limit = target * self.base_cost
         for k in candidates.tolist():
             if a + b * k + q * k * k <= limit:
                 keep[index] = k

@@ -178,7 +178,7 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "quantize": flag,
     "other_bits": bits,
     "budget_range": _optional(budget_range),
-    "metric": _choice("macs", "params"),
+    "metric": _choice("macs", "params", "latency"),
     "max_ratio": max_ratio,
     "round_to": _int_at_least(1),
     "fill_budget": flag,

@@ -1,0 +1,67 @@
+"""Latency as a budget: a :class:`LatencyModel` as the cost a :class:`~prune_env.budget.BudgetProjector`
+projects onto.
+
+The budget is a fraction of the unpruned model's latency as its table predicts it, which at full width is
+the measured whole-model latency by construction (:mod:`prune_env.latency.table`). Predictions are not
+bilinear in the kept counts, and not even monotone (a width the kernels like may run faster than a
+narrower one), so the projector prices candidates with batched predictions and checks every answer with
+the exact prediction; see :class:`~prune_env.budget.BudgetProjector`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from prune_env.errors import InvalidSettingError
+from prune_env.latency.cost import LatencyModel
+
+
+class LatencyCost:
+    """A :class:`LatencyModel` as a budget's cost (:class:`~prune_env.budget.PredictedCost`): predicted
+    milliseconds of keep vectors, and a refusal's wording of the smallest reachable latency."""
+
+    def __init__(self, model: LatencyModel) -> None:
+        if not isinstance(model, LatencyModel):
+            raise InvalidSettingError(
+                f"LatencyCost prices a budget with a LatencyModel, got {type(model).__name__}: pass the "
+                "model prune_env.latency.latency_model returns"
+            )
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"LatencyCost({self.model!r})"
+
+    @property
+    def full_ms(self) -> float:
+        """The unpruned model's predicted (= measured) latency."""
+        return self.model.full_ms
+
+    @property
+    def overhead_ms(self) -> float:
+        """The table's constant remainder: what no pruning removes (dispatch, normalisation, activations and
+        the layers not timed alone; see :mod:`prune_env.latency.table`)."""
+        return float(self.model.table.residual_ms)
+
+    def predict(self, keep: Any) -> Any:
+        return self.model.predict(keep)
+
+    def describe_floor(self, keep: np.ndarray, target: float) -> str:
+        """`` (2.1 ms of the unpruned 4.3 ms at batch 1; ...)``: the milliseconds of the smallest reachable
+        latency ``keep``, and whether the per-layer overhead is what stops it going lower."""
+        floor_ms, full = float(self.model.predict(np.asarray(keep))), self.full_ms
+        batch = self.model.table.meta.batch
+        text = f" ({floor_ms:.4g} ms of the unpruned {full:.4g} ms at batch {batch}"
+        overhead = self.overhead_ms
+        if overhead > 0 and overhead >= target * full:
+            text += (
+                f"; the per-layer overhead, {overhead:.4g} ms ({overhead / full:.3g} of it) that no pruning "
+                "removes, is the floor: measure at a larger latency_batch, where it weighs less"
+            )
+        elif overhead > 0:
+            text += f", of which {overhead:.4g} ms is per-layer overhead that no pruning removes"
+        return text + ")"
+
+
+__all__ = ["LatencyCost"]

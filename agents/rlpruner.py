@@ -20,6 +20,7 @@ iteratively distilled model, which the one-shot proxy of other agents does not i
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,13 +76,9 @@ def _distill(
 
 def _round_problem(original: PruningProblem, model: nn.Module, target: float) -> PruningProblem:
     """A problem on the distilled, pruned ``model`` with the original settings and a new target."""
-    params = original.metric == "params"
-    settings = replace(
-        original.settings,
-        target_macs=None if params else target,
-        target_params=target if params else None,
-        progress=False,
-    )
+    # The original's one budget, in its metric (a latency budget's table is measured for the new model).
+    changes: dict[str, Any] = {f"target_{original.metric}": target, "progress": False}
+    settings = replace(original.settings, **changes)
     return PruningProblem(model, original.splits, settings)
 
 

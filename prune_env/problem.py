@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from prune_env.batches import iterate_batches, model_output
-from prune_env.budget import BudgetProjector, keep_to_ratios
+from prune_env.budget import keep_to_ratios
 from prune_env.data import DataSource, as_splits
 from prune_env.device import resolve_device
 from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
 from prune_env.importance import get_importance
+from prune_env.latency.budget import settings_projector
 from prune_env.models import ModelSpec
 from prune_env.proxies import make_proxy
 from prune_env.proxy import Proxy, ProxyContext, ProxyResult
@@ -107,7 +108,8 @@ class PruningProblem:
             (:func:`prune_env.proxies.make_proxy`).
         train_kwargs: options of :func:`prune_env.train.train_base` for a model trained here.
 
-    The settings in brief: ``target_macs`` / ``target_params`` (default 0.5 of the MACs), ``importance``
+    The settings in brief: ``target_macs`` / ``target_params`` / ``target_latency`` (default 0.5 of the
+    MACs; a latency is predicted from a table measured on this machine at ``latency_batch``), ``importance``
     (ranked once on the base model, so a pruned model depends only on the kept counts), ``max_ratio`` and
     ``round_to`` (the projection's limits), ``fill_budget`` (default on: a policy that prunes more than it needs
     is scaled back until it just fits; whole policies only, not the layer-wise env's steps),
@@ -178,16 +180,11 @@ class PruningProblem:
                 "convolution or linear layer whose output channels it can remove)"
             )
         self.units = np.array([g.units for g in self.graph.groups], dtype=np.int64)  # per group
-        # Pruning-only costs (the environments' features, the action wall): MACs unless parameters are
-        # the budget; a BitOps or size budget is the joint projector's.
-        self.projector = BudgetProjector(
-            self.graph.costs,
-            self.units,
-            metric="params" if self.metric == "params" else "macs",
-            max_ratio=s.max_ratio,
-            round_to=s.round_to,
-            names=[g.name for g in self.graph.groups],
-        )
+        # Pruning-only costs (the environments' features, the action wall): MACs unless parameters or
+        # latency are the budget (a BitOps or size budget is the joint projector's). A latency is priced by
+        # the base model's table (cached; measured once on this machine), built before anything is scored.
+        self.projector = settings_projector(s, self.base_model, self.example_inputs, self.graph, self.device)
+        self.latency = self.projector.predicted
         # Joint policies (bits per group as well): their budget is checked here too, before any proxy is
         # built (a supernet trains for minutes).
         self.joint: JointPolicies | None = JointPolicies(self.base_model, self.graph, s) if s.joint else None
@@ -473,11 +470,11 @@ class PruningProblem:
         (costs, base model, target) — also for scores obtained elsewhere (RL-Pruner's later rounds)."""
         keep = np.asarray(keep, dtype=np.int64)
         costs = self.graph.costs
-        joint: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if bits is not None:
             w, a = bits
             cost_bitops, cost_size = self._joint().costs(keep, w, a)
-            joint = {
+            extra = {
                 "weight_bits": tuple(int(b) for b in w),
                 "activation_bits": tuple(int(b) for b in a),
                 "bitops": cost_bitops,
@@ -485,6 +482,9 @@ class PruningProblem:
                 "base_bitops": self._joint().base_bitops,
                 "base_size_bits": self._joint().base_size_bits,
             }
+        if self.latency is not None:  # the predicted latency beside the counted costs
+            extra["latency_ms"] = float(self.latency.predict(keep))
+            extra["base_latency_ms"] = float(self.projector.base_cost)
         return Outcome(
             accuracy=accuracy,
             loss=loss,
@@ -500,7 +500,7 @@ class PruningProblem:
             keep=tuple(keep.tolist()),
             eval_seconds=eval_seconds,
             memo_hit=memo_hit,
-            **joint,
+            **extra,
         )
 
     def evaluate(self, ratios: Sequence[float] | np.ndarray, target: float | None = None) -> Outcome:

@@ -31,7 +31,7 @@ class Outcome:
     base_macs: int
     base_params: int
     target: float  # fraction of the base cost allowed
-    metric: str  # what ``target`` constrains: "macs", "params", "bitops" or "size"
+    metric: str  # what ``target`` constrains: "macs", "params", "bitops", "size" or "latency"
     ratios: np.ndarray = field(repr=False)  # fraction of each group's channels removed
     keep: tuple[int, ...] = field(repr=False, default=())
     eval_seconds: float = 0.0
@@ -44,6 +44,9 @@ class Outcome:
     size_bits: int = 0
     base_bitops: int = 0
     base_size_bits: int = 0
+    # A latency budget only: the predicted latency (ms) of the model and of the unpruned one (0 otherwise).
+    latency_ms: float = 0.0
+    base_latency_ms: float = 0.0
 
     @property
     def macs_ratio(self) -> float:
@@ -62,6 +65,21 @@ class Outcome:
     def size_ratio(self) -> float:
         """Size as a fraction of the unpruned model's at 32 bits (nan for a policy without bits)."""
         return self.size_bits / self.base_size_bits if self.base_size_bits else math.nan
+
+    @property
+    def latency_ratio(self) -> float:
+        """Predicted latency as a fraction of the unpruned model's (nan without a latency budget)."""
+        return self.latency_ms / self.base_latency_ms if self.base_latency_ms else math.nan
+
+    def latency_fields(self) -> dict[str, float]:
+        """The predicted latency's fields for a run's results (none without a latency budget)."""
+        if not self.base_latency_ms:
+            return {}
+        return {
+            "latency_ms": self.latency_ms,
+            "base_latency_ms": self.base_latency_ms,
+            "latency_ratio": self.latency_ratio,
+        }
 
     @property
     def cost_ratio(self) -> float:
@@ -95,6 +113,11 @@ class Outcome:
                     "activation_bits": np.asarray(self.activation_bits, dtype=np.int64),
                 }
                 if self.weight_bits
+                else {}
+            ),
+            **(
+                {"latency_ratio": self.latency_ratio, "latency_ms": self.latency_ms}
+                if self.base_latency_ms
                 else {}
             ),
         }

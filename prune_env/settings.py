@@ -51,6 +51,8 @@ FAST_EVAL_SAMPLES = 1000
 DEFAULT_SUPERNET_FINETUNE_STEPS = 3
 # Budgets on quantized models: BitOps and size (prune_env.quantization).
 JOINT_METRICS = ("bitops", "size")
+# The latency settings and their defaults: added after the others, so a run recorded without them used these.
+LATENCY_DEFAULTS: dict[str, Any] = {"target_latency": None, "latency_batch": 1, "latency_threads": 1}
 # Proxies trained once per problem (prune_env.supernet), besides the evaluator's recalibration/distillation.
 TRAINED_PROXIES = ("supernet", "pruningnet")
 
@@ -87,6 +89,21 @@ class ProblemSettings:
             "cli": False,
             **option_help("size budget (parameter bits) as a fraction of the base model's at 32 bits"),
         },
+    )
+    target_latency: float | None = field(
+        default=None,
+        metadata=option_help(
+            "latency budget as a fraction of the base model's latency, predicted from a latency table "
+            "measured on this machine at --latency-batch (instead of MACs)"
+        ),
+    )
+    latency_batch: int = field(
+        default=1,
+        metadata=option_help("batch size a latency budget is measured and predicted at"),
+    )
+    latency_threads: int = field(
+        default=1,
+        metadata=option_help("CPU threads a latency budget is measured and predicted with"),
     )
     quantize: bool = field(
         default=False,
@@ -174,12 +191,33 @@ class ProblemSettings:
             raise InvalidSettingError(
                 f"importance must be a name or a callable (group, model) -> scores, got {self.importance!r}"
             )
+        self._check_latency()
         if self.device is not None and not isinstance(self.device, str):
             object.__setattr__(self, "device", str(self.device))  # a torch.device, kept as its name
 
+    def _check_latency(self) -> None:
+        """The latency settings say how a latency budget is measured: without one they would be ignored,
+        and a latency table times float models, not quantized ones."""
+        if self.target_latency is None:
+            changed = [
+                f"{name}={getattr(self, name)}"
+                for name in ("latency_batch", "latency_threads")
+                if getattr(self, name) != 1
+            ]
+            if changed:
+                raise InvalidSettingError(
+                    f"{' and '.join(changed)} would be ignored: they say how a latency budget is measured; "
+                    "give target_latency, or leave them at 1"
+                )
+        elif self.quantize:
+            raise InvalidSettingError(
+                "a latency budget is predicted from a table measured on the float model, which says nothing "
+                "of quantized layers: drop quantize, or give a BitOps, size, MACs or parameter budget"
+            )
+
     @property
     def metric(self) -> str:
-        """What the budget constrains: ``"macs"``, ``"params"``, ``"bitops"`` or ``"size"``."""
+        """What the budget constrains: ``"macs"``, ``"params"``, ``"bitops"``, ``"size"`` or ``"latency"``."""
         for name in TARGETS[1:]:
             if getattr(self, name) is not None:
                 return name.removeprefix("target_")
@@ -188,7 +226,7 @@ class ProblemSettings:
     @property
     def target(self) -> float:
         """The budget as a fraction of the base model's cost in :attr:`metric` (at 32 bits for BitOps and
-        size)."""
+        size; the predicted = measured latency at ``latency_batch`` for latency)."""
         given = getattr(self, f"target_{self.metric}")
         return DEFAULT_TARGET if given is None else given
 
@@ -222,6 +260,7 @@ __all__ = [
     "DEFAULT_SUPERNET_FINETUNE_STEPS",
     "DEFAULT_TARGET",
     "FAST_EVAL_SAMPLES",
+    "LATENCY_DEFAULTS",
     "TRAINED_PROXIES",
     "ProblemSettings",
     "option_help",

@@ -25,8 +25,9 @@ import numpy as np
 from prune_env.errors import InvalidSettingError
 
 # The budgets a problem accepts (one at a time), as fractions of the unpruned model's cost: MACs, parameters,
-# and for joint pruning + quantization BitOps and size (of the full-precision model).
-TARGETS = ("target_macs", "target_params", "target_bitops", "target_size")
+# for joint pruning + quantization BitOps and size (of the full-precision model), and the latency predicted
+# from a table measured on this machine (prune_env.latency).
+TARGETS = ("target_macs", "target_params", "target_bitops", "target_size", "target_latency")
 
 # numpy's and scikit-learn's seeds are unsigned 32-bit integers.
 MAX_SEED = 2**32 - 1
@@ -175,6 +176,10 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "target_params": _optional(fraction),
     "target_bitops": _optional(fraction),
     "target_size": _optional(fraction),
+    "target_latency": _optional(fraction),
+    # A latency budget's measurement: a batch and a thread count (the cores are checked when it is measured).
+    "latency_batch": _int_at_least(1),
+    "latency_threads": _int_at_least(1),
     "quantize": flag,
     "other_bits": bits,
     "budget_range": _optional(budget_range),

@@ -8,17 +8,25 @@ widths off a multiple of 8 run slower than the next aligned width, as real kerne
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from cli_output import one_error_line
 from torch import nn
 
+from agents import search
+from agents.allocation import Widths
 from prune_env import InvalidSettingError, build_graph
+from prune_env.app import cli
 from prune_env.budget import BudgetProjector
+from prune_env.cache import CACHE_ENV
 from prune_env.data import Splits
+from prune_env.env import LayerPruneEnv
 from prune_env.graph import DependencyGraph
 from prune_env.latency import (
     LatencyModel,
@@ -26,10 +34,14 @@ from prune_env.latency import (
     LatencyTable,
     LayerTable,
     Timing,
+    save_table,
     table_meta,
+    table_path,
 )
 from prune_env.latency.budget import LatencyCost
 from prune_env.latency.layers import LayerSpec, timed_layers
+from prune_env.problem import PruningProblem
+from prune_env.settings import ProblemSettings
 
 torch.set_num_threads(1)
 
@@ -91,6 +103,78 @@ def graph(untrained_resnet20: nn.Module, example: torch.Tensor) -> DependencyGra
 def ragged_cost(untrained_resnet20: nn.Module, example: torch.Tensor, graph: DependencyGraph) -> LatencyCost:
     table = handmade_table(untrained_resnet20, example, ragged, residual_ms=0.05)
     return LatencyCost(LatencyModel(graph, table))
+
+
+@pytest.fixture(scope="module")
+def latency_cache(
+    tmp_path_factory: pytest.TempPathFactory, untrained_resnet20: nn.Module, example: torch.Tensor
+) -> Iterator[Path]:
+    """A cache directory holding the ragged table of resnet20 on digits, where problems look for it."""
+    root = tmp_path_factory.mktemp("latency_cache")
+    table = handmade_table(untrained_resnet20, example, ragged, residual_ms=0.05)
+    save_table(table, table_path(table.meta, root))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def problem(latency_cache: Path, untrained_resnet20: nn.Module, digits: Splits) -> PruningProblem:
+    return PruningProblem(untrained_resnet20, digits, target_latency=0.6, **FAST)
+
+
+def predicted_ratio(problem: PruningProblem, keep: Any) -> float:
+    assert problem.latency is not None
+    return float(problem.latency.predict(np.asarray(keep, dtype=np.int64))) / problem.projector.base_cost
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def test_a_latency_target_makes_latency_the_metric() -> None:
+    s = ProblemSettings(target_latency=0.7, latency_batch=4)
+    assert (s.metric, s.target, s.latency_batch, s.latency_threads) == ("latency", 0.7, 4, 1)
+    assert not s.joint
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_latency": 0.5, "target_macs": 0.5}, "give one budget, not target_macs and target_latency"),
+        (
+            {"target_latency": 0.5, "target_params": 0.5},
+            "give one budget, not target_params and target_latency",
+        ),
+        ({"target_latency": 0.0}, "target_latency must be a fraction in \\(0, 1\\]"),
+        ({"target_latency": 1.5}, "target_latency must be a fraction"),
+        ({"target_latency": True}, "target_latency must be a real number"),
+        ({"target_latency": 0.5, "latency_batch": 0}, "latency_batch must be an integer >= 1, got 0"),
+        ({"target_latency": 0.5, "latency_batch": 2.0}, "latency_batch must be an integer"),
+        ({"target_latency": 0.5, "latency_threads": 0}, "latency_threads must be an integer >= 1"),
+        ({"latency_batch": 8}, "latency_batch=8 would be ignored.*give target_latency"),
+        ({"target_macs": 0.5, "latency_threads": 2}, "latency_threads=2 would be ignored"),
+        ({"target_latency": 0.5, "quantize": True}, "drop quantize"),
+    ],
+)
+def test_bad_latency_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSettingError, match=message):
+        ProblemSettings(**kwargs)
+
+
+def test_search_help_lists_the_latency_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["search", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--target-latency" in text and "--latency-batch" in text and "--latency-threads" in text
+
+
+def test_cli_refuses_two_budgets_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "never"
+    args = ["search", "--target-latency", "0.5", "--target-macs", "0.5", "--out", str(out), "--no-progress"]
+    assert cli.main(args) == 2
+    assert "give one budget, not --target-macs and --target-latency" in one_error_line(
+        capsys.readouterr().err
+    )
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------------ projector
@@ -181,3 +265,136 @@ def test_a_latency_projector_needs_its_cost_and_only_it_does(
         BudgetProjector(graph.costs, units, metric="latency")
     with pytest.raises(InvalidSettingError, match="not macs: pass metric='latency'"):
         BudgetProjector(graph.costs, units, metric="macs", predicted=ragged_cost)
+
+
+# ------------------------------------------------------------------------------------------------ problem
+
+
+def test_the_problem_uses_the_cached_table_and_reports_predicted_latency(problem: PruningProblem) -> None:
+    assert problem.metric == "latency" and problem.projector.metric == "latency"
+    keep = problem.uniform_keep()
+    assert predicted_ratio(problem, keep) <= 0.6
+    outcome = problem.outcome(keep, accuracy=0.5, loss=1.0)
+    assert outcome.cost_ratio == outcome.latency_ratio == pytest.approx(predicted_ratio(problem, keep))
+    assert problem.latency is not None
+    assert outcome.base_latency_ms == pytest.approx(problem.projector.base_cost)
+    assert outcome.latency_ms == pytest.approx(float(problem.latency.predict(keep)))
+    info = outcome.as_info()
+    assert info["latency_ratio"] == outcome.latency_ratio and info["latency_ms"] == outcome.latency_ms
+    assert set(outcome.latency_fields()) == {"latency_ms", "base_latency_ms", "latency_ratio"}
+
+
+def test_a_macs_outcome_has_no_latency(untrained_resnet20: nn.Module, digits: Splits) -> None:
+    macs = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
+    outcome = macs.outcome(macs.uniform_keep(), accuracy=0.5, loss=1.0)
+    assert macs.latency is None and outcome.latency_fields() == {} and "latency_ms" not in outcome.as_info()
+    assert np.isnan(outcome.latency_ratio)
+
+
+def test_an_unreachable_target_is_refused_naming_fraction_and_ms(problem: PruningProblem) -> None:
+    floor = problem.projector.min_cost_ratio
+    with pytest.raises(InvalidSettingError, match=r"target latency 0\.01 is impossible") as refused:
+        problem.check_target(0.01)
+    text = str(refused.value)
+    assert f"still leaves {floor:.4g}" in text and " ms of the unpruned " in text and "at batch 1" in text
+    assert "per-layer overhead" in text
+
+
+def test_the_overhead_is_named_as_the_floor(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    untrained_resnet20: nn.Module,
+    digits: Splits,
+    example: torch.Tensor,
+) -> None:
+    """With most of the latency a constant per-layer overhead, no pruning goes below it: the refusal says
+    so, before any proxy is built."""
+    table = handmade_table(untrained_resnet20, example, smooth, residual_ms=50.0)
+    save_table(table, table_path(table.meta, tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    overhead = 50.0 / table.whole.median_ms
+    with pytest.raises(InvalidSettingError, match="is the floor: measure at a larger latency_batch"):
+        PruningProblem(untrained_resnet20, digits, target_latency=round(overhead * 0.9, 3), **FAST)
+
+
+def test_a_latency_problem_measures_its_table_when_none_is_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits: Splits
+) -> None:
+    """No table in the cache: the problem measures one (a tiny model, a fast protocol) and caches it."""
+    from prune_env.latency import settings as latency_settings
+    from prune_env.models import get_model
+
+    fast = {"warmup": 0, "repeats": 1, "min_sample_ms": 0.0, "max_attempts": 1, "grid_points": 2}
+    real = latency_settings.LatencySettings.__post_init__
+
+    def quick(self: LatencySettings) -> None:
+        for name, value in fast.items():
+            object.__setattr__(self, name, value)
+        real(self)
+
+    monkeypatch.setattr(latency_settings.LatencySettings, "__post_init__", quick)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    torch.manual_seed(0)
+    tiny = get_model("tiny", digits.num_classes, digits.in_channels).eval()
+    problem = PruningProblem(tiny, digits, target_latency=1.0, **FAST)
+    assert problem.latency is not None and problem.projector.base_cost > 0
+    assert len(list((tmp_path / "latency").glob("*.json"))) == 1
+
+
+# ------------------------------------------------------------------------------------------------ agents
+
+
+@pytest.mark.parametrize("name", ["uniform", "global", "knapsack", "random"])
+def test_agents_meet_the_latency_budget(problem: PruningProblem, name: str) -> None:
+    result = search(name, problem, 3, seed=0)
+    assert result.history
+    for e in result.history:
+        assert predicted_ratio(problem, e.keep) <= problem.target
+        assert np.all(np.asarray(e.keep) >= 1)
+    if name in ("uniform", "global", "knapsack"):  # they spend the budget
+        assert predicted_ratio(problem, result.history[-1].keep) >= 0.8 * problem.target
+
+
+def test_allocation_widths_price_latency(problem: PruningProblem) -> None:
+    widths = Widths(problem)
+    keeps = np.stack([widths.floor, widths.units])
+    np.testing.assert_allclose(widths.costs(keeps), [predicted_ratio(problem, k) for k in keeps], rtol=1e-12)
+
+
+def test_the_layerwise_env_stays_within_a_latency_budget(problem: PruningProblem) -> None:
+    env = LayerPruneEnv(problem=problem, budget_range=(0.5, 0.9))
+    rng = np.random.default_rng(1)
+    for episode in range(3):
+        env.reset(seed=episode)
+        done = False
+        info: dict[str, Any] = {}
+        while not done:
+            _, _, terminated, truncated, info = env.step(rng.uniform(-1, 1, env.action_space.shape))
+            done = terminated or truncated
+        assert env.last_outcome is not None
+        assert env.last_outcome.cost_ratio <= env.target * (1 + 1e-12)
+        assert info["latency_ratio"] == env.last_outcome.latency_ratio
+
+
+def test_a_cli_search_under_a_latency_target_never_exceeds_it(
+    latency_cache: Path, tmp_path: Path, untrained_resnet20: nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`prune-env search --target-latency`: the table the preflight checks the target with (the untrained
+    architecture's) is the one the problem then loads, and every evaluation's predicted latency fits."""
+    weights = tmp_path / "resnet20.pt"
+    torch.save(untrained_resnet20.state_dict(), weights)
+    out = tmp_path / "run"
+    args = [
+        "search", "--model", "resnet20", "--dataset", "digits", "--weights", str(weights),
+        "--target-latency", "0.7", "--evals", "3", "--agent", "random", "--finetune-epochs", "0",
+        "--eval-samples", "96", "--bn-recalib-batches", "1", "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["metric"] == "latency" and results["latency_ratio"] <= 0.7
+    assert results["latency_ms"] <= 0.7 * results["base_latency_ms"]
+    for line in (out / "evaluations.csv").read_text().splitlines()[1:]:
+        keep = [int(k) for k in line.split(",")[-1].split()]
+        assert len(keep) == len(results["keep"])
+    assert "latency ratio" in capsys.readouterr().err
+    assert len(list((latency_cache / "latency").glob("*.json"))) == 1  # nothing measured anew

@@ -28,7 +28,7 @@ from prune_env.app.settings import SearchSettings
 from prune_env.data import check_dataset_name
 from prune_env.errors import InvalidSettingError, PruneEnvError, RunDirectoryError, UnknownNameError
 from prune_env.models import check_model_name
-from prune_env.settings import ProblemSettings
+from prune_env.settings import LATENCY_DEFAULTS, ProblemSettings
 from prune_env.validation import check_settings
 
 # The settings apply rebuilds the problem from: the run's own, and every field of its problem's settings
@@ -47,7 +47,7 @@ def run_settings(run: Path) -> tuple[SearchSettings, tuple[float, float]]:
     """The settings of the run in ``run`` and its policy's budget range, each value checked; a missing,
     mistyped or out-of-range one is refused naming the state file and the key."""
     path = run / STATE_FILE
-    saved = read_state(path)["settings"]
+    saved = {**LATENCY_DEFAULTS, **read_state(path)["settings"]}  # recorded by newer runs only
 
     def refuse(problem: str) -> RunDirectoryError:
         return RunDirectoryError(
@@ -86,8 +86,7 @@ def run_settings(run: Path) -> tuple[SearchSettings, tuple[float, float]]:
 
 
 def _problem_settings(saved: ProblemSettings, target: float, progress: bool) -> ProblemSettings:
-    metric_field = "target_params" if saved.metric == "params" else "target_macs"
-    changes: Mapping[str, Any] = {metric_field: target, "progress": progress}
+    changes: Mapping[str, Any] = {f"target_{saved.metric}": target, "progress": progress}
     return dataclasses.replace(saved, **changes)
 
 

@@ -51,6 +51,7 @@ from prune_env.fileio import DISK_FULL_ERRNOS, write_text_atomic
 from prune_env.problem import PruningProblem
 from prune_env.rewards import get_reward
 from prune_env.scoring import PolicyScorer
+from prune_env.settings import LATENCY_DEFAULTS
 
 log = logging.getLogger("prune_env.job")
 
@@ -135,8 +136,8 @@ def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
     Builds the untrained architecture's graph (a fraction of a second) so an impossible target is
     reported before the base model is trained, not after.
     """
-    from prune_env.budget import BudgetProjector
     from prune_env.graph import build_graph
+    from prune_env.latency.budget import settings_projector
     from prune_env.models import get_model
 
     p = s.problem
@@ -154,14 +155,8 @@ def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
     graph = build_graph(net, splits.example_inputs(1))
     if not graph.groups:
         raise UnsupportedLayerError(f"{s.model} has no prunable channel group")
-    projector = BudgetProjector(
-        graph.costs,
-        [g.units for g in graph.groups],
-        metric=p.metric,
-        max_ratio=p.max_ratio,
-        round_to=p.round_to,
-        names=[g.name for g in graph.groups],
-    )
+    # A latency table depends on the structure alone: measured here once, the trained model's is a cache hit.
+    projector = settings_projector(p, net, splits.example_inputs(1), graph, resolve_device(p.device))
     projector.check_target(p.target)
     return dataclasses.replace(s, agent=spec.name), splits
 
@@ -196,7 +191,7 @@ def _setup_logging(directory: Path) -> list[logging.Handler]:
 
 
 POLICY_DIR = "policy"  # a budget-range run's policy (agents.policies: policy.json and its weights)
-ADDED_SETTINGS: dict[str, Any] = {"weights": None, "budget_range": None}
+ADDED_SETTINGS: dict[str, Any] = {"weights": None, "budget_range": None, **LATENCY_DEFAULTS}
 
 
 def _open_run(s: SearchSettings, rundir: RunDirectory) -> tuple[dict[str, Any], list[Evaluation]]:
@@ -303,6 +298,7 @@ def _results(
         "base_params": int(outcome.base_params),
         "macs_ratio": outcome.macs_ratio,
         "params_ratio": outcome.params_ratio,
+        **outcome.latency_fields(),
         "proxy_accuracy": proxy_accuracy,
         "policy_applied": applied is not None,
         "base_proxy_accuracy": problem.base_accuracy,
@@ -363,7 +359,9 @@ def _finish_partial(
     if evaluator is not None and evaluator.best is not None and not evaluator.replaying:
         results = _results(s, problem, evaluator, timings, "interrupted", None)
         write_json(s.out / "results.json", results)
-        plot_search(evaluator.history, s.out / "search.png", s.problem.target, s.problem.metric)
+        plot_search(
+            evaluator.history, s.out / "search.png", problem.target, problem.metric, problem.projector
+        )
         keep = np.asarray(evaluator.best[1].keep, dtype=np.int64)
         _plot_allocation(s, problem, keep)
         _save_model(s, problem, keep, problem.scored_model(keep), {"finetuned": False})
@@ -515,7 +513,9 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
         # Finished only once the model and results are on disk: a run stopped before (a full disk) resumes.
         state["status"] = "finished"
         write_json(s.out / STATE_FILE, state)
-        plot_search(evaluator.history, s.out / "search.png", problem.target, problem.metric)
+        plot_search(
+            evaluator.history, s.out / "search.png", problem.target, problem.metric, problem.projector
+        )
         _plot_allocation(s, problem, keep)
         # The saved model's costs: for a budget-range run the policy applied at the target, whose costs
         # differ from the best episode's.

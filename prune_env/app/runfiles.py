@@ -24,7 +24,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -34,6 +34,9 @@ from agents.tensorboard import EvaluationWriter
 from prune_env.errors import ResumeError
 from prune_env.fileio import append_text, write_bytes_atomic, write_text_atomic
 from prune_env.serialize import json_default, loads_strict
+
+if TYPE_CHECKING:
+    from prune_env.budget import BudgetProjector
 
 STATE_FORMAT = 2  # 2: the settings record every field of the problem's settings
 STATE_FILE = "state.json"
@@ -207,8 +210,15 @@ class RunLog:
             self.bar.set_postfix(best=f"{self.best:.4f}", acc=f"{entry.accuracy:.3f}", refresh=False)
 
 
-def plot_search(history: Sequence[Evaluation], path: Path, target: float, metric: str) -> None:
-    """Best-so-far reward and each evaluation's proxy accuracy; below, each evaluation's cost ratio."""
+def plot_search(
+    history: Sequence[Evaluation],
+    path: Path,
+    target: float,
+    metric: str,
+    projector: BudgetProjector | None = None,
+) -> None:
+    """Best-so-far reward and each evaluation's proxy accuracy; below, each evaluation's cost ratio (a
+    latency's from ``projector``, the problem's: a predicted latency is not logged)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +227,10 @@ def plot_search(history: Sequence[Evaluation], path: Path, target: float, metric
     idx = np.arange(len(history))
     reward = np.array([e.reward for e in history])
     acc = np.array([e.accuracy for e in history])
-    cost = np.array([e.macs_ratio if metric == "macs" else e.params_ratio for e in history])
+    if metric == "latency" and projector is not None:
+        cost = np.array([projector.cost_ratio(np.asarray(e.keep, dtype=np.int64)) for e in history])
+    else:
+        cost = np.array([e.macs_ratio if metric == "macs" else e.params_ratio for e in history])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     top.plot(idx, np.maximum.accumulate(reward) if len(reward) else reward, label="best reward so far")
     top.scatter(idx, acc, s=8, alpha=0.5, color="tab:orange", label="proxy accuracy")

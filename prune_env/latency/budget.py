@@ -1,5 +1,5 @@
 """Latency as a budget: a :class:`LatencyModel` as the cost a :class:`~prune_env.budget.BudgetProjector`
-projects onto.
+projects onto, and the latency model a pruning problem is built with.
 
 The budget is a fraction of the unpruned model's latency as its table predicts it, which at full width is
 the measured whole-model latency by construction (:mod:`prune_env.latency.table`). Predictions are not
@@ -13,9 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
+from prune_env.budget import BudgetProjector
 from prune_env.errors import InvalidSettingError
-from prune_env.latency.cost import LatencyModel
+from prune_env.graph import DependencyGraph
+from prune_env.latency.cost import LatencyModel, latency_model
+from prune_env.latency.settings import LatencySettings
+from prune_env.settings import ProblemSettings
 
 
 class LatencyCost:
@@ -61,7 +67,57 @@ class LatencyCost:
             )
         elif overhead > 0:
             text += f", of which {overhead:.4g} ms is per-layer overhead that no pruning removes"
+            if overhead >= 0.5 * floor_ms:  # what pruning can still remove is the smaller part
+                text += ": most of the floor; at a larger latency_batch it weighs less"
         return text + ")"
 
 
-__all__ = ["LatencyCost"]
+def problem_latency(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    graph: DependencyGraph,
+    *,
+    batch: int,
+    threads: int,
+    device: torch.device | str,
+    progress: bool,
+) -> LatencyCost:
+    """The latency cost of a problem's base model: its table from the cache (measured once on this machine
+    at ``batch`` and ``threads`` when absent), on the problem's example input and graph."""
+    settings = LatencySettings(batch=batch, threads=threads, device=str(device), progress=progress)
+    return LatencyCost(latency_model(model, example_inputs, settings, graph=graph))
+
+
+def settings_projector(
+    settings: ProblemSettings,
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    graph: DependencyGraph,
+    device: torch.device | str,
+) -> BudgetProjector:
+    """The pruning-only projector ``settings`` ask for on ``model``: of its latency (the table at the
+    settings' batch and threads, :func:`problem_latency`) for a latency budget, of its parameters for a
+    parameter budget, else of its MACs (a BitOps or size budget is the joint projector's)."""
+    predicted = None
+    if settings.metric == "latency":
+        predicted = problem_latency(
+            model,
+            example_inputs,
+            graph,
+            batch=settings.latency_batch,
+            threads=settings.latency_threads,
+            device=device,
+            progress=settings.progress,
+        )
+    return BudgetProjector(
+        graph.costs,
+        [g.units for g in graph.groups],
+        metric=settings.metric if settings.metric in ("params", "latency") else "macs",
+        max_ratio=settings.max_ratio,
+        round_to=settings.round_to,
+        names=[g.name for g in graph.groups],
+        predicted=predicted,
+    )
+
+
+__all__ = ["LatencyCost", "problem_latency", "settings_projector"]

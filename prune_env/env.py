@@ -17,7 +17,6 @@ from prune_env.models import ModelSpec
 from prune_env.observation import (
     DYNAMIC_FEATURES,
     JOINT_FEATURES,
-    STATIC_FEATURES,
     sensitivity,
     static_features,
 )
@@ -226,6 +225,8 @@ class LayerPruneEnv(_PruneEnv):
     params shares, weight and BN-scale statistics, optional sensitivity) followed by
     :data:`prune_env.observation.DYNAMIC_FEATURES` (MACs removed so far, MACs still reducible, previous
     ratio, budget target); with joint policies, then the previous group's weight and activation bits / 32.
+    Under a latency budget the static features end with the group's share of the predicted latency
+    (:data:`prune_env.observation.LATENCY_FEATURES`), 19 in all.
 
     ## Rewards
 
@@ -250,7 +251,7 @@ class LayerPruneEnv(_PruneEnv):
     def __init__(self, model: ModelSpec = "resnet20", dataset: DataSource = "digits", **kwargs: Any) -> None:
         super().__init__(model, dataset, **kwargs)
         joint = self.problem.joint is not None
-        dim = len(STATIC_FEATURES) + len(DYNAMIC_FEATURES) + (len(JOINT_FEATURES) if joint else 0)
+        dim = self._static.shape[1] + len(DYNAMIC_FEATURES) + (len(JOINT_FEATURES) if joint else 0)
         self.observation_space = spaces.Box(0.0, 1.0, (dim,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (3 if joint else 1,), np.float32)
         self._keep = self.problem.units.copy()
@@ -277,7 +278,7 @@ class LayerPruneEnv(_PruneEnv):
             w = self._weight_bits[self._t - 1] if self._t else FULL_PRECISION
             a = self._activation_bits[self._t - 1] if self._t else FULL_PRECISION
             dynamic = (*dynamic, w / FULL_PRECISION, a / FULL_PRECISION)
-        n_static = len(STATIC_FEATURES)
+        n_static = self._static.shape[1]
         obs = np.empty(n_static + len(dynamic), dtype=np.float32)
         obs[:n_static] = self._static[t]
         obs[n_static:] = [min(max(v, 0.0), 1.0) for v in dynamic]
@@ -348,7 +349,8 @@ class OneShotPruneEnv(_PruneEnv):
     ## Observation space
 
     ``Box(0, 1, (groups × 14 + 1,), float32)``: every group's static features (flattened, see
-    :data:`prune_env.observation.STATIC_FEATURES`) followed by the budget target.
+    :data:`prune_env.observation.STATIC_FEATURES`, and under a latency budget
+    :data:`prune_env.observation.LATENCY_FEATURES`: ``groups × 15 + 1``) followed by the budget target.
 
     ## Rewards, episode end, arguments
 
@@ -358,7 +360,7 @@ class OneShotPruneEnv(_PruneEnv):
     def __init__(self, model: ModelSpec = "resnet20", dataset: DataSource = "digits", **kwargs: Any) -> None:
         super().__init__(model, dataset, **kwargs)
         n = self.problem.n_groups
-        self.observation_space = spaces.Box(0.0, 1.0, (n * len(STATIC_FEATURES) + 1,), np.float32)
+        self.observation_space = spaces.Box(0.0, 1.0, (self._static.size + 1,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (3 * n if self.problem.joint else n,), np.float32)
         self._flat = self._static.reshape(-1)
         self._keep = self.problem.units.copy()

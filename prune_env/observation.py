@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prune_env.errors import InvalidSettingError
 from prune_env.importance import l1_importance
 from prune_env.problem import PruningProblem
 
@@ -20,6 +21,9 @@ STATIC_FEATURES = (
 DYNAMIC_FEATURES = ("macs_removed", "macs_reducible_left", "previous_ratio", "target")
 # Joint policies (pruning + quantization), layer-wise environment: the previous group's bits / 32.
 JOINT_FEATURES = ("previous_weight_bits", "previous_activation_bits")
+# A latency budget only, after the static features: the share of the predicted latency a group's width
+# decides (what pruning it alone to one unit saves), as macs_share is for MACs.
+LATENCY_FEATURES = ("latency_share",)
 
 
 def _spread(values: np.ndarray) -> float:
@@ -37,7 +41,8 @@ def _normalise_columns(x: np.ndarray) -> np.ndarray:
 
 
 def static_features(problem: PruningProblem, sensitivity: np.ndarray | None = None) -> np.ndarray:
-    """A (groups × len(STATIC_FEATURES)) float32 matrix with entries in [0, 1]."""
+    """A (groups × len(STATIC_FEATURES)) float32 matrix with entries in [0, 1]; under a latency budget
+    followed by the :data:`LATENCY_FEATURES` column."""
     graph, model = problem.graph, problem.base_model
     n = problem.n_groups
     full = problem.units
@@ -82,7 +87,23 @@ def static_features(problem: PruningProblem, sensitivity: np.ndarray | None = No
     for name in ("in_channels", "units", "kernel_area", "l1_mean", "bn_gamma_mean"):
         col = STATIC_FEATURES.index(name)
         raw[:, col] = _normalise_columns(raw[:, col : col + 1])[:, 0]
+    if problem.latency is not None:
+        raw = np.hstack([raw, latency_shares(problem)[:, None]])
     return np.clip(raw, 0.0, 1.0).astype(np.float32)
+
+
+def latency_shares(problem: PruningProblem) -> np.ndarray:
+    """Per group: the fraction of the predicted latency saved by pruning that group alone to one unit, all
+    groups priced in one batched prediction (negative where the table times the narrow layer slower; the
+    observation clips it to 0)."""
+    if problem.latency is None:
+        raise InvalidSettingError(
+            f"latency shares price a latency budget; this problem's budget is {problem.metric}: give it "
+            "target_latency"
+        )
+    lone = np.repeat(problem.units[None, :], problem.n_groups, axis=0)
+    np.fill_diagonal(lone, 1)
+    return 1.0 - np.asarray(problem.latency.predict(lone), dtype=np.float64) / problem.projector.base_cost
 
 
 def sensitivity(problem: PruningProblem, ratio: float = 0.5) -> np.ndarray:

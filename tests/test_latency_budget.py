@@ -26,7 +26,7 @@ from prune_env.app import cli
 from prune_env.budget import BudgetProjector
 from prune_env.cache import CACHE_ENV
 from prune_env.data import Splits
-from prune_env.env import LayerPruneEnv
+from prune_env.env import LayerPruneEnv, OneShotPruneEnv
 from prune_env.graph import DependencyGraph
 from prune_env.latency import (
     LatencyModel,
@@ -40,6 +40,7 @@ from prune_env.latency import (
 )
 from prune_env.latency.budget import LatencyCost
 from prune_env.latency.layers import LayerSpec, timed_layers
+from prune_env.observation import DYNAMIC_FEATURES, LATENCY_FEATURES, STATIC_FEATURES, latency_shares
 from prune_env.problem import PruningProblem
 from prune_env.settings import ProblemSettings
 
@@ -374,6 +375,27 @@ def test_the_layerwise_env_stays_within_a_latency_budget(problem: PruningProblem
         assert env.last_outcome is not None
         assert env.last_outcome.cost_ratio <= env.target * (1 + 1e-12)
         assert info["latency_ratio"] == env.last_outcome.latency_ratio
+
+
+def test_the_observation_shows_each_groups_share_of_the_predicted_latency(problem: PruningProblem) -> None:
+    shares = latency_shares(problem)
+    layer = LayerPruneEnv(problem=problem)
+    obs, _ = layer.reset(seed=0)
+    n_static = len(STATIC_FEATURES) + len(LATENCY_FEATURES)
+    assert layer.observation_space.shape == (n_static + len(DYNAMIC_FEATURES),)
+    assert layer.observation_space.contains(obs)
+    assert obs[n_static - 1] == np.float32(np.clip(shares[0], 0.0, 1.0))
+    one_shot = OneShotPruneEnv(problem=problem)
+    flat, _ = one_shot.reset(seed=0)
+    assert one_shot.observation_space.shape == (problem.n_groups * n_static + 1,)
+    assert one_shot.observation_space.contains(flat)
+    np.testing.assert_array_equal(
+        flat[:-1].reshape(problem.n_groups, n_static)[:, -1], np.clip(shares, 0, 1).astype(np.float32)
+    )
+    assert shares.max() > 0  # pruning a group saves predicted latency
+    lone = problem.units.copy()
+    lone[0] = 1
+    assert shares[0] == pytest.approx(1 - predicted_ratio(problem, lone))
 
 
 def test_a_cli_search_under_a_latency_target_never_exceeds_it(

@@ -22,7 +22,7 @@ from torch import nn
 from agents import search
 from agents.allocation import Widths
 from prune_env import InvalidSettingError, build_graph
-from prune_env.app import cli
+from prune_env.app import benchmark, cli
 from prune_env.budget import BudgetProjector
 from prune_env.cache import CACHE_ENV
 from prune_env.data import Splits
@@ -175,6 +175,22 @@ def test_cli_refuses_two_budgets_in_one_line(tmp_path: Path, capsys: pytest.Capt
     assert "give one budget, not --target-macs and --target-latency" in one_error_line(
         capsys.readouterr().err
     )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"metric": "latency"}, "compares MACs or parameter budgets, not latency"),
+        ({"problem_kwargs": {"target_latency": 0.5}}, "problem_kwargs sets target_latency"),
+    ],
+)
+def test_the_benchmark_grid_refuses_a_latency_budget_before_any_work(
+    tmp_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    out = tmp_path / "grid"
+    with pytest.raises(InvalidSettingError, match=message):
+        benchmark.run(agents=["random"], out=out, progress=False, **kwargs)
     assert not out.exists()
 
 

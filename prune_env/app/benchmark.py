@@ -60,7 +60,7 @@ from prune_env.optional_ray import uses_ray
 from prune_env.problem import PruningProblem, check_model_arg
 from prune_env.rewards import get_reward
 from prune_env.settings import ProblemSettings
-from prune_env.validation import check_sequence, check_settings, flag
+from prune_env.validation import TARGETS, check_sequence, check_settings, flag
 
 if TYPE_CHECKING:
     from prune_env.data import DataSource
@@ -135,6 +135,11 @@ def run(
             "ray_address": ray_address,
         }
     )
+    if metric not in ("macs", "params"):  # its tables and plots compare counted costs
+        raise InvalidSettingError(
+            f"the benchmark grid compares MACs or parameter budgets, not {metric}; search a latency budget "
+            "with prune-env search --target-latency or agents.search on a PruningProblem(target_latency=...)"
+        )
     on_ray = uses_ray(workers, ray_address)
     targets = check_sequence("targets", targets, "target")
     seeds = check_sequence("seeds", seeds, "seed")
@@ -180,7 +185,7 @@ def run(
 def check_problem_kwargs(problem_kwargs: Mapping[str, Any]) -> None:
     """Keys must be :class:`ProblemSettings` fields other than the budget (the grid sets the target);
     values obey the shared rules."""
-    budget = sorted({"target_macs", "target_params"} & set(problem_kwargs))
+    budget = sorted(set(TARGETS) & set(problem_kwargs))
     if budget:
         raise InvalidSettingError(
             f"problem_kwargs sets {', '.join(budget)}; the grid's targets and metric set the budget"

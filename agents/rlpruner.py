@@ -76,7 +76,7 @@ def _distill(
 
 def _round_problem(original: PruningProblem, model: nn.Module, target: float) -> PruningProblem:
     """A problem on the distilled, pruned ``model`` with the original settings and a new target."""
-    # The original's one budget, in its metric (a latency budget's table is measured for the new model).
+    # The original's one budget, in its metric.
     changes: dict[str, Any] = {f"target_{original.metric}": target, "progress": False}
     settings = replace(original.settings, **changes)
     return PruningProblem(model, original.splits, settings)
@@ -95,6 +95,13 @@ def rlpruner(
     if s.rounds < 1 or s.samples < 1:
         raise InvalidSettingError(f"rounds and samples must be >= 1, got {s.rounds} and {s.samples}")
     original = evaluator.problem
+    if s.rounds > 1 and original.metric == "latency":
+        # A later round prunes the distilled model, whose measured table is not the original's predictions:
+        # its local targets would not add up to the original's latency budget.
+        raise InvalidSettingError(
+            f"rlpruner rounds={s.rounds} prunes a distilled model in later rounds, whose latency is another "
+            "table's measurement than the original's: a latency budget takes rounds=1"
+        )
     # Each round removes the same fraction of the remaining cost: target_r = target^(r / rounds).
     targets = [original.target ** ((r + 1) / s.rounds) for r in range(s.rounds)]
     problem, reached = original, 1.0  # the round's problem; cost of its base model relative to the original

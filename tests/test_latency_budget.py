@@ -361,7 +361,7 @@ def test_a_latency_problem_measures_its_table_when_none_is_cached(
 # ------------------------------------------------------------------------------------------------ agents
 
 
-@pytest.mark.parametrize("name", ["uniform", "global", "knapsack", "random"])
+@pytest.mark.parametrize("name", ["uniform", "global", "knapsack", "random", "rlpruner"])
 def test_agents_meet_the_latency_budget(problem: PruningProblem, name: str) -> None:
     result = search(name, problem, 3, seed=0)
     assert result.history
@@ -370,6 +370,11 @@ def test_agents_meet_the_latency_budget(problem: PruningProblem, name: str) -> N
         assert np.all(np.asarray(e.keep) >= 1)
     if name in ("uniform", "global", "knapsack"):  # they spend the budget
         assert predicted_ratio(problem, result.history[-1].keep) >= 0.8 * problem.target
+
+
+def test_rlpruner_rounds_are_refused_under_a_latency_budget(problem: PruningProblem) -> None:
+    with pytest.raises(InvalidSettingError, match="a latency budget takes rounds=1"):
+        search("rlpruner", problem, 4, seed=0, rounds=2)
 
 
 def test_allocation_widths_price_latency(problem: PruningProblem) -> None:

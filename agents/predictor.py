@@ -400,7 +400,8 @@ def _settings_from_meta(meta: Mapping[str, Any], file: Path) -> PredictorSetting
     return PredictorSettings(**values)
 
 
-@register_agent("predictor", PredictorSettings, joint_policies=True)
+# Its gradient ascent needs the cost as a bilinear torch function (TorchCost); a latency table is not one.
+@register_agent("predictor", PredictorSettings, joint_policies=True, latency_budget=False)
 def predictor(
     evaluator: BudgetedEvaluator, rng: np.random.Generator, s: PredictorSettings
 ) -> PredictorPolicy | None:

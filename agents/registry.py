@@ -51,6 +51,7 @@ class AgentSpec:
     settings: type = NoSettings
     budget_conditioned: bool = False  # learns one policy for any target in a budget_range
     joint_policies: bool = False  # searches bits as well as channels (through the environments)
+    latency_budget: bool = True  # meets a latency budget (every agent whose costs come from the projector)
 
     def make_settings(self, overrides: Mapping[str, Any] | None = None) -> Any:
         """The agent's default settings with ``overrides`` applied (``dataclasses.replace``)."""
@@ -68,15 +69,21 @@ _DISCOVERED = False
 
 
 def register_agent(
-    name: str, settings: type = NoSettings, *, budget_conditioned: bool = False, joint_policies: bool = False
+    name: str,
+    settings: type = NoSettings,
+    *,
+    budget_conditioned: bool = False,
+    joint_policies: bool = False,
+    latency_budget: bool = True,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``run(evaluator, rng, settings)`` under ``name`` with its settings dataclass;
     ``budget_conditioned``: it learns from episodes whose targets the evaluator's ``budget_range`` samples
     (the target is in its observation), so one search serves every target in the range;
-    ``joint_policies``: it can search problems whose policies choose bits as well as channels."""
+    ``joint_policies``: it can search problems whose policies choose bits as well as channels;
+    ``latency_budget``: it can meet a latency budget (false for an agent that needs a bilinear cost model)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        AGENTS[name] = AgentSpec(name, fn, settings, budget_conditioned, joint_policies)
+        AGENTS[name] = AgentSpec(name, fn, settings, budget_conditioned, joint_policies, latency_budget)
         return fn
 
     return decorate
@@ -136,9 +143,18 @@ def check_joint_policies(spec: AgentSpec, problem: PruningProblem) -> None:
         )
 
 
-def check_budget_range(spec: AgentSpec, budget_range: tuple[float, float] | None, target: float) -> None:
+def check_budget_range(
+    spec: AgentSpec, budget_range: tuple[float, float] | None, target: float, metric: str = "macs"
+) -> None:
     """A budget-conditioned agent learns over the whole range; any other searches the problem's own target
-    and carries its best allocation over to the range (an AllocationPolicy), so that target must lie in it."""
+    and carries its best allocation over to the range (an AllocationPolicy), so that target must lie in it.
+    And the budget's ``metric`` must be one the agent can meet (a latency is not a bilinear cost model)."""
+    if metric == "latency" and not spec.latency_budget:
+        able = ", ".join(n for n, a in sorted(discover().items()) if a.latency_budget)
+        raise InvalidSettingError(
+            f"agent {spec.name!r} needs a differentiable MACs or parameter cost model, which a latency table "
+            f"is not: search a latency budget with {able}"
+        )
     if budget_range is None or spec.budget_conditioned:
         return
     lo, hi = budget_range
@@ -166,7 +182,7 @@ def run_agent(
     spec = resolve_agent(agent)
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    check_budget_range(spec, evaluator.budget_range, evaluator.problem.target)
+    check_budget_range(spec, evaluator.budget_range, evaluator.problem.target, evaluator.problem.metric)
     check_joint_policies(spec, evaluator.problem)
     policy = None
     with contextlib.suppress(BudgetExhausted):  # the normal way a search ends
@@ -258,7 +274,7 @@ def search(
             "pass a PruningProblem or a factory of prune_env environments, got "
             f"{type(problem_or_env_factory).__name__}"
         )
-    check_budget_range(spec, budget_range, problem.target)
+    check_budget_range(spec, budget_range, problem.target, problem.metric)
     own_logs = spec.settings is not _KeywordSettings and "tensorboard_log" in {
         f.name for f in fields(spec.settings)
     }

@@ -372,6 +372,20 @@ def test_agents_meet_the_latency_budget(problem: PruningProblem, name: str) -> N
         assert predicted_ratio(problem, result.history[-1].keep) >= 0.8 * problem.target
 
 
+def test_the_predictor_refuses_a_latency_budget_naming_the_agents_that_meet_it(
+    problem: PruningProblem, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = problem.evaluations
+    with pytest.raises(InvalidSettingError, match=r"search a latency budget with .*evolution.*knapsack"):
+        search("predictor", problem, 4, seed=0)
+    assert problem.evaluations == before
+    out = tmp_path / "never"
+    args = ["search", "--agent", "predictor", "--target-latency", "0.9", "--out", str(out), "--no-progress"]
+    assert cli.main(args) == 2  # refused in the preflight, before a base model is trained
+    assert "a latency table is not" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_rlpruner_rounds_are_refused_under_a_latency_budget(problem: PruningProblem) -> None:
     with pytest.raises(InvalidSettingError, match="a latency budget takes rounds=1"):
         search("rlpruner", problem, 4, seed=0, rounds=2)

@@ -146,7 +146,7 @@ def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
     get_reward(s.reward)
     spec = resolve_agent(s.agent or default_agent())
     spec.make_settings(s.agent_settings)
-    check_budget_range(spec, s.budget_range, p.target)
+    check_budget_range(spec, s.budget_range, p.target, p.metric)
     splits = load(s.dataset, seed=p.seed, image_size=s.image_size)
     with torch.random.fork_rng(devices=[]):
         net = get_model(s.model, splits.num_classes, splits.in_channels).eval()

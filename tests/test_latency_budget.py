@@ -40,6 +40,7 @@ from prune_env.latency import (
 )
 from prune_env.latency.budget import LatencyCost
 from prune_env.latency.layers import LayerSpec, timed_layers
+from prune_env.latency.settings import available_cores
 from prune_env.observation import DYNAMIC_FEATURES, LATENCY_FEATURES, STATIC_FEATURES, latency_shares
 from prune_env.problem import PruningProblem
 from prune_env.settings import ProblemSettings
@@ -332,6 +333,16 @@ def test_the_overhead_is_named_as_the_floor(
     overhead = 50.0 / table.whole.median_ms
     with pytest.raises(InvalidSettingError, match="is the floor: measure at a larger latency_batch"):
         PruningProblem(untrained_resnet20, digits, target_latency=round(overhead * 0.9, 3), **FAST)
+
+
+def test_more_latency_threads_than_cores_are_refused_by_the_problems_name(
+    latency_cache: Path, untrained_resnet20: nn.Module, digits: Splits
+) -> None:
+    cores = available_cores()
+    with pytest.raises(
+        InvalidSettingError, match=f"latency_threads={cores + 1} is more than the {cores} CPU"
+    ):
+        PruningProblem(untrained_resnet20, digits, target_latency=0.9, latency_threads=cores + 1, **FAST)
 
 
 def test_a_latency_problem_measures_its_table_when_none_is_cached(

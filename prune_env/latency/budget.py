@@ -20,7 +20,7 @@ from prune_env.budget import BudgetProjector
 from prune_env.errors import InvalidSettingError
 from prune_env.graph import DependencyGraph
 from prune_env.latency.cost import LatencyModel, latency_model
-from prune_env.latency.settings import LatencySettings
+from prune_env.latency.settings import LatencySettings, available_cores
 from prune_env.settings import ProblemSettings
 
 
@@ -84,6 +84,12 @@ def problem_latency(
 ) -> LatencyCost:
     """The latency cost of a problem's base model: its table from the cache (measured once on this machine
     at ``batch`` and ``threads`` when absent), on the problem's example input and graph."""
+    cores = available_cores()
+    if threads > cores:  # LatencySettings refuses it too, but names its own field, not the problem's
+        raise InvalidSettingError(
+            f"latency_threads={threads} is more than the {cores} CPU{'s' if cores != 1 else ''} this process "
+            f"may run on (more threads than cores time the scheduler): pass 1 to {cores}"
+        )
     settings = LatencySettings(batch=batch, threads=threads, device=str(device), progress=progress)
     return LatencyCost(latency_model(model, example_inputs, settings, graph=graph))
 

@@ -66,9 +66,14 @@ class LatencyCost:
                 "removes, is the floor: measure at a larger latency_batch, where it weighs less"
             )
         elif overhead > 0:
-            text += f", of which {overhead:.4g} ms is per-layer overhead that no pruning removes"
+            # The rest of the floor is the timed layers at their narrowest: small layers cost a call each
+            # however few channels they keep, which is also why a larger batch may not lower the floor.
+            text += (
+                f", of which {overhead:.4g} ms is per-layer overhead that no pruning removes and "
+                f"{floor_ms - overhead:.4g} ms the timed layers at their narrowest"
+            )
             if overhead >= 0.5 * floor_ms:  # what pruning can still remove is the smaller part
-                text += ": most of the floor; at a larger latency_batch it weighs less"
+                text += ": the overhead is most of the floor; at a larger latency_batch it weighs less"
         return text + ")"
 
 

@@ -80,8 +80,11 @@ def one_thread() -> Any:
     return Threads()
 
 
-def gone(pids: list[int], within: float = 20.0) -> bool:
-    """Whether every process of ``pids`` has exited (a zombie awaiting its parent counts as exited)."""
+def gone(pids: list[int], within: float = 60.0) -> bool:
+    """Whether every process of ``pids`` has exited (a zombie awaiting its parent counts as exited).
+
+    Ray's workers exit on their own once their raylet is gone; on a 2-core machine running other jobs one
+    took over 20 s, so the bound is generous: a process left behind is still there long after it."""
 
     def alive(pid: int) -> bool:
         try:

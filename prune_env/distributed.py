@@ -65,6 +65,7 @@ def start_ray(
             ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, logging_level="warning")
         else:
             ray.init(address=target, logging_level="warning")
+            check_workers_import(target)
     except ConnectionError as exc:  # it answered, but not as a Ray cluster does
         stop_ray(True)
         reason = " ".join(str(exc).split())
@@ -76,6 +77,43 @@ def start_ray(
         stop_ray(True)
         raise
     return True
+
+
+# A worker starts in seconds; a cluster that runs no task in this time is too busy or broken to search on.
+WORKER_START_TIMEOUT_S = 60.0
+
+
+def check_workers_import(target: str, module: str = "prune_env") -> None:
+    """The workers of the cluster this process just joined at ``target`` must import ``module`` at this
+    package's version, or every actor would die in its creation task (a traceback per actor) or score with
+    other code. Checked with one task that needs no CPU of its own."""
+    ray = import_ray()
+    from prune_env import __version__
+
+    def version() -> str:  # nested: pickled by value, so unpickling it needs no import of this package
+        import importlib
+
+        return str(getattr(importlib.import_module(module), "__version__", "unknown"))
+
+    try:
+        theirs = ray.get(ray.remote(num_cpus=0)(version).remote(), timeout=WORKER_START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise InvalidSettingError(
+            f"the Ray cluster at {target} ran no task within {WORKER_START_TIMEOUT_S:g} s; check that its "
+            "workers start (ray status on the head)"
+        ) from None
+    except ray.exceptions.RayError as exc:
+        if "No module named" not in str(exc):
+            raise
+        raise InvalidSettingError(
+            f"the workers of the Ray cluster at {target} cannot import {module}: install prune-env "
+            f"{__version__} in the Python environment of every node (or start the cluster from this one)"
+        ) from None
+    if module == "prune_env" and theirs != __version__:
+        raise InvalidSettingError(
+            f"the workers of the Ray cluster at {target} run prune-env {theirs}, this process {__version__}: "
+            "install the same version on every node"
+        )
 
 
 def stop_ray(owned: bool) -> None:

@@ -583,3 +583,14 @@ def test_a_benchmark_grid_runs_as_ray_tasks_and_resumes(
     assert len(on_disk) == 4  # the seed-0 runs were not run again
     evaluations = [(e["agent"], e["seed"], e["index"], e["keep"]) for e in resumed.evaluations]
     assert evaluations == [(e["agent"], e["seed"], e["index"], e["keep"]) for e in serial.evaluations]
+
+
+def test_a_cluster_whose_workers_cannot_import_the_package_is_refused_in_one_line(local_ray: None) -> None:
+    # A joined cluster's workers run their own Python: without the package every actor would die in its
+    # creation task. The check runs one task there; a module the workers lack stands in for the package.
+    from prune_env.distributed import check_workers_import
+
+    check_workers_import("the test cluster")  # this package, this version: accepted
+    with pytest.raises(InvalidSettingError, match="cannot import no_such_module_anywhere: install prune-env"):
+        check_workers_import("the test cluster", module="no_such_module_anywhere")
+    assert ray.is_initialized()  # the connection is the caller's to end

@@ -107,7 +107,10 @@ def pids_in(folder: Path) -> list[int]:
 
 
 def note_pid(folder: Path) -> None:
-    (folder / f"{os.getpid()}.pid").write_text(str(os.getpid()))
+    # Renamed into place: a worker killed mid-write (Ray's shutdown) must not leave an empty file to read.
+    partial = folder / f"{os.getpid()}.pid.partial"
+    partial.write_text(str(os.getpid()))
+    os.replace(partial, folder / f"{os.getpid()}.pid")
 
 
 class Marked(Proxy):

@@ -37,25 +37,8 @@ def default_out(model: str) -> Path:
 
 
 def check_latency_output(given: str | Path, *, force: bool) -> Path:
-    """``--out``: absent or empty, or (with ``force``) holding an earlier latency output and nothing else.
-
-    A directory holding any other file is refused even with ``force``: ``--force`` never deletes a user's
-    files. Everything else (links, files, unwritable parents) is checked as ``apply``'s ``--out`` is.
-    """
-    out = Path(given)
-    if str(given).strip() and out.is_dir() and not out.is_symlink() and any(out.iterdir()):
-        if not {p.name for p in out.iterdir()} <= OUTPUT_FILES:
-            raise InvalidSettingError(
-                f"--out {out} is a directory holding other files than a latency table; nothing in it is "
-                "replaced, even with --force: pass another --out"
-            )
-        if not force:
-            raise InvalidSettingError(
-                f"--out {out} exists; pass --force to replace the latency table in it, or another --out "
-                "(nothing is overwritten without --force)"
-            )
-        return out
-    return check_directory_output(out, "--out", force=force)
+    """``--out``: checked as ``apply``'s is, with an earlier latency output the only thing ``force`` replaces."""
+    return check_directory_output(given, "--out", force=force, replaceable=OUTPUT_FILES, what="latency table")
 
 
 def _settings(args: argparse.Namespace) -> LatencySettings:

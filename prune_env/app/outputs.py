@@ -57,11 +57,6 @@ def _exists(option: str, out: Path, fix: str) -> InvalidSettingError:
     return InvalidSettingError(f"{option} {out} exists; {fix} (nothing is overwritten without --force)")
 
 
-def _is_model_directory(path: Path) -> bool:
-    names = {p.name for p in path.iterdir()}
-    return names <= MODEL_FILES
-
-
 def _identity(path: Path) -> tuple[object, ...]:
     """What two spellings of one file share: its device and inode if it exists, else its resolved path."""
     try:
@@ -140,12 +135,20 @@ def check_file_outputs(
     return paths
 
 
-def check_directory_output(given: str | os.PathLike[str], option: str, *, force: bool) -> Path:
-    """Check a directory output (a saved model) before any work; returns its path.
+def check_directory_output(
+    given: str | os.PathLike[str],
+    option: str,
+    *,
+    force: bool,
+    replaceable: frozenset[str] = MODEL_FILES,
+    what: str = "model",
+) -> Path:
+    """Check a directory output (a saved model; ``what`` names another, made of ``replaceable`` files)
+    before any work; returns its path.
 
     A symbolic link or a file there is refused; an existing directory only with ``force``, and then only
-    if it holds a saved model and nothing else (an empty directory counts as absent): ``force`` never
-    deletes a user's files.
+    if it holds ``replaceable`` files and nothing else (an empty directory counts as absent): ``force``
+    never deletes a user's files.
     """
     if not str(given).strip():
         raise InvalidSettingError(
@@ -159,13 +162,14 @@ def check_directory_output(given: str | os.PathLike[str], option: str, *, force:
                 f"{option} {out} is a file, not a directory; pass a directory to create"
             )
         if any(out.iterdir()):
-            if not _is_model_directory(out):
+            if not {p.name for p in out.iterdir()} <= replaceable:
+                saved = "a saved model" if what == "model" else f"a {what}"
                 raise InvalidSettingError(
-                    f"{option} {out} is a directory holding other files than a saved model; nothing in it is "
+                    f"{option} {out} is a directory holding other files than {saved}; nothing in it is "
                     f"replaced, even with --force: pass another {option}"
                 )
             if not force:
-                raise _exists(option, out, f"pass --force to replace the model in it, or another {option}")
+                raise _exists(option, out, f"pass --force to replace the {what} in it, or another {option}")
     _check_parent(out, option)
     return out
 

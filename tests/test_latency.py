@@ -39,9 +39,11 @@ from prune_env.latency import (
     table_meta,
     table_path,
 )
+from prune_env.latency.build import RESIDUAL_FIT_RATIOS, fit_residual
 from prune_env.latency.codec import table_to_json
 from prune_env.latency.grid import axis_widths, bilinear
 from prune_env.latency.settings import available_cores
+from prune_env.latency.table import TABLE_FORMAT
 
 torch.set_num_threads(1)
 
@@ -133,6 +135,61 @@ def test_table_times_every_kind_of_layer(small: tuple[nn.Module, torch.Tensor, L
     assert kinds["conv1"].input_shape == (3, 8, 8) and kinds["fc"].kind == "linear"
     assert table.meta.model == "small" and table.meta.batch == 1 and table.meta.threads == 1
     assert table.meta.torch == torch.__version__ and table.meta.input_shape == ((3, 8, 8),)
+
+
+def test_table_knows_each_layers_output_size_and_fits_its_residual(
+    small: tuple[nn.Module, torch.Tensor, LatencyModel],
+) -> None:
+    table = small[2].table
+    spatial = {layer.label: layer.out_spatial for layer in table.layers}
+    assert spatial == {"conv1": 64, "dw": 64, "conv2": 64, "fc": 1}  # 8 x 8 images, then a vector
+    assert len(table.residual_points) == len(RESIDUAL_FIT_RATIOS) and table.residual_slope_ms >= 0
+    assert all(0 < fraction < 1 for fraction, _ in table.residual_points)
+
+
+def test_the_residual_slope_is_fitted_through_the_full_width_point(
+    small: tuple[nn.Module, torch.Tensor, LatencyModel],
+) -> None:
+    """Whole-model measurements made by a known slope are fitted back to it; the full-width prediction stays
+    the measured latency; a residual that grew when pruning (noise) leaves the residual constant."""
+    lat = small[2]
+    table = dataclasses.replace(lat.table, residual_slope_ms=0.0, residual_points=())
+    costs = lat.graph.costs
+    slope = 0.5 * abs(table.residual_ms) + 0.01
+    measured = []
+    for ratio in (0.3, 0.6, 0.9):
+        kept = costs.kept(lat.graph.keep_counts(ratio))
+        w_in, w_out = table.layer_widths(kept)
+        layers = float(table.layer_ms(w_in, w_out).sum())
+        measured.append((kept, layers + table.residual_ms - slope * (1.0 - table.activations(w_out)[0])))
+    fitted = fit_residual(table, measured)
+    assert fitted.residual_slope_ms == pytest.approx(slope)
+    assert fitted.constant_ms == pytest.approx(table.residual_ms - slope)
+    assert fitted.predict_kept(costs.kept(costs.full_keep()))[0] == pytest.approx(table.whole.median_ms)
+    for kept, ms in measured:
+        assert fitted.predict_kept(kept)[0] == pytest.approx(ms)
+    grown = [(kept, ms + 10 * slope) for kept, ms in measured]
+    assert fit_residual(table, grown).residual_slope_ms == 0.0
+
+
+def test_layers_are_timed_in_the_memory_format_the_model_runs_them_in() -> None:
+    """The zoo's CNNs convert their input to channels-last: their layers are timed on channels-last
+    inputs, with weights as the model holds them; a plain NCHW model's layers on NCHW inputs."""
+    from prune_env.latency.layers import instantiate, timed_layers
+    from prune_env.models import get_model
+
+    zoo = get_model("resnet20", 10, 3).eval()
+    x = torch.zeros(1, 3, 8, 8)
+    specs, _ = timed_layers(zoo, build_graph(zoo, x), x)
+    convs = [s for s in specs if s.kind == "conv"]
+    assert convs and all(s.channels_last for s in convs)
+    layer, sample = instantiate(zoo, convs[1], 4, 4, 2, torch.device("cpu"))
+    assert sample.is_contiguous(memory_format=torch.channels_last) and not sample.is_contiguous()
+    assert isinstance(layer, nn.Conv2d) and layer.weight.is_contiguous()  # the zoo keeps NCHW weights
+    plain = SmallNet().eval()
+    specs, _ = timed_layers(plain, build_graph(plain, x), x)
+    assert not any(s.channels_last for s in specs)
+    assert instantiate(plain, specs[0], 3, 4, 2, torch.device("cpu"))[1].is_contiguous()
 
 
 def test_prediction_at_full_width_is_the_measured_whole_latency(
@@ -336,7 +393,7 @@ def test_cache_round_trip(tmp_path: Path, counted_build: list[int]) -> None:
     assert second.table == first.table and second.full_ms == first.full_ms
     path = table_path(first.table.meta, tmp_path)
     assert path.parent == tmp_path / "latency" and path.name.startswith("small-")
-    assert "pickle" not in path.read_text() and json.loads(path.read_text())["format"] == 1
+    assert "pickle" not in path.read_text() and json.loads(path.read_text())["format"] == TABLE_FORMAT
     # Another batch is another table (a new measurement, not the cached one).
     latency_model(model, x, FAST, batch=2, cache_root=tmp_path, architecture="small")
     assert len(counted_build) == 2
@@ -395,6 +452,10 @@ def test_a_truncated_cached_table_warns_and_is_measured_again(
         lambda d: d["layers"][0].update(ms=[[1.0]]),
         lambda d: d.update(residual_ms=123.0),
         lambda d: d.update(format=0),
+        lambda d: d.update(residual_slope_ms=-1.0),
+        lambda d: d.update(residual_points=[[0.5]]),
+        lambda d: d["layers"][0].update(out_spatial=0),
+        lambda d: d["layers"][0].pop("out_spatial"),
     ],
 )
 def test_an_edited_table_is_not_a_table(

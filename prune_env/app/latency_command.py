@@ -158,7 +158,8 @@ def run_latency(args: argparse.Namespace) -> int:
         )
         print(
             f"whole model {table.whole.median_ms:.3f} ms measured; {len(table.layers)} timed layers "
-            f"{table.layers_full_ms:.3f} ms + residual {table.residual_ms:.3f} ms (kept constant); protocol "
+            f"{table.layers_full_ms:.3f} ms + residual {table.residual_ms:.3f} ms, of which "
+            f"{table.residual_slope_ms:.3f} ms goes with the kept activations; protocol "
             f"noise {100 * table.noise:.1f}%"
         )
         print(f"{'group':<28} {'units':>5}  kept: ms (latency ratio / MACs ratio)")

@@ -1,16 +1,20 @@
 """Measuring a latency table: every timed layer alone on its width grid, and the whole model.
 
-Layers that share a configuration (type, hyper-parameters, input shape, full widths: the repeated blocks
-of a ResNet) are measured once. Each grid point builds a fresh layer at those widths on a random input of
-the layer's real shape (from forward hooks) at the settings' batch, and times it by the protocol of
-:mod:`prune_env.latency.measure`.
+Layers that share a configuration (type, hyper-parameters, input shape and memory format, full widths:
+the repeated blocks of a ResNet) are measured once. Each grid point builds a fresh layer at those widths on
+a random input of the layer's real shape and memory format (from forward hooks) at the settings' batch, and
+times it by the protocol of :mod:`prune_env.latency.measure`. The whole model is then measured unpruned and
+pruned uniformly at :data:`RESIDUAL_FIT_RATIOS`, to fit how the residual shrinks with the kept activations
+(:mod:`prune_env.latency.table`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,9 +24,12 @@ from prune_env.latency.layers import LayerAxis, LayerSpec, instantiate, timed_la
 from prune_env.latency.measure import Timing, estimate_noise, measure_callable, module_forward
 from prune_env.latency.settings import LatencySettings, device_name
 from prune_env.latency.table import LatencyTable, LayerTable, TableMeta, model_hash
+from prune_env.surgery import prune
 
 # Repeated whole-model measurements behind the table's noise estimate.
 NOISE_ROUNDS = 3
+# Uniform pruning ratios at which the whole model is measured again to fit the residual's slope.
+RESIDUAL_FIT_RATIOS = (0.3, 0.6, 0.9)
 
 
 def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -89,7 +96,8 @@ def build_table(
             for w_out in outs:
                 todo.setdefault(_key(s, w_in, w_out), (s, w_in, w_out))
     measured: dict[tuple[object, ...], Timing] = {}
-    with tqdm(total=len(todo) + NOISE_ROUNDS, desc="latency table", disable=not settings.progress) as bar:
+    total = len(todo) + NOISE_ROUNDS + len(RESIDUAL_FIT_RATIOS)
+    with tqdm(total=total, desc="latency table", disable=not settings.progress) as bar:
         for key, (spec, w_in, w_out) in todo.items():
             layer, x = instantiate(model, spec, w_in, w_out, settings.batch, device)
             measured[key] = measure_callable(functools.partial(layer, x), settings)
@@ -98,6 +106,12 @@ def build_table(
         noise = estimate_noise(forward, settings, rounds=NOISE_ROUNDS)
         bar.update(NOISE_ROUNDS)
         whole = measure_callable(forward, settings)
+        pruned_ms = []
+        for ratio in RESIDUAL_FIT_RATIOS:
+            keep = graph.keep_counts(ratio)
+            pruned = prune(model, one_sample, ratio, graph=graph)
+            pruned_ms.append((keep, measure_callable(module_forward(pruned, one_sample, settings), settings)))
+            bar.update()
     layers = []
     for s in specs:
         ins, outs = grids[s.term]
@@ -115,6 +129,7 @@ def build_table(
                 out_widths=outs,
                 ms=tuple(tuple(c.median_ms for c in row) for row in cells),
                 noisy=tuple(tuple(c.noisy for c in row) for row in cells),
+                out_spatial=s.out_spatial,
             )
         )
     protocol = {
@@ -124,7 +139,7 @@ def build_table(
         "noise_bound": settings.noise_bound,
         "max_attempts": settings.max_attempts,
     }
-    return LatencyTable(
+    table = LatencyTable(
         meta=meta,
         layers=tuple(layers),
         untimed=tuple(labels[t] or "<function call>" for t in untimed),
@@ -132,6 +147,23 @@ def build_table(
         noise=noise.relative_spread,
         protocol=protocol,
     )
+    return fit_residual(table, [(graph.costs.kept(keep), timing.median_ms) for keep, timing in pruned_ms])
 
 
-__all__ = ["build_table", "table_meta"]
+def fit_residual(table: LatencyTable, measured: Sequence[tuple[np.ndarray, float]]) -> LatencyTable:
+    """``table`` with its residual's slope fitted to whole-model measurements of pruned models: pairs of
+    (kept count per slot, measured ms). Least squares through the full-width point (which stays exact),
+    slope never below zero (a residual that grew with pruning would be noise, not work)."""
+    points = []
+    for kept, ms in measured:
+        w_in, w_out = table.layer_widths(kept)
+        residual = ms - float(table.layer_ms(w_in, w_out).sum())
+        points.append((float(table.activations(w_out)[0]), residual))
+    removed = np.array([1.0 - a for a, _ in points])
+    saved = np.array([table.residual_ms - r for _, r in points])
+    denominator = float(removed @ removed)
+    slope = max(0.0, float(removed @ saved) / denominator) if denominator > 0 else 0.0
+    return dataclasses.replace(table, residual_slope_ms=slope, residual_points=tuple(points))
+
+
+__all__ = ["build_table", "fit_residual", "table_meta"]

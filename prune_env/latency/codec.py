@@ -25,6 +25,8 @@ def table_to_json(table: LatencyTable) -> str:
         "whole": asdict(table.whole),
         "noise": table.noise,
         "residual_ms": table.residual_ms,
+        "residual_slope_ms": table.residual_slope_ms,
+        "residual_points": [list(point) for point in table.residual_points],
         "protocol": dict(table.protocol),
         "untimed": list(table.untimed),
         "layers": [asdict(layer) for layer in table.layers],
@@ -123,7 +125,27 @@ def _layer(obj: Any, where: str) -> LayerTable:
         out_widths=out_widths,
         ms=tuple(tuple(float(v) for v in row) for row in ms),
         noisy=tuple(tuple(row) for row in noisy),
+        out_spatial=_positive_int(obj, "out_spatial", where),
     )
+
+
+def _positive_int(obj: Any, key: str, where: str) -> int:
+    value = _get(obj, key, "int", where)
+    if value < 1:
+        raise _bad(f"{where}.{key} must be >= 1, got {value}")
+    return int(value)
+
+
+def _residual_points(data: Any) -> tuple[tuple[float, float], ...]:
+    points = _get(data, "residual_points", "list", "the table")
+    if not all(
+        isinstance(p, list)
+        and len(p) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p)
+        for p in points
+    ):
+        raise _bad("residual_points must be a list of [activations fraction, residual ms] pairs")
+    return tuple((float(a), float(r)) for a, r in points)
 
 
 def table_from_json(data: Any) -> LatencyTable:
@@ -161,7 +183,11 @@ def table_from_json(data: Any) -> LatencyTable:
         whole=_timing(_get(data, "whole", "object", "the table"), "whole"),
         noise=float(_get(data, "noise", "number", "the table")),
         protocol=_get(data, "protocol", "object", "the table"),
+        residual_slope_ms=float(_get(data, "residual_slope_ms", "number", "the table")),
+        residual_points=_residual_points(data),
     )
+    if table.residual_slope_ms < 0:
+        raise _bad(f"residual_slope_ms {table.residual_slope_ms} is negative")
     stored = float(_get(data, "residual_ms", "number", "the table"))
     if not math.isclose(stored, table.residual_ms, rel_tol=1e-9, abs_tol=1e-9):
         raise _bad(f"residual_ms {stored} is not whole - sum(layers) = {table.residual_ms} (edited?)")

@@ -1,9 +1,9 @@
 """The analytic latency model: predicted milliseconds of any pruning, from a table, without a forward pass.
 
-``predict(keep) = sum over timed layers of table(kept inputs, kept outputs) + residual``: each timed layer's
-kept widths are affine in the units kept per group (the graph's cost model says how), its latency is
-interpolated on its measured grid, and the residual (everything not timed alone) is the constant the table
-stores (see :mod:`prune_env.latency.table`). At full width this is the measured whole-model latency by
+``predict(keep) = sum over timed layers of table(kept inputs, kept outputs) + residual(keep)``: each timed
+layer's kept widths are affine in the units kept per group (the graph's cost model says how), its latency
+is interpolated on its measured grid, and the residual (everything not timed alone) is the table's, scaled
+with the kept activations (see :mod:`prune_env.latency.table`). At full width this is the measured whole-model latency by
 construction. Many keep vectors (rows) are predicted in one vectorised call.
 
 :func:`latency_model` is the entry point beside ``graph.macs``: it builds the graph, then loads the table
@@ -94,20 +94,16 @@ class LatencyModel:
             )
         return np.atleast_2d(keeps.astype(np.float64))
 
+    def _kept(self, keep: Any) -> np.ndarray:
+        return self._keeps(keep) @ self._mult_t + self._fixed  # kept indices per slot, per row
+
     def layer_ms(self, keep: Any) -> np.ndarray:
         """Predicted ms of each timed layer (columns, in ``table.layers`` order) for each keep row."""
-        keeps = self._keeps(keep)
-        kept = keeps @ self._mult_t + self._fixed  # kept indices per slot, per row
-        columns = []
-        for layer in self.table.layers:
-            w_in = kept[:, layer.in_slot] if layer.in_slot is not None else float(layer.in_widths[-1])
-            w_out = kept[:, layer.out_slot] if layer.out_slot is not None else float(layer.out_widths[-1])
-            columns.append(np.broadcast_to(layer.at(w_in, w_out), (len(keeps),)))
-        return np.stack(columns, axis=1) if columns else np.zeros((len(keeps), 0))
+        return self.table.layer_ms(*self.table.layer_widths(self._kept(keep)))
 
     def predict(self, keep: Any) -> Any:
         """Predicted ms for ``keep`` (units kept per group): a float for one vector, an array for rows."""
-        total = self.layer_ms(keep).sum(axis=1) + self.table.residual_ms
+        total = self.table.predict_kept(self._kept(keep))
         return float(total[0]) if np.ndim(keep) == 1 else total
 
     def ratio(self, keep: Any) -> Any:

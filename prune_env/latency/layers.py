@@ -11,6 +11,7 @@ model, in the table's residual.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,27 +48,55 @@ class LayerSpec:
     input_shape: tuple[int, ...]  # one sample's input (no batch dimension)
     inputs: LayerAxis
     outputs: LayerAxis
+    # The layer ran on a channels-last input (the zoo's CNNs convert theirs): timed so too, since a
+    # convolution's kernels, and so its speed, differ between memory formats.
+    channels_last: bool = False
+    out_spatial: int = 1  # output elements per channel per sample: what its activations cost per channel
 
     def config(self) -> tuple[object, ...]:
         """What decides its latency besides widths (layers sharing it are measured once)."""
-        return (self.kind, self.module_type, self.input_shape, self.inputs.full, self.outputs.full)
+        return (
+            self.kind,
+            self.module_type,
+            self.input_shape,
+            self.inputs.full,
+            self.outputs.full,
+            self.channels_last,
+        )
 
 
-def capture_input_shapes(
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-d tensor laid out channels-last, and not also contiguous (a 1x1 image or one channel is both)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One call of a module, as seen by a forward hook."""
+
+    input_shape: tuple[int, ...]  # its first input's shape, batch dimension included
+    channels_last: bool  # that input was laid out channels-last
+    out_spatial: int  # output elements per channel per sample (an image's pixels; 1 for a vector)
+
+
+def capture_calls(
     model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], names: Sequence[str]
-) -> dict[str, list[tuple[int, ...]]]:
-    """Per module named in ``names``: its first input's shape at each call (in call order), from one
-    forward pass of ``example_inputs`` (in inference mode; hooks removed after)."""
+) -> dict[str, list[LayerCall]]:
+    """Per module named in ``names``: each of its calls (in call order), from one forward pass of
+    ``example_inputs`` (in inference mode; hooks removed after)."""
     modules = dict(model.named_modules())
-    shapes: dict[str, list[tuple[int, ...]]] = {name: [] for name in names}
+    calls: dict[str, list[LayerCall]] = {name: [] for name in names}
     handles = []
     for name in names:
 
-        def hook(module: nn.Module, args: tuple[object, ...], name: str = name) -> None:
-            if args and isinstance(args[0], torch.Tensor):
-                shapes[name].append(tuple(args[0].shape))
+        def hook(module: nn.Module, args: tuple[object, ...], output: object, name: str = name) -> None:
+            if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                x = args[0]
+                # Convolutions: channels at dim 1, the rest spatial; linear layers: features last.
+                rest = output.shape[2:] if isinstance(module, CONV_TYPES) else output.shape[1:-1]
+                calls[name].append(LayerCall(tuple(x.shape), is_channels_last(x), math.prod(rest)))
 
-        handles.append(modules[name].register_forward_pre_hook(hook))
+        handles.append(modules[name].register_forward_hook(hook))
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     was_training = {m: m.training for m in model.modules()}
     model.eval()
@@ -79,7 +108,7 @@ def capture_input_shapes(
             handle.remove()
         for m, flag in was_training.items():
             m.training = flag
-    return shapes
+    return calls
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -106,7 +135,7 @@ def timed_layers(
     modules = dict(model.named_modules())
     # "" labels a function call's MACs (and would name the root module): never a layer timed alone.
     kinds = {label: _kind(modules[label]) for label in set(labels) if label and label in modules}
-    shapes = capture_input_shapes(model, example_inputs, [label for label, k in kinds.items() if k])
+    shapes = capture_calls(model, example_inputs, [label for label, k in kinds.items() if k])
     calls: dict[str, int] = {}
     layers: list[LayerSpec] = []
     untimed: list[int] = []
@@ -133,7 +162,7 @@ def timed_layers(
                 return LayerAxis(None, width, width, False)
             return LayerAxis(slot, int(full[slot]), max(1, int(low[slot])), varies[slot])
 
-        shape = seen[call][1:]
+        shape = seen[call].input_shape[1:]
         if kind == "linear":
             assert isinstance(module, nn.Linear)
             axes = (
@@ -154,7 +183,18 @@ def timed_layers(
         if axes[1].full != out_width or (kind != "depthwise" and axes[0].full != _channels_in(kind, shape)):
             untimed.append(term)  # a slot that does not count the layer's channels: not rebuilt at widths
             continue
-        layers.append(LayerSpec(term, label, kind, type(module).__name__, shape, *axes))
+        layers.append(
+            LayerSpec(
+                term,
+                label,
+                kind,
+                type(module).__name__,
+                shape,
+                *axes,
+                channels_last=seen[call].channels_last,
+                out_spatial=seen[call].out_spatial,
+            )
+        )
     return layers, untimed
 
 
@@ -202,6 +242,12 @@ def instantiate(
     layer = layer.to(device=device, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    if spec.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if isinstance(weight, torch.Tensor) and is_channels_last(
+        weight
+    ):  # the weight's format as the model has it
+        layer = layer.to(memory_format=torch.channels_last)
     return layer, x
 
 
@@ -209,8 +255,10 @@ __all__ = [
     "CONV_TYPES",
     "TIMED_TYPES",
     "LayerAxis",
+    "LayerCall",
     "LayerSpec",
-    "capture_input_shapes",
+    "capture_calls",
     "instantiate",
+    "is_channels_last",
     "timed_layers",
 ]

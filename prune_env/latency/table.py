@@ -2,13 +2,20 @@
 measured latency, the residual between them, and the metadata saying what it was measured for.
 
 **Residual.** The isolated layers do not add up to the model: batch norms, activations, additions, pooling,
-reshapes, Python dispatch between modules and the layers we do not time alone run too. The table stores
-``residual = whole - sum(layers at full width)`` and predictions keep it **constant**. Why constant rather
-than scaled with the kept activations: at the small inputs and batches this project runs, the residual is
-dominated by per-operation dispatch, which does not shrink with channels; it may even be negative (each
-isolated layer pays its own call overhead and cold input), and a scaled negative number means nothing. A
-constant residual errs on the safe side -- a pruned model is predicted no faster than its timed layers
-make it -- and makes the prediction at full width equal the measured whole latency by construction.
+reshapes, Python dispatch between modules and the layers we do not time alone run too. At full width the
+residual is ``whole - sum(layers at full width)``. Part of it is per-operation dispatch, which does not
+shrink with channels; the rest is elementwise work on the activations (normalisation, activation
+functions, additions), which does. Measured here, the second part is most of the residual at batch 32
+(24 of MobileNetV2/2's 40 ms on 28 x 28 inputs) and still a third of it at batch 1, so a constant residual
+over-predicts a pruned model badly. The table therefore stores a *slope*: the residual is predicted as
+
+    residual(keep) = residual_ms - residual_slope_ms * (1 - activations(keep))
+
+where ``activations`` is the timed layers' output elements kept (each layer's kept output channels times
+its output's spatial size, summed, as a fraction of the unpruned model's). The slope is fitted when the table
+is measured, from the whole model measured again pruned uniformly at a few levels (``residual_points``),
+through the full-width point, so the prediction at full width still equals the measured whole latency by
+construction. ``residual_ms - residual_slope_ms`` is what no pruning removes (:attr:`constant_ms`).
 
 Its JSON form is in :mod:`prune_env.latency.codec`; :func:`check_compatible` refuses a table measured for
 another model, device, batch, thread count or torch version, naming the difference.
@@ -33,8 +40,10 @@ from prune_env.latency.grid import bilinear
 from prune_env.latency.measure import Timing
 
 # Bumped whenever the JSON layout or the meaning of a field changes: older files are measured anew.
-TABLE_FORMAT = 1
-RESIDUAL_RULE = "constant"
+# 2: layers are timed in the memory format the model runs them in (channels-last for the zoo CNNs), and
+# the residual scales with the kept activations.
+TABLE_FORMAT = 2
+RESIDUAL_RULE = "activations"
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,7 @@ class LayerTable:
     out_widths: tuple[int, ...]
     ms: tuple[tuple[float, ...], ...]
     noisy: tuple[tuple[bool, ...], ...]
+    out_spatial: int = 1  # output elements per output channel per sample
 
     @property
     def full_ms(self) -> float:
@@ -111,6 +121,9 @@ class LatencyTable:
         whole: the unpruned model's measured latency.
         noise: the protocol's relative spread of repeated whole-model medians when it was measured.
         protocol: warm-up, repeats, sample length and noise bound used.
+        residual_slope_ms: how much of the residual goes with the activations (module docstring).
+        residual_points: ``(activations fraction, residual ms)`` of the uniformly pruned whole-model
+            measurements the slope was fitted to.
     """
 
     meta: TableMeta
@@ -119,6 +132,8 @@ class LatencyTable:
     whole: Timing
     noise: float
     protocol: Mapping[str, Any]
+    residual_slope_ms: float = 0.0
+    residual_points: tuple[tuple[float, float], ...] = ()
 
     @property
     def layers_full_ms(self) -> float:
@@ -126,8 +141,43 @@ class LatencyTable:
 
     @property
     def residual_ms(self) -> float:
-        """What the timed layers leave of the whole model's latency (kept constant when predicting)."""
+        """What the timed layers leave of the whole model's latency at full width."""
         return self.whole.median_ms - self.layers_full_ms
+
+    @property
+    def constant_ms(self) -> float:
+        """The part of the residual no pruning removes (per-operation dispatch and the like)."""
+        return self.residual_ms - self.residual_slope_ms
+
+    def layer_widths(self, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each timed layer's (input, output) widths, as (rows x layers) arrays, for ``kept``: the graph's
+        kept count per slot, one row per keep vector (``CostModel.kept``)."""
+        kept = np.atleast_2d(np.asarray(kept, dtype=np.float64))
+        rows = len(kept)
+        w_in = np.empty((rows, len(self.layers)))
+        w_out = np.empty((rows, len(self.layers)))
+        for i, layer in enumerate(self.layers):
+            w_in[:, i] = kept[:, layer.in_slot] if layer.in_slot is not None else layer.in_widths[-1]
+            w_out[:, i] = kept[:, layer.out_slot] if layer.out_slot is not None else layer.out_widths[-1]
+        return w_in, w_out
+
+    def layer_ms(self, w_in: np.ndarray, w_out: np.ndarray) -> np.ndarray:
+        """Each timed layer's predicted ms (rows x layers) at the widths :meth:`layer_widths` gives."""
+        if not self.layers:
+            return np.zeros((len(w_in), 0))
+        return np.stack([layer.at(w_in[:, i], w_out[:, i]) for i, layer in enumerate(self.layers)], axis=1)
+
+    def activations(self, w_out: np.ndarray) -> np.ndarray:
+        """Per row, the timed layers' output elements at widths ``w_out`` as a fraction of full width."""
+        spatial = np.array([layer.out_spatial for layer in self.layers], dtype=np.float64)
+        full = float(spatial @ np.array([layer.out_widths[-1] for layer in self.layers], dtype=np.float64))
+        return (np.asarray(w_out) @ spatial) / full if full > 0 else np.ones(len(w_out))
+
+    def predict_kept(self, kept: np.ndarray) -> np.ndarray:
+        """Predicted ms per row of ``kept`` (slots' kept counts): the layers plus the residual."""
+        w_in, w_out = self.layer_widths(kept)
+        residual = self.residual_ms - self.residual_slope_ms * (1.0 - self.activations(w_out))
+        return self.layer_ms(w_in, w_out).sum(axis=1) + residual
 
     @property
     def noisy_points(self) -> int:

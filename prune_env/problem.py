@@ -22,7 +22,7 @@ from prune_env.device import resolve_device
 from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
 from prune_env.graph import DependencyGraph, build_graph, units_to_keep
 from prune_env.importance import get_importance
-from prune_env.latency.budget import settings_projector
+from prune_env.latency.budget import LatencyCheck, LatencyCost, settings_projector
 from prune_env.models import ModelSpec
 from prune_env.proxies import make_proxy
 from prune_env.proxy import Proxy, ProxyContext, ProxyResult
@@ -454,6 +454,26 @@ class PruningProblem:
             eval_seconds=time.perf_counter() - start if prefetched is None else prefetched,
             memo_hit=memo_hit,
         )
+
+    def check_latency(self, keep: np.ndarray, model: nn.Module) -> LatencyCheck:
+        """Measure ``model`` (this problem's base model pruned to ``keep``, fine-tuned or not) and the base
+        model by the protocol of the latency table, beside the table's prediction for ``keep``: what a
+        latency budget promised against what the machine delivers.
+
+        Raises:
+            InvalidSettingError: the problem has no latency budget (so no table to check against).
+        """
+        if not isinstance(self.latency, LatencyCost):
+            raise InvalidSettingError(
+                f"the problem budgets {self.metric}, not latency: a latency is checked against the table a "
+                "latency budget (target_latency=...) is priced by"
+            )
+        counts = np.asarray(keep)
+        if counts.shape != self.units.shape or counts.dtype.kind not in "iu":
+            raise InvalidRatiosError(
+                f"keep must hold one integer count per group ({len(self.units)}), got {counts.tolist()!r:.80}"
+            )
+        return self.latency.check(counts, model, self.base_model, self.example_inputs)
 
     def outcome(
         self,

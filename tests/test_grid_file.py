@@ -15,6 +15,7 @@ from prune_env.errors import InvalidSettingError
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "benchmarks" / "grids" / "allocation_baselines_fashion.json"
+LATENCY_GRID = ROOT / "benchmarks" / "grids" / "latency_baselines_fashion.json"
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,23 @@ def test_the_committed_grid_is_the_one_fixed_in_advance(grid_script: ModuleType)
     five = {"uniform", "global", "knapsack", "sensitivity", "random", "ppo"}
     assert {a for a, seeds in grid["agents"].items() if len(seeds) == 5} == five
     assert {a for a, seeds in grid["agents"].items() if len(seeds) == 3} == set(grid["cut_first"])
+
+
+def test_the_committed_latency_grid_is_the_one_fixed_in_advance(grid_script: ModuleType) -> None:
+    from agents.registry import resolve_agent
+    from prune_env.settings import ProblemSettings
+
+    grid = grid_script.read_grid(LATENCY_GRID)
+    assert grid["dataset"] == "fashion-mnist" and grid["evals"] == 1000 and grid["finetune_epochs"] == 6
+    problem = ProblemSettings.from_kwargs({**grid["problem"], "target_latency": 0.4})  # batch 32, one thread
+    assert (problem.latency_batch, problem.latency_threads, problem.proxy) == (32, 1, "supernet")
+    settings = [(s["model"], s["metric"], s["target"]) for s in grid["settings"]]
+    assert settings[:2] == [("mobilenetv2_half", "latency", 0.40), ("vgg11_quarter", "latency", 0.40)]
+    assert set(settings[2:]) == {("mobilenetv2_half", "latency", 0.60), ("vgg11_quarter", "latency", 0.60)}
+    five = {"uniform", "global", "knapsack", "sensitivity", "random", "ppo"}
+    assert {a for a, seeds in grid["agents"].items() if len(seeds) == 5} == five
+    assert {a for a, seeds in grid["agents"].items() if len(seeds) == 3} == set(grid["cut_first"])
+    assert all(resolve_agent(a).latency_budget for a in grid["agents"])  # every agent meets a latency budget
 
 
 def _write(path: Path, **changes: object) -> Path:

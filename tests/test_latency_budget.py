@@ -21,7 +21,7 @@ from torch import nn
 
 from agents import search
 from agents.allocation import Widths
-from prune_env import InvalidSettingError, build_graph
+from prune_env import InvalidRatiosError, InvalidSettingError, build_graph
 from prune_env.app import benchmark, cli
 from prune_env.budget import BudgetProjector
 from prune_env.cache import CACHE_ENV
@@ -182,16 +182,23 @@ def test_cli_refuses_two_budgets_in_one_line(tmp_path: Path, capsys: pytest.Capt
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"metric": "latency"}, "compares MACs or parameter budgets, not latency"),
+        ({"metric": "bitops"}, "metric must be one of 'macs', 'params', 'latency', got 'bitops'"),
         ({"problem_kwargs": {"target_latency": 0.5}}, "problem_kwargs sets target_latency"),
     ],
 )
-def test_the_benchmark_grid_refuses_a_latency_budget_before_any_work(
+def test_the_benchmark_grid_refuses_other_budgets_before_any_work(
     tmp_path: Path, kwargs: dict[str, Any], message: str
 ) -> None:
     out = tmp_path / "grid"
     with pytest.raises(InvalidSettingError, match=message):
         benchmark.run(agents=["random"], out=out, progress=False, **kwargs)
+    assert not out.exists()
+
+
+def test_the_benchmark_grid_refuses_an_agent_that_cannot_meet_a_latency_budget(tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    with pytest.raises(InvalidSettingError, match="agent 'predictor' needs a differentiable"):
+        benchmark.run(agents=["uniform", "predictor"], metric="latency", out=out, progress=False)
     assert not out.exists()
 
 
@@ -464,5 +471,67 @@ def test_a_cli_search_under_a_latency_target_never_exceeds_it(
     for line in (out / "evaluations.csv").read_text().splitlines()[1:]:
         keep = [int(k) for k in line.split(",")[-1].split()]
         assert len(keep) == len(results["keep"])
-    assert "latency ratio" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "latency ratio" in err
     assert len(list((latency_cache / "latency").glob("*.json"))) == 1  # nothing measured anew
+    # The saved model is measured beside the prediction, and the base model with it.
+    assert results["latency_predicted_ms"] == results["latency_ms"]
+    measured, base = results["latency_measured_ms"], results["base_latency_measured_ms"]
+    assert measured > 0 and base > 0 and results["latency_measured_repeats"] >= 1
+    assert results["measured_speedup"] == pytest.approx(base / measured)
+    assert results["latency_prediction_error"] == pytest.approx((results["latency_ms"] - measured) / measured)
+    assert "measured latency" in err
+
+
+def test_check_latency_measures_the_pruned_model_against_its_prediction(problem: PruningProblem) -> None:
+    keep = problem.uniform_keep()
+    model = problem.build(keep)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check = problem.check_latency(keep, model)
+    assert check.predicted_ms == pytest.approx(predicted_ratio(problem, keep) * problem.projector.base_cost)
+    assert check.measured.median_ms > 0 and check.base_measured.median_ms > 0
+    assert check.speedup == pytest.approx(check.base_measured.median_ms / check.measured.median_ms)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # measured, not changed
+
+
+def test_check_latency_refuses_a_problem_without_a_table_and_a_bad_keep(
+    problem: PruningProblem, untrained_resnet20: nn.Module, digits: Splits
+) -> None:
+    macs = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
+    with pytest.raises(InvalidSettingError, match="budgets macs, not latency"):
+        macs.check_latency(macs.uniform_keep(), macs.build(macs.uniform_keep()))
+    with pytest.raises(InvalidRatiosError, match="one integer count per group"):
+        problem.check_latency(problem.units[:-1], untrained_resnet20)
+
+
+def test_a_latency_cost_refuses_settings_the_table_was_not_measured_with(ragged_cost: LatencyCost) -> None:
+    meta = ragged_cost.model.table.meta
+    assert (ragged_cost.settings.batch, ragged_cost.settings.threads) == (meta.batch, meta.threads)
+    with pytest.raises(InvalidSettingError, match="the table was measured at batch"):
+        LatencyCost(ragged_cost.model, LatencySettings(batch=meta.batch + 1, threads=meta.threads))
+
+
+def test_a_latency_grid_records_predicted_and_measured_latency(
+    latency_cache: Path, tmp_path: Path, untrained_resnet20: nn.Module, digits: Splits
+) -> None:
+    """The harness under a latency budget: every run within the predicted budget, its final model measured,
+    and the report's table showing the measured milliseconds and speed-up."""
+    results = benchmark.run(
+        agents=["uniform", "global"], models=[untrained_resnet20], datasets=[digits], targets=[0.7],
+        metric="latency", seeds=[0], evals=2, finetune_epochs=0, problem_kwargs=FAST, progress=False,
+        out=tmp_path / "grid",
+    )  # fmt: skip
+    assert [r["agent"] for r in results.runs] == ["uniform", "global"]
+    for row in results.runs:
+        assert row["metric"] == "latency" and row["latency_ratio"] <= 0.7
+        assert row["latency_measured_ms"] > 0 and row["base_latency_measured_ms"] > 0
+        assert row["measured_speedup"] == pytest.approx(
+            row["base_latency_measured_ms"] / row["latency_measured_ms"]
+        )
+    header = (tmp_path / "grid" / "runs.csv").read_text().splitlines()[0].split(",")
+    assert {"latency_ratio", "latency_measured_ms", "measured_speedup"} <= set(header)
+    again = benchmark.BenchmarkResults.load(tmp_path / "grid")
+    assert again.runs[0]["latency_measured_noisy"] in (0, 1)
+    table = again.table()
+    assert "speed-up" in table and "ms (meas.)" in table
+    assert "final models above the target beyond their measurement's spread" in again.verdicts()

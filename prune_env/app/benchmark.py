@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agents.evaluator import BudgetedEvaluator
-from agents.registry import NoSettings, available, resolve_agent, run_agent
+from agents.registry import NoSettings, available, check_budget_range, resolve_agent, run_agent
 from prune_env.app import labels, provenance
 from prune_env.app.results import (
     EVAL_FIELDS,
@@ -135,21 +135,17 @@ def run(
             "ray_address": ray_address,
         }
     )
-    if metric not in ("macs", "params"):  # its tables and plots compare counted costs
-        raise InvalidSettingError(
-            f"the benchmark grid compares MACs or parameter budgets, not {metric}; search a latency budget "
-            "with prune-env search --target-latency or agents.search on a PruningProblem(target_latency=...)"
-        )
     on_ray = uses_ray(workers, ray_address)
     targets = check_sequence("targets", targets, "target")
     seeds = check_sequence("seeds", seeds, "seed")
     get_reward(reward)
-    check_problem_kwargs(problem_kwargs or {})
+    check_problem_kwargs(problem_kwargs or {}, metric)
     flag("allow_mixed", allow_mixed)
     agent_pairs = labels.labelled(available() if agents is None else agents, "agent")
     settings = {str(k): dict(v) for k, v in (agent_settings or {}).items()}
     for label, agent in agent_pairs:
         spec = resolve_agent(agent)
+        check_budget_range(spec, None, 1.0, metric)  # an agent that cannot meet this budget's kind
         if spec.settings is not NoSettings or settings.get(label):
             spec.make_settings(settings.get(label, {}))
     record = provenance.make_record(provenance.agent_settings(agent_pairs, settings))
@@ -182,15 +178,16 @@ def run(
         )
 
 
-def check_problem_kwargs(problem_kwargs: Mapping[str, Any]) -> None:
+def check_problem_kwargs(problem_kwargs: Mapping[str, Any], metric: str = "macs") -> None:
     """Keys must be :class:`ProblemSettings` fields other than the budget (the grid sets the target);
-    values obey the shared rules."""
+    values obey the shared rules, checked with a budget of ``metric`` (a latency batch means something
+    only beside a latency budget)."""
     budget = sorted(set(TARGETS) & set(problem_kwargs))
     if budget:
         raise InvalidSettingError(
             f"problem_kwargs sets {', '.join(budget)}; the grid's targets and metric set the budget"
         )
-    ProblemSettings.from_kwargs(problem_kwargs)
+    ProblemSettings.from_kwargs({**problem_kwargs, f"target_{metric}": 0.5})
 
 
 def _run_grid(
@@ -422,7 +419,7 @@ def _problem(
     problem_kwargs: Mapping[str, Any] | None,
     progress: bool,
 ) -> PruningProblem:
-    budget = {"target_params" if metric == "params" else "target_macs": target}
+    budget = {f"target_{metric}": target}
     settings = ProblemSettings.from_kwargs({"progress": progress, **dict(problem_kwargs or {}), **budget})
     return PruningProblem(model, dataset, settings)
 
@@ -540,4 +537,11 @@ def _one_run(
         "ratios": " ".join(f"{r:.4f}" for r in np.asarray(best.ratios).reshape(-1)),
         "keep": " ".join(str(int(k)) for k in best.keep),
     }
+    if problem.metric == "latency":
+        # The budget was a prediction: the chosen model is measured beside it (its architecture, not its
+        # fine-tuned weights, sets its speed), with the base model right after it for the speed-up.
+        keep = np.asarray(result.best_keep, dtype=np.int64)
+        check = problem.check_latency(keep, problem.build(keep))
+        row["latency_ratio"] = float(best.latency_ratio)
+        row.update({k: int(v) if isinstance(v, bool) else v for k, v in check.fields().items()})
     return row, [e.as_row() for e in result.history]

@@ -505,6 +505,22 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
         timings["finetune_seconds"] = time.perf_counter() - t0
         timings["total_seconds"] = time.perf_counter() - started
         results = _results(s, problem, evaluator, timings, "finished", metrics, applied)
+        if problem.metric == "latency":
+            # A latency budget is a prediction: the saved model is measured beside it, with the base model.
+            stage = "latency check"
+            check = problem.check_latency(keep, tuned)
+            results.update(check.fields())
+            log.info(
+                "measured latency %.4g ms (predicted %.4g, %+.1f%%; base %.4g ms, %.2fx faster)%s",
+                check.measured.median_ms,
+                check.predicted_ms,
+                100 * check.error,
+                check.base_measured.median_ms,
+                check.speedup,
+                " -- disturbed by other work on the machine: measure again when it is quiet"
+                if check.fields()["latency_measured_noisy"]
+                else "",
+            )
         finetuned = s.finetune_epochs > 0  # with 0 epochs finetune() only scores the model
         _save_model(
             s, problem, keep, tuned, {"finetuned": finetuned, "test_accuracy": metrics["test_accuracy"]}

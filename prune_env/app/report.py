@@ -45,8 +45,11 @@ def table_text(
     best = {setting_of(c): c["reference"] for c in rows if c["role"] == BEST}
     multi = len({(s["model"], s["dataset"], s.get("metric") or "") for s in summary}) > 1
     head = ["model", "dataset", "metric"] if multi else []
+    # Under a latency budget: the predicted latency ratio, and the final models measured (ms, speed-up).
+    timed = any(not math.isnan(s.get("latency_measured_ms", math.nan)) for s in summary)
     header = [
-        *head, "target", "agent", "seeds", "evals", "proxy acc", "MACs", "params", "split", "acc (ft)",
+        *head, "target", "agent", "seeds", "evals", "proxy acc", "MACs", "params",
+        *(["latency", "ms (meas.)", "speed-up"] if timed else []), "split", "acc (ft)",
         *(f"vs {'best baseline' if r == BEST else r} [95% CI]" for r in roles), "s/run",
     ]  # fmt: skip
     lines = []
@@ -71,6 +74,7 @@ def table_text(
                     _pm(s["best_accuracy"], s["best_accuracy_std"]) if first else "",
                     f"{s['macs_ratio']:.3f}" if first else "",
                     f"{s['params_ratio']:.3f}" if first else "",
+                    *(_latency_cells(s) if timed and first else [""] * 3 if timed else []),
                     split,
                     _pm(s[f"{split}_accuracy"], s[f"{split}_accuracy_std"]),
                     *compared,
@@ -92,6 +96,18 @@ def table_text(
         for setting, name in best.items()
     ]
     return "\n".join(out)
+
+
+def _latency_cells(s: Mapping[str, Any]) -> list[str]:
+    """Predicted latency ratio, measured ms and measured speed-up of a summary row (— where not timed)."""
+    ratio, ms, speedup = (
+        s.get(k, math.nan) for k in ("latency_ratio", "latency_measured_ms", "measured_speedup")
+    )
+    return [
+        "—" if math.isnan(ratio) else f"{ratio:.3f}",
+        "—" if math.isnan(ms) else f"{ms:.3g}",
+        "—" if math.isnan(speedup) else f"{speedup:.2f}x",
+    ]
 
 
 def _points(row: Mapping[str, Any] | None) -> str:

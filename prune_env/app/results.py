@@ -63,6 +63,17 @@ RUN_FIELDS = (
     "seconds",  # search plus fine-tune; memo hits on the shared problem make later runs faster
     "ratios",  # of the best policy, one per group
     "keep",  # kept units per group of the best policy
+    # Latency budgets only (blank otherwise): the best policy's predicted latency ratio, then its model and
+    # the base model measured by the table's protocol (prune_env.latency.budget.LatencyCheck).
+    "latency_ratio",
+    "latency_predicted_ms",
+    "latency_measured_ms",
+    "latency_measured_iqr_ms",
+    "latency_measured_repeats",
+    "latency_measured_noisy",  # 1: a measurement stayed above the protocol's noise bound
+    "base_latency_measured_ms",
+    "latency_prediction_error",  # (predicted - measured) / measured
+    "measured_speedup",  # base / pruned, measured
     "revision",  # of the code that made the run (provenance.revision); blank in files made before it
 )
 EVAL_FIELDS = (
@@ -77,12 +88,30 @@ EVAL_FIELDS = (
     "ratios",
     "keep",
 )
-_INT_FIELDS = {"seed", "budget_evals", "evals_used", "finetune_epochs", "index"}
+_INT_FIELDS = {
+    "seed",
+    "budget_evals",
+    "evals_used",
+    "finetune_epochs",
+    "index",
+    "latency_measured_repeats",
+    "latency_measured_noisy",
+}
 _STR_FIELDS = {"agent", "model", "dataset", "metric", "reward", "ratios", "keep", "revision"}
 # In evaluations.csv "reward" is each evaluation's reward (a number); in runs.csv it names the reward function.
 _EVAL_STR_FIELDS = _STR_FIELDS - {"reward"}
 # Summarised per agent (mean and sample std over seeds): the proxy search's numbers, then the fine-tune's.
-SUMMARY_COLUMNS = ("best_accuracy", "macs_ratio", "params_ratio", "val_accuracy", "test_accuracy", "seconds")
+SUMMARY_COLUMNS = (
+    "best_accuracy",
+    "macs_ratio",
+    "params_ratio",
+    "latency_ratio",
+    "latency_measured_ms",
+    "measured_speedup",
+    "val_accuracy",
+    "test_accuracy",
+    "seconds",
+)
 # The grid settings that make two runs' numbers comparable: the same evaluation budget, reward, budget
 # metric, final fine-tune (length and training subset) and proxy.
 COMPARABLE_SETTINGS = ("evals", "reward", "metric", "finetune_epochs", "finetune_samples", "problem_kwargs")
@@ -337,7 +366,8 @@ class BenchmarkResults:
         and test after the Holm correction over :meth:`comparisons`, then each goal of
         :func:`prune_env.app.paired.goals` per setting (``thresholds``: its keyword arguments)."""
         rows = self.comparisons(references)
-        return "\n".join(verdict_lines(headline(rows, alpha), goals(rows, **thresholds)))
+        lines = verdict_lines(headline(rows, alpha), goals(rows, **thresholds))
+        return "\n".join([*lines, *latency_lines(self.runs)])
 
     def write_paired(
         self, path: str | os.PathLike[str] | None = None, references: Sequence[str] = (UNIFORM, RANDOM)
@@ -439,6 +469,34 @@ class BenchmarkResults:
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
         return finish_figure(fig, path)
+
+
+def latency_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Under a latency budget, per setting: the final models' measured latency ratios (each against the
+    base model measured right after it) and how many exceed the target by more than their measurement's
+    own spread (interquartile range / median): what the table promised against what the machine gave."""
+    lines = []
+    by_setting: dict[tuple[str, str, float], list[Mapping[str, Any]]] = {}
+    for r in runs:
+        if r.get("metric") == "latency" and math.isfinite(_float(r.get("latency_measured_ms"))):
+            by_setting.setdefault((str(r["model"]), str(r["dataset"]), float(r["target"])), []).append(r)
+    for (model, dataset, target), rs in by_setting.items():
+        ratios = np.array(
+            [_float(r["latency_measured_ms"]) / _float(r["base_latency_measured_ms"]) for r in rs]
+        )
+        spread = np.array(
+            [_float(r["latency_measured_iqr_ms"]) / _float(r["latency_measured_ms"]) for r in rs]
+        )
+        over = int(np.sum(ratios > target * (1.0 + spread)))
+        errors = np.abs([_float(r["latency_prediction_error"]) for r in rs])
+        noisy = int(sum(bool(r.get("latency_measured_noisy")) for r in rs))
+        lines.append(
+            f"latency {model}/{dataset} target {target:g}: measured ratio median {np.median(ratios):.3f}, max "
+            f"{ratios.max():.3f}; {over} of {len(rs)} final models above the target beyond their measurement's "
+            f"spread; prediction |error| median {np.median(errors):.1%}, max {errors.max():.1%}"
+            + (f"; {noisy} measurement(s) disturbed" if noisy else "")
+        )
+    return lines
 
 
 def _float(v: Any) -> float:

@@ -10,6 +10,8 @@ the exact prediction; see :class:`~prune_env.budget.BudgetProjector`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,21 +22,80 @@ from prune_env.budget import BudgetProjector
 from prune_env.errors import InvalidSettingError
 from prune_env.graph import DependencyGraph
 from prune_env.latency.cost import LatencyModel, latency_model
+from prune_env.latency.measure import Timing, measure_module
 from prune_env.latency.settings import LatencySettings, available_cores
 from prune_env.settings import ProblemSettings
 
 
+@dataclass(frozen=True)
+class LatencyCheck:
+    """A pruned model's predicted latency beside its measured one, and the unpruned model's measured beside
+    it (the same protocol, one after the other: the speed-up is the machine's, now).
+
+    Attributes:
+        predicted_ms: the table's prediction for the pruned model's kept counts.
+        measured: the pruned model's measurement (median, spread, whether it was disturbed).
+        base_measured: the unpruned model's measurement.
+    """
+
+    predicted_ms: float
+    measured: Timing
+    base_measured: Timing
+
+    @property
+    def error(self) -> float:
+        """(predicted - measured) / measured: positive when the table over-predicts."""
+        return (self.predicted_ms - self.measured.median_ms) / self.measured.median_ms
+
+    @property
+    def speedup(self) -> float:
+        """Measured unpruned latency / measured pruned latency."""
+        return self.base_measured.median_ms / self.measured.median_ms
+
+    def fields(self) -> dict[str, float | int | bool]:
+        """Flat fields for a run's results (JSON and CSV)."""
+        return {
+            "latency_predicted_ms": self.predicted_ms,
+            "latency_measured_ms": self.measured.median_ms,
+            "latency_measured_iqr_ms": self.measured.iqr_ms,
+            "latency_measured_repeats": self.measured.repeats,
+            "latency_measured_noisy": self.measured.noisy or self.base_measured.noisy,
+            "base_latency_measured_ms": self.base_measured.median_ms,
+            "latency_prediction_error": self.error,
+            "measured_speedup": self.speedup,
+        }
+
+
 class LatencyCost:
     """A :class:`LatencyModel` as a budget's cost (:class:`~prune_env.budget.PredictedCost`): predicted
-    milliseconds of keep vectors, and a refusal's wording of the smallest reachable latency."""
+    milliseconds of keep vectors, a refusal's wording of the smallest reachable latency, and the check of a
+    prediction against a measurement by the protocol the table was measured with.
 
-    def __init__(self, model: LatencyModel) -> None:
+    Args:
+        model: the latency model (table and graph).
+        settings: the protocol the table was measured with (default: the table's batch, threads and device
+            with the default protocol), used again to measure pruned models.
+    """
+
+    def __init__(self, model: LatencyModel, settings: LatencySettings | None = None) -> None:
         if not isinstance(model, LatencyModel):
             raise InvalidSettingError(
                 f"LatencyCost prices a budget with a LatencyModel, got {type(model).__name__}: pass the "
                 "model prune_env.latency.latency_model returns"
             )
+        meta = model.table.meta
+        if settings is None:
+            settings = LatencySettings(
+                batch=meta.batch, threads=meta.threads, device=meta.device, progress=False
+            )
+        elif (settings.batch, settings.threads, settings.device) != (meta.batch, meta.threads, meta.device):
+            raise InvalidSettingError(
+                f"settings measure at batch {settings.batch}, {settings.threads} thread(s) on {settings.device}; "
+                f"the table was measured at batch {meta.batch}, {meta.threads} thread(s) on {meta.device}: pass "
+                "the settings the table was measured with"
+            )
         self.model = model
+        self.settings = settings
 
     def __repr__(self) -> str:
         return f"LatencyCost({self.model!r})"
@@ -46,12 +107,26 @@ class LatencyCost:
 
     @property
     def overhead_ms(self) -> float:
-        """The table's constant remainder: what no pruning removes (dispatch, normalisation, activations and
-        the layers not timed alone; see :mod:`prune_env.latency.table`)."""
-        return float(self.model.table.residual_ms)
+        """The part of the table's residual no pruning removes (per-operation dispatch; see
+        :mod:`prune_env.latency.table`), never below zero."""
+        return max(0.0, float(self.model.table.constant_ms))
 
     def predict(self, keep: Any) -> Any:
         return self.model.predict(keep)
+
+    def check(
+        self,
+        keep: np.ndarray,
+        pruned: nn.Module,
+        base: nn.Module,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    ) -> LatencyCheck:
+        """Measure ``pruned`` (the base model pruned to ``keep``) and ``base`` by the table's protocol and set
+        the measurement beside the prediction for ``keep``. Neither model is changed (a copy is moved or
+        put in eval mode when needed)."""
+        predicted = float(self.model.predict(np.asarray(keep)))
+        measured = measure_module(pruned, example_inputs, self.settings)
+        return LatencyCheck(predicted, measured, measure_module(base, example_inputs, self.settings))
 
     def describe_floor(self, keep: np.ndarray, target: float) -> str:
         """`` (2.1 ms of the unpruned 4.3 ms at batch 1; ...)``: the milliseconds of the smallest reachable
@@ -96,7 +171,7 @@ def problem_latency(
             f"may run on (more threads than cores time the scheduler): pass 1 to {cores}"
         )
     settings = LatencySettings(batch=batch, threads=threads, device=str(device), progress=progress)
-    return LatencyCost(latency_model(model, example_inputs, settings, graph=graph))
+    return LatencyCost(latency_model(model, example_inputs, settings, graph=graph), settings)
 
 
 def settings_projector(
@@ -131,4 +206,4 @@ def settings_projector(
     )
 
 
-__all__ = ["LatencyCost", "problem_latency", "settings_projector"]
+__all__ = ["LatencyCheck", "LatencyCost", "problem_latency", "settings_projector"]

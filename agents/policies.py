@@ -21,6 +21,7 @@ Every policy refuses a target outside the ``budget_range`` recorded in its own f
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -46,6 +47,8 @@ POLICY_META = "policy.json"
 # Version of the policy files: 2 holds no pickled data (SB3 policies before it were SB3's own policy.zip).
 POLICY_FORMAT = 2
 PICKLED_SB3_FILE = "policy.zip"
+# Policy kinds saved by the learners' own modules: kind -> (module, class with ``from_meta(path, meta)``).
+POLICY_KINDS = {"predictor": ("agents.predictor", "PredictorPolicy"), "sb3": ("agents.sb3", "SB3Policy")}
 MAX_META_BYTES = 2**20  # a policy.json holds settings and at most a ratio per channel group
 RESAVE = "the file is damaged or was edited: search again to save a new policy"
 # Ratios may sit a rounding error above max_ratio (1 - keep/units computed in floating point).
@@ -71,7 +74,7 @@ def refuse(file: Path, problem: str, fix: str = RESAVE) -> NoReturn:
     raise InvalidSettingError(f"{file}: {problem}; {fix}")
 
 
-def _regular_file(file: Path, what: str) -> None:
+def regular_file(file: Path, what: str) -> None:
     """Refuse a missing file, a link or anything but a regular file (a FIFO or device would never end)."""
     try:
         info = os.lstat(file)
@@ -93,7 +96,7 @@ def _regular_file(file: Path, what: str) -> None:
 def read_policy_meta(directory: str | Path) -> dict[str, Any]:
     """``policy.json`` of the policy saved in ``directory``, parsed strictly (no NaN, no duplicate key)."""
     file = Path(directory) / POLICY_META
-    _regular_file(file, "policy description")
+    regular_file(file, "policy description")
     try:
         with open(file, "rb") as fh:
             raw = fh.read(MAX_META_BYTES + 1)
@@ -184,7 +187,7 @@ def check_target_in_range(
 
 def read_tensors(file: Path, what: str) -> dict[str, torch.Tensor]:
     """The tensors saved in ``file`` (a name -> tensor mapping), read without unpickling anything else."""
-    _regular_file(file, what)
+    regular_file(file, what)
     if file.stat().st_size == 0:
         refuse(file, f"the {what} is empty (the save did not finish)")
     try:
@@ -310,7 +313,7 @@ def pickled_policy_error(directory: Path) -> InvalidSettingError:
     return InvalidSettingError(
         f"{directory / PICKLED_SB3_FILE} is a policy in Stable-Baselines3's old pickled format, which "
         "prune-env never loads (unpickling a file runs any code it carries); if you trust where it came "
-        'from, convert it once with python -c "from agents.policies import convert_pickled_policy; '
+        'from, convert it once with python -c "from agents.pickled_sb3 import convert_pickled_policy; '
         f"convert_pickled_policy('{directory}')\", or search again"
     )
 
@@ -323,43 +326,15 @@ def load_policy(directory: str | Path) -> Policy:
     kind = meta.get("kind", "sb3")  # SB3 policies saved before kinds existed have none
     if kind == "allocation":
         return AllocationPolicy.from_meta(meta, file)
-    if kind == "predictor":
-        from agents.predictor import PredictorPolicy
-
-        return PredictorPolicy.from_meta(path, meta)
-    if kind == "sb3":
-        from agents.sb3 import SB3Policy  # imports Stable-Baselines3: only for its own policies
-
-        return SB3Policy.from_meta(path, meta)
-    refuse(file, f"unknown policy kind {short_value(kind)} (known: allocation, predictor, sb3)")
-
-
-def convert_pickled_policy(directory: str | Path) -> Path:
-    """Convert a policy saved in SB3's old pickled format (``policy.zip``) to the format :func:`load_policy`
-    reads (``policy.pt`` of plain tensors and a new ``policy.json``); ``policy.zip`` is left as it was.
-
-    This UNPICKLES ``policy.zip``, which runs any code the file carries: call it only on a file you
-    trust (one you saved yourself), never on a run directory someone sent you.
-    """
-    from agents.sb3 import ALGOS, ENVS, SB3Policy
-
-    path = Path(directory)
-    file = path / POLICY_META
-    meta = read_policy_meta(path)
-    if "format" in meta:
+    if not isinstance(kind, str) or kind not in POLICY_KINDS:
         refuse(
-            file,
-            f"already in format {short_value(meta['format'])}, nothing to convert",
-            "load it with load_policy",
+            file, f"unknown policy kind {short_value(kind)} (known: allocation, {', '.join(POLICY_KINDS)})"
         )
-    algo = meta_field(
-        meta, "algo", file, f"one of {sorted(ALGOS)}", lambda v: isinstance(v, str) and v in ALGOS
-    )
-    env = meta_field(meta, "env", file, f"one of {ENVS}", lambda v: isinstance(v, str) and v in ENVS)
-    span = trained_range(meta, file)
-    _regular_file(path / PICKLED_SB3_FILE, "pickled SB3 policy")
-    model = ALGOS[algo].load(path / PICKLED_SB3_FILE, device="cpu")
-    return SB3Policy(algo, env, model.policy, span).save(path)
+    # The module is imported by name, when its kind is loaded: the learners' modules build on this one
+    # (and SB3's imports Stable-Baselines3), so this module never imports them back.
+    module, cls = POLICY_KINDS[kind]
+    policy_class = getattr(importlib.import_module(module), cls)
+    return policy_class.from_meta(path, meta)
 
 
 def is_finite_number(value: Any) -> bool:

@@ -93,9 +93,8 @@ def discover() -> dict[str, AgentSpec]:
     """Every registered agent, after importing each module of the ``agents`` package once."""
     global _DISCOVERED
     if not _DISCOVERED:
-        import agents
-
-        for info in pkgutil.iter_modules(agents.__path__):
+        # This module's own directory is the package's: found without importing the package back.
+        for info in pkgutil.iter_modules([str(Path(__file__).resolve().parent)]):
             try:
                 importlib.import_module(f"agents.{info.name}")
             except Exception as exc:  # an agent with a missing optional dependency must not break the others
@@ -210,6 +209,22 @@ def run_agent(
     )
 
 
+def _problem_of(problem_or_env_factory: Any) -> PruningProblem:
+    """The problem given, or the problem of the environment the factory builds."""
+    if isinstance(problem_or_env_factory, PruningProblem):
+        return problem_or_env_factory
+    if callable(problem_or_env_factory):
+        built = getattr(problem_or_env_factory().unwrapped, "problem", None)
+        if not isinstance(built, PruningProblem):
+            raise InvalidSettingError(
+                "the environment factory must build a prune_env environment (one with a .problem)"
+            )
+        return built
+    raise InvalidSettingError(
+        f"pass a PruningProblem or a factory of prune_env environments, got {type(problem_or_env_factory).__name__}"
+    )
+
+
 def search(
     agent: str | Callable[..., None],
     problem_or_env_factory: PruningProblem | Callable[[], gym.Env],
@@ -242,15 +257,8 @@ def search(
     The search — proposals, scores, history, best policy — is the same as without workers for the same seed.
     """
     # Everything is checked before the environment factory builds (and maybe trains) anything.
-    check_settings(
-        {
-            "budget_evals": budget_evals,
-            "seed": seed,
-            "budget_range": budget_range,
-            "workers": workers,
-            "ray_address": ray_address,
-        }
-    )
+    check_settings({"budget_evals": budget_evals, "seed": seed, "budget_range": budget_range})
+    check_settings({"workers": workers, "ray_address": ray_address})
     parallel = uses_ray(workers, ray_address)
     if tensorboard_log is not None and not isinstance(tensorboard_log, str | Path):
         raise InvalidSettingError(
@@ -260,20 +268,7 @@ def search(
     spec = resolve_agent(agent)
     if spec.settings is not _KeywordSettings:
         spec.make_settings(settings)
-    if isinstance(problem_or_env_factory, PruningProblem):
-        problem = problem_or_env_factory
-    elif callable(problem_or_env_factory):
-        built = getattr(problem_or_env_factory().unwrapped, "problem", None)
-        if not isinstance(built, PruningProblem):
-            raise InvalidSettingError(
-                "the environment factory must build a prune_env environment (one with a .problem)"
-            )
-        problem = built
-    else:
-        raise InvalidSettingError(
-            "pass a PruningProblem or a factory of prune_env environments, got "
-            f"{type(problem_or_env_factory).__name__}"
-        )
+    problem = _problem_of(problem_or_env_factory)
     check_budget_range(spec, budget_range, problem.target, problem.metric)
     own_logs = spec.settings is not _KeywordSettings and "tensorboard_log" in {
         f.name for f in fields(spec.settings)

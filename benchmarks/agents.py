@@ -2,7 +2,7 @@
 
 For each dataset and MACs target, every agent searches the same :class:`PruningProblem` (same base model,
 ranking, projection and proxy on validation data) with the same evaluation budget and several seeds. The
-best policy found gets the harness's final fine-tune (:func:`prune_env.app.benchmark.finetune_accuracy`:
+best policy found gets the harness's final fine-tune (:func:`prune_env.app.finetune_recipe.finetune_accuracy`:
 distillation from the unpruned model, starting from the pruned model as the proxy scored it, on one fixed
 training subset); only then is the test split read.
 
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from agents import available, search  # noqa: E402
-from prune_env.app.benchmark import finetune_accuracy  # noqa: E402
+from prune_env.app.finetune_recipe import finetune_accuracy  # noqa: E402
 from prune_env.data import load  # noqa: E402
 from prune_env.problem import PruningProblem  # noqa: E402
 from prune_env.train import train_base  # noqa: E402

@@ -16,7 +16,7 @@ a ResNet every stage costs about the same MACs (channels double as resolution ha
 is close to an even MACs split, while parameters sit mostly in the late, wide layers, where uniform pruning
 removes as much of the cheap early layers as of the expensive late ones.
 
-Every fine-tune is the harness's (:func:`prune_env.app.benchmark.finetune_accuracy`: KD from the base
+Every fine-tune is the harness's (:func:`prune_env.app.finetune_recipe.finetune_accuracy`: KD from the base
 model, starting from the pruned model as the proxy scored it, on one fixed training subset of
 ``--finetune-samples``), with the same seed. Every finished fine-tune is written to ``--out`` at once, and a
 rerun with the same file skips what it holds (an interrupted setting goes on from its last finished
@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from prune_env import PruningProblem  # noqa: E402
-from prune_env.app.benchmark import finetune_accuracy, resumable_results  # noqa: E402
+from prune_env.app.finetune_recipe import finetune_accuracy, resumable_results  # noqa: E402
+from prune_env.fileio import write_text_atomic  # noqa: E402
 
 
 def tuned(
@@ -170,9 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     saved = resumable_results(out, vars(args))
 
     def write() -> None:
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved, indent=1))
-        tmp.replace(out)
+        write_text_atomic(out, json.dumps(saved, indent=1))
 
     finished = {(r["model"], r["budget"], metric_of(r)) for r in saved["rows"]}
     for model in args.models:

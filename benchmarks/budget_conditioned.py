@@ -4,7 +4,7 @@ A budget-conditioned learner (CACP-style: the target is in its observation) is t
 ``--range`` with ``--range-evals`` proxy evaluations, then prunes for every ``--targets`` value with no
 further evaluation. It is compared, target by target, with the same agent searched separately at each
 target (``--evals`` each) and with uniform pruning. Every policy gets the harness's final fine-tune
-(:func:`prune_env.app.benchmark.finetune_accuracy`: one recipe, one fixed training subset). Targets are
+(:func:`prune_env.app.finetune_recipe.finetune_accuracy`: one recipe, one fixed training subset). Targets are
 fractions of the base model's ``--metric`` (MACs by default, or parameters).
 
     python benchmarks/budget_conditioned.py --model resnet20 --dataset fashion-mnist --agent ppo \\
@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from agents import search  # noqa: E402
 from agents.policies import Policy, load_policy  # noqa: E402
 from prune_env import PruningProblem  # noqa: E402
-from prune_env.app.benchmark import finetune_accuracy  # noqa: E402
+from prune_env.app.finetune_recipe import finetune_accuracy  # noqa: E402
+from prune_env.fileio import write_text_atomic  # noqa: E402
 from prune_env.settings import ProblemSettings  # noqa: E402
 
 SETTINGS_FILE = "settings.json"
@@ -89,15 +90,13 @@ def run(args: argparse.Namespace) -> None:
     saved_settings = out / SETTINGS_FILE
     if saved_settings.exists() and with_metric(json.loads(saved_settings.read_text())) != settings:
         raise SystemExit(f"{out} holds a run with other settings ({saved_settings}): use another --out")
-    saved_settings.write_text(json.dumps(settings, indent=1) + "\n")
+    write_text_atomic(saved_settings, json.dumps(settings, indent=1) + "\n")
     rows_path = out / ROWS_FILE
     rows: list[dict[str, Any]] = json.loads(rows_path.read_text()) if rows_path.exists() else []
 
     def save(row: dict[str, Any]) -> None:
         rows.append(row)
-        tmp = rows_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(rows_path)
+        write_text_atomic(rows_path, json.dumps(rows, indent=1))
         print(
             f"{row['method']:>24} @{row['target']:.2f} seed {row['seed']}: test {row['test_accuracy']:.4f} "
             f"({args.metric} {row[f'{args.metric}_ratio']:.3f}, {row['evals']} evals, {row['seconds']:.0f} s)",

@@ -1,6 +1,6 @@
 """Where should the final fine-tune of a policy start: the model as the proxy scored it, or the pruned base model?
 
-The harness's final fine-tune (:func:`prune_env.app.benchmark.finetune_accuracy`) starts from the model as
+The harness's final fine-tune (:func:`prune_env.app.finetune_recipe.finetune_accuracy`) starts from the model as
 the problem's proxy scored it: a supernet proxy's trained sub-network (Stage-wise Pruning's start), or the
 pruned model with recalibrated BatchNorm. For the first N policies of a saved ``benchmarks/proxy_fidelity.py``
 run (its model, dataset, seed, MACs budget, fine-tune length and training subset), fine-tune each policy
@@ -38,7 +38,8 @@ import torch  # noqa: E402
 from scipy.stats import kendalltau, ttest_rel  # noqa: E402
 
 from prune_env import PruningProblem  # noqa: E402
-from prune_env.app.benchmark import FINETUNE_RECIPE, finetune_accuracy  # noqa: E402
+from prune_env.app.finetune_recipe import FINETUNE_RECIPE, finetune_accuracy  # noqa: E402
+from prune_env.fileio import write_text_atomic  # noqa: E402
 from prune_env.settings import ProblemSettings  # noqa: E402
 
 if _as_script:
@@ -115,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         if args.out:
-            Path(args.out).write_text(
-                json.dumps({"args": vars(args), "recipe": FINETUNE_RECIPE, "rows": rows}, indent=1)
+            write_text_atomic(
+                args.out, json.dumps({"args": vars(args), "recipe": FINETUNE_RECIPE, "rows": rows}, indent=1)
             )
     summarise(rows, args.proxy)
 

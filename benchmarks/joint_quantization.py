@@ -9,7 +9,7 @@ For each BitOps budget (a fraction of the unpruned model's at 32 bits):
 - ``joint, <agent>``: a search over ratios and per-group weight / activation bits (``random``, ``ppo``, ...)
   with ``--evals`` proxy evaluations.
 
-Each final policy gets the harness's final fine-tune (:func:`prune_env.app.benchmark.finetune_accuracy`
+Each final policy gets the harness's final fine-tune (:func:`prune_env.app.finetune_recipe.finetune_accuracy`
 with the policy's bit plan): KD from the base model in floating point, starting from the pruned model as
 the proxy prepared it, ``--finetune-epochs`` on one fixed subset of ``--finetune-samples`` training images;
 then it is quantized as its plan says (activation ranges calibrated on the quantized proxy's fixed training
@@ -42,7 +42,8 @@ import torch  # noqa: E402
 
 from agents import search  # noqa: E402
 from prune_env import PruningProblem  # noqa: E402
-from prune_env.app.benchmark import finetune_accuracy, resumable_results  # noqa: E402
+from prune_env.app.finetune_recipe import finetune_accuracy, resumable_results  # noqa: E402
+from prune_env.fileio import write_text_atomic  # noqa: E402
 from prune_env.quantization import BIT_CHOICES, BitPlan, quantizable_layers  # noqa: E402
 from prune_env.quantization.costs import bitops, size_bits  # noqa: E402
 
@@ -84,9 +85,7 @@ def run(args: argparse.Namespace) -> None:
 
     def save(row: dict[str, Any]) -> None:
         saved["rows"].append(row)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved, indent=1))
-        tmp.replace(out)
+        write_text_atomic(out, json.dumps(saved, indent=1))
         print(
             f"  {row['method']:<26} BitOps {row['target']:.3f}: test {row.get('test_accuracy', math.nan):.4f} "
             f"(val {row.get('val_accuracy', math.nan):.4f}), MACs {row.get('macs_ratio', math.nan):.3f}, "

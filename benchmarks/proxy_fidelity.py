@@ -39,6 +39,7 @@ from scipy.stats import kendalltau, spearmanr
 
 import prune_env
 from prune_env.data import Splits, load
+from prune_env.fileio import write_text_atomic
 from prune_env.importance import get_importance
 from prune_env.proxy import ProxyContext, ProxyEvaluator
 from prune_env.settings import ProblemSettings
@@ -274,7 +275,7 @@ def fine_tuned_truth(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -341,7 +342,78 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="write per-policy results as JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check_truth_from(args: argparse.Namespace) -> dict[int, dict]:
+    """The ground truth of earlier --truth-from files, made with the same policies and fine-tune."""
+    saved_args, known = load_rows(args.truth_from)
+    for option in (
+        "dataset",
+        "model",
+        "seed",
+        "policy_seed",
+        "budget",
+        "finetune_epochs",
+        "finetune_samples",
+    ):
+        if saved_args.get(option) != getattr(args, option):
+            raise SystemExit(
+                f"--truth-from was measured with --{option.replace('_', '-')} {saved_args.get(option)}"
+            )
+    args.truth_seeds = saved_args["truth_seeds"]
+    return known
+
+
+def _proxies(
+    args: argparse.Namespace, base: torch.nn.Module, graph: Any, splits: Any
+) -> tuple[dict[str, ProxyEvaluator], dict[str, TrainedProxy]]:
+    """The --variants: evaluators that score a pruned model, and trained proxies (supernets, PruningNets)."""
+    evaluators: dict[str, ProxyEvaluator] = {}
+    supernets: dict[str, TrainedProxy] = {}
+    variants = parse_variants(args.variants, args.eval_samples) if args.variants != "none" else {}
+    for label, kwargs in variants.items():
+        if "kind" in kwargs:
+            supernets[label] = trained_proxy(kwargs, base, graph, splits, args.seed)
+        else:
+            evaluators[label] = ProxyEvaluator(base, splits, seed=args.seed, **kwargs)
+    return evaluators, supernets
+
+
+def _proxy_row(result: Any, seconds: float, loss: float | None = None) -> dict[str, Any]:
+    # The saved files keep their original keys (eval_seconds), so earlier results still merge.
+    return {
+        "accuracy": result.accuracy,
+        "loss": result.loss if loss is None else loss,
+        "kl_to_teacher": result.kl_to_teacher if loss is None else None,
+        "eval_seconds": seconds,
+    }
+
+
+def _measure_proxies(
+    pruned: torch.nn.Module,
+    keep: np.ndarray,
+    evaluators: dict[str, ProxyEvaluator],
+    supernets: dict[str, TrainedProxy],
+) -> dict[str, Any]:
+    """Every proxy's score of one pruned model (a supernet's stage loss beside its score)."""
+    measured: dict[str, Any] = {}
+    for label, ev in evaluators.items():
+        result = ev.evaluate(pruned)
+        measured[label] = _proxy_row(result, result.seconds)
+    for label, proxy in supernets.items():
+        start = time.perf_counter()  # wall time: the sub-network's rebuild is part of the cost
+        result = proxy.evaluate_policy(keep, lambda pruned=pruned: pruned)
+        measured[label] = _proxy_row(result, time.perf_counter() - start)
+        if isinstance(proxy, SupernetProxy):
+            start = time.perf_counter()
+            stage = proxy.stage_loss(keep)
+            measured[f"{label}[stage loss]"] = _proxy_row(result, time.perf_counter() - start, loss=stage)
+    return measured
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -364,33 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     # over the same data split and base model.
     rng = np.random.default_rng(args.seed if args.policy_seed is None else args.policy_seed)
     policies = [random_policy(graph, args.budget * base_macs, rng) for _ in range(args.policies)]
-
-    known: dict[int, dict] = {}
-    if args.truth_from:
-        saved_args, known = load_rows(args.truth_from)
-        for option in (
-            "dataset",
-            "model",
-            "seed",
-            "policy_seed",
-            "budget",
-            "finetune_epochs",
-            "finetune_samples",
-        ):
-            if saved_args.get(option) != getattr(args, option):
-                raise SystemExit(
-                    f"--truth-from was measured with --{option.replace('_', '-')} {saved_args.get(option)}"
-                )
-        args.truth_seeds = saved_args["truth_seeds"]
-    evaluators: dict[str, ProxyEvaluator] = {}
-    supernets: dict[str, TrainedProxy] = {}
-    for label, kwargs in (
-        parse_variants(args.variants, args.eval_samples) if args.variants != "none" else {}
-    ).items():
-        if "kind" in kwargs:
-            supernets[label] = trained_proxy(kwargs, base, graph, splits, args.seed)
-        else:
-            evaluators[label] = ProxyEvaluator(base, splits, seed=args.seed, **kwargs)
+    known = _check_truth_from(args) if args.truth_from else {}
+    evaluators, supernets = _proxies(args, base, graph, splits)
     trained = {label: proxy.train_seconds for label, proxy in supernets.items()}
     rows = []
     for i, ratios in enumerate(policies):
@@ -398,40 +445,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         pruned = prune_env.prune(base, example, ratios)
         macs = prune_env.count_macs(pruned, example)
-        proxies = {label: ev.evaluate(pruned) for label, ev in evaluators.items()}
-        # The saved files keep their original keys (eval_seconds), so earlier results still merge.
-        measured: dict[str, Any] = {
-            "proxies": {
-                k: {
-                    "accuracy": v.accuracy,
-                    "loss": v.loss,
-                    "kl_to_teacher": v.kl_to_teacher,
-                    "eval_seconds": v.seconds,
-                }
-                for k, v in proxies.items()
-            }
-        }
-        keep = graph.keep_counts(ratios)
-        for label, proxy in supernets.items():
-            start = time.perf_counter()  # wall time: the sub-network's rebuild is part of the cost
-            result = proxy.evaluate_policy(keep, lambda pruned=pruned: pruned)
-            seconds = time.perf_counter() - start
-            proxies[label] = result
-            measured["proxies"][label] = {
-                "accuracy": result.accuracy,
-                "loss": result.loss,
-                "kl_to_teacher": result.kl_to_teacher,
-                "eval_seconds": seconds,
-            }
-            if isinstance(proxy, SupernetProxy):
-                start = time.perf_counter()
-                stage = proxy.stage_loss(keep)
-                measured["proxies"][f"{label}[stage loss]"] = {
-                    "accuracy": result.accuracy,
-                    "loss": stage,
-                    "kl_to_teacher": None,
-                    "eval_seconds": time.perf_counter() - start,
-                }
+        measured = {"proxies": _measure_proxies(pruned, graph.keep_counts(ratios), evaluators, supernets)}
         if args.truth_from:
             if not np.allclose(known[i]["ratios"], ratios, atol=1e-4):
                 raise SystemExit(f"policy {i} differs from the one in --truth-from: not the same run")
@@ -447,8 +461,8 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         if args.out:  # after every policy, so an interrupted run keeps what it measured
-            Path(args.out).write_text(
-                json.dumps({"args": vars(args), "trained": trained, "rows": rows}, indent=1)
+            write_text_atomic(
+                args.out, json.dumps({"args": vars(args), "trained": trained, "rows": rows}, indent=1)
             )
         summary = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in measured["proxies"].items())
         print(

@@ -31,13 +31,10 @@ import itertools
 import json
 import math
 import os
-import pickle
 import platform
-import stat
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -50,6 +47,7 @@ from prune_env.fileio import write_atomic, write_text_atomic
 from prune_env.graph import DependencyGraph, build_graph
 from prune_env.serialize import json_default, loads_strict
 from prune_env.surgery import prune_channels
+from prune_env.trusted_files import open_regular, read_weights
 
 # Format 2 records the pruned model's MACs and parameter count; format 1 files are still read.
 FORMAT = 2
@@ -192,40 +190,6 @@ def _validated(spec: Any, bad: Callable[[str], NoReturn]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ files
 
 
-@contextlib.contextmanager
-def _open_regular(path: Path, what: str) -> Iterator[IO[bytes]]:
-    """``path`` opened for reading, provided it is a regular file and not a symbolic link.
-
-    A saved model directory holds regular files only: a link could point the loader at any file on the
-    machine (or at a device or FIFO that never ends). The file is opened without following links and
-    checked again on the open descriptor, so it cannot be swapped for a link in between.
-    """
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the saved model directory is incomplete") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise CheckpointError(
-            f"{path} is a symbolic link; a saved model directory must hold the {what} as a regular file "
-            "(copy the file itself there)"
-        )
-    if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"{path} is not a regular file; expected the {what}")
-    flags = (
-        os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    )
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise CheckpointError(f"{path} is not a regular file; expected the {what}")
-        yield fh
-
-
 def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated ``model.json`` description of a saved model (``path``: its directory or the json file).
 
@@ -239,7 +203,7 @@ def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"no saved pruned model at {p} (expected a directory with {SPEC_FILE}, as written by "
             "save_pruned or `prune-env search`)"
         )
-    with _open_regular(spec_file, "model description") as fh:
+    with open_regular(spec_file, "model description") as fh:
         raw = fh.read(MAX_SPEC_BYTES + 1)
     if len(raw) > MAX_SPEC_BYTES:
         raise CheckpointError(
@@ -252,48 +216,6 @@ def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{spec_file} is not valid JSON ({' '.join(str(exc).split())})") from None
     return validate_spec(spec, spec_file)
-
-
-def read_weights(weights: Path) -> dict[str, torch.Tensor]:
-    """The state dict in ``weights``: plain tensors only, all finite. Raises :class:`CheckpointError`."""
-    with _open_regular(weights, "weights file") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            raise CheckpointError(f"{weights} is empty: the save did not finish; re-save the model")
-        try:
-            # A damaged or hostile file makes torch's reader fail in many ways (UnpicklingError for
-            # anything but tensors and containers, RuntimeError for a broken zip archive, EOFError or
-            # KeyError for truncated or foreign bytes, ...): each means the file is unusable. The
-            # warnings torch emits on the way would only add noise to the one-line error.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                state = torch.load(fh, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # torch's own message advises retrying with weights_only=False: exactly what must not happen.
-            raise CheckpointError(
-                f"{weights} is not a plain weights file: torch's weights-only reader refused it (it holds "
-                "pickled objects other than tensors, or is not a weights file at all), and it will not be "
-                "loaded, since unpickling it could run code; re-save the model with save_pruned"
-            ) from None
-        except Exception as exc:
-            first = " ".join(str(exc).split())[:160] or "no details"
-            raise CheckpointError(
-                f"{weights} is damaged or truncated, not a readable torch weights file "
-                f"({type(exc).__name__}: {first}); re-save the model"
-            ) from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise CheckpointError(
-            f"{weights} does not hold a state_dict (a mapping of names to tensors), got "
-            f"{type(state).__name__}; re-save the model with save_pruned"
-        )
-    for name, tensor in state.items():
-        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(
-                f"{weights}: tensor {name!r} holds NaN or infinite values, so the model's outputs would be "
-                "meaningless; re-save it from a model whose training did not diverge"
-            )
-    return state
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], weights: Path) -> None:

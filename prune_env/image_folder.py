@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from prune_env.data import IMAGENET_STATS, Splits, check_split_sizes, stratified_split
 from prune_env.errors import DatasetError, DatasetNotFoundError
+from prune_env.splits import IMAGENET_STATS, Splits, check_split_sizes, stratified_split
 
 
 def _unreadable(path: str, exc: BaseException) -> DatasetError:

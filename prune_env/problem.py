@@ -90,6 +90,53 @@ def check_classifier(model: nn.Module, example: torch.Tensor, num_classes: int) 
         )
 
 
+def _check_given_proxy(proxy: Any, s: ProblemSettings) -> None:
+    """A proxy object or factory given to a problem: of the right kind, and no setting it would ignore."""
+    if not (isinstance(proxy, Proxy) or callable(proxy)):
+        raise InvalidSettingError(
+            "proxy must be a prune_env.proxy.Proxy or a callable building one from a ProxyContext, "
+            f"got {type(proxy).__name__}"
+        )
+    default = ProblemSettings()
+    # A proxy object scores with its own settings; a factory receives these settings, and only the choice
+    # of proxy by name is then moot.
+    names = ("eval_samples", "bn_recalib_batches", "finetune_steps", "proxy", "proxy_steps")
+    ignored = sorted(
+        name
+        for name in (names if isinstance(proxy, Proxy) else ("proxy",))
+        if getattr(s, name) != getattr(default, name)
+    )
+    if ignored:
+        raise InvalidSettingError(
+            f"{', '.join(ignored)} would be ignored: a given proxy scores with its own settings; "
+            "set them on the proxy instead"
+        )
+
+
+def _prunable_graph(model: nn.Module, example_inputs: torch.Tensor) -> DependencyGraph:
+    graph = build_graph(model, example_inputs)
+    if not graph.groups:
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} has no prunable channel group (the engine found no convolution or "
+            "linear layer whose output channels it can remove)"
+        )
+    return graph
+
+
+def _built_proxy(proxy: Proxy | Callable[[ProxyContext], Proxy] | None, context: ProxyContext) -> Proxy:
+    """The problem's proxy: the settings' named one, the given object, or what the given factory builds."""
+    if proxy is None:
+        return make_proxy(context)
+    if isinstance(proxy, Proxy):
+        return proxy
+    built = proxy(context)
+    if not isinstance(built, Proxy):
+        raise InvalidSettingError(
+            f"the proxy factory returned {type(built).__name__}, not a prune_env.proxy.Proxy"
+        )
+    return built
+
+
 class PruningProblem:
     """A base model, its data and graph, a cost budget and a proxy that scores pruned models.
 
@@ -137,25 +184,7 @@ class PruningProblem:
         s = ProblemSettings.from_kwargs(overrides, settings)
         check_model_arg(model)
         if proxy is not None:
-            if not (isinstance(proxy, Proxy) or callable(proxy)):
-                raise InvalidSettingError(
-                    "proxy must be a prune_env.proxy.Proxy or a callable building one from a ProxyContext, "
-                    f"got {type(proxy).__name__}"
-                )
-            default = ProblemSettings()
-            # A proxy object scores with its own settings; a factory receives these settings, and only the
-            # choice of proxy by name is then moot.
-            names = ("eval_samples", "bn_recalib_batches", "finetune_steps", "proxy", "proxy_steps")
-            ignored = sorted(
-                name
-                for name in (names if isinstance(proxy, Proxy) else ("proxy",))
-                if getattr(s, name) != getattr(default, name)
-            )
-            if ignored:
-                raise InvalidSettingError(
-                    f"{', '.join(ignored)} would be ignored: a given proxy scores with its own settings; "
-                    "set them on the proxy instead"
-                )
+            _check_given_proxy(proxy, s)
         check_train_options(train_kwargs or {})
         # Data-driven criteria read a few seeded training batches (the splits load below; only then is
         # the source called).
@@ -173,12 +202,7 @@ class PruningProblem:
         self.base_model, self.base_metrics = self._base_model(model, train_kwargs or {}, s.progress)
         self.example_inputs = self.splits.example_inputs(1).to(self.device)
         check_classifier(self.base_model, self.example_inputs, self.splits.num_classes)
-        self.graph: DependencyGraph = build_graph(self.base_model, self.example_inputs)
-        if not self.graph.groups:
-            raise UnsupportedLayerError(
-                f"{type(self.base_model).__name__} has no prunable channel group (the engine found no "
-                "convolution or linear layer whose output channels it can remove)"
-            )
+        self.graph: DependencyGraph = _prunable_graph(self.base_model, self.example_inputs)
         self.units = np.array([g.units for g in self.graph.groups], dtype=np.int64)  # per group
         # Pruning-only costs (the environments' features, the action wall): MACs unless parameters or
         # latency are the budget (a BitOps or size budget is the joint projector's). A latency is priced by
@@ -205,17 +229,7 @@ class PruningProblem:
             settings=s,
             device=self.device,
         )
-        if proxy is None:
-            self.proxy: Proxy = make_proxy(context)
-        elif isinstance(proxy, Proxy):
-            self.proxy = proxy
-        else:
-            built = proxy(context)
-            if not isinstance(built, Proxy):
-                raise InvalidSettingError(
-                    f"the proxy factory returned {type(built).__name__}, not a prune_env.proxy.Proxy"
-                )
-            self.proxy = built
+        self.proxy: Proxy = _built_proxy(proxy, context)
         if self.joint is not None:
             self.joint.score_with(self.proxy, context)
         full = self._checked(

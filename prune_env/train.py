@@ -305,17 +305,9 @@ def train_base(
     config = _config_for(splits, config, overrides)
     key = _cache_key(net, arch, splits, seed, config)
     path = _path_for(cache, arch, splits, key)
-    if use_cache:
-        ckpt = load_entry(path, key, CACHE_FORMAT)
-        if ckpt is not None:
-            try:
-                net.load_state_dict(ckpt["state_dict"])
-            except Exception as exc:  # the file verified but does not fit: treat like a corrupt file
-                warnings.warn(
-                    f"cached checkpoint {path} does not fit the model ({exc}); retraining", stacklevel=2
-                )
-            else:
-                return net.to(dev).eval(), {**ckpt["metrics"], "cached": 1.0}
+    cached = _load_cached(net, path, key) if use_cache else None
+    if cached is not None:
+        return net.to(dev).eval(), {**cached, "cached": 1.0}
 
     net.to(dev)
     start = time.perf_counter()
@@ -343,7 +335,6 @@ def train_base(
         "epochs": float(config.epochs),
     }
     if use_cache:
-        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         meta = {
             "arch": arch,
             "dataset": splits.name,
@@ -355,11 +346,25 @@ def train_base(
             path,
             key,
             CACHE_FORMAT,
-            state,
+            {k: v.detach().cpu() for k, v in net.state_dict().items()},
             metrics=metrics,
             meta={k: v for k, v in meta.items() if isinstance(v, (str, int, float))},
         )
     return net.eval(), {**metrics, "cached": 0.0}
+
+
+def _load_cached(net: nn.Module, path: Path, key: str) -> dict[str, float] | None:
+    """Load the cached weights at ``path`` into ``net``; their metrics, or None when there are none that fit
+    (a file that verifies but does not fit the model is treated like a corrupt one: retrained, with a warning)."""
+    ckpt = load_entry(path, key, CACHE_FORMAT)
+    if ckpt is None:
+        return None
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:
+        warnings.warn(f"cached checkpoint {path} does not fit the model ({exc}); retraining", stacklevel=3)
+        return None
+    return dict(ckpt["metrics"])
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from prune_env.batches import in_memory_tensors
-from prune_env.data import Splits, check_fraction, check_split_sizes, stratified_split
 from prune_env.errors import DatasetError, InvalidSettingError
+from prune_env.splits import Splits, check_fraction, check_split_sizes, stratified_split
 from prune_env.validation import as_int
 
 

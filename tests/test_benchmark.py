@@ -103,7 +103,7 @@ def test_resume_skips_completed_runs(
         raise AssertionError("a completed run was run again")
 
     monkeypatch.setattr(benchmark, "_one_run", no_runs)
-    monkeypatch.setattr(benchmark, "_problem", no_runs)  # nothing to do: not even a problem is built
+    monkeypatch.setattr(benchmark.GridSpec, "problem", no_runs)  # nothing to do: not even a problem is built
     again = _grid(out)
     assert ((out / "runs.csv").read_text(), (out / "evaluations.csv").read_text()) == before
     assert len(again.runs) == len(results.runs)

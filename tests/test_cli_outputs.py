@@ -478,7 +478,7 @@ def test_search_refuses_weights_of_another_dtype(
 
 
 def test_load_weights_keeps_the_models_dtype(tmp_path: Path) -> None:
-    from prune_env.app.job import load_weights
+    from prune_env.app.weights import load_weights
 
     model: nn.Module = get_model("tiny", 10, 1)
     weights = tmp_path / "w.pt"

@@ -172,7 +172,7 @@ def test_agents_search_refuses_bad_settings(kwargs: dict[str, Any], error: type,
 def test_benchmark_run_refuses_bad_settings(
     kwargs: dict[str, Any], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(benchmark, "_problem", lambda *a, **k: pytest.fail("built a problem"))
+    monkeypatch.setattr(benchmark.GridSpec, "problem", lambda *a, **k: pytest.fail("built a problem"))
     out = tmp_path / "grid"
     with pytest.raises(PruneEnvError, match=_escaped(message)):
         benchmark.run(**{"agents": ["random"], "out": out, "progress": False, **kwargs})

@@ -1,5 +1,5 @@
 """One final fine-tune for the harness and every benchmark script: a policy fine-tuned through a script's own
-code path scores exactly what :func:`prune_env.app.benchmark.finetune_accuracy` gives it (same start
+code path scores exactly what :func:`prune_env.app.finetune_recipe.finetune_accuracy` gives it (same start
 weights, training subset and seeds), so numbers from different scripts compare."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from benchmark_scripts import load_script
 from torch import nn
 
-from prune_env.app.benchmark import finetune_accuracy
+from prune_env.app.finetune_recipe import finetune_accuracy
 from prune_env.data import Splits
 from prune_env.errors import InvalidRatiosError, InvalidSettingError
 from prune_env.problem import PruningProblem

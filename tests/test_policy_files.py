@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from agents import BudgetedEvaluator, search
-from agents.policies import POLICY_META, AllocationPolicy, convert_pickled_policy, load_policy
+from agents.pickled_sb3 import convert_pickled_policy
+from agents.policies import POLICY_META, AllocationPolicy, load_policy
 from agents.sb3 import SB3Policy, run_sb3
 from prune_env.checkpoint import SPEC_FILE, WEIGHTS_FILE, load_pruned, save_pruned
 from prune_env.data import Splits
@@ -424,7 +425,7 @@ def _load_cache_entry(path: Path) -> None:
 
 
 def _load_weights(path: Path) -> None:
-    from prune_env.app.job import load_weights
+    from prune_env.app.weights import load_weights
 
     load_weights(nn.Linear(2, 2), path)
 

@@ -20,8 +20,8 @@ import torchvision
 from agents.policies import POLICY_META, load_policy
 from agents.predictor import PREDICTOR_FILE, Ensemble, PredictorPolicy, PredictorSettings
 from prune_env.app import cli
-from prune_env.app.job import load_weights
 from prune_env.app.runfiles import STATE_FILE, STATE_FORMAT, read_state
+from prune_env.app.weights import load_weights
 from prune_env.errors import CheckpointError, InvalidSettingError, ResumeError
 from prune_env.models import get_model
 

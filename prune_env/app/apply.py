@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from prune_env.app.job import POLICY_DIR, base_model_spec
+from prune_env.app.job import POLICY_DIR
 from prune_env.app.outputs import check_directory_output, owning, publish_directory, staging_directory
 from prune_env.app.runfiles import STATE_FILE, cost_ratios, read_state
 from prune_env.app.settings import SearchSettings
+from prune_env.app.weights import base_model_spec
 from prune_env.data import check_dataset_name
 from prune_env.errors import InvalidSettingError, PruneEnvError, RunDirectoryError, UnknownNameError
 from prune_env.models import check_model_name

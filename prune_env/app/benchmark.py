@@ -34,6 +34,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,10 +43,12 @@ import numpy as np
 from agents.evaluator import BudgetedEvaluator
 from agents.registry import NoSettings, available, check_budget_range, resolve_agent, run_agent
 from prune_env.app import labels, provenance
+from prune_env.app.finetune_recipe import finetune_accuracy
 from prune_env.app.results import (
     EVAL_FIELDS,
     RUN_FIELDS,
     BenchmarkResults,
+    RunKey,
     append_csv,
     json_value,
     jsonable,
@@ -65,7 +68,6 @@ from prune_env.validation import TARGETS, check_sequence, check_settings, flag
 if TYPE_CHECKING:
     from prune_env.data import DataSource
     from prune_env.models import ModelSpec
-    from prune_env.quantization import BitPlan
     from prune_env.rewards import RewardFn
 
 # ------------------------------------------------------------------------------------------------ run
@@ -98,84 +100,71 @@ def run(
         models: zoo names, factories or trained ``nn.Module`` s (see :class:`PruningProblem`); use a
             ``{label: model}`` mapping to name non-string models in the results.
         datasets: names for :func:`prune_env.data.load` or :class:`~prune_env.data.Splits`.
-        targets: cost budgets as fractions of the base model's ``metric`` ("macs" or "params").
-        seeds: one run per agent per seed; the seed is the agent's RNG seed and the fine-tune seed.
-            The problem (base model, data split, proxy batches) uses ``problem_kwargs["seed"]`` (default 0)
-            for every run, so seeds vary the search, not the problem.
+        targets: budgets as fractions of the base model's ``metric`` (MACs, parameters or latency).
+        seeds: one run per agent per seed, the agent's and the fine-tune's seed; the problem (base model,
+            split, proxy batches) has ``problem_kwargs["seed"]`` (default 0): seeds vary the search only.
         evals: the evaluation budget of every run.
         reward: a preset name or callable ``Outcome -> float``, the same for every agent.
         finetune_epochs: when > 0, each run's best pruned model is fine-tuned by distillation from the
-            base model for this many epochs and scored on the test split (the final report only).
-        finetune_samples: fine-tune on this many training examples only: one fixed, seeded subset (the
-            problem's seed), the same for every run, so a long fine-tune of many runs stays affordable.
+            base model for this many epochs and scored on validation and test (the final report only).
+        finetune_samples: fine-tune on this many training examples: one fixed subset for every run.
         problem_kwargs: extra :class:`PruningProblem` arguments (``eval_samples``, ``importance``, ...).
         agent_settings: ``{agent label: {setting: value}}`` passed to that agent's function.
         progress: tqdm bar over the grid (and base-model training, if a model is not cached).
-        workers: run up to this many runs at once as Ray tasks (``pip install prune-env[ray]``), each
-            on its own copy of the problem (built here once per model, dataset and target, sent once);
-            rows are written as runs finish, so the files and resuming work as for a serial grid.
-        ray_address: a Ray cluster to run the tasks on (``"auto"``, ``"ray://HOST:10001"``); with
-            ``workers`` unset, as many at once as the cluster has CPUs.
-        allow_mixed: resume a directory whose runs were made by other code (another git revision, or
-            ``"unknown"`` for a directory written before revisions were recorded) or with other settings of
-            an agent; refused otherwise, naming both values. The table then says what was mixed.
+        workers: run up to this many runs at once as Ray tasks (``pip install prune-env[ray]``), each problem
+            built here once and sent once; rows are written as runs finish, as for a serial grid.
+        ray_address: a Ray cluster for the tasks (``"auto"``, ``"ray://HOST:10001"``), all its CPUs by default.
+        allow_mixed: resume a directory whose runs were made by other code (git revision) or other settings
+            of an agent; refused otherwise, naming both values. The table then says what was mixed.
 
-    Returns the results of the whole grid, including runs completed by earlier calls with the same
-    ``out`` (which are skipped, not repeated). Results depend only on the arguments and seeds.
+    Returns every run of the grid, those of earlier calls with the same ``out`` included (not repeated).
     """
     # Every argument is checked before a base model is trained or a file written.
-    check_settings(
-        {
-            "evals": evals,
-            "finetune_epochs": finetune_epochs,
-            "finetune_samples": finetune_samples,
-            "metric": metric,
-            "progress": progress,
-            "workers": workers,
-            "ray_address": ray_address,
-        }
-    )
-    on_ray = uses_ray(workers, ray_address)
-    targets = check_sequence("targets", targets, "target")
-    seeds = check_sequence("seeds", seeds, "seed")
+    check_settings({"evals": evals, "finetune_epochs": finetune_epochs, "finetune_samples": finetune_samples})
+    check_settings({"metric": metric, "progress": progress, "workers": workers, "ray_address": ray_address})
     get_reward(reward)
     check_problem_kwargs(problem_kwargs or {}, metric)
     flag("allow_mixed", allow_mixed)
     agent_pairs = labels.labelled(available() if agents is None else agents, "agent")
-    settings = {str(k): dict(v) for k, v in (agent_settings or {}).items()}
-    for label, agent in agent_pairs:
-        spec = resolve_agent(agent)
-        check_budget_range(spec, None, 1.0, metric)  # an agent that cannot meet this budget's kind
-        if spec.settings is not NoSettings or settings.get(label):
-            spec.make_settings(settings.get(label, {}))
-    record = provenance.make_record(provenance.agent_settings(agent_pairs, settings))
+    settings = _checked_agent_settings(agent_pairs, agent_settings or {}, metric)
     model_pairs = labels.labelled(models, "model")
     for _, model in model_pairs:
         check_model_arg(model)
-    dataset_pairs = labels.labelled(datasets, "dataset")
-    reward_label = labels.label(reward, "reward")
-
+    grid = GridSpec(
+        agents=agent_pairs,
+        models=model_pairs,
+        datasets=labels.labelled(datasets, "dataset"),
+        targets=check_sequence("targets", targets, "target"),
+        seeds=check_sequence("seeds", seeds, "seed"),
+        evals=evals,
+        reward=reward,
+        reward_label=labels.label(reward, "reward"),
+        finetune_epochs=finetune_epochs,
+        finetune_samples=finetune_samples,
+        problem_kwargs=dict(problem_kwargs or {}),
+        agent_settings=settings,
+        metric=metric,
+        progress=progress,
+        ray=(workers, ray_address) if uses_ray(workers, ray_address) else None,
+        record=provenance.make_record(provenance.agent_settings(agent_pairs, settings)),
+        allow_mixed=allow_mixed,
+    )
     with RunDirectory(out, run_files=(), resume=True, option="out") as rundir:
-        return _run_grid(
-            rundir,
-            agent_pairs,
-            model_pairs,
-            dataset_pairs,
-            targets,
-            seeds,
-            evals,
-            reward,
-            reward_label,
-            finetune_epochs,
-            finetune_samples,
-            problem_kwargs,
-            settings,
-            metric,
-            progress,
-            (workers, ray_address) if on_ray else None,
-            record,
-            allow_mixed,
-        )
+        return _run_grid(rundir, grid)
+
+
+def _checked_agent_settings(
+    agent_pairs: list[tuple[str, Any]], agent_settings: Mapping[str, Mapping[str, Any]], metric: str
+) -> dict[str, dict[str, Any]]:
+    """Each agent's settings as plain dicts, checked by the agent's settings class; an agent that cannot meet
+    a budget of ``metric`` is refused."""
+    settings = {str(k): dict(v) for k, v in agent_settings.items()}
+    for label, agent in agent_pairs:
+        spec = resolve_agent(agent)
+        check_budget_range(spec, None, 1.0, metric)
+        if spec.settings is not NoSettings or settings.get(label):
+            spec.make_settings(settings.get(label, {}))
+    return settings
 
 
 def check_problem_kwargs(problem_kwargs: Mapping[str, Any], metric: str = "macs") -> None:
@@ -190,159 +179,151 @@ def check_problem_kwargs(problem_kwargs: Mapping[str, Any], metric: str = "macs"
     ProblemSettings.from_kwargs({**problem_kwargs, f"target_{metric}": 0.5})
 
 
-def _run_grid(
-    rundir: RunDirectory,
-    agent_pairs: list[tuple[str, Any]],
-    model_pairs: list[tuple[str, Any]],
-    dataset_pairs: list[tuple[str, Any]],
-    targets: list[float],
-    seeds: list[int],
-    evals: int,
-    reward: Any,
-    reward_label: str,
-    finetune_epochs: int,
-    finetune_samples: int | None,
-    problem_kwargs: Mapping[str, Any] | None,
-    settings: dict[str, dict[str, Any]],
-    metric: str,
-    progress: bool,
-    ray: tuple[int | None, str | None] | None,
-    record: dict[str, Any],
-    allow_mixed: bool,
-) -> BenchmarkResults:
-    """The grid of :func:`run` in a directory this process holds (on Ray: ``(workers, address)``);
-    ``record``: this invocation's provenance, kept once it adds a run."""
-    from tqdm.auto import tqdm
+@dataclass(frozen=True, eq=False)
+class GridRun:
+    """One run of a grid: an agent at a seed on one (model, dataset, target) problem, with the labels the
+    results name them by."""
 
-    out = rundir.path
-    runs_csv, evals_csv = out / "runs.csv", out / "evaluations.csv"
-    done = BenchmarkResults.load(out)
-    for r in done.runs:
-        # Mixing budgets or rewards in one directory would make the comparison unequal without saying so.
-        if (r["budget_evals"], r["reward"], r["metric"], r["finetune_epochs"]) != (
-            evals,
-            reward_label,
-            metric,
-            finetune_epochs,
-        ):
-            raise InvalidSettingError(
-                f"{runs_csv} holds runs with evals={r['budget_evals']}, reward={r['reward']!r}, "
-                f"metric={r['metric']!r}, finetune_epochs={r['finetune_epochs']}; this grid asks for "
-                f"evals={evals}, reward={reward_label!r}, metric={metric!r}, finetune_epochs={finetune_epochs}. "
-                "Use another `out` directory."
-            )
-    proxy_settings = json.loads(json.dumps(dict(problem_kwargs or {}), default=json_value))
-    saved = out / "runs.json"
-    if done.runs:
-        # Another proxy, base model or fine-tune data scores differently: not comparable. Runs whose settings
-        # were not recorded (no runs.json, or one written before a setting was) cannot be shown comparable.
-        earlier = done.settings if saved.exists() else {}
-        for key, value in (("problem_kwargs", proxy_settings), ("finetune_samples", finetune_samples)):
-            if key not in earlier:
-                raise InvalidSettingError(
-                    f"{out} holds runs whose {key} is not recorded ({saved.name} is missing or predates it), "
-                    "so they cannot be shown comparable with this grid's. Use another `out` directory."
-                )
-            if earlier[key] != value:
-                raise InvalidSettingError(
-                    f"{saved} was made with {key}={earlier[key]}, this grid asks for {value}. "
-                    "Use another `out` directory."
-                )
-    if done.runs:
-        provenance.check_unmixed([*done.records(), {**record, "directory": "this run"}], allow_mixed)
-    if len(done.evaluations) != len(read_csv(evals_csv)):
-        # Drop the rows of a run interrupted before its run row was written: its rerun writes them again.
-        # The file as it was is kept aside first.
-        rundir.keep_aside(evals_csv.name)
-        write_csv(evals_csv, EVAL_FIELDS, done.evaluations)
-    completed = {run_key(r) for r in done.runs}
+    model_label: str
+    model: Any
+    dataset_label: str
+    dataset: Any
+    target: float
+    agent_label: str
+    agent: Any
+    seed: int
 
-    grid = [
-        (m, d, t, a, s)
-        for m in model_pairs
-        for d in dataset_pairs
-        for t in targets
-        for a in agent_pairs
-        for s in seeds
-    ]
-    todo = [g for g in grid if (g[3][0], g[0][0], g[1][0], g[2], g[4]) not in completed]
-    meta = {
-        "agents": [a for a, _ in agent_pairs],
-        "models": [m for m, _ in model_pairs],
-        "datasets": [d for d, _ in dataset_pairs],
-        "targets": targets,
-        "seeds": seeds,
-        "evals": evals,
-        "reward": reward_label,
-        "metric": metric,
-        "finetune_epochs": finetune_epochs,
-        "finetune_samples": finetune_samples,
-        "problem_kwargs": proxy_settings,
-        "agent_settings": settings,
-    }
-    results = done
-    results.out, results.settings = out, meta
-    this_run = {**record, "directory": str(out)}
+    @property
+    def key(self) -> RunKey:
+        return (self.agent_label, self.model_label, self.dataset_label, self.target, self.seed)
 
-    def write_runs_json() -> None:
-        # Records derived from old rows are not stored: loading derives them again.
-        records = [{k: v for k, v in r.items() if k != "directory"} for r in results.provenance]
-        write_json(
-            saved, {"settings": meta, "provenance": records, "runs": [jsonable(r) for r in results.runs]}
+    @property
+    def problem_key(self) -> tuple[str, str, float]:
+        """Runs with the same problem key share one :class:`PruningProblem`."""
+        return (self.model_label, self.dataset_label, self.target)
+
+    def columns(self) -> dict[str, Any]:
+        """The columns that name this run in ``runs.csv`` and ``evaluations.csv``."""
+        return {
+            "agent": self.agent_label,
+            "model": self.model_label,
+            "dataset": self.dataset_label,
+            "target": self.target,
+            "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What one run needs besides its problem (sent to a Ray worker as is)."""
+
+    agent: Any
+    seed: int
+    evals: int
+    reward: Any
+    agent_settings: Mapping[str, Any]
+    finetune_epochs: int
+    finetune_samples: int | None
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A grid's checked arguments (:func:`run`): what it runs and the settings every run shares.
+
+    ``ray``: ``(workers, address)`` when the runs go to Ray; ``record``: this invocation's provenance."""
+
+    agents: list[tuple[str, Any]]
+    models: list[tuple[str, Any]]
+    datasets: list[tuple[str, Any]]
+    targets: list[float]
+    seeds: list[int]
+    evals: int
+    reward: Any
+    reward_label: str
+    finetune_epochs: int
+    finetune_samples: int | None
+    problem_kwargs: Mapping[str, Any]
+    agent_settings: dict[str, dict[str, Any]]
+    metric: str
+    progress: bool
+    ray: tuple[int | None, str | None] | None
+    record: dict[str, Any]
+    allow_mixed: bool
+
+    def runs(self) -> list[GridRun]:
+        """Every run of the grid, in grid order (model, dataset, target, agent, seed)."""
+        return [
+            GridRun(m_label, model, d_label, dataset, t, a_label, agent, s)
+            for m_label, model in self.models
+            for d_label, dataset in self.datasets
+            for t in self.targets
+            for a_label, agent in self.agents
+            for s in self.seeds
+        ]
+
+    def request(self, run: GridRun) -> RunRequest:
+        return RunRequest(
+            run.agent,
+            run.seed,
+            self.evals,
+            self.reward,
+            self.agent_settings.get(run.agent_label, {}),
+            self.finetune_epochs,
+            self.finetune_samples,
         )
 
-    if todo and runs_csv.exists() and _header(runs_csv) != list(RUN_FIELDS):
-        # Rows made before a column existed (the revision): rewrite the file with every column, blank
-        # where unknown, so appended rows line up with the header. The file as it was is kept aside.
-        rundir.keep_aside(runs_csv.name)
-        write_csv(runs_csv, RUN_FIELDS, done.runs)
+    def problem(self, run: GridRun) -> PruningProblem:
+        budget = {f"target_{self.metric}": run.target}
+        settings = ProblemSettings.from_kwargs({"progress": self.progress, **self.problem_kwargs, **budget})
+        return PruningProblem(run.model, run.dataset, settings)
 
-    def save(item: GridItem, run_row: dict[str, Any], eval_rows: list[dict[str, Any]]) -> None:
-        (m_label, _), (d_label, _), target, (a_label, _), seed = item
-        keys = {"agent": a_label, "model": m_label, "dataset": d_label, "target": target, "seed": seed}
-        run_row = {
-            **keys,
-            "metric": metric,
-            "reward": reward_label,
-            **run_row,
-            "revision": record["revision"],
+    def proxy_settings(self) -> dict[str, Any]:
+        """The problem settings as plain JSON (how ``runs.json`` records and compares them)."""
+        return json.loads(json.dumps(dict(self.problem_kwargs), default=json_value))
+
+    def meta(self) -> dict[str, Any]:
+        """The grid settings ``runs.json`` records."""
+        return {
+            "agents": [a for a, _ in self.agents],
+            "models": [m for m, _ in self.models],
+            "datasets": [d for d, _ in self.datasets],
+            "targets": self.targets,
+            "seeds": self.seeds,
+            "evals": self.evals,
+            "reward": self.reward_label,
+            "metric": self.metric,
+            "finetune_epochs": self.finetune_epochs,
+            "finetune_samples": self.finetune_samples,
+            "problem_kwargs": self.proxy_settings(),
+            "agent_settings": self.agent_settings,
         }
-        eval_rows = [{**keys, **e} for e in eval_rows]
-        # Evaluations first, then the run row: a run counts as done only once all its rows are on disk.
-        append_csv(evals_csv, EVAL_FIELDS, eval_rows)
-        append_csv(runs_csv, RUN_FIELDS, [run_row])
-        results.runs.append(run_row)
-        results.evaluations.extend(eval_rows)
-        if not any(r is this_run for r in results.provenance):  # once per invocation, at its first run
-            results.provenance.append(this_run)
-        write_runs_json()
 
-    def problem_for(item: GridItem) -> PruningProblem:
-        (_, model), (_, dataset), target, _, _ = item
-        return _problem(model, dataset, target, metric, problem_kwargs, progress)
 
-    def one_run(item: GridItem) -> tuple[Any, ...]:
-        _, _, _, (a_label, agent), seed = item
-        return (agent, seed, evals, reward, settings.get(a_label, {}), finetune_epochs, finetune_samples)
+def _run_grid(rundir: RunDirectory, spec: GridSpec) -> BenchmarkResults:
+    """The grid of :func:`run` in a directory this process holds: the runs not yet in it, then every run of
+    the grid, read back in grid order."""
+    from tqdm.auto import tqdm
 
-    with tqdm(total=len(grid), initial=len(grid) - len(todo), desc="benchmark", disable=not progress) as bar:
-        if ray is not None:
-            _grid_on_ray(todo, problem_for, one_run, save, bar, *ray)
+    results = BenchmarkResults.load(rundir.path)
+    _check_comparable(results, spec, rundir.path)
+    _drop_unfinished_evaluations(rundir, results)
+    completed = {run_key(r) for r in results.runs}
+    grid = spec.runs()
+    todo = [r for r in grid if r.key not in completed]
+    writer = _GridWriter(rundir, results, spec)
+    if todo:
+        writer.upgrade_header()
+    with tqdm(
+        total=len(grid), initial=len(grid) - len(todo), desc="benchmark", disable=not spec.progress
+    ) as bar:
+        if spec.ray is not None:
+            _grid_on_ray(todo, spec, writer.save, bar, *spec.ray)
         else:
-            problems: dict[tuple[str, str, float], PruningProblem] = {}
-            for item in todo:
-                (m_label, _), (d_label, _), target, (a_label, _), seed = item
-                bar.set_postfix_str(f"{a_label} {m_label}/{d_label} t={target:g} seed={seed}")
-                pkey = (m_label, d_label, target)
-                if pkey not in problems:
-                    problems.clear()  # one problem alive at a time: they hold a model, data and a memo
-                    problems[pkey] = problem_for(item)
-                save(item, *_one_run(problems[pkey], *one_run(item)))
-                bar.update(1)
-    if not todo and not saved.exists():
-        write_runs_json()
+            _grid_here(todo, spec, writer.save, bar)
+    if not todo and not writer.saved.exists():
+        writer.write_runs_json()
     # Report the requested grid in grid order, even if the directory holds more (an earlier, larger grid).
-    order = {(a[0], m[0], d[0], t, s): k for k, (m, d, t, a, s) in enumerate(grid)}
+    order = {r.key: k for k, r in enumerate(grid)}
     results.runs = sorted((r for r in results.runs if run_key(r) in order), key=lambda r: order[run_key(r)])
     results.evaluations = sorted(
         (e for e in results.evaluations if run_key(e) in order), key=lambda e: order[run_key(e)]
@@ -350,7 +331,106 @@ def _run_grid(
     return results
 
 
-GridItem = tuple[tuple[str, Any], tuple[str, Any], float, tuple[str, Any], int]
+def _check_comparable(done: BenchmarkResults, spec: GridSpec, out: Path) -> None:
+    """Runs already in ``out`` must compare with this grid's: the same evaluation budget, reward, metric,
+    fine-tune and problem settings, made by the same code and agent settings (unless ``allow_mixed``)."""
+    if not done.runs:
+        return
+    runs_csv = out / "runs.csv"
+    for r in done.runs:
+        # Mixing budgets or rewards in one directory would make the comparison unequal without saying so.
+        if (r["budget_evals"], r["reward"], r["metric"], r["finetune_epochs"]) != (
+            spec.evals,
+            spec.reward_label,
+            spec.metric,
+            spec.finetune_epochs,
+        ):
+            raise InvalidSettingError(
+                f"{runs_csv} holds runs with evals={r['budget_evals']}, reward={r['reward']!r}, "
+                f"metric={r['metric']!r}, finetune_epochs={r['finetune_epochs']}; this grid asks for "
+                f"evals={spec.evals}, reward={spec.reward_label!r}, metric={spec.metric!r}, "
+                f"finetune_epochs={spec.finetune_epochs}. Use another `out` directory."
+            )
+    # Another proxy, base model or fine-tune data scores differently: not comparable. Runs whose settings
+    # were not recorded (no runs.json, or one written before a setting was) cannot be shown comparable.
+    saved = out / "runs.json"
+    earlier = done.settings if saved.exists() else {}
+    for key, value in (
+        ("problem_kwargs", spec.proxy_settings()),
+        ("finetune_samples", spec.finetune_samples),
+    ):
+        if key not in earlier:
+            raise InvalidSettingError(
+                f"{out} holds runs whose {key} is not recorded ({saved.name} is missing or predates it), "
+                "so they cannot be shown comparable with this grid's. Use another `out` directory."
+            )
+        if earlier[key] != value:
+            raise InvalidSettingError(
+                f"{saved} was made with {key}={earlier[key]}, this grid asks for {value}. "
+                "Use another `out` directory."
+            )
+    provenance.check_unmixed([*done.records(), {**spec.record, "directory": "this run"}], spec.allow_mixed)
+
+
+def _drop_unfinished_evaluations(rundir: RunDirectory, done: BenchmarkResults) -> None:
+    """Drop the evaluation rows of a run interrupted before its run row was written (its rerun writes them
+    again); the file as it was is kept aside first."""
+    evals_csv = rundir.path / "evaluations.csv"
+    if len(done.evaluations) != len(read_csv(evals_csv)):
+        rundir.keep_aside(evals_csv.name)
+        write_csv(evals_csv, EVAL_FIELDS, done.evaluations)
+
+
+class _GridWriter:
+    """Appends each finished run's rows to the grid's files and keeps ``runs.json`` and ``results`` current.
+
+    Evaluations are written first, then the run row: a run counts as done only once all its rows are on disk.
+    """
+
+    def __init__(self, rundir: RunDirectory, results: BenchmarkResults, spec: GridSpec) -> None:
+        self.rundir = rundir
+        self.results = results
+        self.spec = spec
+        self.runs_csv = rundir.path / "runs.csv"
+        self.evals_csv = rundir.path / "evaluations.csv"
+        self.saved = rundir.path / "runs.json"
+        self.meta = spec.meta()
+        self.this_run = {**spec.record, "directory": str(rundir.path)}
+        results.out, results.settings = rundir.path, self.meta
+
+    def upgrade_header(self) -> None:
+        """Rows made before a column existed (the revision, the latency columns): rewrite the file with every
+        column, blank where unknown, so appended rows line up with the header. The old file is kept aside."""
+        if self.runs_csv.exists() and _header(self.runs_csv) != list(RUN_FIELDS):
+            self.rundir.keep_aside(self.runs_csv.name)
+            write_csv(self.runs_csv, RUN_FIELDS, self.results.runs)
+
+    def write_runs_json(self) -> None:
+        # Records derived from old rows are not stored: loading derives them again.
+        records = [{k: v for k, v in r.items() if k != "directory"} for r in self.results.provenance]
+        runs = [jsonable(r) for r in self.results.runs]
+        write_json(self.saved, {"settings": self.meta, "provenance": records, "runs": runs})
+
+    def save(self, run: GridRun, run_row: dict[str, Any], eval_rows: list[dict[str, Any]]) -> None:
+        columns = run.columns()
+        run_row = {
+            **columns,
+            "metric": self.spec.metric,
+            "reward": self.spec.reward_label,
+            **run_row,
+            "revision": self.spec.record["revision"],
+        }
+        eval_rows = [{**columns, **e} for e in eval_rows]
+        append_csv(self.evals_csv, EVAL_FIELDS, eval_rows)
+        append_csv(self.runs_csv, RUN_FIELDS, [run_row])
+        self.results.runs.append(run_row)
+        self.results.evaluations.extend(eval_rows)
+        if not any(r is self.this_run for r in self.results.provenance):  # once per invocation
+            self.results.provenance.append(self.this_run)
+        self.write_runs_json()
+
+
+SaveRun = Callable[[GridRun, dict[str, Any], list[dict[str, Any]]], None]
 
 
 def _header(path: os.PathLike[str]) -> list[str]:
@@ -358,11 +438,25 @@ def _header(path: os.PathLike[str]) -> list[str]:
         return next(csv.reader(f), [])
 
 
+def _grid_here(todo: list[GridRun], spec: GridSpec, save: SaveRun, bar: Any) -> None:
+    """The runs one after another in this process, one problem alive at a time (a problem holds a model,
+    data and a memo)."""
+    problem: tuple[tuple[str, str, float], PruningProblem] | None = None
+    for run in todo:
+        bar.set_postfix_str(
+            f"{run.agent_label} {run.model_label}/{run.dataset_label} t={run.target:g} seed={run.seed}"
+        )
+        if problem is None or problem[0] != run.problem_key:
+            problem = None  # the last one is released before the next is built
+            problem = (run.problem_key, spec.problem(run))
+        save(run, *_one_run(problem[1], spec.request(run)))
+        bar.update(1)
+
+
 def _grid_on_ray(
-    todo: list[GridItem],
-    problem_for: Callable[[GridItem], PruningProblem],
-    one_run: Callable[[GridItem], tuple[Any, ...]],
-    save: Callable[[GridItem, dict[str, Any], list[dict[str, Any]]], None],
+    todo: list[GridRun],
+    spec: GridSpec,
+    save: SaveRun,
     bar: Any,
     workers: int | None,
     address: str | None,
@@ -377,7 +471,7 @@ def _grid_on_ray(
 
     ray = import_ray()
     owned = start_ray(workers, address)
-    pending: dict[Any, GridItem] = {}
+    pending: dict[Any, GridRun] = {}
     try:
         limit = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         check_cluster_fits(limit, asked=f"workers={limit}", cpus_each=1)
@@ -386,14 +480,13 @@ def _grid_on_ray(
         queue = list(todo)
         while queue or pending:
             while queue and len(pending) < limit:
-                item = queue.pop(0)
-                pkey = (item[0][0], item[1][0], item[2])
-                if pkey not in shared:
-                    shared[pkey] = ray.put(problem_for(item))
-                pending[task.remote(shared[pkey], *one_run(item))] = item
+                run = queue.pop(0)
+                if run.problem_key not in shared:
+                    shared[run.problem_key] = ray.put(spec.problem(run))
+                pending[task.remote(shared[run.problem_key], spec.request(run))] = run
             finished, _ = ray.wait(list(pending), num_returns=1)
-            item = pending.pop(finished[0])
-            save(item, *ray.get(finished[0]))
+            run = pending.pop(finished[0])
+            save(run, *ray.get(finished[0]))
             bar.update(1)
     except BaseException:
         if not owned:
@@ -404,116 +497,19 @@ def _grid_on_ray(
         stop_ray(owned)
 
 
-def _remote_run(problem: PruningProblem, *args: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _remote_run(problem: PruningProblem, request: RunRequest) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import torch
 
     torch.set_num_threads(1)  # a Ray task has one CPU
-    return _one_run(problem, *args)
+    return _one_run(problem, request)
 
 
-def _problem(
-    model: Any,
-    dataset: Any,
-    target: float,
-    metric: str,
-    problem_kwargs: Mapping[str, Any] | None,
-    progress: bool,
-) -> PruningProblem:
-    budget = {f"target_{metric}": target}
-    settings = ProblemSettings.from_kwargs({"progress": progress, **dict(problem_kwargs or {}), **budget})
-    return PruningProblem(model, dataset, settings)
-
-
-FINETUNE_RECIPE = "finetune_accuracy"
-"""Marks a benchmark script's results file whose fine-tunes are :func:`finetune_accuracy`'s; files without
-it were made with a script's earlier recipe (from the pruned base model), which scores a policy differently."""
-
-
-def resumable_results(out: Path, args: Mapping[str, Any]) -> dict[str, Any]:
-    """A benchmark script's results file to extend: ``out`` as saved, or a new one recording ``args``; a file
-    made with an earlier fine-tune recipe is refused, since its rows would not compare with new ones."""
-    if not out.exists():
-        return {"args": dict(args), "recipe": FINETUNE_RECIPE, "rows": []}
-    saved: dict[str, Any] = json.loads(out.read_text())
-    if saved.get("recipe") != FINETUNE_RECIPE:
-        raise SystemExit(
-            f"{out} was made with this script's earlier fine-tune recipe: use another --out (--report still "
-            "reads it)"
-        )
-    return saved
-
-
-def finetune_accuracy(
-    problem: PruningProblem,
-    keep: np.ndarray,
-    epochs: int,
-    samples: int | None = None,
-    seed: int = 0,
-    *,
-    plan: BitPlan | None = None,
-    start: str = "scored",
-) -> tuple[float, float]:
-    """The harness's final fine-tune of one policy: (validation, test) accuracy after ``epochs`` of
-    distillation from the base model on ``samples`` training examples (one fixed subset, the problem's
-    seed; ``None``: all of them). Every benchmark script scores its policies here.
-
-    Identical recipe and data for every policy (only ``seed`` differs), so differences come from the
-    policies. It starts from the model as the proxy scored it (BatchNorm recalibrated, or the supernet's
-    weights for the supernet proxies: the better start, measured); ``start="pruned"``: from the pruned base
-    model, only to measure what the start is worth (benchmarks/finetune_start.py). ``plan``: a joint
-    policy's bits; the fine-tuned model is quantized as it says (activations calibrated on the quantized
-    proxy's batches) before both accuracies are measured.
-    """
-    from prune_env.errors import InvalidRatiosError
-    from prune_env.quantization.bits import check_plan
-    from prune_env.quantization.fakequant import calibration_batches, fake_quantize
-    from prune_env.quantization.proxy import CALIBRATION_BATCHES
-    from prune_env.train import evaluate, finetune
-
-    check_settings({"finetune_epochs": epochs, "finetune_samples": samples, "seed": seed})
-    if start not in ("scored", "pruned"):
-        raise InvalidSettingError(f"start must be 'scored' (the harness's) or 'pruned', got {start!r}")
-    counts = np.asarray(keep)
-    fits = counts.shape == problem.units.shape and counts.dtype.kind in "iu"
-    # A count below 1 or above its group's units would silently slice the ranking into another policy.
-    if not (fits and np.all((counts >= 1) & (counts <= problem.units))):
-        raise InvalidRatiosError(
-            f"keep must hold one integer count per group, from 1 to its units {problem.units.tolist()} "
-            f"(problem.keep_for(ratios) makes them), got {counts.tolist()}"
-        )
-    model = problem.scored_model(counts) if start == "scored" else problem.build(counts)
-    if plan is not None:
-        check_plan(plan, model)  # refused before the fine-tune, not after it
-    tuned, metrics = finetune(
-        model,
-        problem.base_model,
-        problem.splits.with_training_subset(samples, problem.seed),
-        epochs,
-        seed=seed,
-        progress=False,
-        device=problem.device,
-    )
-    if plan is None:
-        return float(metrics["val_accuracy"]), float(metrics["test_accuracy"])
-    batches = calibration_batches(problem.splits.train, CALIBRATION_BATCHES, seed=problem.seed)
-    quantized = fake_quantize(tuned, plan, batches)  # the fine-tuned copy is this function's own
-    val, test = (
-        evaluate(quantized, s, device=problem.device)["accuracy"]
-        for s in (problem.splits.val, problem.splits.test)
-    )
-    return float(val), float(test)
-
-
-def _one_run(
-    problem: PruningProblem,
-    agent: Any,
-    seed: int,
-    evals: int,
-    reward: Any,
-    settings: Mapping[str, Any],
-    finetune_epochs: int,
-    finetune_samples: int | None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _one_run(problem: PruningProblem, request: RunRequest) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One run on ``problem``: the agent's search, then the final fine-tune of its best policy (and, under a
+    latency budget, the measurement of its model); the run row and the evaluation rows."""
+    agent, seed, evals, reward = request.agent, request.seed, request.evals, request.reward
+    finetune_epochs, finetune_samples = request.finetune_epochs, request.finetune_samples
+    settings = request.agent_settings
     start = time.perf_counter()
     result = run_agent(agent, BudgetedEvaluator(problem, evals, reward), seed, **settings)
     best = result.best_outcome

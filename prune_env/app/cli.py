@@ -115,7 +115,17 @@ def _number_in(
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prune-env", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_search_command(sub)
+    _add_list_command(sub)
+    _add_eval_command(sub)
+    _add_export_command(sub)
+    _add_apply_command(sub)
+    _add_latency_command(sub)
+    _add_demo_command(sub)
+    return parser
 
+
+def _add_search_command(sub: Any) -> None:
     search = sub.add_parser(
         "search",
         help="search a pruning policy, fine-tune the result, save model and results",
@@ -125,9 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(search)
     search.set_defaults(func=_search)
 
+
+def _add_list_command(sub: Any) -> None:
     lister = sub.add_parser("list", help="name the models, datasets, agents and reward presets")
     lister.set_defaults(func=_list)
 
+
+def _add_eval_command(sub: Any) -> None:
     ev = sub.add_parser("eval", help="score a saved pruned model")
     ev.add_argument("path", help="a saved model directory (e.g. runs/quickstart/model)")
     ev.add_argument(
@@ -145,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     ev.set_defaults(func=_eval)
 
+
+def _add_export_command(sub: Any) -> None:
     export = sub.add_parser(
         "export",
         help="write a saved pruned model as ONNX (needs onnx, onnxruntime) and/or TorchScript, each checked "
@@ -158,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=_export)
 
+
+def _add_apply_command(sub: Any) -> None:
     apply = sub.add_parser(
         "apply",
         help="prune for a new target with the policy a --budget-range search learned (no new evaluation)",
@@ -175,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     apply.set_defaults(func=_apply)
 
+
+def _add_latency_command(sub: Any) -> None:
     latency = sub.add_parser(
         "latency",
         help="measure a model's per-layer latency table (or load it from the cache), print and plot it",
@@ -196,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     latency.set_defaults(func=_latency)
 
+
+def _add_demo_command(sub: Any) -> None:
     demo = sub.add_parser("demo", help="prune a torchvision model and print its dependency groups")
     demo.add_argument("--model", default="resnet18")
     demo.add_argument(
@@ -211,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="input height and width in pixels (default 64)",
     )
     demo.set_defaults(func=_demo)
-    return parser
 
 
 def _one_line(exc: BaseException) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,13 +40,15 @@ from prune_env.app.runfiles import (
     plot_search,
     read_evaluations,
     read_state,
+    setup_logging,
     write_json,
 )
 from prune_env.app.settings import DEFAULT_AGENTS, SearchSettings
+from prune_env.app.weights import base_model_spec, load_weights
 from prune_env.data import Splits, load
 from prune_env.device import resolve_device
-from prune_env.errors import InvalidSettingError, ResumeError, UnknownNameError, UnsupportedLayerError
-from prune_env.fileio import DISK_FULL_ERRNOS, write_text_atomic
+from prune_env.errors import ResumeError, UnknownNameError, UnsupportedLayerError
+from prune_env.fileio import write_text_atomic
 from prune_env.problem import PruningProblem
 from prune_env.rewards import get_reward
 from prune_env.scoring import PolicyScorer
@@ -63,66 +64,6 @@ def default_agent() -> str:
     if name is None:
         raise UnknownNameError(f"none of the default agents {DEFAULT_AGENTS} can run here; pass --agent")
     return name
-
-
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """``--weights`` read as a saved model's weights are: weights-only, plain tensors, all finite."""
-    from prune_env.checkpoint import read_weights
-    from prune_env.errors import CheckpointError
-
-    save = "save one with torch.save(model.state_dict(), PATH)"
-    resolved = Path(path).resolve()  # a link to the user's own file is fine; read_weights checks its target
-    if not resolved.exists():
-        raise InvalidSettingError(f"--weights {path}: no such file; {save}")
-    try:
-        return read_weights(resolved)
-    except CheckpointError as exc:
-        # "<file> <problem>; <how to re-save a saved model>": the problem is kept, the advice replaced.
-        problem = (str(exc).rpartition("; ")[0] or str(exc)).removeprefix(str(resolved))
-    if problem.startswith(": tensor"):  # NaN or inf: the file reads, its values are unusable
-        raise InvalidSettingError(f"--weights {path}{problem}; pass weights whose training did not diverge")
-    problem = f"the file{problem}" if problem.startswith(" ") else problem
-    raise InvalidSettingError(f"--weights {path} is not a loadable state_dict ({problem}); {save}")
-
-
-def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    """Load a state_dict file into ``model`` (in place), or refuse it naming the problem and the fix."""
-    state = _read_weights_file(path)
-    # load_state_dict would cast without a word: float64 weights rounded, integer tensors taken as weights,
-    # half precision widened. A file of another dtype is refused, with the conversion to run if it is meant.
-    expected = model.state_dict()
-    wrong = [
-        (k, v.dtype, expected[k].dtype)
-        for k, v in state.items()
-        if k in expected and v.dtype != expected[k].dtype
-    ]
-    if wrong:
-        key, found, wanted = wrong[0]
-        more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
-        raise InvalidSettingError(
-            f"--weights {path} holds {key} as {str(found).removeprefix('torch.')}{more} where the model has "
-            f"{str(wanted).removeprefix('torch.')}; if these are the weights you mean, convert them first: "
-            "torch.save({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, PATH)"
-        )
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        lines = str(exc).splitlines()  # torch's first line is a heading; the second names the keys
-        first = lines[1 if len(lines) > 1 else 0].strip()
-        raise InvalidSettingError(
-            f"--weights {path} does not fit {type(model).__name__} built for this dataset's classes and "
-            f"channels ({first[:160]}); pass the weights of --model trained on --dataset"
-        ) from None
-    return model
-
-
-def base_model_spec(s: SearchSettings, splits: Splits) -> str | nn.Module:
-    """The model the problem starts from: the zoo name (trained and cached), or it with --weights loaded."""
-    if s.weights is None:
-        return s.model
-    from prune_env.models import get_model
-
-    return load_weights(get_model(s.model, splits.num_classes, splits.in_channels), s.weights).eval()
 
 
 def run_directory(s: SearchSettings) -> RunDirectory:
@@ -163,31 +104,6 @@ def preflight(s: SearchSettings) -> tuple[SearchSettings, Splits]:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-class _LogFile(logging.FileHandler):
-    """``log.txt``. A full disk is said once, by the run's own files (:mod:`prune_env.fileio`); the log's
-    lines are not worth a logging traceback each."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        error = sys.exc_info()[1]
-        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
-            return
-        super().handleError(record)
-
-
-def _setup_logging(directory: Path) -> list[logging.Handler]:
-    log.setLevel(logging.DEBUG)
-    log.propagate = False
-    file_handler = _LogFile(directory / "log.txt")
-    file_handler.setLevel(logging.DEBUG)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.INFO)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    for h in (file_handler, console):
-        log.addHandler(h)
-    return [file_handler, console]
 
 
 POLICY_DIR = "policy"  # a budget-range run's policy (agents.policies: policy.json and its weights)
@@ -392,48 +308,71 @@ def run_search(s: SearchSettings) -> int:
 
 def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
     """The search job in a run directory this process holds."""
-    from tqdm.auto import tqdm
-
-    from prune_env.train import finetune
-
-    started = time.perf_counter()
-    spec = resolve_agent(s.agent or default_agent())
-    handlers = _setup_logging(s.out)
-    timings: dict[str, float] = {}
-    problem = evaluator = None
-    scorer: PolicyScorer | None = None
-    run_log: RunLog | None = None
-    bar = None
-    stage = "base model"
+    job = _SearchJob(s, splits, rundir)
     try:
-        state, previous = _open_run(s, rundir)
+        job.prepare()
+        job.search()
+        job.finish()
+        return 0
+    except KeyboardInterrupt:
+        return job.interrupted()
+    finally:
+        job.close()
+
+
+class _SearchJob:
+    """One search job's steps -- prepare the problem, search, fine-tune and save -- and what an interruption
+    keeps. ``stage`` says which step is running (an interruption reports it)."""
+
+    def __init__(self, s: SearchSettings, splits: Splits, rundir: RunDirectory) -> None:
+        self.s = s
+        self.splits = splits
+        self.rundir = rundir
+        self.started = time.perf_counter()
+        self.spec = resolve_agent(s.agent or default_agent())
+        self.handlers = setup_logging(s.out)
+        self.timings: dict[str, float] = {}
+        self.problem: PruningProblem | None = None
+        self.evaluator: BudgetedEvaluator | None = None
+        self.scorer: PolicyScorer | None = None
+        self.run_log: RunLog | None = None
+        self.bar: Any = None
+        self.stage = "base model"
+        self.state: dict[str, Any] = {}
+        self.previous: list[Evaluation] = []
+        self.policy: Any = None
+
+    def prepare(self) -> None:
+        """The run's state, the problem (base model trained or loaded), the scorer and the evaluator."""
+        s = self.s
+        self.state, self.previous = _open_run(s, self.rundir)
         t0 = time.perf_counter()
-        problem = PruningProblem(base_model_spec(s, splits), splits, s.problem)
+        problem = self.problem = PruningProblem(base_model_spec(s, self.splits), self.splits, s.problem)
         if s.weights is not None:  # trained elsewhere: its test accuracy, for the report only
             from prune_env.train import evaluate
 
             problem.base_metrics["test_accuracy"] = evaluate(
-                problem.base_model, splits.test, device=problem.device
+                problem.base_model, self.splits.test, device=problem.device
             )["accuracy"]
-        timings["base_seconds"] = time.perf_counter() - t0
-        run_log = RunLog(s.out, state)
+        self.timings["base_seconds"] = time.perf_counter() - t0
+        self.run_log = RunLog(s.out, self.state)
         if s.parallel:
             from prune_env.distributed import RayScorer
 
-            scorer = RayScorer(problem, s.workers, address=s.ray_address)
-            log.info("scoring on %d Ray workers", scorer.workers)
-        evaluator = BudgetedEvaluator(
+            self.scorer = RayScorer(problem, s.workers, address=s.ray_address)
+            log.info("scoring on %d Ray workers", self.scorer.workers)
+        self.evaluator = BudgetedEvaluator(
             problem,
             s.evals,
             reward=s.reward,
-            on_evaluation=run_log,
+            on_evaluation=self.run_log,
             budget_range=s.budget_range,
-            scorer=scorer,
+            scorer=self.scorer,
         )
         # A resumed log is checked against the problem before anything is said or written.
-        evaluator.check_log(previous, str(run_log.csv_path))
+        self.evaluator.check_log(self.previous, str(self.run_log.csv_path))
         log.info("prune-env search: %s on %s, %s target %g, agent %s, %d evaluations, seed %d", s.model,
-                 s.dataset, problem.metric, problem.target, spec.name, s.evals, problem.seed)  # fmt: skip
+                 s.dataset, problem.metric, problem.target, self.spec.name, s.evals, problem.seed)  # fmt: skip
         log.info(
             "base model: %d groups, %s MACs, %s params, proxy accuracy %.4f, test accuracy %s",
             problem.n_groups,
@@ -443,8 +382,15 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             _fmt(problem.base_metrics.get("test_accuracy")),
         )
 
-        stage = "search"
-        bar = run_log.bar = tqdm(
+    def search(self) -> None:
+        """The agent's search within the evaluation budget, resumed from the run's log where there is one."""
+        from tqdm.auto import tqdm
+
+        s, problem, evaluator, run_log = self.s, self.problem, self.evaluator, self.run_log
+        assert problem is not None and evaluator is not None and run_log is not None  # prepared
+        self.stage = "search"
+        previous = self.previous
+        self.bar = run_log.bar = tqdm(
             total=s.evals,
             desc=f"search ({s.agent})",
             unit="eval",
@@ -452,24 +398,24 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             leave=False,
         )
         run_log.start(previous)
-        state["evals_done"] = len(previous)
-        write_json(s.out / STATE_FILE, state)
+        self.state["evals_done"] = len(previous)
+        write_json(s.out / STATE_FILE, self.state)
         if len(previous) == s.evals:
             evaluator.preload(previous)  # the search was complete: straight to the fine-tune
         elif previous:
             evaluator.replay(previous)
         if previous:
-            bar.update(len(previous))
+            self.bar.update(len(previous))
             log.info("resumed: %d evaluations replayed from %s", len(previous), run_log.csv_path)
         t0 = time.perf_counter()
-        policy = None
         if evaluator.remaining > 0:
             # The same seed as the interrupted run: the agent retraces the logged evaluations, then goes on.
-            policy = run_agent(spec.name, evaluator, seed=problem.seed, **_agent_settings(spec, s)).policy
-        timings["search_seconds"] = time.perf_counter() - t0
-        bar.close()
+            settings = _agent_settings(self.spec, s)
+            self.policy = run_agent(self.spec.name, evaluator, seed=problem.seed, **settings).policy
+        self.timings["search_seconds"] = time.perf_counter() - t0
+        self.bar.close()
         if evaluator.best is None:
-            raise RuntimeError(f"agent {spec.name!r} finished without evaluating any policy")
+            raise RuntimeError(f"agent {self.spec.name!r} finished without evaluating any policy")
         best_reward, outcome = evaluator.best
         log.info(
             "search done: %d evaluations, best reward %.4f, proxy accuracy %.4f at %s ratio %.3f",
@@ -480,14 +426,21 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             outcome.cost_ratio,
         )
 
-        stage = "fine-tune"
-        keep = np.asarray(outcome.keep, dtype=np.int64)
+    def finish(self) -> None:
+        """The best policy (or a budget-range policy applied at the target) fine-tuned, measured under a
+        latency budget, saved with the results and plots."""
+        from prune_env.train import finetune
+
+        s, problem, evaluator = self.s, self.problem, self.evaluator
+        assert problem is not None and evaluator is not None and evaluator.best is not None  # searched
+        self.stage = "fine-tune"
+        keep = np.asarray(evaluator.best[1].keep, dtype=np.int64)
         applied = None
-        if s.budget_range is not None and policy is not None:
+        if s.budget_range is not None and self.policy is not None:
             # The learned policy, not one episode of it, is what a budget-range run is for: saved with the
             # run (`prune-env apply` uses it for other targets) and applied to this run's target.
-            policy.save(s.out / POLICY_DIR)
-            keep = applied = policy.keep_for(problem, problem.target)
+            self.policy.save(s.out / POLICY_DIR)
+            keep = applied = self.policy.keep_for(problem, problem.target)
             log.info("policy saved to %s; applied at %s target %g", s.out / POLICY_DIR, problem.metric,
                      problem.target)  # fmt: skip
         t0 = time.perf_counter()
@@ -502,33 +455,20 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             progress=s.problem.progress,
             device=problem.device,
         )
-        timings["finetune_seconds"] = time.perf_counter() - t0
-        timings["total_seconds"] = time.perf_counter() - started
-        results = _results(s, problem, evaluator, timings, "finished", metrics, applied)
+        self.timings["finetune_seconds"] = time.perf_counter() - t0
+        self.timings["total_seconds"] = time.perf_counter() - self.started
+        results = _results(s, problem, evaluator, self.timings, "finished", metrics, applied)
         if problem.metric == "latency":
-            # A latency budget is a prediction: the saved model is measured beside it, with the base model.
-            stage = "latency check"
-            check = problem.check_latency(keep, tuned)
-            results.update(check.fields())
-            log.info(
-                "measured latency %.4g ms (predicted %.4g, %+.1f%%; base %.4g ms, %.2fx faster)%s",
-                check.measured.median_ms,
-                check.predicted_ms,
-                100 * check.error,
-                check.base_measured.median_ms,
-                check.speedup,
-                " -- disturbed by other work on the machine: measure again when it is quiet"
-                if check.fields()["latency_measured_noisy"]
-                else "",
-            )
+            self.stage = "latency check"
+            results.update(self._check_latency(keep, tuned))
         finetuned = s.finetune_epochs > 0  # with 0 epochs finetune() only scores the model
         _save_model(
             s, problem, keep, tuned, {"finetuned": finetuned, "test_accuracy": metrics["test_accuracy"]}
         )
         write_json(s.out / "results.json", results)
         # Finished only once the model and results are on disk: a run stopped before (a full disk) resumes.
-        state["status"] = "finished"
-        write_json(s.out / STATE_FILE, state)
+        self.state["status"] = "finished"
+        write_json(s.out / STATE_FILE, self.state)
         plot_search(
             evaluator.history, s.out / "search.png", problem.target, problem.metric, problem.projector
         )
@@ -543,22 +483,42 @@ def _run_owned(s: SearchSettings, splits: Splits, rundir: RunDirectory) -> int:
             _fmt(problem.base_metrics.get("test_accuracy")),
             cost_ratios(problem.metric, saved.cost_ratio, saved.params_ratio),
             s.out,
-            timings["total_seconds"],
+            self.timings["total_seconds"],
         )
-        return 0
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        if problem is None:
+
+    def _check_latency(self, keep: np.ndarray, tuned: nn.Module) -> dict[str, Any]:
+        """A latency budget is a prediction: the saved model is measured beside it, with the base model."""
+        assert self.problem is not None
+        check = self.problem.check_latency(keep, tuned)
+        fields = check.fields()
+        log.info(
+            "measured latency %.4g ms (predicted %.4g, %+.1f%%; base %.4g ms, %.2fx faster)%s",
+            check.measured.median_ms,
+            check.predicted_ms,
+            100 * check.error,
+            check.base_measured.median_ms,
+            check.speedup,
+            " -- disturbed by other work on the machine: measure again when it is quiet"
+            if fields["latency_measured_noisy"]
+            else "",
+        )
+        return fields
+
+    def interrupted(self) -> int:
+        """Ctrl-C: keep what exists and say how to resume (exit status 130)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.problem is None:
             log.warning("interrupted while preparing the base model; nothing to save yet")
             return 130
-        return _finish_partial(s, problem, evaluator, timings, started, stage)
-    finally:
-        if scorer is not None:
-            scorer.close()
-        if run_log is not None:
-            run_log.close()
-        for h in handlers:
+        return _finish_partial(self.s, self.problem, self.evaluator, self.timings, self.started, self.stage)
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+        if self.run_log is not None:
+            self.run_log.close()
+        for h in self.handlers:
             log.removeHandler(h)
             h.close()
 

@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -32,7 +33,7 @@ from numpy.typing import ArrayLike
 from agents.evaluator import Evaluation
 from agents.tensorboard import EvaluationWriter
 from prune_env.errors import ResumeError
-from prune_env.fileio import append_text, write_bytes_atomic, write_text_atomic
+from prune_env.fileio import DISK_FULL_ERRNOS, append_text, write_bytes_atomic, write_text_atomic
 from prune_env.serialize import json_default, loads_strict
 
 if TYPE_CHECKING:
@@ -273,6 +274,31 @@ def plot_allocation(
     plt.close(fig)
 
 
+class _LogFile(logging.FileHandler):
+    """``log.txt``. A full disk is said once, by the run's own files (:mod:`prune_env.fileio`); the log's
+    lines are not worth a logging traceback each."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return
+        super().handleError(record)
+
+
+def setup_logging(directory: Path) -> list[logging.Handler]:
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    file_handler = _LogFile(directory / "log.txt")
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    for h in (file_handler, console):
+        log.addHandler(h)
+    return [file_handler, console]
+
+
 __all__ = [
     "EVALUATIONS_FILE",
     "RUN_FILES",
@@ -285,5 +311,6 @@ __all__ = [
     "plot_search",
     "read_evaluations",
     "read_state",
+    "setup_logging",
     "write_json",
 ]

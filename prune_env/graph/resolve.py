@@ -264,6 +264,40 @@ def _distinct_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(distinct, dtype=matrix.dtype).reshape(len(distinct), matrix.shape[1]), which
 
 
+def _members(
+    st: State,
+    slots: list[int],
+    multiplicities: list[int],
+    ordered: list[int],
+    bounds: list[int],
+    slot_units: list[np.ndarray],
+) -> tuple[list[Member], list[int], list[OpCount]]:
+    """One sub-group's members (the layer slots it touches, with its positions there: ``ordered`` split at
+    ``bounds``), their slots, and its positions counted in operation slots (costs only: nothing to slice)."""
+    members: list[Member] = []
+    member_slots: list[int] = []
+    counted: list[OpCount] = []
+    for c, (s, multiplicity) in enumerate(zip(slots, multiplicities, strict=True)):
+        slot = st.slots[s]
+        begin = bounds[c - 1] if c else 0
+        if slot.kind == "op":
+            counted.append(OpCount(s, multiplicity, int(bounds[c] - begin)))
+            continue
+        members.append(
+            Member(
+                layer=slot.layer,
+                layer_type=slot.layer_type,
+                kind=slot.kind,
+                dim=slot.dim,
+                positions=tuple(ordered[begin : bounds[c]]),
+                multiplicity=multiplicity,
+                size=len(slot_units[s]),
+            )
+        )
+        member_slots.append(s)
+    return members, member_slots, counted
+
+
 def form_groups(
     st: State,
     units: Units,
@@ -318,29 +352,10 @@ def form_groups(
             by_unit = np.lexsort((ranks, member))
             ordered = positions[by_unit].tolist()
             bounds = np.cumsum(np.bincount(member, minlength=len(columns))).tolist()
-            members: list[Member] = []
-            slots: list[int] = []
-            counted: list[OpCount] = []
-            for c, j in enumerate(columns):
-                s = slots_of[j]
-                slot = st.slots[s]
-                if slot.kind == "op":  # costs only: nothing to slice
-                    counted.append(
-                        OpCount(s, int(signatures[k, j]), int(bounds[c] - (bounds[c - 1] if c else 0)))
-                    )
-                    continue
-                members.append(
-                    Member(
-                        layer=slot.layer,
-                        layer_type=slot.layer_type,
-                        kind=slot.kind,
-                        dim=slot.dim,
-                        positions=tuple(ordered[bounds[c - 1] if c else 0 : bounds[c]]),
-                        multiplicity=int(signatures[k, j]),
-                        size=len(slot_units[s]),
-                    )
-                )
-                slots.append(s)
+            members, slots, counted = _members(
+                st, [slots_of[j] for j in columns], [int(signatures[k, j]) for j in columns], ordered, bounds,
+                slot_units,
+            )  # fmt: skip
             producers = [s for s, m in zip(slots, members, strict=True) if m.kind == "out"]
             if not producers:
                 continue

@@ -112,6 +112,31 @@ def build_table(
             pruned = prune(model, one_sample, ratio, graph=graph)
             pruned_ms.append((keep, measure_callable(module_forward(pruned, one_sample, settings), settings)))
             bar.update()
+    layers = _layer_tables(specs, grids, measured)
+    protocol = {
+        "warmup": settings.warmup,
+        "repeats": settings.repeats,
+        "min_sample_ms": settings.min_sample_ms,
+        "noise_bound": settings.noise_bound,
+        "max_attempts": settings.max_attempts,
+    }
+    table = LatencyTable(
+        meta=meta,
+        layers=tuple(layers),
+        untimed=tuple(labels[t] or "<function call>" for t in untimed),
+        whole=whole,
+        noise=noise.relative_spread,
+        protocol=protocol,
+    )
+    return fit_residual(table, [(graph.costs.kept(keep), timing.median_ms) for keep, timing in pruned_ms])
+
+
+def _layer_tables(
+    specs: Sequence[LayerSpec],
+    grids: dict[int, tuple[tuple[int, ...], tuple[int, ...]]],
+    measured: dict[tuple[object, ...], Timing],
+) -> list[LayerTable]:
+    """Each timed layer's grid of measured milliseconds (and noisy flags)."""
     layers = []
     for s in specs:
         ins, outs = grids[s.term]
@@ -132,22 +157,7 @@ def build_table(
                 out_spatial=s.out_spatial,
             )
         )
-    protocol = {
-        "warmup": settings.warmup,
-        "repeats": settings.repeats,
-        "min_sample_ms": settings.min_sample_ms,
-        "noise_bound": settings.noise_bound,
-        "max_attempts": settings.max_attempts,
-    }
-    table = LatencyTable(
-        meta=meta,
-        layers=tuple(layers),
-        untimed=tuple(labels[t] or "<function call>" for t in untimed),
-        whole=whole,
-        noise=noise.relative_spread,
-        protocol=protocol,
-    )
-    return fit_residual(table, [(graph.costs.kept(keep), timing.median_ms) for keep, timing in pruned_ms])
+    return layers
 
 
 def fit_residual(table: LatencyTable, measured: Sequence[tuple[np.ndarray, float]]) -> LatencyTable:

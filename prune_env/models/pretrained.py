@@ -163,7 +163,7 @@ def _published_architecture(name: str, member: Any) -> nn.Module:
 
 def _load_published(model: nn.Module, name: str, weights: str, path: Path) -> None:
     """Load the cached checkpoint ``path`` into ``model`` weights-only, never unpickling code."""
-    from prune_env.checkpoint import read_weights
+    from prune_env.trusted_files import read_weights
 
     redownload = _redownload(name, weights)
     try:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune_env.checkpoint import read_weights
 from prune_env.errors import CheckpointError, InvalidSettingError
 from prune_env.fileio import write_bytes_atomic, write_text_atomic
 from prune_env.quantization.bits import FULL_PRECISION, BitPlan, check_plan
@@ -32,6 +31,7 @@ from prune_env.quantization.fakequant import (
     install_activation_quantizers,
 )
 from prune_env.serialize import loads_strict
+from prune_env.trusted_files import read_weights
 
 INT8 = 8
 

@@ -171,6 +171,41 @@ def _plan_raw_parameter(
         plan.set(owner_name, "num_features", kept)
 
 
+def _plan_conv(
+    plan: Plan, m: nn.Conv1d | nn.Conv2d | nn.Conv3d, name: str, out: Any, inp: Any, sizes: Mapping[str, int]
+) -> None:
+    """A convolution's kept output and input channels (grouped ones: by group, or the same positions of
+    every group)."""
+    if out is not None:
+        plan.slice(m, name, "weight", 0, out)
+        plan.slice(m, name, "bias", 0, out)
+    if m.groups > 1 and sizes.get("in", 0) != m.in_channels:
+        # The same positions of every group go (the graph's input slot then indexes the positions
+        # within a group, and it is pruned apart from the outputs): the group count stays.
+        if inp is not None:
+            plan.slice(m, name, "weight", 1, inp)
+            plan.set(name, "in_channels", m.groups * len(inp))
+        if out is not None:
+            plan.set(name, "out_channels", len(out))
+        return
+    if m.groups > 1:
+        # Whole groups go: keep the per-group width, shrink the group count.
+        kept_out = len(out) if out is not None else m.out_channels
+        new_groups = kept_out // (m.out_channels // m.groups)
+        in_per_group = m.in_channels // m.groups
+        if inp is not None and len(inp) != new_groups * in_per_group:
+            raise UnsupportedLayerError(f"grouped conv {name!r}: inconsistent group removal")
+        plan.set(name, "in_channels", new_groups * in_per_group)
+        plan.set(name, "out_channels", kept_out)
+        plan.set(name, "groups", new_groups)
+        return
+    if out is not None:
+        plan.set(name, "out_channels", len(out))
+    if inp is not None:
+        plan.slice(m, name, "weight", 1, inp)
+        plan.set(name, "in_channels", len(inp))
+
+
 def _plan_module(
     plan: Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int, Any]], sizes: Mapping[str, int]
 ) -> None:
@@ -199,34 +234,7 @@ def _plan_module(
         plan.set(name, "num_heads", len(ch))
         return
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if out is not None:
-            plan.slice(m, name, "weight", 0, out)
-            plan.slice(m, name, "bias", 0, out)
-        if m.groups > 1 and sizes.get("in", 0) != m.in_channels:
-            # The same positions of every group go (the graph's input slot then indexes the positions
-            # within a group, and it is pruned apart from the outputs): the group count stays.
-            if inp is not None:
-                plan.slice(m, name, "weight", 1, inp)
-                plan.set(name, "in_channels", m.groups * len(inp))
-            if out is not None:
-                plan.set(name, "out_channels", len(out))
-            return
-        if m.groups > 1:
-            # Whole groups go: keep the per-group width, shrink the group count.
-            kept_out = len(out) if out is not None else m.out_channels
-            new_groups = kept_out // (m.out_channels // m.groups)
-            in_per_group = m.in_channels // m.groups
-            if inp is not None and len(inp) != new_groups * in_per_group:
-                raise UnsupportedLayerError(f"grouped conv {name!r}: inconsistent group removal")
-            plan.set(name, "in_channels", new_groups * in_per_group)
-            plan.set(name, "out_channels", kept_out)
-            plan.set(name, "groups", new_groups)
-            return
-        if out is not None:
-            plan.set(name, "out_channels", len(out))
-        if inp is not None:
-            plan.slice(m, name, "weight", 1, inp)
-            plan.set(name, "in_channels", len(inp))
+        _plan_conv(plan, m, name, out, inp, sizes)
         return
     if isinstance(m, nn.Linear):
         if out is not None:

@@ -323,7 +323,7 @@ def load_policy(directory: str | Path) -> Policy:
     path = Path(directory)
     file = path / POLICY_META
     meta = read_policy_meta(path)
-    kind = meta.get("kind", "sb3")  # SB3 policies saved before kinds existed have none
+    kind = meta.get("kind")
     if kind == "allocation":
         return AllocationPolicy.from_meta(meta, file)
     if not isinstance(kind, str) or kind not in POLICY_KINDS:

@@ -49,9 +49,8 @@ from prune_env.serialize import json_default, loads_strict
 from prune_env.surgery import prune_channels
 from prune_env.trusted_files import open_regular, read_weights
 
-# Format 2 records the pruned model's MACs and parameter count; format 1 files are still read.
+# Format 2 records the pruned model's MACs and parameter count (format 1, which did not, was never released).
 FORMAT = 2
-READABLE_FORMATS = (1, 2)
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"
 
@@ -126,11 +125,9 @@ def _validated(spec: Any, bad: Callable[[str], NoReturn]) -> dict[str, Any]:
     if not isinstance(spec, dict):
         bad(f"expected a JSON object, got {type(spec).__name__}")
     fmt = spec.get("format")
-    if fmt not in READABLE_FORMATS or type(fmt) is not int:
-        bad(f"'format' must be one of {list(READABLE_FORMATS)}, got {_short(fmt)}")
-    required = ["architecture", "num_classes", "in_channels", "input_shape", "keep", "meta"]
-    if fmt >= 2:
-        required += ["macs", "params"]
+    if fmt != FORMAT or type(fmt) is not int:
+        bad(f"'format' must be {FORMAT}, got {_short(fmt)}; re-save the model with this prune_env")
+    required = ["architecture", "num_classes", "in_channels", "input_shape", "keep", "meta", "macs", "params"]
     absent = [key for key in required if key not in spec]
     if absent:
         bad(f"missing {', '.join(repr(k) for k in absent)}")
@@ -180,10 +177,9 @@ def _validated(spec: Any, bad: Callable[[str], NoReturn]) -> dict[str, Any]:
     found_versions = spec.get("versions", {})
     if not isinstance(found_versions, dict) or not all(isinstance(v, str) for v in found_versions.values()):
         bad(f"'versions' must map library names to version strings, got {_short(found_versions)}")
-    if fmt >= 2:
-        for key in ("macs", "params"):
-            if not _is_int(spec[key], 0, 2**63 - 1):
-                bad(f"{key!r} must be a non-negative integer, got {_short(spec[key])}")
+    for key in ("macs", "params"):
+        if not _is_int(spec[key], 0, 2**63 - 1):
+            bad(f"{key!r} must be a non-negative integer, got {_short(spec[key])}")
     return {**spec, "keep": normalised}
 
 

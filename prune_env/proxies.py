@@ -6,7 +6,7 @@ choose them: ``recalibration`` and ``distillation`` (:class:`~prune_env.proxy.Pr
 from __future__ import annotations
 
 from prune_env.proxy import Proxy, ProxyContext, ProxyEvaluator
-from prune_env.settings import DEFAULT_FINETUNE_STEPS
+from prune_env.settings import DISTILLATION_STEPS
 
 
 def make_proxy(context: ProxyContext) -> Proxy:
@@ -15,7 +15,7 @@ def make_proxy(context: ProxyContext) -> Proxy:
     if s.proxy in ("recalibration", "distillation"):
         steps = s.finetune_steps
         if steps is None:
-            steps = DEFAULT_FINETUNE_STEPS if s.proxy == "distillation" else 0
+            steps = DISTILLATION_STEPS if s.proxy == "distillation" else 0
         return ProxyEvaluator(
             context.base_model,
             context.splits,

@@ -40,8 +40,8 @@ from prune_env.errors import InvalidSettingError
 from prune_env.graph import DependencyGraph
 from prune_env.settings import (
     DEFAULT_BN_RECALIB_BATCHES,
-    DEFAULT_EVAL_SAMPLES,
-    DEFAULT_FINETUNE_STEPS,
+    DISTILLATION_STEPS,
+    EVALUATOR_EVAL_SAMPLES,
     ProblemSettings,
 )
 from prune_env.train import EVAL_BATCH_SIZE, kd_loss
@@ -220,9 +220,9 @@ class ProxyEvaluator(Proxy):
         self,
         base_model: nn.Module,
         splits: Splits,
-        eval_samples: int | None = DEFAULT_EVAL_SAMPLES,
+        eval_samples: int | None = EVALUATOR_EVAL_SAMPLES,
         bn_recalib_batches: int = DEFAULT_BN_RECALIB_BATCHES,
-        finetune_steps: int = DEFAULT_FINETUNE_STEPS,
+        finetune_steps: int = DISTILLATION_STEPS,
         seed: int = 0,
         *,
         batch_size: int = EVAL_BATCH_SIZE,

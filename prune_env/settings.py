@@ -37,9 +37,10 @@ DEFAULT_MAX_RATIO = 0.8
 # ranks at 0.65 and the 100-step variant at 0.75: at this budget a proxy ranks about as well as another
 # fine-tune would. At 50% MACs fine-tuned random policies all land within 0.4 points (ranking there is
 # noise); on digits every variant is at the noise floor (360 test images).
-DEFAULT_EVAL_SAMPLES = 3000
+# ProxyEvaluator's own sample count (a problem's default is FAST_EVAL_SAMPLES, below).
+EVALUATOR_EVAL_SAMPLES = 3000
 DEFAULT_BN_RECALIB_BATCHES = 8
-DEFAULT_FINETUNE_STEPS = 50
+DISTILLATION_STEPS = 50  # KD steps of the "distillation" proxy and of ProxyEvaluator by default
 # A problem's and the environments' default: recalibration only (no KD steps) on 1000 samples, ~10x
 # cheaper per evaluation, for searches that need many evaluations more than the last bit of fidelity.
 FAST_EVAL_SAMPLES = 1000
@@ -51,8 +52,6 @@ FAST_EVAL_SAMPLES = 1000
 DEFAULT_SUPERNET_FINETUNE_STEPS = 3
 # Budgets on quantized models: BitOps and size (prune_env.quantization).
 JOINT_METRICS = ("bitops", "size")
-# The latency settings and their defaults: added after the others, so a run recorded without them used these.
-LATENCY_DEFAULTS: dict[str, Any] = {"target_latency": None, "latency_batch": 1, "latency_threads": 1}
 # Proxies trained once per problem (prune_env.supernet), besides the evaluator's recalibration/distillation.
 TRAINED_PROXIES = ("supernet", "pruningnet")
 
@@ -155,7 +154,7 @@ class ProblemSettings:
         default=None,
         metadata=option_help(
             "knowledge-distillation steps per proxy evaluation (default: the proxy's own: none for "
-            f"recalibration, {DEFAULT_FINETUNE_STEPS} for distillation, "
+            f"recalibration, {DISTILLATION_STEPS} for distillation, "
             f"{DEFAULT_SUPERNET_FINETUNE_STEPS} for supernet and pruningnet)"
         ),
     )
@@ -254,13 +253,12 @@ def replace_checked(settings: Any, changes: Mapping[str, Any], owner: str) -> An
 
 __all__ = [
     "DEFAULT_BN_RECALIB_BATCHES",
-    "DEFAULT_EVAL_SAMPLES",
-    "DEFAULT_FINETUNE_STEPS",
     "DEFAULT_MAX_RATIO",
     "DEFAULT_SUPERNET_FINETUNE_STEPS",
     "DEFAULT_TARGET",
+    "DISTILLATION_STEPS",
+    "EVALUATOR_EVAL_SAMPLES",
     "FAST_EVAL_SAMPLES",
-    "LATENCY_DEFAULTS",
     "TRAINED_PROXIES",
     "ProblemSettings",
     "option_help",

@@ -276,11 +276,10 @@ def test_the_untampered_model_loads_and_evaluates(saved: Path, capsys: pytest.Ca
     assert f"MACs:     {spec['macs']:,}" in capsys.readouterr().out
 
 
-def test_format_1_without_recorded_costs_still_loads(model_dir: Path) -> None:
-    """Directories written before costs were recorded load as before (without the cost check)."""
+def test_a_description_of_another_format_is_refused_naming_the_fix(model_dir: Path) -> None:
     _edit_spec(lambda s: [s.pop("macs"), s.pop("params"), s.update(format=1)])(model_dir)
-    assert read_spec(model_dir)["format"] == 1
-    load_pruned(model_dir)
+    with pytest.raises(CheckpointError, match="'format' must be 2, got 1; re-save the model"):
+        read_spec(model_dir)
 
 
 def test_validate_spec_is_the_schema_for_saving_too(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from prune_env.app.weights import base_model_spec
 from prune_env.data import check_dataset_name
 from prune_env.errors import InvalidSettingError, PruneEnvError, RunDirectoryError, UnknownNameError
 from prune_env.models import check_model_name
-from prune_env.settings import LATENCY_DEFAULTS, ProblemSettings
+from prune_env.settings import ProblemSettings
 from prune_env.validation import check_settings
 
 # The settings apply rebuilds the problem from: the run's own, and every field of its problem's settings
@@ -48,7 +48,7 @@ def run_settings(run: Path) -> tuple[SearchSettings, tuple[float, float]]:
     """The settings of the run in ``run`` and its policy's budget range, each value checked; a missing,
     mistyped or out-of-range one is refused naming the state file and the key."""
     path = run / STATE_FILE
-    saved = {**LATENCY_DEFAULTS, **read_state(path)["settings"]}  # recorded by newer runs only
+    saved = read_state(path)["settings"]
 
     def refuse(problem: str) -> RunDirectoryError:
         return RunDirectoryError(

@@ -52,7 +52,6 @@ from prune_env.fileio import write_text_atomic
 from prune_env.problem import PruningProblem
 from prune_env.rewards import get_reward
 from prune_env.scoring import PolicyScorer
-from prune_env.settings import LATENCY_DEFAULTS
 
 log = logging.getLogger("prune_env.job")
 
@@ -107,7 +106,6 @@ def _fmt(value: float | None) -> str:
 
 
 POLICY_DIR = "policy"  # a budget-range run's policy (agents.policies: policy.json and its weights)
-ADDED_SETTINGS: dict[str, Any] = {"weights": None, "budget_range": None, **LATENCY_DEFAULTS}
 
 
 def _open_run(s: SearchSettings, rundir: RunDirectory) -> tuple[dict[str, Any], list[Evaluation]]:
@@ -122,8 +120,7 @@ def _open_run(s: SearchSettings, rundir: RunDirectory) -> tuple[dict[str, Any], 
         return {"format": STATE_FORMAT, "settings": identity, "budget_evals": s.evals, "evals_done": 0}, []
     state_path = s.out / STATE_FILE
     state = read_state(state_path)
-    # Settings added later, recorded by newer runs only: an older run was made with their default.
-    saved = {**ADDED_SETTINGS, **state["settings"]}
+    saved = state["settings"]
     missing = [k for k in identity if k not in saved]
     if missing:
         raise ResumeError(f"cannot resume {s.out}: {state_path} does not record {', '.join(missing)}")

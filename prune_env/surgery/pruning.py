@@ -68,15 +68,15 @@ def prune(
         assert isinstance(ratios, float | int)  # checked above
         scores = {g: _checked_scores(score, group, model) for g, group in enumerate(graph.groups)}
         keep_counts = _global_keep_counts(graph, list(scores.values()), float(ratios), round_to)
-    keep: list[np.ndarray] = []
+    kept_indices: list[np.ndarray] = []  # per group: the unit indices that stay (not counts)
     for g, (group, k) in enumerate(zip(graph.groups, keep_counts, strict=True)):
         if k == group.units:
-            keep.append(np.arange(group.units))
+            kept_indices.append(np.arange(group.units))
             continue
         group_scores = scores[g] if g in scores else _checked_scores(score, group, model)
         # Stable sort: ties keep the lowest indices, so the result is deterministic.
-        keep.append(np.sort(np.argsort(-group_scores, kind="stable")[:k]))
-    return _prune_channels(model, graph, keep)
+        kept_indices.append(np.sort(np.argsort(-group_scores, kind="stable")[:k]))
+    return _prune_channels(model, graph, kept_indices)
 
 
 def _collapses(units: np.ndarray, ratios: np.ndarray, round_to: int) -> np.ndarray:

@@ -211,6 +211,19 @@ def test_every_settings_field_is_an_option_with_the_same_default(cls: type) -> N
             assert option_default == expected, f.name
 
 
+def test_every_latency_setting_is_a_latency_option_and_reaches_the_settings() -> None:
+    from prune_env.app.settings import settings_from_options
+    from prune_env.latency.settings import LatencySettings
+
+    parser = cli.build_parser()
+    defaults = LatencySettings()
+    args = parser.parse_args(["latency", "tiny"])
+    assert settings_from_options(args, LatencySettings) == defaults  # every field, its own default
+    args = parser.parse_args(["latency", "tiny", "--repeats", "4", "--noise-bound", "0.1", "--no-progress"])
+    chosen = settings_from_options(args, LatencySettings)
+    assert (chosen.repeats, chosen.noise_bound, chosen.progress) == (4, 0.1, False)
+
+
 def test_parsed_defaults_are_the_settings_defaults() -> None:
     args = _search_parser().parse_args([])
     assert from_options(args) == SearchSettings()

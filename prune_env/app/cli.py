@@ -20,8 +20,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from prune_env.app.settings import add_options, from_options
+from prune_env.app.settings import add_options, add_settings_options, from_options
 from prune_env.errors import PruneEnvError
+from prune_env.latency.settings import LatencySettings
 from prune_env.validation import MAX_SEED
 
 # Largest --resolution of `demo`: beyond it one activation of a torchvision model no longer fits in memory.
@@ -204,16 +205,12 @@ def _add_latency_command(sub: Any) -> None:
     )
     latency.add_argument("model", help="a model name (see `prune-env list`)")
     latency.add_argument("--dataset", default="digits", help="whose input shape to time (default digits)")
-    latency.add_argument("--batch", type=int, default=1, help="samples per forward pass (default 1)")
-    latency.add_argument("--threads", type=int, default=1, help="CPU threads while timing (default 1)")
-    latency.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1... (default cpu)")
-    latency.add_argument("--repeats", type=int, default=11, help="timed samples per measurement (default 11)")
+    add_settings_options(latency.add_argument_group("measurement settings"), LatencySettings)
     latency.add_argument("--out", default=None, help="output directory (default latency-MODEL)")
     latency.add_argument(
         "--force", action="store_true", help="replace an earlier latency output in --out (nothing else)"
     )
     latency.add_argument("--refresh", action="store_true", help="measure anew even if a table is cached")
-    latency.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     latency.set_defaults(func=_latency)
 
 

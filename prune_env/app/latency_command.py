@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from prune_env.app.outputs import check_directory_output, owning, publish_directory, staging_directory
-from prune_env.errors import InvalidSettingError
 from prune_env.fileio import write_text_atomic
 
 if TYPE_CHECKING:
@@ -27,8 +26,6 @@ PLOT_FILE = "latency.png"
 OUTPUT_FILES = frozenset({TABLE_FILE, PLOT_FILE})
 # Kept fractions printed per group.
 PRINTED_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
-# Settings named as the options that set them in error messages.
-OPTIONS = ("batch", "threads", "device", "repeats")
 
 
 def default_out(model: str) -> Path:
@@ -42,22 +39,10 @@ def check_latency_output(given: str | Path, *, force: bool) -> Path:
 
 
 def _settings(args: argparse.Namespace) -> LatencySettings:
-    from prune_env.latency import LatencySettings
+    from prune_env.app.settings import settings_from_options
+    from prune_env.latency.settings import LatencySettings
 
-    try:
-        return LatencySettings(
-            batch=args.batch,
-            threads=args.threads,
-            device=args.device,
-            repeats=args.repeats,
-            progress=args.progress,
-        )
-    except InvalidSettingError as exc:  # say it as the option the user typed
-        message = str(exc)
-        for name in OPTIONS:
-            if message.startswith(f"{name} "):
-                message = "--" + message
-        raise InvalidSettingError(message) from None
+    return settings_from_options(args, LatencySettings)
 
 
 def _group_rows(

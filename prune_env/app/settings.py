@@ -16,12 +16,14 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prune_env.errors import InvalidSettingError, RunDirectoryError
 from prune_env.optional_ray import uses_ray
 from prune_env.settings import ProblemSettings, option_help
 from prune_env.validation import check_settings
+
+T = TypeVar("T")
 
 # The first one that can run is the default: evolution spends its budget near the target at a fraction of
 # an SB3 learner's overhead per evaluation, so the README's default run stays within minutes on 2 cores.
@@ -239,6 +241,31 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         _add_field(group, f, annotation, getattr(problem_defaults, f.name))
 
 
+def add_settings_options(parser: Any, cls: type) -> None:
+    """One option per field of the settings dataclass ``cls`` (``--field-name``), with its default and the
+    help in the field's metadata."""
+    # The fields' declared defaults: making an instance could check them against the machine (a device),
+    # which --help must not wait for.
+    for f, annotation in _settings_fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
+        _add_field(parser, f, annotation, default)
+
+
+def settings_from_options(args: argparse.Namespace, cls: type[T]) -> T:
+    """The ``cls`` of parsed options added by :func:`add_settings_options`; a refused value is named as the
+    option the user typed (``--batch must be ...``)."""
+    names = [f.name for f, _ in _settings_fields(cls)]
+    try:
+        return cls(**{name: getattr(args, name) for name in names})
+    except InvalidSettingError as exc:
+        message = str(exc)
+        for name in names:
+            if message.startswith(f"{name} "):
+                message = _option(name) + message[len(name) :]
+                break
+        raise InvalidSettingError(message) from None
+
+
 def from_options(args: argparse.Namespace, argv: tuple[str, ...] = ()) -> SearchSettings:
     """The :class:`SearchSettings` of parsed options (see :func:`add_options`)."""
     values = {f.name: getattr(args, f.name) for f, _ in _settings_fields(ProblemSettings)}
@@ -249,4 +276,11 @@ def from_options(args: argparse.Namespace, argv: tuple[str, ...] = ()) -> Search
     return SearchSettings(**run, problem=problem, argv=argv)
 
 
-__all__ = ["DEFAULT_AGENTS", "SearchSettings", "add_options", "from_options"]
+__all__ = [
+    "DEFAULT_AGENTS",
+    "SearchSettings",
+    "add_options",
+    "add_settings_options",
+    "from_options",
+    "settings_from_options",
+]

@@ -24,13 +24,50 @@ Example::
 
 from __future__ import annotations
 
-from prune_env.errors import LatencyTableError
-from prune_env.latency.build import build_table, table_meta
-from prune_env.latency.cache import cached_table, load_table, read_table, save_table, table_path
-from prune_env.latency.cost import LatencyModel, latency_model, measure_pruned
-from prune_env.latency.measure import NoiseEstimate, Timing, estimate_noise, measure_callable, measure_module
-from prune_env.latency.settings import LatencySettings
-from prune_env.latency.table import LatencyTable, LayerTable, TableMeta
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names resolved on first use, so that importing the package (or its settings, for the command line's
+# options) does not import torch.
+_EXPORTS = {
+    "LatencyTableError": "prune_env.errors",
+    **dict.fromkeys(("build_table", "table_meta"), "prune_env.latency.build"),
+    **dict.fromkeys(
+        ("cached_table", "load_table", "read_table", "save_table", "table_path"), "prune_env.latency.cache"
+    ),
+    **dict.fromkeys(("LatencyModel", "latency_model", "measure_pruned"), "prune_env.latency.cost"),
+    **dict.fromkeys(
+        ("NoiseEstimate", "Timing", "estimate_noise", "measure_callable", "measure_module"),
+        "prune_env.latency.measure",
+    ),
+    "LatencySettings": "prune_env.latency.settings",
+    **dict.fromkeys(("LatencyTable", "LayerTable", "TableMeta"), "prune_env.latency.table"),
+}
+
+if TYPE_CHECKING:
+    from prune_env.errors import LatencyTableError
+    from prune_env.latency.build import build_table, table_meta
+    from prune_env.latency.cache import cached_table, load_table, read_table, save_table, table_path
+    from prune_env.latency.cost import LatencyModel, latency_model, measure_pruned
+    from prune_env.latency.measure import (
+        NoiseEstimate,
+        Timing,
+        estimate_noise,
+        measure_callable,
+        measure_module,
+    )
+    from prune_env.latency.settings import LatencySettings
+    from prune_env.latency.table import LatencyTable, LayerTable, TableMeta
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prune_env.latency' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
 
 __all__ = [
     "LatencyModel",

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from prune_env.device import resolve_device
 from prune_env.errors import InvalidSettingError
 from prune_env.validation import as_int, as_real
+
+if TYPE_CHECKING:
+    import torch
 
 # Devices whose kernels we know how to time: the CPU (wall clock) and CUDA (events + synchronisation).
 TIMED_DEVICE_TYPES = ("cpu", "cuda")
@@ -58,16 +59,22 @@ class LatencySettings:
         progress: a tqdm bar while a table is measured.
     """
 
-    batch: int = 1
-    threads: int = 1
-    device: str = "cpu"
-    warmup: int = 3
-    repeats: int = 11
-    min_sample_ms: float = 0.5
-    noise_bound: float = 0.25
-    max_attempts: int = 3
-    grid_points: int = 8
-    progress: bool = True
+    # Each field's help is the command line's (`prune-env latency` has one option per field).
+    batch: int = field(default=1, metadata={"help": "samples per forward pass"})
+    threads: int = field(default=1, metadata={"help": "CPU threads while timing"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1..."})
+    warmup: int = field(default=3, metadata={"help": "untimed calls before timing"})
+    repeats: int = field(default=11, metadata={"help": "timed samples per measurement"})
+    min_sample_ms: float = field(default=0.5, metadata={"help": "each timed sample lasts at least this long"})
+    noise_bound: float = field(
+        default=0.25,
+        metadata={"help": "a measurement whose IQR exceeds this fraction of its median is repeated"},
+    )
+    max_attempts: int = field(
+        default=3, metadata={"help": "measurements of one call before it is flagged noisy"}
+    )
+    grid_points: int = field(default=8, metadata={"help": "widths per axis of a layer's table"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar while a table is measured"})
 
     def __post_init__(self) -> None:
         cores = available_cores()
@@ -104,12 +111,18 @@ class LatencySettings:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         return torch.device(self.device)
 
 
 def canonical_device(device: object) -> str:
     """``device`` as a name this machine has and we can time on (``"cuda"`` becomes ``"cuda:0"``), else
     :class:`InvalidSettingError` naming the devices there are."""
+    import torch
+
+    from prune_env.device import resolve_device
+
     if not isinstance(device, (str, torch.device)):
         raise InvalidSettingError(f"device must be a name such as 'cpu' or 'cuda:0', got {device!r}")
     dev = resolve_device(device)  # unknown or absent devices are refused there, naming the ones there are
@@ -125,6 +138,8 @@ def canonical_device(device: object) -> str:
 
 def device_name(device: str) -> str:
     """What the hardware is called: the GPU's name for CUDA, the CPU model (``/proc/cpuinfo``) otherwise."""
+    import torch
+
     dev = torch.device(device)
     if dev.type == "cuda":
         return str(torch.cuda.get_device_name(dev))

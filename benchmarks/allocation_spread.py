@@ -27,22 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's directory comes first on sys.path, where benchmarks/agents.py would shadow
-# the ``agents`` package the harness imports: drop that entry first.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from prune_env import PruningProblem  # noqa: E402
-from prune_env.app.finetune_recipe import finetune_accuracy, resumable_results  # noqa: E402
-from prune_env.fileio import write_text_atomic  # noqa: E402
+from prune_env import PruningProblem
+from prune_env.app.finetune_recipe import finetune_accuracy, resumable_results
+from prune_env.fileio import write_text_atomic
 
 
 def tuned(

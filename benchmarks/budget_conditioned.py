@@ -20,24 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's directory comes first on sys.path and benchmarks/agents.py would shadow the
-# ``agents`` package: drop that entry first.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from agents import search  # noqa: E402
-from agents.policies import Policy, load_policy  # noqa: E402
-from prune_env import PruningProblem  # noqa: E402
-from prune_env.app.finetune_recipe import finetune_accuracy  # noqa: E402
-from prune_env.fileio import write_text_atomic  # noqa: E402
-from prune_env.settings import ProblemSettings  # noqa: E402
+from agents import search
+from agents.policies import Policy, load_policy
+from prune_env import PruningProblem
+from prune_env.app.finetune_recipe import finetune_accuracy
+from prune_env.fileio import write_text_atomic
+from prune_env.settings import ProblemSettings
 
 SETTINGS_FILE = "settings.json"
 ROWS_FILE = "rows.json"

@@ -10,18 +10,12 @@ evaluations and its best policy's MACs ratio and proxy accuracy, then the median
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
-# Run as a script, this file's directory comes first on sys.path, where benchmarks/agents.py would shadow
-# the ``agents`` package.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import prune_env  # noqa: E402
-from agents import search  # noqa: E402
+import prune_env
+from agents import search
 
 
 def main() -> None:

@@ -22,29 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-# Run as a script, this file's directory comes first on sys.path, where benchmarks/agents.py would shadow
-# the ``agents`` package the harness imports: import the harness without that entry, then put it back for
-# proxy_fidelity.py beside this file.
-HERE = Path(__file__).resolve().parent
-_as_script = any(Path(p or ".").resolve() == HERE for p in sys.path)
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import numpy as np
+import torch
+from proxy_fidelity import MAX_RATIO, load_rows
+from scipy.stats import kendalltau, ttest_rel
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy.stats import kendalltau, ttest_rel  # noqa: E402
-
-from prune_env import PruningProblem  # noqa: E402
-from prune_env.app.finetune_recipe import FINETUNE_RECIPE, finetune_accuracy  # noqa: E402
-from prune_env.fileio import write_text_atomic  # noqa: E402
-from prune_env.settings import ProblemSettings  # noqa: E402
-
-if _as_script:
-    sys.path.insert(0, str(HERE))
-from proxy_fidelity import MAX_RATIO, load_rows  # noqa: E402
+from prune_env import PruningProblem
+from prune_env.app.finetune_recipe import FINETUNE_RECIPE, finetune_accuracy
+from prune_env.fileio import write_text_atomic
+from prune_env.settings import ProblemSettings
 
 
 def start_problem(saved: dict, proxy: str) -> PruningProblem:

@@ -26,17 +26,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's directory comes first on sys.path and benchmarks/agents.py would shadow the
-# ``agents`` package the harness imports: drop that entry first.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from prune_env.errors import InvalidSettingError  # noqa: E402
-from prune_env.serialize import loads_strict  # noqa: E402
+from prune_env.errors import InvalidSettingError
+from prune_env.serialize import loads_strict
 
 GRID_KEYS = {
     "description": str,

@@ -29,18 +29,13 @@ results of other code or other settings is refused unless ``--allow-mixed`` (the
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-# Run as a script, this file's directory comes first on sys.path and benchmarks/agents.py would shadow the
-# ``agents`` package the harness imports: drop that entry first.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from prune_env.app import benchmark  # noqa: E402
-from prune_env.app.results import BenchmarkResults  # noqa: E402
-from prune_env.errors import InvalidSettingError  # noqa: E402
+from prune_env.app import benchmark
+from prune_env.app.results import BenchmarkResults
+from prune_env.errors import InvalidSettingError
 
 REFERENCES = ("uniform", "random")
 

@@ -79,7 +79,7 @@ def test_allocation_spread_scores_a_policy_as_the_harness(
 def test_agents_benchmark_scores_a_policy_as_the_harness(
     problem: PruningProblem, keep: np.ndarray, harness: tuple[float, float]
 ) -> None:
-    row = load_script("agents").final_scores(problem, keep, TUNE, 0)
+    row = load_script("compare_agents").final_scores(problem, keep, TUNE, 0)
     assert (row["finetuned_val_accuracy"], row["finetuned_test_accuracy"]) == harness
 
 

@@ -6,9 +6,9 @@ best policy found gets the harness's final fine-tune (:func:`prune_env.app.finet
 distillation from the unpruned model, starting from the pruned model as the proxy scored it, on one fixed
 training subset); only then is the test split read.
 
-    python benchmarks/agents.py --datasets digits --targets 0.25 0.5 --seeds 0 1 2 --evals 40 \\
+    python benchmarks/compare_agents.py --datasets digits --targets 0.25 0.5 --seeds 0 1 2 --evals 40 \\
         --finetune-epochs 3 --csv agents.csv
-    python benchmarks/agents.py --datasets fashion-mnist --targets 0.25 0.5 --seeds 0 1 2 --evals 30 \\
+    python benchmarks/compare_agents.py --datasets fashion-mnist --targets 0.25 0.5 --seeds 0 1 2 --evals 30 \\
         --finetune-epochs 1 --finetune-samples 8000 --csv agents_fashion.csv
 
 Rows are appended to the CSV as they finish, so an interrupted run keeps its results. The problem memoises
@@ -26,18 +26,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-# Run as a script, this file's directory comes first on sys.path and its name would shadow the ``agents``
-# package: drop that entry before importing it.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from agents import available, search  # noqa: E402
-from prune_env.app.finetune_recipe import finetune_accuracy  # noqa: E402
-from prune_env.data import load  # noqa: E402
-from prune_env.problem import PruningProblem  # noqa: E402
-from prune_env.train import train_base  # noqa: E402
+from agents import available, search
+from prune_env.app.finetune_recipe import finetune_accuracy
+from prune_env.data import load
+from prune_env.problem import PruningProblem
+from prune_env.train import train_base
 
 FIELDS = [
     "dataset",

@@ -17,7 +17,7 @@ from prune_env.app import benchmark
 from prune_env.data import Splits, as_splits
 from prune_env.user_data import dataset_labels, from_datasets
 
-FAST = {"eval_samples": 60, "bn_recalib_batches": 1, "progress": False}
+SMALL_DATA_SCORING = {"eval_samples": 60, "bn_recalib_batches": 1, "progress": False}
 
 
 class Samples(Dataset):
@@ -84,18 +84,18 @@ def test_user_data_through_env_search_and_benchmark(
     model = digits_base[0]
     train, test = user_data(digits)
     loaders = (DataLoader(train, batch_size=32), DataLoader(test, batch_size=32))
-    env = prune_env.OneShotPruneEnv(model=model, dataset=loaders, **FAST)
+    env = prune_env.OneShotPruneEnv(model=model, dataset=loaders, **SMALL_DATA_SCORING)
     env.reset(seed=0)
     _, _, terminated, _, info = env.step(env.action_space.sample())
     assert terminated and 0.0 <= info["accuracy"] <= 1.0 and info["macs_ratio"] <= 0.5 + 1e-9
     assert env.problem.splits.name == "custom:Samples"
 
-    problem = prune_env.PruningProblem(model, (train, test), **FAST)
+    problem = prune_env.PruningProblem(model, (train, test), **SMALL_DATA_SCORING)
     result = search("random", problem, 2, seed=0)
     assert len(result.history) == 2
 
     res = benchmark.run(
         ["uniform"], models={"resnet20": model}, datasets={"mine": (train, test)}, evals=1,
-        out=tmp_path / "bench", problem_kwargs=FAST,
+        out=tmp_path / "bench", problem_kwargs=SMALL_DATA_SCORING,
     )  # fmt: skip
     assert [run["dataset"] for run in res.runs] == ["mine"]

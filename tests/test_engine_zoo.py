@@ -16,7 +16,7 @@ import prune_env
 # googlenet), chunk + channel shuffle (shufflenet), depthwise + squeeze-excite (mobilenet_v3, efficientnet),
 # grouped convs + SE (regnet), fire modules (squeezenet), LayerNorm + permute + layer scale (convnext),
 # training-only auxiliary heads (googlenet).
-FAST = [
+QUICK_MODELS = [
     "resnet18",
     "densenet121",
     "googlenet",
@@ -31,7 +31,7 @@ SKIP_PREFIXES = ("vit_", "swin_", "maxvit_")
 ALL = [
     n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(SKIP_PREFIXES)
 ]
-SLOW = sorted(set(ALL) - set(FAST))
+SLOW = sorted(set(ALL) - set(QUICK_MODELS))
 
 
 def resolution(name: str) -> int:
@@ -50,7 +50,7 @@ def check_model(name: str) -> None:
     check_pruned_model(name, model, resolution(name))
 
 
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", QUICK_MODELS)
 def test_torchvision_fast_subset(name: str) -> None:
     check_model(name)
 
@@ -62,7 +62,7 @@ def test_torchvision_full_sweep(name: str) -> None:
 
 
 def test_fast_subset_is_part_of_the_zoo() -> None:
-    assert set(FAST) <= set(ALL)
+    assert set(QUICK_MODELS) <= set(ALL)
 
 
 @pytest.mark.slow

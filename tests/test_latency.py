@@ -50,7 +50,9 @@ torch.set_num_threads(1)
 # The timing protocol's module (its clock is replaced by a fake one in some tests).
 protocol = importlib.import_module("prune_env.latency.measure")
 
-FAST = LatencySettings(warmup=1, repeats=3, min_sample_ms=0.0, max_attempts=1, grid_points=3, progress=False)
+QUICK_PROTOCOL = LatencySettings(
+    warmup=1, repeats=3, min_sample_ms=0.0, max_attempts=1, grid_points=3, progress=False
+)
 
 
 class SmallNet(nn.Module):
@@ -74,7 +76,7 @@ class SmallNet(nn.Module):
 def small() -> tuple[nn.Module, torch.Tensor, LatencyModel]:
     model = SmallNet().eval()
     x = torch.zeros(1, 3, 8, 8)
-    return model, x, latency_model(model, x, FAST, cache=False, architecture="small")
+    return model, x, latency_model(model, x, QUICK_PROTOCOL, cache=False, architecture="small")
 
 
 # ------------------------------------------------------------------------------------------------ grid
@@ -258,7 +260,7 @@ def test_predicted_and_measured_latency_agree_in_order() -> None:
         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
     ).eval()  # fmt: skip
     x = torch.zeros(1, 3, 16, 16)
-    settings = dataclasses.replace(FAST, repeats=5)
+    settings = dataclasses.replace(QUICK_PROTOCOL, repeats=5)
     lat = latency_model(model, x, settings, cache=False)
     light, heavy = lat.graph.keep_counts(0.1), lat.graph.keep_counts(0.75)
     assert lat.ratio(heavy) < lat.ratio(light) < 1.0 + 1e-12
@@ -301,7 +303,7 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[list[float]], FakeC
 
 
 def test_a_noisy_measurement_is_repeated_then_flagged(fake_clock: Callable[[list[float]], FakeClock]) -> None:
-    settings = dataclasses.replace(FAST, warmup=0, repeats=4, max_attempts=3, noise_bound=0.25)
+    settings = dataclasses.replace(QUICK_PROTOCOL, warmup=0, repeats=4, max_attempts=3, noise_bound=0.25)
     clock = fake_clock([1.0, 3.0, 1.0, 3.0] * 3)
     timing = measure_callable(clock.step, settings)
     assert timing.noisy and timing.attempts == 3 and timing.repeats == 4
@@ -315,7 +317,7 @@ def test_a_noisy_measurement_is_repeated_then_flagged(fake_clock: Callable[[list
 def test_noise_estimate_is_the_relative_spread_of_medians(
     fake_clock: Callable[[list[float]], FakeClock],
 ) -> None:
-    settings = dataclasses.replace(FAST, warmup=0, repeats=1, max_attempts=1)
+    settings = dataclasses.replace(QUICK_PROTOCOL, warmup=0, repeats=1, max_attempts=1)
     clock = fake_clock([1.0, 1.1, 1.2])
     noise = estimate_noise(clock.step, settings, rounds=3)
     assert noise.medians_ms == pytest.approx((1.0, 1.1, 1.2))
@@ -327,7 +329,7 @@ def test_measurement_runs_in_inference_mode_at_its_thread_count() -> None:
     if available_cores() < 2:
         pytest.skip("needs two cores to tell the thread counts apart")
     seen: list[tuple[bool, int]] = []
-    settings = dataclasses.replace(FAST, threads=2)
+    settings = dataclasses.replace(QUICK_PROTOCOL, threads=2)
     timing = measure_callable(
         lambda: seen.append((torch.is_inference_mode_enabled(), torch.get_num_threads())), settings
     )
@@ -337,7 +339,7 @@ def test_measurement_runs_in_inference_mode_at_its_thread_count() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_is_timed_with_events() -> None:  # pragma: no cover - no GPU in CI
-    settings = dataclasses.replace(FAST, device="cuda")
+    settings = dataclasses.replace(QUICK_PROTOCOL, device="cuda")
     a = torch.randn(256, 256, device="cuda")
     timing = measure_callable(lambda: a @ a, settings)
     assert timing.median_ms > 0 and settings.device.startswith("cuda:")
@@ -365,7 +367,7 @@ def test_bad_settings_are_refused_naming_the_fix(field: str, value: object, mess
 def test_latency_model_checks_its_arguments_before_any_work(tmp_path: Path) -> None:
     model = SmallNet().eval()
     with pytest.raises(InvalidSettingError, match="batch must be"):
-        latency_model(model, torch.zeros(1, 3, 8, 8), FAST, batch=0, cache_root=tmp_path)
+        latency_model(model, torch.zeros(1, 3, 8, 8), QUICK_PROTOCOL, batch=0, cache_root=tmp_path)
     assert not any(tmp_path.iterdir())
 
 
@@ -387,15 +389,15 @@ def counted_build(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def test_cache_round_trip(tmp_path: Path, counted_build: list[int]) -> None:
     model, x = SmallNet().eval(), torch.zeros(1, 3, 8, 8)
-    first = latency_model(model, x, FAST, cache_root=tmp_path, architecture="small")
-    second = latency_model(model, x, FAST, cache_root=tmp_path, architecture="small")
+    first = latency_model(model, x, QUICK_PROTOCOL, cache_root=tmp_path, architecture="small")
+    second = latency_model(model, x, QUICK_PROTOCOL, cache_root=tmp_path, architecture="small")
     assert len(counted_build) == 1  # the second came from the cache
     assert second.table == first.table and second.full_ms == first.full_ms
     path = table_path(first.table.meta, tmp_path)
     assert path.parent == tmp_path / "latency" and path.name.startswith("small-")
     assert "pickle" not in path.read_text() and json.loads(path.read_text())["format"] == TABLE_FORMAT
     # Another batch is another table (a new measurement, not the cached one).
-    latency_model(model, x, FAST, batch=2, cache_root=tmp_path, architecture="small")
+    latency_model(model, x, QUICK_PROTOCOL, batch=2, cache_root=tmp_path, architecture="small")
     assert len(counted_build) == 2
 
 
@@ -493,8 +495,8 @@ def test_noisy_flags_survive_the_json(
 def test_build_table_refuses_a_foreign_graph(small: tuple[nn.Module, torch.Tensor, LatencyModel]) -> None:
     other = SmallNet(width=8).eval()
     with pytest.raises(InvalidSettingError, match="different model"):
-        build_table(other, small[2].graph, small[1], FAST)
-    assert table_meta(other, small[1], FAST).model_hash != small[2].table.meta.model_hash
+        build_table(other, small[2].graph, small[1], QUICK_PROTOCOL)
+    assert table_meta(other, small[1], QUICK_PROTOCOL).model_hash != small[2].table.meta.model_hash
 
 
 # ------------------------------------------------------------------------------------------------ CLI

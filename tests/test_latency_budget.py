@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from cli_output import one_error_line
+from quick import QUICK_SCORING
 from torch import nn
 
 from agents import search
@@ -47,7 +48,7 @@ from prune_env.settings import ProblemSettings
 
 torch.set_num_threads(1)
 
-FAST: dict[str, Any] = {"eval_samples": 96, "bn_recalib_batches": 1, "progress": False}
+QUICK: dict[str, Any] = {**QUICK_SCORING, "progress": False}
 LayerMs = Callable[[LayerSpec, int, int], float]
 
 
@@ -122,7 +123,7 @@ def latency_cache(
 
 @pytest.fixture(scope="module")
 def problem(latency_cache: Path, untrained_resnet20: nn.Module, digits: Splits) -> PruningProblem:
-    return PruningProblem(untrained_resnet20, digits, target_latency=0.6, **FAST)
+    return PruningProblem(untrained_resnet20, digits, target_latency=0.6, **QUICK)
 
 
 def predicted_ratio(problem: PruningProblem, keep: Any) -> float:
@@ -310,7 +311,7 @@ def test_the_problem_uses_the_cached_table_and_reports_predicted_latency(problem
 
 
 def test_a_macs_outcome_has_no_latency(untrained_resnet20: nn.Module, digits: Splits) -> None:
-    macs = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
+    macs = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **QUICK)
     outcome = macs.outcome(macs.uniform_keep(), accuracy=0.5, loss=1.0)
     assert macs.latency is None and outcome.latency_fields() == {} and "latency_ms" not in outcome.as_info()
     assert np.isnan(outcome.latency_ratio)
@@ -339,7 +340,7 @@ def test_the_overhead_is_named_as_the_floor(
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     overhead = 50.0 / table.whole.median_ms
     with pytest.raises(InvalidSettingError, match="is the floor: measure at a larger latency_batch"):
-        PruningProblem(untrained_resnet20, digits, target_latency=round(overhead * 0.9, 3), **FAST)
+        PruningProblem(untrained_resnet20, digits, target_latency=round(overhead * 0.9, 3), **QUICK)
 
 
 def test_more_latency_threads_than_cores_are_refused_by_the_problems_name(
@@ -349,7 +350,7 @@ def test_more_latency_threads_than_cores_are_refused_by_the_problems_name(
     with pytest.raises(
         InvalidSettingError, match=f"latency_threads={cores + 1} is more than the {cores} CPU"
     ):
-        PruningProblem(untrained_resnet20, digits, target_latency=0.9, latency_threads=cores + 1, **FAST)
+        PruningProblem(untrained_resnet20, digits, target_latency=0.9, latency_threads=cores + 1, **QUICK)
 
 
 def test_a_latency_problem_measures_its_table_when_none_is_cached(
@@ -371,7 +372,7 @@ def test_a_latency_problem_measures_its_table_when_none_is_cached(
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     torch.manual_seed(0)
     tiny = get_model("tiny", digits.num_classes, digits.in_channels).eval()
-    problem = PruningProblem(tiny, digits, target_latency=1.0, **FAST)
+    problem = PruningProblem(tiny, digits, target_latency=1.0, **QUICK)
     assert problem.latency is not None and problem.projector.base_cost > 0
     assert len(list((tmp_path / "latency").glob("*.json"))) == 1
 
@@ -497,7 +498,7 @@ def test_check_latency_measures_the_pruned_model_against_its_prediction(problem:
 def test_check_latency_refuses_a_problem_without_a_table_and_a_bad_keep(
     problem: PruningProblem, untrained_resnet20: nn.Module, digits: Splits
 ) -> None:
-    macs = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **FAST)
+    macs = PruningProblem(untrained_resnet20, digits, target_macs=0.5, **QUICK)
     with pytest.raises(InvalidSettingError, match="budgets macs, not latency"):
         macs.check_latency(macs.uniform_keep(), macs.build(macs.uniform_keep()))
     with pytest.raises(InvalidRatiosError, match="one integer count per group"):
@@ -518,7 +519,7 @@ def test_a_latency_grid_records_predicted_and_measured_latency(
     and the report's table showing the measured milliseconds and speed-up."""
     results = benchmark.run(
         agents=["uniform", "global"], models=[untrained_resnet20], datasets=[digits], targets=[0.7],
-        metric="latency", seeds=[0], evals=2, finetune_epochs=0, problem_kwargs=FAST, progress=False,
+        metric="latency", seeds=[0], evals=2, finetune_epochs=0, problem_kwargs=QUICK, progress=False,
         out=tmp_path / "grid",
     )  # fmt: skip
     assert [r["agent"] for r in results.runs] == ["uniform", "global"]

@@ -29,7 +29,7 @@ from prune_env.graph import build_graph
 from prune_env.models import get_model
 from prune_env.problem import PruningProblem
 
-FAST = {"eval_samples": 32, "bn_recalib_batches": 1}
+TINY_SCORING = {"eval_samples": 32, "bn_recalib_batches": 1}
 RANGE = (0.3, 0.7)
 OLD_META = {"kind": "sb3", "algo": "ppo", "env": "oneshot", "budget_range": list(RANGE)}
 
@@ -43,7 +43,7 @@ def tiny(digits: Splits) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def problem(tiny: nn.Module, digits: Splits) -> PruningProblem:
-    return PruningProblem(tiny, digits, target_macs=0.5, **FAST)
+    return PruningProblem(tiny, digits, target_macs=0.5, **TINY_SCORING)
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +347,7 @@ def test_the_range_comes_from_the_policy_file_and_covers_the_default_target(
     policy = load_policy(directory)
     with pytest.raises(InvalidSettingError, match=r"outside the budget range 0\.4 to 0\.45"):
         policy.keep_for(problem, 0.5)
-    elsewhere = PruningProblem(tiny, digits, target_macs=0.9, **FAST)
+    elsewhere = PruningProblem(tiny, digits, target_macs=0.9, **TINY_SCORING)
     with pytest.raises(InvalidSettingError, match=r"target 0\.9 lies outside"):
         load_policy(copy_of("allocation")).keep_for(elsewhere)
 
@@ -357,7 +357,7 @@ def test_an_allocation_above_the_problems_max_ratio_is_refused_not_clipped(
 ) -> None:
     directory = copy_of("allocation")
     _set("ratios", value=[0.95, 0.1])(directory)
-    capped = PruningProblem(tiny, digits, target_macs=0.5, max_ratio=0.9, **FAST)
+    capped = PruningProblem(tiny, digits, target_macs=0.5, max_ratio=0.9, **TINY_SCORING)
     with pytest.raises(
         InvalidSettingError, match=r"removes 0\.95 of group .* more than this problem's max_ratio 0\.9"
     ):
@@ -367,7 +367,7 @@ def test_an_allocation_above_the_problems_max_ratio_is_refused_not_clipped(
 def test_an_allocation_at_a_groups_smallest_width_applies(tiny: nn.Module, digits: Splits) -> None:
     # A group's smallest width is rounded to whole units, so a searched allocation at that width may
     # record a ratio just above max_ratio; applying it must give back that width, not refuse it.
-    capped = PruningProblem(tiny, digits, target_macs=0.5, max_ratio=0.85, **FAST)
+    capped = PruningProblem(tiny, digits, target_macs=0.5, max_ratio=0.85, **TINY_SCORING)
     smallest = capped.projector.min_keep
     realised = 1.0 - smallest / capped.units
     assert (realised > capped.max_ratio).any(), "the case this test is about: rounding past max_ratio"

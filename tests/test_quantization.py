@@ -38,7 +38,8 @@ from prune_env.supernet import SupernetConfig, SupernetProxy
 from prune_env.surgery import prune_channels
 
 # All of the validation split (216 digits): one sample is 0.46 points of accuracy.
-FAST = {"eval_samples": None, "bn_recalib_batches": 2}
+# Every validation sample and two recalibration batches: quantization differences are small.
+WHOLE_VAL_SCORING = {"eval_samples": None, "bn_recalib_batches": 2}
 
 
 def random_plan(model: nn.Module, rng: np.random.Generator) -> BitPlan:
@@ -116,7 +117,7 @@ def test_activations_are_rounded_to_the_calibrated_grid() -> None:
 @pytest.fixture(scope="module")
 def problem(digits_base: Any, digits: Any) -> PruningProblem:
     base, _ = digits_base
-    return PruningProblem(base, digits, target_macs=0.5, **FAST)
+    return PruningProblem(base, digits, target_macs=0.5, **WHOLE_VAL_SCORING)
 
 
 def eight_bits(problem: PruningProblem, scoring: str = "recalibration") -> PruningProblem:
@@ -126,7 +127,7 @@ def eight_bits(problem: PruningProblem, scoring: str = "recalibration") -> Pruni
         problem.splits,
         proxy=lambda context: QuantizedProxy(make_proxy(context), context, plan),
         target_macs=0.5,
-        **FAST,
+        **WHOLE_VAL_SCORING,
     )
 
 
@@ -154,7 +155,7 @@ def test_eight_bits_everywhere_cost_under_half_a_point_on_average_and_score_dete
 def test_low_bits_cost_accuracy_and_compose_with_a_supernet(problem: PruningProblem, tmp_path: Path) -> None:
     factory = functools.partial(SupernetProxy, config=SupernetConfig(steps=2, batch_size=32), cache=tmp_path)
     context_problem = PruningProblem(
-        problem.base_model, problem.splits, proxy=factory, target_macs=0.5, **FAST
+        problem.base_model, problem.splits, proxy=factory, target_macs=0.5, **WHOLE_VAL_SCORING
     )
     keep = context_problem.uniform_keep()
     layers = quantizable_layers(problem.base_model)
@@ -166,7 +167,7 @@ def test_low_bits_cost_accuracy_and_compose_with_a_supernet(problem: PruningProb
             problem.splits,
             proxy=lambda context, plan=plan: QuantizedProxy(factory(context), context, plan),
             target_macs=0.5,
-            **FAST,
+            **WHOLE_VAL_SCORING,
         )
         scored[label] = quantized.proxy_result(keep).accuracy
     assert scored["two"] < scored["eight"] - 0.2  # 2-bit weights and activations everywhere break it

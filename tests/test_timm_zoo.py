@@ -24,7 +24,7 @@ timm = pytest.importorskip("timm")
 
 # A fast subset: fused norm-act + SE (efficientnet_lite / mobilenetv3), "same" padding (tf_), anti-aliasing
 # and ECA (a resnet with both), selective kernel (skresnet).
-FAST = ["mobilenetv3_small_050", "tf_efficientnet_lite0", "lcnet_050", "regnetx_002"]
+QUICK_TIMM_MODELS = ["mobilenetv3_small_050", "tf_efficientnet_lite0", "lcnet_050", "regnetx_002"]
 SLOW = [
     # residual nets and their attention / anti-aliasing variants
     "resnet18", "resnet26d", "resnetblur18", "resnetaa34d", "seresnext26d_32x4d", "ecaresnet26t",
@@ -64,7 +64,7 @@ def check_model(name: str, max_macs_kept: float = 0.6) -> float:
     return kept
 
 
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", QUICK_TIMM_MODELS)
 def test_timm_fast_subset(name: str) -> None:
     check_model(name)
 

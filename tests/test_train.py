@@ -12,7 +12,7 @@ from prune_env.data import Splits
 from prune_env.errors import InvalidSettingError
 from prune_env.train import checkpoint_path, evaluate, finetune, train_base
 
-FAST = {"epochs": 1, "progress": False}  # a tiny model for one epoch: tests of caching, not of accuracy
+ONE_EPOCH = {"epochs": 1, "progress": False}  # a tiny model for one epoch: tests of caching, not of accuracy
 
 
 def _states_equal(a: nn.Module, b: nn.Module) -> bool:
@@ -40,7 +40,7 @@ def test_cache_hit_gives_identical_numbers(digits: Splits, digits_base, shared_c
 
 
 def test_truncated_or_corrupt_checkpoint_is_rebuilt(digits: Splits, tmp_path: Path) -> None:
-    model, metrics = train_base("tiny", digits, cache=tmp_path, **FAST)
+    model, metrics = train_base("tiny", digits, cache=tmp_path, **ONE_EPOCH)
     path = checkpoint_path("tiny", digits, cache=tmp_path, epochs=1)
     assert path.is_file()
     assert metrics["cached"] == 0.0
@@ -48,7 +48,7 @@ def test_truncated_or_corrupt_checkpoint_is_rebuilt(digits: Splits, tmp_path: Pa
 
     path.write_bytes(good[: len(good) // 2])  # a partial write, e.g. a killed process without atomic rename
     with pytest.warns(UserWarning, match="unusable cached checkpoint"):
-        rebuilt, rebuilt_metrics = train_base("tiny", digits, cache=tmp_path, **FAST)
+        rebuilt, rebuilt_metrics = train_base("tiny", digits, cache=tmp_path, **ONE_EPOCH)
     assert rebuilt_metrics["cached"] == 0.0
     assert _states_equal(rebuilt, model)  # training is deterministic for a seed
 
@@ -57,10 +57,10 @@ def test_truncated_or_corrupt_checkpoint_is_rebuilt(digits: Splits, tmp_path: Pa
     corrupt[middle : middle + 64] = bytes(64)  # flipped bytes inside the tensor data
     path.write_bytes(bytes(corrupt))
     with pytest.warns(UserWarning, match="unusable cached checkpoint"):
-        _, again = train_base("tiny", digits, cache=tmp_path, **FAST)
+        _, again = train_base("tiny", digits, cache=tmp_path, **ONE_EPOCH)
     assert again["cached"] == 0.0
 
-    _, hit = train_base("tiny", digits, cache=tmp_path, **FAST)  # the rebuilt file is good
+    _, hit = train_base("tiny", digits, cache=tmp_path, **ONE_EPOCH)  # the rebuilt file is good
     assert hit["cached"] == 1.0
 
 
@@ -78,16 +78,16 @@ def test_train_base_never_modifies_the_given_module(digits: Splits, tmp_path: Pa
     torch.manual_seed(0)
     mine = prune_env.models.get_model("tiny", 10, 1)
     before = copy.deepcopy(mine)
-    trained, _ = train_base(mine, digits, cache=tmp_path, **FAST)
+    trained, _ = train_base(mine, digits, cache=tmp_path, **ONE_EPOCH)
     assert trained is not mine
     assert _states_equal(mine, before)
     assert not _states_equal(trained, before)
 
 
 def test_training_is_deterministic_for_a_seed(digits: Splits) -> None:
-    a, ma = train_base("tiny", digits, use_cache=False, **FAST)
-    b, mb = train_base("tiny", digits, use_cache=False, **FAST)
-    c, _ = train_base("tiny", digits, seed=1, use_cache=False, **FAST)
+    a, ma = train_base("tiny", digits, use_cache=False, **ONE_EPOCH)
+    b, mb = train_base("tiny", digits, use_cache=False, **ONE_EPOCH)
+    c, _ = train_base("tiny", digits, seed=1, use_cache=False, **ONE_EPOCH)
     assert _states_equal(a, b)
     assert ma["test_accuracy"] == mb["test_accuracy"]
     assert not _states_equal(a, c)

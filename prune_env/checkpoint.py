@@ -270,7 +270,8 @@ def save_pruned(
         input_shape: one sample's shape, e.g. ``(1, 8, 8)``; the graph is rebuilt on zeros of it.
         architecture: a zoo name for :func:`prune_env.models.get_model` (``"resnet20"``, ``"tv:resnet18"``),
             or ``None`` for a user's own model (reload with ``load_pruned(path, base_model=...)``).
-        num_classes / in_channels: passed to ``get_model`` when rebuilding a zoo architecture.
+        num_classes: passed to ``get_model`` when rebuilding a zoo architecture.
+        in_channels: passed to ``get_model`` when rebuilding a zoo architecture.
         meta: anything JSON-serialisable to keep alongside (dataset, seed, accuracy...).
 
     The description is checked by the same schema :func:`load_pruned` applies (a bad argument raises

@@ -38,7 +38,9 @@ class SupernetProxy(TrainedProxy):
             (:class:`~prune_env.proxy.ProxyContext`).
         config: training settings (:class:`~prune_env.supernet.SupernetConfig`); ``config.stages``
             overrides the stage boundaries found on the graph.
-        cache, use_cache: where the trained supernet is cached (default ``~/.cache/prune_env``).
+        cache: the cache directory (default ``$PRUNE_ENV_CACHE``, else ``~/.cache/prune_env``); the
+            trained supernet is kept in its ``proxies/``.
+        use_cache: load a supernet trained before from the cache, and save a newly trained one there.
 
     ``boundaries`` lists the stage boundaries used (empty: one stage, the logits only).
     """

@@ -44,20 +44,24 @@ class Experiment:
 
     @property
     def shown(self) -> list[Path]:
-        return [p for p in self.files if p.suffix in SHOWN]
+        """Reports first, then plots, each in path order."""
+        return sorted((p for p in self.files if p.suffix in SHOWN), key=lambda p: (p.suffix != ".txt", p))
 
 
 def experiments(results: Path = RESULTS) -> list[Experiment]:
-    """Every experiment under ``results`` with a report or a plot, by name."""
-    groups: dict[str, Experiment] = {}
-    for entry in sorted(results.iterdir()):
-        if entry == results / "README.md":
-            continue
-        if entry.is_dir():
-            files = sorted(p for p in entry.rglob("*") if p.is_file())
-            groups[entry.name] = Experiment(entry.name, True, files)
-        else:
-            groups.setdefault(entry.stem, Experiment(entry.stem, False)).files.append(entry)
+    """Every experiment under ``results`` with a report or a plot, by name.
+
+    A top-level file whose stem names a directory (``DIR.txt``: a report over ``DIR``'s raw files) joins
+    that directory's experiment.
+    """
+    entries = sorted(e for e in results.iterdir() if e.name != "README.md")
+    groups = {
+        d.name: Experiment(d.name, True, sorted(p for p in d.rglob("*") if p.is_file()))
+        for d in entries
+        if d.is_dir()
+    }
+    for file in (e for e in entries if e.is_file()):
+        groups.setdefault(file.stem, Experiment(file.stem, False)).files.append(file)
     return [g for _, g in sorted(groups.items()) if g.shown]
 
 

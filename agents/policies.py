@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from prune_env.errors import InvalidSettingError
-from prune_env.fileio import write_text_atomic
+from prune_env.fileio import write_atomic, write_text_atomic
 from prune_env.problem import PruningProblem
 from prune_env.serialize import loads_strict
 from prune_env.validation import as_real, budget_range, fraction
@@ -283,17 +283,8 @@ class AllocationPolicy:
         return problem.keep_for(ratios, target)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "kind": "allocation",
-            "format": POLICY_FORMAT,
-            "agent": self.agent,
-            "ratios": list(self.ratios),
-            "budget_range": None if self.budget_range is None else list(self.budget_range),
-        }
-        write_text_atomic(path / POLICY_META, json.dumps(meta, indent=2) + "\n")
-        return path
+        meta = {"agent": self.agent, "ratios": list(self.ratios)}
+        return write_policy(directory, "allocation", meta, self.budget_range)
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], file: Path) -> AllocationPolicy:
@@ -303,6 +294,35 @@ class AllocationPolicy:
             meta, "agent", file, "the name of the agent that found it", lambda v: isinstance(v, str)
         )
         return cls(agent, ratio_list(meta, "ratios", file), trained_range(meta, file))
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def write_policy(
+    directory: str | Path,
+    kind: str,
+    meta: Mapping[str, Any],
+    budget_range: tuple[float, float] | None,
+    weights: tuple[str, nn.Module] | None = None,
+) -> Path:
+    """Save a policy of ``kind`` in ``directory``: its network's weights (``(file name, module)``, plain
+    tensors), then ``policy.json`` (kind, format, budget range and ``meta``) last, so that a directory whose
+    save was interrupted holds no description to load. Every policy's ``save`` writes through here."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    if weights is not None:
+        name, module = weights
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        write_atomic(path / name, lambda f: torch.save(state, f), binary=True)
+    description = {
+        "kind": kind,
+        "format": POLICY_FORMAT,
+        **meta,
+        "budget_range": None if budget_range is None else list(budget_range),
+    }
+    write_text_atomic(path / POLICY_META, json.dumps(description, indent=2) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -17,7 +17,6 @@ every other.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,7 +28,6 @@ from torch import nn
 
 from agents.evaluator import BudgetedEvaluator
 from agents.policies import (
-    POLICY_FORMAT,
     POLICY_META,
     check_format,
     check_target_in_range,
@@ -39,10 +37,10 @@ from agents.policies import (
     read_tensors,
     refuse,
     trained_range,
+    write_policy,
 )
 from agents.registry import register_agent
 from prune_env.errors import InvalidSettingError
-from prune_env.fileio import write_atomic, write_text_atomic
 from prune_env.problem import PruningProblem
 from prune_env.quantization.bits import BIT_CHOICES
 from prune_env.validation import as_int, as_real
@@ -314,19 +312,8 @@ class PredictorPolicy:
         return np.array(_ascend(policies, self.model, np.array(self.start_ratios), self.settings, goal))
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        write_atomic(path / PREDICTOR_FILE, lambda f: torch.save(state, f), binary=True)
-        meta = {
-            "kind": "predictor",
-            "format": POLICY_FORMAT,
-            "settings": asdict(self.settings),
-            "start_ratios": list(self.start_ratios),
-            "budget_range": None if self.budget_range is None else list(self.budget_range),
-        }
-        write_text_atomic(path / POLICY_META, json.dumps(meta, indent=2) + "\n")
-        return path
+        meta = {"settings": asdict(self.settings), "start_ratios": list(self.start_ratios)}
+        return write_policy(directory, "predictor", meta, self.budget_range, (PREDICTOR_FILE, self.model))
 
     @classmethod
     def from_meta(cls, directory: str | Path, meta: Mapping[str, Any]) -> PredictorPolicy:

@@ -36,7 +36,6 @@ from torch.nn.modules import activation
 from agents.amc import AMCDDPG, TruncatedNormalNoise
 from agents.evaluator import BudgetedEvaluator, BudgetExhausted
 from agents.policies import (
-    POLICY_FORMAT,
     POLICY_META,
     check_format,
     check_target_in_range,
@@ -49,11 +48,11 @@ from agents.policies import (
     refuse,
     short_value,
     trained_range,
+    write_policy,
 )
 from agents.registry import register_agent
 from prune_env.env import LayerPruneEnv, OneShotPruneEnv
 from prune_env.errors import InvalidSettingError
-from prune_env.fileio import write_atomic, write_text_atomic
 from prune_env.problem import PruningProblem
 
 ENVS = ("oneshot", "layer")
@@ -419,23 +418,15 @@ class SB3Policy:
         return env.decide(lambda obs: self.network.predict(obs, deterministic=True)[0], target)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
         params = self.network._get_constructor_parameters()
         meta = {
-            "kind": "sb3",
-            "format": POLICY_FORMAT,
             "algo": self.algo,
             "env": self.env,
-            "budget_range": None if self.budget_range is None else list(self.budget_range),
             "observation_space": _box_to_json(params["observation_space"]),
             "action_space": _box_to_json(params["action_space"]),
             "policy_kwargs": encode_policy_kwargs({k: v for k, v in params.items() if k not in _NOT_KWARGS}),
         }
-        state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
-        write_atomic(path / POLICY_WEIGHTS, lambda f: torch.save(state, f), binary=True)
-        write_text_atomic(path / POLICY_META, json.dumps(meta, indent=2) + "\n")
-        return path
+        return write_policy(directory, "sb3", meta, self.budget_range, (POLICY_WEIGHTS, self.network))
 
     @classmethod
     def load(cls, directory: str | Path) -> SB3Policy:

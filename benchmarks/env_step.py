@@ -86,7 +86,10 @@ def vector_throughput(problem_kwargs: dict, n_envs: int, steps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Prints its tables to standard output and writes no file; committed runs are under benchmarks/results/, each with its command in that directory's README.md.",
+    )
     parser.add_argument("--models", nargs="*", default=["resnet20", "resnet56"])
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--episodes", type=int, default=20)

@@ -44,7 +44,9 @@ def uniform_ratio_for(graph: prune_env.DependencyGraph, budget: float) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Prints its tables to standard output and writes no file; committed runs are under benchmarks/results/, each with its command in that directory's README.md.",
     )
     parser.add_argument("--models", default="resnet20,resnet56")
     parser.add_argument("--budgets", default="1.0,0.5,0.25", help="MACs fractions of the unpruned model")

@@ -64,7 +64,10 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Prints its tables to standard output and writes no file; committed runs are under benchmarks/results/, each with its command in that directory's README.md.",
+    )
     parser.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision")
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--repeats", type=int, default=3)

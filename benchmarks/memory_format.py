@@ -70,7 +70,9 @@ def variants(name: str, channels: int, pruned: float | None) -> dict[str, tuple[
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Prints its tables to standard output and writes no file; committed runs are under benchmarks/results/, each with its command in that directory's README.md.",
     )
     parser.add_argument("--models", nargs="+", default=["resnet20", "vgg11_quarter", "mobilenetv2_half"])
     parser.add_argument("--size", type=int, default=28, help="input height and width (Fashion-MNIST: 28)")

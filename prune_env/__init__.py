@@ -6,8 +6,9 @@ registering the environments, and a command's ``--help`` answers before torch is
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from prune_env.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -99,17 +100,7 @@ if TYPE_CHECKING:
     from prune_env.user_data import from_datasets
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'prune_env' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 def _register_envs() -> None:

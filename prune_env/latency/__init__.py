@@ -24,8 +24,9 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from prune_env.lazy import lazy_exports
 
 # Names resolved on first use, so that importing the package (or its settings, for the command line's
 # options) does not import torch.
@@ -60,13 +61,7 @@ if TYPE_CHECKING:
     from prune_env.latency.table import LatencyTable, LayerTable, TableMeta
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'prune_env.latency' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = [

@@ -507,26 +507,24 @@ def _remote_run(problem: PruningProblem, request: RunRequest) -> tuple[dict[str,
 def _one_run(problem: PruningProblem, request: RunRequest) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One run on ``problem``: the agent's search, then the final fine-tune of its best policy (and, under a
     latency budget, the measurement of its model); the run row and the evaluation rows."""
-    agent, seed, evals, reward = request.agent, request.seed, request.evals, request.reward
-    finetune_epochs, finetune_samples = request.finetune_epochs, request.finetune_samples
-    settings = request.agent_settings
+    r = request
     start = time.perf_counter()
-    result = run_agent(agent, BudgetedEvaluator(problem, evals, reward), seed, **settings)
+    result = run_agent(r.agent, BudgetedEvaluator(problem, r.evals, r.reward), r.seed, **r.agent_settings)
     best = result.best_outcome
     val_acc = test_acc = math.nan
-    if finetune_epochs > 0:
+    if r.finetune_epochs > 0:
         val_acc, test_acc = finetune_accuracy(
-            problem, result.best_keep, finetune_epochs, finetune_samples, seed
+            problem, result.best_keep, r.finetune_epochs, r.finetune_samples, r.seed
         )
     row = {
-        "budget_evals": evals,
+        "budget_evals": r.evals,
         "evals_used": len(result.history),
         "best_reward": float(result.best_reward),
         "best_accuracy": float(best.accuracy),
         "macs_ratio": float(best.macs_ratio),
         "params_ratio": float(best.params_ratio),
         "base_accuracy": float(problem.base_accuracy),
-        "finetune_epochs": finetune_epochs,
+        "finetune_epochs": r.finetune_epochs,
         "val_accuracy": val_acc,
         "test_accuracy": test_acc,
         "seconds": time.perf_counter() - start,

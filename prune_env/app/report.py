@@ -74,7 +74,7 @@ def table_text(
                     _pm(s["best_accuracy"], s["best_accuracy_std"]) if first else "",
                     f"{s['macs_ratio']:.3f}" if first else "",
                     f"{s['params_ratio']:.3f}" if first else "",
-                    *(_latency_cells(s) if timed and first else [""] * 3 if timed else []),
+                    *(_latency_cells(s, first) if timed else []),
                     split,
                     _pm(s[f"{split}_accuracy"], s[f"{split}_accuracy_std"]),
                     *compared,
@@ -98,8 +98,11 @@ def table_text(
     return "\n".join(out)
 
 
-def _latency_cells(s: Mapping[str, Any]) -> list[str]:
-    """Predicted latency ratio, measured ms and measured speed-up of a summary row (— where not timed)."""
+def _latency_cells(s: Mapping[str, Any], first: bool) -> list[str]:
+    """Predicted latency ratio, measured ms and measured speed-up of a summary row (— where not timed), on
+    its first line only."""
+    if not first:
+        return ["", "", ""]
     ratio, ms, speedup = (
         s.get(k, math.nan) for k in ("latency_ratio", "latency_measured_ms", "measured_speedup")
     )

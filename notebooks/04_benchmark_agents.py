@@ -5,7 +5,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -23,7 +23,8 @@
 #
 # **Sizes.** Run as is, this notebook uses the full sizes below. With the environment variable
 # `PRUNE_ENV_NOTEBOOK_SMOKE=1` every size shrinks to a smoke test that only checks that the cells run (the
-# test suite executes the notebooks that way); smoke-size numbers mean nothing.
+# test suite executes the notebooks that way, and so does the documentation site, whose copy of this page
+# shows such a run); smoke-size numbers mean nothing.
 #
 # | setting | full | smoke |
 # |---|---|---|

@@ -35,6 +35,7 @@ _EXPORTS = {
     "Proxy": "prune_env.proxy",
     "ProxyEvaluator": "prune_env.proxy",
     "ProxyContext": "prune_env.proxy",
+    "MetricProxy": "prune_env.metric_proxy",
     "SupernetProxy": "prune_env.supernet",
     "PruningNetProxy": "prune_env.supernet",
     "SupernetConfig": "prune_env.supernet",
@@ -49,6 +50,7 @@ _EXPORTS = {
             "InvalidActionError",
             "InvalidRatiosError",
             "InvalidSettingError",
+            "MetricError",
             "PruneEnvError",
             "ResumeError",
             "RewardError",
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
         InvalidActionError,
         InvalidRatiosError,
         InvalidSettingError,
+        MetricError,
         PruneEnvError,
         ResumeError,
         RewardError,
@@ -91,6 +94,7 @@ if TYPE_CHECKING:
         register_layer,
         register_opaque,
     )
+    from prune_env.metric_proxy import MetricProxy
     from prune_env.problem import PruningProblem
     from prune_env.proxy import Proxy, ProxyContext, ProxyEvaluator
     from prune_env.rewards import Outcome
@@ -128,6 +132,8 @@ __all__ = [
     "LayerPruneEnv",
     "LayerSpec",
     "Member",
+    "MetricError",
+    "MetricProxy",
     "OneShotPruneEnv",
     "Outcome",
     "ProblemSettings",

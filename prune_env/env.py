@@ -61,9 +61,13 @@ class _PruneEnv(gym.Env[np.ndarray, np.ndarray]):
         self.render_mode = render_mode
         self.reward_fn: RewardFn = get_reward(reward)
         if problem is None:
+            # A proxy object or factory (a user's metric) goes to the problem as is; a name is a setting.
+            proxy = problem_settings.pop("proxy", None)
+            if isinstance(proxy, str):
+                problem_settings["proxy"], proxy = proxy, None
             # An environment shows no progress bars unless asked to.
             settings = ProblemSettings.from_kwargs({"progress": False, **problem_settings})
-            problem = PruningProblem(model, dataset, settings, train_kwargs=train_kwargs)
+            problem = PruningProblem(model, dataset, settings, proxy=proxy, train_kwargs=train_kwargs)
         elif not isinstance(problem, PruningProblem):
             raise InvalidSettingError(f"problem must be a PruningProblem, got {type(problem).__name__}")
         else:
@@ -245,7 +249,9 @@ class LayerPruneEnv(_PruneEnv):
     ``importance``, ``max_ratio``...; unknown ones are refused), so ``gym.make`` specs stay picklable;
     ``reward`` (preset name or callable), ``budget_range`` (sample a target per episode, shown in the
     observation), ``use_sensitivity`` (precompute per-group sensitivity), ``problem`` (share one
-    pre-built problem), ``render_mode="ansi"``.
+    pre-built problem), ``render_mode="ansi"``. ``proxy`` is a setting's name, or, as for the problem, a
+    :class:`~prune_env.proxy.Proxy` or a factory of one: ``proxy=MetricProxy(mean_ap)`` scores with the
+    user's own metric.
     """
 
     def __init__(self, model: ModelSpec = "resnet20", dataset: DataSource = "digits", **kwargs: Any) -> None:

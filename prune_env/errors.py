@@ -55,6 +55,11 @@ class RewardError(PruneEnvError, ValueError):
     """A reward (or shaping) function returned something other than a finite real number."""
 
 
+class MetricError(PruneEnvError, ValueError):
+    """A user's metric (the proxy of :class:`~prune_env.metric_proxy.MetricProxy`) returned something other
+    than a finite real number inside the range it declared."""
+
+
 class InvalidActionError(PruneEnvError, ValueError):
     """An action of the wrong shape or type, or with NaN/inf, was given to an environment."""
 

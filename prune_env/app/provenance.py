@@ -182,16 +182,20 @@ def agent_settings(
     return found
 
 
-def make_record(agents: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """What one invocation records: revision, time, command, versions, hardware and agent settings."""
+def invocation_record() -> dict[str, Any]:
+    """What made a result, now: the revision, time, command, library versions and hardware."""
     return {
         "revision": revision(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": list(sys.argv),
         "versions": library_versions(),
         "hardware": hardware(),
-        "agents": {str(k): dict(v) for k, v in agents.items()},
     }
+
+
+def make_record(agents: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What one invocation of the harness records: :func:`invocation_record` and every agent's settings."""
+    return {**invocation_record(), "agents": {str(k): dict(v) for k, v in agents.items()}}
 
 
 # ------------------------------------------------------------------------------------------------ mixing
@@ -278,6 +282,7 @@ __all__ = [
     "cpu_model",
     "git_revision",
     "hardware",
+    "invocation_record",
     "library_versions",
     "make_record",
     "mixed_lines",

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
 import torchvision
 
 import prune_env
+from prune_env.app.measure import time_repeats
 from prune_env.models import get_model
 
 DEFAULT_MODELS = [
@@ -52,15 +50,6 @@ def build_model(zoo: str, name: str) -> torch.nn.Module:
         if zoo == "timm":
             return get_model(f"timm:{name}", num_classes=10).eval()
         return torchvision.models.get_model(name, weights=None).eval()
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -92,25 +81,25 @@ def main() -> None:
         x = torch.randn(1, 3, res, res)
         with torch.no_grad():
             model(x)  # warm up kernels once so neither library pays first-call costs
-            forward = median_seconds(lambda m=model, x=x: m(x), args.repeats)
+            forward = time_repeats(lambda m=model, x=x: m(x), args.repeats).median
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frozen-channel notices: not what is measured here
             try:
                 graph = prune_env.build_graph(model, x)
-                ours = median_seconds(lambda m=model, x=x: prune_env.build_graph(m, x), args.repeats)
-                pruning = median_seconds(
+                ours = time_repeats(lambda m=model, x=x: prune_env.build_graph(m, x), args.repeats).median
+                pruning = time_repeats(
                     lambda m=model, x=x, g=graph: prune_env.prune(m, x, 0.5, graph=g), args.repeats
-                )
+                ).median
             except Exception as exc:  # report and go on: the table says who fails where
                 print(f"{name:<22} prune_env failed ({type(exc).__name__}: {str(exc)[:80]})", flush=True)
                 continue
         line = f"{name:<22} {len(graph.groups):>6} {ours:>8.3f} {pruning:>8.3f}"
         if tp is not None:
             try:
-                theirs = median_seconds(
+                theirs = time_repeats(
                     lambda m=model, x=x: tp.DependencyGraph().build_dependency(m, example_inputs=x),
                     args.repeats,
-                )
+                ).median
                 ratios.append(ours / theirs)
                 floors.append(forward / theirs)
                 line += f" {theirs:>10.3f} {ours / theirs:>6.2f} {forward / theirs:>6.2f}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -22,17 +21,21 @@ import torch
 from torch import nn
 
 import prune_env
+from prune_env.app.measure import RepeatTimes, time_repeats
 from prune_env.models import get_model
 
 
-def seconds(step: Callable[[], object], repeats: int) -> list[float]:
-    step()  # warm-up: first-call allocations and kernel selection
-    times = []
+def interleaved(
+    a: Callable[[], object], b: Callable[[], object], repeats: int
+) -> tuple[RepeatTimes, RepeatTimes]:
+    """``a`` and ``b`` timed in turn, so drifting load hits both alike; each timed call follows an untimed
+    one of the same step (first-call allocations and kernel selection, after the other step ran)."""
+    a_times: list[float] = []
+    b_times: list[float] = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
+        a_times += time_repeats(a, 1, warmup=1).seconds
+        b_times += time_repeats(b, 1, warmup=1).seconds
+    return RepeatTimes(tuple(a_times)), RepeatTimes(tuple(b_times))
 
 
 def steps(model: nn.Module, size: int, channels: int) -> dict[str, Callable[[], object]]:
@@ -93,15 +96,12 @@ def main(argv: list[str] | None = None) -> None:
         for label, (nchw, last) in variants(name, args.channels, args.pruned).items():
             a_steps, b_steps = steps(nchw, args.size, args.channels), steps(last, args.size, args.channels)
             for measure in a_steps:
-                a, b = [], []
-                for _ in range(args.repeats):  # interleaved, so drifting load hits both alike
-                    a += seconds(a_steps[measure], 1)
-                    b += seconds(b_steps[measure], 1)
-                ratio = statistics.median(b) / statistics.median(a)
+                a, b = interleaved(a_steps[measure], b_steps[measure], args.repeats)
+                ratio = b.median / a.median
                 ratios.append(ratio)
                 print(
-                    f"| {name} | {label} | {measure} | {1000 * statistics.median(a):.1f} | "
-                    f"{1000 * statistics.median(b):.1f} | {ratio:.2f} |",
+                    f"| {name} | {label} | {measure} | {1000 * a.median:.1f} | {1000 * b.median:.1f} | "
+                    f"{ratio:.2f} |",
                     flush=True,
                 )
     print(f"geometric mean of the ratios: {statistics.geometric_mean(ratios):.2f}")

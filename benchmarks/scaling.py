@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prune_env.app.measure import time_repeats
 from prune_env.distributed import RayScorer
 from prune_env.optional_ray import import_ray
 from prune_env.problem import PruningProblem
@@ -44,19 +45,22 @@ class NoWork(Proxy):
 def serial_seconds(
     problem: PruningProblem, keeps: list[tuple[int, ...]], threads: int, repeats: int
 ) -> float:
+    fresh = problem
+
+    def renew() -> None:
+        nonlocal fresh
+        fresh = copy.deepcopy(problem)  # a fresh copy each time: the memo would make repeats free
+
+    def score() -> None:
+        for keep in keeps:
+            fresh.proxy_result(np.array(keep))
+
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    times = []
     try:
-        for _ in range(repeats):
-            fresh = copy.deepcopy(problem)  # a fresh copy each time: the memo would make repeats free
-            start = time.perf_counter()
-            for keep in keeps:
-                fresh.proxy_result(np.array(keep))
-            times.append(time.perf_counter() - start)
+        return time_repeats(score, repeats, before_each=renew).median
     finally:
         torch.set_num_threads(old)
-    return statistics.median(times)
 
 
 def ray_seconds(

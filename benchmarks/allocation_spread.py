@@ -20,7 +20,8 @@ Every fine-tune is the harness's (:func:`prune_env.app.finetune_recipe.finetune_
 model, starting from the pruned model as the proxy scored it, on one fixed training subset of
 ``--finetune-samples``), with the same seed. Every finished fine-tune is written to ``--out`` at once, and a
 rerun with the same file skips what it holds (an interrupted setting goes on from its last finished
-fine-tune); a file written before the scripts shared that recipe is refused rather than extended.
+fine-tune); a file written before the scripts shared that recipe is refused rather than extended. The file
+records the revision, versions, hardware and command of every invocation that wrote it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 
 from prune_env import PruningProblem
 from prune_env.app.finetune_recipe import finetune_accuracy, resumable_results
-from prune_env.fileio import write_text_atomic
+from prune_env.app.measure import write_results
 
 
 def tuned(
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     saved = resumable_results(out, vars(args))
 
     def write() -> None:
-        write_text_atomic(out, json.dumps(saved, indent=1))
+        write_results(out, saved)
 
     finished = {(r["model"], r["budget"], metric_of(r)) for r in saved["rows"]}
     for model in args.models:

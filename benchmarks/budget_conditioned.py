@@ -14,6 +14,8 @@ fractions of the base model's ``--metric`` (MACs by default, or parameters).
 
 Rows are appended to ``OUT/rows.json`` as they finish and the trained policy is saved under
 ``OUT/policy-seedN``; the same command resumes (finished rows are skipped, a saved policy is reloaded).
+``OUT/settings.json`` holds the settings and the revision, versions, hardware and command of every
+invocation.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from agents import search
 from agents.policies import Policy, load_policy
 from prune_env import PruningProblem
 from prune_env.app.finetune_recipe import finetune_accuracy
-from prune_env.fileio import write_text_atomic
+from prune_env.app.measure import PROVENANCE, write_json, write_results
 from prune_env.settings import ProblemSettings
 
 SETTINGS_FILE = "settings.json"
@@ -83,15 +85,18 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "report", "threads")}
     saved_settings = out / SETTINGS_FILE
-    if saved_settings.exists() and with_metric(json.loads(saved_settings.read_text())) != settings:
+    # The settings file is the directory's record: it names every invocation that added rows.json's rows.
+    earlier = json.loads(saved_settings.read_text()) if saved_settings.exists() else None
+    records = earlier.pop(PROVENANCE, []) if earlier is not None else []
+    if earlier is not None and with_metric(earlier) != settings:
         raise SystemExit(f"{out} holds a run with other settings ({saved_settings}): use another --out")
-    write_text_atomic(saved_settings, json.dumps(settings, indent=1) + "\n")
+    write_results(saved_settings, {**settings, PROVENANCE: records})
     rows_path = out / ROWS_FILE
     rows: list[dict[str, Any]] = json.loads(rows_path.read_text()) if rows_path.exists() else []
 
     def save(row: dict[str, Any]) -> None:
         rows.append(row)
-        write_text_atomic(rows_path, json.dumps(rows, indent=1))
+        write_json(rows_path, rows)
         print(
             f"{row['method']:>24} @{row['target']:.2f} seed {row['seed']}: test {row['test_accuracy']:.4f} "
             f"({args.metric} {row[f'{args.metric}_ratio']:.3f}, {row['evals']} evals, {row['seconds']:.0f} s)",

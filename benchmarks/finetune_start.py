@@ -15,7 +15,8 @@ same recipe from the pruned base model's weights and BatchNorm statistics (``sta
 ``--proxy`` is the problem's proxy (``supernet``, ``pruningnet``, ``recalibration`` or ``distillation``),
 trained as a search trains it (and cached). Fine-tune seeds are 0 to N-1, the harness's run seeds. Files
 written before both arms were fine-tuned here (their base arm was the saved ground truth's own fine-tune)
-are reported only with each other.
+are reported only with each other. ``--out`` is rewritten after every policy, with the revision, versions,
+hardware and command that made it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from scipy.stats import kendalltau, ttest_rel
 
 from prune_env import PruningProblem
 from prune_env.app.finetune_recipe import FINETUNE_RECIPE, finetune_accuracy
-from prune_env.fileio import write_text_atomic
+from prune_env.app.measure import write_results
 from prune_env.settings import ProblemSettings
 
 
@@ -105,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         if args.out:
-            write_text_atomic(
-                args.out, json.dumps({"args": vars(args), "recipe": FINETUNE_RECIPE, "rows": rows}, indent=1)
-            )
+            write_results(args.out, {"args": vars(args), "recipe": FINETUNE_RECIPE, "rows": rows})
     summarise(rows, args.proxy)
 
 

@@ -14,8 +14,8 @@ file to run now (``--settings``, ``--agents``, ``--seeds`` must name parts of it
 Each (setting, agent) runs in its own directory ``OUT/SETTING/AGENT`` through the harness
 (:func:`prune_env.app.benchmark.run`), so a chunk resumes where it was interrupted, and two processes may
 run different chunks at once (different settings at once is cheaper: each setting trains its proxy once,
-then loads it from the cache). ``OUT/grid.json`` holds the grid file as it was when the first chunk ran;
-a later chunk with a different file is refused. ``--report`` combines every directory of a setting, prints
+then loads it from the cache). ``OUT/grid.json`` holds the grid file as it was when the first chunk ran
+(and that chunk's revision, versions, hardware and command); a later chunk with a different file is refused. ``--report`` combines every directory of a setting, prints
 its table (paired differences against uniform, random and the best non-learned baseline, validation and
 test) and the grid's goals, and draws ``OUT/SETTING/allocations.png``: the per-group ratios of each
 agent's policies.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,7 +108,7 @@ def _chosen(asked: Sequence[Any] | None, available: Sequence[Any], what: str) ->
 def record_grid(out: Path, path: Path, raw: bytes) -> None:
     """``OUT/grid.json``: the grid file as the first chunk ran it. A chunk run with another file is
     refused: results of two grids in one directory would be reported as one."""
-    from prune_env.fileio import write_text_atomic
+    from prune_env.app.measure import write_results
 
     digest = hashlib.sha256(raw).hexdigest()
     record = out / RECORD
@@ -122,10 +121,7 @@ def record_grid(out: Path, path: Path, raw: bytes) -> None:
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(
-        record,
-        json.dumps({"file": str(path), "sha256": digest, "grid": loads_strict(raw)}, indent=1) + "\n",
-    )
+    write_results(record, {"file": str(path), "sha256": digest, "grid": loads_strict(raw)})
 
 
 def run_chunk(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]], agents: list[str],

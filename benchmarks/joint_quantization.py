@@ -19,8 +19,9 @@ batches) and scored on validation and test, which nothing else reads.
         --targets 0.01 0.02 0.04 --agents random ppo --evals 60 --finetune-epochs 3 --out joint.json
     python benchmarks/joint_quantization.py --report joint.json --plot joint.png
 
-Rows are written to ``--out`` as they finish; a rerun with the same file skips them (a file written before
-the scripts shared the harness's fine-tune is refused rather than extended).
+Rows are written to ``--out`` as they finish, with the revision, versions, hardware and command of every
+invocation that wrote them; a rerun with the same file skips them (a file written before the scripts shared
+the harness's fine-tune is refused rather than extended).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from agents import search
 from prune_env import PruningProblem
 from prune_env.app.finetune_recipe import finetune_accuracy, resumable_results
-from prune_env.fileio import write_text_atomic
+from prune_env.app.measure import write_results
 from prune_env.quantization import BIT_CHOICES, BitPlan, quantizable_layers
 from prune_env.quantization.costs import bitops, size_bits
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
 
     def save(row: dict[str, Any]) -> None:
         saved["rows"].append(row)
-        write_text_atomic(out, json.dumps(saved, indent=1))
+        write_results(out, saved)
         print(
             f"  {row['method']:<26} BitOps {row['target']:.3f}: test {row.get('test_accuracy', math.nan):.4f} "
             f"(val {row.get('val_accuracy', math.nan):.4f}), MACs {row.get('macs_ratio', math.nan):.3f}, "

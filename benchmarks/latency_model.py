@@ -18,8 +18,8 @@ model pruned uniformly at three levels with ``round_to`` 1 and 8, measured and p
 shows whether widths rounded to multiples of 8 buy speed on this CPU beyond their MACs.
 
 Results are one JSON file (one entry per model and batch, written as each finishes, so an interrupted run
-resumes where it stopped) recording the revision, library versions, hardware and the load average before
-and after each entry. Measure on a quiet machine: another process on the cores is measured with the model.
+resumes where it stopped) recording the revision, library versions, hardware and command of every
+invocation that wrote it, and the load average before and after each entry. Measure on a quiet machine: another process on the cores is measured with the model.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ import torch
 from tqdm.auto import tqdm
 
 import prune_env
-from prune_env.app.provenance import hardware, library_versions, revision
+from prune_env.app.measure import PROVENANCE, write_results
 from prune_env.budget import keep_to_ratios
-from prune_env.fileio import write_text_atomic
 from prune_env.latency import LatencySettings, estimate_noise, latency_model, measure_pruned
 from prune_env.latency.measure import module_forward
 from prune_env.models import get_model
@@ -158,12 +157,27 @@ def summarise(entry: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def made_by(results: dict[str, Any]) -> list[str]:
+    """The report's head: the revision(s), machine and settings, and each command that wrote the file."""
+    # Files written before the shared results writer hold their first record at their top level.
+    records = ([results] if "revision" in results else []) + list(results.get(PROVENANCE, []))
+    first = records[0]
+    revisions = ", ".join(dict.fromkeys(str(r["revision"]) for r in records))
+    commands = [
+        r["command"] if isinstance(r["command"], str) else shlex.join(["python", *r["command"]])
+        for r in records
+    ]
+    return [
+        f"revision {revisions}; {first['hardware']['cpu_model']}, {first['hardware']['cpu_count']} cores; "
+        f"torch {first['versions'].get('torch')}; settings "
+        + ", ".join(f"{k} {v}" for k, v in results["settings"].items()),
+        *(f"command: {c}" for c in commands),
+    ]
+
+
 def report(results: dict[str, Any]) -> str:
     lines = [
-        f"revision {results['revision']}; {results['hardware']['cpu_model']}, "
-        f"{results['hardware']['cpu_count']} cores; torch {results['versions'].get('torch')}; settings "
-        + ", ".join(f"{k} {v}" for k, v in results["settings"].items()),
-        f"command: {results['command']}",
+        *made_by(results),
         "",
         f"{'model':<18}{'batch':>6}{'base ms':>10}{'noise':>8}{'median |err|':>14}{'p95 |err|':>11}"
         f"{'max':>8}{'signed':>9}{'noisy':>7}{'goal':>6}{'load':>14}",
@@ -230,14 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         if results["settings"] != {k: vars(args)[k] for k in SETTINGS}:
             sys.exit(f"{args.out} was made with {results['settings']}: use another --out")
     else:
-        results = {
-            "settings": {k: vars(args)[k] for k in SETTINGS},
-            "command": shlex.join(["python", "benchmarks/latency_model.py", *(argv or sys.argv[1:])]),
-            "revision": revision(),
-            "versions": library_versions(),
-            "hardware": hardware(),
-            "entries": [],
-        }
+        results = {"settings": {k: vars(args)[k] for k in SETTINGS}, "entries": []}
     done = {(e["model"], e["batch"]) for e in results["entries"]}
     for name in args.models:
         for batch in args.batches:
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             )
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(args.out, json.dumps(results, indent=1) + "\n")
+            write_results(args.out, results)
     print(report(results))
 
 

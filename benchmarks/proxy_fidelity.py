@@ -23,6 +23,7 @@ against a saved ground truth, ``--truth-seed-start 2 --variants none`` adds fine
 Random policies: a uniform ratio per channel group, all multiplied by one factor found by bisection so
 that the pruned model's MACs are within 1% of ``budget x`` the unpruned model's (ratios capped at 0.9).
 The ground truth is measured on ``test`` after the fine-tune; the proxies only ever see train and val.
+``--out`` is rewritten after every policy, with the revision, versions, hardware and command that made it.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import torch
 from scipy.stats import kendalltau, spearmanr
 
 import prune_env
+from prune_env.app.measure import write_results
 from prune_env.data import Splits, load
-from prune_env.fileio import write_text_atomic
 from prune_env.importance import get_importance
 from prune_env.proxy import ProxyContext, ProxyEvaluator
 from prune_env.settings import ProblemSettings
@@ -461,9 +462,7 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         if args.out:  # after every policy, so an interrupted run keeps what it measured
-            write_text_atomic(
-                args.out, json.dumps({"args": vars(args), "trained": trained, "rows": rows}, indent=1)
-            )
+            write_results(args.out, {"args": vars(args), "trained": trained, "rows": rows})
         summary = " ".join(f"{k}={v['accuracy']:.3f}" for k, v in measured["proxies"].items())
         print(
             f"policy {i + 1:>3}/{len(policies)} macs={macs / base_macs:.3f} "

@@ -1,5 +1,5 @@
 """The benchmark scripts' own logic that published results rest on: proxy_fidelity.py's merging of results,
-budget_conditioned.py's and allocation_spread.py's resuming."""
+budget_conditioned.py's and allocation_spread.py's resuming, latency_model.py's report head."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from types import ModuleType
 
 import pytest
 from benchmark_scripts import load_script
+
+from prune_env.app.measure import this_invocation
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +130,8 @@ def test_budget_conditioned_policy_serves_every_target_and_resumes(tmp_path: Pat
     again = json.loads((out / "rows.json").read_text())
     assert len(again) == len(rows)
     assert {r["target"]: r["keep"] for r in again if r["method"] == "ppo over range"} == conditioned
+    # The settings file names the code that made the rows; a run resumed in this process once.
+    assert json.loads((out / "settings.json").read_text())["provenance"] == [this_invocation()]
     with pytest.raises(SystemExit, match="other settings"):
         script.main([*argv, "--seeds", "1"])
 
@@ -211,6 +215,7 @@ def test_allocation_spread_resumes_an_interrupted_setting_without_repeating_fine
     assert [c[0] for c in calls] == [1, 1, 1, 1, 2, 2]
     assert set(saved["rows"][0]["lengths"]["uniform"]) == {"1", "2"}
     assert saved["rows"][0]["screen"] == partial["unfinished"]["screen"]
+    assert partial["provenance"] == saved["provenance"] == [this_invocation()]
 
 
 def test_allocation_spread_params_budget_is_its_own_setting(
@@ -234,3 +239,23 @@ def test_allocation_spread_params_budget_is_its_own_setting(
         assert all(0.25 <= f <= 0.3 for f in fractions), fractions
     # Spending the same budget on parameters lets random policies keep early layers: MACs differ.
     assert params_row["random_keep"] != macs_row["random_keep"]
+
+
+def test_latency_model_report_names_the_code_of_old_and_new_results_files() -> None:
+    made_by = load_script("latency_model").made_by
+    machine = {"hardware": {"cpu_model": "cpu", "cpu_count": 2}, "versions": {"torch": "2.0"}}
+    settings = {"settings": {"policies": 3}, "entries": []}
+    # Written before the shared results writer: one record at the top level, its command one string.
+    old = {**settings, **machine, "revision": "a" * 40, "command": "python benchmarks/latency_model.py"}
+    assert made_by(old) == [
+        f"revision {'a' * 40}; cpu, 2 cores; torch 2.0; settings policies 3",
+        "command: python benchmarks/latency_model.py",
+    ]
+    # Resumed by two invocations of other code: both revisions and both commands are named.
+    records = [
+        {**machine, "revision": rev, "command": ["benchmarks/latency_model.py", "--policies", "3"]}
+        for rev in ("b" * 40, "c" * 40)
+    ]
+    lines = made_by({**settings, "provenance": records})
+    assert lines[0].startswith(f"revision {'b' * 40}, {'c' * 40}; cpu, 2 cores")
+    assert lines[1:] == ["command: python benchmarks/latency_model.py --policies 3"] * 2

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from benchmark_scripts import load_script
 
+from prune_env.app.measure import this_invocation
 from prune_env.errors import InvalidSettingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,9 @@ def test_a_directory_holds_one_version_of_a_grid_file(grid_script: ModuleType, t
     changed = _write(tmp_path / "grid.json", evals=500)
     with pytest.raises(InvalidSettingError, match="its settings changed after runs were made"):
         grid_script.record_grid(out, changed, changed.read_bytes())
-    assert json.loads((out / "grid.json").read_text())["grid"]["evals"] == 1000
+    recorded = json.loads((out / "grid.json").read_text())
+    assert recorded["grid"]["evals"] == 1000
+    assert recorded["provenance"] == [this_invocation()]  # which code fixed the grid in this directory
 
 
 def test_a_small_grid_runs_in_chunks_and_reports(

@@ -19,6 +19,7 @@ from benchmark_scripts import load_script
 from torch import nn
 
 from prune_env.app.finetune_recipe import finetune_accuracy
+from prune_env.app.measure import this_invocation
 from prune_env.data import Splits
 from prune_env.errors import InvalidRatiosError, InvalidSettingError
 from prune_env.problem import PruningProblem
@@ -138,6 +139,7 @@ def test_finetune_start_command_measures_saved_policies_with_the_harness(
     )
     result = json.loads(out.read_text())
     assert result["recipe"] == finetune_start.FINETUNE_RECIPE
+    assert result["provenance"] == [this_invocation()]
     assert [row["policy"] for row in result["rows"]] == [0, 1]
     for row, ratios in zip(result["rows"], policies, strict=True):
         keep = problem.unprojected_keep(ratios)

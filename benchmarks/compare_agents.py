@@ -56,7 +56,9 @@ FIELDS = [
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--datasets", nargs="+", default=["digits"])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--targets", nargs="+", type=float, default=[0.25, 0.5])
@@ -79,7 +81,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="KD steps inside the proxy (then BN is recalibrated again); 0: recalibration only",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--csv", type=Path, default=Path("agents_benchmark.csv"))
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        default=Path("agents_benchmark.csv"),
+        help="append one row per search here as it finishes",
+    )
     parser.add_argument(
         "--report", nargs="+", type=Path, metavar="CSV", help="print the summary of earlier runs' CSV files"
     )

@@ -19,7 +19,9 @@ from prune_env.train import RECIPES, train_base
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Prints its table to standard output; the only file it writes is the checkpoint in the cache.",
     )
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--epochs", type=int, default=None, help=f"default {RECIPES['fashion-mnist'].epochs}")

@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         help="fine-tune seeds 0 to N-1 (default: as many as the saved run has)",
     )
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--out", default=None, help="write the rows here as each policy finishes (default: only print them)"
+    )
     parser.add_argument("--report", nargs="+", metavar="JSON", help="summarise earlier --out files together")
     args = parser.parse_args(argv)
     if args.report:

@@ -82,7 +82,9 @@ def ray_seconds(
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Prints its tables to standard output and writes no file; committed runs are under benchmarks/results/, each with its command in that directory's README.md.",
     )
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--dataset", default="digits")

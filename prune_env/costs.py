@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -205,11 +206,11 @@ class CostModel:
         return (k[:, s1] * k[:, s2]) @ coef.astype(np.float64)
 
 
-def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _as_tuple(example_inputs: torch.Tensor | Sequence[Any]) -> tuple[Any, ...]:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
-def count_macs(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> int:
+def count_macs(model: nn.Module, example_inputs: torch.Tensor | Sequence[Any]) -> int:
     """Measured MACs of one forward pass: half the FLOPs PyTorch's ``FlopCounterMode`` counts.
 
     Runs the model in eval mode under ``torch.no_grad`` (so nothing is updated) and restores its modes.

@@ -63,11 +63,10 @@ def _member_tensor(model: nn.Module, member: Member) -> tuple[torch.Tensor, int]
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
-    if member.kind == "in":
-        if getattr(module, "groups", 1) > 1:
-            return None  # grouped: a group's inputs and outputs are one unit, scored by the outputs
-        return weight.detach(), 1
-    return weight.detach(), 0
+    if member.kind == "in" and getattr(module, "groups", 1) > 1:
+        return None  # grouped: a group's inputs and outputs are one unit, scored by the outputs
+    # The axis the graph recorded: 0 for outputs and 1 for inputs, but the reverse for a transposed conv.
+    return weight.detach(), member.dim
 
 
 def _is_buffer(model: nn.Module, qualified_name: str) -> bool:

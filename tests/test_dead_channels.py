@@ -30,8 +30,9 @@ MODELS = [
     ("squeezenet1_1", 64),
     ("vgg11_bn", 32),
 ]
-# LayerNorm/GroupNorm normalise over channels, so a zero channel still changes the statistics: the
-# equivalence holds only for per-channel normalisation. ConvNeXt is covered by the zoo test instead.
+# LayerNorm normalises over all channels, so a zero channel still changes the statistics: the equivalence
+# does not hold for it (ConvNeXt is covered by the zoo test instead). GroupNorm does hold: its channels go
+# by whole normalisation groups (below).
 
 
 def randomised_bn(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -87,3 +88,44 @@ def test_removing_live_channels_does_change_outputs() -> None:
     pruned = prune_env.prune(model, x[:1], 0.25, graph=graph)
     with torch.no_grad():
         assert not torch.allclose(pruned(x), model(x), atol=1e-6)
+
+
+class GroupNormNet(torch.nn.Module):
+    """Conv → GroupNorm → ReLU twice, with a residual add across the second pair (RetinaNet v2's and BiT's
+    pattern), in float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(4, 16)
+        self.c2, self.n2 = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.GroupNorm(8, 16)
+        self.head = torch.nn.Conv2d(16, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.n1(self.c1(x)))
+        return self.head(y + torch.relu(self.n2(self.c2(y))))
+
+
+def test_groupnorm_goes_by_whole_groups_and_dead_groups_go_without_changing_outputs() -> None:
+    gen = torch.Generator().manual_seed(3)
+    model = GroupNormNet().double().eval()
+    for norm in (model.n1, model.n2):
+        norm.weight.data.uniform_(0.5, 1.5, generator=gen)
+        norm.bias.data.normal_(0, 0.1, generator=gen)
+    x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    graph = prune_env.build_graph(model, x[:1])
+    # The residual couples n1's and n2's channels into one group whose units are the coarser grouping's:
+    # n1's 4 groups of 4 channels (each one 2 of n2's groups).
+    (group,) = graph.groups
+    assert group.units == 4
+    prune_env.surgery.zero_units(model, graph, {group.index: np.array([1, 2])})
+    with torch.no_grad():
+        reference = model(x)
+    pruned = prune_env.prune_channels(model, graph, {group.index: np.array([0, 3])})
+    assert (pruned.n1.num_groups, pruned.n1.num_channels, pruned.n2.num_groups) == (2, 8, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), reference, rtol=1e-9, atol=1e-9)
+    assert prune_env.count_macs(pruned, x[:1]) == graph.macs(0.5)
+    # Removing live groups does change the outputs (the check above can fail).
+    live = prune_env.prune_channels(model, graph, {group.index: np.array([1, 2])})
+    with torch.no_grad():
+        assert not torch.allclose(live(x), reference, atol=1e-6)

@@ -476,3 +476,16 @@ def test_groups_declared_alike_narrow_every_group_exactly() -> None:
 def test_groups_must_be_whole_or_alike() -> None:
     with pytest.raises(InvalidSettingError, match="groups must be 'whole' or 'alike'"):
         prune_env.register_layer(RadixBlock, prune_env.LayerSpec(groups="some"))
+
+
+def test_padding_layers_pass_channels_through() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ZeroPad2d(1), nn.ReflectionPad2d((1, 0, 2, 1)), nn.Conv2d(8, 8, 3),
+        nn.ConstantPad2d(1, 0.5), nn.Conv2d(8, 4, 1),
+    ).eval()  # fmt: skip
+    graph = prune_env.build_graph(model, X)
+    assert [g.name for g in graph.groups] == ["0", "3"]
+    pruned = prune_env.prune(model, X, 0.5, graph=graph)
+    assert prune_env.count_macs(pruned, X) == graph.macs(0.5)
+    with torch.no_grad():
+        assert pruned(X).shape == model(X).shape

@@ -29,7 +29,7 @@ SLOW = [
     # residual nets and their attention / anti-aliasing variants
     "resnet18", "resnet26d", "resnetblur18", "resnetaa34d", "seresnext26d_32x4d", "ecaresnet26t",
     "gcresnet33ts", "skresnet18", "skresnext50_32x4d", "resnest14d", "resnest50d_4s2x40d", "res2net50_14w_8s",
-    "resnetv2_50", "nf_resnet26", "dm_nfnet_f0",
+    "resnetv2_50", "resnetv2_50x1_bit", "nf_resnet26", "dm_nfnet_f0",
     # regnets, efficient/mobile nets, NAS families
     "regnety_002", "regnetz_005", "efficientnet_b0", "efficientnet_lite0", "tf_efficientnet_b0",
     "tf_mixnet_s", "mixnet_s", "mnasnet_small", "semnasnet_050", "spnasnet_100", "mobilenetv2_050",

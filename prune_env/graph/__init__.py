@@ -40,7 +40,7 @@ output channel ``c`` depends only on input channel ``c`` (anti-aliasing blur, EC
 module whose literal channel sizes are recomputed after surgery (selective-kernel input splits).
 """
 
-from prune_env.graph.build import build_graph
+from prune_env.graph.build import build_graph, example_tuple
 from prune_env.graph.dependency_graph import (
     DependencyGraph,
     check_module,
@@ -71,6 +71,7 @@ __all__ = [
     "build_graph",
     "check_module",
     "check_round_to",
+    "example_tuple",
     "layer_spec",
     "register_layer",
     "register_opaque",

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 import torch.fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from prune_env.errors import InvalidSettingError, PruneEnvError
+from prune_env.errors import InvalidSettingError, PruneEnvError, UntraceableModelError
+from prune_env.graph.capture import BranchOnValuesError, capture
 from prune_env.graph.dependency_graph import DependencyGraph, check_module
 from prune_env.graph.elements import State
 from prune_env.graph.layers import load_spec_providers
@@ -39,7 +41,7 @@ def build_graph(
     only reached in training, as Inception's auxiliary heads are.
     """
     check_module(model, "build_graph")
-    inputs = _example_tuple(example_inputs)
+    inputs = example_tuple(example_inputs)
     # One walk over the module tree serves every use below (each walk costs about as much as a small
     # model's whole propagation).
     named = list(model.named_modules(remove_duplicate=False))
@@ -56,9 +58,9 @@ def build_graph(
     was_training = {m: m.training for m in modules.values()}
     try:
         model.eval()
-        graph = trace(model, leaf_modules, LIBRARY_LEAVES)
+        graph, tensors = _graph(model, inputs, leaf_modules)
         try:
-            state = _run(model, modules, graph, state, inputs)
+            state = _run(model, modules, graph, state, tensors)
         except Exception as exc:
             _raise_if_model_rejects(model, inputs, exc)
             raise
@@ -78,10 +80,10 @@ def build_graph(
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._NormBase):
                     m.eval()
-            graph_train = trace(model, leaf_modules, LIBRARY_LEAVES)
             state.record_costs = False
             try:
-                state = _run(model, modules, graph_train, state, inputs)
+                graph_train, tensors = _graph(model, inputs, leaf_modules)
+                state = _run(model, modules, graph_train, state, tensors)
             except Exception as exc:
                 # The channels feeding training-only layers are unknown: the pruned model is then only
                 # guaranteed in eval mode. Say so rather than fail: eval-mode pruning is still exact.
@@ -97,7 +99,46 @@ def build_graph(
     return resolve(model, state)
 
 
-def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def _graph(
+    model: nn.Module, inputs: tuple[Any, ...], leaf_modules: Sequence[type[nn.Module] | str]
+) -> tuple[torch.fx.Graph, tuple[torch.Tensor, ...]]:
+    """The model's graph and the tensors its placeholders stand for: traced by torch.fx when it can, else
+    captured from one run on the inputs (a detector's list of images, data-dependent post-processing)."""
+    if all(isinstance(x, torch.Tensor) for x in inputs):
+        try:
+            return trace(model, leaf_modules, LIBRARY_LEAVES), inputs
+        except UntraceableModelError as untraceable:
+            reason: Exception = untraceable
+    else:
+        reason = InvalidSettingError("the inputs are not tensors only")
+    try:
+        graph, tensors = capture(model, inputs, leaf_modules, LIBRARY_LEAVES)
+    except BranchOnValuesError as branch:
+        if branch.module:
+            where = f"module {branch.module!r} ({branch.module_type})"
+            fix = (
+                "Mark it as a leaf so it is treated as a black box (its channels then stay unpruned): "
+                f"build_graph(model, example_inputs, leaf_modules=[{branch.module_type}]) or "
+                f"leaf_modules=[{branch.module!r}]."
+            )
+        else:
+            where = f"the model's forward ({branch.module_type})"
+            fix = "Move the branch into a submodule (then declared a leaf) or out of the model's forward."
+        raise UntraceableModelError(
+            f"{where} branches on tensor values ({branch.read}) before running {branch.layer!r}, so neither "
+            f"tracing nor a captured run holds for every input (torch.fx: "
+            f"{str(reason).splitlines()[0][:300]}). {fix}"
+        ) from None
+    except Exception as exc:
+        _raise_if_model_rejects(model, inputs, exc)
+        raise UntraceableModelError(
+            f"{type(model).__name__} can be neither traced ({reason}) nor captured from a run on the example "
+            f"input ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+    return graph, tuple(tensors)
+
+
+def example_tuple(example_inputs: Any) -> tuple[Any, ...]:
     """The example inputs as a non-empty tuple of tensors, or :class:`InvalidSettingError` saying why not."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -113,10 +154,14 @@ def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
             )
         )
     for i, x in enumerate(example_inputs):
-        if not isinstance(x, torch.Tensor):
+        leaves = pytree.tree_leaves(x)
+        bad = next((leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)), None)
+        if not leaves or bad is not None:
             raise InvalidSettingError(
-                f"example_inputs[{i}] must be a tensor, got {type(x).__name__}; pass only tensors "
-                "(torch.as_tensor(x) converts numbers and arrays)"
+                f"example_inputs[{i}] must be a tensor or a list of tensors (a detector's images), got "
+                f"{type(x).__name__}"
+                + (f" holding a {type(bad).__name__}" if bad is not None else "")
+                + "; pass only tensors (torch.as_tensor(x) converts numbers and arrays)"
             )
     return tuple(example_inputs)
 
@@ -146,7 +191,7 @@ def _leaf_list(leaf_modules: Any, modules: Mapping[str, nn.Module]) -> tuple[typ
     return leaves
 
 
-def _raise_if_model_rejects(model: nn.Module, inputs: tuple[torch.Tensor, ...], exc: Exception) -> None:
+def _raise_if_model_rejects(model: nn.Module, inputs: tuple[Any, ...], exc: Exception) -> None:
     """Tell a bad example input apart from an engine failure: if the model itself cannot run on the
     input, that is what the caller must fix (this only runs after the analysis has failed)."""
     if isinstance(exc, PruneEnvError):
@@ -155,7 +200,7 @@ def _raise_if_model_rejects(model: nn.Module, inputs: tuple[torch.Tensor, ...], 
         with torch.no_grad():
             model(*inputs)
     except Exception as direct:
-        shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in inputs)
+        shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in pytree.tree_leaves(inputs))
         raise InvalidSettingError(
             f"the model cannot run on the example input ({shapes}): {type(direct).__name__}: "
             f"{str(direct)[:200]}; pass an input of the shape and dtype the model accepts, e.g. "

@@ -80,7 +80,7 @@ _SPEC_PROVIDERS = {
     "timm": "prune_env.models.timm_adapter:register_timm_layers",
     "torchvision": "prune_env.models.torchvision_adapter:register_torchvision_layers",
 }
-_LIKE_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+_LIKE_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
 def register_layer(layer_type: type[nn.Module], spec: LayerSpec) -> None:

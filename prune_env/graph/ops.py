@@ -160,6 +160,8 @@ NORM = ModuleOp(mod.norm, meta.module_same_as_input)
 
 MODULE_OPS: dict[type[nn.Module], ModuleOp] = {
     **dict.fromkeys(mod.CONVOLUTIONS, ModuleOp(mod.convolution, _convolution_on_meta)),
+    **dict.fromkeys(mod.TRANSPOSED_CONVOLUTIONS, ModuleOp(mod.transposed_convolution)),
+    **dict.fromkeys(mod.PADDINGS, ModuleOp(mod.padding)),
     nn.Linear: ModuleOp(mod.linear, _linear_on_meta),
     nn.MultiheadAttention: ModuleOp(mod.multihead_attention, _multihead_attention_on_meta),
     **dict.fromkeys((
@@ -210,6 +212,16 @@ def register_library_ops() -> None:
     stochastic_depth = getattr(tv_ops, "stochastic_depth", None)
     if stochastic_depth is not None and stochastic_depth not in FUNCTION_OPS:
         FUNCTION_OPS[stochastic_depth] = UNARY  # a per-sample mask: channels pass through unchanged
+    # torchvision's RoI pooling (detectors' box, mask and keypoint heads): output channel c is input
+    # channel c pooled over each box. The multi-scale pooler is a leaf: it writes each level's pooled boxes
+    # into a buffer sized by a literal channel count, which would freeze every feature level's channels.
+    roi_align = getattr(getattr(torch.ops, "torchvision", None), "roi_align", None)
+    if tv_ops is not None and roi_align is not None and roi_align not in FUNCTION_OPS:
+        for op in (roi_align, roi_align.default, tv_ops.roi_align, tv_ops.roi_pool):
+            FUNCTION_OPS[op] = SPATIAL
+        FUNCTION_OPS[torch.ops.torchvision.roi_pool] = SPATIAL
+        MODULE_OPS[tv_ops.MultiScaleRoIAlign] = ModuleOp(mod.multiscale_roi_pool)
+        LIBRARY_LEAVES.add(tv_ops.MultiScaleRoIAlign)
     # torchvision's Swin attention (V1 and V2) passes its weights to a function fx cannot trace (it pads and
     # shifts by the input size): leaves with their own rule.
     swin = sys.modules.get("torchvision.models.swin_transformer")

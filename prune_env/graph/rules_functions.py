@@ -156,8 +156,12 @@ def batch_norm(ctx: Context, c: Call) -> Mapped:
 
 def pad(ctx: Context, c: Call) -> Mapped | None:
     """Padding of axes along which the channels do not vary (spatial padding)."""
-    first = c.first
-    widths = c.args[1] if len(c.args) > 1 else c.kwargs["pad"]
+    return padded(c.first, c.args[1] if len(c.args) > 1 else c.kwargs["pad"])
+
+
+def padded(first: Any, widths: Sequence[int]) -> Mapped | None:
+    """``first`` padded by ``widths`` (last axis first, as ``F.pad`` takes them): its ids unchanged if no
+    padded axis carries channels, else None (not mapped)."""
     touched = {first.ndim - 1 - i // 2 for i, p in enumerate(widths) if p} if first is not None else set()
     if isinstance(first, torch.Tensor) and touched & set(varying_axes(first)):
         return None

@@ -22,9 +22,16 @@ from prune_env.graph.context import Call, Context, Mapped
 from prune_env.graph.elements import along, channel_vector, poison_like
 from prune_env.graph.layers import LayerSpec, layer_spec, shrink_channelwise, spec_tensors
 from prune_env.graph.meta import meta_call, to_meta
-from prune_env.graph.rules_functions import reshape_ids, spatial_ids
+from prune_env.graph.rules_functions import padded, reshape_ids, spatial_ids
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+PADDINGS = tuple(
+    getattr(nn, f"{kind}Pad{d}d")
+    for kind in ("Constant", "Zero", "Reflection", "Replication", "Circular")
+    for d in (1, 2, 3)
+    if hasattr(nn, f"{kind}Pad{d}d")
+)
 
 
 def elementwise(ctx: Context, c: Call, m: nn.Module) -> Mapped:
@@ -33,6 +40,30 @@ def elementwise(ctx: Context, c: Call, m: nn.Module) -> Mapped:
 
 def spatial(ctx: Context, c: Call, m: nn.Module) -> Mapped:
     return Mapped(spatial_ids(ctx, c.node, c.value, c.first))
+
+
+def padding(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    """``nn.ConstantPad2d``, ``nn.ZeroPad2d``, ``nn.ReflectionPad2d``... : as ``F.pad`` with their widths."""
+    return padded(c.first, m.padding)  # type: ignore[arg-type]  # a tuple: these layers expand an int
+
+
+def multiscale_roi_pool(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    """torchvision's ``MultiScaleRoIAlign(x: dict of feature maps, boxes, image_shapes)``: each box is
+    pooled from one pyramid level, channel ``c`` of the output from channel ``c`` of that level, so the
+    levels it reads share their channels."""
+    features = c.id_args[0] if c.id_args else c.id_kwargs.get("x")
+    if not isinstance(features, dict):
+        return None
+    names = [k for k in getattr(m, "featmap_names", ()) if k in features]  # as the pooler filters them
+    if not names:
+        return None
+    found = [channel_vector(features[k], 1) for k in names]
+    vectors = [v for v in found if v is not None]
+    if len(vectors) != len(found) or len({int(v.numel()) for v in vectors}) != 1:
+        return None
+    for v in vectors[1:]:
+        ctx.state.union(vectors[0], v)
+    return Mapped(along(vectors[0], 1, c.value.ndim))
 
 
 def convolution(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
@@ -84,6 +115,31 @@ def convolution(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
         st.use_param(f"{name}.bias", m.bias, {0: out_slot})
     _declared_tensors(ctx, name, m, out_slot, m.out_channels)
     return Mapped(along(vout, 1, value.ndim), [(total // divisor, slots)])
+
+
+def transposed_convolution(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:
+    """A transposed convolution (a mask head's upsampling): its weight is ``(in, out, *kernel)``, so the
+    channels it founds are on the weight's axis 1. Grouped ones are kept whole (None: not mapped)."""
+    assert isinstance(m, TRANSPOSED_CONVOLUTIONS)
+    st, n, x, value = ctx.state, c.node, c.first, c.value
+    if not isinstance(x, torch.Tensor) or m.groups != 1 or len(c.id_args) != 1 or c.id_kwargs:
+        return None  # grouped, or given an output size: kept whole
+    name: str = n.target  # type: ignore[assignment]
+    tname = type(m).__name__
+    vin = channel_vector(x, 1)
+    if vin is None:
+        return None
+    out_slot, vout = st.out_slot(name, tname, m.out_channels, 1, producer=True)
+    in_slot = st.slot(name, tname, "in", 0, vin.expand(m.in_channels))
+    st.use_param(f"{name}.weight", m.weight, {1: out_slot, 0: in_slot})
+    if m.bias is not None:
+        st.use_param(f"{name}.bias", m.bias, {0: out_slot})
+    # FlopCounterMode's transposed formula: batch × INPUT pixels × weight numel (bias not counted).
+    pixels = c.args[0].shape
+    total = pixels[0] * m.weight.numel() * math.prod(pixels[2:])
+    return Mapped(
+        along(vout, 1, value.ndim), [(total // (m.out_channels * m.in_channels), (out_slot, in_slot))]
+    )
 
 
 def linear(ctx: Context, c: Call, m: nn.Module) -> Mapped | None:

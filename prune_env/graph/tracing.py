@@ -118,6 +118,15 @@ class _PathTracer(torch.fx.Tracer):
             self.path.pop()
 
 
+def leaf_predicate(
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    exact_leaf_types: Collection[type[nn.Module]] = (),
+) -> Callable[[nn.Module, str], bool]:
+    """Whether a module (by its qualified name) is kept whole, as :func:`trace` decides it: the standard
+    ``torch.nn`` layers, declared layers, and the ones passed in."""
+    return _PathTracer(leaf_modules, exact_leaf_types).is_leaf_module
+
+
 def trace(
     model: nn.Module,
     leaf_modules: Sequence[type[nn.Module] | str] = (),

@@ -99,7 +99,7 @@ def register_timm_layers() -> None:
     from timm.layers.conv2d_same import Conv2dSame
     from timm.layers.eca import CecaModule, EcaModule
     from timm.layers.mixed_conv2d import MixedConv2d
-    from timm.layers.norm_act import BatchNormAct2d
+    from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
     from timm.layers.selective_kernel import SelectiveKernel
     from timm.layers.split_attn import SplitAttn
     from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
@@ -119,6 +119,9 @@ def register_timm_layers() -> None:
     # black box it is one node instead of the half-dozen its traced forward makes, in every block of the
     # efficientnet, mobilenetv3, regnet ... families.
     register_layer(BatchNormAct2d, LayerSpec(like=nn.BatchNorm2d))
+    # GroupNorm fused with an activation (BiT's ResNetV2, NFNets' relatives): as nn.GroupNorm, whose rule
+    # removes whole normalisation groups, so the statistics of the groups that stay are unchanged.
+    register_layer(GroupNormAct, LayerSpec(like=nn.GroupNorm))
     # Per-channel blur (a depthwise filter) and channel attention computed from the channels themselves.
     register_layer(BlurPool2d, LayerSpec(channelwise=True, tensors={"filt": 0}, sizes=("channels",)))
     for attention in (EcaModule, CecaModule):

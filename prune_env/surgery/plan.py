@@ -236,6 +236,16 @@ def _plan_module(
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         _plan_conv(plan, m, name, out, inp, sizes)
         return
+    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        # Ungrouped only (the graph keeps grouped ones whole); the weight is (in, out, *kernel).
+        if out is not None:
+            plan.slice(m, name, "weight", 1, out)
+            plan.slice(m, name, "bias", 0, out)
+            plan.set(name, "out_channels", len(out))
+        if inp is not None:
+            plan.slice(m, name, "weight", 0, inp)
+            plan.set(name, "in_channels", len(inp))
+        return
     if isinstance(m, nn.Linear):
         if out is not None:
             plan.slice(m, name, "weight", 0, out)

@@ -206,9 +206,10 @@ def zero_units(model: nn.Module, graph: DependencyGraph, units: KeepSpec) -> Non
                     # Grouped/depthwise convs: a group's inputs and outputs are one unit, zeroed via "out".
                     weight = getattr(module, "weight", None)
                     if getattr(module, "groups", 1) == 1 and isinstance(weight, torch.Tensor):
-                        weight.index_fill_(1, idx, 0.0)
+                        weight.index_fill_(member.dim, idx, 0.0)
                     continue
                 for attr in ("weight", "bias"):
                     t = getattr(module, attr, None)
                     if isinstance(t, torch.Tensor):
-                        t.index_fill_(0, idx, 0.0)
+                        # The weight's axis the graph recorded (1 for a transposed conv's outputs).
+                        t.index_fill_(member.dim if attr == "weight" else 0, idx, 0.0)

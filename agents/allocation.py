@@ -220,7 +220,7 @@ def criterion_scores(problem: PruningProblem, criterion: str | None) -> list[np.
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(problem.seed)
-        return iterate_batches(problem.splits.train, IMPORTANCE_BATCH_SIZE, shuffle=True, generator=generator)
+        return iterate_batches(problem.data.train, IMPORTANCE_BATCH_SIZE, shuffle=True, generator=generator)
 
     score = get_importance(criterion, problem.seed, batches=batches)
     return [np.array(score(g, problem.base_model), dtype=np.float64) for g in problem.graph.groups]

@@ -60,7 +60,7 @@ def _distill(
     teacher.eval()
     step = 0
     while step < s.kd_steps:
-        for x, y in iterate_batches(problem.splits.train, s.kd_batch_size, shuffle=True, generator=generator):
+        for x, y in iterate_batches(problem.data.train, s.kd_batch_size, shuffle=True, generator=generator):
             x, y = x.to(problem.device), y.to(problem.device)
             with torch.no_grad():
                 teacher_logits = teacher(x)

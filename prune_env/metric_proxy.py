@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune_env.device import on_device, resolve_device, seed_generators
+from prune_env.device import on_device, resolve_device, seed_generators, to_device
 from prune_env.errors import InvalidSettingError, MetricError
 from prune_env.proxy import Proxy, ProxyResult, recalibrate_batchnorm, set_eval
 from prune_env.validation import check_settings
@@ -91,7 +91,7 @@ class MetricProxy(Proxy):
         self.worst, self.best = float(worst), float(best)
         self.seed = seed
         self.device = resolve_device(device)
-        self.recalibration_batches = [_to_device(b, self.device) for b in recalibration_batches]
+        self.recalibration_batches = [to_device(b, self.device) for b in recalibration_batches]
 
     def score(self, value: Any) -> float:
         """``value`` (what the metric returned) as a fraction where 1 is ``best``; refuses anything else."""
@@ -143,12 +143,3 @@ class MetricProxy(Proxy):
         recalibrate_batchnorm(candidate, self.recalibration_batches, modules)
         set_eval(modules)
         return candidate
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """A batch (a tensor, or a list/tuple of them) on ``device``; anything else as it is."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    return batch

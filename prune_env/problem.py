@@ -18,10 +18,10 @@ from torch import nn
 from prune_env.batches import iterate_batches, model_output
 from prune_env.budget import keep_to_ratios
 from prune_env.data import DataSource, as_splits
-from prune_env.device import resolve_device
+from prune_env.device import resolve_device, to_device
 from prune_env.errors import InvalidRatiosError, InvalidSettingError, UnsupportedLayerError
-from prune_env.graph import DependencyGraph, build_graph, units_to_keep
-from prune_env.importance import get_importance
+from prune_env.graph import DependencyGraph, build_graph, example_tuple, units_to_keep
+from prune_env.importance import DATA_DRIVEN, get_importance
 from prune_env.latency.budget import LatencyCheck, LatencyCost, settings_projector
 from prune_env.models import ModelSpec
 from prune_env.proxies import make_proxy
@@ -30,6 +30,7 @@ from prune_env.quantization.joint import JointPolicies
 from prune_env.rewards import Outcome
 from prune_env.scoring import PolicyScorer
 from prune_env.settings import ProblemSettings
+from prune_env.splits import Splits
 from prune_env.surgery import ModelRebuilder, prune_channels
 from prune_env.train import check_train_options, train_base
 from prune_env.validation import check_settings
@@ -113,7 +114,40 @@ def _check_given_proxy(proxy: Any, s: ProblemSettings) -> None:
         )
 
 
-def _prunable_graph(model: nn.Module, example_inputs: torch.Tensor) -> DependencyGraph:
+def _check_without_data(model: Any, proxy: Any, example_inputs: Any, s: ProblemSettings) -> None:
+    """A problem without a dataset (``dataset=None``) is a trained model scored by the user's own proxy: it
+    needs the model as a module, the proxy, an example input, and settings that read no data."""
+    missing = [
+        what
+        for what, given in (
+            ("model= as a trained nn.Module (nothing is trained without data)", isinstance(model, nn.Module)),
+            ("proxy= (a MetricProxy scoring with your metric)", proxy is not None),
+            (
+                "example_inputs= (the model's arguments, e.g. ([image],) for a detector)",
+                example_inputs is not None,
+            ),
+        )
+        if not given
+    ]
+    if missing:
+        raise InvalidSettingError(f"without a dataset (dataset=None) a problem needs {'; '.join(missing)}")
+    data_settings = [
+        f"{name}={value!r}"
+        for name, value, reads in (
+            ("importance", s.importance, isinstance(s.importance, str) and s.importance in DATA_DRIVEN),
+            ("metric", s.metric, s.metric == "latency"),
+            ("joint", s.joint, bool(s.joint)),
+        )
+        if reads
+    ]
+    if data_settings:
+        raise InvalidSettingError(
+            f"{', '.join(data_settings)} read(s) the dataset, and this problem has none (dataset=None): "
+            "pass dataset=, or use a data-free setting (importance='l1', a MACs or parameters budget)"
+        )
+
+
+def _prunable_graph(model: nn.Module, example_inputs: Any) -> DependencyGraph:
     graph = build_graph(model, example_inputs)
     if not graph.groups:
         raise UnsupportedLayerError(
@@ -168,11 +202,12 @@ class PruningProblem:
     def __init__(
         self,
         model: ModelSpec = "resnet20",
-        dataset: DataSource = "digits",
+        dataset: DataSource | None = "digits",
         settings: ProblemSettings | None = None,
         *,
         proxy: str | Proxy | Callable[[ProxyContext], Proxy] | None = None,
         train_kwargs: Mapping[str, Any] | None = None,
+        example_inputs: Any = None,
         **overrides: Any,
     ) -> None:
         # Everything is checked before the data is loaded or a model trained.
@@ -186,6 +221,10 @@ class PruningProblem:
         if proxy is not None:
             _check_given_proxy(proxy, s)
         check_train_options(train_kwargs or {})
+        if example_inputs is not None:
+            example_inputs = example_tuple(example_inputs)
+        if dataset is None:
+            _check_without_data(model, proxy, example_inputs, s)
         # Data-driven criteria read a few seeded training batches (the splits load below; only then is
         # the source called).
         score = get_importance(s.importance, s.seed, batches=self._importance_batches)
@@ -198,10 +237,17 @@ class PruningProblem:
         self.round_to = s.round_to
         self.fill_budget = s.fill_budget
 
-        self.splits = as_splits(dataset, seed=s.seed)
+        self.splits: Splits | None = as_splits(dataset, seed=s.seed) if dataset is not None else None
         self.base_model, self.base_metrics = self._base_model(model, train_kwargs or {}, s.progress)
-        self.example_inputs = self.splits.example_inputs(1).to(self.device)
-        check_classifier(self.base_model, self.example_inputs, self.splits.num_classes)
+        # The input the graph is built on and costs are counted for: the data's shape, or the user's own
+        # (a detector's list of images), as a tuple of the model's arguments.
+        self.example_inputs: Any = (
+            to_device(example_inputs, self.device)
+            if example_inputs is not None
+            else self.data.example_inputs(1).to(self.device)
+        )
+        if self.splits is not None and isinstance(self.example_inputs, torch.Tensor):
+            check_classifier(self.base_model, self.example_inputs, self.splits.num_classes)
         self.graph: DependencyGraph = _prunable_graph(self.base_model, self.example_inputs)
         self.units = np.array([g.units for g in self.graph.groups], dtype=np.int64)  # per group
         # Pruning-only costs (the environments' features, the action wall): MACs unless parameters or
@@ -244,13 +290,24 @@ class PruningProblem:
         self._rebuilder: ModelRebuilder | None = None
 
     # -- construction -------------------------------------------------------------------------------
+    @property
+    def data(self) -> Splits:
+        """The problem's splits; :class:`InvalidSettingError` for a problem given none (a user's metric
+        scores it, and nothing here trains or reads data)."""
+        if self.splits is None:
+            raise InvalidSettingError(
+                "this problem was built without a dataset (dataset=None): what asks for its data needs one; "
+                "pass dataset= (a name or a Splits)"
+            )
+        return self.splits
+
     def _base_model(
         self, model: ModelSpec, train_kwargs: Mapping[str, Any], progress: bool
     ) -> tuple[nn.Module, dict[str, float]]:
         if isinstance(model, nn.Module):
             return copy.deepcopy(model).to(self.device).eval(), {}
         trained, metrics = train_base(
-            model, self.splits, seed=self.seed, device=self.device, progress=progress, **dict(train_kwargs)
+            model, self.data, seed=self.seed, device=self.device, progress=progress, **dict(train_kwargs)
         )
         return trained.eval(), dict(metrics)
 
@@ -319,7 +376,7 @@ class PruningProblem:
     def _importance_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches for data-driven importance: the same shuffled ones every call, never val/test."""
         generator = torch.Generator().manual_seed(self.seed)
-        return iterate_batches(self.splits.train, IMPORTANCE_BATCH_SIZE, shuffle=True, generator=generator)
+        return iterate_batches(self.data.train, IMPORTANCE_BATCH_SIZE, shuffle=True, generator=generator)
 
     def scored_model(self, keep: np.ndarray) -> nn.Module:
         """The pruned model exactly as the proxy scored it (BatchNorm recalibrated, distilled if the

@@ -18,7 +18,7 @@ def make_proxy(context: ProxyContext) -> Proxy:
             steps = DISTILLATION_STEPS if s.proxy == "distillation" else 0
         return ProxyEvaluator(
             context.base_model,
-            context.splits,
+            context.data,
             eval_samples=s.eval_samples,
             bn_recalib_batches=s.bn_recalib_batches,
             finetune_steps=steps,

@@ -26,6 +26,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,10 +87,20 @@ class ProxyContext:
     base_model: nn.Module
     graph: DependencyGraph
     rankings: tuple[np.ndarray, ...]
-    splits: Splits
-    example_inputs: torch.Tensor
+    splits: Splits | None  # None for a problem built without a dataset (scored by the user's metric)
+    example_inputs: Any  # a tensor, or the model's arguments as a tuple (a detector's list of images)
     settings: ProblemSettings
     device: torch.device
+
+    @property
+    def data(self) -> Splits:
+        """The splits; :class:`InvalidSettingError` naming the fix when the problem has none."""
+        if self.splits is None:
+            raise InvalidSettingError(
+                "this proxy reads the dataset, and the problem was built without one (dataset=None): pass "
+                "dataset=, or score with your own metric (proxy=MetricProxy(...))"
+            )
+        return self.splits
 
 
 class Proxy(ABC):

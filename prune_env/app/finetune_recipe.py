@@ -81,7 +81,7 @@ def finetune_accuracy(
     tuned, metrics = finetune(
         model,
         problem.base_model,
-        problem.splits.with_training_subset(samples, problem.seed),
+        problem.data.with_training_subset(samples, problem.seed),
         epochs,
         seed=seed,
         progress=False,
@@ -89,11 +89,11 @@ def finetune_accuracy(
     )
     if plan is None:
         return float(metrics["val_accuracy"]), float(metrics["test_accuracy"])
-    batches = calibration_batches(problem.splits.train, CALIBRATION_BATCHES, seed=problem.seed)
+    batches = calibration_batches(problem.data.train, CALIBRATION_BATCHES, seed=problem.seed)
     quantized = fake_quantize(tuned, plan, batches)  # the fine-tuned copy is this function's own
     val, test = (
         evaluate(quantized, s, device=problem.device)["accuracy"]
-        for s in (problem.splits.val, problem.splits.test)
+        for s in (problem.data.val, problem.data.test)
     )
     return float(val), float(test)
 

@@ -238,10 +238,10 @@ def _save_model(
         s.out / "model",
         model,
         keep=kept_units(problem.rankings, keep, problem.group_names),
-        input_shape=problem.splits.input_shape,
+        input_shape=problem.data.input_shape,
         architecture=s.model,
-        num_classes=problem.splits.num_classes,
-        in_channels=problem.splits.in_channels,
+        num_classes=problem.data.num_classes,
+        in_channels=problem.data.in_channels,
         meta={
             "dataset": s.dataset,
             "seed": s.problem.seed,
@@ -446,7 +446,7 @@ class _SearchJob:
         tuned, metrics = finetune(
             problem.scored_model(keep),
             problem.base_model,
-            problem.splits,
+            problem.data,
             s.finetune_epochs,
             seed=problem.seed,
             progress=s.problem.progress,

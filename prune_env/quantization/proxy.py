@@ -34,14 +34,14 @@ class QuantizedScoring:
         self.proxy = proxy
         self.measure = ProxyEvaluator(
             context.base_model,
-            context.splits,
+            context.data,
             eval_samples=s.eval_samples,
             bn_recalib_batches=0,
             finetune_steps=0,
             seed=s.seed,
             device=context.device,
         )
-        self.batches = calibration_batches(context.splits.train, calibration, seed=s.seed)
+        self.batches = calibration_batches(context.data.train, calibration, seed=s.seed)
 
     def prepare(self, keep: np.ndarray, plan: BitPlan, build: Callable[[], nn.Module]) -> nn.Module:
         """The pruned model as the proxy prepares it, then quantized (what :meth:`evaluate` measures)."""

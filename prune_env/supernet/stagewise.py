@@ -53,10 +53,10 @@ class SupernetProxy(TrainedProxy):
             self.teacher, context.graph, context.example_inputs, modules=self.config.stages
         )
         self.taps = StageTaps(self.teacher, self.shared, self.boundaries)
-        n_val = len(context.splits.val)  # type: ignore[arg-type]
+        n_val = len(context.data.val)  # type: ignore[arg-type]
         generator = torch.Generator().manual_seed(self.seed + 1)
         idx = torch.randperm(n_val, generator=generator)[: min(STAGE_LOSS_SAMPLES, n_val)].sort().values
-        self._val_x = take(context.splits.val, idx)[0]
+        self._val_x = take(context.data.val, idx)[0]
 
     def trainable(self) -> nn.Module:
         return self.shared.weights

@@ -95,7 +95,7 @@ class TrainedProxy(Proxy):
         self.setup(context)
         self.scorer = ProxyEvaluator(
             context.base_model,
-            context.splits,
+            context.data,
             eval_samples=s.eval_samples,
             bn_recalib_batches=s.bn_recalib_batches,
             finetune_steps=(
@@ -112,7 +112,7 @@ class TrainedProxy(Proxy):
             self.trainable().load_state_dict(entry["state_dict"])
             self.train_seconds = float(entry["metrics"]["train_seconds"])
         else:
-            self.train_seconds = self.fit(context.splits.train)
+            self.train_seconds = self.fit(context.data.train)
             if use_cache:
                 save_entry(
                     self.cache_path,
@@ -158,7 +158,7 @@ class TrainedProxy(Proxy):
             "weights": state_digest(context.base_model.state_dict()),
             "groups": [[g.name, g.units] for g in context.graph.groups],
             "rankings": array_digest(list(context.rankings)),
-            "data": dataset_fingerprint(context.splits, test=False),
+            "data": dataset_fingerprint(context.data, test=False),
             "seed": s.seed,
             "max_ratio": s.max_ratio,
             "round_to": s.round_to,

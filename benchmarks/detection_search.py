@@ -31,7 +31,9 @@ from prune_env.detection import mean_average_precision, synthetic_shapes, tiny_d
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--train", type=int, default=800, help="training images")
     parser.add_argument("--val", type=int, default=200, help="validation images (the search's metric)")
     parser.add_argument("--test", type=int, default=200, help="test images (scored after the search only)")
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
           f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
 
     recalibration = [[image for image, _ in train[i : i + 16]] for i in range(0, 128, 16)]
-    proxy = MetricProxy(functools.partial(mean_average_precision, samples=val), recalibration_batches=recalibration)
+    proxy = MetricProxy(
+        functools.partial(mean_average_precision, samples=val), recalibration_batches=recalibration
+    )
     problem = PruningProblem(
         base, None, proxy=proxy, example_inputs=([val[0][0]],), target_macs=args.target, progress=False
     )
@@ -68,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
             began = time.perf_counter()
             result = agents.search(agent, problem, budget_evals=args.evals, seed=seed)
             scored = problem.scored_model(result.best_keep)
-            tuned = train_detector(scored, train, epochs=args.finetune_epochs, lr=0.005, seed=seed, progress=False)
+            tuned = train_detector(
+                scored, train, epochs=args.finetune_epochs, lr=0.005, seed=seed, progress=False
+            )
             row = {
                 "agent": agent,
                 "seed": seed,

@@ -124,6 +124,10 @@ def synthetic_shapes(n: int, size: int = 64, *, max_objects: int = 3, seed: int 
     return samples
 
 
+class _Backbone(nn.Sequential):
+    out_channels: int  # what torchvision's detectors read of their backbone
+
+
 def tiny_detector(num_classes: int = 3, size: int = 64, width: int = 32) -> nn.Module:
     """A small FCOS (torchvision's anchor-free detector) for ``size``-pixel images: a five-convolution
     backbone of ``width`` channels at stride 8 and a two-convolution head, with random weights. On
@@ -146,11 +150,11 @@ def tiny_detector(num_classes: int = 3, size: int = 64, width: int = 32) -> nn.M
             nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
         )
 
-    backbone = nn.Sequential(
+    backbone = _Backbone(
         block(3, width // 2, 2), block(width // 2, width, 2), block(width, width, 1), block(width, width, 2),
         block(width, width, 1),
     )  # fmt: skip
-    backbone.out_channels = width  # what torchvision's detectors read
+    backbone.out_channels = width
     return FCOS(
         backbone,
         num_classes=num_classes,

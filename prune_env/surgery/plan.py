@@ -206,6 +206,26 @@ def _plan_conv(
         plan.set(name, "in_channels", len(inp))
 
 
+def _plan_dense(
+    plan: Plan,
+    m: nn.Module,
+    name: str,
+    out: Any,
+    inp: Any,
+    out_axis: tuple[int, str],
+    in_axis: tuple[int, str],
+) -> None:
+    """A layer whose weight has one output and one input axis (``(axis, size attribute)`` each) and a
+    bias along its outputs: a linear layer, an ungrouped transposed convolution."""
+    if out is not None:
+        plan.slice(m, name, "weight", out_axis[0], out)
+        plan.slice(m, name, "bias", 0, out)
+        plan.set(name, out_axis[1], len(out))
+    if inp is not None:
+        plan.slice(m, name, "weight", in_axis[0], inp)
+        plan.set(name, in_axis[1], len(inp))
+
+
 def _plan_module(
     plan: Plan, m: nn.Module, name: str, kinds: dict[str, tuple[int, Any]], sizes: Mapping[str, int]
 ) -> None:
@@ -238,22 +258,10 @@ def _plan_module(
         return
     if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         # Ungrouped only (the graph keeps grouped ones whole); the weight is (in, out, *kernel).
-        if out is not None:
-            plan.slice(m, name, "weight", 1, out)
-            plan.slice(m, name, "bias", 0, out)
-            plan.set(name, "out_channels", len(out))
-        if inp is not None:
-            plan.slice(m, name, "weight", 0, inp)
-            plan.set(name, "in_channels", len(inp))
+        _plan_dense(plan, m, name, out, inp, (1, "out_channels"), (0, "in_channels"))
         return
     if isinstance(m, nn.Linear):
-        if out is not None:
-            plan.slice(m, name, "weight", 0, out)
-            plan.slice(m, name, "bias", 0, out)
-            plan.set(name, "out_features", len(out))
-        if inp is not None:
-            plan.slice(m, name, "weight", 1, inp)
-            plan.set(name, "in_features", len(inp))
+        _plan_dense(plan, m, name, out, inp, (0, "out_features"), (1, "in_features"))
         return
     if ch is None:
         raise UnsupportedLayerError(

@@ -103,8 +103,18 @@ class BranchOnValuesError(Exception):
         self.module, self.module_type, self.read, self.layer = module, module_type, read, layer
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value`` (nested in tuples, lists and dicts); a flat tuple or list, the common case of
+    an op's arguments, without a pytree walk."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)) and not any(isinstance(v, (tuple, list, dict)) for v in value):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+
+
 def _holds_tensor(value: Any) -> bool:
-    return any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value))
+    return bool(_tensors(value))
 
 
 class _Recorder(TorchFunctionMode):
@@ -116,8 +126,13 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.graph = graph
         self.leaf = leaf
-        self.names = {id(m): name for name, m in model.named_modules()}
         self.modules = dict(model.named_modules())
+        self.names = {id(m): name for name, m in self.modules.items()}
+        # The modules that hold a parameter, themselves or below: a layer "with weights".
+        self.weighted = {""}
+        for pname, _ in model.named_parameters():
+            parts = pname.split(".")[:-1]
+            self.weighted.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
         self.tensor_names: dict[int, str] = {}
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             self.tensor_names.setdefault(id(t), name)
@@ -127,7 +142,7 @@ class _Recorder(TorchFunctionMode):
         self.constants = 0
         self.in_leaf = 0
         # Tensors computed from the inputs or the weights (others come from sizes and constants).
-        self.data: set[int] = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+        self.data: set[int] = {id(t) for _, t in [*model.named_parameters(), *model.named_buffers()]}
         # The modules whose forward is running, outermost first, each with the first data-dependent read
         # its own code made in this call (None until then).
         self.stack: list[list[Any]] = []
@@ -188,7 +203,8 @@ class _Recorder(TorchFunctionMode):
         if self.in_leaf:
             return value
         from_data = any(
-            id(t) in self.data for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+            id(t) in self.data
+            for t in (_tensors(args) + _tensors(list(kwargs.values())) if kwargs else _tensors(args))
         )
         name = getattr(func, "__name__", "")
         if from_data and name in _READS and self.stack and self.stack[-1][1] is None:
@@ -196,7 +212,7 @@ class _Recorder(TorchFunctionMode):
         if not (_holds_tensor(value) or name == "__setitem__"):
             return value
         if from_data:
-            self.data.update(id(t) for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
+            self.data.update(id(t) for t in _tensors(value))
         kind, target, args = _node_kind(func, args)
         node = self.graph.create_node(kind, target, self.arg(tuple(args)), self.arg(kwargs))
         if value is not None:
@@ -214,7 +230,7 @@ class _Recorder(TorchFunctionMode):
             if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
                 continue  # a container is never called: its layers are
             inside_leaf = (f"{sub}.",)
-            if next(m.parameters(), None) is None:
+            if sub not in self.weighted:
                 continue
             ran = self.last_run.get(sub)
             if ran is None or not start < ran <= at:
@@ -233,7 +249,7 @@ class _Recorder(TorchFunctionMode):
                 _, read, start = self.stack.pop()
                 if read is not None and self.branch is None:
                     self._check_branch(name, read, start)
-        if next(module.parameters(), None) is not None:
+        if name in self.weighted:
             self.clock += 1
             self.last_run[name] = self.clock
         self.in_leaf += 1
@@ -243,7 +259,7 @@ class _Recorder(TorchFunctionMode):
             self.in_leaf -= 1
         node = self.graph.call_module(name, self.arg(tuple(args)), self.arg(kwargs))
         self.bind(value, node)
-        self.data.update(id(t) for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
+        self.data.update(id(t) for t in _tensors(value))
         return value
 
 

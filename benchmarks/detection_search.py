@@ -11,15 +11,18 @@ is :class:`~prune_env.metric_proxy.MetricProxy` computing mAP@0.5 on the validat
 recalibration on training images. Each agent's best policy is then fine-tuned on the training set (the same
 recipe and seed for every agent) and scored on validation and test. The test set is never seen by the
 search. Results go to ``--out`` (JSON: one row per agent and seed, and the provenance); the table printed
-gives each agent's mAP and its paired difference from uniform pruning by seed.
+gives each agent's mAP and its paired difference by seed from the best non-learned baseline (uniform or
+global, by validation mAP) with a 95% Student-t interval; ``--report FILE`` prints it again from a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ import torch
 import agents
 from prune_env import MetricProxy, PruningProblem
 from prune_env.app.measure import write_results
+from prune_env.app.paired import paired_difference
 from prune_env.detection import mean_average_precision, synthetic_shapes, tiny_detector, train_detector
 
 
@@ -47,7 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/detection_search.json"), help="where results go"
     )
+    parser.add_argument(
+        "--report", type=Path, help="print the table of a results file written earlier, and stop"
+    )
     args = parser.parse_args(argv)
+    if args.report is not None:
+        print_table(json.loads(args.report.read_text())["runs"])
+        return
     torch.set_num_threads(args.threads)
 
     train = synthetic_shapes(args.train, seed=0)
@@ -91,17 +101,38 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['search_val_map']:.4f}, fine-tuned val {row['val_map']:.4f} test {row['test_map']:.4f}")  # fmt: skip
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     write_results(args.out, {"settings": settings, "base": base_scores, "runs": rows})
-    print(f"\n{'agent':>9} {'val mAP':>8} {'test mAP':>8} {'Δval vs uniform':>16} {'Δtest vs uniform':>17}")
-    by = {(r["agent"], r["seed"]): r for r in rows}
-    for agent in args.agents:
-        mine = [by[agent, s] for s in args.seeds]
-        line = f"{agent:>9} {np.mean([r['val_map'] for r in mine]):8.4f} {np.mean([r['test_map'] for r in mine]):8.4f}"
-        if "uniform" in args.agents and agent != "uniform":
-            for split in ("val_map", "test_map"):
-                d = [by[agent, s][split] - by["uniform", s][split] for s in args.seeds]
-                line += f" {np.mean(d):+8.4f} ± {np.std(d, ddof=1) if len(d) > 1 else 0:.4f}"
-        print(line)
+    print_table(rows)
     print(f"results: {args.out}")
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Each agent's mean validation mAP before fine-tuning (the search's score), its fine-tuned mAP, and its paired difference from the best non-learned baseline's
+    (uniform and global: the higher mean validation mAP) by seed, with a 95% Student-t interval."""
+    agents_run = list(dict.fromkeys(r["agent"] for r in rows))
+    maps = {
+        (agent, split): {r["seed"]: r[f"{split}_map"] for r in rows if r["agent"] == agent}
+        for agent in agents_run
+        for split in ("val", "test")
+    }
+    baselines = [a for a in ("uniform", "global") if a in agents_run]
+    best = max(baselines, key=lambda a: np.mean(list(maps[a, "val"].values()))) if baselines else None
+    print(
+        f"\n{'agent':>9} {'MACs':>6} {'searched':>8} {'val mAP':>8} {'test mAP':>8}   vs {best or '-'} "
+        "(val, test; 95% CI)"
+    )
+    for agent in agents_run:
+        mine = [r for r in rows if r["agent"] == agent]
+        macs, searched = (
+            np.mean([r["macs_ratio"] for r in mine]),
+            np.mean([r["search_val_map"] for r in mine]),
+        )
+        line = f"{agent:>9} {macs:6.3f} {searched:8.4f} "
+        line += " ".join(f"{np.mean(list(maps[agent, split].values())):8.4f}" for split in ("val", "test"))
+        if best is not None and agent != best:
+            for split in ("val", "test"):
+                d = paired_difference(maps[agent, split], maps[best, split])
+                line += f"   {d['mean_difference']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ from prune_env.app.results import (
 from prune_env.app.rundir import RunDirectory
 from prune_env.errors import InvalidSettingError
 from prune_env.optional_ray import uses_ray
-from prune_env.problem import PruningProblem, check_model_arg
+from prune_env.problem import PruningProblem
+from prune_env.problem_inputs import check_model_arg
 from prune_env.rewards import get_reward
 from prune_env.settings import ProblemSettings
 from prune_env.validation import TARGETS, check_sequence, check_settings, flag

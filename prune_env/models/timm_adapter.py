@@ -98,6 +98,7 @@ def register_timm_layers() -> None:
     from timm.layers.blur_pool import BlurPool2d
     from timm.layers.conv2d_same import Conv2dSame
     from timm.layers.eca import CecaModule, EcaModule
+    from timm.layers.linear import Linear
     from timm.layers.mixed_conv2d import MixedConv2d
     from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
     from timm.layers.selective_kernel import SelectiveKernel
@@ -108,6 +109,9 @@ def register_timm_layers() -> None:
 
     from prune_env.graph import LayerSpec, register_layer, register_opaque
 
+    # nn.Linear with a forward that casts for TorchScript (LCNet's and others' classifiers): one node as
+    # nn.Linear is, instead of a traced F.linear whose weight gets an id per element (1.28 M for LCNet's).
+    register_layer(Linear, LayerSpec(like=nn.Linear))
     # Convolutions that pad from the input size or standardise their weights: channels as nn.Conv2d.
     plain_convs: tuple[type[nn.Conv2d], ...] = (Conv2dSame, StdConv2d, StdConv2dSame)
     for conv in plain_convs:

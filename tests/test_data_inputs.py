@@ -197,6 +197,29 @@ def test_bad_image_folders_are_refused_before_loading(
         load(f"imagefolder:{tmp_path / 'data'}", **{"image_size": 8, **kwargs})
 
 
+def test_a_garbage_file_is_refused_when_another_library_patched_image_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ultralytics replaces PIL.Image.open process-wide with one that, on a file PIL cannot identify,
+    # imports a HEIF plugin (and raises ModuleNotFoundError where it is missing).
+    from PIL import Image
+
+    original = Image.open
+
+    def patched(path: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(path, *args, **kwargs)
+        except Image.UnidentifiedImageError:
+            raise ModuleNotFoundError("No module named 'pi_heif'") from None
+
+    monkeypatch.setattr(Image, "open", patched)
+    _garbage(tmp_path / "data")
+    with pytest.raises(
+        PruneEnvError, match=r"notes.png is not a readable image \(No module named 'pi_heif'\)"
+    ):
+        load(f"imagefolder:{tmp_path / 'data'}", image_size=8)
+
+
 def test_a_jpeg_that_fails_to_decode_is_named_while_loading(tmp_path: Path) -> None:
     from PIL import Image
 

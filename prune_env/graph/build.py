@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from prune_env.errors import InvalidSettingError, PruneEnvError, UntraceableModelError
-from prune_env.graph.capture import BranchOnValuesError, capture
+from prune_env.graph.capture import CAPTURED_VALUE, BranchOnValuesError, capture
 from prune_env.graph.dependency_graph import DependencyGraph, check_module
 from prune_env.graph.elements import State
 from prune_env.graph.layers import load_spec_providers
@@ -221,11 +221,13 @@ def _run(
     inputs: tuple[torch.Tensor, ...],
 ) -> State:
     """Propagate ids through ``graph``: on meta tensors (shapes only, fast) unless the model has a black-box
-    layer or some op fails on them (no meta kernel, or it reads data: ``.item()``), else on real tensors.
+    layer or some op fails on them (no meta kernel, or it reads data: ``.item()``), else on real tensors; a
+    captured graph replays the values of its recorded run (real, and already computed).
 
     Returns the updated state; ``state`` itself is left as it was if the pass fails.
     """
-    if not calls_black_box(graph, modules):
+    captured = any(CAPTURED_VALUE in n.meta for n in graph.nodes)
+    if not captured and not calls_black_box(graph, modules):
         work = state.copy()
         try:
             with torch.no_grad():

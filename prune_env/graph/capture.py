@@ -77,6 +77,10 @@ _REFLECTED: dict[str, Callable[..., Any]] = {
 }
 
 
+# node.meta key: what the node's op returned in the recorded run. Propagation replays these values instead
+# of running the model a second time (the ops that ran, on the same inputs, give the same shapes).
+CAPTURED_VALUE = "prune_env_captured_value"
+
 # Calls that turn a tensor's values into Python values a forward can branch on.
 _READS = frozenset(
     {
@@ -153,6 +157,7 @@ class _Recorder(TorchFunctionMode):
     # -- tensors to nodes ------------------------------------------------------------------------------
     def bind(self, value: Any, node: torch.fx.Node) -> None:
         """``value`` (the output of ``node``) and the tensors inside it, each to the node that yields it."""
+        node.meta[CAPTURED_VALUE] = value
         if isinstance(value, torch.Tensor):
             self.nodes[id(value)] = (value, node)
         elif isinstance(value, (tuple, list)):

@@ -15,6 +15,7 @@ import torch.fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from prune_env.graph.capture import CAPTURED_VALUE
 from prune_env.graph.context import Call, Context, Mapped
 from prune_env.graph.elements import Ids, State, poison_like
 from prune_env.graph.layers import layer_spec
@@ -134,6 +135,9 @@ class Propagator(torch.fx.Interpreter):
             with self.flops:
                 value = getattr(self, n.op)(n.target, args, kwargs)
             macs = self.flops.get_total_flops() // 2
+        elif not self.meta and CAPTURED_VALUE in n.meta:
+            value = n.meta[CAPTURED_VALUE]  # a captured graph: the recorded run's value, not a second run
+            macs = 0
         else:
             value = getattr(self, n.op)(n.target, args, kwargs)
             macs = 0

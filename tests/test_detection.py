@@ -104,6 +104,15 @@ def test_a_list_input_model_is_captured_and_pruned_exactly() -> None:
     assert len(out) == 2 and all(o["boxes"].shape[1] == 4 for o in out)
 
 
+def test_a_captured_model_runs_once_per_build() -> None:
+    # Propagation replays the recorded run's values: a detector's forward (seconds for a two-stage one)
+    # is paid once, not again for the channel analysis.
+    model, calls = TinyDetector().eval(), []
+    model.stem.register_forward_hook(lambda *_: calls.append(1))
+    prune_env.build_graph(model, (_images(),))
+    assert len(calls) == 1
+
+
 def test_zero_contribution_channels_removed_through_a_transposed_conv_change_nothing() -> None:
     model, images = TinyDetector().eval(), _images()
     graph = prune_env.build_graph(model, (images,))

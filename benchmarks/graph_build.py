@@ -11,6 +11,10 @@ Timings on shared machines are noisy: each number is the median of ``--repeats``
 compares the two libraries within the same run on the same model and input. Torch-Pruning is optional
 (``pip install torch-pruning``, extra ``bench``); without it only our times are printed.
 
+``--fresh`` measures a user's first build instead: each library in a new process per model and repeat
+(its import timed apart from the build, the model built and run once before either), so one-time costs —
+imports, first-call kernels, registrations — count as they do for a user.
+
 The ``fwd/TP`` column is one plain forward pass of the model on the same input (eval, no autograd, nothing
 recorded) over Torch-Pruning's build: the floor for any graph capture that runs or traces the model once,
 which Torch-Pruning's own build (a forward with autograd, then its graph walk) also pays.
@@ -19,7 +23,13 @@ which Torch-Pruning's own build (a forward with autograd, then its graph walk) a
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import math
+import statistics
+import subprocess
+import sys
+import time
 import warnings
 
 import torch
@@ -61,8 +71,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--fresh", action="store_true", help="first builds, each in a new process")
+    parser.add_argument("--child", choices=("prune_env", "torch_pruning"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     models = args.models or (TIMM_MODELS if args.zoo == "timm" else DEFAULT_MODELS)
+    if args.child:
+        first_build(args.child, args.zoo, models[0], args.resolution)
+        return
+    if args.fresh:
+        fresh_builds(args, models)
+        return
     try:
         import torch_pruning as tp
     except ImportError:
@@ -111,6 +129,71 @@ def main() -> None:
             f"\ngeometric mean ratio prune_env / Torch-Pruning build time: {geomean(ratios):.2f}x over "
             f"{len(ratios)} models; one plain forward / Torch-Pruning build: {geomean(floors):.2f}x"
         )
+
+
+def _input(zoo: str, name: str, resolution: int) -> torch.Tensor:
+    res = (299 if zoo == "torchvision" else 96) if name.startswith("inception") else resolution
+    res = 224 if zoo == "timm" and name.startswith(TRANSFORMERS) else res
+    return torch.randn(1, 3, res, res)
+
+
+def first_build(library: str, zoo: str, name: str, resolution: int) -> None:
+    """In a new process: build the model and run it once, then import ``library`` and build its graph
+    once; print the import and build seconds as JSON."""
+    torch.set_num_threads(1)
+    model, x = build_model(zoo, name), _input(zoo, name, resolution)
+    with torch.no_grad():
+        model(x)
+    warnings.simplefilter("ignore")
+    start = time.perf_counter()
+    if library == "prune_env":
+        import prune_env.graph as engine
+
+        imported = time.perf_counter()
+        engine.build_graph(model, x)
+    else:
+        import torch_pruning as tp
+
+        imported = time.perf_counter()
+        tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    done = time.perf_counter()
+    print(json.dumps({"import": imported - start, "build": done - imported}))
+
+
+def fresh_builds(args: argparse.Namespace, models: list[str]) -> None:
+    """Each library's first build of each model, each in a new process, median over ``--repeats``."""
+    libraries = ["prune_env", "torch_pruning"] if importlib.util.find_spec("torch_pruning") else ["prune_env"]
+    print(f"{'model':<22} " + " ".join(f"{lib + ' import':>22} {lib + ' build':>21}" for lib in libraries)
+          + (f" {'ratio':>6} {'w/o import':>10}" if len(libraries) == 2 else ""))  # fmt: skip
+    ratios, builds = [], []
+    for name in models:
+        medians = {}
+        for lib in libraries:
+            runs = []
+            for _ in range(args.repeats):
+                command = [sys.executable, __file__, "--child", lib, "--zoo", args.zoo, "--models", name,
+                           "--resolution", str(args.resolution)]  # fmt: skip
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    break
+                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            if runs:
+                medians[lib] = {k: statistics.median(r[k] for r in runs) for k in ("import", "build")}
+        line = f"{name:<22} " + " ".join(
+            f"{medians[lib]['import']:>22.3f} {medians[lib]['build']:>21.3f}"
+            if lib in medians
+            else f"{'failed':>44}"
+            for lib in libraries
+        )
+        if len(medians) == 2:
+            ours, theirs = medians["prune_env"], medians["torch_pruning"]
+            ratios.append((ours["import"] + ours["build"]) / (theirs["import"] + theirs["build"]))
+            builds.append(ours["build"] / theirs["build"])
+            line += f" {ratios[-1]:>6.2f} {builds[-1]:>10.2f}"
+        print(line, flush=True)
+    if ratios:
+        print(f"\ngeometric mean ratio of first builds, prune_env / Torch-Pruning: {geomean(ratios):.2f}x with "
+              f"imports, {geomean(builds):.2f}x without, over {len(ratios)} models")  # fmt: skip
 
 
 def geomean(values: list[float]) -> float:

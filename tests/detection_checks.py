@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,23 @@ def targets(name: str, size: int) -> list[dict[str, torch.Tensor]]:
     return [target, target]
 
 
+def pruned_exactly(model: nn.Module, example: Any, ratio: float) -> tuple[nn.Module, int, int]:
+    """``model`` pruned uniformly at ``ratio`` on ``example`` (its arguments, or one tensor), with the
+    graph's MACs and parameters checked against a count on the pruned model and the unpruned model's MACs
+    against the graph's. Returns the pruned model, its MACs and the unpruned model's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore"
+        )  # post-processing's slicing and reshapes leave format channels unmapped
+        graph = prune_env.build_graph(model, example)
+    assert graph.base_macs == prune_env.count_macs(model, example)
+    pruned = prune_env.prune(model, example, ratio, graph=graph)
+    measured = prune_env.count_macs(pruned, example)
+    assert graph.macs(ratio) == measured < graph.base_macs
+    assert graph.params(ratio) == prune_env.count_params(pruned) < prune_env.count_params(model)
+    return pruned, measured, graph.base_macs
+
+
 def check_pruned_detector(name: str, size: int = 128, ratio: float = 0.5) -> float:
     """Prune a detector uniformly at ``ratio``: predicted MACs and parameters equal a count on the pruned
     model, its predictors keep their full width, in eval mode it returns the model's own output format, in
@@ -65,14 +83,7 @@ def check_pruned_detector(name: str, size: int = 128, ratio: float = 0.5) -> flo
     model = detector(name, size)
     images = [torch.rand(3, size, size)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # post-processing's box slicing leaves channels unmapped, by design
-        graph = prune_env.build_graph(model, (images,))
-    assert graph.base_macs == prune_env.count_macs(model, (images,))
-    pruned = prune_env.prune(model, (images,), ratio, graph=graph)
-    measured = prune_env.count_macs(pruned, (images,))
-    assert graph.macs(ratio) == measured < graph.base_macs
-    assert graph.params(ratio) == prune_env.count_params(pruned) < prune_env.count_params(model)
+    pruned, measured, base = pruned_exactly(model, (images,), ratio)
     full = dict(model.named_modules())
     for module_name, module in pruned.named_modules():
         if module_name.endswith(PREDICTOR_SUFFIXES):
@@ -95,7 +106,7 @@ def check_pruned_detector(name: str, size: int = 128, ratio: float = 0.5) -> flo
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not model.training
-    return measured / graph.base_macs
+    return measured / base
 
 
 def check_pruned_segmenter(name: str, size: int = 64, ratio: float = 0.5) -> float:
@@ -103,16 +114,11 @@ def check_pruned_segmenter(name: str, size: int = 64, ratio: float = 0.5) -> flo
     torch.manual_seed(0)
     model = getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=5).eval()
     x = torch.randn(1, 3, size, size)
-    graph = prune_env.build_graph(model, x)
-    assert graph.base_macs == prune_env.count_macs(model, x)
-    pruned = prune_env.prune(model, x, ratio, graph=graph)
-    measured = prune_env.count_macs(pruned, x)
-    assert graph.macs(ratio) == measured < graph.base_macs
-    assert graph.params(ratio) == prune_env.count_params(pruned) < prune_env.count_params(model)
+    pruned, measured, base = pruned_exactly(model, x, ratio)
     with torch.no_grad():
         expected, got = model(x), pruned.eval()(x)
     assert expected.keys() == got.keys() and all(got[k].shape == expected[k].shape for k in got)
     pruned.train()
     out = pruned(torch.randn(2, 3, size, size))["out"]
     assert out.shape == (2, 5, size, size) and torch.isfinite(out).all()
-    return measured / graph.base_macs
+    return measured / base

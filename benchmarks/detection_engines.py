@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         tp = None
         print("Torch-Pruning is not installed (pip install prune-env[bench]): this engine only")
-    rows = []
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    rows: list[dict[str, Any]] = []
     for name in args.models:
         model = detector(name, args.size)
         images = [torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0))]
@@ -122,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
                 row["tp_works"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
         rows.append(row)
         print(row, flush=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    write_results(args.out, {"settings": settings, "runs": rows})
+        # Written after every model: a run stopped part-way (Torch-Pruning can take many minutes on one
+        # model) keeps what it measured.
+        write_results(args.out, {"settings": settings, "runs": rows})
     print(f"\n{'model':<40} {'ours s':>7} {'kept':>6} {'works':<6} {'TP s':>7} {'kept':>6}  TP works")
     for r in rows:
         tp_s, tp_kept = r.get("tp_build_s", float("nan")), r.get("tp_macs_kept", float("nan"))

@@ -160,3 +160,25 @@ def test_a_detector_searched_with_its_map_meets_the_budget_and_fine_tunes() -> N
     tuned = train_detector(scored, train, epochs=2, lr=0.005, progress=False)
     assert mean_average_precision(tuned, val) > mean_average_precision(scored, val)
     assert np.isfinite(base_map)
+
+
+@pytest.mark.parametrize("env_type", ["OneShotPruneEnv", "LayerPruneEnv"])
+def test_both_environments_take_a_problem_scored_by_the_users_metric(env_type: str) -> None:
+    val = synthetic_shapes(8, seed=1)
+    calls: list[int] = []
+
+    def metric(model: nn.Module) -> float:
+        calls.append(1)
+        return mean_average_precision(model, val)
+
+    problem = PruningProblem(
+        tiny_detector(), None, proxy=MetricProxy(metric), example_inputs=([val[0][0]],), target_macs=0.5
+    )
+    env = getattr(prune_env, env_type)(problem=problem)
+    env.reset(seed=0)
+    before, done, info = len(calls), False, {}
+    while not done:
+        _, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        done = terminated or truncated
+    assert len(calls) == before + 1  # the episode's pruned model was scored by the user's metric
+    assert info["macs_ratio"] <= 0.5 and reward == pytest.approx(info["accuracy"])

@@ -26,10 +26,8 @@ def read_image(path: str) -> Any:
 
     try:
         return default_loader(path)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+    except (OSError, ValueError, ImportError, Image.DecompressionBombError) as exc:  # see _check_image_file
         raise _unreadable(path, exc) from None
-    except ImportError as exc:
-        raise _unreadable(path, exc) from None  # see _check_image_file
 
 
 def _check_image_file(path: str) -> None:
@@ -41,11 +39,10 @@ def _check_image_file(path: str) -> None:
         with Image.open(path) as image:
             width, height = image.size
             image.verify()
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise _unreadable(path, exc) from None
-    except ImportError as exc:
-        # Another library may patch Image.open process-wide to load a plugin for a file PIL cannot
-        # identify (Ultralytics imports pi_heif then): a missing plugin still means this file is unreadable.
+    except (OSError, ValueError, ImportError, Image.DecompressionBombError) as exc:
+        # UnidentifiedImageError is an OSError. ImportError: another library may patch Image.open
+        # process-wide to load a plugin for a file PIL cannot identify (Ultralytics imports pi_heif then);
+        # a missing plugin still means this file is unreadable.
         raise _unreadable(path, exc) from None
     if width < 1 or height < 1:
         raise DatasetError(f"imagefolder: {path} is {width}x{height} pixels; replace or remove it")

@@ -31,7 +31,7 @@ from prune_env.quantization.joint import JointPolicies
 from prune_env.rewards import Outcome
 from prune_env.scoring import PolicyScorer
 from prune_env.settings import ProblemSettings
-from prune_env.splits import Splits
+from prune_env.splits import Splits, required_splits
 from prune_env.surgery import ModelRebuilder, prune_channels
 from prune_env.train import check_train_options, train_base
 from prune_env.validation import check_settings
@@ -186,12 +186,7 @@ class PruningProblem:
     def data(self) -> Splits:
         """The problem's splits; :class:`InvalidSettingError` for a problem given none (a user's metric
         scores it, and nothing here trains or reads data)."""
-        if self.splits is None:
-            raise InvalidSettingError(
-                "this problem was built without a dataset (dataset=None): what asks for its data needs one; "
-                "pass dataset= (a name or a Splits)"
-            )
-        return self.splits
+        return required_splits(self.splits, "this use of the problem")
 
     def _base_model(
         self, model: ModelSpec, train_kwargs: Mapping[str, Any], progress: bool

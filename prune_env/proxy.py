@@ -45,6 +45,7 @@ from prune_env.settings import (
     EVALUATOR_EVAL_SAMPLES,
     ProblemSettings,
 )
+from prune_env.splits import required_splits
 from prune_env.train import EVAL_BATCH_SIZE, kd_loss
 from prune_env.validation import check_settings
 
@@ -95,12 +96,7 @@ class ProxyContext:
     @property
     def data(self) -> Splits:
         """The splits; :class:`InvalidSettingError` naming the fix when the problem has none."""
-        if self.splits is None:
-            raise InvalidSettingError(
-                "this proxy reads the dataset, and the problem was built without one (dataset=None): pass "
-                "dataset=, or score with your own metric (proxy=MetricProxy(...))"
-            )
-        return self.splits
+        return required_splits(self.splits, "this proxy")
 
 
 class Proxy(ABC):

@@ -54,6 +54,17 @@ class Splits:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def required_splits(splits: Splits | None, reader: str) -> Splits:
+    """``splits``, or :class:`InvalidSettingError` naming ``reader`` (what asked for the data) when a problem
+    was built without a dataset (``dataset=None``: a trained model scored by the user's own metric)."""
+    if splits is None:
+        raise InvalidSettingError(
+            f"{reader} reads the dataset, and the problem was built without a dataset (dataset=None): pass "
+            "dataset= (a name or a Splits), or score with your own metric (proxy=MetricProxy(...))"
+        )
+    return splits
+
+
 def check_fraction(name: str, value: Any) -> float:
     """A part of the data held out (``val_fraction``, ``test_fraction``): a number in (0, 1)."""
     result = as_real(name, value)
@@ -148,5 +159,6 @@ __all__ = [
     "check_fraction",
     "check_split_sizes",
     "minimum_samples",
+    "required_splits",
     "stratified_split",
 ]

@@ -132,13 +132,14 @@ class _Recorder(TorchFunctionMode):
         self.leaf = leaf
         self.modules = dict(model.named_modules())
         self.names = {id(m): name for name, m in self.modules.items()}
+        parameters = list(model.named_parameters())
         # The modules that hold a parameter, themselves or below: a layer "with weights".
         self.weighted = {""}
-        for pname, _ in model.named_parameters():
+        for pname, _ in parameters:
             parts = pname.split(".")[:-1]
             self.weighted.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
         self.tensor_names: dict[int, str] = {}
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        for name, t in [*parameters, *model.named_buffers()]:
             self.tensor_names.setdefault(id(t), name)
         # id(tensor) -> (tensor, node): the tensor is kept so its id is not reused while recording.
         self.nodes: dict[int, tuple[torch.Tensor, torch.fx.Node]] = {}
@@ -146,7 +147,7 @@ class _Recorder(TorchFunctionMode):
         self.constants = 0
         self.in_leaf = 0
         # Tensors computed from the inputs or the weights (others come from sizes and constants).
-        self.data: set[int] = {id(t) for _, t in [*model.named_parameters(), *model.named_buffers()]}
+        self.data: set[int] = set(self.tensor_names)
         # The modules whose forward is running, outermost first, each with the first data-dependent read
         # its own code made in this call (None until then).
         self.stack: list[list[Any]] = []

@@ -217,9 +217,9 @@ def register_library_ops() -> None:
     # into a buffer sized by a literal channel count, which would freeze every feature level's channels.
     roi_align = getattr(getattr(torch.ops, "torchvision", None), "roi_align", None)
     if tv_ops is not None and roi_align is not None and roi_align not in FUNCTION_OPS:
-        for op in (roi_align, roi_align.default, tv_ops.roi_align, tv_ops.roi_pool):
+        roi_pool = torch.ops.torchvision.roi_pool
+        for op in (roi_align, roi_align.default, roi_pool, tv_ops.roi_align, tv_ops.roi_pool):
             FUNCTION_OPS[op] = SPATIAL
-        FUNCTION_OPS[torch.ops.torchvision.roi_pool] = SPATIAL
         MODULE_OPS[tv_ops.MultiScaleRoIAlign] = ModuleOp(mod.multiscale_roi_pool)
         LIBRARY_LEAVES.add(tv_ops.MultiScaleRoIAlign)
     # torchvision's Swin attention (V1 and V2) passes its weights to a function fx cannot trace (it pads and

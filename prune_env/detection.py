@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from prune_env.device import resolve_device, seed_generators
 from prune_env.errors import DatasetError, InvalidSettingError
-from prune_env.validation import check_settings
+from prune_env.validation import as_real, check_settings, int_at_least
 
 Target = dict[str, torch.Tensor]
 Sample = tuple[torch.Tensor, Target]
@@ -94,10 +94,9 @@ def synthetic_shapes(n: int, size: int = 64, *, max_objects: int = 3, seed: int 
     """``n`` images of filled squares (label 1) and discs (label 2) on a noisy background, with their
     boxes: a detection set made in a second, for tests and examples. About one image in eight has no
     object."""
-    check_settings({"seed": seed})
-    for what, value, low in (("n", n, 1), ("size", size, 16), ("max_objects", max_objects, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidSettingError(f"{what} must be an integer ≥ {low}, got {value!r}")
+    check_settings({"seed": seed, "max_objects": max_objects})
+    int_at_least("n", n, 1)
+    int_at_least("size", size, 16)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     samples: list[Sample] = []
@@ -137,10 +136,9 @@ def tiny_detector(num_classes: int = 3, size: int = 64, width: int = 32) -> nn.M
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.fcos import FCOSHead
 
-    for what, value, low in (("num_classes", num_classes, 2), ("size", size, 16), ("width", width, 16)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidSettingError(f"{what} must be an integer ≥ {low}, got {value!r}")
-    if width % 16:
+    check_settings({"num_classes": num_classes})
+    int_at_least("size", size, 16)
+    if int_at_least("width", width, 16) % 16:
         raise InvalidSettingError(
             f"width must be a multiple of 16 (the head's GroupNorm groups), got {width}"
         )
@@ -196,7 +194,8 @@ def mean_average_precision(
     """mAP at ``iou`` of ``model`` (a torchvision-style detector, in eval mode) on ``samples``: each class's
     VOC all-point AP, a detection matching the highest-IoU unmatched ground truth box of its class at or
     above ``iou``, averaged over the classes that have ground truth boxes. A number in [0, 1]."""
-    if not 0 < iou <= 1:
+    check_settings({"batch_size": batch_size})
+    if not 0 < as_real("iou", iou) <= 1:
         raise InvalidSettingError(f"iou must be in (0, 1], got {iou!r}")
     device = next(model.parameters()).device
     per_class: dict[int, tuple[list[float], list[bool]]] = {}
@@ -247,12 +246,8 @@ def train_detector(
     on the sum of the losses the detector returns in train mode, ``epochs`` passes over ``samples``
     (shuffled by ``seed``). Returned in eval mode."""
     check_detection_samples(samples)
-    check_settings({"seed": seed})
-    for what, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidSettingError(f"{what} must be a positive integer, got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise InvalidSettingError(f"lr must be a positive number, got {lr!r}")
+    if check_settings({"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr})["lr"] == 0:
+        raise InvalidSettingError("lr must be above 0, got 0: a detector trained at lr 0 does not change")
     target_device = resolve_device(device)
     seed_generators(seed, target_device)
     trained = copy.deepcopy(model).to(target_device).train()

@@ -76,6 +76,11 @@ def _int_at_least(low: int, high: int | None = None) -> Callable[[str, Any], int
     return rule
 
 
+def int_at_least(name: str, value: Any, low: int) -> int:
+    """An integer (not a bool) of at least ``low``, for an argument without a rule of its own name."""
+    return _int_at_least(low)(name, value)
+
+
 def _real_within(low: float, high: float) -> Callable[[str, Any], float]:
     def rule(name: str, value: Any) -> float:
         result = as_real(name, value)
@@ -196,6 +201,9 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "proxy_steps": _optional(_int_at_least(0)),
     "steps": _int_at_least(0),
     "batch_size": _int_at_least(1),
+    "epochs": _int_at_least(1),
+    "num_classes": _int_at_least(2),  # a detector's, the background counted
+    "max_objects": _int_at_least(1),
     "random_subnets": _int_at_least(0),
     "meta_hidden": _int_at_least(1),
     "macs_band": _optional(budget_range),
@@ -253,5 +261,6 @@ __all__ = [
     "check_sequence",
     "check_settings",
     "fraction",
+    "int_at_least",
     "ray_host_port",
 ]

@@ -90,6 +90,38 @@ def test_an_image_without_boxes_is_accepted() -> None:
         check_detection_samples([(torch.zeros(3, 32, 32, dtype=torch.uint8), _target([], []))])
 
 
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: synthetic_shapes(0), r"n must be an integer >= 1, got 0"),
+        (lambda: synthetic_shapes(4, size=8), r"size must be an integer >= 16, got 8"),
+        (lambda: synthetic_shapes(4, max_objects=True), r"max_objects must be an integer, got True"),
+        (lambda: tiny_detector(num_classes=1), r"num_classes must be an integer >= 2, got 1"),
+        (lambda: tiny_detector(width=40), r"width must be a multiple of 16 .* got 40"),
+        (
+            lambda: train_detector(tiny_detector(), synthetic_shapes(2), epochs=0),
+            r"epochs must be an integer >= 1",
+        ),
+        (lambda: train_detector(tiny_detector(), synthetic_shapes(2), lr=0), r"lr must be above 0, got 0"),
+        (
+            lambda: train_detector(tiny_detector(), synthetic_shapes(2), lr=float("nan")),
+            r"lr must be a finite",
+        ),
+        (
+            lambda: mean_average_precision(tiny_detector(), synthetic_shapes(2), iou=0),
+            r"iou must be in \(0, 1\]",
+        ),
+        (
+            lambda: mean_average_precision(tiny_detector(), synthetic_shapes(2), batch_size=0),
+            r"batch_size must",
+        ),
+    ],
+)
+def test_bad_arguments_of_the_detection_helpers_are_refused_naming_them(call: object, message: str) -> None:
+    with pytest.raises(InvalidSettingError, match=message):
+        call()  # type: ignore[operator]
+
+
 def test_map_is_one_for_the_ground_truth_and_matches_a_hand_computed_case() -> None:
     truth = _target([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 1])
     samples = [(torch.rand(3, 32, 32), truth)]

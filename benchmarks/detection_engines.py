@@ -19,7 +19,6 @@ import argparse
 import copy
 import functools
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,9 +29,7 @@ from torch import nn
 
 import prune_env
 from prune_env.app.measure import write_results
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from detection_checks import PREDICTOR_SUFFIXES, detector, targets  # the tests' own models
+from prune_env.detection import PREDICTOR_SUFFIXES, example_targets, torchvision_detector
 
 DETECTORS = [
     "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
@@ -63,7 +60,7 @@ def works(name: str, model: nn.Module, pruned: nn.Module, images: list[torch.Ten
         if expected.keys() != got.keys() or any(got[k].shape[1:] != expected[k].shape[1:] for k in got):
             return "eval output differs in format"
         trainable = copy.deepcopy(pruned).train()
-        losses = trainable([images[0], images[0]], targets(name, size))
+        losses = trainable([images[0], images[0]], example_targets(name, size))
         if not torch.isfinite(sum(losses.values())):
             return "loss not finite"
     except Exception as exc:  # the point of the table: which library's model breaks, and how
@@ -93,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     rows: list[dict[str, Any]] = []
     for name in args.models:
-        model = detector(name, args.size)
+        model = torchvision_detector(name, args.size)
         images = [torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0))]
         base = prune_env.count_macs(model, (images,))
         row: dict[str, Any] = {"model": name}

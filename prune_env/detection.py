@@ -26,7 +26,7 @@ from torchvision.ops import box_iou
 from tqdm.auto import tqdm
 
 from prune_env.device import resolve_device, seed_generators
-from prune_env.errors import DatasetError, InvalidSettingError
+from prune_env.errors import DatasetError, InvalidSettingError, UnknownNameError
 from prune_env.validation import as_real, check_settings, int_at_least
 
 Target = dict[str, torch.Tensor]
@@ -121,6 +121,62 @@ def synthetic_shapes(n: int, size: int = 64, *, max_objects: int = 3, seed: int 
         }
         samples.append((torch.from_numpy(image.clip(0, 1)).float(), target))
     return samples
+
+
+# Output widths that are a format, not features: kept whole by the graph because post-processing slices,
+# splits or indexes them; they must come out of pruning at their full width.
+PREDICTOR_SUFFIXES = (
+    "cls_logits",
+    "bbox_pred",
+    "cls_score",
+    "mask_fcn_logits",
+    "kps_score_lowres",
+    "bbox_ctrness",
+)
+
+
+def torchvision_detector(name: str, size: int = 128, num_classes: int = 5) -> nn.Module:
+    """A torchvision detector by name (``torchvision.models.detection``) with random weights, at ``size``
+    pixels (SSD's own sizes for SSD), whose RoI and detection counts do not
+    depend on its weights, so a pruned copy runs the same number of RoIs through its heads: the proposal
+    and box regressors are zero (boxes are the anchors and proposals themselves), and no score threshold or
+    suppression removes a box. With them the MACs of a two-stage detector's RoI heads are comparable before
+    and after pruning; without them the count of RoIs that survive NMS changes with the weights."""
+    torch.manual_seed(0)
+    kwargs: dict[str, object] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
+    if not name.startswith("ssd"):
+        kwargs.update(min_size=size, max_size=size)
+    from torchvision.models import detection, list_models
+
+    known = list_models(module=detection)
+    if name not in known:
+        raise UnknownNameError(f"unknown torchvision detector {name!r}; known: {', '.join(known)}")
+    int_at_least("size", size, 16)
+    check_settings({"num_classes": num_classes})
+    model: nn.Module = getattr(detection, name)(**kwargs).eval()
+    for part in (model, getattr(model, "rpn", None), getattr(model, "roi_heads", None)):
+        if part is not None and hasattr(part, "nms_thresh"):
+            part.nms_thresh = 1.0
+        if part is not None and hasattr(part, "score_thresh"):
+            part.score_thresh = 0.0
+    for module_name, module in model.named_modules():
+        if module_name.endswith(("rpn.head.bbox_pred", "box_predictor.bbox_pred")):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def example_targets(name: str, size: int) -> list[Target]:
+    """Targets for two images of the torchvision detector ``name`` in train mode: one box each, with a
+    mask or keypoints where the model predicts them (``size`` ≥ 96 pixels)."""
+    target: Target = {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])}
+    if name.startswith("maskrcnn"):
+        mask = torch.zeros(1, size, size, dtype=torch.uint8)
+        mask[0, 20:90, 10:60] = 1
+        target["masks"] = mask
+    if name.startswith("keypointrcnn"):
+        target["keypoints"] = torch.tensor([[[20.0 + 2 * k, 30.0 + k, 1.0] for k in range(17)]])
+    return [target, target]
 
 
 class _Backbone(nn.Sequential):
@@ -278,9 +334,12 @@ def train_detector(
 
 
 __all__ = [
+    "PREDICTOR_SUFFIXES",
     "check_detection_samples",
+    "example_targets",
     "mean_average_precision",
     "synthetic_shapes",
     "tiny_detector",
+    "torchvision_detector",
     "train_detector",
 ]

@@ -18,9 +18,10 @@ from prune_env.detection import (
     mean_average_precision,
     synthetic_shapes,
     tiny_detector,
+    torchvision_detector,
     train_detector,
 )
-from prune_env.errors import DatasetError
+from prune_env.errors import DatasetError, PruneEnvError
 
 
 class Oracle(nn.Module):
@@ -99,6 +100,10 @@ def test_an_image_without_boxes_is_accepted() -> None:
         (lambda: tiny_detector(num_classes=1), r"num_classes must be an integer >= 2, got 1"),
         (lambda: tiny_detector(width=40), r"width must be a multiple of 16 .* got 40"),
         (
+            lambda: torchvision_detector("yolo"),
+            r"unknown torchvision detector 'yolo'; known: .*fcos_resnet50_fpn",
+        ),
+        (
             lambda: train_detector(tiny_detector(), synthetic_shapes(2), epochs=0),
             r"epochs must be an integer >= 1",
         ),
@@ -118,7 +123,7 @@ def test_an_image_without_boxes_is_accepted() -> None:
     ],
 )
 def test_bad_arguments_of_the_detection_helpers_are_refused_naming_them(call: object, message: str) -> None:
-    with pytest.raises(InvalidSettingError, match=message):
+    with pytest.raises(PruneEnvError, match=message):
         call()  # type: ignore[operator]
 
 

@@ -1,5 +1,6 @@
 """Ultralytics' YOLO detectors and segmenters, built from the package's own YAML configurations with random
-weights: pruned with exact MACs, with their own output format, their own loss and their own predict path.
+weights: pruned with exact MACs, with their own output format, their own loss and their own predict and val
+paths.
 
 The Detect head's box branch ends in ``4 × reg_max`` channels that Distribution Focal Loss reshapes into
 ``(4, reg_max)``: a literal size, so the engine keeps those channels (and the class channels) whole.
@@ -25,18 +26,18 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _in_child(code: str, tmp_path: Path) -> str:
-    """Run ``code`` in a fresh interpreter beside the tests, offline, with Ultralytics' settings in
-    ``tmp_path``; its standard output, or a failure showing its standard error."""
+    """Run ``code`` in a fresh interpreter in ``tmp_path`` (where Ultralytics keeps its settings and writes
+    its runs), offline, the tests importable; its standard output, or a failure showing its standard error."""
     env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path), "YOLO_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
     )}  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], cwd=TESTS, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
 def _kept(config: str, tmp_path: Path) -> float:
-    code = f"from ultralytics_checks import check_pruned_yolo; print(check_pruned_yolo({config!r}))"
+    code = f"from ultralytics_checks import check_pruned_yolo; print(check_pruned_yolo({config!r}, {str(tmp_path)!r}))"
     return float(_in_child(code, tmp_path).split()[-1])
 
 

@@ -4,7 +4,9 @@ loading must not see."""
 
 from __future__ import annotations
 
+import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,10 +30,35 @@ def _shapes(output: object) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in items if isinstance(t, torch.Tensor)]
 
 
-def check_pruned_yolo(config: str, size: int = 64, ratio: float = 0.5) -> float:
+def _tiny_dataset(root: Path, size: int, segment: bool) -> Path:
+    """Four images of one bright rectangle, labelled in Ultralytics' format (a box, or for segmentation
+    the rectangle's polygon), and the data YAML naming them; written under ``root``."""
+    from PIL import Image
+
+    images, labels = root / "images" / "val", root / "labels" / "val"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    top, bottom, left, right = size // 6, size // 2, size // 3, 3 * size // 4
+    image = np.zeros((size, size, 3), np.uint8)
+    image[top:bottom, left:right] = 255
+    x0, x1, y0, y1 = left / size, right / size, top / size, bottom / size
+    if segment:
+        label = f"0 {x0} {y0} {x1} {y0} {x1} {y1} {x0} {y1}\n"
+    else:
+        label = f"0 {(x0 + x1) / 2} {(y0 + y1) / 2} {x1 - x0} {y1 - y0}\n"
+    for i in range(4):
+        Image.fromarray(image).save(images / f"{i}.png")
+        (labels / f"{i}.txt").write_text(label)
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/val\nval: images/val\nnames:\n  0: box\n  1: other\n")
+    return data
+
+
+def check_pruned_yolo(config: str, workdir: str, size: int = 64, ratio: float = 0.5) -> float:
     """Prune a YOLO model uniformly: exact MACs and parameters, the same output shapes, the head's format
-    channels whole, Ultralytics' own loss finite with a backward pass, its predict path accepting the
-    pruned model, the original untouched. Returns the fraction of MACs kept."""
+    channels whole, Ultralytics' own loss finite with a backward pass, its predict and val paths accepting
+    the pruned model (val on a tiny dataset written under ``workdir``, where Ultralytics also writes), the
+    original untouched. Returns the fraction of MACs kept."""
     from ultralytics.cfg import get_cfg
 
     yolo = _yolo(config)
@@ -65,6 +92,15 @@ def check_pruned_yolo(config: str, size: int = 64, ratio: float = 0.5) -> float:
     yolo.model = pruned.eval()
     results = yolo.predict(np.zeros((size, size, 3), np.uint8), imgsz=size, verbose=False)
     assert len(results) == 1 and results[0].boxes is not None
+    pruned_params = sum(p.numel() for p in pruned.parameters())
+    data = _tiny_dataset(Path(workdir) / "data", size, segment=config.endswith("-seg.yaml"))
+    metrics = yolo.val(data=str(data), imgsz=size, batch=2, device="cpu", workers=0, plots=False,
+                       verbose=False, project=str(Path(workdir) / "runs"))  # fmt: skip
+    scores = metrics.results_dict
+    assert 0.0 <= scores["metrics/mAP50-95(B)"] <= 1.0 and math.isfinite(scores["fitness"])
+    assert ("metrics/mAP50-95(M)" in scores) == config.endswith("-seg.yaml")
+    # val fuses each convolution with its BatchNorm in place: the pruned weights, fewer of them.
+    assert sum(p.numel() for p in yolo.model.parameters()) <= pruned_params
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     return measured / base

@@ -15,14 +15,21 @@ compares the two libraries within the same run on the same model and input. Torc
 (its import timed apart from the build, the model built and run once before either), so one-time costs —
 imports, first-call kernels, registrations — count as they do for a user.
 
+Both libraries are timed from compiled bytecode, as a wheel installs them: ``--fresh`` compiles this
+package's modules first, since an editable install under ``PYTHONDONTWRITEBYTECODE=1`` (set on some machines
+and containers) would otherwise recompile every module on each import, tripling this package's import time.
+
 The ``fwd/TP`` column is one plain forward pass of the model on the same input (eval, no autograd, nothing
 recorded) over Torch-Pruning's build: the floor for any graph capture that runs or traces the model once,
-which Torch-Pruning's own build (a forward with autograd, then its graph walk) also pays.
+which Torch-Pruning's own build (a forward with autograd, then its graph walk) also pays. ``trace/TP`` is
+this engine's torch.fx trace alone (the first of its three steps: trace, propagate channel ids, resolve
+groups) over Torch-Pruning's whole build.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib.util
 import json
 import math
@@ -86,12 +93,14 @@ def main() -> None:
     except ImportError:
         tp = None
         print("torch-pruning not installed: printing prune_env times only\n")
+    from prune_env.graph.ops import LIBRARY_LEAVES  # here, not above: --fresh children time this import
+    from prune_env.graph.tracing import trace
 
     header = f"{'model':<22} {'groups':>6} {'build s':>8} {'prune s':>8}"
     if tp is not None:
-        header += f" {'TP build s':>10} {'ratio':>6} {'fwd/TP':>6}"
+        header += f" {'TP build s':>10} {'ratio':>6} {'fwd/TP':>6} {'trace/TP':>8}"
     print(header)
-    ratios, floors = [], []
+    ratios, floors, traces = [], [], []
     for name in models:
         model = build_model(args.zoo, name)
         res = (299 if args.zoo == "torchvision" else 96) if name.startswith("inception") else args.resolution
@@ -108,6 +117,7 @@ def main() -> None:
                 pruning = time_repeats(
                     lambda m=model, x=x, g=graph: prune_env.prune(m, x, 0.5, graph=g), args.repeats
                 ).median
+                tracing = time_repeats(lambda m=model: trace(m, (), LIBRARY_LEAVES), args.repeats).median
             except Exception as exc:  # report and go on: the table says who fails where
                 print(f"{name:<22} prune_env failed ({type(exc).__name__}: {str(exc)[:80]})", flush=True)
                 continue
@@ -120,14 +130,16 @@ def main() -> None:
                 ).median
                 ratios.append(ours / theirs)
                 floors.append(forward / theirs)
-                line += f" {theirs:>10.3f} {ours / theirs:>6.2f} {forward / theirs:>6.2f}"
+                traces.append(tracing / theirs)
+                line += f" {theirs:>10.3f} {ours / theirs:>6.2f} {forward / theirs:>6.2f} {tracing / theirs:>8.2f}"
             except Exception as exc:  # Torch-Pruning fails on some models; say so and go on
                 line += f" {'failed':>10} ({type(exc).__name__})"
         print(line, flush=True)
     if ratios:
         print(
             f"\ngeometric mean ratio prune_env / Torch-Pruning build time: {geomean(ratios):.2f}x over "
-            f"{len(ratios)} models; one plain forward / Torch-Pruning build: {geomean(floors):.2f}x"
+            f"{len(ratios)} models; one plain forward / Torch-Pruning build: {geomean(floors):.2f}x; "
+            f"this engine's trace alone / Torch-Pruning build: {geomean(traces):.2f}x"
         )
 
 
@@ -163,6 +175,8 @@ def first_build(library: str, zoo: str, name: str, resolution: int) -> None:
 def fresh_builds(args: argparse.Namespace, models: list[str]) -> None:
     """Each library's first build of each model, each in a new process, median over ``--repeats``."""
     libraries = ["prune_env", "torch_pruning"] if importlib.util.find_spec("torch_pruning") else ["prune_env"]
+    # What a wheel install does (pip compiles a package's modules when installing it).
+    compileall.compile_dir(prune_env.__path__[0], quiet=1)
     print(f"{'model':<22} " + " ".join(f"{lib + ' import':>22} {lib + ' build':>21}" for lib in libraries)
           + (f" {'ratio':>6} {'w/o import':>10}" if len(libraries) == 2 else ""))  # fmt: skip
     ratios, builds = [], []

@@ -58,7 +58,7 @@ TIMM_MODELS = [
     "inception_v3", "convnext_atto", "edgenext_xx_small", "efficientvit_b0",
     "vit_tiny_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
 ]  # fmt: skip
-TRANSFORMERS = ("vit_", "deit_", "swin_")  # built for 224 px (position embeddings, windows)
+TRANSFORMERS = ("vit_", "deit_", "swin_", "maxvit_")  # built for 224 px (position embeddings, windows)
 
 
 def build_model(zoo: str, name: str) -> torch.nn.Module:
@@ -102,10 +102,7 @@ def main() -> None:
     print(header)
     ratios, floors, traces = [], [], []
     for name in models:
-        model = build_model(args.zoo, name)
-        res = (299 if args.zoo == "torchvision" else 96) if name.startswith("inception") else args.resolution
-        res = 224 if args.zoo == "timm" and name.startswith(TRANSFORMERS) else res
-        x = torch.randn(1, 3, res, res)
+        model, x = build_model(args.zoo, name), _input(args.zoo, name, args.resolution)
         with torch.no_grad():
             model(x)  # warm up kernels once so neither library pays first-call costs
             forward = time_repeats(lambda m=model, x=x: m(x), args.repeats).median
@@ -144,8 +141,10 @@ def main() -> None:
 
 
 def _input(zoo: str, name: str, resolution: int) -> torch.Tensor:
+    """The model's example input: ``resolution`` px, except where the architecture needs a size (Inception's
+    stem; transformers' position embeddings and windows, and MaxViT's at 224 px)."""
     res = (299 if zoo == "torchvision" else 96) if name.startswith("inception") else resolution
-    res = 224 if zoo == "timm" and name.startswith(TRANSFORMERS) else res
+    res = 224 if name.startswith(TRANSFORMERS) else res
     return torch.randn(1, 3, res, res)
 
 

@@ -184,6 +184,37 @@ def test_untraceable_module_names_the_module_and_the_fix() -> None:
     assert prune_env.count_macs(pruned, X) == graph.macs(0.5)
 
 
+class RepeatedUnsupportedOpNet(nn.Module):
+    """The same unmappable op at four places, beside a different one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1) for i in range(4))
+        self.side = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for conv in self.convs:
+            y = torch.cumsum(conv(y), dim=1)
+        return self.head(y + torch.cumprod(self.side(x), dim=1))
+
+
+def test_a_reason_shared_by_several_nodes_is_reported_once_with_its_count() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = prune_env.build_graph(RepeatedUnsupportedOpNet().eval(), X)
+    (message,) = [str(w.message) for w in caught if "prune_env" in str(w.message)]
+    reasons = message.split(" — ", 1)[1].split("; ")
+    assert len(reasons) == 2, reasons
+    cumsum_reason = graph.frozen["cumsum"]
+    assert reasons[0] == f"{cumsum_reason} at 4 nodes (cumsum, cumsum_1, cumsum_2, ...)"
+    assert reasons[1] == f"cumprod: {graph.frozen['cumprod']}"
+    assert {k for k, why in graph.frozen.items() if why == cumsum_reason} == {
+        f"cumsum{s}" for s in ("", "_1", "_2", "_3")
+    }
+
+
 def test_unsupported_op_freezes_channels_with_one_warning() -> None:
     model = UnsupportedOpNet().eval()
     with warnings.catch_warnings(record=True) as caught:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -395,6 +396,21 @@ def form_groups(
     return groups, [member_slots[i] for i in order], [op_counts[i] for i in order]
 
 
+def _grouped_reasons(frozen: Sequence[tuple[str, str]]) -> list[str]:
+    """One entry per distinct reason, in first-seen order: ``"node: why"``, or for a reason several nodes
+    share (a detector's box decoding reshapes to a literal size at every pyramid level) ``"why at N nodes
+    (a, b, c, ...)"``, so a repeated pattern reads once instead of crowding out the rest."""
+    nodes_of: dict[str, list[str]] = {}
+    for node, why in frozen:
+        nodes_of.setdefault(why, []).append(node)
+    return [
+        f"{nodes[0]}: {why}"
+        if len(nodes) == 1
+        else f"{why} at {len(nodes)} nodes ({', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''})"
+        for why, nodes in nodes_of.items()
+    ]
+
+
 def resolve(model: nn.Module, st: State) -> DependencyGraph:
     """The dependency graph of ``model`` from what propagation recorded in ``st``."""
     raw_ties, warn = tie_shared_tensors(st)  # parameter -> why its channels stay whole
@@ -404,7 +420,7 @@ def resolve(model: nn.Module, st: State) -> DependencyGraph:
     groups, member_slots, op_counts = form_groups(st, units, slot_units, rank, group_units)
     costs = cost_model(model, st, slot_units, groups, member_slots, op_counts)
     if st.unmapped or warn:
-        reasons = [f"{node}: {why}" for node, why in [*st.unmapped.items(), *warn.items()]]
+        reasons = _grouped_reasons([*st.unmapped.items(), *warn.items()])
         warnings.warn(
             "prune_env: some channels cannot be mapped and will not be pruned — "
             + "; ".join(reasons[:12])

@@ -259,3 +259,16 @@ def test_latency_model_report_names_the_code_of_old_and_new_results_files() -> N
     lines = made_by({**settings, "provenance": records})
     assert lines[0].startswith(f"revision {'b' * 40}, {'c' * 40}; cpu, 2 cores")
     assert lines[1:] == ["command: python benchmarks/latency_model.py --policies 3"] * 2
+
+
+def test_latency_model_reports_a_new_results_file_with_its_own_provenance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "latency.json"
+    argv = ["--models", "resnet20", "--batches", "1", "--policies", "2", "--repeats", "3", "--out", str(out)]
+    load_script("latency_model").main(argv)
+    printed = capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert [e["model"] for e in written["entries"]] == ["resnet20"]
+    assert printed.startswith(f"revision {written['provenance'][0]['revision']}; ")
+    assert "resnet20" in printed and "goal:" in printed

@@ -136,16 +136,13 @@ PREDICTOR_SUFFIXES = (
 
 
 def torchvision_detector(name: str, size: int = 128, num_classes: int = 5) -> nn.Module:
-    """A torchvision detector by name (``torchvision.models.detection``) with random weights, at ``size``
-    pixels (SSD's own sizes for SSD), whose RoI and detection counts do not
-    depend on its weights, so a pruned copy runs the same number of RoIs through its heads: the proposal
-    and box regressors are zero (boxes are the anchors and proposals themselves), and no score threshold or
-    suppression removes a box. With them the MACs of a two-stage detector's RoI heads are comparable before
-    and after pruning; without them the count of RoIs that survive NMS changes with the weights."""
-    torch.manual_seed(0)
-    kwargs: dict[str, object] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
-    if not name.startswith("ssd"):
-        kwargs.update(min_size=size, max_size=size)
+    """A torchvision detector by name (``torchvision.models.detection``) with random weights (the same on
+    every call: seeded, without touching the caller's random state), at ``size`` pixels (SSD's own sizes for
+    SSD), whose RoI and detection counts do not depend on its weights, so a pruned copy runs the same number
+    of RoIs through its heads: the proposal and box regressors are zero (boxes are the anchors and proposals
+    themselves), and no score threshold or suppression removes a box. With them the MACs of a two-stage
+    detector's RoI heads are comparable before and after pruning; without them the count of RoIs that
+    survive NMS changes with the weights."""
     from torchvision.models import detection, list_models
 
     known = list_models(module=detection)
@@ -153,7 +150,12 @@ def torchvision_detector(name: str, size: int = 128, num_classes: int = 5) -> nn
         raise UnknownNameError(f"unknown torchvision detector {name!r}; known: {', '.join(known)}")
     int_at_least("size", size, 16)
     check_settings({"num_classes": num_classes})
-    model: nn.Module = getattr(detection, name)(**kwargs).eval()
+    kwargs: dict[str, object] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
+    if not name.startswith("ssd"):
+        kwargs.update(min_size=size, max_size=size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model: nn.Module = getattr(detection, name)(**kwargs).eval()
     for part in (model, getattr(model, "rpn", None), getattr(model, "roi_heads", None)):
         if part is not None and hasattr(part, "nms_thresh"):
             part.nms_thresh = 1.0

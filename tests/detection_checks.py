@@ -18,9 +18,8 @@ def pruned_exactly(model: nn.Module, example: Any, ratio: float) -> tuple[nn.Mod
     graph's MACs and parameters checked against a count on the pruned model and the unpruned model's MACs
     against the graph's. Returns the pruned model, its MACs and the unpruned model's."""
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # post-processing's slicing and reshapes leave format channels unmapped
+        # Post-processing's slicing and reshapes leave format channels unmapped, by design.
+        warnings.simplefilter("ignore")
         graph = prune_env.build_graph(model, example)
     assert graph.base_macs == prune_env.count_macs(model, example)
     pruned = prune_env.prune(model, example, ratio, graph=graph)

@@ -24,6 +24,19 @@ from prune_env.detection import (
 from prune_env.errors import DatasetError, PruneEnvError
 
 
+def test_torchvision_detector_is_the_same_on_every_call_and_leaves_the_callers_random_state() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = torchvision_detector("ssdlite320_mobilenet_v3_large")
+    assert torch.equal(torch.rand(4), expected)  # the caller's stream goes on as if nothing had drawn from it
+    second = torchvision_detector("ssdlite320_mobilenet_v3_large")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )
+
+
 class Oracle(nn.Module):
     """A "detector" that returns fixed detections per image, to compute mAP on by hand."""
 

@@ -19,18 +19,33 @@ then loads it from the cache). ``OUT/grid.json`` holds the grid file as it was w
 its table (paired differences against uniform, random and the best non-learned baseline, validation and
 test) and the grid's goals, and draws ``OUT/SETTING/allocations.png``: the per-group ratios of each
 agent's policies.
+
+Under a latency budget each run measures its final model as it finishes, beside whatever else runs then (a
+second chunk on the other core). ``--remeasure``, run alone on the machine once the runs are done, measures
+every final model of the latency settings again, one after another, each beside the unpruned model, and
+writes ``OUT/SETTING/latency_remeasured.json`` (the load average before and after each; resumed where it
+stopped); ``--report`` then prints both measurements' verdicts.
+
+    python benchmarks/grid.py benchmarks/grids/latency_baselines_fashion.json \\
+        --out benchmarks/results/latency_baselines_fashion --remeasure
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from prune_env.errors import InvalidSettingError
 from prune_env.serialize import loads_strict
+
+if TYPE_CHECKING:
+    from prune_env.app.results import BenchmarkResults
 
 GRID_KEYS = {
     "description": str,
@@ -47,6 +62,7 @@ GRID_KEYS = {
 }
 SETTING_KEYS = {"name": str, "model": str, "metric": str, "target": float}
 RECORD = "grid.json"
+REMEASURED = "latency_remeasured.json"  # per setting: the final models measured again, alone
 
 
 def read_grid(path: Path) -> dict[str, Any]:
@@ -160,19 +176,21 @@ def report(out: Path, settings: list[dict[str, Any]], allow_mixed: bool = False)
     :meth:`BenchmarkResults.combine` requires); the table, the Holm correction and the goals then span
     every setting at once, as the grid's claims do."""
     from prune_env.app.allocations import plot_allocations
-    from prune_env.app.results import BenchmarkResults
+    from prune_env.app.results import BenchmarkResults, latency_lines
 
     record = loads_strict((out / RECORD).read_bytes()) if (out / RECORD).exists() else {}
     print(f"grid file {record.get('file', '?')} (sha256 {str(record.get('sha256', '?'))[:12]})")
     runs: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
+    remeasured: list[dict[str, Any]] = []
     for setting in settings:
-        parts = sorted(d for d in (out / setting["name"]).glob("*") if (d / "runs.csv").exists())
-        if not parts:
+        results = setting_results(out, setting, allow_mixed)
+        if results is None:
             print(f"{setting['name']}: no runs yet")
             continue
-        results = BenchmarkResults.combine([BenchmarkResults.load(d) for d in parts], allow_mixed)
         runs += results.runs
+        if (out / setting["name"] / REMEASURED).exists():
+            remeasured += loads_strict((out / setting["name"] / REMEASURED).read_bytes())["runs"]
         records += results.records()
         plot_allocations(results, out / setting["name"] / "allocations.png")
     if not runs:
@@ -183,7 +201,98 @@ def report(out: Path, settings: list[dict[str, Any]], allow_mixed: bool = False)
     print(grid.table(references=("uniform", "random")))
     print()
     print(grid.verdicts())
+    if remeasured:
+        print("\nthe final models measured again, alone on the machine (--remeasure):")
+        print("\n".join(latency_lines(remeasured)))
     print(f"\npaired differences: {grid.write_paired(out / 'paired.csv')}")
+
+
+def setting_results(out: Path, setting: Mapping[str, Any], allow_mixed: bool) -> BenchmarkResults | None:
+    """Every run of ``setting``: its agent directories combined (``None`` before the first run)."""
+    from prune_env.app.results import BenchmarkResults
+
+    parts = sorted(d for d in (out / setting["name"]).glob("*") if (d / "runs.csv").exists())
+    if not parts:
+        return None
+    return BenchmarkResults.combine([BenchmarkResults.load(d) for d in parts], allow_mixed)
+
+
+def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]], allow_mixed: bool,
+              progress: bool = True) -> None:  # fmt: skip
+    """Measure the final model of every run of the latency ``settings`` again by its table's protocol, the
+    unpruned model right after it, in this process alone; write ``OUT/SETTING/latency_remeasured.json``
+    (each run's identity and kept counts, the measurement's fields, the load average before and after), a
+    run at a time, so an interrupted pass resumes. The problem is built as the runs built it (the same
+    cached base model and latency table: a table measured elsewhere is refused when loaded)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from prune_env.app.measure import load_average, write_results
+    from prune_env.app.provenance import invocation_record
+    from prune_env.app.results import latency_lines
+    from prune_env.latency.budget import LatencyCost
+    from prune_env.problem import PruningProblem
+    from prune_env.settings import ProblemSettings
+
+    torch.set_num_threads(grid["threads"])
+    for setting in settings:
+        results = setting_results(out, setting, allow_mixed)
+        if setting["metric"] != "latency" or results is None:
+            continue
+        path = out / setting["name"] / REMEASURED
+        done = loads_strict(path.read_bytes()) if path.exists() else {"runs": []}
+        measured = {(r["agent"], r["seed"]) for r in done["runs"]}
+        todo = [r for r in results.runs if (r["agent"], r["seed"]) not in measured]
+        if not todo:
+            continue
+        _check_same_machine(results.records(), invocation_record(), setting["name"])
+        problem = PruningProblem(
+            setting["model"],
+            grid["dataset"],
+            ProblemSettings.from_kwargs(
+                {**grid["problem"], "target_latency": float(setting["target"]), "progress": False}
+            ),
+        )
+        cost = problem.latency
+        assert isinstance(cost, LatencyCost), "a latency budget is priced by its table"
+        noise = float(cost.model.table.noise)
+        for run in tqdm(todo, desc=f"remeasure {setting['name']}", disable=not progress):
+            keep = np.array([int(k) for k in str(run["keep"]).split()], dtype=np.int64)
+            predicted = float(cost.predict(keep))
+            if not math.isclose(predicted, float(run["latency_predicted_ms"]), rel_tol=1e-6):
+                raise InvalidSettingError(
+                    f"{setting['name']}: the latency table here predicts {predicted:.4g} ms for the final model "
+                    f"of {run['agent']} seed {run['seed']}, the run's table {run['latency_predicted_ms']:.4g} ms: "
+                    "the table was measured anew (another cache), so measuring now would not check what the "
+                    "run's table promised. Remeasure with the cache the runs used."
+                )
+            before = load_average()
+            check = problem.check_latency(keep, problem.build(keep))
+            names = ("agent", "model", "dataset", "target", "seed", "metric", "keep", "latency_ratio")
+            done["runs"].append(
+                {
+                    **{k: run[k] for k in names},
+                    **{k: int(v) if isinstance(v, bool) else v for k, v in check.fields().items()},
+                    "latency_protocol_noise": noise,
+                    "load_before": before,
+                    "load_after": load_average(),
+                }
+            )
+            write_results(path, done)
+        print("\n".join(latency_lines(done["runs"])))
+
+
+def _check_same_machine(records: Sequence[Mapping[str, Any]], here: Mapping[str, Any], name: str) -> None:
+    """The runs' final models are measured again on the CPU and torch they were measured with, or not at
+    all: another machine's milliseconds do not check this machine's table."""
+    for record in records:
+        made = (record.get("hardware", {}).get("cpu_model"), record.get("versions", {}).get("torch"))
+        now = (here["hardware"]["cpu_model"], here["versions"]["torch"])
+        if made != now:
+            raise InvalidSettingError(
+                f"{name}: runs in {record.get('directory', '?')} were measured on {made[0]} with torch "
+                f"{made[1]}; this is {now[0]} with torch {now[1]}. Remeasure on the machine that ran them."
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,6 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--agents", nargs="+", help="run only these agents of the file")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds of the file")
     parser.add_argument("--report", action="store_true", help="print the tables and draw the plots")
+    parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure the latency settings' final models again, alone on the machine, after the runs",
+    )
     parser.add_argument(
         "--allow-mixed",
         action="store_true",
@@ -211,8 +325,15 @@ def main(argv: list[str] | None = None) -> None:
             for s in grid["settings"]
             if s["name"] in _chosen(args.settings, [s["name"] for s in grid["settings"]], "settings")
         ]
+        if args.report and args.remeasure:
+            raise InvalidSettingError(
+                "--report and --remeasure are two steps: run --remeasure, then --report"
+            )
         if args.report:
             report(args.out, settings, args.allow_mixed)
+            return
+        if args.remeasure:
+            remeasure(grid, args.out, settings, args.allow_mixed, progress=not args.no_progress)
             return
         agents = _chosen(args.agents, list(grid["agents"]), "agents")
         if args.seeds is not None:

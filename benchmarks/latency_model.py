@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -38,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 import prune_env
-from prune_env.app.measure import PROVENANCE, write_results
+from prune_env.app.measure import PROVENANCE, load_average, write_results
 from prune_env.budget import keep_to_ratios
 from prune_env.latency import LatencySettings, estimate_noise, latency_model, measure_pruned
 from prune_env.latency.measure import module_forward
@@ -65,10 +64,6 @@ def random_ratios(groups: int, count: int, seed: int, max_ratio: float = 0.9) ->
         level = rng.uniform(0.0, max_ratio)
         policies.append(np.clip(level + rng.normal(0.0, 0.15, groups), 0.0, max_ratio))
     return policies
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def pruned_model(model: torch.nn.Module, x: torch.Tensor, graph: Any, keep: np.ndarray) -> torch.nn.Module:

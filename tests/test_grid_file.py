@@ -3,16 +3,25 @@ only pick parts of it, and a directory cannot mix two versions of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import shutil
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 from benchmark_scripts import load_script
+from latency_tables import handmade_table, smooth
 
 from prune_env.app.measure import this_invocation
+from prune_env.app.results import latency_lines
+from prune_env.cache import CACHE_ENV
+from prune_env.data import Splits
 from prune_env.errors import InvalidSettingError
+from prune_env.latency import save_table, table_path
+from prune_env.models import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "benchmarks" / "grids" / "allocation_baselines_fashion.json"
@@ -150,3 +159,84 @@ def test_settings_that_differ_only_by_metric_are_told_apart_in_the_table() -> No
     assert header[:4] == ["model", "dataset", "metric", "target"]
     val_rows = [line.split() for line in lines[2:] if " val " in line]
     assert [(r[2], r[-2]) for r in val_rows] == [("macs", "0.9100"), ("params", "0.9200")]
+
+
+def test_the_final_models_of_a_latency_grid_are_measured_again_alone(
+    grid_script: ModuleType,
+    tmp_path: Path,
+    cached: Path,
+    digits: Splits,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--remeasure`` measures each run's final model (its own kept counts) beside the unpruned model, once:
+    a second pass measures nothing again; the report prints the verdicts of both measurements."""
+    cache = tmp_path / "cache"
+    shutil.copytree(cached / "base", cache / "base")  # the trained resnet20, and a hand-made table beside it
+    model = get_model("resnet20", digits.num_classes, digits.in_channels)
+    table = handmade_table(model, digits.example_inputs(1), smooth, residual_ms=0.05)
+    table = dataclasses.replace(table, noise=0.25)
+    save_table(table, table_path(table.meta, cache))
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    grid = _write(
+        tmp_path / "grid.json",
+        dataset="digits",
+        evals=2,
+        finetune_epochs=0,
+        finetune_samples=100,
+        problem={"proxy": "recalibration", "max_ratio": 0.8, "eval_samples": 64, "latency_batch": 1},
+        settings=[{"name": "fast", "model": "resnet20", "metric": "latency", "target": 0.7}],
+        agents={"uniform": [0], "global": [0]},
+        cut_first=[],
+    )
+    out = tmp_path / "out"
+    grid_script.main([str(grid), "--out", str(out), "--no-progress"])
+    grid_script.main([str(grid), "--out", str(out), "--remeasure", "--no-progress"])
+    written = out / "fast" / "latency_remeasured.json"
+    first = written.read_bytes()
+    again = json.loads(first)["runs"]
+    runs = {r["agent"]: r for r in grid_script.setting_results(out, {"name": "fast"}, False).runs}
+    assert sorted(r["agent"] for r in again) == ["global", "uniform"]
+    for r in again:
+        assert r["keep"] == runs[r["agent"]]["keep"]  # the run's own final model
+        assert r["latency_measured_ms"] > 0 and r["base_latency_measured_ms"] > 0
+        assert r["latency_protocol_noise"] == 0.25 and len(r["load_before"]) == 3
+    grid_script.main([str(grid), "--out", str(out), "--remeasure", "--no-progress"])
+    assert written.read_bytes() == first  # every run measured already: nothing measured twice
+    capsys.readouterr()
+    grid_script.main([str(grid), "--out", str(out), "--report"])
+    printed = capsys.readouterr().out
+    assert "measured again, alone on the machine" in printed
+    assert "beyond the protocol's noise (25.0%)" in printed
+
+    # A table measured anew (another cache) predicts other milliseconds: measuring now checks nothing.
+    save_table(dataclasses.replace(table, residual_slope_ms=0.04), table_path(table.meta, cache))
+    written.unlink()
+    with pytest.raises(SystemExit) as stop:
+        grid_script.main([str(grid), "--out", str(out), "--remeasure", "--no-progress"])
+    assert stop.value.code == 2 and "the table was measured anew" in capsys.readouterr().err
+    assert not written.exists()
+
+
+def test_final_models_are_measured_again_only_on_the_machine_that_ran_them(grid_script: ModuleType) -> None:
+    here = this_invocation()
+    grid_script._check_same_machine([here, here], here, "s")
+    other = {**here, "hardware": {**here["hardware"], "cpu_model": "Other CPU"}, "directory": "d"}
+    with pytest.raises(
+        InvalidSettingError, match="measured on Other CPU with torch .* Remeasure on the machine"
+    ):
+        grid_script._check_same_machine([here, other], here, "s")
+
+
+def test_a_final_model_is_held_to_the_protocol_noise_when_its_row_carries_it() -> None:
+    def row(measured: float, noise: float) -> dict[str, Any]:
+        return {"metric": "latency", "model": "m", "dataset": "d", "target": 0.5, "latency_measured_ms": measured,
+                "base_latency_measured_ms": 10.0, "latency_measured_iqr_ms": 0.01 * measured,
+                "latency_prediction_error": 0.02, "latency_protocol_noise": noise}  # fmt: skip
+
+    # 0.54 of the base: above 0.5 by 8%, beyond its own 1% spread, within a 10% protocol noise; 0.60 beyond both.
+    (line,) = latency_lines([row(5.4, 0.10), row(6.0, 0.10), row(4.8, 0.10)])
+    assert "2 of 3 final models above the target beyond their measurement's spread" in line
+    assert "1 beyond the protocol's noise (10.0%)" in line
+    (line,) = latency_lines([{**row(5.4, math.nan)}])
+    assert "protocol's noise" not in line  # rows made before the noise was recorded: not claimed

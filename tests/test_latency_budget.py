@@ -1,15 +1,14 @@
 """Latency as a budget: settings, the projector on predicted latency, the problem, the agents and the CLI.
 
-Nothing here times anything: every latency model is built from a hand-made table over the model's real
-timed layers (every width a grid point, so predictions are the table's numbers exactly), saved where the
-cache looks for it, so a problem loads it instead of measuring. One of them is deliberately non-monotone:
-widths off a multiple of 8 run slower than the next aligned width, as real kernels can.
+Nothing here times anything: every latency model is built from a hand-made table (``latency_tables``),
+saved where the cache looks for it, so a problem loads it instead of measuring. One of them is deliberately
+non-monotone: widths off a multiple of 8 run slower than the next aligned width, as real kernels can.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from cli_output import one_error_line
+from latency_tables import handmade_table, ragged, smooth
 from quick import QUICK_SCORING
 from torch import nn
 
@@ -32,15 +32,11 @@ from prune_env.graph import DependencyGraph
 from prune_env.latency import (
     LatencyModel,
     LatencySettings,
-    LatencyTable,
-    LayerTable,
-    Timing,
     save_table,
-    table_meta,
     table_path,
 )
 from prune_env.latency.budget import LatencyCost
-from prune_env.latency.layers import LayerSpec, timed_layers
+from prune_env.latency.layers import LayerSpec
 from prune_env.latency.settings import available_cores
 from prune_env.observation import DYNAMIC_FEATURES, LATENCY_FEATURES, STATIC_FEATURES, latency_shares
 from prune_env.problem import PruningProblem
@@ -49,47 +45,6 @@ from prune_env.settings import ProblemSettings
 torch.set_num_threads(1)
 
 QUICK: dict[str, Any] = {**QUICK_SCORING, "progress": False}
-LayerMs = Callable[[LayerSpec, int, int], float]
-
-
-def smooth(spec: LayerSpec, w_in: int, w_out: int) -> float:
-    """A convolution's time grows with its MACs: in x out channels, times the pixels it sees."""
-    pixels = float(np.prod(spec.input_shape[1:])) if len(spec.input_shape) > 1 else 1.0
-    return 1e-4 * pixels * w_in * w_out / max(spec.inputs.full, 1)
-
-
-def ragged(spec: LayerSpec, w_in: int, w_out: int) -> float:
-    """``smooth``, but 1.8x slower off a multiple of 8 output channels: not monotone in the widths."""
-    return smooth(spec, w_in, w_out) * (1.0 if w_out % 8 == 0 else 1.8)
-
-
-def handmade_table(model: nn.Module, x: torch.Tensor, ms: LayerMs, residual_ms: float) -> LatencyTable:
-    """A table over ``model``'s timed layers with every width a grid point, ``ms`` per point and a constant
-    ``residual_ms`` (the per-layer overhead), for the default latency settings on this machine."""
-    graph = build_graph(model, x)
-    specs, untimed = timed_layers(model, graph, x[:1])
-    layers = []
-    for s in specs:
-        ins = tuple(range(s.inputs.low, s.inputs.full + 1)) if s.inputs.varies else (s.inputs.full,)
-        outs = tuple(range(s.outputs.low, s.outputs.full + 1)) if s.outputs.varies else (s.outputs.full,)
-        layers.append(
-            LayerTable(
-                term=s.term, label=s.label, kind=s.kind, module_type=s.module_type,
-                input_shape=s.input_shape, in_slot=s.inputs.slot, out_slot=s.outputs.slot,
-                in_widths=ins, out_widths=outs,
-                ms=tuple(tuple(ms(s, i, o) for o in outs) for i in ins),
-                noisy=tuple(tuple(False for _ in outs) for _ in ins),
-            )
-        )  # fmt: skip
-    whole = sum(layer.full_ms for layer in layers) + residual_ms
-    return LatencyTable(
-        meta=table_meta(model, x, LatencySettings(progress=False)),
-        layers=tuple(layers),
-        untimed=tuple(graph.costs.macs_labels[t] for t in untimed),
-        whole=Timing(median_ms=whole, min_ms=whole, iqr_ms=0.0, repeats=1),
-        noise=0.0,
-        protocol={},
-    )
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,11 @@ def time_repeats(
     return RepeatTimes(tuple(times))
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded: a timing's record of how busy the machine was."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 @functools.cache
 def this_invocation() -> dict[str, Any]:
     """This process's provenance record, made once (its time is that of the first write), as plain JSON so
@@ -98,4 +103,12 @@ def write_results(path: str | os.PathLike[str], results: Mapping[str, Any]) -> N
     write_json(path, {**results, PROVENANCE: earlier if record in earlier else [*earlier, record]})
 
 
-__all__ = ["PROVENANCE", "RepeatTimes", "this_invocation", "time_repeats", "write_json", "write_results"]
+__all__ = [
+    "PROVENANCE",
+    "RepeatTimes",
+    "load_average",
+    "this_invocation",
+    "time_repeats",
+    "write_json",
+    "write_results",
+]

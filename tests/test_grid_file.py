@@ -223,7 +223,7 @@ def test_final_models_are_measured_again_only_on_the_machine_that_ran_them(grid_
     grid_script._check_same_machine([here, here], here, "s")
     other = {**here, "hardware": {**here["hardware"], "cpu_model": "Other CPU"}, "directory": "d"}
     with pytest.raises(
-        InvalidSettingError, match="measured on Other CPU with torch .* Remeasure on the machine"
+        InvalidSettingError, match=r"measured on Other CPU with torch .* Remeasure on the machine"
     ):
         grid_script._check_same_machine([here, other], here, "s")
 

@@ -23,11 +23,12 @@ agent's policies.
 Under a latency budget each run measures its final model as it finishes, beside whatever else runs then (a
 second chunk on the other core). ``--remeasure``, run alone on the machine once the runs are done, measures
 every final model of the latency settings again, one after another, each beside the unpruned model, and
-writes ``OUT/SETTING/latency_remeasured.json`` (the load average before and after each; resumed where it
-stopped); ``--report`` then prints both measurements' verdicts.
+writes ``OUT/SETTING/latency_remeasured.json`` (``--rounds N``: each N times, the median round kept, every
+round's ratio recorded; the load average before and after each; resumed where it stopped); ``--report``
+then prints both measurements' verdicts.
 
     python benchmarks/grid.py benchmarks/grids/latency_baselines_fashion.json \\
-        --out benchmarks/results/latency_baselines_fashion --remeasure
+        --out benchmarks/results/latency_baselines_fashion --remeasure --rounds 5
 """
 
 from __future__ import annotations
@@ -218,12 +219,14 @@ def setting_results(out: Path, setting: Mapping[str, Any], allow_mixed: bool) ->
 
 
 def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]], allow_mixed: bool,
-              progress: bool = True) -> None:  # fmt: skip
+              progress: bool = True, rounds: int = 1) -> None:  # fmt: skip
     """Measure the final model of every run of the latency ``settings`` again by its table's protocol, the
-    unpruned model right after it, in this process alone; write ``OUT/SETTING/latency_remeasured.json``
-    (each run's identity and kept counts, the measurement's fields, the load average before and after), a
-    run at a time, so an interrupted pass resumes. The problem is built as the runs built it (the same
-    cached base model and latency table: a table measured elsewhere is refused when loaded)."""
+    unpruned model right after it, ``rounds`` times, in this process alone; write
+    ``OUT/SETTING/latency_remeasured.json``: each run's identity and kept counts, the fields of its median
+    round (by measured ratio to the unpruned model; one measurement's spread understates how far two
+    measurements of one model differ), every round's ratio, the load average before and after. A run at a
+    time, so an interrupted pass resumes. The problem is built as the runs built it (the same cached base
+    model and latency table: a table measured elsewhere is refused when loaded)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -242,6 +245,12 @@ def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]]
         path = out / setting["name"] / REMEASURED
         done = loads_strict(path.read_bytes()) if path.exists() else {"runs": []}
         measured = {(r["agent"], r["seed"]) for r in done["runs"]}
+        earlier = sorted({int(r.get("rounds", 1)) for r in done["runs"]} - {rounds})
+        if earlier:
+            raise InvalidSettingError(
+                f"{path} holds measurements of {earlier[0]} round(s) each, not {rounds}: pass --rounds "
+                f"{earlier[0]} to complete it, or move it aside to measure {rounds}"
+            )
         todo = [r for r in results.runs if (r["agent"], r["seed"]) not in measured]
         if not todo:
             continue
@@ -267,12 +276,18 @@ def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]]
                     "run's table promised. Remeasure with the cache the runs used."
                 )
             before = load_average()
-            check = problem.check_latency(keep, problem.build(keep))
+            model = problem.build(keep)
+            checks = sorted(
+                (problem.check_latency(keep, model) for _ in range(rounds)), key=lambda c: 1.0 / c.speedup
+            )
+            check = checks[(rounds - 1) // 2]  # the median round (the lower of the middle two)
             names = ("agent", "model", "dataset", "target", "seed", "metric", "keep", "latency_ratio")
             done["runs"].append(
                 {
                     **{k: run[k] for k in names},
                     **{k: int(v) if isinstance(v, bool) else v for k, v in check.fields().items()},
+                    "rounds": rounds,
+                    "round_ratios": [1.0 / c.speedup for c in checks],
                     "latency_protocol_noise": noise,
                     "load_before": before,
                     "load_after": load_average(),
@@ -315,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="report runs of several code revisions or agent settings together (the table says so)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --remeasure: measure each final model (and the unpruned one after it) this many times",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -329,11 +350,13 @@ def main(argv: list[str] | None = None) -> None:
             raise InvalidSettingError(
                 "--report and --remeasure are two steps: run --remeasure, then --report"
             )
+        if args.rounds < 1 or (args.rounds != 1 and not args.remeasure):
+            raise InvalidSettingError(f"--rounds is a positive count for --remeasure, got {args.rounds}")
         if args.report:
             report(args.out, settings, args.allow_mixed)
             return
         if args.remeasure:
-            remeasure(grid, args.out, settings, args.allow_mixed, progress=not args.no_progress)
+            remeasure(grid, args.out, settings, args.allow_mixed, not args.no_progress, args.rounds)
             return
         agents = _chosen(args.agents, list(grid["agents"]), "agents")
         if args.seeds is not None:

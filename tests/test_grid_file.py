@@ -191,7 +191,7 @@ def test_the_final_models_of_a_latency_grid_are_measured_again_alone(
     )
     out = tmp_path / "out"
     grid_script.main([str(grid), "--out", str(out), "--no-progress"])
-    grid_script.main([str(grid), "--out", str(out), "--remeasure", "--no-progress"])
+    grid_script.main([str(grid), "--out", str(out), "--remeasure", "--rounds", "3", "--no-progress"])
     written = out / "fast" / "latency_remeasured.json"
     first = written.read_bytes()
     again = json.loads(first)["runs"]
@@ -201,8 +201,18 @@ def test_the_final_models_of_a_latency_grid_are_measured_again_alone(
         assert r["keep"] == runs[r["agent"]]["keep"]  # the run's own final model
         assert r["latency_measured_ms"] > 0 and r["base_latency_measured_ms"] > 0
         assert r["latency_protocol_noise"] == 0.25 and len(r["load_before"]) == 3
-    grid_script.main([str(grid), "--out", str(out), "--remeasure", "--no-progress"])
+        ratio = r["latency_measured_ms"] / r["base_latency_measured_ms"]
+        assert r["rounds"] == 3 and r["round_ratios"][1] == pytest.approx(ratio)  # the median round kept
+        assert r["round_ratios"] == sorted(r["round_ratios"])
+    grid_script.main([str(grid), "--out", str(out), "--remeasure", "--rounds", "3", "--no-progress"])
     assert written.read_bytes() == first  # every run measured already: nothing measured twice
+    with pytest.raises(SystemExit) as stop:  # a file of 3-round measurements is not completed with 1
+        grid_script.main([str(grid), "--out", str(out), "--remeasure", "--no-progress"])
+    assert stop.value.code == 2 and "pass --rounds 3 to complete it" in capsys.readouterr().err
+    for wrong in (["--remeasure", "--rounds", "0"], ["--rounds", "2"], ["--report", "--rounds", "2"]):
+        with pytest.raises(SystemExit) as stop:
+            grid_script.main([str(grid), "--out", str(out), *wrong])
+        assert stop.value.code == 2 and "--rounds is a positive count" in capsys.readouterr().err
     capsys.readouterr()
     grid_script.main([str(grid), "--out", str(out), "--report"])
     printed = capsys.readouterr().out

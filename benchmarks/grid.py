@@ -226,7 +226,9 @@ def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]]
     round (by measured ratio to the unpruned model; one measurement's spread understates how far two
     measurements of one model differ), every round's ratio, the load average before and after. A run at a
     time, so an interrupted pass resumes. The problem is built as the runs built it (the same cached base
-    model and latency table: a table measured elsewhere is refused when loaded)."""
+    model, channel ranking and latency table), except for its proxy: nothing is scored, so the cheapest one
+    stands in for a trained proxy that might otherwise be trained anew. Runs made on another CPU or torch are
+    refused, and so is a table that predicts other milliseconds than the runs' (one measured anew)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -255,11 +257,17 @@ def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]]
         if not todo:
             continue
         _check_same_machine(results.records(), invocation_record(), setting["name"])
+        unscored = {k: v for k, v in grid["problem"].items() if k not in ("proxy", "proxy_steps")}
         problem = PruningProblem(
             setting["model"],
             grid["dataset"],
             ProblemSettings.from_kwargs(
-                {**grid["problem"], "target_latency": float(setting["target"]), "progress": False}
+                {
+                    **unscored,
+                    "proxy": "recalibration",
+                    "target_latency": float(setting["target"]),
+                    "progress": False,
+                }
             ),
         )
         cost = problem.latency

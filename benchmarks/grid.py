@@ -25,10 +25,13 @@ second chunk on the other core). ``--remeasure``, run alone on the machine once 
 every final model of the latency settings again, one after another, each beside the unpruned model, and
 writes ``OUT/SETTING/latency_remeasured.json`` (``--rounds N``: each N times, the median round kept, every
 round's ratio recorded; the load average before and after each; resumed where it stopped); ``--report``
-then prints both measurements' verdicts.
+then prints both measurements' verdicts. ``--remeasure --guard`` applies the latency guard
+(:mod:`prune_env.latency.guard`) to every final model instead -- what it would have done to the runs' choices,
+without a new fine-tune: each re-projection, measured ratio and the final kept counts, into
+``OUT/SETTING/latency_guarded.json``.
 
     python benchmarks/grid.py benchmarks/grids/latency_baselines_fashion.json \\
-        --out benchmarks/results/latency_baselines_fashion --remeasure --rounds 5
+        --out benchmarks/results/latency_baselines_fashion --remeasure --rounds 5 [--guard]
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ GRID_KEYS = {
 SETTING_KEYS = {"name": str, "model": str, "metric": str, "target": float}
 RECORD = "grid.json"
 REMEASURED = "latency_remeasured.json"  # per setting: the final models measured again, alone
+GUARDED = "latency_guarded.json"  # per setting: the latency guard applied to the final models, alone
 
 
 def read_grid(path: Path) -> dict[str, Any]:
@@ -184,6 +188,7 @@ def report(out: Path, settings: list[dict[str, Any]], allow_mixed: bool = False)
     runs: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     remeasured: list[dict[str, Any]] = []
+    guarded: list[dict[str, Any]] = []
     for setting in settings:
         results = setting_results(out, setting, allow_mixed)
         if results is None:
@@ -192,6 +197,8 @@ def report(out: Path, settings: list[dict[str, Any]], allow_mixed: bool = False)
         runs += results.runs
         if (out / setting["name"] / REMEASURED).exists():
             remeasured += loads_strict((out / setting["name"] / REMEASURED).read_bytes())["runs"]
+        if (out / setting["name"] / GUARDED).exists():
+            guarded += loads_strict((out / setting["name"] / GUARDED).read_bytes())["runs"]
         records += results.records()
         plot_allocations(results, out / setting["name"] / "allocations.png")
     if not runs:
@@ -205,6 +212,11 @@ def report(out: Path, settings: list[dict[str, Any]], allow_mixed: bool = False)
     if remeasured:
         print("\nthe final models measured again, alone on the machine (--remeasure):")
         print("\n".join(latency_lines(remeasured)))
+    if guarded:
+        print("\nthe latency guard applied to the final models, alone on the machine (--remeasure --guard):")
+        print("\n".join(latency_lines(guarded)))
+        steps = [int(r["latency_guard_steps"]) for r in guarded]
+        print(f"re-projected: {sum(s > 0 for s in steps)} of {len(steps)}; steps {sorted(steps)}")
     print(f"\npaired differences: {grid.write_paired(out / 'paired.csv')}")
 
 
@@ -219,7 +231,7 @@ def setting_results(out: Path, setting: Mapping[str, Any], allow_mixed: bool) ->
 
 
 def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]], allow_mixed: bool,
-              progress: bool = True, rounds: int = 1) -> None:  # fmt: skip
+              progress: bool = True, rounds: int = 1, guard: bool = False) -> None:  # fmt: skip
     """Measure the final model of every run of the latency ``settings`` again by its table's protocol, the
     unpruned model right after it, ``rounds`` times, in this process alone; write
     ``OUT/SETTING/latency_remeasured.json``: each run's identity and kept counts, the fields of its median
@@ -228,7 +240,9 @@ def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]]
     time, so an interrupted pass resumes. The problem is built as the runs built it (the same cached base
     model, channel ranking and latency table), except for its proxy: nothing is scored, so the cheapest one
     stands in for a trained proxy that might otherwise be trained anew. Runs made on another CPU or torch are
-    refused, and so is a table that predicts other milliseconds than the runs' (one measured anew)."""
+    refused, and so is a table that predicts other milliseconds than the runs' (one measured anew).
+    ``guard``: apply the latency guard to each final model instead (``rounds`` per measurement) and write
+    ``OUT/SETTING/latency_guarded.json``: its fields and the kept counts it ended with."""
     import torch
     from tqdm.auto import tqdm
 
@@ -244,7 +258,7 @@ def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]]
         results = setting_results(out, setting, allow_mixed)
         if setting["metric"] != "latency" or results is None:
             continue
-        path = out / setting["name"] / REMEASURED
+        path = out / setting["name"] / (GUARDED if guard else REMEASURED)
         done = loads_strict(path.read_bytes()) if path.exists() else {"runs": []}
         measured = {(r["agent"], r["seed"]) for r in done["runs"]}
         earlier = sorted({int(r.get("rounds", 1)) for r in done["runs"]} - {rounds})
@@ -266,6 +280,8 @@ def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]]
                     **unscored,
                     "proxy": "recalibration",
                     "target_latency": float(setting["target"]),
+                    "latency_rounds": rounds,
+                    "latency_guard": guard,
                     "progress": False,
                 }
             ),
@@ -284,18 +300,21 @@ def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]]
                     "run's table promised. Remeasure with the cache the runs used."
                 )
             before = load_average()
-            model = problem.build(keep)
-            checks = sorted(
-                (problem.check_latency(keep, model) for _ in range(rounds)), key=lambda c: 1.0 / c.speedup
-            )
-            check = checks[(rounds - 1) // 2]  # the median round (the lower of the middle two)
+            if guard:
+                fit = problem.fit_latency(keep)
+                check, fields = fit.check, fit.fields()
+                fields["guarded_keep"] = " ".join(str(int(k)) for k in fit.keep)
+                fields["guarded_latency_ratio"] = float(cost.predict(fit.keep)) / cost.full_ms
+            else:
+                check = problem.check_latency(keep, problem.build(keep))  # the median of `rounds`
+                fields = dict(check.fields())
             names = ("agent", "model", "dataset", "target", "seed", "metric", "keep", "latency_ratio")
             done["runs"].append(
                 {
                     **{k: run[k] for k in names},
-                    **{k: int(v) if isinstance(v, bool) else v for k, v in check.fields().items()},
+                    **{k: int(v) if isinstance(v, bool) else v for k, v in fields.items()},
                     "rounds": rounds,
-                    "round_ratios": [1.0 / c.speedup for c in checks],
+                    "round_ratios": list(check.round_ratios) or [check.measured_ratio],
                     "latency_protocol_noise": noise,
                     "load_before": before,
                     "load_after": load_average(),
@@ -344,6 +363,11 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="with --remeasure: measure each final model (and the unpruned one after it) this many times",
     )
+    parser.add_argument(
+        "--guard",
+        action="store_true",
+        help="with --remeasure: apply the latency guard to each final model instead (latency_guarded.json)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -360,11 +384,15 @@ def main(argv: list[str] | None = None) -> None:
             )
         if args.rounds < 1 or (args.rounds != 1 and not args.remeasure):
             raise InvalidSettingError(f"--rounds is a positive count for --remeasure, got {args.rounds}")
+        if args.guard and not args.remeasure:
+            raise InvalidSettingError("--guard applies the latency guard with --remeasure: add --remeasure")
         if args.report:
             report(args.out, settings, args.allow_mixed)
             return
         if args.remeasure:
-            remeasure(grid, args.out, settings, args.allow_mixed, not args.no_progress, args.rounds)
+            remeasure(
+                grid, args.out, settings, args.allow_mixed, not args.no_progress, args.rounds, args.guard
+            )
             return
         agents = _chosen(args.agents, list(grid["agents"]), "agents")
         if args.seeds is not None:

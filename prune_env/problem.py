@@ -7,6 +7,7 @@ the same base model, dependency graph, channel ranking, budget projection and pr
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from prune_env.errors import InvalidRatiosError, InvalidSettingError, Unsupporte
 from prune_env.graph import DependencyGraph, build_graph, example_tuple, units_to_keep
 from prune_env.importance import get_importance
 from prune_env.latency.budget import LatencyCheck, LatencyCost, settings_projector
+from prune_env.latency.guard import LatencyFit, fit_to_measurement
 from prune_env.models import ModelSpec
 from prune_env.problem_inputs import check_classifier, check_given_proxy, check_model_arg, check_without_data
 from prune_env.proxies import make_proxy
@@ -413,25 +415,55 @@ class PruningProblem:
             memo_hit=memo_hit,
         )
 
-    def check_latency(self, keep: np.ndarray, model: nn.Module) -> LatencyCheck:
+    def check_latency(self, keep: np.ndarray, model: nn.Module, rounds: int | None = None) -> LatencyCheck:
         """Measure ``model`` (this problem's base model pruned to ``keep``, fine-tuned or not) and the base
         model by the protocol of the latency table, beside the table's prediction for ``keep``: what a
-        latency budget promised against what the machine delivers.
+        latency budget promised against what the machine delivers. ``rounds`` (default: the
+        ``latency_rounds`` setting) measurements of the pair, the round of median ratio kept.
 
         Raises:
             InvalidSettingError: the problem has no latency budget (so no table to check against).
         """
+        cost, counts = self._latency_cost(), self._checked_keep(keep)
+        rounds = self.settings.latency_rounds if rounds is None else rounds
+        return cost.check(counts, model, self.base_model, self.example_inputs, rounds)
+
+    def fit_latency(self, keep: np.ndarray) -> LatencyFit:
+        """``keep`` held to the latency target by measurement: measured (``latency_rounds`` rounds) and,
+        while it runs above the target by more than the table's protocol noise, projected onto a predicted
+        budget lowered by the measured overshoot (:mod:`prune_env.latency.guard`). The search's own
+        choice when it measures within the target.
+
+        Raises:
+            InvalidSettingError: the problem has no latency budget.
+        """
+        cost, counts = self._latency_cost(), self._checked_keep(keep)
+        noise = float(cost.model.table.noise)
+        return fit_to_measurement(
+            counts,
+            self.target,
+            noise if math.isfinite(noise) and noise > 0 else 0.0,
+            lambda k: self.check_latency(k, self.build(k)),
+            lambda k, budget: self.projector.project(self.ratios_for(k), budget, fill=self.fill_budget),
+            self.projector.min_cost_ratio,
+            cost.full_ms,
+        )
+
+    def _latency_cost(self) -> LatencyCost:
         if not isinstance(self.latency, LatencyCost):
             raise InvalidSettingError(
                 f"the problem budgets {self.metric}, not latency: a latency is checked against the table a "
                 "latency budget (target_latency=...) is priced by"
             )
+        return self.latency
+
+    def _checked_keep(self, keep: np.ndarray) -> np.ndarray:
         counts = np.asarray(keep)
         if counts.shape != self.units.shape or counts.dtype.kind not in "iu":
             raise InvalidRatiosError(
                 f"keep must hold one integer count per group ({len(self.units)}), got {counts.tolist()!r:.80}"
             )
-        return self.latency.check(counts, model, self.base_model, self.example_inputs)
+        return counts
 
     def outcome(
         self,

@@ -56,6 +56,10 @@ JOINT_METRICS = ("bitops", "size")
 TRAINED_PROXIES = ("supernet", "pruningnet")
 
 
+# The settings of a latency budget's measurement, at their defaults (refused without a latency budget).
+LATENCY_DEFAULTS = {"latency_batch": 1, "latency_threads": 1, "latency_rounds": 1, "latency_guard": False}
+
+
 def option_help(text: str) -> dict[str, str]:
     """Field metadata holding an option's help text (the command line is generated from the fields)."""
     return {"help": text}
@@ -103,6 +107,23 @@ class ProblemSettings:
     latency_threads: int = field(
         default=1,
         metadata=option_help("CPU threads a latency budget is measured and predicted with"),
+    )
+    latency_rounds: int = field(
+        default=1,
+        metadata=option_help(
+            "times the final model of a latency budget is measured, each time with the unpruned model "
+            "right after it; the round of median speed-up is reported (one measurement's spread understates "
+            "how far two measurements of one model differ)"
+        ),
+    )
+    latency_guard: bool = field(
+        default=False,
+        metadata=option_help(
+            "measure the chosen policy before its fine-tune and, while it runs above the latency target by "
+            "more than the table's protocol noise, lower the predicted budget by the measured overshoot and "
+            "project the policy onto it (at most 3 times): the budget then holds on the machine, not only "
+            "in the table"
+        ),
     )
     quantize: bool = field(
         default=False,
@@ -200,13 +221,13 @@ class ProblemSettings:
         if self.target_latency is None:
             changed = [
                 f"{name}={getattr(self, name)}"
-                for name in ("latency_batch", "latency_threads")
-                if getattr(self, name) != 1
+                for name, default in LATENCY_DEFAULTS.items()
+                if getattr(self, name) != default
             ]
             if changed:
                 raise InvalidSettingError(
-                    f"{' and '.join(changed)} would be ignored: they say how a latency budget is measured; "
-                    "give target_latency, or leave them at 1"
+                    f"{' and '.join(changed)} would be ignored: they say how a latency budget is measured "
+                    "and held; give target_latency, or leave them at their defaults"
                 )
         elif self.quantize:
             raise InvalidSettingError(

@@ -185,6 +185,8 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     # A latency budget's measurement: a batch and a thread count (the cores are checked when it is measured).
     "latency_batch": _int_at_least(1),
     "latency_threads": _int_at_least(1),
+    "latency_rounds": _int_at_least(1),
+    "latency_guard": flag,
     "quantize": flag,
     "other_bits": bits,
     "budget_range": _optional(budget_range),

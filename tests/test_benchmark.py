@@ -15,7 +15,9 @@ from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.figure import Figure
 
 from prune_env.app import benchmark
-from prune_env.app.results import EVAL_FIELDS, RUN_FIELDS, BenchmarkResults, incumbent_accuracy, pareto_front
+from prune_env.app.results import BenchmarkResults, incumbent_accuracy, pareto_front
+from prune_env.app.tidy_files import EVAL_FIELDS, RUN_FIELDS, append_csv
+from prune_env.errors import ResumeError
 
 AGENTS = ("uniform", "random")
 SEEDS = (0, 1)
@@ -135,6 +137,32 @@ def test_interrupted_grid_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     runs, evals = _csv(tmp_path / "runs.csv"), _csv(tmp_path / "evaluations.csv")
     assert len(runs) == len(results.runs) == len(AGENTS) * len(SEEDS)
     assert len(evals) == len(results.evaluations) == sum(int(r["evals_used"]) for r in runs)
+
+
+def test_a_grid_written_with_fewer_columns_gains_them_and_keeps_its_rows(
+    grid: tuple[BenchmarkResults, Path], tmp_path: Path, cached: Path
+) -> None:
+    """An earlier version wrote runs.csv without the columns added since: a resumed grid widens its header
+    (the old rows blank there, every cell kept) before appending, never writing rows under the wrong names.
+    A file with columns this version does not know is refused."""
+    results, out = grid
+    copy = Path(shutil.copytree(out, tmp_path / "copy"))
+    runs_csv = copy / "runs.csv"
+    old_fields = RUN_FIELDS[: RUN_FIELDS.index("revision") + 1]
+    old_rows = [{k: r[k] for k in old_fields} for r in _csv(runs_csv)]
+    with runs_csv.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(old_fields))
+        writer.writeheader()
+        writer.writerows(old_rows[:-1])  # the last run is run again
+    again = _grid(copy)
+    rows = _csv(runs_csv)
+    assert list(rows[0]) == list(RUN_FIELDS) and len(rows) == len(results.runs) == len(again.runs)
+    assert [{k: r[k] for k in old_fields} for r in rows[:-1]] == old_rows[:-1]
+    assert rows[0]["searched_keep"] == "" and rows[-1]["keep"] == old_rows[-1]["keep"]
+    with runs_csv.open("w", newline="") as f:
+        csv.writer(f).writerows([[*old_fields, "someone_elses_column"], *([""] * (len(old_fields) + 1),)])
+    with pytest.raises(ResumeError, match="someone_elses_column"):
+        append_csv(runs_csv, RUN_FIELDS, [])
 
 
 def test_settings_mismatch_is_refused(grid: tuple[BenchmarkResults, Path], cached: Path) -> None:

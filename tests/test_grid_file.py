@@ -213,11 +213,25 @@ def test_the_final_models_of_a_latency_grid_are_measured_again_alone(
         with pytest.raises(SystemExit) as stop:
             grid_script.main([str(grid), "--out", str(out), *wrong])
         assert stop.value.code == 2 and "--rounds is a positive count" in capsys.readouterr().err
-    capsys.readouterr()
+    # The latency guard applied to the same final models: its steps, every measured ratio, where it ended.
+    grid_script.main([str(grid), "--out", str(out), "--remeasure", "--guard", "--no-progress"])
+    guarded = json.loads((out / "fast" / "latency_guarded.json").read_text())["runs"]
+    assert sorted(r["agent"] for r in guarded) == ["global", "uniform"]
+    for r in guarded:
+        assert r["keep"] == runs[r["agent"]]["keep"] and r["latency_guard_tolerance"] == 0.25
+        ratios = [float(x) for x in r["latency_guard_measured_ratios"].split()]
+        assert len(ratios) == r["latency_guard_steps"] + 1 and len(r["load_before"]) == 3
+        assert r["latency_guard_within"] == int(ratios[-1] <= 0.7 * 1.25)
+        assert r["guarded_latency_ratio"] <= 0.7 + 1e-9
+        assert (r["guarded_keep"] == r["keep"]) == (r["latency_guard_steps"] == 0)
+    with pytest.raises(SystemExit) as stop:
+        grid_script.main([str(grid), "--out", str(out), "--guard"])
+    assert stop.value.code == 2 and "add --remeasure" in capsys.readouterr().err
     grid_script.main([str(grid), "--out", str(out), "--report"])
     printed = capsys.readouterr().out
     assert "measured again, alone on the machine" in printed
     assert "beyond the protocol's noise (25.0%)" in printed
+    assert "the latency guard applied to the final models" in printed and "re-projected: " in printed
 
     # A table measured anew (another cache) predicts other milliseconds: measuring now checks nothing.
     save_table(dataclasses.replace(table, residual_slope_ms=0.04), table_path(table.meta, cache))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,12 @@ from prune_env.graph import DependencyGraph
 from prune_env.latency import (
     LatencyModel,
     LatencySettings,
+    Timing,
     save_table,
     table_path,
 )
-from prune_env.latency.budget import LatencyCost
+from prune_env.latency.budget import LatencyCheck, LatencyCost
+from prune_env.latency.guard import MAX_STEPS, fit_to_measurement
 from prune_env.latency.layers import LayerSpec
 from prune_env.latency.settings import available_cores
 from prune_env.observation import DYNAMIC_FEATURES, LATENCY_FEATURES, STATIC_FEATURES, latency_shares
@@ -112,6 +115,10 @@ def test_a_latency_target_makes_latency_the_metric() -> None:
         ({"latency_batch": 8}, "latency_batch=8 would be ignored.*give target_latency"),
         ({"target_macs": 0.5, "latency_threads": 2}, "latency_threads=2 would be ignored"),
         ({"target_latency": 0.5, "quantize": True}, "drop quantize"),
+        ({"latency_guard": True}, "latency_guard=True would be ignored"),
+        ({"target_macs": 0.5, "latency_rounds": 3}, "latency_rounds=3 would be ignored"),
+        ({"target_latency": 0.5, "latency_rounds": 0}, "latency_rounds must be an integer >= 1"),
+        ({"target_latency": 0.5, "latency_guard": "yes"}, "latency_guard must be"),
     ],
 )
 def test_bad_latency_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
@@ -123,6 +130,7 @@ def test_search_help_lists_the_latency_options(capsys: pytest.CaptureFixture[str
     assert cli.main(["search", "--help"]) == 0
     text = capsys.readouterr().out
     assert "--target-latency" in text and "--latency-batch" in text and "--latency-threads" in text
+    assert "--latency-rounds" in text and "--latency-guard" in text
 
 
 def test_cli_refuses_two_budgets_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -491,3 +499,138 @@ def test_a_latency_grid_records_predicted_and_measured_latency(
     table = again.table()
     assert "speed-up" in table and "ms (meas.)" in table
     assert "final models above the target beyond their measurement's spread" in again.verdicts()
+
+
+# ------------------------------------------------------------------------------------------------ guard
+
+
+@pytest.fixture
+def slower_than_predicted(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Measurements made up: every pruned model runs ``factor[0]`` times its predicted milliseconds, the
+    unpruned model exactly its own (a table that under-prices pruned models, as a search finds)."""
+    factor = [1.2]
+
+    def check(
+        self: LatencyCost,
+        keep: np.ndarray,
+        pruned: nn.Module,
+        base: nn.Module,
+        example_inputs: Any,
+        rounds: int = 1,
+    ) -> LatencyCheck:
+        predicted = float(self.predict(np.asarray(keep)))
+        ms, full = predicted * factor[0], self.full_ms
+        return LatencyCheck(
+            predicted,
+            Timing(median_ms=ms, min_ms=ms, iqr_ms=0.0, repeats=1),
+            Timing(median_ms=full, min_ms=full, iqr_ms=0.0, repeats=1),
+        )
+
+    monkeypatch.setattr(LatencyCost, "check", check)
+    return factor
+
+
+def test_the_guard_reprojects_a_policy_that_measures_above_its_target(
+    problem: PruningProblem, slower_than_predicted: list[float]
+) -> None:
+    """Measured 20% above its prediction, the chosen policy is projected onto the target / 1.2 and then
+    measures within the target; its preferences survive (every group keeps at most what it kept)."""
+    chosen = search("random", problem, 2, seed=0).best_keep
+    fit = problem.fit_latency(chosen)
+    assert fit.measured_ratios[0] == pytest.approx(1.2 * predicted_ratio(problem, chosen))
+    assert fit.measured_ratios[0] > problem.target  # the premise: it ran slower than the target
+    assert fit.within and fit.stopped == "within" and fit.steps >= 1
+    assert fit.measured_ratios[-1] <= problem.target
+    # The budget the chosen policy would have met, were the table's error proportional: target / 1.2.
+    assert fit.budgets[0] == problem.target and fit.budgets[1] == pytest.approx(problem.target / 1.2)
+    assert predicted_ratio(problem, fit.keep) <= fit.budgets[-1]
+    assert np.all(fit.keep <= chosen) and np.any(fit.keep < chosen) and np.all(fit.keep >= 1)
+    fields = fit.fields()
+    assert fields["latency_guard_steps"] == fit.steps and fields["latency_guard_within"] is True
+    assert fields["latency_measured_ms"] == fit.check.measured.median_ms
+
+
+def test_the_guard_keeps_a_policy_within_its_tolerance_and_stops_at_the_floor(
+    problem: PruningProblem, slower_than_predicted: list[float]
+) -> None:
+    chosen = problem.uniform_keep()
+    slower_than_predicted[0] = 1.0  # measured as predicted: nothing to do
+    fit = problem.fit_latency(chosen)
+    assert (fit.steps, fit.stopped, fit.budgets) == (0, "within", (problem.target,))
+    np.testing.assert_array_equal(fit.keep, chosen)
+    slower_than_predicted[0] = 20.0  # no policy the projection can reach runs that fast
+    fit = problem.fit_latency(chosen)
+    assert not fit.within and fit.stopped in ("floor", "steps")
+    assert fit.steps <= MAX_STEPS and min(fit.budgets) >= problem.projector.min_cost_ratio
+    assert predicted_ratio(problem, fit.keep) <= fit.budgets[-1] * (1 + 1e-9) and np.all(fit.keep >= 1)
+    within = fit_to_measurement(
+        chosen,
+        0.5,
+        0.1,
+        lambda k: replace(fit.check, base_measured=fit.check.measured),
+        lambda k, b: k,
+        0.1,
+        1.0,
+    )  # measured at 1.0 of a 0.5 target: the projection changes nothing, so it stops
+    assert within.stopped == "floor" and within.steps == 0
+    with pytest.raises(ValueError, match="tolerance"):
+        fit_to_measurement(chosen, 0.5, -0.1, lambda k: fit.check, lambda k, b: k, 0.1, 1.0)
+
+
+def test_a_cli_search_with_the_latency_guard_saves_and_reports_the_reprojected_model(
+    latency_cache: Path,
+    tmp_path: Path,
+    untrained_resnet20: nn.Module,
+    slower_than_predicted: list[float],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    weights = tmp_path / "resnet20.pt"
+    torch.save(untrained_resnet20.state_dict(), weights)
+    out = tmp_path / "run"
+    args = [
+        "search", "--model", "resnet20", "--dataset", "digits", "--weights", str(weights),
+        "--target-latency", "0.7", "--latency-guard", "--evals", "3", "--agent", "random",
+        "--finetune-epochs", "0", "--eval-samples", "96", "--bn-recalib-batches", "1", "--out", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["latency_guard_steps"] >= 1 and results["latency_guard_within"] == 1
+    assert results["latency_ratio"] <= 0.7 / 1.2 + 1e-9  # the saved model's, re-projected
+    assert results["proxy_accuracy"] is None and results["policy_applied"] is False
+    searched, saved = results["searched_keep"], results["keep"]
+    assert saved != searched and all(saved[g] <= searched[g] for g in saved)
+    assert results["latency_predicted_ms"] == pytest.approx(results["latency_ms"])
+    assert results["latency_measured_ms"] / results["base_latency_measured_ms"] <= 0.7
+    assert "latency guard: measured" in capsys.readouterr().err
+    assert "latency_guard" not in json.dumps(results["settings"])  # may change when the run resumes
+
+
+def test_a_latency_grid_with_the_guard_records_the_searched_and_the_final_policy(
+    latency_cache: Path, tmp_path: Path, untrained_resnet20: nn.Module, digits: Splits,
+    slower_than_predicted: list[float],
+) -> None:  # fmt: skip
+    results = benchmark.run(
+        agents=["uniform"], models=[untrained_resnet20], datasets=[digits], targets=[0.7], metric="latency",
+        seeds=[0], evals=2, finetune_epochs=0, problem_kwargs={**QUICK, "latency_guard": True},
+        progress=False, out=tmp_path / "grid",
+    )  # fmt: skip
+    again = benchmark.BenchmarkResults.load(tmp_path / "grid").runs[0]
+    for row in (results.runs[0], again):
+        assert row["latency_guard_steps"] >= 1 and row["latency_guard_within"] == 1
+        assert row["latency_guard_stopped"] == "within" and row["latency_measured_rounds"] == 1
+        searched = [int(k) for k in row["searched_keep"].split()]
+        final = [int(k) for k in row["keep"].split()]
+        assert final != searched and all(f <= s for f, s in zip(final, searched, strict=True))
+        assert row["latency_ratio"] <= 0.7 / 1.2 + 1e-9
+
+
+def test_check_latency_takes_the_median_of_its_rounds(problem: PruningProblem) -> None:
+    keep = problem.uniform_keep()
+    check = problem.check_latency(keep, problem.build(keep), rounds=3)
+    assert len(check.round_ratios) == 3 and list(check.round_ratios) == sorted(check.round_ratios)
+    assert check.measured_ratio == check.round_ratios[1]
+    assert check.fields()["latency_measured_rounds"] == 3
+    assert problem.check_latency(keep, problem.build(keep)).round_ratios == ()  # latency_rounds=1
+    with pytest.raises(InvalidSettingError, match="latency_rounds"):
+        problem.check_latency(keep, problem.build(keep), rounds=0)

@@ -221,7 +221,7 @@ def test_the_paired_table_is_written_and_reads_back(tmp_path: Path) -> None:
 
 def _directory(path: Path, runs: list[dict[str, Any]], revision: str | None) -> Path:
     """A grid directory as the harness writes it (``revision=None``: as written before revisions)."""
-    from prune_env.app.results import RUN_FIELDS, write_csv
+    from prune_env.app.tidy_files import RUN_FIELDS, write_csv
 
     path.mkdir()
     fields = [f for f in RUN_FIELDS if revision is not None or f != "revision"]

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from prune_env.app import benchmark, provenance
-from prune_env.app.results import RUN_FIELDS, BenchmarkResults, write_csv
+from prune_env.app.results import BenchmarkResults
+from prune_env.app.tidy_files import RUN_FIELDS, write_csv
 from prune_env.errors import InvalidSettingError
 
 PROBLEM = {"eval_samples": 96, "bn_recalib_batches": 1}

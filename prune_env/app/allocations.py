@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from prune_env.app.results import BenchmarkResults, write_csv
+from prune_env.app.results import BenchmarkResults
 from prune_env.app.runfiles import save_figure
+from prune_env.app.tidy_files import write_csv
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

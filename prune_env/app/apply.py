@@ -24,7 +24,7 @@ from typing import Any
 from prune_env.app.job import POLICY_DIR
 from prune_env.app.outputs import check_directory_output, owning, publish_directory, staging_directory
 from prune_env.app.runfiles import STATE_FILE, cost_ratios, read_state
-from prune_env.app.settings import SearchSettings
+from prune_env.app.settings import RESUMABLE_PROBLEM_SETTINGS, SearchSettings
 from prune_env.app.weights import base_model_spec
 from prune_env.data import check_dataset_name
 from prune_env.errors import InvalidSettingError, PruneEnvError, RunDirectoryError, UnknownNameError
@@ -33,10 +33,10 @@ from prune_env.settings import ProblemSettings
 from prune_env.validation import check_settings
 
 # The settings apply rebuilds the problem from: the run's own, and every field of its problem's settings
-# a state file records (all but where it runs and how it reports progress).
+# a state file records (all but where it runs, its bars and how its final latency is measured).
 RUN_KEYS = ("model", "dataset", "image_size", "weights", "budget_range")
 PROBLEM_KEYS = tuple(
-    f.name for f in dataclasses.fields(ProblemSettings) if f.name not in ("device", "progress")
+    f.name for f in dataclasses.fields(ProblemSettings) if f.name not in RESUMABLE_PROBLEM_SETTINGS
 )
 
 

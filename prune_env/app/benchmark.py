@@ -43,11 +43,13 @@ import numpy as np
 from agents.evaluator import BudgetedEvaluator
 from agents.registry import NoSettings, available, check_budget_range, resolve_agent, run_agent
 from prune_env.app import labels, provenance
+from prune_env.app.final_latency import guarded_keep, latency_fields
 from prune_env.app.finetune_recipe import finetune_accuracy
-from prune_env.app.results import (
+from prune_env.app.results import BenchmarkResults
+from prune_env.app.rundir import RunDirectory
+from prune_env.app.tidy_files import (
     EVAL_FIELDS,
     RUN_FIELDS,
-    BenchmarkResults,
     RunKey,
     append_csv,
     json_value,
@@ -57,7 +59,6 @@ from prune_env.app.results import (
     write_csv,
     write_json,
 )
-from prune_env.app.rundir import RunDirectory
 from prune_env.errors import InvalidSettingError
 from prune_env.optional_ray import uses_ray
 from prune_env.problem import PruningProblem
@@ -512,16 +513,19 @@ def _one_run(problem: PruningProblem, request: RunRequest) -> tuple[dict[str, An
     start = time.perf_counter()
     result = run_agent(r.agent, BudgetedEvaluator(problem, r.evals, r.reward), r.seed, **r.agent_settings)
     best = result.best_outcome
+    # Before the fine-tune: the chosen policy, measured above its target (latency_guard), is replaced by the
+    # same policy projected onto a lower predicted budget; that one is fine-tuned.
+    keep, fit = guarded_keep(problem, np.asarray(result.best_keep, dtype=np.int64))
+    if fit is not None and fit.steps:
+        best = problem.outcome(keep, accuracy=math.nan, loss=math.nan)
     val_acc = test_acc = math.nan
     if r.finetune_epochs > 0:
-        val_acc, test_acc = finetune_accuracy(
-            problem, result.best_keep, r.finetune_epochs, r.finetune_samples, r.seed
-        )
+        val_acc, test_acc = finetune_accuracy(problem, keep, r.finetune_epochs, r.finetune_samples, r.seed)
     row = {
         "budget_evals": r.evals,
         "evals_used": len(result.history),
         "best_reward": float(result.best_reward),
-        "best_accuracy": float(best.accuracy),
+        "best_accuracy": float(result.best_outcome.accuracy),
         "macs_ratio": float(best.macs_ratio),
         "params_ratio": float(best.params_ratio),
         "base_accuracy": float(problem.base_accuracy),
@@ -535,8 +539,8 @@ def _one_run(problem: PruningProblem, request: RunRequest) -> tuple[dict[str, An
     if problem.metric == "latency":
         # The budget was a prediction: the chosen model is measured beside it (its architecture, not its
         # fine-tuned weights, sets its speed), with the base model right after it for the speed-up.
-        keep = np.asarray(result.best_keep, dtype=np.int64)
-        check = problem.check_latency(keep, problem.build(keep))
         row["latency_ratio"] = float(best.latency_ratio)
-        row.update({k: int(v) if isinstance(v, bool) else v for k, v in check.fields().items()})
+        row.update(latency_fields(problem, keep, problem.build(keep), fit))
+        if fit is not None and fit.steps:
+            row["searched_keep"] = " ".join(str(int(k)) for k in result.best_keep)
     return row, [e.as_row() for e in result.history]

@@ -28,6 +28,7 @@ from torch import nn
 
 from agents.evaluator import BudgetedEvaluator, Evaluation
 from agents.registry import AgentSpec, available, check_budget_range, resolve_agent, run_agent
+from prune_env.app.final_latency import guarded_keep, latency_fields
 from prune_env.app.rundir import RunDirectory
 from prune_env.app.runfiles import (
     EVALUATIONS_FILE,
@@ -173,18 +174,21 @@ def _results(
     timings: dict[str, float],
     status: str,
     finetuned: dict[str, float] | None,
-    applied: np.ndarray | None = None,
+    final: np.ndarray | None = None,
+    *,
+    policy_applied: bool = False,
 ) -> dict[str, Any]:
-    """The run's results; ``applied``: the kept counts a budget-range run's policy chose for the target
-    (its model, never scored by the proxy), which replace the best evaluation's."""
+    """The run's results; ``final``: the kept counts of the saved model when they are not the best
+    evaluation's (never scored by the proxy), which replace them -- those a budget-range run's policy chose
+    for the target (``policy_applied``), or those the latency guard re-projected the choice to."""
     from prune_env.app.provenance import git_revision, hardware
     from prune_env.checkpoint import versions
 
     assert evaluator.best is not None, "results are written only once a policy was evaluated"
     reward, outcome = evaluator.best
     proxy_accuracy: float | None = outcome.accuracy
-    if applied is not None:
-        outcome = problem.outcome(applied, accuracy=float("nan"), loss=float("nan"))
+    if final is not None:
+        outcome = problem.outcome(final, accuracy=float("nan"), loss=float("nan"))
         proxy_accuracy = None
     names = problem.group_names
     tuned = finetuned is not None and s.finetune_epochs > 0  # with 0 epochs, finetune() only scored it
@@ -213,7 +217,7 @@ def _results(
         "params_ratio": outcome.params_ratio,
         **outcome.latency_fields(),
         "proxy_accuracy": proxy_accuracy,
-        "policy_applied": applied is not None,
+        "policy_applied": policy_applied,
         "base_proxy_accuracy": problem.base_accuracy,
         "base_test_accuracy": problem.base_metrics.get("test_accuracy"),
         "finetune_epochs": s.finetune_epochs if finetuned is not None else None,
@@ -430,7 +434,6 @@ class _SearchJob:
 
         s, problem, evaluator = self.s, self.problem, self.evaluator
         assert problem is not None and evaluator is not None and evaluator.best is not None  # searched
-        self.stage = "fine-tune"
         keep = np.asarray(evaluator.best[1].keep, dtype=np.int64)
         applied = None
         if s.budget_range is not None and self.policy is not None:
@@ -440,6 +443,13 @@ class _SearchJob:
             keep = applied = self.policy.keep_for(problem, problem.target)
             log.info("policy saved to %s; applied at %s target %g", s.out / POLICY_DIR, problem.metric,
                      problem.target)  # fmt: skip
+        # Before the fine-tune: a policy the machine runs slower than the table said (latency_guard) is
+        # replaced by the same policy projected onto a lower predicted budget, and that one is fine-tuned.
+        self.stage = "latency guard"
+        chosen = keep
+        keep, fit = guarded_keep(problem, chosen)
+        final = keep if fit is not None and fit.steps else applied
+        self.stage = "fine-tune"
         t0 = time.perf_counter()
         # Fine-tuning starts from the model as the proxy scored it (BatchNorm recalibrated): with zero
         # epochs that is what is saved, never the pruned model with the base model's stale statistics.
@@ -454,10 +464,21 @@ class _SearchJob:
         )
         self.timings["finetune_seconds"] = time.perf_counter() - t0
         self.timings["total_seconds"] = time.perf_counter() - self.started
-        results = _results(s, problem, evaluator, self.timings, "finished", metrics, applied)
+        results = _results(
+            s,
+            problem,
+            evaluator,
+            self.timings,
+            "finished",
+            metrics,
+            final,
+            policy_applied=applied is not None,
+        )
         if problem.metric == "latency":
             self.stage = "latency check"
-            results.update(self._check_latency(keep, tuned))
+            results.update(latency_fields(problem, keep, tuned, fit))
+            if fit is not None and fit.steps:  # the search's choice, which the guard replaced
+                results["searched_keep"] = dict(zip(problem.group_names, map(int, chosen), strict=True))
         finetuned = s.finetune_epochs > 0  # with 0 epochs finetune() only scores the model
         _save_model(
             s, problem, keep, tuned, {"finetuned": finetuned, "test_accuracy": metrics["test_accuracy"]}
@@ -482,24 +503,6 @@ class _SearchJob:
             s.out,
             self.timings["total_seconds"],
         )
-
-    def _check_latency(self, keep: np.ndarray, tuned: nn.Module) -> dict[str, Any]:
-        """A latency budget is a prediction: the saved model is measured beside it, with the base model."""
-        assert self.problem is not None
-        check = self.problem.check_latency(keep, tuned)
-        fields = check.fields()
-        log.info(
-            "measured latency %.4g ms (predicted %.4g, %+.1f%%; base %.4g ms, %.2fx faster)%s",
-            check.measured.median_ms,
-            check.predicted_ms,
-            100 * check.error,
-            check.base_measured.median_ms,
-            check.speedup,
-            " -- disturbed by other work on the machine: measure again when it is quiet"
-            if fields["latency_measured_noisy"]
-            else "",
-        )
-        return fields
 
     def interrupted(self) -> int:
         """Ctrl-C: keep what exists and say how to resume (exit status 130)."""

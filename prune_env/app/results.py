@@ -3,11 +3,10 @@ read back as :class:`BenchmarkResults` with summary tables and plots (Pareto fro
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,70 +35,22 @@ from prune_env.app.plots import (
 )
 from prune_env.app.provenance import UNKNOWN, check_unmixed, mixed_lines
 from prune_env.app.report import table_text, verdict_lines
+from prune_env.app.tidy_files import (
+    EVAL_FIELDS,
+    EVAL_STR_FIELDS,
+    RUN_FIELDS,
+    RunKey,
+    read_csv,
+    run_key,
+    write_csv,
+)
 from prune_env.errors import InvalidSettingError
-from prune_env.fileio import reporting_full_disk, write_atomic
-from prune_env.serialize import json_default
 from prune_env.validation import flag
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-RUN_KEYS = ("agent", "model", "dataset", "target", "seed")
-RUN_FIELDS = (
-    *RUN_KEYS,
-    "metric",
-    "reward",
-    "budget_evals",
-    "evals_used",
-    "best_reward",
-    "best_accuracy",  # proxy accuracy (validation subset) of the best-reward policy
-    "macs_ratio",
-    "params_ratio",
-    "base_accuracy",  # proxy accuracy of the unpruned model
-    "finetune_epochs",
-    "val_accuracy",  # after the final fine-tune; blank when finetune_epochs == 0
-    "test_accuracy",  # after the final fine-tune; blank when finetune_epochs == 0
-    "seconds",  # search plus fine-tune; memo hits on the shared problem make later runs faster
-    "ratios",  # of the best policy, one per group
-    "keep",  # kept units per group of the best policy
-    # Latency budgets only (blank otherwise): the best policy's predicted latency ratio, then its model and
-    # the base model measured by the table's protocol (prune_env.latency.budget.LatencyCheck).
-    "latency_ratio",
-    "latency_predicted_ms",
-    "latency_measured_ms",
-    "latency_measured_iqr_ms",
-    "latency_measured_repeats",
-    "latency_measured_noisy",  # 1: a measurement stayed above the protocol's noise bound
-    "base_latency_measured_ms",
-    "latency_prediction_error",  # (predicted - measured) / measured
-    "measured_speedup",  # base / pruned, measured
-    "revision",  # of the code that made the run (provenance.revision); blank in files made before it
-)
-EVAL_FIELDS = (
-    *RUN_KEYS,
-    "index",
-    "reward",
-    "accuracy",
-    "loss",
-    "macs_ratio",
-    "params_ratio",
-    "seconds",
-    "ratios",
-    "keep",
-)
-_INT_FIELDS = {
-    "seed",
-    "budget_evals",
-    "evals_used",
-    "finetune_epochs",
-    "index",
-    "latency_measured_repeats",
-    "latency_measured_noisy",
-}
-_STR_FIELDS = {"agent", "model", "dataset", "metric", "reward", "ratios", "keep", "revision"}
-# In evaluations.csv "reward" is each evaluation's reward (a number); in runs.csv it names the reward function.
-_EVAL_STR_FIELDS = _STR_FIELDS - {"reward"}
 # Summarised per agent (mean and sample std over seeds): the proxy search's numbers, then the fine-tune's.
 SUMMARY_COLUMNS = (
     "best_accuracy",
@@ -116,84 +67,11 @@ SUMMARY_COLUMNS = (
 # metric, final fine-tune (length and training subset) and proxy.
 COMPARABLE_SETTINGS = ("evals", "reward", "metric", "finetune_epochs", "finetune_samples", "problem_kwargs")
 
-RunKey = tuple[str, str, str, float, int]
-
-
-def run_key(row: Mapping[str, Any]) -> RunKey:
-    # Normalised types: rows read back from CSV carry strings, fresh rows carry numbers.
-    return (str(row["agent"]), str(row["model"]), str(row["dataset"]), float(row["target"]), int(row["seed"]))
-
-
-def parse_row(row: Mapping[str, str], strings: Collection[str] = _STR_FIELDS) -> dict[str, Any]:
-    """A CSV row with its numbers restored (blank numeric cells become NaN); ``strings``: its text columns."""
-    out: dict[str, Any] = {}
-    for k, v in row.items():
-        if k in strings:
-            out[k] = v
-        elif k in _INT_FIELDS:
-            out[k] = int(v) if v != "" else None
-        else:
-            try:
-                out[k] = float(v) if v != "" else math.nan
-            except ValueError:  # an unknown textual column (a user's extra field): keep it as text
-                out[k] = v
-    return out
-
-
-def read_csv(path: Path, strings: Collection[str] = _STR_FIELDS) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return [parse_row(r, strings) for r in csv.DictReader(f)]
-
-
-def _cell(v: Any) -> Any:
-    # Blank instead of "nan": the tidy convention for "not measured", and pandas reads it back as NaN.
-    return "" if isinstance(v, float) and math.isnan(v) else v
-
-
-def _write_rows(f: Any, fields: Sequence[str], rows: Iterable[Mapping[str, Any]], *, header: bool) -> None:
-    writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-    if header:
-        writer.writeheader()
-    for r in rows:
-        writer.writerow({k: _cell(r.get(k, "")) for k in fields})
-
-
-def append_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    with reporting_full_disk(path, None), path.open("a", newline="") as f:
-        _write_rows(f, fields, rows, header=new)
-        f.flush()
-        os.fsync(f.fileno())  # the point of appending per run: survive a kill right after it
-
-
-def write_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
-    """Replace ``path`` atomically: a kill mid-write leaves the old file, never a half-written one."""
-
-    write_atomic(path, lambda f: _write_rows(f, fields, rows, header=True))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic replace: a reader (or a resumed grid) never sees half a file."""
-    write_atomic(path, lambda f: json.dump(obj, f, indent=1, default=json_value, allow_nan=False))
-
 
 def load_paired(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows :meth:`BenchmarkResults.write_paired` wrote, with their numbers restored."""
     rows = read_csv(Path(path), {"model", "dataset", "metric", "agent", "reference", "role", "split"})
     return [{**r, "pairs": int(r["pairs"]), "family": int(r["family"])} for r in rows]
-
-
-def json_value(v: Any) -> Any:
-    try:
-        return json_default(v)
-    except TypeError:
-        return str(v)  # settings may hold objects (a custom proxy): record their description
-
-
-def jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -223,7 +101,7 @@ class BenchmarkResults:
         runs = read_csv(out / "runs.csv")
         keys = {run_key(r) for r in runs}
         # Evaluations of a run interrupted before its run row was written are not results: drop them.
-        evals = [e for e in read_csv(out / "evaluations.csv", _EVAL_STR_FIELDS) if run_key(e) in keys]
+        evals = [e for e in read_csv(out / "evaluations.csv", EVAL_STR_FIELDS) if run_key(e) in keys]
         saved = out / "runs.json"
         stored = json.loads(saved.read_text()) if saved.exists() else {}
         records = [{**r, "directory": str(out)} for r in stored.get("provenance", []) if isinstance(r, dict)]

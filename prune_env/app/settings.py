@@ -25,6 +25,10 @@ from prune_env.validation import check_settings
 
 T = TypeVar("T")
 
+# Problem settings a resumed run may change: where it runs, its bars, and how its final model's latency is
+# measured and held (after the search, which they do not touch).
+RESUMABLE_PROBLEM_SETTINGS = ("device", "progress", "latency_rounds", "latency_guard")
+
 # The first one that can run is the default: evolution spends its budget near the target at a fraction of
 # an SB3 learner's overhead per evaluation, so the README's default run stays within minutes on 2 cores.
 DEFAULT_AGENTS = ("evolution", "ppo", "random")
@@ -150,7 +154,7 @@ class SearchSettings:
         problem = {
             f.name: getattr(self.problem, f.name)
             for f in dataclasses.fields(self.problem)
-            if f.name not in ("device", "progress")
+            if f.name not in RESUMABLE_PROBLEM_SETTINGS
         }
         return {
             "model": self.model,

@@ -11,7 +11,9 @@ Modules, one job each:
 - :mod:`~prune_env.latency.build` -- measuring a table;
 - :mod:`~prune_env.latency.cache` -- tables on disk, keyed by model, input, batch, device, threads, torch;
 - :mod:`~prune_env.latency.cost` -- :class:`LatencyModel` (``predict(keep)``, ``ratio(keep)``) and
-  :func:`latency_model`, the entry point beside ``graph.macs``.
+  :func:`latency_model`, the entry point beside ``graph.macs``;
+- :mod:`~prune_env.latency.budget` -- a latency as a budget's cost, and a prediction checked by measurement;
+- :mod:`~prune_env.latency.guard` -- a chosen policy held to its target by measurement (:func:`fit_to_measurement`).
 
 Example::
 
@@ -42,6 +44,7 @@ _EXPORTS = {
         "prune_env.latency.measure",
     ),
     "LatencySettings": "prune_env.latency.settings",
+    **dict.fromkeys(("LatencyFit", "fit_to_measurement"), "prune_env.latency.guard"),
     **dict.fromkeys(("LatencyTable", "LayerTable", "TableMeta"), "prune_env.latency.table"),
 }
 
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
     from prune_env.latency.build import build_table, table_meta
     from prune_env.latency.cache import cached_table, load_table, read_table, save_table, table_path
     from prune_env.latency.cost import LatencyModel, latency_model, measure_pruned
+    from prune_env.latency.guard import LatencyFit, fit_to_measurement
     from prune_env.latency.measure import (
         NoiseEstimate,
         Timing,
@@ -65,6 +69,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = [
+    "LatencyFit",
     "LatencyModel",
     "LatencySettings",
     "LatencyTable",
@@ -76,6 +81,7 @@ __all__ = [
     "build_table",
     "cached_table",
     "estimate_noise",
+    "fit_to_measurement",
     "latency_model",
     "load_table",
     "measure_callable",

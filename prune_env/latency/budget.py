@@ -11,7 +11,7 @@ the exact prediction; see :class:`~prune_env.budget.BudgetProjector`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from prune_env.latency.cost import LatencyModel, latency_model
 from prune_env.latency.measure import Timing, measure_module
 from prune_env.latency.settings import LatencySettings, available_cores
 from prune_env.settings import ProblemSettings
+from prune_env.validation import check_settings
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,14 @@ class LatencyCheck:
         predicted_ms: the table's prediction for the pruned model's kept counts.
         measured: the pruned model's measurement (median, spread, whether it was disturbed).
         base_measured: the unpruned model's measurement.
+        round_ratios: measured pruned / unpruned latency of every round, sorted, when the pair was measured
+            several times (this check is the median round's); ``()`` for a single round.
     """
 
     predicted_ms: float
     measured: Timing
     base_measured: Timing
+    round_ratios: tuple[float, ...] = ()
 
     @property
     def error(self) -> float:
@@ -51,6 +55,11 @@ class LatencyCheck:
     def speedup(self) -> float:
         """Measured unpruned latency / measured pruned latency."""
         return self.base_measured.median_ms / self.measured.median_ms
+
+    @property
+    def measured_ratio(self) -> float:
+        """Measured pruned latency / measured unpruned latency: what a latency target is a fraction of."""
+        return self.measured.median_ms / self.base_measured.median_ms
 
     def fields(self) -> dict[str, float | int | bool]:
         """Flat fields for a run's results (JSON and CSV)."""
@@ -63,6 +72,7 @@ class LatencyCheck:
             "base_latency_measured_ms": self.base_measured.median_ms,
             "latency_prediction_error": self.error,
             "measured_speedup": self.speedup,
+            "latency_measured_rounds": max(1, len(self.round_ratios)),
         }
 
 
@@ -120,13 +130,29 @@ class LatencyCost:
         pruned: nn.Module,
         base: nn.Module,
         example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        rounds: int = 1,
     ) -> LatencyCheck:
-        """Measure ``pruned`` (the base model pruned to ``keep``) and ``base`` by the table's protocol and set
-        the measurement beside the prediction for ``keep``. Neither model is changed (a copy is moved or
-        put in eval mode when needed)."""
+        """Measure ``pruned`` (the base model pruned to ``keep``) and ``base`` right after it by the table's
+        protocol, ``rounds`` times, and set the round of median ratio beside the prediction for ``keep``
+        (of an even count, the lower of the middle two). Neither model is changed (a copy is moved or put
+        in eval mode when needed)."""
+        rounds = check_settings({"latency_rounds": rounds})["latency_rounds"]
         predicted = float(self.model.predict(np.asarray(keep)))
-        measured = measure_module(pruned, example_inputs, self.settings)
-        return LatencyCheck(predicted, measured, measure_module(base, example_inputs, self.settings))
+        checks = sorted(
+            (
+                LatencyCheck(
+                    predicted,
+                    measure_module(pruned, example_inputs, self.settings),
+                    measure_module(base, example_inputs, self.settings),
+                )
+                for _ in range(rounds)
+            ),
+            key=lambda c: c.measured_ratio,
+        )
+        median = checks[(rounds - 1) // 2]
+        if rounds == 1:
+            return median
+        return replace(median, round_ratios=tuple(c.measured_ratio for c in checks))
 
     def describe_floor(self, keep: np.ndarray, target: float) -> str:
         """`` (2.1 ms of the unpruned 4.3 ms at batch 1; ...)``: the milliseconds of the smallest reachable

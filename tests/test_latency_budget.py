@@ -573,6 +573,10 @@ def test_the_guard_keeps_a_policy_within_its_tolerance_and_stops_at_the_floor(
         1.0,
     )  # measured at 1.0 of a 0.5 target: the projection changes nothing, so it stops
     assert within.stopped == "floor" and within.steps == 0
+    disturbed = replace(fit.check, measured=replace(fit.check.measured, noisy=True))
+    fit = fit_to_measurement(chosen, 0.5, 0.0, lambda k: disturbed, lambda k, b: k // 2, 0.1, 1.0)
+    assert (fit.stopped, fit.steps) == ("disturbed", 0)  # another process's load is not acted on
+    np.testing.assert_array_equal(fit.keep, chosen)
     with pytest.raises(ValueError, match="tolerance"):
         fit_to_measurement(chosen, 0.5, -0.1, lambda k: fit.check, lambda k, b: k, 0.1, 1.0)
 

@@ -37,7 +37,8 @@ class LatencyFit:
         budgets: the predicted budget each measured policy was projected onto (the first is the target).
         measured_ratios: the measured ratio of each of those policies.
         stopped: why fitting ended: ``"within"`` (the last one met the target), ``"floor"`` (the
-            projection could not go lower), ``"steps"`` (it took :data:`MAX_STEPS` re-projections).
+            projection could not go lower), ``"steps"`` (it took :data:`MAX_STEPS` re-projections),
+            ``"disturbed"`` (a measurement stayed noisier than the protocol allows: not acted on).
     """
 
     keep: np.ndarray
@@ -103,6 +104,10 @@ def fit_to_measurement(
         ratios.append(check.measured_ratio)
         if check.measured_ratio <= target * (1 + tolerance):
             stopped = "within"
+            break
+        if check.measured.noisy or check.base_measured.noisy:
+            # Measured while something else ran: the overshoot may be the other work's, not the model's.
+            stopped = "disturbed"
             break
         if len(budgets) > MAX_STEPS:
             stopped = "steps"

@@ -281,7 +281,6 @@ def remeasure(grid: Mapping[str, Any], out: Path, settings: list[dict[str, Any]]
                     "proxy": "recalibration",
                     "target_latency": float(setting["target"]),
                     "latency_rounds": rounds,
-                    "latency_guard": guard,
                     "progress": False,
                 }
             ),

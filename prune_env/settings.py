@@ -56,10 +56,6 @@ JOINT_METRICS = ("bitops", "size")
 TRAINED_PROXIES = ("supernet", "pruningnet")
 
 
-# The settings of a latency budget's measurement, at their defaults (refused without a latency budget).
-LATENCY_DEFAULTS = {"latency_batch": 1, "latency_threads": 1, "latency_rounds": 1, "latency_guard": False}
-
-
 def option_help(text: str) -> dict[str, str]:
     """Field metadata holding an option's help text (the command line is generated from the fields)."""
     return {"help": text}
@@ -220,9 +216,9 @@ class ProblemSettings:
         and a latency table times float models, not quantized ones."""
         if self.target_latency is None:
             changed = [
-                f"{name}={getattr(self, name)}"
-                for name, default in LATENCY_DEFAULTS.items()
-                if getattr(self, name) != default
+                f"{f.name}={getattr(self, f.name)}"
+                for f in dataclasses.fields(self)
+                if f.name.startswith("latency_") and getattr(self, f.name) != f.default
             ]
             if changed:
                 raise InvalidSettingError(

@@ -13,6 +13,7 @@ from torch import nn
 from prune_env.latency.guard import LatencyFit
 from prune_env.problem import PruningProblem
 
+# The search job's logger: a run's log file and console handlers are attached to it, so these lines land there.
 log = logging.getLogger("prune_env.job")
 
 

@@ -98,7 +98,7 @@ def fit_to_measurement(
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite fraction >= 0, got {tolerance!r}")
     keep = np.asarray(keep, dtype=np.int64).copy()
-    budget, budgets, ratios = target, [target], []
+    budgets, ratios = [target], []
     check = measure(keep)
     while True:
         ratios.append(check.measured_ratio)
@@ -115,11 +115,11 @@ def fit_to_measurement(
         # Were the table's error proportional, a policy predicted at this fraction would measure the target.
         lower = max(check.predicted_ms / full_ms * target / check.measured_ratio, floor)
         tighter = project(keep, lower)
-        if lower >= budget or np.array_equal(tighter, keep):
+        if lower >= budgets[-1] or np.array_equal(tighter, keep):
             stopped = "floor"
             break
-        keep, budget = tighter, lower
-        budgets.append(budget)
+        keep = tighter
+        budgets.append(lower)
         check = measure(keep)
     return LatencyFit(keep, check, target, tolerance, tuple(budgets), tuple(ratios), stopped)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from prune_env.latency import (
 from prune_env.latency.build import RESIDUAL_FIT_RATIOS, fit_residual
 from prune_env.latency.codec import table_to_json
 from prune_env.latency.grid import axis_widths, bilinear
+from prune_env.latency.measure import NoiseEstimate
 from prune_env.latency.settings import available_cores
 from prune_env.latency.table import TABLE_FORMAT
 
@@ -445,6 +447,58 @@ def test_a_truncated_cached_table_warns_and_is_measured_again(
         got, where, from_cache = cached_table(table.meta, measure_again, tmp_path)
     assert measured == [1] and not from_cache and where == path and got == table
     assert read_table(path) == table  # replaced by a complete one
+
+
+def test_a_table_cached_under_another_name_serves_the_same_key(
+    tmp_path: Path, counted_build: list[int]
+) -> None:
+    # `prune-env latency vgg11_quarter` caches "vgg11_quarter-<key>"; a problem that knows only the module
+    # looks for "model-<key>". Same structure and settings: the first table serves both, never re-measured.
+    model, x = SmallNet().eval(), torch.zeros(1, 3, 8, 8)
+    named = latency_model(model, x, QUICK_PROTOCOL, cache_root=tmp_path, architecture="small")
+    anonymous = latency_model(model, x, QUICK_PROTOCOL, cache_root=tmp_path)
+    assert len(counted_build) == 1 and anonymous.table == named.table
+    assert [p.name.split("-")[0] for p in (tmp_path / "latency").iterdir()] == ["small"]
+
+
+def test_a_table_measured_on_a_busy_machine_warns_at_every_use(
+    tmp_path: Path, small: tuple[nn.Module, torch.Tensor, LatencyModel]
+) -> None:
+    bound = float(small[2].table.protocol["noise_bound"])
+    quiet = dataclasses.replace(small[2].table, noise=bound / 2)
+    busy = dataclasses.replace(quiet, noise=bound * 2.3)
+    assert busy.disturbed and not quiet.disturbed
+    with pytest.warns(
+        UserWarning, match=rf"moved {bound * 2.3:.0%} .*bound is {bound:.0%}.*nothing else running"
+    ):
+        cached_table(busy.meta, lambda: busy, tmp_path)  # measured now
+    with pytest.warns(UserWarning, match="other work shared the cores"):
+        got, _, from_cache = cached_table(busy.meta, lambda: quiet, tmp_path)  # and from the cache
+    assert from_cache and got == busy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a quiet table is used without a word
+        cached_table(quiet.meta, lambda: quiet, tmp_path / "other")
+
+
+def test_the_tables_noise_is_estimated_again_while_it_exceeds_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spreads = iter([0.9, 0.4, 0.02, 0.5])  # a busy machine, then a quiet one: the estimate stops there
+    calls: list[float] = []
+
+    def estimate(*args: object, **kwargs: object) -> NoiseEstimate:
+        calls.append(spread := next(spreads))
+        return NoiseEstimate((1.0, 1.0 + spread), spread)
+
+    monkeypatch.setattr("prune_env.latency.build.estimate_noise", estimate)
+    model, x = SmallNet().eval(), torch.zeros(1, 3, 8, 8)
+    patient = dataclasses.replace(QUICK_PROTOCOL, max_attempts=3)
+    table = build_table(model, build_graph(model, x), x, patient)
+    assert calls == [0.9, 0.4, 0.02] and table.noise == 0.02 and not table.disturbed
+    # Never quiet within max_attempts: the quietest is kept, and the table says it is disturbed.
+    spreads, calls[:] = iter([0.9, 0.6, 0.7]), []
+    table = build_table(model, build_graph(model, x), x, patient)
+    assert calls == [0.9, 0.6, 0.7] and table.noise == 0.6 and table.disturbed
 
 
 @pytest.mark.parametrize(

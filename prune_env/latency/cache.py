@@ -64,6 +64,17 @@ def save_table(table: LatencyTable, path: str | os.PathLike[str]) -> None:
     write_text_atomic(path, table_to_json(table))
 
 
+def _cached_candidates(path: Path) -> list[Path]:
+    """The files that may hold the table cached at ``path``: that file first, then any other file under the
+    same key. The key (the structure hash and the settings), not the name, decides what a table is for: a
+    table measured as ``vgg11_quarter-<key>.json`` by ``prune-env latency`` serves a problem that knows the
+    model only as a module (``model-<key>``) -- otherwise it would be measured a second time, perhaps while
+    the machine is busy, and the two runs priced by different tables."""
+    key = path.stem.rsplit("-", 1)[-1]
+    others = sorted(p for p in path.parent.glob(f"*-{key}.json") if p != path)
+    return [path, *others]
+
+
 def cached_table(
     expected: TableMeta,
     measure: Callable[[], LatencyTable],
@@ -74,23 +85,40 @@ def cached_table(
     """The cached table for ``expected``, else ``measure()`` saved to the cache.
 
     Returns the table, its file and whether it came from the cache. ``refresh``: measure anew whatever is
-    cached. A cached file that is not a readable table is replaced with a warning; a readable table for
-    other settings at that path (edited or copied there) is a :class:`LatencyTableError`.
+    cached. A cached file that is not a readable table is passed over with a warning (and replaced when it
+    is at ``expected``'s own path); a readable table for other settings under the key (edited or copied
+    there) is a :class:`LatencyTableError`. A table measured while the machine was busy
+    (:attr:`LatencyTable.disturbed`) is used with a warning each time, naming how to measure it again.
     """
     path = table_path(expected, root)
-    if path.exists() and not refresh:
+    for candidate in [] if refresh else _cached_candidates(path):
+        if not candidate.exists():
+            continue
         try:
-            table = read_table(path)
+            table = read_table(candidate)
         except LatencyTableError as exc:
             warnings.warn(
                 f"ignoring an unusable cached latency table ({exc}); measuring it again", stacklevel=3
             )
-        else:
-            check_compatible(table.meta, expected, str(path))
-            return table, path, True
+            continue
+        check_compatible(table.meta, expected, str(candidate))
+        _warn_if_disturbed(table, candidate)
+        return table, candidate, True
     table = measure()
     save_table(table, path)
+    _warn_if_disturbed(table, path)
     return table, path, False
+
+
+def _warn_if_disturbed(table: LatencyTable, path: Path) -> None:
+    if table.disturbed:
+        warnings.warn(
+            f"the latency table {path} was measured while other work shared the cores: the unpruned model's "
+            f"repeated medians moved {table.noise:.0%} (the protocol's bound is "
+            f"{float(table.protocol['noise_bound']):.0%}), so its predictions carry that load; measure it "
+            "again with nothing else running (delete the file, or pass refresh=True / --refresh)",
+            stacklevel=4,
+        )
 
 
 __all__ = ["TABLE_DIR", "cached_table", "load_table", "read_table", "save_table", "table_path"]

@@ -180,6 +180,12 @@ class LatencyTable:
         return self.layer_ms(w_in, w_out).sum(axis=1) + residual
 
     @property
+    def disturbed(self) -> bool:
+        """Whether the whole model's repeated medians moved by more than the protocol's noise bound while the
+        table was measured: the machine was busy then, and every cell may carry that load's share."""
+        return self.noise > float(self.protocol.get("noise_bound", math.inf))
+
+    @property
     def noisy_points(self) -> int:
         """Grid points (and the whole model) whose measurement stayed noisier than the protocol's bound."""
         return sum(sum(row) for layer in self.layers for row in layer.noisy) + int(self.whole.noisy)

@@ -29,7 +29,11 @@ TABLE_DIR = "latency"
 def table_path(meta: TableMeta, root: str | os.PathLike[str] | None = None) -> Path:
     """Where the table for ``meta`` is cached: ``<cache>/latency/<model>-<key>.json``."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", meta.model or "model").strip("-") or "model"
-    return cache_dir(root) / TABLE_DIR / f"{name}-{cache_key(meta.key_fields())[:20]}.json"
+    return cache_dir(root) / TABLE_DIR / f"{name}-{_key(meta)}.json"
+
+
+def _key(meta: TableMeta) -> str:
+    return cache_key(meta.key_fields())[:20]
 
 
 def read_table(path: str | os.PathLike[str]) -> LatencyTable:
@@ -64,14 +68,13 @@ def save_table(table: LatencyTable, path: str | os.PathLike[str]) -> None:
     write_text_atomic(path, table_to_json(table))
 
 
-def _cached_candidates(path: Path) -> list[Path]:
-    """The files that may hold the table cached at ``path``: that file first, then any other file under the
-    same key. The key (the structure hash and the settings), not the name, decides what a table is for: a
-    table measured as ``vgg11_quarter-<key>.json`` by ``prune-env latency`` serves a problem that knows the
-    model only as a module (``model-<key>``) -- otherwise it would be measured a second time, perhaps while
-    the machine is busy, and the two runs priced by different tables."""
-    key = path.stem.rsplit("-", 1)[-1]
-    others = sorted(p for p in path.parent.glob(f"*-{key}.json") if p != path)
+def _cached_candidates(meta: TableMeta, path: Path) -> list[Path]:
+    """The files that may hold ``meta``'s table, cached at ``path``: that file first, then any other file
+    under the same key. The key (the structure hash and the settings), not the name, decides what a table is
+    for: a table measured as ``vgg11_quarter-<key>.json`` by ``prune-env latency`` serves a problem that
+    knows the model only as a module (``model-<key>``) -- otherwise it would be measured a second time,
+    perhaps while the machine is busy, and the two runs priced by different tables."""
+    others = sorted(p for p in path.parent.glob(f"*-{_key(meta)}.json") if p != path)
     return [path, *others]
 
 
@@ -91,7 +94,7 @@ def cached_table(
     (:attr:`LatencyTable.disturbed`) is used with a warning each time, naming how to measure it again.
     """
     path = table_path(expected, root)
-    for candidate in [] if refresh else _cached_candidates(path):
+    for candidate in [] if refresh else _cached_candidates(expected, path):
         if not candidate.exists():
             continue
         try:
